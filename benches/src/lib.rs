@@ -1,0 +1,1 @@
+//! Benchmarks for gpupool: the harness arrives with the benchmark issue.

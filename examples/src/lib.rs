@@ -1,0 +1,1 @@
+//! Examples for gpupool live beside this crate as `cargo run --example NAME`.

@@ -1,0 +1,514 @@
+//! The conformance suite every [`Queue`] backend runs (feature
+//! `conformance`). Not semver-stable: functions may be added in any release.
+//!
+//! Each function is one test: it takes the queue under test, uses its own
+//! random queue name (see [`unique_queue`]), and panics on a violation, so a
+//! backend's `tests/conformance.rs` calls each one from a `#[tokio::test]`
+//! and the tests run in parallel. Capability-dependent checks read
+//! [`Queue::capabilities`] and check only what is declared.
+//!
+//! Tests that wait for a lease to expire use leases of [`SHORT_LEASE`].
+
+// Test code: a panic is how a check fails.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{
+    CancelOutcome, Completion, Error, FailOutcome, Failure, FailureKind, Heartbeat, JobId, JobSpec, JobState, Lease,
+    ListFilter, Queue, ReserveRequest, RunInfo,
+};
+
+/// The lease used by the expiry tests.
+pub const SHORT_LEASE: Duration = Duration::from_millis(1000);
+
+/// A queue name no other test uses.
+pub fn unique_queue(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+fn job(queue: &str) -> JobSpec {
+    JobSpec::new("main", "train.py").with_queue(queue)
+}
+
+fn req(queue: &str) -> ReserveRequest {
+    ReserveRequest::new(queue).worker("conformance:1")
+}
+
+async fn reserve_one(q: &dyn Queue, queue: &str) -> Lease {
+    q.reserve(&req(queue)).await.expect("reserve").expect("a job to reserve")
+}
+
+async fn assert_empty(q: &dyn Queue, queue: &str) {
+    let got = q.reserve(&req(queue)).await.expect("reserve");
+    assert!(got.is_none(), "expected no job in {queue}, got {:?}", got.map(|l| l.job.id));
+}
+
+fn assert_lease_lost<T: std::fmt::Debug>(r: crate::Result<T>, what: &str) {
+    match r {
+        Err(Error::LeaseLost { .. }) => {}
+        other => panic!("{what} with a stale lease: expected LeaseLost, got {other:?}"),
+    }
+}
+
+/// Push, reserve, complete; the record tells the story; args keep order and
+/// types.
+pub async fn push_reserve_complete(q: Arc<dyn Queue>) {
+    let queue = unique_queue("prc");
+    let mut spec = job(&queue)
+        .arg("zeta", "x")
+        .arg("alpha", 1)
+        .arg("lr", 0.001)
+        .arg("flag", true)
+        .arg("off", false)
+        .arg("none", serde_json::Value::Null)
+        .arg("resize", serde_json::json!(["128", 96]));
+    spec.name = Some("first".into());
+    spec.env.insert("WANDB_MODE".into(), "offline".into());
+    spec.timeout = Some(Duration::from_secs(90));
+    spec.priority = 3;
+    spec.repo = Some("https://example.com/team/model.git".into());
+    let id = q.push(spec.clone()).await.expect("push");
+
+    let rec = q.get(&id).await.expect("get");
+    assert_eq!(rec.state, JobState::Queued);
+    assert_eq!(rec.attempt, 0);
+    assert_eq!(rec.spec, spec, "the stored spec is the pushed spec");
+    let keys: Vec<&str> = rec.spec.args.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["zeta", "alpha", "lr", "flag", "off", "none", "resize"], "args keep their order");
+
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    assert_eq!(lease.id(), &id);
+    assert_eq!(lease.attempt(), 1);
+    assert_eq!(lease.job.state, JobState::Running);
+    assert_eq!(lease.job.spec, spec);
+    assert_eq!(q.get(&id).await.unwrap().state, JobState::Running);
+    assert_eq!(q.get(&id).await.unwrap().worker.as_deref(), Some("conformance:1"));
+
+    let info = RunInfo { commit: Some("0123456789abcdef0123456789abcdef01234567".into()), gpu_ids: vec![1, 3] };
+    q.started(&lease, &info).await.expect("started");
+    assert_empty(q.as_ref(), &queue).await;
+
+    q.complete(&lease, Completion { output_tail: "loss 0.1\n".into(), result: None }).await.expect("complete");
+    let rec = q.get(&id).await.unwrap();
+    assert_eq!(rec.state, JobState::Succeeded);
+    assert_eq!(rec.attempt, 1);
+    assert_eq!(rec.commit, info.commit);
+    assert_eq!(rec.gpu_ids, Some(vec![1, 3]));
+    assert_eq!(rec.exit_code, Some(0));
+    assert_eq!(rec.output_tail.as_deref(), Some("loss 0.1\n"));
+    assert!(rec.started_at.is_some() && rec.finished_at.is_some());
+    assert!(rec.errors.is_empty());
+    assert_empty(q.as_ref(), &queue).await;
+
+    assert_lease_lost(q.complete(&lease, Completion::default()).await, "a second complete");
+    assert!(matches!(q.get(&JobId::new("987654321")).await, Err(Error::NotFound { .. })));
+}
+
+/// Invalid jobs are refused at push and nothing is stored.
+pub async fn push_refuses_invalid_jobs(q: Arc<dyn Queue>) {
+    let queue = unique_queue("inv");
+    let outside = JobSpec::new("main", "../x.py").with_queue(&queue);
+    match q.push(outside).await {
+        Err(Error::InvalidJob(m)) => assert!(m.contains("../x.py"), "the error names the value: {m}"),
+        other => panic!("an entrypoint outside the repo must be refused, got {other:?}"),
+    }
+    let mut preload = job(&queue);
+    preload.env.insert("LD_PRELOAD".into(), "/tmp/evil.so".into());
+    match q.push(preload).await {
+        Err(Error::InvalidJob(m)) => assert!(m.contains("LD_PRELOAD"), "the error names the variable: {m}"),
+        other => panic!("LD_PRELOAD must be refused, got {other:?}"),
+    }
+    assert!(matches!(q.push(JobSpec::new("main", "/abs.py").with_queue(&queue)).await, Err(Error::InvalidJob(_))));
+    let filter = ListFilter { queue: Some(queue.clone()), ..ListFilter::default() };
+    assert!(q.list(&filter).await.unwrap().is_empty(), "nothing was stored");
+}
+
+/// 16 concurrent reservers never get the same job.
+pub async fn no_double_reserve(q: Arc<dyn Queue>) {
+    const JOBS: usize = 64;
+    const RESERVERS: usize = 16;
+    let queue = unique_queue("dbl");
+    let mut pushed = HashSet::new();
+    for i in 0..JOBS {
+        pushed.insert(q.push(job(&queue).arg("i", i)).await.expect("push"));
+    }
+    let mut tasks = Vec::new();
+    for _ in 0..RESERVERS {
+        let q = Arc::clone(&q);
+        let queue = queue.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(lease) = q.reserve(&req(&queue)).await.expect("reserve") {
+                got.push(lease);
+            }
+            got
+        }));
+    }
+    let mut seen = HashSet::new();
+    let mut leases = Vec::new();
+    for t in tasks {
+        for lease in t.await.expect("reserver task") {
+            assert!(seen.insert(lease.id().clone()), "job {} was reserved twice", lease.id());
+            leases.push(lease);
+        }
+    }
+    assert_eq!(seen, pushed, "every job was reserved exactly once");
+    for lease in &leases {
+        q.complete(lease, Completion::default()).await.expect("complete");
+    }
+    let done = ListFilter { queue: Some(queue.clone()), state: Some(JobState::Succeeded), limit: 1000, offset: 0 };
+    assert_eq!(q.list(&done).await.unwrap().len(), JOBS);
+}
+
+/// A lease that is not heartbeated expires: the job is reserved again with
+/// attempt + 1 and the lost attempt is recorded with kind `lease_lost`.
+pub async fn lease_expires(q: Arc<dyn Queue>) {
+    let queue = unique_queue("exp");
+    let id = q.push(job(&queue)).await.unwrap();
+    let first = q.reserve(&req(&queue).lease(SHORT_LEASE)).await.unwrap().unwrap();
+    assert_eq!(first.attempt(), 1);
+    assert_empty(q.as_ref(), &queue).await;
+    tokio::time::sleep(SHORT_LEASE + Duration::from_millis(600)).await;
+    let second = q.reserve(&req(&queue).lease(Duration::from_secs(30))).await.unwrap().expect("the expired job");
+    assert_eq!(second.id(), &id);
+    assert_eq!(second.attempt(), 2);
+    assert_ne!(second.token, first.token);
+    let errors = q.errors(Some(&id), 10).await.unwrap();
+    assert_eq!(errors.len(), 1, "one lost attempt: {errors:?}");
+    assert_eq!(errors[0].kind, FailureKind::LeaseLost);
+    assert_eq!(errors[0].attempt, 1);
+    q.complete(&second, Completion::default()).await.unwrap();
+    assert_eq!(q.get(&id).await.unwrap().state, JobState::Succeeded);
+}
+
+/// A job whose last attempt's lease expires ends `failed` with `lease_lost`.
+pub async fn lease_expiry_uses_up_attempts(q: Arc<dyn Queue>) {
+    let queue = unique_queue("expf");
+    let mut spec = job(&queue);
+    spec.max_attempts = 1;
+    let id = q.push(spec).await.unwrap();
+    let _lease = q.reserve(&req(&queue).lease(SHORT_LEASE)).await.unwrap().unwrap();
+    tokio::time::sleep(SHORT_LEASE + Duration::from_millis(600)).await;
+    assert_empty(q.as_ref(), &queue).await;
+    let rec = q.get(&id).await.unwrap();
+    assert_eq!(rec.state, JobState::Failed);
+    assert_eq!(rec.errors.len(), 1);
+    assert_eq!(rec.errors[0].kind, FailureKind::LeaseLost);
+}
+
+/// Heartbeats keep a job past its first lease.
+pub async fn heartbeat_extends_lease(q: Arc<dyn Queue>) {
+    let queue = unique_queue("hb");
+    let id = q.push(job(&queue)).await.unwrap();
+    let lease = q.reserve(&req(&queue).lease(SHORT_LEASE)).await.unwrap().unwrap();
+    for _ in 0..5 {
+        tokio::time::sleep(SHORT_LEASE / 2).await;
+        assert_eq!(q.heartbeat(&lease, SHORT_LEASE).await.expect("heartbeat"), Heartbeat::Extended);
+    }
+    // 2.5 leases have passed; the job is still ours.
+    assert_empty(q.as_ref(), &queue).await;
+    q.complete(&lease, Completion::default()).await.expect("complete after heartbeats");
+    let rec = q.get(&id).await.unwrap();
+    assert_eq!((rec.state, rec.attempt), (JobState::Succeeded, 1));
+    assert!(rec.errors.is_empty());
+}
+
+/// After a lease expired and the job was reserved again, the old holder can
+/// neither heartbeat, complete, fail, cancel nor release it.
+pub async fn stale_lease_is_refused(q: Arc<dyn Queue>) {
+    let queue = unique_queue("stale");
+    let id = q.push(job(&queue)).await.unwrap();
+    let old = q.reserve(&req(&queue).lease(SHORT_LEASE)).await.unwrap().unwrap();
+    tokio::time::sleep(SHORT_LEASE + Duration::from_millis(600)).await;
+    let new = q.reserve(&req(&queue)).await.unwrap().expect("the expired job");
+    assert_lease_lost(q.heartbeat(&old, SHORT_LEASE).await, "heartbeat");
+    assert_lease_lost(q.complete(&old, Completion::default()).await, "complete");
+    assert_lease_lost(q.fail(&old, Failure::new(FailureKind::Exit, "x")).await, "fail");
+    assert_lease_lost(q.release(&old).await, "release");
+    assert_lease_lost(q.cancelled(&old, String::new()).await, "cancelled");
+    assert_lease_lost(q.started(&old, &RunInfo::default()).await, "started");
+    let rec = q.get(&id).await.unwrap();
+    assert_eq!((rec.state, rec.attempt), (JobState::Running, 2), "the stale calls changed nothing");
+    q.complete(&new, Completion::default()).await.expect("the current holder completes");
+}
+
+/// A failing job is retried up to `max_attempts`, then `failed`, with every
+/// attempt kept.
+pub async fn failures_retry_then_fail(q: Arc<dyn Queue>) {
+    let queue = unique_queue("fail");
+    let mut spec = job(&queue);
+    spec.max_attempts = 3;
+    let id = q.push(spec).await.unwrap();
+    for attempt in 1..=3u32 {
+        let lease = reserve_one(q.as_ref(), &queue).await;
+        assert_eq!(lease.attempt(), attempt);
+        let failure = Failure {
+            kind: FailureKind::Exit,
+            exit_code: Some(3),
+            signal: None,
+            message: format!("exited with code 3 on attempt {attempt}"),
+            output_tail: format!("Traceback {attempt}\nValueError: boom\n"),
+        };
+        let outcome = q.fail(&lease, failure).await.expect("fail");
+        let expected = if attempt < 3 { FailOutcome::Requeued } else { FailOutcome::Failed };
+        assert_eq!(outcome, expected, "attempt {attempt}");
+    }
+    assert_empty(q.as_ref(), &queue).await;
+    let rec = q.get(&id).await.unwrap();
+    assert_eq!((rec.state, rec.attempt, rec.exit_code), (JobState::Failed, 3, Some(3)));
+    assert_eq!(rec.errors.len(), 3);
+    let attempts: Vec<u32> = rec.errors.iter().map(|e| e.attempt).collect();
+    assert_eq!(attempts, [1, 2, 3], "get lists errors oldest first");
+    let newest_first = q.errors(Some(&id), 10).await.unwrap();
+    assert_eq!(newest_first.iter().map(|e| e.attempt).collect::<Vec<_>>(), [3, 2, 1]);
+    assert_eq!(newest_first[0].exit_code, Some(3));
+    assert_eq!(newest_first[0].kind, FailureKind::Exit);
+    assert!(newest_first[0].output_tail.contains("Traceback 3"));
+    assert_eq!(q.errors(Some(&id), 2).await.unwrap().len(), 2, "errors honours its limit");
+}
+
+/// `ref`, `repo` and `setup` failures end the job at once; a signal is kept.
+pub async fn failure_kinds(q: Arc<dyn Queue>) {
+    let queue = unique_queue("kinds");
+    for kind in [FailureKind::Ref, FailureKind::Repo, FailureKind::Setup] {
+        let id = q.push(job(&queue)).await.unwrap();
+        let lease = reserve_one(q.as_ref(), &queue).await;
+        let outcome = q.fail(&lease, Failure::new(kind, format!("{kind} failure"))).await.unwrap();
+        assert_eq!(outcome, FailOutcome::Failed, "{kind} is not retried");
+        let rec = q.get(&id).await.unwrap();
+        assert_eq!((rec.state, rec.attempt), (JobState::Failed, 1));
+        assert_eq!(rec.errors[0].kind, kind);
+    }
+    let id = q.push(job(&queue)).await.unwrap();
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    let failure = Failure { signal: Some(9), ..Failure::new(FailureKind::Signal, "killed by signal 9") };
+    assert_eq!(q.fail(&lease, failure).await.unwrap(), FailOutcome::Requeued);
+    let e = &q.errors(Some(&id), 1).await.unwrap()[0];
+    assert_eq!((e.kind, e.signal, e.exit_code), (FailureKind::Signal, Some(9), None));
+}
+
+/// Release gives a job back without charging an attempt or an error record.
+pub async fn release_charges_no_attempt(q: Arc<dyn Queue>) {
+    let queue = unique_queue("rel");
+    let id = q.push(job(&queue)).await.unwrap();
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    q.release(&lease).await.expect("release");
+    let rec = q.get(&id).await.unwrap();
+    assert_eq!((rec.state, rec.attempt), (JobState::Queued, 0));
+    assert_lease_lost(q.complete(&lease, Completion::default()).await, "complete after release");
+    let again = reserve_one(q.as_ref(), &queue).await;
+    assert_eq!(again.attempt(), 1);
+    q.complete(&again, Completion::default()).await.unwrap();
+    assert!(q.errors(Some(&id), 10).await.unwrap().is_empty());
+}
+
+/// Cancel of a queued job, of a running one (seen at the next heartbeat),
+/// of an ended one, and of an unknown one.
+pub async fn cancel_queued_and_running(q: Arc<dyn Queue>) {
+    let queue = unique_queue("cancel");
+    let queued = q.push(job(&queue)).await.unwrap();
+    assert_eq!(q.cancel(&queued).await.unwrap(), CancelOutcome::Cancelled);
+    assert_eq!(q.get(&queued).await.unwrap().state, JobState::Cancelled);
+    assert_empty(q.as_ref(), &queue).await;
+
+    let running = q.push(job(&queue)).await.unwrap();
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    assert_eq!(q.heartbeat(&lease, Duration::from_secs(30)).await.unwrap(), Heartbeat::Extended);
+    assert_eq!(q.cancel(&running).await.unwrap(), CancelOutcome::Requested);
+    assert_eq!(q.get(&running).await.unwrap().state, JobState::Running, "running until its process is dead");
+    assert_eq!(q.heartbeat(&lease, Duration::from_secs(30)).await.unwrap(), Heartbeat::CancelRequested);
+    q.cancelled(&lease, "stopped\n".into()).await.expect("cancelled");
+    let rec = q.get(&running).await.unwrap();
+    assert_eq!(rec.state, JobState::Cancelled);
+    assert!(rec.errors.is_empty(), "a cancel is not an error");
+    assert_eq!(q.cancel(&running).await.unwrap(), CancelOutcome::AlreadyEnded(JobState::Cancelled));
+    assert!(matches!(q.cancel(&JobId::new("987654321")).await, Err(Error::NotFound { .. })));
+}
+
+/// Retry moves a failed or cancelled job back to `queued`, keeps its attempt
+/// count and errors, and gives it `max_attempts` more attempts.
+pub async fn retry_failed_and_cancelled(q: Arc<dyn Queue>) {
+    let queue = unique_queue("retry");
+    let mut spec = job(&queue);
+    spec.max_attempts = 1;
+    let id = q.push(spec).await.unwrap();
+    assert!(matches!(q.retry(&id).await, Err(Error::InvalidState { state: JobState::Queued, .. })));
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    assert_eq!(q.fail(&lease, Failure::new(FailureKind::Exit, "exit 1")).await.unwrap(), FailOutcome::Failed);
+    q.retry(&id).await.expect("retry a failed job");
+    let rec = q.get(&id).await.unwrap();
+    assert_eq!((rec.state, rec.attempt, rec.errors.len()), (JobState::Queued, 1, 1));
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    assert_eq!(lease.attempt(), 2, "attempt keeps counting");
+    q.complete(&lease, Completion::default()).await.unwrap();
+    assert!(matches!(q.retry(&id).await, Err(Error::InvalidState { state: JobState::Succeeded, .. })));
+
+    let cancelled = q.push(job(&queue)).await.unwrap();
+    q.cancel(&cancelled).await.unwrap();
+    q.retry(&cancelled).await.expect("retry a cancelled job");
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    assert_eq!(lease.id(), &cancelled);
+    q.complete(&lease, Completion::default()).await.unwrap();
+    assert!(matches!(q.retry(&JobId::new("987654321")).await, Err(Error::NotFound { .. })));
+}
+
+/// Queue order first, then priority (where declared), then FIFO.
+pub async fn reserve_order(q: Arc<dyn Queue>) {
+    let first = unique_queue("ord-a");
+    let second = unique_queue("ord-b");
+    let push = |queue: &str, priority: i32, tag: &str| {
+        let mut spec = job(queue).arg("tag", tag);
+        spec.priority = priority;
+        let q = Arc::clone(&q);
+        async move { q.push(spec).await.unwrap() }
+    };
+    push(&second, 100, "b-high").await;
+    push(&first, 0, "a").await;
+    push(&first, 5, "b").await;
+    push(&first, 5, "c").await;
+    push(&first, 0, "d").await;
+    let expected = if q.capabilities().priority { ["b", "c", "a", "d"] } else { ["a", "b", "c", "d"] };
+    let both = req(&first).queues([first.clone(), second.clone()]);
+    for tag in expected.into_iter().chain(["b-high"]) {
+        let lease = q.reserve(&both).await.unwrap().expect("a job");
+        assert_eq!(lease.job.spec.args["tag"], tag);
+        q.complete(&lease, Completion::default()).await.unwrap();
+    }
+    assert!(q.reserve(&both).await.unwrap().is_none());
+}
+
+/// List filters by state and queue, newest first, paginated.
+pub async fn list_filters_and_pages(q: Arc<dyn Queue>) {
+    let queue = unique_queue("list");
+    let other = unique_queue("list-other");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(q.push(job(&queue).arg("i", i)).await.unwrap());
+    }
+    q.push(job(&other)).await.unwrap();
+    let page = |offset, limit| ListFilter { queue: Some(queue.clone()), state: None, limit, offset };
+    let got = |v: Vec<crate::JobRecord>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(got(q.list(&page(0, 2)).await.unwrap()), [ids[4].clone(), ids[3].clone()]);
+    assert_eq!(got(q.list(&page(2, 2)).await.unwrap()), [ids[2].clone(), ids[1].clone()]);
+    assert_eq!(got(q.list(&page(4, 2)).await.unwrap()), [ids[0].clone()]);
+    assert!(q.list(&page(5, 2)).await.unwrap().is_empty());
+
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    assert_eq!(lease.id(), &ids[0]);
+    q.complete(&lease, Completion::default()).await.unwrap();
+    q.cancel(&ids[1]).await.unwrap();
+    let by_state = |state| ListFilter { queue: Some(queue.clone()), state: Some(state), limit: 100, offset: 0 };
+    assert_eq!(got(q.list(&by_state(JobState::Succeeded)).await.unwrap()), [ids[0].clone()]);
+    assert_eq!(got(q.list(&by_state(JobState::Cancelled)).await.unwrap()), [ids[1].clone()]);
+    assert_eq!(q.list(&by_state(JobState::Queued)).await.unwrap().len(), 3);
+    assert!(q.list(&by_state(JobState::Running)).await.unwrap().is_empty());
+    let all = q.list(&ListFilter { limit: 1000, ..ListFilter::default() }).await.unwrap();
+    assert!(all.iter().any(|r| r.spec.queue == other), "no queue filter lists every queue");
+}
+
+/// A second push with the same idempotency key returns the first job.
+pub async fn idempotency_key(q: Arc<dyn Queue>) {
+    let queue = unique_queue("idem");
+    let key = format!("run-{}", uuid::Uuid::new_v4());
+    let mut spec = job(&queue);
+    spec.idempotency_key = Some(key.clone());
+    let first = q.push(spec.clone()).await.unwrap();
+    let second = q.push(spec.arg("different", 1)).await.unwrap();
+    assert_eq!(first, second);
+    let filter = ListFilter { queue: Some(queue.clone()), ..ListFilter::default() };
+    assert_eq!(q.list(&filter).await.unwrap().len(), 1);
+    let mut other = job(&queue);
+    other.idempotency_key = Some(format!("{key}-other"));
+    assert_ne!(q.push(other).await.unwrap(), first);
+}
+
+/// `gpus` is stored as pushed (null stays null), and a backend that declares
+/// `gpu_filter` never returns a job needing more GPUs than offered.
+pub async fn gpu_requirements(q: Arc<dyn Queue>) {
+    let queue = unique_queue("gpu");
+    let mut ids = Vec::new();
+    for gpus in [Some(4), Some(2), None, Some(0)] {
+        let mut spec = job(&queue);
+        spec.gpus = gpus;
+        let id = q.push(spec).await.unwrap();
+        assert_eq!(q.get(&id).await.unwrap().spec.gpus, gpus, "gpus stored as pushed");
+        ids.push(id);
+    }
+    if !q.capabilities().gpu_filter {
+        return;
+    }
+    let offer = |free, host| req(&queue).gpus(free, host);
+    let take = |free: u32, host: bool| {
+        let q = Arc::clone(&q);
+        let r = offer(free, host);
+        async move {
+            let lease = q.reserve(&r).await.unwrap();
+            if let Some(lease) = &lease {
+                let need = lease.job.spec.gpus_needed(host);
+                assert!(need <= free, "job needing {need} GPUs given to a caller offering {free}");
+                q.complete(lease, Completion::default()).await.unwrap();
+            }
+            lease.map(|l| l.job.id)
+        }
+    };
+    assert_eq!(take(3, true).await, Some(ids[1].clone()), "the 2-GPU job fits 3");
+    assert_eq!(take(3, true).await, Some(ids[2].clone()), "an unset gpus takes one on a GPU host");
+    assert_eq!(take(0, true).await, Some(ids[3].clone()), "a CPU job needs no GPU");
+    assert_eq!(take(3, true).await, None, "the 4-GPU job does not fit 3");
+    assert_eq!(take(0, false).await, None, "nor a CPU-only worker");
+    assert_eq!(take(8, true).await, Some(ids[0].clone()));
+
+    let mut unset = job(&queue);
+    unset.gpus = None;
+    let id = q.push(unset).await.unwrap();
+    assert_eq!(take(0, false).await, Some(id), "an unset gpus runs on the CPU of a CPU-only worker");
+}
+
+/// A reserve that may wait returns a job pushed while it waits.
+pub async fn reserve_waits_for_push(q: Arc<dyn Queue>) {
+    let queue = unique_queue("wait");
+    let waiter = {
+        let q = Arc::clone(&q);
+        let r = req(&queue).wait(Duration::from_secs(10));
+        tokio::spawn(async move { q.reserve(&r).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = q.push(job(&queue)).await.unwrap();
+    let lease = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("reserve returned within its wait")
+        .unwrap()
+        .unwrap()
+        .expect("the pushed job");
+    assert_eq!(lease.id(), &id);
+    q.complete(&lease, Completion::default()).await.unwrap();
+    // And an empty queue returns None once the wait is over.
+    let started = tokio::time::Instant::now();
+    assert!(q.reserve(&req(&queue).wait(Duration::from_millis(300))).await.unwrap().is_none());
+    assert!(started.elapsed() >= Duration::from_millis(250), "reserve waited before giving up");
+}
+
+/// Every function above, one after another (for a quick local run; backends
+/// call each from its own test so they run in parallel).
+pub async fn run_all(q: Arc<dyn Queue>) {
+    push_reserve_complete(Arc::clone(&q)).await;
+    push_refuses_invalid_jobs(Arc::clone(&q)).await;
+    no_double_reserve(Arc::clone(&q)).await;
+    lease_expires(Arc::clone(&q)).await;
+    lease_expiry_uses_up_attempts(Arc::clone(&q)).await;
+    heartbeat_extends_lease(Arc::clone(&q)).await;
+    stale_lease_is_refused(Arc::clone(&q)).await;
+    failures_retry_then_fail(Arc::clone(&q)).await;
+    failure_kinds(Arc::clone(&q)).await;
+    release_charges_no_attempt(Arc::clone(&q)).await;
+    cancel_queued_and_running(Arc::clone(&q)).await;
+    retry_failed_and_cancelled(Arc::clone(&q)).await;
+    reserve_order(Arc::clone(&q)).await;
+    list_filters_and_pages(Arc::clone(&q)).await;
+    idempotency_key(Arc::clone(&q)).await;
+    gpu_requirements(Arc::clone(&q)).await;
+    reserve_waits_for_push(q).await;
+}

@@ -1,0 +1,482 @@
+//! The job model: what is pushed ([`JobSpec`]), what is stored
+//! ([`JobRecord`]), its states and the record of each failed attempt.
+//!
+//! Parsing of the two JSON forms lives in [`crate::message`]; turning a spec
+//! into argv lives in [`crate::argv`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// Job arguments: an ordered map from name to JSON value. The order is the
+/// order of the pushed file and is the order of the argv items.
+pub type Args = serde_json::Map<String, serde_json::Value>;
+
+/// The queue a job goes to when it names none.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// Attempts before a job is `failed`, when it names no `max_attempts`.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// A job's id: short and typeable (`gpupool jobs --id 42`). Backends with a
+/// sequence use its number.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(String);
+
+impl JobId {
+    /// An id from its text form.
+    pub fn new(id: impl Into<String>) -> Self {
+        JobId(id.into())
+    }
+
+    /// The text form.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The id as a number, for backends whose ids come from a sequence.
+    /// A non-numeric id is [`Error::NotFound`] in such a backend.
+    pub fn as_i64(&self) -> crate::Result<i64> {
+        self.0.parse().map_err(|_| Error::NotFound { id: self.0.clone() })
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<i64> for JobId {
+    fn from(n: i64) -> Self {
+        JobId(n.to_string())
+    }
+}
+
+impl FromStr for JobId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let s = s.trim();
+        if s.is_empty() || s.len() > 64 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Error::InvalidJob(format!("`{s}` is not a job id")));
+        }
+        Ok(JobId(s.to_owned()))
+    }
+}
+
+/// A point in time, as milliseconds since the Unix epoch (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    /// The current time of this host.
+    pub fn now() -> Self {
+        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        Timestamp(i64::try_from(ms).unwrap_or(i64::MAX))
+    }
+
+    /// RFC 3339 in UTC with milliseconds, such as `2026-11-26T11:48:33.120Z`.
+    pub fn to_rfc3339(self) -> String {
+        let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(self.0).unwrap_or(0));
+        humantime::format_rfc3339_millis(t).to_string()
+    }
+
+    /// This time plus a duration.
+    pub fn plus(self, d: Duration) -> Self {
+        Timestamp(self.0.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+    }
+}
+
+/// Where a job is in its life.
+///
+/// `queued → running → succeeded | failed | cancelled`; `running → queued` on
+/// a lost lease, a failed attempt with attempts left, or a release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for a worker.
+    Queued,
+    /// Leased by a worker.
+    Running,
+    /// Its process exited 0.
+    Succeeded,
+    /// Its last attempt failed and it will not be retried by itself.
+    Failed,
+    /// Cancelled by a user.
+    Cancelled,
+}
+
+impl JobState {
+    /// All states, in life order.
+    pub const ALL: [JobState; 5] =
+        [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled];
+
+    /// The lower-case name used in JSON, SQL and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the job has ended (succeeded, failed or cancelled).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| {
+            Error::Config(format!("unknown state `{s}`; use one of queued, running, succeeded, failed, cancelled"))
+        })
+    }
+}
+
+/// Why an attempt failed. Stored with every failed attempt and shown by
+/// `gpupool errors`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// The process exited with a non-zero code.
+    Exit,
+    /// The process was killed by a signal.
+    Signal,
+    /// The job ran past its `timeout`.
+    Timeout,
+    /// The worker's setup step failed. Not retried.
+    Setup,
+    /// The ref does not exist in the repository. Not retried.
+    Ref,
+    /// The repository cannot be reached or is not allowed. Not retried.
+    Repo,
+    /// The worker died or went silent and its lease expired.
+    LeaseLost,
+    /// The process ran out of GPU memory.
+    Oom,
+}
+
+impl FailureKind {
+    /// All kinds.
+    pub const ALL: [FailureKind; 8] = [
+        FailureKind::Exit,
+        FailureKind::Signal,
+        FailureKind::Timeout,
+        FailureKind::Setup,
+        FailureKind::Ref,
+        FailureKind::Repo,
+        FailureKind::LeaseLost,
+        FailureKind::Oom,
+    ];
+
+    /// The snake-case name used in JSON, SQL and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Exit => "exit",
+            FailureKind::Signal => "signal",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Setup => "setup",
+            FailureKind::Ref => "ref",
+            FailureKind::Repo => "repo",
+            FailureKind::LeaseLost => "lease_lost",
+            FailureKind::Oom => "oom",
+        }
+    }
+
+    /// Whether another attempt can help. A bad ref, an unreachable or
+    /// disallowed repository and a failing setup step fail the same way
+    /// every time, so they end the job at once.
+    pub fn is_retryable(self) -> bool {
+        !matches!(self, FailureKind::Ref | FailureKind::Repo | FailureKind::Setup)
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for FailureKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        FailureKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| Error::backend("core", format!("unknown failure kind `{s}`")))
+    }
+}
+
+/// What is pushed: the code to run, how, and on how many GPUs.
+///
+/// Build one with [`JobSpec::new`] or parse one with
+/// [`crate::message::parse_jobs`]; check it with [`JobSpec::validate`]
+/// (every backend's `push` does).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Branch, tag or commit (full or abbreviated sha).
+    pub git_ref: String,
+    /// Path of the script inside the repository.
+    pub entrypoint: String,
+    /// Arguments, in order; see [`crate::argv`].
+    #[serde(default)]
+    pub args: Args,
+    /// The repository (URL or path); `None` means the worker's `--repo`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// The queue that routes the job.
+    #[serde(default = "default_queue")]
+    pub queue: String,
+    /// `None`: one GPU where the worker has any, else the CPU. `Some(0)`:
+    /// CPU only. `Some(n)`: exactly `n` GPUs.
+    #[serde(default)]
+    pub gpus: Option<u32>,
+    /// Higher runs first, within a queue.
+    #[serde(default)]
+    pub priority: i32,
+    /// Attempts before the job is `failed`.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Longest one attempt may run, as `90s` or `2h` in JSON.
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Extra environment for the process (loader variables are refused).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A second push with the same key returns the first job's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+fn default_queue() -> String {
+    DEFAULT_QUEUE.to_owned()
+}
+
+fn default_max_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS
+}
+
+impl JobSpec {
+    /// A job on the default queue with no args.
+    pub fn new(git_ref: impl Into<String>, entrypoint: impl Into<String>) -> Self {
+        JobSpec {
+            git_ref: git_ref.into(),
+            entrypoint: entrypoint.into(),
+            args: Args::new(),
+            repo: None,
+            queue: default_queue(),
+            gpus: None,
+            priority: 0,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            timeout: None,
+            env: BTreeMap::new(),
+            name: None,
+            idempotency_key: None,
+        }
+    }
+
+    /// The same job on another queue.
+    pub fn with_queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = queue.into();
+        self
+    }
+
+    /// Adds one argument at the end.
+    pub fn arg(mut self, key: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        self.args.insert(key.into(), value.into());
+        self
+    }
+
+    /// The display name: `name`, else none.
+    pub fn display_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// How many GPUs this job needs on a worker that has GPUs (`gpu_host`)
+    /// or not: an unset `gpus` takes one GPU where there are any.
+    pub fn gpus_needed(&self, gpu_host: bool) -> u32 {
+        self.gpus.unwrap_or(u32::from(gpu_host))
+    }
+
+    /// The JSON text a backend stores.
+    pub fn to_json(&self) -> crate::Result<String> {
+        serde_json::to_string(self).map_err(|e| Error::InvalidJob(format!("cannot encode job: {e}")))
+    }
+
+    /// Reads back what [`JobSpec::to_json`] wrote.
+    pub fn from_stored_json(text: &str) -> crate::Result<Self> {
+        serde_json::from_str(text).map_err(|e| Error::backend("core", format!("stored job is not valid: {e}")))
+    }
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| {
+            humantime::parse_duration(&t).map_err(|e| {
+                serde::de::Error::custom(format!("timeout `{t}` is not a duration ({e}); write it like `90s` or `2h`"))
+            })
+        })
+        .transpose()
+    }
+}
+
+/// One failed attempt of a job: the seed's error table, `gpupool errors`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptError {
+    /// The job.
+    pub job_id: JobId,
+    /// Which attempt failed (1 for the first run).
+    pub attempt: u32,
+    /// Why.
+    pub kind: FailureKind,
+    /// The exit code, if the process exited.
+    pub exit_code: Option<i32>,
+    /// The signal, if the process was killed by one.
+    pub signal: Option<i32>,
+    /// A readable reason.
+    pub message: String,
+    /// The end of the output (stdout and stderr together).
+    pub output_tail: String,
+    /// When the failure was recorded.
+    pub at: Timestamp,
+}
+
+/// What is stored: the spec plus everything that happened to it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct JobRecord {
+    /// The job's id.
+    pub id: JobId,
+    /// What was pushed.
+    pub spec: JobSpec,
+    /// Where it is now.
+    pub state: JobState,
+    /// Runs started so far (1 for the first run).
+    pub attempt: u32,
+    /// The commit the ref resolved to on the last run.
+    pub commit: Option<String>,
+    /// The worker running it or that ran it last (`host:pid`).
+    pub worker: Option<String>,
+    /// The GPUs given to the last run.
+    pub gpu_ids: Option<Vec<u32>>,
+    /// Exit code of the last run that exited.
+    pub exit_code: Option<i32>,
+    /// Signal that killed the last run, if any.
+    pub signal: Option<i32>,
+    /// End of the last run's output.
+    pub output_tail: Option<String>,
+    /// Optional result a successful run reported.
+    pub result: Option<serde_json::Value>,
+    /// A cancel was asked for while it ran.
+    pub cancel_requested: bool,
+    /// When it was pushed.
+    pub created_at: Timestamp,
+    /// When its last run started.
+    pub started_at: Option<Timestamp>,
+    /// When it ended.
+    pub finished_at: Option<Timestamp>,
+    /// Every failed attempt, oldest first. Filled by [`crate::Queue::get`];
+    /// [`crate::Queue::list`] leaves it empty (use [`crate::Queue::errors`]).
+    pub errors: Vec<AttemptError>,
+}
+
+impl JobRecord {
+    /// A freshly pushed record, as every backend stores it.
+    pub fn new(id: JobId, spec: JobSpec, created_at: Timestamp) -> Self {
+        JobRecord {
+            id,
+            spec,
+            state: JobState::Queued,
+            attempt: 0,
+            commit: None,
+            worker: None,
+            gpu_ids: None,
+            exit_code: None,
+            signal: None,
+            output_tail: None,
+            result: None,
+            cancel_requested: false,
+            created_at,
+            started_at: None,
+            finished_at: None,
+            errors: Vec::new(),
+        }
+    }
+
+    /// The JSON object that `gpupool jobs --json` prints (INTERFACE.md).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id.as_str(),
+            "state": self.state.as_str(),
+            "queue": self.spec.queue,
+            "name": self.spec.name,
+            "repo": self.spec.repo,
+            "git_ref": self.spec.git_ref,
+            "commit": self.commit,
+            "entrypoint": self.spec.entrypoint,
+            "args": self.spec.args,
+            "gpus": self.spec.gpus,
+            "gpu_ids": self.gpu_ids,
+            "priority": self.spec.priority,
+            "attempt": self.attempt,
+            "max_attempts": self.spec.max_attempts,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "worker": self.worker,
+            "cancel_requested": self.cancel_requested,
+            "created_at": self.created_at.to_rfc3339(),
+            "started_at": self.started_at.map(Timestamp::to_rfc3339),
+            "finished_at": self.finished_at.map(Timestamp::to_rfc3339),
+        })
+    }
+}
+
+impl AttemptError {
+    /// The JSON object that `gpupool errors --json` prints (INTERFACE.md).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "job_id": self.job_id.as_str(),
+            "attempt": self.attempt,
+            "kind": self.kind.as_str(),
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "message": self.message,
+            "output_tail": self.output_tail,
+            "at": self.at.to_rfc3339(),
+        })
+    }
+}

@@ -1,0 +1,45 @@
+//! The core of gpupool: the job model, the [`Queue`] trait every backend
+//! implements, the in-memory queue, and (feature `conformance`) the suite
+//! every backend must pass.
+//!
+//! ```
+//! use gpupool_core::{message, JobState, MemoryQueue, Queue, ReserveRequest, Completion};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> gpupool_core::Result<()> {
+//! // The original tool's message.json, as plain JSON.
+//! let jobs = message::parse_jobs(r#"{"branch": "develop", "train_path": "./train.py",
+//!                                     "seed": "42", "resize": "128 96"}"#)?;
+//! let queue = MemoryQueue::new();
+//! let id = queue.push(jobs[0].clone()).await?;
+//!
+//! let lease = queue.reserve(&ReserveRequest::new("default")).await?.expect("the job");
+//! let argv = gpupool_core::argv::build_argv(&["python3".into()], &lease.job.spec.entrypoint,
+//!                                           &lease.job.spec.args, 0);
+//! assert_eq!(argv, ["python3", "train.py", "--seed", "42", "--resize", "128", "96"]);
+//! queue.complete(&lease, Completion::default()).await?;
+//! assert_eq!(queue.get(&id).await?.state, JobState::Succeeded);
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod argv;
+mod error;
+mod job;
+mod memory;
+pub mod message;
+mod queue;
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+
+pub use error::{BoxError, Error, Result};
+pub use job::{
+    Args, AttemptError, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, FailureKind, JobId, JobRecord, JobSpec, JobState,
+    Timestamp,
+};
+pub use memory::MemoryQueue;
+pub use queue::{
+    CancelOutcome, Capabilities, Completion, FailOutcome, Failure, Heartbeat, Lease, ListFilter, Queue, ReserveRequest,
+    RunInfo, default_worker_name,
+};

@@ -1,0 +1,413 @@
+//! [`MemoryQueue`]: the whole queue in this process's memory. For tests,
+//! benchmarks and a worker that pushes its own jobs (`memory://`). Nothing
+//! survives the process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use crate::job::{AttemptError, FailureKind, JobId, JobRecord, JobSpec, JobState, Timestamp};
+use crate::queue::{
+    CancelOutcome, Capabilities, Completion, FailOutcome, Failure, Heartbeat, Lease, ListFilter, Queue, ReserveRequest,
+    RunInfo,
+};
+use crate::{Error, Result};
+
+/// How often a waiting `reserve` looks for expired leases.
+const EXPIRY_POLL: Duration = Duration::from_millis(100);
+
+/// An in-process queue. Cheap to clone: clones share the same jobs.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryQueue {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    state: Mutex<State>,
+    pushed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_id: i64,
+    jobs: BTreeMap<i64, Entry>,
+    errors: Vec<AttemptError>,
+    idempotency: HashMap<String, i64>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    record: JobRecord,
+    token: Option<String>,
+    expires_at: Option<Timestamp>,
+    attempt_limit: u32,
+}
+
+impl MemoryQueue {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock means a panic inside one of our own short critical
+        // sections; the data is still consistent (every section writes at
+        // its end), so keep going.
+        self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn try_reserve(&self, req: &ReserveRequest) -> Option<Lease> {
+        let now = Timestamp::now();
+        let mut st = self.lock();
+        st.expire_leases(now);
+        let mut chosen: Option<i64> = None;
+        for queue in &req.queues {
+            chosen = st
+                .jobs
+                .iter()
+                .filter(|(_, e)| {
+                    e.record.state == JobState::Queued && &e.record.spec.queue == queue && req.fits(&e.record.spec)
+                })
+                // Highest priority, then the oldest (smallest id).
+                .min_by_key(|(id, e)| (std::cmp::Reverse(e.record.spec.priority), **id))
+                .map(|(id, _)| *id);
+            if chosen.is_some() {
+                break;
+            }
+        }
+        let id = chosen?;
+        let errors = st.errors_of(id);
+        let entry = st.jobs.get_mut(&id)?;
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let expires_at = now.plus(req.lease);
+        let r = &mut entry.record;
+        r.state = JobState::Running;
+        r.attempt += 1;
+        r.worker = Some(req.worker.clone());
+        r.started_at = Some(now);
+        r.finished_at = None;
+        r.exit_code = None;
+        r.signal = None;
+        r.gpu_ids = None;
+        entry.token = Some(token.clone());
+        entry.expires_at = Some(expires_at);
+        let mut job = entry.record.clone();
+        job.errors = errors;
+        Some(Lease { job, token, expires_at })
+    }
+
+    /// Runs `f` on the entry the lease holds (and the error list), or
+    /// returns `LeaseLost`.
+    fn with_held<T>(&self, lease: &Lease, f: impl FnOnce(&mut Entry, &mut Vec<AttemptError>) -> T) -> Result<T> {
+        let lost = || Error::LeaseLost { id: lease.id().to_string() };
+        let id = lease.id().as_i64().map_err(|_| lost())?;
+        let mut st = self.lock();
+        let State { jobs, errors, .. } = &mut *st;
+        match jobs.get_mut(&id) {
+            Some(e) if e.record.state == JobState::Running && e.token.as_deref() == Some(lease.token.as_str()) => {
+                Ok(f(e, errors))
+            }
+            _ => Err(lost()),
+        }
+    }
+
+    fn entry<'a>(st: &'a mut State, id: &JobId) -> Result<(i64, &'a mut Entry)> {
+        let n = id.as_i64()?;
+        let e = st.jobs.get_mut(&n).ok_or_else(|| Error::NotFound { id: id.to_string() })?;
+        Ok((n, e))
+    }
+}
+
+impl Entry {
+    /// Ends a lease: the job leaves `running`.
+    fn finish(&mut self, state: JobState, output_tail: Option<String>) {
+        self.record.state = state;
+        self.token = None;
+        self.expires_at = None;
+        if state.is_terminal() {
+            self.record.finished_at = Some(Timestamp::now());
+        }
+        if output_tail.is_some() {
+            self.record.output_tail = output_tail;
+        }
+    }
+}
+
+impl State {
+    fn errors_of(&self, id: i64) -> Vec<AttemptError> {
+        let id = JobId::from(id);
+        self.errors.iter().filter(|e| e.job_id == id).cloned().collect()
+    }
+
+    /// Ends every expired lease: a `lease_lost` record, then queued, failed
+    /// or cancelled.
+    fn expire_leases(&mut self, now: Timestamp) {
+        let mut lost = Vec::new();
+        for (id, e) in &mut self.jobs {
+            if e.record.state != JobState::Running || e.expires_at.is_none_or(|t| t >= now) {
+                continue;
+            }
+            let failure = Failure::new(
+                FailureKind::LeaseLost,
+                format!(
+                    "lease expired: worker {} stopped heartbeating",
+                    e.record.worker.as_deref().unwrap_or("unknown")
+                ),
+            );
+            lost.push(AttemptError {
+                job_id: JobId::from(*id),
+                attempt: e.record.attempt,
+                kind: failure.kind,
+                exit_code: None,
+                signal: None,
+                message: failure.message.clone(),
+                output_tail: String::new(),
+                at: now,
+            });
+            e.token = None;
+            e.expires_at = None;
+            e.record.state = if e.record.cancel_requested {
+                JobState::Cancelled
+            } else if failure.requeues(e.record.attempt, e.attempt_limit) {
+                JobState::Queued
+            } else {
+                JobState::Failed
+            };
+            if e.record.state.is_terminal() {
+                e.record.finished_at = Some(now);
+            }
+        }
+        self.errors.extend(lost);
+    }
+}
+
+#[async_trait]
+impl Queue for MemoryQueue {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default().with_priority(true).with_gpu_filter(true).with_blocking_reserve(true)
+    }
+
+    async fn init(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn push(&self, spec: JobSpec) -> Result<JobId> {
+        spec.validate()?;
+        let id = {
+            let mut st = self.lock();
+            if let Some(existing) = spec.idempotency_key.as_ref().and_then(|k| st.idempotency.get(k)) {
+                return Ok(JobId::from(*existing));
+            }
+            st.next_id += 1;
+            let id = st.next_id;
+            if let Some(key) = &spec.idempotency_key {
+                st.idempotency.insert(key.clone(), id);
+            }
+            let attempt_limit = spec.max_attempts;
+            let record = JobRecord::new(JobId::from(id), spec, Timestamp::now());
+            st.jobs.insert(id, Entry { record, token: None, expires_at: None, attempt_limit });
+            id
+        };
+        self.inner.pushed.notify_waiters();
+        Ok(JobId::from(id))
+    }
+
+    async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
+        let deadline = tokio::time::Instant::now() + req.wait;
+        loop {
+            let notified = self.inner.pushed.notified();
+            if let Some(lease) = self.try_reserve(req) {
+                return Ok(Some(lease));
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let nap = (deadline - now).min(EXPIRY_POLL);
+            let _ = tokio::time::timeout(nap, notified).await;
+        }
+    }
+
+    async fn heartbeat(&self, lease: &Lease, extend: Duration) -> Result<Heartbeat> {
+        self.with_held(lease, |e, _| {
+            e.expires_at = Some(Timestamp::now().plus(extend));
+            if e.record.cancel_requested { Heartbeat::CancelRequested } else { Heartbeat::Extended }
+        })
+    }
+
+    async fn started(&self, lease: &Lease, info: &RunInfo) -> Result<()> {
+        self.with_held(lease, |e, _| {
+            e.record.commit.clone_from(&info.commit);
+            e.record.gpu_ids = Some(info.gpu_ids.clone());
+        })
+    }
+
+    async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
+        self.with_held(lease, |e, _| {
+            e.finish(JobState::Succeeded, Some(done.output_tail));
+            e.record.exit_code = Some(0);
+            e.record.result = done.result;
+        })
+    }
+
+    async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome> {
+        let outcome = self.with_held(lease, |e, errors| {
+            let requeue = failure.requeues(e.record.attempt, e.attempt_limit);
+            errors.push(AttemptError {
+                job_id: e.record.id.clone(),
+                attempt: e.record.attempt,
+                kind: failure.kind,
+                exit_code: failure.exit_code,
+                signal: failure.signal,
+                message: failure.message,
+                output_tail: failure.output_tail.clone(),
+                at: Timestamp::now(),
+            });
+            e.finish(if requeue { JobState::Queued } else { JobState::Failed }, Some(failure.output_tail));
+            e.record.exit_code = failure.exit_code;
+            e.record.signal = failure.signal;
+            if requeue { FailOutcome::Requeued } else { FailOutcome::Failed }
+        })?;
+        if outcome == FailOutcome::Requeued {
+            self.inner.pushed.notify_waiters();
+        }
+        Ok(outcome)
+    }
+
+    async fn cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
+        self.with_held(lease, |e, _| e.finish(JobState::Cancelled, Some(output_tail)))
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        self.with_held(lease, |e, _| {
+            e.finish(JobState::Queued, None);
+            e.record.attempt = e.record.attempt.saturating_sub(1);
+        })?;
+        self.inner.pushed.notify_waiters();
+        Ok(())
+    }
+
+    async fn cancel(&self, id: &JobId) -> Result<CancelOutcome> {
+        let mut st = self.lock();
+        let (_, e) = Self::entry(&mut st, id)?;
+        Ok(match e.record.state {
+            JobState::Queued => {
+                e.record.state = JobState::Cancelled;
+                e.record.finished_at = Some(Timestamp::now());
+                CancelOutcome::Cancelled
+            }
+            JobState::Running => {
+                e.record.cancel_requested = true;
+                CancelOutcome::Requested
+            }
+            ended => CancelOutcome::AlreadyEnded(ended),
+        })
+    }
+
+    async fn retry(&self, id: &JobId) -> Result<()> {
+        {
+            let mut st = self.lock();
+            let (_, e) = Self::entry(&mut st, id)?;
+            match e.record.state {
+                JobState::Failed | JobState::Cancelled => {
+                    e.record.state = JobState::Queued;
+                    e.record.cancel_requested = false;
+                    e.record.finished_at = None;
+                    e.attempt_limit = e.record.attempt.saturating_add(e.record.spec.max_attempts);
+                }
+                state => {
+                    return Err(Error::InvalidState {
+                        id: id.to_string(),
+                        state,
+                        message: "only a failed or cancelled job can be retried".into(),
+                    });
+                }
+            }
+        }
+        self.inner.pushed.notify_waiters();
+        Ok(())
+    }
+
+    async fn get(&self, id: &JobId) -> Result<JobRecord> {
+        let mut st = self.lock();
+        let (n, e) = Self::entry(&mut st, id)?;
+        let mut record = e.record.clone();
+        record.errors = st.errors_of(n);
+        Ok(record)
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>> {
+        let st = self.lock();
+        Ok(st
+            .jobs
+            .values()
+            .rev()
+            .filter(|e| filter.state.is_none_or(|s| e.record.state == s))
+            .filter(|e| filter.queue.as_ref().is_none_or(|q| &e.record.spec.queue == q))
+            .skip(usize::try_from(filter.offset).unwrap_or(usize::MAX))
+            .take(filter.limit as usize)
+            .map(|e| e.record.clone())
+            .collect())
+    }
+
+    async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
+        let st = self.lock();
+        Ok(st
+            .errors
+            .iter()
+            .rev()
+            .filter(|e| job.is_none_or(|j| &e.job_id == j))
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+}
+
+/// The conformance suite on [`MemoryQueue`]: every plain `cargo test` runs it.
+#[cfg(test)]
+mod conformance_tests {
+    use std::sync::Arc;
+
+    use super::MemoryQueue;
+    use crate::Queue;
+    use crate::conformance as c;
+
+    fn queue() -> Arc<dyn Queue> {
+        Arc::new(MemoryQueue::new())
+    }
+
+    macro_rules! conformance_tests {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    c::$name(queue()).await;
+                }
+            )*
+        };
+    }
+
+    conformance_tests!(
+        push_reserve_complete,
+        push_refuses_invalid_jobs,
+        no_double_reserve,
+        lease_expires,
+        lease_expiry_uses_up_attempts,
+        heartbeat_extends_lease,
+        stale_lease_is_refused,
+        failures_retry_then_fail,
+        failure_kinds,
+        release_charges_no_attempt,
+        cancel_queued_and_running,
+        retry_failed_and_cancelled,
+        reserve_order,
+        list_filters_and_pages,
+        idempotency_key,
+        gpu_requirements,
+        reserve_waits_for_push,
+    );
+}
