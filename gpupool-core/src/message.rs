@@ -131,10 +131,8 @@ fn parse_seed(obj: Map<String, Value>) -> Result<JobSpec> {
             }
             "id" | "pushed" => {}
             _ => {
-                if key == "name" {
-                    if let Value::String(s) = &value {
-                        name = Some(s.clone());
-                    }
+                if let ("name", Value::String(s)) = (key.as_str(), &value) {
+                    name = Some(s.clone());
                 }
                 let converted = seed_value(&key, value)?;
                 args.insert(key, converted);
@@ -226,10 +224,10 @@ impl JobSpec {
             return bad(format!("git_ref `{r}` is not a branch, tag or commit name"));
         }
         validate_entrypoint(&self.entrypoint)?;
-        if let Some(repo) = &self.repo {
-            if repo.is_empty() || repo.starts_with('-') || repo.chars().any(char::is_control) {
-                return bad(format!("repo `{repo}` is not a repository URL or path"));
-            }
+        if let Some(repo) = &self.repo
+            && (repo.is_empty() || repo.starts_with('-') || repo.chars().any(char::is_control))
+        {
+            return bad(format!("repo `{repo}` is not a repository URL or path"));
         }
         for (key, value) in &self.args {
             validate_arg(key, value)?;
@@ -257,15 +255,11 @@ impl JobSpec {
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return bad("timeout 0 would stop every run at once; leave it out for no timeout".into());
         }
-        if let Some(name) = &self.name {
-            if name.len() > 200 || name.chars().any(char::is_control) {
-                return bad("name must be at most 200 printable characters".into());
-            }
+        if self.name.as_ref().is_some_and(|n| n.len() > 200 || n.chars().any(char::is_control)) {
+            return bad("name must be at most 200 printable characters".into());
         }
-        if let Some(key) = &self.idempotency_key {
-            if key.is_empty() || key.len() > 200 {
-                return bad("idempotency_key must be 1 to 200 bytes".into());
-            }
+        if self.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 200) {
+            return bad("idempotency_key must be 1 to 200 bytes".into());
         }
         let size = self.to_json()?.len();
         if size > MAX_JOB_BYTES {

@@ -1,0 +1,597 @@
+//! [`SqliteQueue`]: the [`Queue`] on one SQLite file.
+//!
+//! Every change is one transaction. `reserve` runs in `BEGIN IMMEDIATE`, so
+//! it holds the file's write lock from its first read: two processes can
+//! never pick the same row, and no read snapshot goes stale under a write.
+//! Before taking that lock, `reserve` asks a cheap read-only question (is
+//! anything queued that fits, or has a lease expired?) so that idle workers
+//! polling the file do not queue up on the write lock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use gpupool_core::{
+    AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, FailureKind, Heartbeat, JobId,
+    JobRecord, JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp,
+};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+use tokio::sync::Notify;
+
+use crate::error::map;
+use crate::options::SqliteOptions;
+
+/// How often a waiting `reserve` looks at the file for jobs pushed by other
+/// processes (pushes from this process wake it at once).
+const POLL: Duration = Duration::from_millis(25);
+
+/// The migrations, in order; `PRAGMA user_version` records the last applied.
+const MIGRATIONS: [(i64, &str); 1] = [(1, include_str!("../migrations/0001_init.sql"))];
+
+/// The columns [`record`] reads.
+macro_rules! job_columns {
+    () => {
+        "id, state, attempt, spec, commit_sha, worker, gpu_ids, exit_code, signal, output_tail, result, \
+         cancel_requested, created_at, started_at, finished_at"
+    };
+}
+
+/// A queue in one SQLite file, shared by every worker process on the host.
+#[derive(Debug, Clone)]
+pub struct SqliteQueue {
+    pool: SqlitePool,
+    opts: SqliteOptions,
+    pushed: Arc<Notify>,
+}
+
+impl SqliteQueue {
+    /// Opens (creating if missing) the queue at a `sqlite://` URL and brings
+    /// its schema up to date.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::open(SqliteOptions::from_url(url)?).await
+    }
+
+    /// Opens (creating if missing) the queue file and brings its schema up
+    /// to date.
+    pub async fn open(opts: SqliteOptions) -> Result<Self> {
+        if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::Config(format!("cannot create the folder `{}` for the queue file: {e}", dir.display()))
+            })?;
+        }
+        let connect = SqliteConnectOptions::new()
+            .filename(&opts.path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(opts.busy_timeout)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(opts.max_connections)
+            .connect_with(connect)
+            .await
+            .map_err(|e| Error::Config(format!("cannot open the queue file `{}`: {e}", opts.path.display())))?;
+        let queue = SqliteQueue { pool, opts, pushed: Arc::new(Notify::new()) };
+        queue.init().await?;
+        Ok(queue)
+    }
+
+    /// The options this queue was opened with.
+    pub fn options(&self) -> &SqliteOptions {
+        &self.opts
+    }
+
+    /// The underlying pool, for inspection with plain SQL.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn begin_immediate(&self) -> Result<Transaction<'static, Sqlite>> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map)
+    }
+
+    /// A read-only look: could a reserve find anything now?
+    async fn might_have_work(&self, req: &ReserveRequest, now: i64) -> Result<bool> {
+        let queues = serde_json::to_string(&req.queues).map_err(|e| Error::backend("sqlite", e))?;
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued' \
+                 AND queue IN (SELECT value FROM json_each(?1)) AND COALESCE(gpus, ?2) <= ?3) \
+             OR EXISTS (SELECT 1 FROM jobs WHERE state = 'running' AND lease_expires_at < ?4)",
+        )
+        .bind(queues)
+        .bind(i64::from(req.gpu_host))
+        .bind(i64::from(req.free_gpus))
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map)
+    }
+
+    async fn try_reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
+        let now = Timestamp::now();
+        if !self.might_have_work(req, now.0).await? {
+            return Ok(None);
+        }
+        let mut tx = self.begin_immediate().await?;
+        expire_leases(&mut tx, now.0).await?;
+        for queue in &req.queues {
+            let id: Option<i64> = sqlx::query_scalar(
+                "SELECT id FROM jobs WHERE queue = ?1 AND state = 'queued' AND COALESCE(gpus, ?2) <= ?3 \
+                 ORDER BY priority DESC, id LIMIT 1",
+            )
+            .bind(queue)
+            .bind(i64::from(req.gpu_host))
+            .bind(i64::from(req.free_gpus))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map)?;
+            let Some(id) = id else { continue };
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            let expires_at = now.plus(req.lease);
+            let row = sqlx::query(concat!(
+                "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_token = ?1, lease_expires_at = ?2, \
+                 worker = ?3, started_at = ?4, finished_at = NULL, exit_code = NULL, signal = NULL, gpu_ids = NULL \
+                 WHERE id = ?5 RETURNING ",
+                job_columns!()
+            ))
+            .bind(&token)
+            .bind(expires_at.0)
+            .bind(&req.worker)
+            .bind(now.0)
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map)?;
+            let mut job = record(&row)?;
+            job.errors = errors_of(&mut tx, id).await?;
+            tx.commit().await.map_err(map)?;
+            return Ok(Some(Lease { job, token, expires_at }));
+        }
+        tx.commit().await.map_err(map)?;
+        Ok(None)
+    }
+
+    /// The error of a fenced statement (`… WHERE id = ? AND lease_token = ?
+    /// AND state = 'running'`) that touched no row.
+    fn lost(lease: &Lease) -> Error {
+        Error::LeaseLost { id: lease.id().to_string() }
+    }
+
+    /// Reads one job's state, in a transaction.
+    async fn state_of(tx: &mut Transaction<'static, Sqlite>, id: &JobId) -> Result<(i64, JobState)> {
+        let n = id.as_i64()?;
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?1")
+            .bind(n)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(map)?;
+        let state = state.ok_or_else(|| Error::NotFound { id: id.to_string() })?;
+        Ok((n, parse_state(&state)?))
+    }
+}
+
+/// Ends every expired lease in one statement pair: a `lease_lost` record,
+/// then `queued` if attempts are left, `cancelled` if a cancel was asked
+/// for, else `failed` (the rule of [`Failure::requeues`] for a retryable
+/// kind).
+async fn expire_leases(tx: &mut Transaction<'static, Sqlite>, now: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO job_errors (job_id, attempt, kind, message, output_tail, at) \
+         SELECT id, attempt, 'lease_lost', \
+                'lease expired: worker ' || COALESCE(worker, 'unknown') || ' stopped heartbeating', '', ?1 \
+         FROM jobs WHERE state = 'running' AND lease_expires_at < ?1",
+    )
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(map)?;
+    sqlx::query(
+        "UPDATE jobs SET \
+             state = CASE WHEN cancel_requested THEN 'cancelled' \
+                          WHEN attempt < attempt_limit THEN 'queued' ELSE 'failed' END, \
+             finished_at = CASE WHEN cancel_requested OR attempt >= attempt_limit THEN ?1 END, \
+             lease_token = NULL, lease_expires_at = NULL \
+         WHERE state = 'running' AND lease_expires_at < ?1",
+    )
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(map)?;
+    Ok(())
+}
+
+async fn errors_of(tx: &mut Transaction<'static, Sqlite>, id: i64) -> Result<Vec<AttemptError>> {
+    let rows = sqlx::query(
+        "SELECT job_id, attempt, kind, exit_code, signal, message, output_tail, at \
+         FROM job_errors WHERE job_id = ?1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(map)?;
+    rows.iter().map(attempt_error).collect()
+}
+
+fn parse_state(s: &str) -> Result<JobState> {
+    s.parse().map_err(|_| Error::backend("sqlite", format!("unknown state `{s}` in the jobs table")))
+}
+
+fn get<'r, T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>>(row: &'r SqliteRow, col: &str) -> Result<T> {
+    row.try_get(col).map_err(map)
+}
+
+fn opt_ts(v: Option<i64>) -> Option<Timestamp> {
+    v.map(Timestamp)
+}
+
+fn to_u32(v: i64, col: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::backend("sqlite", format!("{col} {v} is out of range")))
+}
+
+fn record(row: &SqliteRow) -> Result<JobRecord> {
+    let spec = JobSpec::from_stored_json(&get::<String>(row, "spec")?)?;
+    let mut r = JobRecord::new(JobId::from(get::<i64>(row, "id")?), spec, Timestamp(get(row, "created_at")?));
+    r.state = parse_state(&get::<String>(row, "state")?)?;
+    r.attempt = to_u32(get(row, "attempt")?, "attempt")?;
+    r.commit = get(row, "commit_sha")?;
+    r.worker = get(row, "worker")?;
+    r.gpu_ids = get::<Option<String>>(row, "gpu_ids")?
+        .map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| Error::backend("sqlite", format!("gpu_ids: {e}")))?;
+    r.exit_code = get(row, "exit_code")?;
+    r.signal = get(row, "signal")?;
+    r.output_tail = get(row, "output_tail")?;
+    r.result = get::<Option<String>>(row, "result")?
+        .map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| Error::backend("sqlite", format!("result: {e}")))?;
+    r.cancel_requested = get(row, "cancel_requested")?;
+    r.started_at = opt_ts(get(row, "started_at")?);
+    r.finished_at = opt_ts(get(row, "finished_at")?);
+    Ok(r)
+}
+
+fn attempt_error(row: &SqliteRow) -> Result<AttemptError> {
+    Ok(AttemptError {
+        job_id: JobId::from(get::<i64>(row, "job_id")?),
+        attempt: to_u32(get(row, "attempt")?, "attempt")?,
+        kind: get::<String>(row, "kind")?.parse::<FailureKind>()?,
+        exit_code: get(row, "exit_code")?,
+        signal: get(row, "signal")?,
+        message: get(row, "message")?,
+        output_tail: get(row, "output_tail")?,
+        at: Timestamp(get(row, "at")?),
+    })
+}
+
+#[async_trait]
+impl Queue for SqliteQueue {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+            .with_priority(true)
+            .with_gpu_filter(true)
+            .with_blocking_reserve(false)
+            .with_multi_process(true)
+    }
+
+    async fn init(&self) -> Result<()> {
+        let mut tx = self.begin_immediate().await?;
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(&mut *tx).await.map_err(map)?;
+        let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+        if version > latest {
+            return Err(Error::Config(format!(
+                "the queue file `{}` has schema version {version}, newer than this gpupool knows ({latest}); \
+                 upgrade gpupool",
+                self.opts.path.display()
+            )));
+        }
+        for (v, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > version) {
+            sqlx::raw_sql(*sql).execute(&mut *tx).await.map_err(map)?;
+            // A constant from this file, never user input.
+            let set = sqlx::AssertSqlSafe(format!("PRAGMA user_version = {v}"));
+            sqlx::query(set).execute(&mut *tx).await.map_err(map)?;
+        }
+        tx.commit().await.map_err(map)
+    }
+
+    async fn push(&self, spec: JobSpec) -> Result<JobId> {
+        spec.validate()?;
+        let text = spec.to_json()?;
+        let id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO jobs (queue, state, priority, gpus, spec, idempotency_key, max_attempts, attempt_limit, \
+             created_at) VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?6, ?7) \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+        )
+        .bind(&spec.queue)
+        .bind(spec.priority)
+        .bind(spec.gpus.map(i64::from))
+        .bind(text)
+        .bind(&spec.idempotency_key)
+        .bind(i64::from(spec.max_attempts))
+        .bind(Timestamp::now().0)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map)?;
+        let id = match id {
+            Some(id) => {
+                self.pushed.notify_waiters();
+                id
+            }
+            None => sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = ?1")
+                .bind(&spec.idempotency_key)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(map)?,
+        };
+        Ok(JobId::from(id))
+    }
+
+    async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
+        let deadline = tokio::time::Instant::now() + req.wait;
+        loop {
+            let notified = self.pushed.notified();
+            if let Some(lease) = self.try_reserve(req).await? {
+                return Ok(Some(lease));
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let _ = tokio::time::timeout((deadline - now).min(POLL), notified).await;
+        }
+    }
+
+    async fn heartbeat(&self, lease: &Lease, extend: Duration) -> Result<Heartbeat> {
+        let cancel: Option<bool> = sqlx::query_scalar(
+            "UPDATE jobs SET lease_expires_at = ?1 WHERE id = ?2 AND lease_token = ?3 AND state = 'running' \
+             RETURNING cancel_requested",
+        )
+        .bind(Timestamp::now().plus(extend).0)
+        .bind(lease.id().as_i64()?)
+        .bind(&lease.token)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map)?;
+        match cancel {
+            Some(true) => Ok(Heartbeat::CancelRequested),
+            Some(false) => Ok(Heartbeat::Extended),
+            None => Err(Self::lost(lease)),
+        }
+    }
+
+    async fn started(&self, lease: &Lease, info: &RunInfo) -> Result<()> {
+        let gpu_ids = serde_json::to_string(&info.gpu_ids).map_err(|e| Error::backend("sqlite", e))?;
+        let done = sqlx::query(
+            "UPDATE jobs SET commit_sha = ?1, gpu_ids = ?2 WHERE id = ?3 AND lease_token = ?4 AND state = 'running'",
+        )
+        .bind(&info.commit)
+        .bind(gpu_ids)
+        .bind(lease.id().as_i64()?)
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(map)?;
+        if done.rows_affected() == 1 { Ok(()) } else { Err(Self::lost(lease)) }
+    }
+
+    async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
+        let result = done.result.map(|v| v.to_string());
+        let res = sqlx::query(
+            "UPDATE jobs SET state = 'succeeded', exit_code = 0, output_tail = ?1, result = ?2, finished_at = ?3, \
+             lease_token = NULL, lease_expires_at = NULL WHERE id = ?4 AND lease_token = ?5 AND state = 'running'",
+        )
+        .bind(done.output_tail)
+        .bind(result)
+        .bind(Timestamp::now().0)
+        .bind(lease.id().as_i64()?)
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(map)?;
+        if res.rows_affected() == 1 { Ok(()) } else { Err(Self::lost(lease)) }
+    }
+
+    async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome> {
+        let id = lease.id().as_i64()?;
+        let now = Timestamp::now().0;
+        let mut tx = self.begin_immediate().await?;
+        let held: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT attempt, attempt_limit FROM jobs WHERE id = ?1 AND lease_token = ?2 AND state = 'running'",
+        )
+        .bind(id)
+        .bind(&lease.token)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map)?;
+        let (attempt, limit) = held.ok_or_else(|| Self::lost(lease))?;
+        let requeue = failure.requeues(to_u32(attempt, "attempt")?, to_u32(limit, "attempt_limit")?);
+        sqlx::query(
+            "INSERT INTO job_errors (job_id, attempt, kind, exit_code, signal, message, output_tail, at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .bind(id)
+        .bind(attempt)
+        .bind(failure.kind.as_str())
+        .bind(failure.exit_code)
+        .bind(failure.signal)
+        .bind(&failure.message)
+        .bind(&failure.output_tail)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(map)?;
+        let state = if requeue { JobState::Queued } else { JobState::Failed };
+        sqlx::query(
+            "UPDATE jobs SET state = ?1, exit_code = ?2, signal = ?3, output_tail = ?4, finished_at = ?5, \
+             lease_token = NULL, lease_expires_at = NULL WHERE id = ?6",
+        )
+        .bind(state.as_str())
+        .bind(failure.exit_code)
+        .bind(failure.signal)
+        .bind(&failure.output_tail)
+        .bind(if requeue { None } else { Some(now) })
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(map)?;
+        tx.commit().await.map_err(map)?;
+        if requeue {
+            self.pushed.notify_waiters();
+            Ok(FailOutcome::Requeued)
+        } else {
+            Ok(FailOutcome::Failed)
+        }
+    }
+
+    async fn cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
+        let res = sqlx::query(
+            "UPDATE jobs SET state = 'cancelled', output_tail = ?1, finished_at = ?2, lease_token = NULL, \
+             lease_expires_at = NULL WHERE id = ?3 AND lease_token = ?4 AND state = 'running'",
+        )
+        .bind(output_tail)
+        .bind(Timestamp::now().0)
+        .bind(lease.id().as_i64()?)
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(map)?;
+        if res.rows_affected() == 1 { Ok(()) } else { Err(Self::lost(lease)) }
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let res = sqlx::query(
+            "UPDATE jobs SET state = 'queued', attempt = attempt - 1, lease_token = NULL, lease_expires_at = NULL \
+             WHERE id = ?1 AND lease_token = ?2 AND state = 'running'",
+        )
+        .bind(lease.id().as_i64()?)
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(map)?;
+        if res.rows_affected() != 1 {
+            return Err(Self::lost(lease));
+        }
+        self.pushed.notify_waiters();
+        Ok(())
+    }
+
+    async fn cancel(&self, id: &JobId) -> Result<CancelOutcome> {
+        let mut tx = self.begin_immediate().await?;
+        let (n, state) = Self::state_of(&mut tx, id).await?;
+        let outcome = match state {
+            JobState::Queued => {
+                sqlx::query("UPDATE jobs SET state = 'cancelled', finished_at = ?1 WHERE id = ?2")
+                    .bind(Timestamp::now().0)
+                    .bind(n)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map)?;
+                CancelOutcome::Cancelled
+            }
+            JobState::Running => {
+                sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1")
+                    .bind(n)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map)?;
+                CancelOutcome::Requested
+            }
+            ended => CancelOutcome::AlreadyEnded(ended),
+        };
+        tx.commit().await.map_err(map)?;
+        Ok(outcome)
+    }
+
+    async fn retry(&self, id: &JobId) -> Result<()> {
+        let mut tx = self.begin_immediate().await?;
+        let (n, state) = Self::state_of(&mut tx, id).await?;
+        if !matches!(state, JobState::Failed | JobState::Cancelled) {
+            return Err(Error::InvalidState {
+                id: id.to_string(),
+                state,
+                message: "only a failed or cancelled job can be retried".into(),
+            });
+        }
+        sqlx::query(
+            "UPDATE jobs SET state = 'queued', cancel_requested = 0, finished_at = NULL, \
+             attempt_limit = attempt + max_attempts WHERE id = ?1",
+        )
+        .bind(n)
+        .execute(&mut *tx)
+        .await
+        .map_err(map)?;
+        tx.commit().await.map_err(map)?;
+        self.pushed.notify_waiters();
+        Ok(())
+    }
+
+    async fn get(&self, id: &JobId) -> Result<JobRecord> {
+        let n = id.as_i64()?;
+        let mut tx = self.pool.begin().await.map_err(map)?;
+        let row = sqlx::query(concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = ?1"))
+            .bind(n)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map)?
+            .ok_or_else(|| Error::NotFound { id: id.to_string() })?;
+        let mut r = record(&row)?;
+        r.errors = errors_of(&mut tx, n).await?;
+        tx.commit().await.map_err(map)?;
+        Ok(r)
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>> {
+        // One static statement per filter shape, so each can use its index.
+        let sql = match (filter.state.is_some(), filter.queue.is_some()) {
+            (false, false) => concat!("SELECT ", job_columns!(), " FROM jobs ORDER BY id DESC LIMIT ?3 OFFSET ?4"),
+            (true, false) => concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE state = ?1 AND ?2 IS NULL ORDER BY id DESC LIMIT ?3 OFFSET ?4"
+            ),
+            (false, true) => concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE ?1 IS NULL AND queue = ?2 ORDER BY id DESC LIMIT ?3 OFFSET ?4"
+            ),
+            (true, true) => concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE state = ?1 AND queue = ?2 ORDER BY id DESC LIMIT ?3 OFFSET ?4"
+            ),
+        };
+        let rows = sqlx::query(sql)
+            .bind(filter.state.map(JobState::as_str))
+            .bind(&filter.queue)
+            .bind(i64::from(filter.limit))
+            .bind(i64::try_from(filter.offset).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map)?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
+        let rows = match job {
+            Some(id) => sqlx::query(
+                "SELECT job_id, attempt, kind, exit_code, signal, message, output_tail, at \
+                 FROM job_errors WHERE job_id = ?1 ORDER BY id DESC LIMIT ?2",
+            )
+            .bind(id.as_i64()?),
+            None => sqlx::query(
+                "SELECT job_id, attempt, kind, exit_code, signal, message, output_tail, at \
+                 FROM job_errors ORDER BY id DESC LIMIT ?2",
+            )
+            .bind(None::<i64>),
+        }
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map)?;
+        rows.iter().map(attempt_error).collect()
+    }
+}
