@@ -25,10 +25,15 @@
 
 pub mod argv;
 mod error;
+pub mod gpu;
 mod job;
 mod memory;
 pub mod message;
 mod queue;
+pub mod redact;
+pub mod runner;
+pub mod worker;
+pub mod workspace;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
@@ -43,3 +48,4 @@ pub use queue::{
     CancelOutcome, Capabilities, Completion, FailOutcome, Failure, Heartbeat, Lease, ListFilter, Queue, ReserveRequest,
     RunInfo, default_worker_name,
 };
+pub use worker::{Worker, WorkerConfig, WorkerSummary};

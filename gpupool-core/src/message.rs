@@ -229,6 +229,15 @@ impl JobSpec {
         {
             return bad(format!("repo `{repo}` is not a repository URL or path"));
         }
+        if let Some(repo) = &self.repo
+            && crate::redact::url_has_password(repo)
+        {
+            return bad(format!(
+                "repo `{}` carries a password, which would be stored in the queue; give the URL without it \
+                 and let the worker's credentials (GPUPOOL_GIT_TOKEN, a git credential helper) do the rest",
+                crate::redact::redact_url(repo)
+            ));
+        }
         for (key, value) in &self.args {
             validate_arg(key, value)?;
         }

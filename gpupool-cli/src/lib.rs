@@ -1,0 +1,211 @@
+//! The pieces of the `gpupool` command that other programs reuse: opening a
+//! backend from a URL ([`connect`]), reading `gpupool.toml`
+//! ([`FileConfig`]), and the tables people read ([`jobs_table`],
+//! [`errors_table`]).
+//!
+//! ```no_run
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> gpupool_core::Result<()> {
+//! let queue = gpupool_cli::connect("sqlite://.gpupool/queue.db").await?;
+//! let jobs = queue.list(&Default::default()).await?;
+//! print!("{}", gpupool_cli::jobs_table(&jobs));
+//! # Ok(())
+//! # }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use gpupool_core::redact::redact_url;
+use gpupool_core::{AttemptError, Error, JobRecord, MemoryQueue, Queue, Result, Timestamp};
+use serde::Deserialize;
+
+/// The queue used when no flag, variable or config file names one.
+pub const DEFAULT_QUEUE_URL: &str = "sqlite://.gpupool/queue.db";
+
+/// The config file read from the working directory.
+pub const CONFIG_FILE: &str = "gpupool.toml";
+
+/// Opens the backend a URL names, by its scheme.
+///
+/// | scheme | backend |
+/// | --- | --- |
+/// | `sqlite://` | [`gpupool_sqlite::SqliteQueue`] |
+/// | `memory://` | [`MemoryQueue`], this process only |
+pub async fn connect(url: &str) -> Result<Arc<dyn Queue>> {
+    let scheme = url.split_once("://").map(|(s, _)| s).or_else(|| url.split_once(':').map(|(s, _)| s));
+    match scheme {
+        Some("sqlite") => Ok(Arc::new(gpupool_sqlite::SqliteQueue::connect(url).await?)),
+        Some("memory") => Ok(Arc::new(MemoryQueue::new())),
+        Some(other @ ("mysql" | "mariadb" | "redis" | "rediss" | "amqp" | "amqps")) => {
+            Err(Error::Config(format!("the {other} backend is not built into this gpupool yet; use sqlite://PATH")))
+        }
+        _ => Err(Error::Config(format!(
+            "`{}` is not a queue URL; use sqlite://PATH (see INTERFACE.md for the others)",
+            redact_url(url)
+        ))),
+    }
+}
+
+/// `gpupool.toml`: the seed's `env.py`, as a file. Every key is optional.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Queue URL.
+    pub queue: Option<String>,
+    /// Data directory (mirrors, checkouts, logs, setup cache).
+    pub data_dir: Option<PathBuf>,
+    /// The repository for jobs that name none.
+    pub repo: Option<String>,
+    /// Other repositories jobs may name.
+    #[serde(default)]
+    pub allowed_repos: Vec<String>,
+    /// The command template before the entrypoint.
+    pub command: Option<Vec<String>>,
+    /// The setup step, as argv.
+    pub setup: Option<Vec<String>>,
+    /// Files whose hash decides whether setup runs again.
+    pub setup_inputs: Option<Vec<String>>,
+    /// Worker settings.
+    #[serde(default)]
+    pub worker: WorkerFileConfig,
+}
+
+/// The `[worker]` table of `gpupool.toml`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerFileConfig {
+    /// `auto`, `none` or a list such as `"0,2"`.
+    pub gpus: Option<String>,
+    /// Parallel runs without GPUs.
+    pub slots: Option<usize>,
+    /// Jobs per GPU.
+    pub slots_per_gpu: Option<usize>,
+    /// Queues served, in order.
+    pub queues: Option<Vec<String>>,
+    /// Lease, such as `60s`.
+    pub lease: Option<String>,
+    /// Heartbeat interval, such as `10s`.
+    pub heartbeat: Option<String>,
+    /// Drain timeout, such as `10m`.
+    pub drain_timeout: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads `gpupool.toml` from `dir` if it exists.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(CONFIG_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),
+            Err(e) => Err(Error::Config(format!("cannot read {}: {e}", path.display()))),
+        }
+    }
+}
+
+/// The default data directory: `$XDG_DATA_HOME/gpupool`, else
+/// `~/.local/share/gpupool`, else `.gpupool/data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("gpupool");
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/share/gpupool"),
+        None => PathBuf::from(".gpupool/data"),
+    }
+}
+
+/// Parses a duration such as `90s`, `2m` or `1h 30m`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration> {
+    humantime::parse_duration(text)
+        .map_err(|e| Error::Config(format!("`{text}` is not a duration ({e}); write it like 30s, 5m or 2h")))
+}
+
+fn short(ts: Option<Timestamp>) -> String {
+    ts.map(|t| t.to_rfc3339().chars().take(19).collect::<String>().replace('T', " ")).unwrap_or_default()
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".to_owned())
+}
+
+/// Lays rows out in columns under a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        s.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// The `gpupool jobs` table.
+pub fn jobs_table(jobs: &[JobRecord]) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.to_string(),
+                j.state.to_string(),
+                j.spec.queue.clone(),
+                j.spec.name.clone().unwrap_or_else(|| "-".into()),
+                j.spec.git_ref.clone(),
+                j.commit.as_deref().map_or_else(|| "-".to_owned(), |c| c[..c.len().min(10)].to_owned()),
+                format!("{}/{}", j.attempt, j.spec.max_attempts),
+                j.gpu_ids
+                    .as_ref()
+                    .filter(|g| !g.is_empty())
+                    .map(|g| g.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+                    .unwrap_or_else(|| opt(j.spec.gpus)),
+                opt(j.exit_code),
+                short(Some(j.created_at)),
+                j.spec.entrypoint.clone(),
+            ]
+        })
+        .collect();
+    table(&["ID", "STATE", "QUEUE", "NAME", "REF", "COMMIT", "ATTEMPT", "GPUS", "EXIT", "CREATED", "ENTRYPOINT"], &rows)
+}
+
+/// The `gpupool errors` table; with `tails`, each record's output tail
+/// follows the table.
+pub fn errors_table(errors: &[AttemptError], tails: bool) -> String {
+    let rows: Vec<Vec<String>> = errors
+        .iter()
+        .map(|e| {
+            vec![
+                e.job_id.to_string(),
+                e.attempt.to_string(),
+                e.kind.to_string(),
+                opt(e.exit_code),
+                opt(e.signal),
+                short(Some(e.at)),
+                e.message.clone(),
+            ]
+        })
+        .collect();
+    let mut out = table(&["JOB", "ATTEMPT", "KIND", "EXIT", "SIGNAL", "AT", "MESSAGE"], &rows);
+    if tails {
+        for e in errors.iter().filter(|e| !e.output_tail.is_empty()) {
+            out.push_str(&format!("\n--- job {} attempt {} output (tail) ---\n", e.job_id, e.attempt));
+            out.push_str(e.output_tail.trim_end());
+            out.push('\n');
+        }
+    }
+    out
+}

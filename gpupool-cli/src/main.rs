@@ -1,0 +1,430 @@
+//! `gpupool`: push training runs, run GPU workers, list, cancel and retry.
+//!
+//! The original tool's command names work as aliases: `server` (init),
+//! `client` (worker), `message` (jobs), `error` (errors), and `-id N`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use gpupool_cli::{FileConfig, connect, errors_table, jobs_table, parse_duration};
+use gpupool_core::gpu::GpuSelection;
+use gpupool_core::redact::redact_url;
+use gpupool_core::{
+    CancelOutcome, Error, JobId, JobSpec, JobState, ListFilter, Queue, Result, Worker, WorkerConfig, message,
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(name = "gpupool", version, about = "A git-aware job queue for a pool of GPU servers")]
+struct Cli {
+    /// Queue URL, such as sqlite://.gpupool/queue.db (env GPUPOOL_QUEUE). For
+    /// `jobs`, a value that is not a URL filters by queue name.
+    #[arg(long, global = true, value_name = "URL")]
+    queue: Option<String>,
+    /// Folder for mirrors, checkouts, logs and the setup cache (env GPUPOOL_DATA_DIR).
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print JSON for scripts instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or migrate the queue's schema (idempotent).
+    #[command(alias = "server")]
+    Init,
+    /// Push jobs from JSON files (default ./message.json).
+    Push {
+        /// Files holding one job object or an array of them.
+        files: Vec<PathBuf>,
+        /// Set an arg on every job: --set lr=0.01 (JSON values, else strings).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// List jobs, newest first, or show one.
+    #[command(alias = "message")]
+    Jobs {
+        /// Show this job.
+        #[arg(long)]
+        id: Option<String>,
+        /// Only jobs in this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Skip this many (the page start).
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+    },
+    /// List failed attempts, newest first, with their output tails.
+    #[command(alias = "error")]
+    Errors {
+        /// Only this job's.
+        #[arg(long)]
+        id: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Run a worker on this host's GPUs.
+    #[command(alias = "client")]
+    Worker(WorkerArgs),
+    /// Cancel jobs: queued ones at once, running ones through their worker.
+    Cancel {
+        /// Job ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Put failed or cancelled jobs back in the queue.
+    Retry {
+        /// Job ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Print a job's log (the local file if this host ran it, else the stored tail).
+    Logs {
+        /// Job id.
+        id: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct WorkerArgs {
+    /// Repository for jobs that name none (env GPUPOOL_REPO).
+    #[arg(long, env = "GPUPOOL_REPO")]
+    repo: Option<String>,
+    /// Queues to serve, in priority order (env GPUPOOL_QUEUES).
+    #[arg(long, env = "GPUPOOL_QUEUES", value_delimiter = ',')]
+    queues: Option<Vec<String>>,
+    /// auto, none, or GPU indices such as 0,2 (env GPUPOOL_GPUS).
+    #[arg(long, env = "GPUPOOL_GPUS")]
+    gpus: Option<String>,
+    /// Parallel runs on a host without GPUs.
+    #[arg(long, env = "GPUPOOL_SLOTS")]
+    slots: Option<usize>,
+    /// Jobs sharing one GPU.
+    #[arg(long, env = "GPUPOOL_SLOTS_PER_GPU")]
+    slots_per_gpu: Option<usize>,
+    /// Lease length, such as 60s.
+    #[arg(long, env = "GPUPOOL_LEASE")]
+    lease: Option<String>,
+    /// Heartbeat interval, such as 10s.
+    #[arg(long, env = "GPUPOOL_HEARTBEAT")]
+    heartbeat: Option<String>,
+    /// How long shutdown waits for running jobs, such as 10m.
+    #[arg(long, env = "GPUPOOL_DRAIN_TIMEOUT")]
+    drain_timeout: Option<String>,
+    /// Setup step run in the checkout before each job, such as "pip install -r requirements.txt".
+    #[arg(long, env = "GPUPOOL_SETUP")]
+    setup: Option<String>,
+    /// Command before the entrypoint (default python3); {gpus} expands.
+    #[arg(long, env = "GPUPOOL_COMMAND")]
+    command: Option<String>,
+    /// Exit once nothing runs here and nothing can be reserved.
+    #[arg(long)]
+    burst: bool,
+}
+
+/// The seed wrote `message -id 2`; clap reads `--id`.
+fn seed_args() -> Vec<String> {
+    std::env::args().map(|a| if a == "-id" { "--id".to_owned() } else { a }).collect()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(seed_args());
+    let default_level = if matches!(cli.command, Command::Worker(_)) { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GPUPOOL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gpupool: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gpupool: {}", redact_url(&e.to_string()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Settings after flags, environment, `gpupool.toml` and defaults.
+struct Settings {
+    url: String,
+    data_dir: PathBuf,
+    file: FileConfig,
+}
+
+fn is_url(v: &str) -> bool {
+    v.contains("://") || v.starts_with("sqlite:") || v.starts_with("memory:")
+}
+
+fn settings(cli: &Cli) -> Result<(Settings, Option<String>)> {
+    let file = FileConfig::load(&std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")))?;
+    // `--queue` is the URL, except for `jobs`, where a plain name filters.
+    let (flag_url, queue_filter) = match (&cli.queue, &cli.command) {
+        (Some(v), _) if is_url(v) => (Some(v.clone()), None),
+        (Some(v), Command::Jobs { .. }) => (None, Some(v.clone())),
+        (Some(v), _) => {
+            return Err(Error::Config(format!(
+                "--queue `{v}` is not a queue URL; write it like sqlite://.gpupool/queue.db"
+            )));
+        }
+        (None, _) => (None, None),
+    };
+    let url = flag_url
+        .or_else(|| std::env::var("GPUPOOL_QUEUE").ok().filter(|v| !v.is_empty()))
+        .or_else(|| file.queue.clone())
+        .unwrap_or_else(|| gpupool_cli::DEFAULT_QUEUE_URL.to_owned());
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .or_else(|| std::env::var_os("GPUPOOL_DATA_DIR").filter(|v| !v.is_empty()).map(PathBuf::from))
+        .or_else(|| file.data_dir.clone())
+        .unwrap_or_else(gpupool_cli::default_data_dir);
+    Ok((Settings { url, data_dir, file }, queue_filter))
+}
+
+fn job_id(s: &str) -> Result<JobId> {
+    s.parse()
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| "[]".to_owned()));
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let (s, queue_filter) = settings(&cli)?;
+    let queue = connect(&s.url).await?;
+    match cli.command {
+        Command::Init => {
+            queue.init().await?;
+            println!("queue ready: {}", redact_url(&s.url));
+        }
+        Command::Push { files, set } => push(queue.as_ref(), files, &set, cli.json).await?,
+        Command::Jobs { id, state, limit, offset } => {
+            let jobs = match id {
+                Some(id) => vec![queue.get(&job_id(&id)?).await?],
+                None => {
+                    let state = state.map(|s| s.parse::<JobState>()).transpose()?;
+                    queue.list(&ListFilter { state, queue: queue_filter, limit, offset }).await?
+                }
+            };
+            if cli.json {
+                print_json(&serde_json::Value::Array(jobs.iter().map(|j| j.to_json()).collect()));
+            } else {
+                print!("{}", jobs_table(&jobs));
+                if let [job] = jobs.as_slice() {
+                    println!("\nargs: {}", serde_json::Value::Object(job.spec.args.clone()));
+                    if !job.errors.is_empty() {
+                        println!("failed attempts: {} (gpupool errors --id {})", job.errors.len(), job.id);
+                    }
+                }
+            }
+        }
+        Command::Errors { id, limit } => {
+            let id = id.map(|i| job_id(&i)).transpose()?;
+            if let Some(id) = &id {
+                queue.get(id).await?; // an unknown id is an error, not an empty list
+            }
+            let errors = queue.errors(id.as_ref(), limit).await?;
+            if cli.json {
+                print_json(&serde_json::Value::Array(errors.iter().map(|e| e.to_json()).collect()));
+            } else {
+                print!("{}", errors_table(&errors, id.is_some()));
+            }
+        }
+        Command::Worker(args) => return worker(queue, &s, args).await,
+        Command::Cancel { ids } => {
+            let mut failed = false;
+            for id in ids {
+                match queue.cancel(&job_id(&id)?).await {
+                    Ok(CancelOutcome::Cancelled) => println!("job {id}: cancelled"),
+                    Ok(CancelOutcome::Requested) => {
+                        println!("job {id}: cancel requested; its worker stops it at its next heartbeat")
+                    }
+                    Ok(CancelOutcome::AlreadyEnded(state)) => println!("job {id}: already {state}"),
+                    Ok(other) => println!("job {id}: {other:?}"),
+                    Err(e) => {
+                        eprintln!("gpupool: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Retry { ids } => {
+            let mut failed = false;
+            for id in ids {
+                match queue.retry(&job_id(&id)?).await {
+                    Ok(()) => println!("job {id}: queued again"),
+                    Err(e) => {
+                        eprintln!("gpupool: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Logs { id } => {
+            let id = job_id(&id)?;
+            let job = queue.get(&id).await?;
+            let local = s.data_dir.join("logs").join(format!("job-{id}.log"));
+            match std::fs::read_to_string(&local) {
+                Ok(text) => print!("{text}"),
+                Err(_) => {
+                    let tail = job.output_tail.clone().or_else(|| job.errors.last().map(|e| e.output_tail.clone()));
+                    match tail {
+                        Some(t) if !t.is_empty() => print!("{t}"),
+                        _ => eprintln!("gpupool: no log for job {id} on this host and no stored output yet"),
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn push(queue: &dyn Queue, files: Vec<PathBuf>, set: &[String], json: bool) -> Result<()> {
+    let files = if files.is_empty() { vec![PathBuf::from("message.json")] } else { files };
+    let mut overrides = Vec::new();
+    for pair in set {
+        let (k, v) = pair.split_once('=').ok_or_else(|| Error::Config(format!("--set `{pair}` is not KEY=VALUE")))?;
+        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_owned()));
+        overrides.push((k.to_owned(), value));
+    }
+    // Every file is read and checked before anything is pushed.
+    let mut batches: Vec<(PathBuf, Vec<JobSpec>)> = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", file.display())))?;
+        let mut jobs = message::parse_jobs(&text).map_err(|e| match e {
+            Error::InvalidJob(m) => Error::InvalidJob(format!("{}: {m}", file.display())),
+            other => other,
+        })?;
+        for job in &mut jobs {
+            for (k, v) in &overrides {
+                job.args.insert(k.clone(), v.clone());
+            }
+            job.validate().map_err(|e| Error::Config(format!("{}: --set makes a job invalid: {e}", file.display())))?;
+        }
+        batches.push((file, jobs));
+    }
+    let mut ids = Vec::new();
+    for (_, jobs) in batches {
+        for job in jobs {
+            ids.push(queue.push(job).await?);
+        }
+    }
+    if json {
+        print_json(&serde_json::Value::Array(ids.iter().map(|i| i.as_str().into()).collect()));
+    } else {
+        let list: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        println!("pushed {} job(s): {}", ids.len(), list.join(" "));
+    }
+    Ok(())
+}
+
+fn split_command(flag: &str, text: &str) -> Result<Vec<String>> {
+    let argv = shell_words::split(text).map_err(|e| Error::Config(format!("--{flag} `{text}`: {e}")))?;
+    if argv.is_empty() {
+        return Err(Error::Config(format!("--{flag} is empty")));
+    }
+    Ok(argv)
+}
+
+/// A repository given as a local path is used by its absolute path.
+fn absolute_repo(repo: String) -> String {
+    if repo.contains("://") || (repo.contains('@') && repo.contains(':')) {
+        return repo;
+    }
+    std::fs::canonicalize(&repo).map(|p| p.to_string_lossy().into_owned()).unwrap_or(repo)
+}
+
+async fn worker(queue: Arc<dyn Queue>, s: &Settings, args: WorkerArgs) -> Result<ExitCode> {
+    let f = &s.file;
+    let w = &f.worker;
+    let mut cfg = WorkerConfig::new(&s.data_dir);
+    cfg.repo = args.repo.or_else(|| f.repo.clone()).map(absolute_repo);
+    cfg.allowed_repos = f.allowed_repos.iter().cloned().map(absolute_repo).collect();
+    if let Some(q) = args.queues.or_else(|| w.queues.clone()) {
+        for name in &q {
+            message::validate_queue_name(name).map_err(|e| Error::Config(e.to_string()))?;
+        }
+        cfg.queues = q;
+    }
+    let selection: GpuSelection = args.gpus.or_else(|| w.gpus.clone()).unwrap_or_else(|| "auto".into()).parse()?;
+    cfg.gpus = gpupool_core::gpu::resolve(&selection)?;
+    if let Some(n) = args.slots.or(w.slots) {
+        cfg.slots = n.max(1);
+    }
+    if let Some(n) = args.slots_per_gpu.or(w.slots_per_gpu) {
+        cfg.slots_per_gpu = n.max(1);
+    }
+    if let Some(d) = args.lease.or_else(|| w.lease.clone()) {
+        cfg.lease = parse_duration(&d)?;
+    }
+    if let Some(d) = args.heartbeat.or_else(|| w.heartbeat.clone()) {
+        cfg.heartbeat = parse_duration(&d)?;
+    }
+    if let Some(d) = args.drain_timeout.or_else(|| w.drain_timeout.clone()) {
+        cfg.drain_timeout = parse_duration(&d)?;
+    }
+    if cfg.heartbeat >= cfg.lease {
+        return Err(Error::Config(format!(
+            "the heartbeat ({}) must be shorter than the lease ({})",
+            humantime::format_duration(cfg.heartbeat),
+            humantime::format_duration(cfg.lease)
+        )));
+    }
+    cfg.setup = match args.setup {
+        Some(text) => Some(split_command("setup", &text)?),
+        None => f.setup.clone(),
+    };
+    if let Some(inputs) = &f.setup_inputs {
+        cfg.setup_inputs.clone_from(inputs);
+    }
+    cfg.command = match args.command {
+        Some(text) => split_command("command", &text)?,
+        None => f.command.clone().unwrap_or(cfg.command),
+    };
+    cfg.burst = args.burst;
+
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received: no new jobs; draining");
+        signals.cancel();
+    });
+    tracing::info!(queue = %redact_url(&s.url), data_dir = %s.data_dir.display(), "gpupool worker");
+    let summary = Worker::new(queue, cfg).run(shutdown).await?;
+    tracing::info!(reserved = summary.reserved, "worker stopped");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,545 @@
+//! The [`Worker`]: reserves what it can run, gives each GPU to one job,
+//! prepares the code, runs the process, heartbeats the lease and reports.
+//!
+//! - It reserves only when it has a free slot, telling the queue how many
+//!   GPUs it can give now, and holds GPUs from the moment a job is reserved.
+//! - While a job runs it heartbeats the lease; a lost lease stops the
+//!   process, a cancel seen in a heartbeat kills it and marks the job
+//!   `cancelled`.
+//! - A backend that is unavailable makes it back off and try again, never
+//!   exit; a result is kept and reported once the backend is back (if the
+//!   lease still holds).
+//! - On shutdown it stops reserving, waits up to the drain timeout, then
+//!   stops what is left and releases it, charging no attempt.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::argv::build_argv;
+use crate::gpu::GpuSlots;
+use crate::queue::{Completion, Failure, Heartbeat, Lease, Queue, ReserveRequest, RunInfo};
+use crate::runner::{Outcome, ProcessRunner, RunSpec, StopReason, Stopper};
+use crate::workspace::{Checkout, Credentials, GitWorkspace};
+use crate::{Error, FailureKind, Result};
+
+/// How a worker runs. [`WorkerConfig::new`] gives INTERFACE.md's defaults.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Queues served, first one first.
+    pub queues: Vec<String>,
+    /// GPU indices this worker gives to jobs (empty: CPU only).
+    pub gpus: Vec<u32>,
+    /// Parallel runs on a worker with no GPUs.
+    pub slots: usize,
+    /// Jobs sharing one GPU (1: exclusive).
+    pub slots_per_gpu: usize,
+    /// Lease length.
+    pub lease: Duration,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// How long shutdown waits for running jobs before stopping them.
+    pub drain_timeout: Duration,
+    /// Time between SIGTERM and SIGKILL.
+    pub grace: Duration,
+    /// The command template before the entrypoint (`{gpus}` expands).
+    pub command: Vec<String>,
+    /// The setup step run in the checkout before the entrypoint.
+    pub setup: Option<Vec<String>>,
+    /// Files whose content decides whether the setup step runs again.
+    pub setup_inputs: Vec<String>,
+    /// The repository for jobs that name none.
+    pub repo: Option<String>,
+    /// Other repositories jobs may name.
+    pub allowed_repos: Vec<String>,
+    /// Mirrors, checkouts, logs and the setup cache.
+    pub data_dir: PathBuf,
+    /// Exit once nothing runs here and nothing can be reserved.
+    pub burst: bool,
+    /// `host:pid`.
+    pub name: String,
+    /// Bytes of output kept as a job's tail.
+    pub tail_bytes: usize,
+}
+
+impl WorkerConfig {
+    /// The defaults: queue `default`, CPU only with 1 slot, lease 60 s,
+    /// heartbeat 10 s, drain 10 min, `python3`, setup input
+    /// `requirements.txt`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        WorkerConfig {
+            queues: vec![crate::DEFAULT_QUEUE.to_owned()],
+            gpus: Vec::new(),
+            slots: 1,
+            slots_per_gpu: 1,
+            lease: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(600),
+            grace: Duration::from_secs(10),
+            command: vec!["python3".to_owned()],
+            setup: None,
+            setup_inputs: vec!["requirements.txt".to_owned()],
+            repo: None,
+            allowed_repos: Vec::new(),
+            data_dir: data_dir.into(),
+            burst: false,
+            name: crate::default_worker_name(),
+            tail_bytes: crate::runner::DEFAULT_TAIL_BYTES,
+        }
+    }
+
+    fn total_slots(&self) -> usize {
+        if self.gpus.is_empty() { self.slots.max(1) } else { self.gpus.len() * self.slots_per_gpu.max(1) }
+    }
+}
+
+/// What a worker did, returned when it stops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerSummary {
+    /// Jobs it reserved.
+    pub reserved: u64,
+}
+
+/// Runs jobs from a queue on this host.
+#[derive(Debug)]
+pub struct Worker {
+    ctx: Arc<Ctx>,
+}
+
+#[derive(Debug)]
+struct Ctx {
+    queue: Arc<dyn Queue>,
+    cfg: WorkerConfig,
+    workspace: GitWorkspace,
+    runner: ProcessRunner,
+    allowed: Vec<String>,
+    setup_lock: tokio::sync::Mutex<()>,
+}
+
+/// What a job's run comes to, to be reported.
+#[derive(Debug)]
+enum Report {
+    Complete(Completion),
+    Fail(Failure),
+    Cancelled(String),
+    Release,
+    Nothing,
+}
+
+impl Worker {
+    /// A worker on `queue`. Credentials for git come from the environment.
+    pub fn new(queue: Arc<dyn Queue>, cfg: WorkerConfig) -> Self {
+        Self::with_credentials(queue, cfg, Credentials::from_env())
+    }
+
+    /// A worker with explicit git credentials.
+    pub fn with_credentials(queue: Arc<dyn Queue>, cfg: WorkerConfig, credentials: Credentials) -> Self {
+        let workspace = GitWorkspace::new(&cfg.data_dir, credentials);
+        let allowed = cfg.repo.iter().chain(&cfg.allowed_repos).map(|r| normalize_repo(r)).collect();
+        Worker {
+            ctx: Arc::new(Ctx {
+                queue,
+                cfg,
+                workspace,
+                runner: ProcessRunner::new(),
+                allowed,
+                setup_lock: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    /// Runs until `shutdown` fires (or, with `burst`, until idle).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerSummary> {
+        let ctx = self.ctx;
+        let cfg = &ctx.cfg;
+        let slots_total = cfg.total_slots();
+        let gpus = Arc::new(StdMutex::new(GpuSlots::new(&cfg.gpus, cfg.slots_per_gpu)));
+        let stop_all = CancellationToken::new();
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut summary = WorkerSummary::default();
+        let mut backoff = Duration::ZERO;
+        info!(worker = %cfg.name, queues = ?cfg.queues, gpus = ?cfg.gpus, slots = slots_total, "worker started");
+
+        while !shutdown.is_cancelled() {
+            while tasks.try_join_next().is_some() {}
+            if tasks.len() >= slots_total {
+                tokio::select! {
+                    _ = tasks.join_next() => {}
+                    () = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+            let (free, gpu_host) = {
+                let g = gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                (g.free(), g.is_gpu_host())
+            };
+            let wait = if cfg.burst { Duration::ZERO } else { Duration::from_secs(1) };
+            let req = ReserveRequest {
+                queues: cfg.queues.clone(),
+                free_gpus: free,
+                gpu_host,
+                lease: cfg.lease,
+                wait,
+                worker: cfg.name.clone(),
+            };
+            match ctx.queue.reserve(&req).await {
+                Ok(Some(lease)) => {
+                    backoff = Duration::ZERO;
+                    summary.reserved += 1;
+                    let need = lease.job.spec.gpus_needed(gpu_host);
+                    let given = gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(need);
+                    let Some(given) = given else {
+                        // Only a backend without GPU filtering gets here.
+                        warn!(job_id = %lease.id(), need, free, "job needs more GPUs than are free; giving it back");
+                        if let Err(e) = ctx.queue.release(&lease).await {
+                            warn!(job_id = %lease.id(), "release failed: {e}");
+                        }
+                        sleep_or(&shutdown, Duration::from_secs(1)).await;
+                        continue;
+                    };
+                    let span = info_span!("job", job_id = %lease.id(), attempt = lease.attempt(), worker = %cfg.name);
+                    let (ctx2, gpus2, stop) = (Arc::clone(&ctx), Arc::clone(&gpus), stop_all.clone());
+                    tasks.spawn(
+                        async move {
+                            run_job(&ctx2, &lease, &given, stop).await;
+                            gpus2.lock().unwrap_or_else(std::sync::PoisonError::into_inner).give_back(&given);
+                        }
+                        .instrument(span),
+                    );
+                }
+                Ok(None) => {
+                    backoff = Duration::ZERO;
+                    if cfg.burst {
+                        if tasks.is_empty() {
+                            info!("burst: nothing to run; exiting");
+                            break;
+                        }
+                        tokio::select! {
+                            _ = tasks.join_next() => {}
+                            () = shutdown.cancelled() => {}
+                        }
+                    }
+                }
+                Err(e) => {
+                    backoff = (backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(30));
+                    warn!("reserve failed ({e}); trying again in {backoff:?}");
+                    sleep_or(&shutdown, backoff).await;
+                }
+            }
+        }
+
+        if !tasks.is_empty() {
+            info!(running = tasks.len(), drain = ?cfg.drain_timeout, "stopping: waiting for running jobs");
+            let drained =
+                tokio::time::timeout(cfg.drain_timeout, async { while tasks.join_next().await.is_some() {} }).await;
+            if drained.is_err() {
+                info!(running = tasks.len(), "drain timeout: stopping and releasing running jobs");
+                stop_all.cancel();
+                while tasks.join_next().await.is_some() {}
+            }
+        }
+        Ok(summary)
+    }
+}
+
+async fn sleep_or(token: &CancellationToken, d: Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(d) => {}
+        () = token.cancelled() => {}
+    }
+}
+
+/// Trailing slashes and `.git` do not make another repository; local paths
+/// are compared by their real location.
+fn normalize_repo(repo: &str) -> String {
+    let trimmed = repo.trim_end_matches('/');
+    let trimmed = trimmed.strip_suffix(".git").unwrap_or(trimmed);
+    if !repo.contains("://") && !repo.contains('@') {
+        if let Ok(real) = std::fs::canonicalize(repo) {
+            let s = real.to_string_lossy().into_owned();
+            return s.strip_suffix(".git").map(str::to_owned).unwrap_or(s);
+        }
+    }
+    trimmed.to_owned()
+}
+
+impl Ctx {
+    /// The repository a job runs from, if this worker allows it.
+    fn repo_for(&self, lease: &Lease) -> std::result::Result<String, String> {
+        match &lease.job.spec.repo {
+            None => self
+                .cfg
+                .repo
+                .clone()
+                .ok_or_else(|| "the job names no repo and this worker has no --repo; give one of them".to_owned()),
+            Some(repo) => {
+                if self.allowed.contains(&normalize_repo(repo)) {
+                    Ok(repo.clone())
+                } else {
+                    Err(format!(
+                        "repository `{}` is not allowed on worker {}; it runs its --repo and allowed_repos only",
+                        crate::redact::redact_url(repo),
+                        self.cfg.name
+                    ))
+                }
+            }
+        }
+    }
+}
+
+async fn run_job(ctx: &Ctx, lease: &Lease, gpus: &[u32], stop_all: CancellationToken) {
+    let stopper = Stopper::new();
+    let hb = tokio::spawn(heartbeat_loop(
+        Arc::clone(&ctx.queue),
+        lease.clone(),
+        ctx.cfg.heartbeat,
+        ctx.cfg.lease,
+        stopper.clone(),
+    ));
+    let shutdown_watch = {
+        let s = stopper.clone();
+        tokio::spawn(async move {
+            stop_all.cancelled().await;
+            s.stop(StopReason::Shutdown);
+        })
+    };
+    info!(gpus = ?gpus, "running {} at {}", lease.job.spec.entrypoint, lease.job.spec.git_ref);
+    let report = execute(ctx, lease, gpus, &stopper).await;
+    shutdown_watch.abort();
+    deliver(ctx, lease, report).await;
+    hb.abort();
+}
+
+async fn heartbeat_loop(queue: Arc<dyn Queue>, lease: Lease, every: Duration, extend: Duration, stopper: Stopper) {
+    loop {
+        tokio::time::sleep(every).await;
+        match queue.heartbeat(&lease, extend).await {
+            Ok(Heartbeat::CancelRequested) => stopper.stop(StopReason::Cancel),
+            Ok(_) => {}
+            Err(Error::LeaseLost { .. }) => {
+                warn!("lease lost; stopping the job");
+                stopper.stop(StopReason::LeaseLost);
+                return;
+            }
+            Err(e) => warn!("heartbeat failed ({e}); trying again"),
+        }
+    }
+}
+
+/// What a stop asked for before the process ran.
+fn stopped_report(reason: StopReason) -> Report {
+    match reason {
+        StopReason::Cancel => Report::Cancelled(String::new()),
+        StopReason::Shutdown => Report::Release,
+        _ => Report::Nothing,
+    }
+}
+
+async fn execute(ctx: &Ctx, lease: &Lease, gpus: &[u32], stopper: &Stopper) -> Report {
+    let spec = &lease.job.spec;
+    let repo = match ctx.repo_for(lease) {
+        Ok(r) => r,
+        Err(message) => return Report::Fail(Failure::new(FailureKind::Repo, message)),
+    };
+    let label = format!("job-{}-{}", lease.id(), lease.attempt());
+    let checkout = match ctx.workspace.prepare(&repo, &spec.git_ref, &spec.entrypoint, &label).await {
+        Ok(c) => c,
+        Err(e) => return Report::Fail(Failure::new(e.kind, e.message)),
+    };
+    let report = run_in_checkout(ctx, lease, gpus, stopper, &repo, &checkout).await;
+    ctx.workspace.remove(&checkout).await;
+    report
+}
+
+async fn run_in_checkout(
+    ctx: &Ctx,
+    lease: &Lease,
+    gpus: &[u32],
+    stopper: &Stopper,
+    repo: &str,
+    checkout: &Checkout,
+) -> Report {
+    let spec = &lease.job.spec;
+    let info = RunInfo { commit: Some(checkout.commit.clone()), gpu_ids: gpus.to_vec() };
+    match ctx.queue.started(lease, &info).await {
+        Err(Error::LeaseLost { .. }) => return Report::Nothing,
+        Err(e) => warn!("could not record the commit ({e})"),
+        Ok(()) => {}
+    }
+    if let Some(reason) = stopper.reason() {
+        return stopped_report(reason);
+    }
+    let log_path = ctx.cfg.data_dir.join("logs").join(format!("job-{}.log", lease.id()));
+    let visible = gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    env.extend([
+        ("CUDA_VISIBLE_DEVICES".to_owned(), visible),
+        ("CUDA_DEVICE_ORDER".to_owned(), "PCI_BUS_ID".to_owned()),
+        ("GPUPOOL_JOB_ID".to_owned(), lease.id().to_string()),
+        ("GPUPOOL_ATTEMPT".to_owned(), lease.attempt().to_string()),
+        ("GPUPOOL_QUEUE".to_owned(), spec.queue.clone()),
+        ("GPUPOOL_COMMIT".to_owned(), checkout.commit.clone()),
+        ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
+    ]);
+    // The worker's own GPUPOOL_* settings (queue URLs with passwords, git
+    // tokens) never reach a job.
+    let env_remove: Vec<String> =
+        std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).filter(|k| k.starts_with("GPUPOOL_")).collect();
+    let run_spec = |argv: Vec<String>| RunSpec {
+        argv,
+        cwd: checkout.dir.clone(),
+        env: env.clone(),
+        env_remove: env_remove.clone(),
+        log_path: log_path.clone(),
+        timeout: spec.timeout,
+        grace: ctx.cfg.grace,
+        tail_bytes: ctx.cfg.tail_bytes,
+        secrets: ctx.workspace.credentials().secrets(),
+    };
+
+    if let Some(setup) = &ctx.cfg.setup {
+        if let Some(report) = run_setup(ctx, setup, repo, checkout, stopper, &run_spec(setup.clone())).await {
+            return report;
+        }
+    }
+    let argv = build_argv(&ctx.cfg.command, &spec.entrypoint, &spec.args, u32::try_from(gpus.len()).unwrap_or(0));
+    let result = match ctx.runner.run(&run_spec(argv), stopper).await {
+        Ok(r) => r,
+        Err(message) => return Report::Fail(Failure::new(FailureKind::Setup, message)),
+    };
+    let tail = result.tail;
+    let failure = |kind, exit_code, signal, message: String| {
+        Report::Fail(Failure { kind, exit_code, signal, message, output_tail: tail.clone() })
+    };
+    match result.outcome {
+        Outcome::Exited(0) => Report::Complete(Completion { output_tail: tail, result: None }),
+        Outcome::Exited(code) => {
+            let kind = if looks_like_oom(&tail) { FailureKind::Oom } else { FailureKind::Exit };
+            let what = if kind == FailureKind::Oom { "ran out of GPU memory and exited" } else { "exited" };
+            failure(kind, Some(code), None, format!("{} {what} with code {code}", spec.entrypoint))
+        }
+        Outcome::Signaled(sig) => {
+            failure(FailureKind::Signal, None, Some(sig), format!("{} was killed by signal {sig}", spec.entrypoint))
+        }
+        Outcome::TimedOut => failure(
+            FailureKind::Timeout,
+            None,
+            None,
+            format!(
+                "{} ran past its timeout of {}",
+                spec.entrypoint,
+                spec.timeout.map(|t| humantime::format_duration(t).to_string()).unwrap_or_default()
+            ),
+        ),
+        Outcome::Stopped(StopReason::Cancel) => Report::Cancelled(tail),
+        Outcome::Stopped(StopReason::Shutdown) => Report::Release,
+        Outcome::Stopped(_) => Report::Nothing,
+    }
+}
+
+fn looks_like_oom(tail: &str) -> bool {
+    tail.contains("CUDA out of memory")
+        || tail.contains("OutOfMemoryError")
+        || tail.contains("CUDA_ERROR_OUT_OF_MEMORY")
+}
+
+/// The setup step, skipped while its inputs hash as at its last success on
+/// this worker for this repository. `None` means go on.
+async fn run_setup(
+    ctx: &Ctx,
+    setup: &[String],
+    repo: &str,
+    checkout: &Checkout,
+    stopper: &Stopper,
+    spec: &RunSpec,
+) -> Option<Report> {
+    // One setup at a time: two jobs installing into one environment race.
+    let _guard = ctx.setup_lock.lock().await;
+    let key = setup_key(setup, &ctx.cfg.setup_inputs, checkout);
+    let mirror = ctx.workspace.mirror_path(repo);
+    let name = mirror.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let stamp = ctx.cfg.data_dir.join("setup-cache").join(format!("{name}.ok"));
+    if tokio::fs::read_to_string(&stamp).await.is_ok_and(|k| k == key) {
+        info!("setup skipped: its inputs are unchanged since its last success");
+        return None;
+    }
+    let shown = shell_words::join(setup);
+    match ctx.runner.run(spec, stopper).await {
+        Err(message) => {
+            Some(Report::Fail(Failure::new(FailureKind::Setup, format!("setup step `{shown}`: {message}"))))
+        }
+        Ok(r) => match r.outcome {
+            Outcome::Exited(0) => {
+                if let Some(dir) = stamp.parent() {
+                    let _ = tokio::fs::create_dir_all(dir).await;
+                }
+                if let Err(e) = tokio::fs::write(&stamp, key).await {
+                    warn!("cannot record the setup step's success: {e}");
+                }
+                None
+            }
+            Outcome::Stopped(reason) => Some(stopped_report(reason)),
+            other => Some(Report::Fail(Failure {
+                kind: FailureKind::Setup,
+                exit_code: if let Outcome::Exited(c) = other { Some(c) } else { None },
+                signal: if let Outcome::Signaled(s) = other { Some(s) } else { None },
+                message: format!("the setup step `{shown}` failed ({other:?}); the job did not start"),
+                output_tail: r.tail,
+            })),
+        },
+    }
+}
+
+fn setup_key(setup: &[String], inputs: &[String], checkout: &Checkout) -> String {
+    let mut text = setup.join("\0");
+    for input in inputs {
+        let content = std::fs::read(checkout.dir.join(input)).ok();
+        let hash = content
+            .and_then(|c| git2::Oid::hash_object(git2::ObjectType::Blob, &c).ok())
+            .map_or_else(|| "missing".to_owned(), |o| o.to_string());
+        text.push_str(&format!("\n{input}\0{hash}"));
+    }
+    git2::Oid::hash_object(git2::ObjectType::Blob, text.as_bytes()).map(|o| o.to_string()).unwrap_or(text)
+}
+
+/// Reports a run's end, retrying while the backend is unavailable: the
+/// result is recorded once it is back, if the lease still holds.
+async fn deliver(ctx: &Ctx, lease: &Lease, report: Report) {
+    let q = &ctx.queue;
+    let give_up = tokio::time::Instant::now() + (ctx.cfg.lease * 10).max(Duration::from_secs(300));
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let result = match &report {
+            Report::Complete(c) => q.complete(lease, c.clone()).await.map(|()| "succeeded".to_owned()),
+            Report::Fail(f) => {
+                q.fail(lease, f.clone()).await.map(|o| format!("failed ({}): {}; {o:?}", f.kind, f.message))
+            }
+            Report::Cancelled(tail) => q.cancelled(lease, tail.clone()).await.map(|()| "cancelled".to_owned()),
+            Report::Release => q.release(lease).await.map(|()| "released".to_owned()),
+            Report::Nothing => return,
+        };
+        match result {
+            Ok(what) => {
+                info!("job {what}");
+                return;
+            }
+            Err(Error::LeaseLost { .. }) => {
+                warn!("lease lost before the result was recorded; another worker owns the job now");
+                return;
+            }
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() < give_up => {
+                warn!("cannot record the result yet ({e}); retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                warn!("cannot record the result: {e}");
+                return;
+            }
+        }
+    }
+}
