@@ -1,1 +1,2 @@
-//! Examples for gpupool live beside this crate as `cargo run --example NAME`.
+//! Examples for gpupool live beside this crate: `cargo run --example quickstart`,
+//! `cargo run --example worker -- URL REPO`.

@@ -112,6 +112,12 @@ pub fn parse_job(value: Value) -> Result<JobSpec> {
             }
         })?,
     };
+    let mut spec = spec;
+    if spec.name.is_none()
+        && let Some(serde_json::Value::String(name)) = spec.args.get("name")
+    {
+        spec.name = Some(name.clone());
+    }
     spec.validate()?;
     Ok(spec)
 }

@@ -258,11 +258,12 @@ async fn sleep_or(token: &CancellationToken, d: Duration) {
 fn normalize_repo(repo: &str) -> String {
     let trimmed = repo.trim_end_matches('/');
     let trimmed = trimmed.strip_suffix(".git").unwrap_or(trimmed);
-    if !repo.contains("://") && !repo.contains('@') {
-        if let Ok(real) = std::fs::canonicalize(repo) {
-            let s = real.to_string_lossy().into_owned();
-            return s.strip_suffix(".git").map(str::to_owned).unwrap_or(s);
-        }
+    if !repo.contains("://")
+        && !repo.contains('@')
+        && let Ok(real) = std::fs::canonicalize(repo)
+    {
+        let s = real.to_string_lossy().into_owned();
+        return s.strip_suffix(".git").map(str::to_owned).unwrap_or(s);
     }
     trimmed.to_owned()
 }
@@ -374,6 +375,20 @@ async fn run_in_checkout(
         return stopped_report(reason);
     }
     let log_path = ctx.cfg.data_dir.join("logs").join(format!("job-{}.log", lease.id()));
+    note(
+        &log_path,
+        &format!(
+            "job {} attempt {} on {}: {} at {} ({}), GPUs [{}]",
+            lease.id(),
+            lease.attempt(),
+            ctx.cfg.name,
+            crate::redact::redact_url(repo),
+            spec.git_ref,
+            checkout.commit,
+            gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+        ),
+    )
+    .await;
     let visible = gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     env.extend([
@@ -401,12 +416,13 @@ async fn run_in_checkout(
         secrets: ctx.workspace.credentials().secrets(),
     };
 
-    if let Some(setup) = &ctx.cfg.setup {
-        if let Some(report) = run_setup(ctx, setup, repo, checkout, stopper, &run_spec(setup.clone())).await {
-            return report;
-        }
+    if let Some(setup) = &ctx.cfg.setup
+        && let Some(report) = run_setup(ctx, setup, repo, checkout, stopper, &run_spec(setup.clone())).await
+    {
+        return report;
     }
     let argv = build_argv(&ctx.cfg.command, &spec.entrypoint, &spec.args, u32::try_from(gpus.len()).unwrap_or(0));
+    note(&log_path, &format!("run: {}", shell_words::join(&argv))).await;
     let result = match ctx.runner.run(&run_spec(argv), stopper).await {
         Ok(r) => r,
         Err(message) => return Report::Fail(Failure::new(FailureKind::Setup, message)),
@@ -463,11 +479,17 @@ async fn run_setup(
     let mirror = ctx.workspace.mirror_path(repo);
     let name = mirror.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let stamp = ctx.cfg.data_dir.join("setup-cache").join(format!("{name}.ok"));
+    let shown = shell_words::join(setup);
     if tokio::fs::read_to_string(&stamp).await.is_ok_and(|k| k == key) {
         info!("setup skipped: its inputs are unchanged since its last success");
+        note(
+            &spec.log_path,
+            &format!("setup skipped: {} unchanged since its last success", ctx.cfg.setup_inputs.join(", ")),
+        )
+        .await;
         return None;
     }
-    let shown = shell_words::join(setup);
+    note(&spec.log_path, &format!("setup: {shown}")).await;
     match ctx.runner.run(spec, stopper).await {
         Err(message) => {
             Some(Report::Fail(Failure::new(FailureKind::Setup, format!("setup step `{shown}`: {message}"))))
@@ -491,6 +513,22 @@ async fn run_setup(
                 output_tail: r.tail,
             })),
         },
+    }
+}
+
+/// Appends a `== gpupool: …` line to a job's log.
+async fn note(log: &std::path::Path, text: &str) {
+    use tokio::io::AsyncWriteExt;
+    if let Some(dir) = log.parent() {
+        let _ = tokio::fs::create_dir_all(dir).await;
+    }
+    let line = format!("== gpupool: {text}\n");
+    let written = async {
+        let mut f = tokio::fs::OpenOptions::new().create(true).append(true).open(log).await?;
+        f.write_all(line.as_bytes()).await
+    };
+    if let Err(e) = written.await {
+        warn!("cannot write the job log {}: {e}", log.display());
     }
 }
 

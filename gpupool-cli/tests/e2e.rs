@@ -1,0 +1,535 @@
+//! End to end: a real git repository made here, a real `python3` script
+//! that records its argv, environment and working directory, and a real
+//! `gpupool worker` process, on the embedded SQLite queue.
+
+// Test code: a panic is how a check fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const TRAIN_PY: &str = r#"import json, os, subprocess, sys, time
+VERSION = __VERSION__
+args = sys.argv[1:]
+def opt(name, default=None):
+    return args[args.index(name) + 1] if name in args else default
+rec = {"argv": args, "cwd": os.getcwd(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+       "version": VERSION, "job": os.environ.get("GPUPOOL_JOB_ID"), "attempt": os.environ.get("GPUPOOL_ATTEMPT"),
+       "pid": os.getpid(), "start": time.time(), "token": os.environ.get("GPUPOOL_GIT_TOKEN"),
+       "unbuffered": os.environ.get("PYTHONUNBUFFERED"), "order": os.environ.get("CUDA_DEVICE_ORDER")}
+if "--spawn-child" in args:
+    rec["child_pid"] = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]).pid
+path = os.path.join(os.environ["E2E_OUT"], "run-%s-%s.json" % (rec["job"], rec["attempt"]))
+with open(path + ".tmp", "w") as f:
+    json.dump(rec, f)
+os.rename(path + ".tmp", path)
+if "--warn" in args:
+    print("UserWarning: this is only a warning", file=sys.stderr)
+    print("epoch 1 loss 0.5")
+time.sleep(float(opt("--sleep", 0)))
+if rec["attempt"] == "1":
+    time.sleep(float(opt("--sleep-first", 0)))
+if opt("--exit"):
+    try:
+        raise ValueError("boom at epoch 1")
+    except ValueError:
+        import traceback
+        traceback.print_exc()
+    sys.exit(int(opt("--exit")))
+rec["end"] = time.time()
+with open(path + ".end", "w") as f:
+    json.dump(rec, f)
+"#;
+
+/// One test's world: a queue file, a data dir, a repository, an output dir.
+struct World {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    url: String,
+    repo: PathBuf,
+    out: PathBuf,
+    /// The first commit (VERSION = 1, the tip of `master`).
+    first: String,
+    /// The second commit (VERSION = 2, the tip of `develop`).
+    second: String,
+}
+
+/// The worker's setup step in the tests: it logs each run and fails when
+/// requirements.txt asks for a package that does not exist.
+const SETUP_PY: &str = r#"import os, sys
+with open(os.path.join(os.environ["E2E_OUT"], "setup.log"), "a") as f:
+    f.write(open("requirements.txt").read().strip().replace("\n", ",") + "\n")
+if "no-such-package" in open("requirements.txt").read():
+    print("ERROR: No matching distribution found for no-such-package", file=sys.stderr)
+    sys.exit(1)
+"#;
+
+fn commit_files(
+    repo: &git2::Repository,
+    files: &[(&str, String)],
+    branch: &str,
+    parent: Option<&git2::Commit<'_>>,
+) -> git2::Oid {
+    let workdir = repo.workdir().unwrap();
+    let mut index = repo.index().unwrap();
+    for (path, content) in files {
+        let full = workdir.join(path);
+        std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+        std::fs::write(&full, content).unwrap();
+        index.add_path(Path::new(path)).unwrap();
+    }
+    index.write().unwrap();
+    let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
+    let sig = git2::Signature::now("e2e", "e2e@example.com").unwrap();
+    let parents: Vec<&git2::Commit<'_>> = parent.into_iter().collect();
+    let oid = repo
+        .commit(None, &sig, &sig, &format!("{files:?}").chars().take(60).collect::<String>(), &tree, &parents)
+        .unwrap();
+    repo.reference(&format!("refs/heads/{branch}"), oid, true, "e2e").unwrap();
+    oid
+}
+
+fn commit(repo: &git2::Repository, version: u32, branch: &str, parent: Option<&git2::Commit<'_>>) -> git2::Oid {
+    let files = [
+        ("ai_folder/train.py", TRAIN_PY.replace("__VERSION__", &version.to_string())),
+        ("requirements.txt", "numpy\n".to_owned()),
+        ("setup_step.py", SETUP_PY.to_owned()),
+    ];
+    commit_files(repo, &files, branch, parent)
+}
+
+impl World {
+    fn new() -> World {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_owned();
+        let repo_path = dir.join("repo");
+        let repo = git2::Repository::init(&repo_path).unwrap();
+        let first = commit(&repo, 1, "master", None);
+        let first_commit = repo.find_commit(first).unwrap();
+        let second = commit(&repo, 2, "develop", Some(&first_commit));
+        repo.set_head("refs/heads/master").unwrap();
+        let out = dir.join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        World {
+            url: format!("sqlite://{}/queue.db", dir.display()),
+            dir,
+            repo: repo_path,
+            out,
+            first: first.to_string(),
+            second: second.to_string(),
+            _tmp: tmp,
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpupool"));
+        cmd.arg("--queue")
+            .arg(&self.url)
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .args(args)
+            .current_dir(&self.dir)
+            .env("E2E_OUT", &self.out)
+            .env_remove("GPUPOOL_QUEUE")
+            .env_remove("GPUPOOL_GIT_TOKEN")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn gp(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn gp_ok(&self, args: &[&str]) -> String {
+        let out = self.gp(args);
+        assert!(out.status.success(), "gpupool {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        serde_json::from_str(&self.gp_ok(&all)).unwrap()
+    }
+
+    /// Pushes a file holding `jobs`; returns the ids.
+    fn push(&self, jobs: &Value) -> Vec<String> {
+        let file = self.dir.join(format!("jobs-{}.json", uuid_like()));
+        std::fs::write(&file, serde_json::to_string_pretty(jobs).unwrap()).unwrap();
+        let ids = self.json(&["push", file.to_str().unwrap()]);
+        ids.as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+    }
+
+    fn job(&self, id: &str) -> Value {
+        self.json(&["jobs", "--id", id])[0].clone()
+    }
+
+    fn errors(&self, id: &str) -> Vec<Value> {
+        self.json(&["errors", "--id", id]).as_array().unwrap().clone()
+    }
+
+    fn worker(&self, extra: &[&str]) -> Child {
+        let mut args = vec!["worker", "--repo", self.repo.to_str().unwrap(), "--gpus", "none"];
+        args.extend_from_slice(extra);
+        self.command(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+
+    /// Runs a `--burst` worker to its end; returns its stderr.
+    fn burst(&self, extra: &[&str]) -> String {
+        let mut args = vec!["--burst"];
+        args.extend_from_slice(extra);
+        let child = self.worker(&args);
+        let out = wait_output(child, Duration::from_secs(90));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "worker failed: {stderr}");
+        stderr
+    }
+
+    fn run_record(&self, id: &str, attempt: u32) -> Value {
+        let path = self.out.join(format!("run-{id}-{attempt}.json"));
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("no run file {path:?}")))
+            .unwrap()
+    }
+
+    fn wait_for_run(&self, id: &str, attempt: u32) -> Value {
+        let path = self.out.join(format!("run-{id}-{attempt}.json"));
+        wait_until(Duration::from_secs(30), || path.exists());
+        self.run_record(id, attempt)
+    }
+}
+
+fn uuid_like() -> String {
+    format!("{:x}", Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id()) ^ rand_nanos())
+}
+
+fn rand_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "condition not met within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_output(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("worker did not finish within {limit:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn alive(pid: i64) -> bool {
+    // A zombie has exited; only its parent's wait is missing.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+}
+
+fn signal(child: &Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()), sig).unwrap();
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn seed_message_json_runs_at_the_branch_tip() {
+    let w = World::new();
+    let seed = r#"{
+  "branch": "develop",
+  "train_path": "./ai_folder/train.py",
+  "name": "test_name",
+  "seed": "42",
+  "epoch": "1",
+  "dataset": "MaskBaseDataset",
+  "augmentation": "BaseAugmentation",
+  "resize": "128 96",
+  "batch_size": "64",
+  "lr": "1e-3"
+}"#;
+    std::fs::write(w.dir.join("message.json"), seed).unwrap();
+    let out = w.gp_ok(&["push"]);
+    assert_eq!(out.trim(), "pushed 1 job(s): 1");
+    w.burst(&[]);
+    let job = w.job("1");
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["commit"], w.second.as_str(), "the record shows the branch tip");
+    assert_eq!(job["name"], "test_name");
+    let run = w.run_record("1", 1);
+    assert_eq!(run["version"], 2);
+    let expected = "--name test_name --seed 42 --epoch 1 --dataset MaskBaseDataset --augmentation BaseAugmentation \
+                    --resize 128 96 --batch_size 64 --lr 1e-3";
+    assert_eq!(strings(&run["argv"]), expected.split(' ').collect::<Vec<_>>());
+    assert_eq!(run["cuda"], "", "a CPU worker gives no GPU");
+    assert_eq!(run["unbuffered"], "1");
+    assert_eq!(run["order"], "PCI_BUS_ID");
+    assert!(run["cwd"].as_str().unwrap().contains("checkouts"), "runs in its own checkout");
+    // The checkout is removed afterwards.
+    let checkouts = w.dir.join("data/checkouts");
+    assert!(std::fs::read_dir(&checkouts).map(|d| d.count()).unwrap_or(0) == 0, "checkout removed");
+    // The seed's own spellings still work.
+    let listing = w.gp_ok(&["message", "-id", "1"]);
+    assert!(listing.contains("succeeded") && listing.contains("test_name"), "{listing}");
+}
+
+#[test]
+fn a_pinned_commit_runs_at_that_commit() {
+    let w = World::new();
+    let ids = w.push(&json!([
+        {"git_ref": w.first, "entrypoint": "ai_folder/train.py"},
+        {"git_ref": &w.first[..8], "entrypoint": "ai_folder/train.py"},
+        {"git_ref": "develop", "entrypoint": "ai_folder/train.py"},
+    ]));
+    w.burst(&[]);
+    assert_eq!(w.run_record(&ids[0], 1)["version"], 1);
+    assert_eq!(w.run_record(&ids[1], 1)["version"], 1, "an abbreviated sha works too");
+    assert_eq!(w.run_record(&ids[2], 1)["version"], 2);
+    assert_eq!(w.job(&ids[0])["commit"], w.first.as_str());
+    assert_eq!(w.job(&ids[1])["commit"], w.first.as_str());
+}
+
+#[test]
+fn exit_status_decides_failure_not_stderr() {
+    let w = World::new();
+    let ids = w.push(&json!([
+        {"git_ref": "develop", "entrypoint": "ai_folder/train.py", "args": {"exit": 3}, "max_attempts": 1},
+        {"git_ref": "develop", "entrypoint": "ai_folder/train.py", "args": {"warn": true}},
+    ]));
+    w.burst(&[]);
+    let failed = w.job(&ids[0]);
+    assert_eq!(failed["state"], "failed");
+    assert_eq!(failed["exit_code"], 3);
+    let errors = w.errors(&ids[0]);
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0]["exit_code"], 3);
+    assert_eq!(errors[0]["kind"], "exit");
+    let tail = errors[0]["output_tail"].as_str().unwrap();
+    assert!(tail.contains("Traceback") && tail.contains("ValueError: boom at epoch 1"), "{tail}");
+    let table = w.gp_ok(&["errors", "--id", &ids[0]]);
+    assert!(table.contains("ValueError: boom") && table.contains("exit"), "{table}");
+    assert_eq!(w.gp_ok(&["error", "-id", &ids[0]]), table, "the seed's `error -id` is the same command");
+
+    let warned = w.job(&ids[1]);
+    assert_eq!(warned["state"], "succeeded", "stderr output is not a failure");
+    assert!(w.errors(&ids[1]).is_empty());
+    let logs = w.gp_ok(&["logs", &ids[1]]);
+    assert!(logs.contains("UserWarning") && logs.contains("epoch 1 loss"), "{logs}");
+}
+
+#[test]
+fn a_killed_worker_takes_its_job_along_and_the_job_runs_again() {
+    let w = World::new();
+    let ids = w.push(&json!({"git_ref": "develop", "entrypoint": "ai_folder/train.py", "args": {"sleep-first": 60}}));
+    let worker = w.worker(&["--lease", "3s", "--heartbeat", "1s"]);
+    let run = w.wait_for_run(&ids[0], 1);
+    let pid = run["pid"].as_i64().unwrap();
+    assert!(alive(pid));
+    signal(&worker, nix::sys::signal::Signal::SIGKILL);
+    let _ = wait_output(worker, Duration::from_secs(10));
+    wait_until(Duration::from_secs(5), || !alive(pid));
+
+    // The lease (3 s) runs out; a second worker takes the job.
+    std::thread::sleep(Duration::from_millis(3500));
+    w.burst(&["--lease", "3s", "--heartbeat", "1s"]);
+    let job = w.job(&ids[0]);
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["attempt"], 2);
+    let errors = w.errors(&ids[0]);
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0]["kind"], "lease_lost");
+    assert_eq!(errors[0]["attempt"], 1);
+}
+
+#[test]
+fn cancel_kills_the_process_tree() {
+    let w = World::new();
+    let ids = w.push(&json!({"git_ref": "develop", "entrypoint": "ai_folder/train.py",
+                             "args": {"spawn-child": true, "sleep": 120}}));
+    let worker = w.worker(&["--heartbeat", "1s", "--drain-timeout", "1s"]);
+    let run = w.wait_for_run(&ids[0], 1);
+    let (pid, child) = (run["pid"].as_i64().unwrap(), run["child_pid"].as_i64().unwrap());
+    assert!(alive(pid) && alive(child));
+    let out = w.gp_ok(&["cancel", &ids[0]]);
+    assert!(out.contains("cancel requested"), "{out}");
+    wait_until(Duration::from_secs(20), || w.job(&ids[0])["state"] == "cancelled");
+    wait_until(Duration::from_secs(5), || !alive(pid) && !alive(child));
+    assert!(w.errors(&ids[0]).is_empty(), "a cancel is not an error");
+    assert!(w.gp_ok(&["cancel", &ids[0]]).contains("already cancelled"));
+
+    // Retry puts it back and the worker runs it again ...
+    let retried = w.gp_ok(&["retry", &ids[0]]);
+    assert!(retried.contains("queued again"), "{retried}");
+    let again = w.wait_for_run(&ids[0], 2);
+    // ... until SIGTERM: past the drain timeout (1 s) the worker stops the
+    // run and gives the job back without charging the attempt.
+    signal(&worker, nix::sys::signal::Signal::SIGTERM);
+    let out = wait_output(worker, Duration::from_secs(30));
+    assert!(out.status.success(), "worker exits cleanly on SIGTERM");
+    let job = w.job(&ids[0]);
+    assert_eq!((job["state"].as_str(), job["attempt"].as_i64()), (Some("queued"), Some(1)), "released, not charged");
+    wait_until(Duration::from_secs(5), || !alive(again["pid"].as_i64().unwrap()));
+}
+
+#[test]
+fn gpu_slots_give_each_gpu_to_one_job() {
+    let w = World::new();
+    let ids = w.push(&json!([
+        {"git_ref": "develop", "entrypoint": "ai_folder/train.py", "gpus": 1, "args": {"sleep": 2}},
+        {"git_ref": "develop", "entrypoint": "ai_folder/train.py", "gpus": 1, "args": {"sleep": 2}},
+        {"git_ref": "develop", "entrypoint": "ai_folder/train.py", "gpus": 0},
+    ]));
+    let mut child = w.command(&["worker", "--repo", w.repo.to_str().unwrap(), "--gpus", "0,1", "--burst"]);
+    let out =
+        wait_output(child.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), Duration::from_secs(60));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let a = w.run_record(&ids[0], 1);
+    let b = w.run_record(&ids[1], 1);
+    let mut devices = [a["cuda"].as_str().unwrap().to_owned(), b["cuda"].as_str().unwrap().to_owned()];
+    devices.sort();
+    assert_eq!(devices, ["0", "1"], "never the same GPU");
+    let end = |id: &str| -> f64 {
+        let v: Value =
+            serde_json::from_str(&std::fs::read_to_string(w.out.join(format!("run-{id}-1.json.end"))).unwrap())
+                .unwrap();
+        v["end"].as_f64().unwrap()
+    };
+    let (sa, sb) = (a["start"].as_f64().unwrap(), b["start"].as_f64().unwrap());
+    assert!(sa < end(&ids[1]) && sb < end(&ids[0]), "the two runs overlapped in time");
+    assert_eq!(w.run_record(&ids[2], 1)["cuda"], "", "gpus: 0 runs on the CPU");
+    assert_eq!(w.job(&ids[0])["gpu_ids"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn bad_input_fails_clearly_and_the_worker_keeps_going() {
+    let w = World::new();
+    let other = w.dir.join("other-repo");
+    git2::Repository::init(&other).unwrap();
+    std::fs::write(
+        w.dir.join("gpupool.toml"),
+        "allowed_repos = [\"https://127.0.0.1:9/team/model.git\"]\n[worker]\nlease = \"30s\"\n",
+    )
+    .unwrap();
+    let ids = w.push(&json!([
+        {"git_ref": "no-such-branch", "entrypoint": "ai_folder/train.py"},
+        {"git_ref": "develop", "entrypoint": "ai_folder/train.py",
+         "args": {"x": "; rm -rf ~", "y": "$(touch pwned) `id`", "z": "it's \"quoted\"", "n": 7}},
+        {"git_ref": "main", "entrypoint": "train.py", "repo": "https://127.0.0.1:9/team/model.git"},
+        {"git_ref": "main", "entrypoint": "train.py", "repo": other.to_str().unwrap()},
+        {"git_ref": "develop", "entrypoint": "ai_folder/missing.py"},
+    ]));
+    let mut cmd = w.command(&["worker", "--repo", w.repo.to_str().unwrap(), "--gpus", "none", "--burst"]);
+    cmd.env("GPUPOOL_GIT_TOKEN", "tok-SECRET-12345");
+    let out = wait_output(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+
+    let unknown = w.errors(&ids[0]);
+    assert_eq!(w.job(&ids[0])["state"], "failed");
+    assert_eq!(unknown.len(), 1, "a bad ref is not retried");
+    assert_eq!(unknown[0]["kind"], "ref");
+    let msg = unknown[0]["message"].as_str().unwrap();
+    assert!(msg.contains("ref `no-such-branch` not found in"), "{msg}");
+
+    assert_eq!(w.job(&ids[1])["state"], "succeeded", "the worker kept going");
+    let run = w.run_record(&ids[1], 1);
+    assert_eq!(
+        strings(&run["argv"]),
+        ["--x", "; rm -rf ~", "--y", "$(touch pwned) `id`", "--z", "it's \"quoted\"", "--n", "7"]
+    );
+    assert!(!w.dir.join("pwned").exists() && !Path::new(run["cwd"].as_str().unwrap()).join("pwned").exists());
+    assert_eq!(run["token"], Value::Null, "the worker's token never reaches a job");
+
+    let unreachable = w.errors(&ids[2]);
+    assert_eq!(w.job(&ids[2])["state"], "failed");
+    assert_eq!(unreachable[0]["kind"], "repo");
+    let msg = unreachable[0]["message"].as_str().unwrap();
+    assert!(msg.contains("cannot fetch https://127.0.0.1:9/team/model.git"), "{msg}");
+
+    let refused = w.errors(&ids[3]);
+    assert_eq!(refused[0]["kind"], "repo");
+    assert!(refused[0]["message"].as_str().unwrap().contains("not allowed"), "{}", refused[0]["message"]);
+    let mirrors: Vec<String> = std::fs::read_dir(w.dir.join("data/repos"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!mirrors.iter().any(|m| m.starts_with("other-repo")), "nothing fetched for a refused repo: {mirrors:?}");
+
+    let missing = w.errors(&ids[4]);
+    assert!(missing[0]["message"].as_str().unwrap().contains("does not exist"), "{}", missing[0]["message"]);
+
+    let everything = format!("{stderr}{}{}", w.gp_ok(&["errors", "--json"]), w.gp_ok(&["jobs", "--json"]));
+    assert!(!everything.contains("tok-SECRET"), "a token was printed");
+}
+
+#[test]
+fn bad_jobs_are_refused_at_push_and_nothing_is_pushed() {
+    let w = World::new();
+    let file = w.dir.join("bad.json");
+    std::fs::write(
+        &file,
+        r#"[{"git_ref": "develop", "entrypoint": "ai_folder/train.py"},
+            {"git_ref": "develop", "entrypoint": "ai_folder/train.py", "env": {"LD_PRELOAD": "/tmp/x.so"}}]"#,
+    )
+    .unwrap();
+    let out = w.gp(&["push", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("LD_PRELOAD") && stderr.contains("job 2 of 2"), "{stderr}");
+    std::fs::write(&file, "{\n  \"branch\": \"develop\"\n  \"train_path\": \"x.py\"\n}").unwrap();
+    let out = w.gp(&["push", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("line 3, column 3"), "{stderr}");
+    std::fs::write(&file, r#"{"git_ref": "main", "entrypoint": "../../etc/passwd"}"#).unwrap();
+    let out = w.gp(&["push", file.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("leaves the repository"));
+    assert_eq!(w.json(&["jobs"]), json!([]), "nothing was pushed");
+}
+
+#[test]
+fn the_setup_step_runs_when_its_inputs_change_and_its_failure_fails_the_job() {
+    let w = World::new();
+    let repo = git2::Repository::open(&w.repo).unwrap();
+    let second = repo.find_commit(git2::Oid::from_str(&w.second).unwrap()).unwrap();
+    commit_files(&repo, &[("requirements.txt", "numpy\nno-such-package\n".to_owned())], "broken-reqs", Some(&second));
+    let ids = w.push(&json!([
+        {"git_ref": "develop", "entrypoint": "ai_folder/train.py"},
+        {"git_ref": "develop", "entrypoint": "ai_folder/train.py"},
+        {"git_ref": "broken-reqs", "entrypoint": "ai_folder/train.py"},
+    ]));
+    w.burst(&["--setup", "python3 setup_step.py"]);
+    assert_eq!(w.job(&ids[0])["state"], "succeeded");
+    assert_eq!(w.job(&ids[1])["state"], "succeeded");
+    let setup_runs = std::fs::read_to_string(w.out.join("setup.log")).unwrap();
+    assert_eq!(
+        setup_runs.lines().count(),
+        2,
+        "skipped for the second job (inputs unchanged), run again when they changed: {setup_runs}"
+    );
+    let broken = w.job(&ids[2]);
+    assert_eq!(broken["state"], "failed", "a failing setup is not retried");
+    assert_eq!(broken["attempt"], 1);
+    let errors = w.errors(&ids[2]);
+    assert_eq!(errors[0]["kind"], "setup");
+    let msg = errors[0]["message"].as_str().unwrap();
+    assert!(msg.contains("setup step") && msg.contains("python3 setup_step.py"), "{msg}");
+    assert!(errors[0]["output_tail"].as_str().unwrap().contains("no-such-package"));
+    assert!(!w.out.join(format!("run-{}-1.json", ids[2])).exists(), "the job did not start");
+    let log = w.gp_ok(&["logs", &ids[0]]);
+    assert!(log.contains("setup: python3 setup_step.py") && log.contains("run: python3 ai_folder/train.py"), "{log}");
+    let log = w.gp_ok(&["logs", &ids[1]]);
+    assert!(log.contains("setup skipped: requirements.txt unchanged"), "{log}");
+}
