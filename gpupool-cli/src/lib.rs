@@ -31,17 +31,19 @@ pub const CONFIG_FILE: &str = "gpupool.toml";
 /// | scheme | backend |
 /// | --- | --- |
 /// | `sqlite://` | [`gpupool_sqlite::SqliteQueue`] |
+/// | `mysql://`, `mariadb://` | [`gpupool_mysql::MysqlQueue`] |
 /// | `memory://` | [`MemoryQueue`], this process only |
 pub async fn connect(url: &str) -> Result<Arc<dyn Queue>> {
     let scheme = url.split_once("://").map(|(s, _)| s).or_else(|| url.split_once(':').map(|(s, _)| s));
     match scheme {
         Some("sqlite") => Ok(Arc::new(gpupool_sqlite::SqliteQueue::connect(url).await?)),
         Some("memory") => Ok(Arc::new(MemoryQueue::new())),
-        Some(other @ ("mysql" | "mariadb" | "redis" | "rediss" | "amqp" | "amqps")) => {
-            Err(Error::Config(format!("the {other} backend is not built into this gpupool yet; use sqlite://PATH")))
-        }
+        Some("mysql" | "mariadb") => Ok(Arc::new(gpupool_mysql::MysqlQueue::connect(url).await?)),
+        Some(other @ ("redis" | "rediss" | "amqp" | "amqps")) => Err(Error::Config(format!(
+            "the {other} backend is not built into this gpupool yet; use sqlite://PATH or mysql://…"
+        ))),
         _ => Err(Error::Config(format!(
-            "`{}` is not a queue URL; use sqlite://PATH (see INTERFACE.md for the others)",
+            "`{}` is not a queue URL; use sqlite://PATH or mysql://USER:PASS@HOST:3306/DB",
             redact_url(url)
         ))),
     }

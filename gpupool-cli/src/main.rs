@@ -97,34 +97,34 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct WorkerArgs {
     /// Repository for jobs that name none (env GPUPOOL_REPO).
-    #[arg(long, env = "GPUPOOL_REPO")]
+    #[arg(long, env = "GPUPOOL_REPO", hide_env_values = true)]
     repo: Option<String>,
     /// Queues to serve, in priority order (env GPUPOOL_QUEUES).
-    #[arg(long, env = "GPUPOOL_QUEUES", value_delimiter = ',')]
+    #[arg(long, env = "GPUPOOL_QUEUES", hide_env_values = true, value_delimiter = ',')]
     queues: Option<Vec<String>>,
     /// auto, none, or GPU indices such as 0,2 (env GPUPOOL_GPUS).
-    #[arg(long, env = "GPUPOOL_GPUS")]
+    #[arg(long, env = "GPUPOOL_GPUS", hide_env_values = true)]
     gpus: Option<String>,
     /// Parallel runs on a host without GPUs.
-    #[arg(long, env = "GPUPOOL_SLOTS")]
+    #[arg(long, env = "GPUPOOL_SLOTS", hide_env_values = true)]
     slots: Option<usize>,
     /// Jobs sharing one GPU.
-    #[arg(long, env = "GPUPOOL_SLOTS_PER_GPU")]
+    #[arg(long, env = "GPUPOOL_SLOTS_PER_GPU", hide_env_values = true)]
     slots_per_gpu: Option<usize>,
     /// Lease length, such as 60s.
-    #[arg(long, env = "GPUPOOL_LEASE")]
+    #[arg(long, env = "GPUPOOL_LEASE", hide_env_values = true)]
     lease: Option<String>,
     /// Heartbeat interval, such as 10s.
-    #[arg(long, env = "GPUPOOL_HEARTBEAT")]
+    #[arg(long, env = "GPUPOOL_HEARTBEAT", hide_env_values = true)]
     heartbeat: Option<String>,
     /// How long shutdown waits for running jobs, such as 10m.
-    #[arg(long, env = "GPUPOOL_DRAIN_TIMEOUT")]
+    #[arg(long, env = "GPUPOOL_DRAIN_TIMEOUT", hide_env_values = true)]
     drain_timeout: Option<String>,
     /// Setup step run in the checkout before each job, such as "pip install -r requirements.txt".
-    #[arg(long, env = "GPUPOOL_SETUP")]
+    #[arg(long, env = "GPUPOOL_SETUP", hide_env_values = true)]
     setup: Option<String>,
     /// Command before the entrypoint (default python3); {gpus} expands.
-    #[arg(long, env = "GPUPOOL_COMMAND")]
+    #[arg(long, env = "GPUPOOL_COMMAND", hide_env_values = true)]
     command: Option<String>,
     /// Exit once nothing runs here and nothing can be reserved.
     #[arg(long)]

@@ -1,6 +1,9 @@
 //! End to end: a real git repository made here, a real `python3` script
 //! that records its argv, environment and working directory, and a real
-//! `gpupool worker` process, on the embedded SQLite queue.
+//! `gpupool worker` process. Every scenario runs on the embedded SQLite
+//! queue and on every server backend whose test URL is set
+//! (`GPUPOOL_TEST_MYSQL_URL`, …); a backend without one prints `skipped: …`,
+//! which fails under `GPUPOOL_REQUIRE_BACKENDS=1`.
 
 // Test code: a panic is how a check fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -44,8 +47,42 @@ with open(path + ".end", "w") as f:
     json.dump(rec, f)
 "#;
 
-/// One test's world: a queue file, a data dir, a repository, an output dir.
+/// Where a scenario's queue lives.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Mysql,
+}
+
+impl Backend {
+    /// The queue URL for one test, or `None` (after saying why) to skip.
+    fn url(self, dir: &Path) -> Option<String> {
+        let (var, name) = match self {
+            Backend::Sqlite => return Some(format!("sqlite://{}/queue.db", dir.display())),
+            Backend::Mysql => ("GPUPOOL_TEST_MYSQL_URL", "MySQL"),
+        };
+        match std::env::var(var).ok().filter(|u| !u.is_empty()) {
+            Some(base) => {
+                let sep = if base.contains('?') { '&' } else { '?' };
+                let prefix = format!("e2e{}_", uuid_like());
+                Some(format!("{base}{sep}prefix={prefix}"))
+            }
+            None => {
+                let why = format!("{var} is not set");
+                assert!(
+                    std::env::var("GPUPOOL_REQUIRE_BACKENDS").as_deref() != Ok("1"),
+                    "GPUPOOL_REQUIRE_BACKENDS=1 but {why}"
+                );
+                println!("skipped: {name} end-to-end test: {why}");
+                None
+            }
+        }
+    }
+}
+
+/// One test's world: a queue, a data dir, a repository, an output dir.
 struct World {
+    backend: Backend,
     _tmp: tempfile::TempDir,
     dir: PathBuf,
     url: String,
@@ -102,9 +139,10 @@ fn commit(repo: &git2::Repository, version: u32, branch: &str, parent: Option<&g
 }
 
 impl World {
-    fn new() -> World {
+    fn new(backend: Backend) -> Option<World> {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_owned();
+        let url = backend.url(&dir)?;
         let repo_path = dir.join("repo");
         let repo = git2::Repository::init(&repo_path).unwrap();
         let first = commit(&repo, 1, "master", None);
@@ -113,15 +151,20 @@ impl World {
         repo.set_head("refs/heads/master").unwrap();
         let out = dir.join("out");
         std::fs::create_dir_all(&out).unwrap();
-        World {
-            url: format!("sqlite://{}/queue.db", dir.display()),
+        let world = World {
+            backend,
+            url,
             dir,
             repo: repo_path,
             out,
             first: first.to_string(),
             second: second.to_string(),
             _tmp: tmp,
+        };
+        if !matches!(backend, Backend::Sqlite) {
+            world.gp_ok(&["init"]);
         }
+        Some(world)
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -201,8 +244,29 @@ impl World {
     }
 }
 
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Backend::Mysql = self.backend {
+            let url = self.url.clone();
+            let dropped = tokio::runtime::Builder::new_current_thread().enable_all().build().map(|rt| {
+                rt.block_on(async {
+                    let q = gpupool_mysql::MysqlQueue::connect(&url).await?;
+                    q.drop_tables().await
+                })
+            });
+            if let Ok(Err(e)) = dropped {
+                eprintln!("could not drop the test tables: {e}");
+            }
+        }
+    }
+}
+
 fn uuid_like() -> String {
-    format!("{:x}", Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id()) ^ rand_nanos())
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // Unique within this process (the counter) and across runs (pid, time).
+    format!("{:x}{:06x}{n:x}", std::process::id(), rand_nanos() & 0xff_ffff)
 }
 
 fn rand_nanos() -> u128 {
@@ -246,9 +310,8 @@ fn strings(v: &Value) -> Vec<String> {
     v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect()
 }
 
-#[test]
-fn seed_message_json_runs_at_the_branch_tip() {
-    let w = World::new();
+fn seed_message_json_runs_at_the_branch_tip(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
     let seed = r#"{
   "branch": "develop",
   "train_path": "./ai_folder/train.py",
@@ -286,9 +349,8 @@ fn seed_message_json_runs_at_the_branch_tip() {
     assert!(listing.contains("succeeded") && listing.contains("test_name"), "{listing}");
 }
 
-#[test]
-fn a_pinned_commit_runs_at_that_commit() {
-    let w = World::new();
+fn a_pinned_commit_runs_at_that_commit(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
     let ids = w.push(&json!([
         {"git_ref": w.first, "entrypoint": "ai_folder/train.py"},
         {"git_ref": &w.first[..8], "entrypoint": "ai_folder/train.py"},
@@ -302,9 +364,8 @@ fn a_pinned_commit_runs_at_that_commit() {
     assert_eq!(w.job(&ids[1])["commit"], w.first.as_str());
 }
 
-#[test]
-fn exit_status_decides_failure_not_stderr() {
-    let w = World::new();
+fn exit_status_decides_failure_not_stderr(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
     let ids = w.push(&json!([
         {"git_ref": "develop", "entrypoint": "ai_folder/train.py", "args": {"exit": 3}, "max_attempts": 1},
         {"git_ref": "develop", "entrypoint": "ai_folder/train.py", "args": {"warn": true}},
@@ -330,9 +391,8 @@ fn exit_status_decides_failure_not_stderr() {
     assert!(logs.contains("UserWarning") && logs.contains("epoch 1 loss"), "{logs}");
 }
 
-#[test]
-fn a_killed_worker_takes_its_job_along_and_the_job_runs_again() {
-    let w = World::new();
+fn a_killed_worker_takes_its_job_along_and_the_job_runs_again(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
     let ids = w.push(&json!({"git_ref": "develop", "entrypoint": "ai_folder/train.py", "args": {"sleep-first": 60}}));
     let worker = w.worker(&["--lease", "3s", "--heartbeat", "1s"]);
     let run = w.wait_for_run(&ids[0], 1);
@@ -354,9 +414,8 @@ fn a_killed_worker_takes_its_job_along_and_the_job_runs_again() {
     assert_eq!(errors[0]["attempt"], 1);
 }
 
-#[test]
-fn cancel_kills_the_process_tree() {
-    let w = World::new();
+fn cancel_kills_the_process_tree(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
     let ids = w.push(&json!({"git_ref": "develop", "entrypoint": "ai_folder/train.py",
                              "args": {"spawn-child": true, "sleep": 120}}));
     let worker = w.worker(&["--heartbeat", "1s", "--drain-timeout", "1s"]);
@@ -384,9 +443,8 @@ fn cancel_kills_the_process_tree() {
     wait_until(Duration::from_secs(5), || !alive(again["pid"].as_i64().unwrap()));
 }
 
-#[test]
-fn gpu_slots_give_each_gpu_to_one_job() {
-    let w = World::new();
+fn gpu_slots_give_each_gpu_to_one_job(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
     let ids = w.push(&json!([
         {"git_ref": "develop", "entrypoint": "ai_folder/train.py", "gpus": 1, "args": {"sleep": 2}},
         {"git_ref": "develop", "entrypoint": "ai_folder/train.py", "gpus": 1, "args": {"sleep": 2}},
@@ -413,9 +471,8 @@ fn gpu_slots_give_each_gpu_to_one_job() {
     assert_eq!(w.job(&ids[0])["gpu_ids"].as_array().unwrap().len(), 1);
 }
 
-#[test]
-fn bad_input_fails_clearly_and_the_worker_keeps_going() {
-    let w = World::new();
+fn bad_input_fails_clearly_and_the_worker_keeps_going(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
     let other = w.dir.join("other-repo");
     git2::Repository::init(&other).unwrap();
     std::fs::write(
@@ -475,9 +532,8 @@ fn bad_input_fails_clearly_and_the_worker_keeps_going() {
     assert!(!everything.contains("tok-SECRET"), "a token was printed");
 }
 
-#[test]
-fn bad_jobs_are_refused_at_push_and_nothing_is_pushed() {
-    let w = World::new();
+fn bad_jobs_are_refused_at_push_and_nothing_is_pushed(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
     let file = w.dir.join("bad.json");
     std::fs::write(
         &file,
@@ -499,9 +555,8 @@ fn bad_jobs_are_refused_at_push_and_nothing_is_pushed() {
     assert_eq!(w.json(&["jobs"]), json!([]), "nothing was pushed");
 }
 
-#[test]
-fn the_setup_step_runs_when_its_inputs_change_and_its_failure_fails_the_job() {
-    let w = World::new();
+fn the_setup_step_runs_when_its_inputs_change_and_its_failure_fails_the_job(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
     let repo = git2::Repository::open(&w.repo).unwrap();
     let second = repo.find_commit(git2::Oid::from_str(&w.second).unwrap()).unwrap();
     commit_files(&repo, &[("requirements.txt", "numpy\nno-such-package\n".to_owned())], "broken-reqs", Some(&second));
@@ -533,3 +588,28 @@ fn the_setup_step_runs_when_its_inputs_change_and_its_failure_fails_the_job() {
     let log = w.gp_ok(&["logs", &ids[1]]);
     assert!(log.contains("setup skipped: requirements.txt unchanged"), "{log}");
 }
+
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        /// Every scenario on the embedded SQLite queue.
+        mod sqlite {
+            $( #[test] fn $name() { super::$name(super::Backend::Sqlite) } )*
+        }
+        /// Every scenario on MySQL/MariaDB (`GPUPOOL_TEST_MYSQL_URL`).
+        mod mysql {
+            $( #[test] fn $name() { super::$name(super::Backend::Mysql) } )*
+        }
+    };
+}
+
+scenarios!(
+    seed_message_json_runs_at_the_branch_tip,
+    a_pinned_commit_runs_at_that_commit,
+    exit_status_decides_failure_not_stderr,
+    a_killed_worker_takes_its_job_along_and_the_job_runs_again,
+    cancel_kills_the_process_tree,
+    gpu_slots_give_each_gpu_to_one_job,
+    bad_input_fails_clearly_and_the_worker_keeps_going,
+    bad_jobs_are_refused_at_push_and_nothing_is_pushed,
+    the_setup_step_runs_when_its_inputs_change_and_its_failure_fails_the_job,
+);

@@ -1,0 +1,42 @@
+CREATE TABLE IF NOT EXISTS {prefix}jobs (
+    id               BIGINT       NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    queue            VARCHAR(64)  NOT NULL,
+    state            VARCHAR(16)  NOT NULL,
+    priority         INT          NOT NULL DEFAULT 0,
+    gpus             INT          NULL,
+    spec             LONGTEXT     NOT NULL,
+    idempotency_key  VARCHAR(200) NULL,
+    attempt          INT          NOT NULL DEFAULT 0,
+    max_attempts     INT          NOT NULL,
+    attempt_limit    INT          NOT NULL,
+    lease_token      CHAR(32)     NULL,
+    lease_expires_at DATETIME(6)  NULL,
+    cancel_requested TINYINT(1)   NOT NULL DEFAULT 0,
+    worker           VARCHAR(255) NULL,
+    commit_sha       VARCHAR(64)  NULL,
+    gpu_ids          VARCHAR(1024) NULL,
+    exit_code        INT          NULL,
+    term_signal      INT          NULL,
+    output_tail      LONGTEXT     NULL,
+    result           LONGTEXT     NULL,
+    created_at       DATETIME(6)  NOT NULL,
+    started_at       DATETIME(6)  NULL,
+    finished_at      DATETIME(6)  NULL,
+    UNIQUE KEY {prefix}jobs_idempotency (idempotency_key),
+    KEY {prefix}jobs_reserve (queue, state, priority DESC, id),
+    KEY {prefix}jobs_lease (state, lease_expires_at),
+    KEY {prefix}jobs_state (state, id)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS {prefix}job_errors (
+    id          BIGINT      NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    job_id      BIGINT      NOT NULL,
+    attempt     INT         NOT NULL,
+    kind        VARCHAR(16) NOT NULL,
+    exit_code   INT         NULL,
+    term_signal INT         NULL,
+    message     TEXT        NOT NULL,
+    output_tail LONGTEXT    NOT NULL,
+    at          DATETIME(6) NOT NULL,
+    KEY {prefix}job_errors_job (job_id, id)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin

@@ -1,0 +1,723 @@
+//! [`MysqlQueue`]: the [`Queue`] on MySQL 8 or MariaDB ≥ 10.6.
+//!
+//! `reserve` is one short transaction: `SELECT … FOR UPDATE SKIP LOCKED` of
+//! the best row, then an `UPDATE` of that same row with a fresh lease token
+//! and `attempt + 1`, then `COMMIT`. No row lock is held while a job runs.
+//! Heartbeat, complete, fail, cancelled and release are all `… WHERE id = ?
+//! AND lease_token = ? AND state = 'running'`: zero rows means the lease was
+//! lost. Every time is the database's clock (`UTC_TIMESTAMP(6)`), never a
+//! host's. A deadlock or lock-wait timeout makes the transaction run again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use gpupool_core::{
+    AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, FailureKind, Heartbeat, JobId,
+    JobRecord, JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp,
+};
+use sqlx::mysql::{MySql, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, Row, Transaction};
+
+use crate::error::{is_duplicate, is_lock_conflict, map};
+use crate::options::MysqlOptions;
+
+/// Fastest and slowest poll of a waiting `reserve`. An idle worker settles
+/// at the slowest: two cheap indexed reads a second.
+const POLL_MIN: Duration = Duration::from_millis(50);
+const POLL_MAX: Duration = Duration::from_millis(500);
+
+/// Transactions retried on deadlock or lock-wait timeout.
+const LOCK_RETRIES: u32 = 5;
+
+/// The migrations, in order. `{prefix}` becomes the table prefix; statements
+/// are separated by a blank line after `;`.
+const MIGRATIONS: [(i64, &str); 1] = [(1, include_str!("../migrations/0001_init.sql"))];
+
+/// Milliseconds since the epoch of a DATETIME(6) column, independent of the
+/// session's time zone.
+macro_rules! ms {
+    ($col:literal) => {
+        concat!("CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', ", $col, ") DIV 1000 AS SIGNED)")
+    };
+}
+
+macro_rules! job_columns {
+    () => {
+        concat!(
+            "id, state, attempt, spec, commit_sha, worker, gpu_ids, exit_code, term_signal, output_tail, result, ",
+            "cancel_requested, ",
+            ms!("created_at"),
+            " AS created_ms, ",
+            ms!("started_at"),
+            " AS started_ms, ",
+            ms!("finished_at"),
+            " AS finished_ms"
+        )
+    };
+}
+
+macro_rules! error_columns {
+    () => {
+        concat!("job_id, attempt, kind, exit_code, term_signal, message, output_tail, ", ms!("at"), " AS at_ms")
+    };
+}
+
+/// Every statement, with the table prefix filled in once.
+#[derive(Debug)]
+struct Sql {
+    has_work: Arc<str>,
+    expired: Arc<str>,
+    expire_error: Arc<str>,
+    expire_update: Arc<str>,
+    candidate: Arc<str>,
+    lease: Arc<str>,
+    select_job: Arc<str>,
+    select_errors: Arc<str>,
+    insert: Arc<str>,
+    by_key: Arc<str>,
+    heartbeat: Arc<str>,
+    cancel_flag: Arc<str>,
+    started: Arc<str>,
+    complete: Arc<str>,
+    held: Arc<str>,
+    insert_error: Arc<str>,
+    fail_update: Arc<str>,
+    cancelled: Arc<str>,
+    release: Arc<str>,
+    state_of: Arc<str>,
+    cancel_queued: Arc<str>,
+    cancel_running: Arc<str>,
+    retry: Arc<str>,
+    list: [Arc<str>; 4],
+    errors_of: Arc<str>,
+    errors_all: Arc<str>,
+}
+
+impl Sql {
+    fn new(p: &str) -> Sql {
+        let s = |t: &str| -> Arc<str> { Arc::from(t.replace("{p}", p)) };
+        let list = |filter: &str| {
+            s(&format!("SELECT {} FROM {{p}}jobs {filter} ORDER BY id DESC LIMIT ? OFFSET ?", job_columns!()))
+        };
+        Sql {
+            has_work: s("SELECT EXISTS (SELECT 1 FROM {p}jobs WHERE queue = ? AND state = 'queued' \
+                         AND COALESCE(gpus, ?) <= ?) \
+                         OR EXISTS (SELECT 1 FROM {p}jobs WHERE state = 'running' \
+                         AND lease_expires_at < UTC_TIMESTAMP(6))"),
+            expired: s("SELECT id FROM {p}jobs WHERE state = 'running' AND lease_expires_at < UTC_TIMESTAMP(6) \
+                        LIMIT 20 FOR UPDATE SKIP LOCKED"),
+            expire_error: s("INSERT INTO {p}job_errors (job_id, attempt, kind, message, output_tail, at) \
+                             SELECT id, attempt, 'lease_lost', \
+                             CONCAT('lease expired: worker ', COALESCE(worker, 'unknown'), ' stopped heartbeating'), \
+                             '', UTC_TIMESTAMP(6) FROM {p}jobs WHERE id = ?"),
+            expire_update: s("UPDATE {p}jobs SET \
+                              state = CASE WHEN cancel_requested THEN 'cancelled' \
+                                           WHEN attempt < attempt_limit THEN 'queued' ELSE 'failed' END, \
+                              finished_at = CASE WHEN cancel_requested OR attempt >= attempt_limit \
+                                            THEN UTC_TIMESTAMP(6) END, \
+                              lease_token = NULL, lease_expires_at = NULL WHERE id = ?"),
+            candidate: s("SELECT id FROM {p}jobs WHERE queue = ? AND state = 'queued' AND COALESCE(gpus, ?) <= ? \
+                          ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED"),
+            lease: s("UPDATE {p}jobs SET state = 'running', attempt = attempt + 1, lease_token = ?, \
+                      lease_expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, worker = ?, \
+                      started_at = UTC_TIMESTAMP(6), finished_at = NULL, exit_code = NULL, term_signal = NULL, \
+                      gpu_ids = NULL WHERE id = ?"),
+            select_job: s(&format!(
+                "SELECT {}, {} AS expires_ms FROM {{p}}jobs WHERE id = ?",
+                job_columns!(),
+                ms!("lease_expires_at")
+            )),
+            select_errors: s(&format!("SELECT {} FROM {{p}}job_errors WHERE job_id = ? ORDER BY id", error_columns!())),
+            insert: s("INSERT INTO {p}jobs (queue, state, priority, gpus, spec, idempotency_key, max_attempts, \
+                       attempt_limit, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6))"),
+            by_key: s("SELECT id FROM {p}jobs WHERE idempotency_key = ?"),
+            heartbeat: s("UPDATE {p}jobs SET lease_expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
+                          WHERE id = ? AND lease_token = ? AND state = 'running'"),
+            cancel_flag: s("SELECT cancel_requested FROM {p}jobs WHERE id = ? AND lease_token = ? \
+                            AND state = 'running'"),
+            started: s("UPDATE {p}jobs SET commit_sha = ?, gpu_ids = ? \
+                        WHERE id = ? AND lease_token = ? AND state = 'running'"),
+            complete: s("UPDATE {p}jobs SET state = 'succeeded', exit_code = 0, output_tail = ?, result = ?, \
+                         finished_at = UTC_TIMESTAMP(6), lease_token = NULL, lease_expires_at = NULL \
+                         WHERE id = ? AND lease_token = ? AND state = 'running'"),
+            held: s("SELECT attempt, attempt_limit FROM {p}jobs WHERE id = ? AND lease_token = ? \
+                     AND state = 'running' FOR UPDATE"),
+            insert_error: s("INSERT INTO {p}job_errors (job_id, attempt, kind, exit_code, term_signal, message, \
+                             output_tail, at) VALUES (?, ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6))"),
+            fail_update: s("UPDATE {p}jobs SET state = ?, exit_code = ?, term_signal = ?, output_tail = ?, \
+                            finished_at = IF(? , UTC_TIMESTAMP(6), NULL), lease_token = NULL, \
+                            lease_expires_at = NULL WHERE id = ?"),
+            cancelled: s("UPDATE {p}jobs SET state = 'cancelled', output_tail = ?, finished_at = UTC_TIMESTAMP(6), \
+                          lease_token = NULL, lease_expires_at = NULL \
+                          WHERE id = ? AND lease_token = ? AND state = 'running'"),
+            release: s("UPDATE {p}jobs SET state = 'queued', attempt = attempt - 1, lease_token = NULL, \
+                        lease_expires_at = NULL WHERE id = ? AND lease_token = ? AND state = 'running'"),
+            state_of: s("SELECT state FROM {p}jobs WHERE id = ? FOR UPDATE"),
+            cancel_queued: s("UPDATE {p}jobs SET state = 'cancelled', finished_at = UTC_TIMESTAMP(6) WHERE id = ?"),
+            cancel_running: s("UPDATE {p}jobs SET cancel_requested = 1 WHERE id = ?"),
+            retry: s("UPDATE {p}jobs SET state = 'queued', cancel_requested = 0, finished_at = NULL, \
+                      attempt_limit = attempt + max_attempts WHERE id = ?"),
+            list: [
+                list("WHERE ? IS NULL AND ? IS NULL"),
+                list("WHERE state = ? AND ? IS NULL"),
+                list("WHERE ? IS NULL AND queue = ?"),
+                list("WHERE state = ? AND queue = ?"),
+            ],
+            errors_of: s(&format!(
+                "SELECT {} FROM {{p}}job_errors WHERE job_id = ? ORDER BY id DESC LIMIT ?",
+                error_columns!()
+            )),
+            errors_all: s(&format!("SELECT {} FROM {{p}}job_errors ORDER BY id DESC LIMIT ?", error_columns!())),
+        }
+    }
+}
+
+fn q(sql: &Arc<str>) -> sqlx::query::Query<'static, MySql, sqlx::mysql::MySqlArguments> {
+    // Built once in `Sql::new` from constants and a validated prefix.
+    sqlx::query(AssertSqlSafe(Arc::clone(sql)))
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// A queue in a MySQL or MariaDB database, shared by any number of hosts.
+#[derive(Debug, Clone)]
+pub struct MysqlQueue {
+    pool: MySqlPool,
+    opts: Arc<MysqlOptions>,
+    sql: Arc<Sql>,
+    idle_polls: Arc<AtomicU32>,
+}
+
+impl MysqlQueue {
+    /// Connects to the database a `mysql://` or `mariadb://` URL names. Does
+    /// not create tables: call [`Queue::init`] (`gpupool init`) once.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::open(MysqlOptions::from_url(url)?).await
+    }
+
+    /// Connects with parsed options. Fails within the connect timeout with
+    /// one line naming `host:port` and the cause.
+    pub async fn open(opts: MysqlOptions) -> Result<Self> {
+        let pool = MySqlPoolOptions::new()
+            .max_connections(opts.max_connections)
+            .acquire_timeout(opts.connect_timeout)
+            .after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED").await?;
+                    Ok(())
+                })
+            })
+            .connect_lazy_with(opts.connect.clone());
+        // One direct connection first: a pool would retry a refused
+        // connection until its timeout and then hide the cause.
+        let first = tokio::time::timeout(opts.connect_timeout, opts.connect.connect()).await;
+        let cause = match first {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+                None
+            }
+            Ok(Err(e)) => Some(gpupool_core::redact::redact_url(&e.to_string())),
+            Err(_) => Some(format!("no answer within {} s", opts.connect_timeout.as_secs())),
+        };
+        if let Some(cause) = cause {
+            return Err(Error::Unavailable {
+                backend: crate::error::BACKEND,
+                source: format!("cannot connect to MySQL at {}: {cause}", opts.endpoint).into(),
+            });
+        }
+        let sql = Arc::new(Sql::new(&opts.prefix));
+        Ok(MysqlQueue { pool, opts: Arc::new(opts), sql, idle_polls: Arc::default() })
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &MysqlOptions {
+        &self.opts
+    }
+
+    /// The pool, for inspection with plain SQL.
+    pub fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    /// Drops this prefix's tables (tests clean up with it).
+    pub async fn drop_tables(&self) -> Result<()> {
+        for t in ["jobs", "job_errors", "schema_version"] {
+            let sql = format!("DROP TABLE IF EXISTS {}{t}", self.opts.prefix);
+            sqlx::query(AssertSqlSafe(sql)).execute(&self.pool).await.map_err(map)?;
+        }
+        Ok(())
+    }
+
+    async fn might_have_work(&self, req: &ReserveRequest) -> Result<bool> {
+        for queue in &req.queues {
+            let found: bool = q(&self.sql.has_work)
+                .bind(queue)
+                .bind(i64::from(req.gpu_host))
+                .bind(i64::from(req.free_gpus))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(map)?
+                .try_get(0)
+                .map_err(map)?;
+            if found {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn try_reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
+        if !self.might_have_work(req).await? {
+            return Ok(None);
+        }
+        let mut tries = 0;
+        loop {
+            match self.reserve_tx(req).await {
+                Err(e) if is_lock_conflict(&e) && tries < LOCK_RETRIES => tries += 1,
+                other => return other.map_err(map)?,
+            }
+        }
+    }
+
+    /// One reserve transaction. Inner `Result` is ours, outer is the driver's.
+    async fn reserve_tx(&self, req: &ReserveRequest) -> std::result::Result<Result<Option<Lease>>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let expired: Vec<i64> =
+            q(&self.sql.expired).fetch_all(&mut *tx).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+        for id in expired {
+            q(&self.sql.expire_error).bind(id).execute(&mut *tx).await?;
+            q(&self.sql.expire_update).bind(id).execute(&mut *tx).await?;
+        }
+        for queue in &req.queues {
+            let row = q(&self.sql.candidate)
+                .bind(queue)
+                .bind(i64::from(req.gpu_host))
+                .bind(i64::from(req.free_gpus))
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(row) = row else { continue };
+            let id: i64 = row.try_get(0)?;
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            q(&self.sql.lease)
+                .bind(&token)
+                .bind(micros(req.lease))
+                .bind(&req.worker)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            let row = q(&self.sql.select_job).bind(id).fetch_one(&mut *tx).await?;
+            let mut job = match record(&row) {
+                Ok(j) => j,
+                Err(e) => return Ok(Err(e)),
+            };
+            let expires_at = Timestamp(row.try_get::<Option<i64>, _>("expires_ms")?.unwrap_or(0));
+            if job.attempt > 1 {
+                let rows = q(&self.sql.select_errors).bind(id).fetch_all(&mut *tx).await?;
+                job.errors = match rows.iter().map(attempt_error).collect::<Result<Vec<_>>>() {
+                    Ok(e) => e,
+                    Err(e) => return Ok(Err(e)),
+                };
+            }
+            tx.commit().await?;
+            return Ok(Ok(Some(Lease { job, token, expires_at })));
+        }
+        tx.commit().await?;
+        Ok(Ok(None))
+    }
+
+    fn lost(lease: &Lease) -> Error {
+        Error::LeaseLost { id: lease.id().to_string() }
+    }
+
+    /// Runs `f` in a transaction, again on deadlock or lock-wait timeout.
+    async fn in_tx<T, F>(&self, f: F) -> Result<T>
+    where
+        F: for<'c> Fn(
+                &'c mut Transaction<'static, MySql>,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = std::result::Result<Result<T>, sqlx::Error>> + Send + 'c>,
+            > + Send
+            + Sync,
+        T: Send,
+    {
+        let mut tries = 0;
+        loop {
+            let attempt = async {
+                let mut tx = self.pool.begin().await?;
+                let out = f(&mut tx).await?;
+                if out.is_ok() {
+                    tx.commit().await?;
+                } else {
+                    tx.rollback().await?;
+                }
+                Ok::<_, sqlx::Error>(out)
+            };
+            match attempt.await {
+                Err(e) if is_lock_conflict(&e) && tries < LOCK_RETRIES => tries += 1,
+                Err(e) => return Err(map(e)),
+                Ok(out) => return out,
+            }
+        }
+    }
+}
+
+fn parse_state(s: &str) -> Result<JobState> {
+    s.parse().map_err(|_| Error::backend("mysql", format!("unknown state `{s}` in the jobs table")))
+}
+
+fn get<'r, T: sqlx::Decode<'r, MySql> + sqlx::Type<MySql>>(row: &'r MySqlRow, col: &str) -> Result<T> {
+    row.try_get(col).map_err(map)
+}
+
+fn to_u32(v: i32, col: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::backend("mysql", format!("{col} {v} is out of range")))
+}
+
+fn record(row: &MySqlRow) -> Result<JobRecord> {
+    let spec = JobSpec::from_stored_json(&get::<String>(row, "spec")?)?;
+    let mut r = JobRecord::new(JobId::from(get::<i64>(row, "id")?), spec, Timestamp(get(row, "created_ms")?));
+    r.state = parse_state(&get::<String>(row, "state")?)?;
+    r.attempt = to_u32(get(row, "attempt")?, "attempt")?;
+    r.commit = get(row, "commit_sha")?;
+    r.worker = get(row, "worker")?;
+    r.gpu_ids = get::<Option<String>>(row, "gpu_ids")?
+        .map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| Error::backend("mysql", format!("gpu_ids: {e}")))?;
+    r.exit_code = get(row, "exit_code")?;
+    r.signal = get(row, "term_signal")?;
+    r.output_tail = get(row, "output_tail")?;
+    r.result = get::<Option<String>>(row, "result")?
+        .map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| Error::backend("mysql", format!("result: {e}")))?;
+    r.cancel_requested = get::<i8>(row, "cancel_requested")? != 0;
+    r.started_at = get::<Option<i64>>(row, "started_ms")?.map(Timestamp);
+    r.finished_at = get::<Option<i64>>(row, "finished_ms")?.map(Timestamp);
+    Ok(r)
+}
+
+fn attempt_error(row: &MySqlRow) -> Result<AttemptError> {
+    Ok(AttemptError {
+        job_id: JobId::from(get::<i64>(row, "job_id")?),
+        attempt: to_u32(get(row, "attempt")?, "attempt")?,
+        kind: get::<String>(row, "kind")?.parse::<FailureKind>()?,
+        exit_code: get(row, "exit_code")?,
+        signal: get(row, "term_signal")?,
+        message: get(row, "message")?,
+        output_tail: get(row, "output_tail")?,
+        at: Timestamp(get(row, "at_ms")?),
+    })
+}
+
+#[async_trait]
+impl Queue for MysqlQueue {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default().with_priority(true).with_gpu_filter(true).with_multi_process(true)
+    }
+
+    async fn init(&self) -> Result<()> {
+        // One migrator at a time, across hosts: a named lock on one connection.
+        let mut conn = self.pool.acquire().await.map_err(map)?;
+        let lock_name = format!("gpupool.migrate.{}", self.opts.prefix);
+        let got: Option<i64> = sqlx::query("SELECT GET_LOCK(?, 60)")
+            .bind(&lock_name)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(map)?
+            .try_get(0)
+            .map_err(map)?;
+        if got != Some(1) {
+            return Err(Error::Unavailable {
+                backend: "mysql",
+                source: "another host has been migrating the schema for 60 s".into(),
+            });
+        }
+        let result = async {
+            let p = &self.opts.prefix;
+            let create = format!(
+                "CREATE TABLE IF NOT EXISTS {p}schema_version (version INT NOT NULL PRIMARY KEY, \
+                 applied_at DATETIME(6) NOT NULL) ENGINE = InnoDB"
+            );
+            sqlx::query(AssertSqlSafe(create)).execute(&mut *conn).await.map_err(map)?;
+            let select = format!("SELECT COALESCE(MAX(version), 0) FROM {p}schema_version");
+            let version: i64 = sqlx::query(AssertSqlSafe(select))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(map)?
+                .try_get::<i64, _>(0)
+                .map_err(map)?;
+            let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+            if version > latest {
+                return Err(Error::Config(format!(
+                    "the schema is at version {version}, newer than this gpupool knows ({latest}); upgrade gpupool"
+                )));
+            }
+            for (v, script) in MIGRATIONS.iter().filter(|(v, _)| *v > version) {
+                for statement in script.split(";\n\n").map(str::trim).filter(|s| !s.is_empty()) {
+                    let statement = statement.trim_end_matches(';').replace("{prefix}", p);
+                    sqlx::query(AssertSqlSafe(statement)).execute(&mut *conn).await.map_err(map)?;
+                }
+                let record =
+                    format!("INSERT INTO {p}schema_version (version, applied_at) VALUES (?, UTC_TIMESTAMP(6))");
+                sqlx::query(AssertSqlSafe(record)).bind(v).execute(&mut *conn).await.map_err(map)?;
+            }
+            Ok(())
+        }
+        .await;
+        let _ = sqlx::query("SELECT RELEASE_LOCK(?)").bind(&lock_name).execute(&mut *conn).await;
+        result
+    }
+
+    async fn push(&self, spec: JobSpec) -> Result<JobId> {
+        spec.validate()?;
+        let inserted = q(&self.sql.insert)
+            .bind(&spec.queue)
+            .bind(spec.priority)
+            .bind(spec.gpus.map(i64::from))
+            .bind(spec.to_json()?)
+            .bind(&spec.idempotency_key)
+            .bind(i64::from(spec.max_attempts))
+            .bind(i64::from(spec.max_attempts))
+            .execute(&self.pool)
+            .await;
+        match inserted {
+            Ok(done) => Ok(JobId::from(i64::try_from(done.last_insert_id()).unwrap_or(i64::MAX))),
+            Err(e) if is_duplicate(&e) && spec.idempotency_key.is_some() => {
+                let id: i64 = q(&self.sql.by_key)
+                    .bind(&spec.idempotency_key)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(map)?
+                    .try_get(0)
+                    .map_err(map)?;
+                Ok(JobId::from(id))
+            }
+            Err(e) => Err(map(e)),
+        }
+    }
+
+    async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
+        let deadline = tokio::time::Instant::now() + req.wait;
+        loop {
+            if let Some(lease) = self.try_reserve(req).await? {
+                self.idle_polls.store(0, Ordering::Relaxed);
+                return Ok(Some(lease));
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let idle = self.idle_polls.fetch_add(1, Ordering::Relaxed).min(8);
+            let pause = (POLL_MIN * 2u32.pow(idle)).min(POLL_MAX).min(deadline - now);
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    async fn heartbeat(&self, lease: &Lease, extend: Duration) -> Result<Heartbeat> {
+        let id = lease.id().as_i64()?;
+        let done = q(&self.sql.heartbeat)
+            .bind(micros(extend))
+            .bind(id)
+            .bind(&lease.token)
+            .execute(&self.pool)
+            .await
+            .map_err(map)?;
+        // The driver asks for found rows, so 0 means no row matched: the
+        // lease is gone.
+        if done.rows_affected() == 0 {
+            return Err(Self::lost(lease));
+        }
+        let row = q(&self.sql.cancel_flag)
+            .bind(id)
+            .bind(&lease.token)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map)?
+            .ok_or_else(|| Self::lost(lease))?;
+        let cancel: i8 = row.try_get(0).map_err(map)?;
+        Ok(if cancel != 0 { Heartbeat::CancelRequested } else { Heartbeat::Extended })
+    }
+
+    async fn started(&self, lease: &Lease, info: &RunInfo) -> Result<()> {
+        let gpu_ids = serde_json::to_string(&info.gpu_ids).map_err(|e| Error::backend("mysql", e))?;
+        let done = q(&self.sql.started)
+            .bind(&info.commit)
+            .bind(gpu_ids)
+            .bind(lease.id().as_i64()?)
+            .bind(&lease.token)
+            .execute(&self.pool)
+            .await
+            .map_err(map)?;
+        if done.rows_affected() == 1 { Ok(()) } else { Err(Self::lost(lease)) }
+    }
+
+    async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
+        let res = q(&self.sql.complete)
+            .bind(done.output_tail)
+            .bind(done.result.map(|v| v.to_string()))
+            .bind(lease.id().as_i64()?)
+            .bind(&lease.token)
+            .execute(&self.pool)
+            .await
+            .map_err(map)?;
+        if res.rows_affected() == 1 { Ok(()) } else { Err(Self::lost(lease)) }
+    }
+
+    async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome> {
+        let id = lease.id().as_i64()?;
+        let sql = Arc::clone(&self.sql);
+        let token = lease.token.clone();
+        self.in_tx(move |tx| {
+            let (sql, token, failure) = (Arc::clone(&sql), token.clone(), failure.clone());
+            Box::pin(async move {
+                let Some(row) = q(&sql.held).bind(id).bind(&token).fetch_optional(&mut **tx).await? else {
+                    return Ok(Err(Error::LeaseLost { id: id.to_string() }));
+                };
+                let (attempt, limit): (i32, i32) = (row.try_get(0)?, row.try_get(1)?);
+                let requeue = failure.requeues(u32::try_from(attempt).unwrap_or(0), u32::try_from(limit).unwrap_or(0));
+                q(&sql.insert_error)
+                    .bind(id)
+                    .bind(attempt)
+                    .bind(failure.kind.as_str())
+                    .bind(failure.exit_code)
+                    .bind(failure.signal)
+                    .bind(&failure.message)
+                    .bind(&failure.output_tail)
+                    .execute(&mut **tx)
+                    .await?;
+                let state = if requeue { JobState::Queued } else { JobState::Failed };
+                q(&sql.fail_update)
+                    .bind(state.as_str())
+                    .bind(failure.exit_code)
+                    .bind(failure.signal)
+                    .bind(&failure.output_tail)
+                    .bind(!requeue)
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(Ok(if requeue { FailOutcome::Requeued } else { FailOutcome::Failed }))
+            })
+        })
+        .await
+    }
+
+    async fn cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
+        let res = q(&self.sql.cancelled)
+            .bind(output_tail)
+            .bind(lease.id().as_i64()?)
+            .bind(&lease.token)
+            .execute(&self.pool)
+            .await
+            .map_err(map)?;
+        if res.rows_affected() == 1 { Ok(()) } else { Err(Self::lost(lease)) }
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let res = q(&self.sql.release)
+            .bind(lease.id().as_i64()?)
+            .bind(&lease.token)
+            .execute(&self.pool)
+            .await
+            .map_err(map)?;
+        if res.rows_affected() == 1 { Ok(()) } else { Err(Self::lost(lease)) }
+    }
+
+    async fn cancel(&self, id: &JobId) -> Result<CancelOutcome> {
+        let n = id.as_i64()?;
+        let sql = Arc::clone(&self.sql);
+        self.in_tx(move |tx| {
+            let sql = Arc::clone(&sql);
+            Box::pin(async move {
+                let Some(row) = q(&sql.state_of).bind(n).fetch_optional(&mut **tx).await? else {
+                    return Ok(Err(Error::NotFound { id: n.to_string() }));
+                };
+                let state = match parse_state(&row.try_get::<String, _>(0)?) {
+                    Ok(s) => s,
+                    Err(e) => return Ok(Err(e)),
+                };
+                Ok(Ok(match state {
+                    JobState::Queued => {
+                        q(&sql.cancel_queued).bind(n).execute(&mut **tx).await?;
+                        CancelOutcome::Cancelled
+                    }
+                    JobState::Running => {
+                        q(&sql.cancel_running).bind(n).execute(&mut **tx).await?;
+                        CancelOutcome::Requested
+                    }
+                    ended => CancelOutcome::AlreadyEnded(ended),
+                }))
+            })
+        })
+        .await
+    }
+
+    async fn retry(&self, id: &JobId) -> Result<()> {
+        let n = id.as_i64()?;
+        let sql = Arc::clone(&self.sql);
+        self.in_tx(move |tx| {
+            let sql = Arc::clone(&sql);
+            Box::pin(async move {
+                let Some(row) = q(&sql.state_of).bind(n).fetch_optional(&mut **tx).await? else {
+                    return Ok(Err(Error::NotFound { id: n.to_string() }));
+                };
+                let state = match parse_state(&row.try_get::<String, _>(0)?) {
+                    Ok(s) => s,
+                    Err(e) => return Ok(Err(e)),
+                };
+                if !matches!(state, JobState::Failed | JobState::Cancelled) {
+                    return Ok(Err(Error::InvalidState {
+                        id: n.to_string(),
+                        state,
+                        message: "only a failed or cancelled job can be retried".into(),
+                    }));
+                }
+                q(&sql.retry).bind(n).execute(&mut **tx).await?;
+                Ok(Ok(()))
+            })
+        })
+        .await
+    }
+
+    async fn get(&self, id: &JobId) -> Result<JobRecord> {
+        let n = id.as_i64()?;
+        let row = q(&self.sql.select_job)
+            .bind(n)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map)?
+            .ok_or_else(|| Error::NotFound { id: id.to_string() })?;
+        let mut r = record(&row)?;
+        let rows = q(&self.sql.select_errors).bind(n).fetch_all(&self.pool).await.map_err(map)?;
+        r.errors = rows.iter().map(attempt_error).collect::<Result<_>>()?;
+        Ok(r)
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>> {
+        let shape = usize::from(filter.state.is_some()) + 2 * usize::from(filter.queue.is_some());
+        let rows = q(&self.sql.list[shape])
+            .bind(filter.state.map(JobState::as_str))
+            .bind(&filter.queue)
+            .bind(i64::from(filter.limit))
+            .bind(i64::try_from(filter.offset).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map)?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
+        let rows = match job {
+            Some(id) => q(&self.sql.errors_of).bind(id.as_i64()?).bind(i64::from(limit)),
+            None => q(&self.sql.errors_all).bind(i64::from(limit)),
+        }
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map)?;
+        rows.iter().map(attempt_error).collect()
+    }
+}
