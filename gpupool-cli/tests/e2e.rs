@@ -8,6 +8,7 @@
 // Test code: a panic is how a check fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -73,7 +74,8 @@ impl Backend {
                     std::env::var("GPUPOOL_REQUIRE_BACKENDS").as_deref() != Ok("1"),
                     "GPUPOOL_REQUIRE_BACKENDS=1 but {why}"
                 );
-                println!("skipped: {name} end-to-end test: {why}");
+                // Straight to stderr: the test harness captures println!.
+                let _ = writeln!(std::io::stderr(), "skipped: {name} end-to-end test: {why}");
                 None
             }
         }
