@@ -32,6 +32,7 @@ pub const CONFIG_FILE: &str = "gpupool.toml";
 /// | --- | --- |
 /// | `sqlite://` | [`gpupool_sqlite::SqliteQueue`] |
 /// | `mysql://`, `mariadb://` | [`gpupool_mysql::MysqlQueue`] |
+/// | `redis://`, `rediss://` | [`gpupool_redis::RedisQueue`] |
 /// | `memory://` | [`MemoryQueue`], this process only |
 pub async fn connect(url: &str) -> Result<Arc<dyn Queue>> {
     let scheme = url.split_once("://").map(|(s, _)| s).or_else(|| url.split_once(':').map(|(s, _)| s));
@@ -39,11 +40,12 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Queue>> {
         Some("sqlite") => Ok(Arc::new(gpupool_sqlite::SqliteQueue::connect(url).await?)),
         Some("memory") => Ok(Arc::new(MemoryQueue::new())),
         Some("mysql" | "mariadb") => Ok(Arc::new(gpupool_mysql::MysqlQueue::connect(url).await?)),
-        Some(other @ ("redis" | "rediss" | "amqp" | "amqps")) => Err(Error::Config(format!(
-            "the {other} backend is not built into this gpupool yet; use sqlite://PATH or mysql://…"
+        Some("redis" | "rediss") => Ok(Arc::new(gpupool_redis::RedisQueue::connect(url).await?)),
+        Some(other @ ("amqp" | "amqps")) => Err(Error::Config(format!(
+            "the {other} backend is not built into this gpupool yet; use sqlite://, mysql:// or redis://"
         ))),
         _ => Err(Error::Config(format!(
-            "`{}` is not a queue URL; use sqlite://PATH or mysql://USER:PASS@HOST:3306/DB",
+            "`{}` is not a queue URL; use sqlite://PATH, mysql://USER:PASS@HOST:3306/DB or redis://HOST:6379/0",
             redact_url(url)
         ))),
     }

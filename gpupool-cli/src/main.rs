@@ -329,6 +329,11 @@ async fn push(queue: &dyn Queue, files: Vec<PathBuf>, set: &[String], json: bool
         }
         batches.push((file, jobs));
     }
+    if !queue.capabilities().priority && batches.iter().any(|(_, jobs)| jobs.iter().any(|j| j.priority != 0)) {
+        eprintln!(
+            "gpupool: warning: this backend runs jobs first in, first out and ignores `priority`; use queues for urgency (worker --queues urgent,default)"
+        );
+    }
     let mut ids = Vec::new();
     for (_, jobs) in batches {
         for job in jobs {

@@ -53,6 +53,7 @@ with open(path + ".end", "w") as f:
 enum Backend {
     Sqlite,
     Mysql,
+    Redis,
 }
 
 impl Backend {
@@ -61,12 +62,16 @@ impl Backend {
         let (var, name) = match self {
             Backend::Sqlite => return Some(format!("sqlite://{}/queue.db", dir.display())),
             Backend::Mysql => ("GPUPOOL_TEST_MYSQL_URL", "MySQL"),
+            Backend::Redis => ("GPUPOOL_TEST_REDIS_URL", "Redis"),
         };
         match std::env::var(var).ok().filter(|u| !u.is_empty()) {
             Some(base) => {
                 let sep = if base.contains('?') { '&' } else { '?' };
-                let prefix = format!("e2e{}_", uuid_like());
-                Some(format!("{base}{sep}prefix={prefix}"))
+                Some(match self {
+                    // Reclaim may look at an entry after 1 s idle (the tests use 3 s leases).
+                    Backend::Redis => format!("{base}{sep}prefix=gpe2e:{}:&reclaim_idle=1s", uuid_like()),
+                    _ => format!("{base}{sep}prefix=e2e{}_", uuid_like()),
+                })
             }
             None => {
                 let why = format!("{var} is not set");
@@ -248,17 +253,31 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        if let Backend::Mysql = self.backend {
-            let url = self.url.clone();
-            let dropped = tokio::runtime::Builder::new_current_thread().enable_all().build().map(|rt| {
-                rt.block_on(async {
-                    let q = gpupool_mysql::MysqlQueue::connect(&url).await?;
-                    q.drop_tables().await
-                })
-            });
-            if let Ok(Err(e)) = dropped {
-                eprintln!("could not drop the test tables: {e}");
-            }
+        let url = self.url.clone();
+        let backend = self.backend;
+        let cleaned = tokio::runtime::Builder::new_current_thread().enable_all().build().map(|rt| {
+            rt.block_on(async {
+                match backend {
+                    Backend::Sqlite => Ok(()),
+                    Backend::Mysql => gpupool_mysql::MysqlQueue::connect(&url).await?.drop_tables().await,
+                    Backend::Redis => {
+                        let q = gpupool_redis::RedisQueue::connect(&url).await?;
+                        let mut c = q.connection();
+                        let keys: Vec<String> = ::redis::cmd("KEYS")
+                            .arg(format!("{}*", q.options().prefix))
+                            .query_async(&mut c)
+                            .await
+                            .unwrap_or_default();
+                        if !keys.is_empty() {
+                            let _: ::redis::RedisResult<i64> = ::redis::cmd("DEL").arg(keys).query_async(&mut c).await;
+                        }
+                        Ok(())
+                    }
+                }
+            })
+        });
+        if let Ok(Err(e)) = cleaned {
+            eprintln!("could not clean up the test queue: {e}");
         }
     }
 }
@@ -600,6 +619,10 @@ macro_rules! scenarios {
         /// Every scenario on MySQL/MariaDB (`GPUPOOL_TEST_MYSQL_URL`).
         mod mysql {
             $( #[test] fn $name() { super::$name(super::Backend::Mysql) } )*
+        }
+        /// Every scenario on Redis (`GPUPOOL_TEST_REDIS_URL`).
+        mod redis {
+            $( #[test] fn $name() { super::$name(super::Backend::Redis) } )*
         }
     };
 }

@@ -192,14 +192,13 @@ impl Worker {
                     summary.reserved += 1;
                     let need = lease.job.spec.gpus_needed(gpu_host);
                     let given = gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(need);
-                    let Some(given) = given else {
+                    let given = match given {
+                        Some(given) => given,
                         // Only a backend without GPU filtering gets here.
-                        warn!(job_id = %lease.id(), need, free, "job needs more GPUs than are free; giving it back");
-                        if let Err(e) = ctx.queue.release(&lease).await {
-                            warn!(job_id = %lease.id(), "release failed: {e}");
-                        }
-                        sleep_or(&shutdown, Duration::from_secs(1)).await;
-                        continue;
+                        None => match hold_until_fits(&ctx, &lease, need, &gpus, &mut tasks, &shutdown).await {
+                            Some(given) => given,
+                            None => continue,
+                        },
                     };
                     let span = info_span!("job", job_id = %lease.id(), attempt = lease.attempt(), worker = %cfg.name);
                     let (ctx2, gpus2, stop) = (Arc::clone(&ctx), Arc::clone(&gpus), stop_all.clone());
@@ -243,6 +242,58 @@ impl Worker {
             }
         }
         Ok(summary)
+    }
+}
+
+/// A job that needs more GPUs than are free right now (from a backend that
+/// cannot filter by size). If this worker has that many GPUs at all, it
+/// holds the job (heartbeating) and reserves nothing else until they are
+/// free, so a stream of small jobs cannot starve a big one. Otherwise it
+/// gives the job back for a bigger worker. `None`: the job was given back,
+/// cancelled or lost.
+async fn hold_until_fits(
+    ctx: &Ctx,
+    lease: &Lease,
+    need: u32,
+    gpus: &StdMutex<GpuSlots>,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> Option<Vec<u32>> {
+    let total = u32::try_from(ctx.cfg.gpus.len()).unwrap_or(u32::MAX);
+    if need > total {
+        warn!(job_id = %lease.id(), need, total, "job needs more GPUs than this worker has; giving it back");
+        if let Err(e) = ctx.queue.release(lease).await {
+            warn!(job_id = %lease.id(), "release failed: {e}");
+        }
+        sleep_or(shutdown, Duration::from_secs(10)).await;
+        return None;
+    }
+    info!(job_id = %lease.id(), need, "holding the job until {need} GPUs are free; reserving nothing else");
+    loop {
+        if let Some(given) = gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(need) {
+            return Some(given);
+        }
+        tokio::select! {
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            () = tokio::time::sleep(ctx.cfg.heartbeat) => {}
+            () = shutdown.cancelled() => {
+                if let Err(e) = ctx.queue.release(lease).await {
+                    warn!(job_id = %lease.id(), "release failed: {e}");
+                }
+                return None;
+            }
+        }
+        match ctx.queue.heartbeat(lease, ctx.cfg.lease).await {
+            Ok(Heartbeat::CancelRequested) => {
+                if let Err(e) = ctx.queue.cancelled(lease, String::new()).await {
+                    warn!(job_id = %lease.id(), "could not record the cancel: {e}");
+                }
+                return None;
+            }
+            Ok(_) => {}
+            Err(Error::LeaseLost { .. }) => return None,
+            Err(e) => warn!(job_id = %lease.id(), "heartbeat failed ({e}); trying again"),
+        }
     }
 }
 

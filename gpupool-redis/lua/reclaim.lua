@@ -1,0 +1,33 @@
+-- An entry XAUTOCLAIM moved to us. ARGV: prefix, queue, entry, consumer, worker, token, lease_ms
+local queue, entry, consumer, worker, token, lease_ms = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local s = skey(queue)
+local found = redis.call('XRANGE', s, entry, entry)
+if #found == 0 then redis.call('XACK', s, GROUP, entry); return false end
+local fields = found[1][2]
+local id = nil
+for i = 1, #fields, 2 do if fields[i] == 'job' then id = fields[i + 1] end end
+if not id then redis.call('XACK', s, GROUP, entry); return false end
+local h = jkey(id)
+local v = redis.call('HMGET', h, 'state', 'entry', 'expires', 'consumer', 'attempt', 'attempt_limit', 'cancel', 'worker')
+if v[1] ~= 'running' or v[2] ~= entry then
+  redis.call('XACK', s, GROUP, entry)
+  return false
+end
+local now = now_ms()
+if tonumber(v[3]) >= now then
+  -- Not expired (its holder has a longer lease): give the entry back.
+  redis.call('XCLAIM', s, GROUP, v[4], 0, entry, 'JUSTID')
+  return false
+end
+add_error(id, v[5], 'lease_lost', '', '', 'lease expired: worker ' .. (v[8] or 'unknown') .. ' stopped heartbeating', '', now)
+redis.call('HSET', h, 'token', '')
+if v[7] == '1' then
+  set_state(id, 'cancelled'); redis.call('HSET', h, 'finished', now); drop_entry(id)
+  return false
+end
+if tonumber(v[5]) >= tonumber(v[6]) then
+  set_state(id, 'failed'); redis.call('HSET', h, 'finished', now); drop_entry(id)
+  return false
+end
+-- Attempts left: the entry is ours now, so is the job.
+return start_lease(id, consumer, worker, token, lease_ms, now)

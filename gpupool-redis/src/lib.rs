@@ -1,0 +1,83 @@
+//! The Redis Streams backend of gpupool (Redis ≥ 6.2, standalone).
+//!
+//! ```no_run
+//! use gpupool_core::{JobSpec, Queue};
+//! use gpupool_redis::RedisQueue;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> gpupool_core::Result<()> {
+//! let queue = RedisQueue::connect("redis://127.0.0.1:6379/0?prefix=gpupool:").await?;
+//! queue.init().await?; // checks the server; streams are made on first use
+//! queue.push(JobSpec::new("main", "train.py")).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Keys (all under the prefix, default `gpupool:`)
+//!
+//! | key | type | what |
+//! | --- | --- | --- |
+//! | `stream:QUEUE` | stream, group `gpupool` | one entry (`job` = id) per queued job |
+//! | `job:ID` | hash | the job: `spec` (JSON), `state`, `attempt`, `token`, `expires`, `entry`, … |
+//! | `seq` | string | the id sequence (`INCR`) |
+//! | `all`, `state:STATE`, `queue:QUEUE` | sorted sets | ids, for listing newest first |
+//! | `errors:ID`, `errors` | lists | failed attempts of a job; the newest 10,000 of all |
+//! | `idem:KEY` | string | idempotency key → id |
+//!
+//! # How a job travels
+//!
+//! `push` is one Lua script: hash, indexes and `XADD`. `reserve` first runs
+//! `XAUTOCLAIM` (min idle `reclaim_idle`, default 30 s, about 3× the
+//! heartbeat) on each queue: an entry whose holder stopped heartbeating and
+//! whose lease expired (the `expires` field, Redis's clock) is recorded as
+//! `lease_lost` and re-leased to the caller, or ends `failed`/`cancelled`;
+//! one whose lease still holds is handed back with `XCLAIM … JUSTID`. Then
+//! `XREADGROUP … COUNT 1` per queue, in order; with nothing there it blocks
+//! on all of them (`BLOCK`, on a connection of its own), so a pushed job is
+//! picked up at once and an idle worker sends nothing but that one read per
+//! second. The claim itself is a script that checks the job is still
+//! queued (a cancelled job's entry is acknowledged and skipped).
+//!
+//! While the job runs its entry stays pending: the heartbeat script checks
+//! the lease token, extends `expires` and resets the entry's idle time with
+//! `XCLAIM … JUSTID` (which does not count a delivery). Complete, fail,
+//! cancel and release check the token, `XACK` and `XDEL` the entry and, for
+//! a retry or a release, `XADD` a new one, all in one script. A failed
+//! attempt goes back to the queue at once: there are no delayed retries, so
+//! no periodic mover to wait for.
+//!
+//! # Priorities
+//!
+//! Not supported: a stream is first in, first out, and one stream per
+//! priority level would make every reserve a scan over levels. The
+//! capability is reported as off, the conformance suite checks FIFO order,
+//! and `gpupool push` warns when a job sets `priority` on this backend. Use
+//! queues for urgency instead: `gpupool worker --queues urgent,default`.
+//!
+//! # GPU fitting
+//!
+//! A stream cannot filter by size, so `reserve` may return a job needing
+//! more GPUs than the caller has free. The worker then holds it (heartbeating)
+//! and reserves nothing smaller until enough GPUs are free, so big jobs are
+//! not starved by a stream of small ones.
+//!
+//! # What survives a Redis restart
+//!
+//! | persistence | after a crash or restart |
+//! | --- | --- |
+//! | none | nothing: every job, stream and record is gone |
+//! | RDB snapshots | the state of the last snapshot: jobs pushed or finished since are lost or run again |
+//! | AOF `everysec` | all but about the last second: a completion in that second is lost and the job runs again |
+//! | AOF `always` | everything acknowledged; a job whose completion was in flight runs again |
+//!
+//! Each script is one write to the AOF, so a restart never finds a job half
+//! moved. A job whose lease was running when Redis went down is reclaimed
+//! through `XAUTOCLAIM` once its lease expires, if its worker does not come
+//! back to finish it.
+
+mod error;
+mod options;
+mod queue;
+
+pub use options::{DEFAULT_PREFIX, RedisOptions, SCHEMES};
+pub use queue::RedisQueue;

@@ -1,0 +1,635 @@
+//! [`RedisQueue`]: the [`Queue`] on Redis Streams.
+//!
+//! Dispatch is a stream per queue with one consumer group, `gpupool`:
+//! `XREADGROUP … BLOCK` reserves (an idle worker costs nothing and wakes
+//! the moment a job is pushed), the entry stays pending while the job runs,
+//! `XCLAIM … JUSTID` on it is the heartbeat, and `XAUTOCLAIM` hands the
+//! entries of dead workers to a live one. The job itself lives in a hash
+//! beside the stream; every change that touches more than one key is one
+//! Lua script, so no crash or race can leave the stream and the hash
+//! disagreeing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use gpupool_core::{
+    AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, Heartbeat, JobId, JobRecord,
+    JobSpec, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{Script, Value};
+
+use crate::error::{is_no_group, map};
+use crate::options::RedisOptions;
+
+const GROUP: &str = "gpupool";
+
+/// Stream entries as `XREADGROUP` returns them: (entry id, fields).
+type Entries = Vec<(String, HashMap<String, String>)>;
+
+/// The longest single blocking read; a waiting reserve also looks for
+/// expired leases between reads.
+const BLOCK_SLICE: Duration = Duration::from_secs(1);
+
+macro_rules! script {
+    ($file:literal) => {
+        Script::new(concat!(include_str!("../lua/prelude.lua"), "\n", include_str!(concat!("../lua/", $file))))
+    };
+}
+
+#[derive(Debug)]
+struct Scripts {
+    push: Script,
+    claim: Script,
+    reclaim: Script,
+    undeliver: Script,
+    heartbeat: Script,
+    started: Script,
+    finish: Script,
+    fail: Script,
+    release: Script,
+    cancel: Script,
+    retry: Script,
+    list: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            push: script!("push.lua"),
+            claim: script!("claim.lua"),
+            reclaim: script!("reclaim.lua"),
+            undeliver: script!("undeliver.lua"),
+            heartbeat: script!("heartbeat.lua"),
+            started: script!("started.lua"),
+            finish: script!("finish.lua"),
+            fail: script!("fail.lua"),
+            release: script!("release.lua"),
+            cancel: script!("cancel.lua"),
+            retry: script!("retry.lua"),
+            list: script!("list.lua"),
+        }
+    }
+}
+
+/// A queue on Redis ≥ 6.2 (standalone, not Cluster).
+#[derive(Clone)]
+pub struct RedisQueue {
+    client: redis::Client,
+    conn: ConnectionManager,
+    opts: Arc<RedisOptions>,
+    scripts: Arc<Scripts>,
+    /// Connections for blocking reads, which must not hold up the shared one.
+    blocking: Arc<StdMutex<Vec<MultiplexedConnection>>>,
+    /// Streams whose consumer group exists.
+    groups: Arc<StdMutex<HashSet<String>>>,
+    /// This process's consumer name in the group.
+    consumer: String,
+}
+
+impl std::fmt::Debug for RedisQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisQueue").field("opts", &self.opts).field("consumer", &self.consumer).finish_non_exhaustive()
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl RedisQueue {
+    /// Connects to the Redis a `redis://` or `rediss://` URL names. Fails
+    /// within the connect timeout with one line naming `host:port` and the
+    /// cause.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::open(RedisOptions::from_url(url)?).await
+    }
+
+    /// Connects with parsed options.
+    pub async fn open(opts: RedisOptions) -> Result<Self> {
+        let fail = |cause: String| Error::Unavailable {
+            backend: crate::error::BACKEND,
+            source: format!("cannot connect to Redis at {}: {cause}", opts.endpoint).into(),
+        };
+        let client = redis::Client::open(opts.driver_url.as_str()).map_err(|e| {
+            Error::Config(format!("`{}`: {}", opts.redacted_url, gpupool_core::redact::redact_url(&e.to_string())))
+        })?;
+        // One direct connection first, so a refused AUTH or a bad database
+        // number is reported as such, at once.
+        let probe = tokio::time::timeout(opts.connect_timeout, async {
+            let mut c = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut c).await
+        })
+        .await;
+        match probe {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(fail(gpupool_core::redact::redact_url(&e.to_string()))),
+            Err(_) => return Err(fail(format!("no answer within {} s", opts.connect_timeout.as_secs()))),
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(opts.connect_timeout))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(|e| fail(gpupool_core::redact::redact_url(&e.to_string())))?;
+        let consumer =
+            format!("{}-{}", gpupool_core::default_worker_name(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        Ok(RedisQueue {
+            client,
+            conn,
+            opts: Arc::new(opts),
+            scripts: Arc::new(Scripts::new()),
+            blocking: Arc::default(),
+            groups: Arc::default(),
+            consumer,
+        })
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &RedisOptions {
+        &self.opts
+    }
+
+    /// A connection for plain commands (the shared, reconnecting one).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    fn p(&self) -> &str {
+        &self.opts.prefix
+    }
+
+    fn stream(&self, queue: &str) -> String {
+        format!("{}stream:{queue}", self.p())
+    }
+
+    /// Creates the consumer group of a queue's stream if it is missing
+    /// (from the start of the stream, so nothing pushed before is skipped).
+    async fn ensure_group(&self, queue: &str) -> Result<()> {
+        let stream = self.stream(queue);
+        if self.groups.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&stream) {
+            return Ok(());
+        }
+        let mut c = self.conn.clone();
+        let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&stream)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut c)
+            .await;
+        match created {
+            Ok(_) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(map(e)),
+        }
+        self.groups.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(stream);
+        Ok(())
+    }
+
+    fn forget_groups(&self) {
+        self.groups.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+    }
+
+    /// Reclaims expired leases in one queue; returns a lease if one of them
+    /// is ours to run now.
+    async fn reclaim(&self, queue: &str, req: &ReserveRequest) -> Result<Option<Lease>> {
+        let mut c = self.conn.clone();
+        let reply: Value = redis::cmd("XAUTOCLAIM")
+            .arg(self.stream(queue))
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg(ms(self.opts.reclaim_idle))
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(10)
+            .arg("JUSTID")
+            .query_async(&mut c)
+            .await
+            .map_err(map)?;
+        let entries: Vec<String> = match reply {
+            Value::Array(parts) if parts.len() >= 2 => from_value(parts[1].clone())?,
+            _ => Vec::new(),
+        };
+        for entry in entries {
+            let token = new_token();
+            let got: Value = self
+                .scripts
+                .reclaim
+                .arg(self.p())
+                .arg(queue)
+                .arg(&entry)
+                .arg(&self.consumer)
+                .arg(&req.worker)
+                .arg(&token)
+                .arg(ms(req.lease))
+                .invoke_async(&mut c)
+                .await
+                .map_err(map)?;
+            if let Some(lease) = lease_from(got, token)? {
+                return Ok(Some(lease));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Claims a delivered entry; `None` if it was stale.
+    async fn claim(&self, queue: &str, entry: &str, job: &str, req: &ReserveRequest) -> Result<Option<Lease>> {
+        let token = new_token();
+        let mut c = self.conn.clone();
+        let got: Value = self
+            .scripts
+            .claim
+            .arg(self.p())
+            .arg(queue)
+            .arg(entry)
+            .arg(job)
+            .arg(&self.consumer)
+            .arg(&req.worker)
+            .arg(&token)
+            .arg(ms(req.lease))
+            .invoke_async(&mut c)
+            .await
+            .map_err(map)?;
+        lease_from(got, token)
+    }
+
+    /// Reads new entries: one per stream at most, waiting up to `block`
+    /// (none: do not wait). Returns (queue, entry, job) in queue order.
+    async fn read(&self, queues: &[String], block: Option<Duration>) -> Result<Vec<(String, String, String)>> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP").arg(GROUP).arg(&self.consumer).arg("COUNT").arg(1);
+        if let Some(b) = block {
+            cmd.arg("BLOCK").arg(ms(b).max(1));
+        }
+        cmd.arg("STREAMS");
+        for q in queues {
+            cmd.arg(self.stream(q));
+        }
+        for _ in queues {
+            cmd.arg(">");
+        }
+        let reply: redis::RedisResult<Value> = match block {
+            None => cmd.query_async(&mut self.conn.clone()).await,
+            Some(_) => {
+                let mut conn = self.blocking_conn().await?;
+                let r = cmd.query_async(&mut conn).await;
+                if r.is_ok() {
+                    self.blocking.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(conn);
+                }
+                r
+            }
+        };
+        let reply = match reply {
+            Err(e) if is_no_group(&e) => {
+                self.forget_groups();
+                return Ok(Vec::new());
+            }
+            other => other.map_err(map)?,
+        };
+        // RESP2 answers an array of [name, entries]; RESP3 a map.
+        let streams: Vec<(String, Entries)> = match reply {
+            Value::Nil => Vec::new(),
+            Value::Map(pairs) => {
+                pairs.into_iter().map(|(k, v)| Ok((from_value(k)?, from_value(v)?))).collect::<Result<_>>()?
+            }
+            other => from_value(other)?,
+        };
+        let mut found = Vec::new();
+        for (name, entries) in streams {
+            let queue = queues.iter().find(|q| self.stream(q) == name).cloned().unwrap_or_default();
+            for (entry, fields) in entries {
+                found.push((queue.clone(), entry, fields.get("job").cloned().unwrap_or_default()));
+            }
+        }
+        found.sort_by_key(|(q, _, _)| queues.iter().position(|x| x == q));
+        Ok(found)
+    }
+
+    async fn blocking_conn(&self) -> Result<MultiplexedConnection> {
+        let pooled = self.blocking.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        match pooled {
+            Some(c) => Ok(c),
+            None => self.client.get_multiplexed_async_connection().await.map_err(map),
+        }
+    }
+
+    /// One pass: reclaim, then fresh entries, queue by queue.
+    async fn try_reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
+        for queue in &req.queues {
+            self.ensure_group(queue).await?;
+            if let Some(lease) = self.reclaim(queue, req).await? {
+                return Ok(Some(lease));
+            }
+            // Stale entries (cancelled jobs) are skipped; a bounded number.
+            for _ in 0..100 {
+                let Some((q, entry, job)) = self.read(std::slice::from_ref(queue), None).await?.into_iter().next()
+                else {
+                    break;
+                };
+                if let Some(lease) = self.claim(&q, &entry, &job, req).await? {
+                    return Ok(Some(lease));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn script_status(&self, script: &Script, args: &[String]) -> Result<Value> {
+        let mut inv = script.prepare_invoke();
+        inv.arg(self.p());
+        for a in args {
+            inv.arg(a);
+        }
+        inv.invoke_async(&mut self.conn.clone()).await.map_err(map)
+    }
+
+    fn lost(lease: &Lease) -> Error {
+        Error::LeaseLost { id: lease.id().to_string() }
+    }
+
+    async fn fenced(&self, script: &Script, lease: &Lease, args: &[String]) -> Result<i64> {
+        let mut all = vec![lease.id().to_string(), lease.token.clone()];
+        all.extend_from_slice(args);
+        let v = self.script_status(script, &all).await?;
+        let n: i64 = from_value(v)?;
+        if n < 0 { Err(Self::lost(lease)) } else { Ok(n) }
+    }
+
+    async fn records(&self, ids: &[String]) -> Result<Vec<JobRecord>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hgetall(format!("{}job:{id}", self.p()));
+        }
+        let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut self.conn.clone()).await.map_err(map)?;
+        ids.iter().zip(hashes).filter(|(_, h)| !h.is_empty()).map(|(id, h)| record(id, &h)).collect()
+    }
+}
+
+/// Decodes a reply.
+fn from_value<T: redis::FromRedisValue>(v: Value) -> Result<T> {
+    redis::from_redis_value(v).map_err(|e| map(e.into()))
+}
+
+fn new_token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// `{HGETALL, errors, expires}` from `start_lease`, or nil.
+fn lease_from(v: Value, token: String) -> Result<Option<Lease>> {
+    if matches!(v, Value::Nil) {
+        return Ok(None);
+    }
+    let (fields, errors, expires): (Vec<String>, Vec<String>, i64) = from_value(v)?;
+    let mut job = record_from_hash(&pairs(fields))?;
+    job.errors = errors.iter().map(|e| parse_error(e)).collect::<Result<_>>()?;
+    Ok(Some(Lease { job, token, expires_at: Timestamp(expires) }))
+}
+
+fn pairs(flat: Vec<String>) -> HashMap<String, String> {
+    let mut it = flat.into_iter();
+    let mut m = HashMap::new();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        m.insert(k, v);
+    }
+    m
+}
+
+fn parse_error(text: &str) -> Result<AttemptError> {
+    serde_json::from_str(text).map_err(|e| Error::backend("redis", format!("error record: {e}")))
+}
+
+fn num<T: std::str::FromStr>(h: &HashMap<String, String>, k: &str) -> Option<T> {
+    h.get(k).filter(|v| !v.is_empty()).and_then(|v| v.parse().ok())
+}
+
+fn record_from_hash(h: &HashMap<String, String>) -> Result<JobRecord> {
+    record(h.get("id").map_or("", String::as_str), h)
+}
+
+fn record(id: &str, h: &HashMap<String, String>) -> Result<JobRecord> {
+    let spec = JobSpec::from_stored_json(h.get("spec").map_or("", String::as_str))?;
+    let mut r = JobRecord::new(JobId::new(id), spec, Timestamp(num(h, "created").unwrap_or(0)));
+    let state = h.get("state").map_or("", String::as_str);
+    r.state = state.parse().map_err(|_| Error::backend("redis", format!("job {id} has unknown state `{state}`")))?;
+    r.attempt = num(h, "attempt").unwrap_or(0);
+    r.commit = h.get("commit").filter(|v| !v.is_empty()).cloned();
+    r.worker = h.get("worker").filter(|v| !v.is_empty()).cloned();
+    r.gpu_ids = h.get("gpu_ids").filter(|v| !v.is_empty()).and_then(|v| serde_json::from_str(v).ok());
+    r.exit_code = num(h, "exit_code");
+    r.signal = num(h, "signal");
+    r.output_tail = h.get("output_tail").cloned();
+    r.result = h.get("result").filter(|v| !v.is_empty()).and_then(|v| serde_json::from_str(v).ok());
+    r.cancel_requested = h.get("cancel").is_some_and(|v| v == "1");
+    r.started_at = num(h, "started").map(Timestamp);
+    r.finished_at = num(h, "finished").map(Timestamp);
+    Ok(r)
+}
+
+#[async_trait]
+impl Queue for RedisQueue {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default().with_blocking_reserve(true).with_multi_process(true)
+    }
+
+    async fn init(&self) -> Result<()> {
+        // Streams and groups are made on first use; nothing else to create.
+        // A round trip checks that the server answers and is ≥ 6.2.
+        let info: String = redis::cmd("INFO").arg("server").query_async(&mut self.conn.clone()).await.map_err(map)?;
+        let version = info.lines().find_map(|l| l.strip_prefix("redis_version:")).unwrap_or("0").trim().to_owned();
+        let parts: Vec<u32> = version.split('.').filter_map(|p| p.parse().ok()).collect();
+        if parts.as_slice() < [6, 2].as_slice() {
+            return Err(Error::Config(format!("Redis {version} lacks XAUTOCLAIM; gpupool needs Redis 6.2 or newer")));
+        }
+        Ok(())
+    }
+
+    async fn push(&self, spec: JobSpec) -> Result<JobId> {
+        spec.validate()?;
+        self.ensure_group(&spec.queue).await?;
+        let v = self
+            .script_status(
+                &self.scripts.push,
+                &[
+                    spec.to_json()?,
+                    spec.queue.clone(),
+                    spec.priority.to_string(),
+                    spec.gpus.map(|g| g.to_string()).unwrap_or_default(),
+                    spec.max_attempts.to_string(),
+                    spec.idempotency_key.clone().unwrap_or_default(),
+                ],
+            )
+            .await?;
+        let id: String = from_value(v)?;
+        Ok(JobId::new(id))
+    }
+
+    async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
+        let deadline = tokio::time::Instant::now() + req.wait;
+        loop {
+            if let Some(lease) = self.try_reserve(req).await? {
+                return Ok(Some(lease));
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            // Wait for a push on any of the queues.
+            let found = self.read(&req.queues, Some((deadline - now).min(BLOCK_SLICE))).await?;
+            let mut leased = None;
+            for (queue, entry, job) in found {
+                if leased.is_none() {
+                    leased = self.claim(&queue, &entry, &job, req).await?;
+                } else {
+                    // One job per reserve: the rest go back to their queues.
+                    self.script_status(&self.scripts.undeliver, &[queue, entry, job]).await?;
+                }
+            }
+            if leased.is_some() {
+                return Ok(leased);
+            }
+        }
+    }
+
+    async fn heartbeat(&self, lease: &Lease, extend: Duration) -> Result<Heartbeat> {
+        let n = self.fenced(&self.scripts.heartbeat, lease, &[ms(extend).to_string()]).await?;
+        Ok(if n == 1 { Heartbeat::CancelRequested } else { Heartbeat::Extended })
+    }
+
+    async fn started(&self, lease: &Lease, info: &RunInfo) -> Result<()> {
+        let gpu_ids = serde_json::to_string(&info.gpu_ids).map_err(|e| Error::backend("redis", e))?;
+        self.fenced(&self.scripts.started, lease, &[info.commit.clone().unwrap_or_default(), gpu_ids]).await.map(|_| ())
+    }
+
+    async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
+        let result = done.result.map(|v| v.to_string()).unwrap_or_default();
+        self.fenced(&self.scripts.finish, lease, &["succeeded".into(), done.output_tail, result, "0".into()])
+            .await
+            .map(|_| ())
+    }
+
+    async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome> {
+        let n = self
+            .fenced(
+                &self.scripts.fail,
+                lease,
+                &[
+                    failure.kind.as_str().to_owned(),
+                    if failure.kind.is_retryable() { "1" } else { "0" }.to_owned(),
+                    failure.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+                    failure.signal.map(|s| s.to_string()).unwrap_or_default(),
+                    failure.message,
+                    failure.output_tail,
+                ],
+            )
+            .await?;
+        Ok(if n == 1 { FailOutcome::Requeued } else { FailOutcome::Failed })
+    }
+
+    async fn cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
+        self.fenced(&self.scripts.finish, lease, &["cancelled".into(), output_tail, String::new(), String::new()])
+            .await
+            .map(|_| ())
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        self.fenced(&self.scripts.release, lease, &[]).await.map(|_| ())
+    }
+
+    async fn cancel(&self, id: &JobId) -> Result<CancelOutcome> {
+        let v = self.script_status(&self.scripts.cancel, &[id.to_string()]).await?;
+        let s: String = from_value(v)?;
+        match s.as_str() {
+            "missing" => Err(Error::NotFound { id: id.to_string() }),
+            "cancelled" => Ok(CancelOutcome::Cancelled),
+            "requested" => Ok(CancelOutcome::Requested),
+            other => {
+                let state = other.strip_prefix("ended:").unwrap_or(other);
+                Ok(CancelOutcome::AlreadyEnded(
+                    state.parse().map_err(|_| Error::backend("redis", format!("unknown state `{state}`")))?,
+                ))
+            }
+        }
+    }
+
+    async fn retry(&self, id: &JobId) -> Result<()> {
+        let v = self.script_status(&self.scripts.retry, &[id.to_string()]).await?;
+        let s: String = from_value(v)?;
+        match s.as_str() {
+            "missing" => Err(Error::NotFound { id: id.to_string() }),
+            "ok" => Ok(()),
+            other => Err(Error::InvalidState {
+                id: id.to_string(),
+                state: other.parse().map_err(|_| Error::backend("redis", format!("unknown state `{other}`")))?,
+                message: "only a failed or cancelled job can be retried".into(),
+            }),
+        }
+    }
+
+    async fn get(&self, id: &JobId) -> Result<JobRecord> {
+        let mut c = self.conn.clone();
+        let (h, errors): (HashMap<String, String>, Vec<String>) = redis::pipe()
+            .hgetall(format!("{}job:{id}", self.p()))
+            .lrange(format!("{}errors:{id}", self.p()), 0, -1)
+            .query_async(&mut c)
+            .await
+            .map_err(map)?;
+        if h.is_empty() {
+            return Err(Error::NotFound { id: id.to_string() });
+        }
+        let mut r = record(id.as_str(), &h)?;
+        r.errors = errors.iter().map(|e| parse_error(e)).collect::<Result<_>>()?;
+        Ok(r)
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>> {
+        let (index, field, value) = match (&filter.state, &filter.queue) {
+            (None, None) => ("all".to_owned(), String::new(), String::new()),
+            (Some(s), None) => (format!("state:{s}"), String::new(), String::new()),
+            (None, Some(q)) => (format!("queue:{q}"), String::new(), String::new()),
+            (Some(s), Some(q)) => (format!("state:{s}"), "queue".to_owned(), q.clone()),
+        };
+        let v = self
+            .script_status(
+                &self.scripts.list,
+                &[index, field, value, filter.offset.to_string(), filter.limit.to_string()],
+            )
+            .await?;
+        let ids: Vec<String> = from_value(v)?;
+        self.records(&ids).await
+    }
+
+    async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
+        let mut c = self.conn.clone();
+        let texts: Vec<String> = match job {
+            Some(id) => {
+                let mut all: Vec<String> = redis::cmd("LRANGE")
+                    .arg(format!("{}errors:{id}", self.p()))
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(map)?;
+                all.reverse();
+                all.truncate(limit as usize);
+                all
+            }
+            None => redis::cmd("LRANGE")
+                .arg(format!("{}errors", self.p()))
+                .arg(0)
+                .arg(i64::from(limit) - 1)
+                .query_async(&mut c)
+                .await
+                .map_err(map)?,
+        };
+        texts.iter().map(|t| parse_error(t)).collect()
+    }
+}
