@@ -33,6 +33,7 @@ pub const CONFIG_FILE: &str = "gpupool.toml";
 /// | `sqlite://` | [`gpupool_sqlite::SqliteQueue`] |
 /// | `mysql://`, `mariadb://` | [`gpupool_mysql::MysqlQueue`] |
 /// | `redis://`, `rediss://` | [`gpupool_redis::RedisQueue`] |
+/// | `amqp://`, `amqps://` | [`gpupool_amqp::AmqpQueue`] |
 /// | `memory://` | [`MemoryQueue`], this process only |
 pub async fn connect(url: &str) -> Result<Arc<dyn Queue>> {
     let scheme = url.split_once("://").map(|(s, _)| s).or_else(|| url.split_once(':').map(|(s, _)| s));
@@ -41,11 +42,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Queue>> {
         Some("memory") => Ok(Arc::new(MemoryQueue::new())),
         Some("mysql" | "mariadb") => Ok(Arc::new(gpupool_mysql::MysqlQueue::connect(url).await?)),
         Some("redis" | "rediss") => Ok(Arc::new(gpupool_redis::RedisQueue::connect(url).await?)),
-        Some(other @ ("amqp" | "amqps")) => Err(Error::Config(format!(
-            "the {other} backend is not built into this gpupool yet; use sqlite://, mysql:// or redis://"
-        ))),
+        Some("amqp" | "amqps") => Ok(Arc::new(gpupool_amqp::AmqpQueue::connect(url).await?)),
         _ => Err(Error::Config(format!(
-            "`{}` is not a queue URL; use sqlite://PATH, mysql://USER:PASS@HOST:3306/DB or redis://HOST:6379/0",
+            "`{}` is not a queue URL; use sqlite://PATH, mysql://USER:PASS@HOST:3306/DB, redis://HOST:6379/0 \
+             or amqp://USER:PASS@HOST:5672/VHOST",
             redact_url(url)
         ))),
     }

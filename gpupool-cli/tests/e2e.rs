@@ -54,6 +54,7 @@ enum Backend {
     Sqlite,
     Mysql,
     Redis,
+    Amqp,
 }
 
 impl Backend {
@@ -63,6 +64,7 @@ impl Backend {
             Backend::Sqlite => return Some(format!("sqlite://{}/queue.db", dir.display())),
             Backend::Mysql => ("GPUPOOL_TEST_MYSQL_URL", "MySQL"),
             Backend::Redis => ("GPUPOOL_TEST_REDIS_URL", "Redis"),
+            Backend::Amqp => ("GPUPOOL_TEST_AMQP_URL", "RabbitMQ"),
         };
         match std::env::var(var).ok().filter(|u| !u.is_empty()) {
             Some(base) => {
@@ -70,6 +72,7 @@ impl Backend {
                 Some(match self {
                     // Reclaim may look at an entry after 1 s idle (the tests use 3 s leases).
                     Backend::Redis => format!("{base}{sep}prefix=gpe2e:{}:&reclaim_idle=1s", uuid_like()),
+                    Backend::Amqp => format!("{base}{sep}prefix=gpe2e.{}.&ledger_max_age=1D", uuid_like()),
                     _ => format!("{base}{sep}prefix=e2e{}_", uuid_like()),
                 })
             }
@@ -273,6 +276,7 @@ impl Drop for World {
                         }
                         Ok(())
                     }
+                    Backend::Amqp => gpupool_amqp::AmqpQueue::connect(&url).await?.delete_queues().await,
                 }
             })
         });
@@ -347,13 +351,15 @@ fn seed_message_json_runs_at_the_branch_tip(backend: Backend) {
 }"#;
     std::fs::write(w.dir.join("message.json"), seed).unwrap();
     let out = w.gp_ok(&["push"]);
-    assert_eq!(out.trim(), "pushed 1 job(s): 1");
+    // "pushed 1 job(s): ID"; ids are backend sequences (1 on a fresh SQL
+    // queue, a stream offset on RabbitMQ).
+    let id = out.trim().strip_prefix("pushed 1 job(s): ").expect("the push summary").to_owned();
     w.burst(&[]);
-    let job = w.job("1");
+    let job = w.job(&id);
     assert_eq!(job["state"], "succeeded");
     assert_eq!(job["commit"], w.second.as_str(), "the record shows the branch tip");
     assert_eq!(job["name"], "test_name");
-    let run = w.run_record("1", 1);
+    let run = w.run_record(&id, 1);
     assert_eq!(run["version"], 2);
     let expected = "--name test_name --seed 42 --epoch 1 --dataset MaskBaseDataset --augmentation BaseAugmentation \
                     --resize 128 96 --batch_size 64 --lr 1e-3";
@@ -366,7 +372,7 @@ fn seed_message_json_runs_at_the_branch_tip(backend: Backend) {
     let checkouts = w.dir.join("data/checkouts");
     assert!(std::fs::read_dir(&checkouts).map(|d| d.count()).unwrap_or(0) == 0, "checkout removed");
     // The seed's own spellings still work.
-    let listing = w.gp_ok(&["message", "-id", "1"]);
+    let listing = w.gp_ok(&["message", "-id", &id]);
     assert!(listing.contains("succeeded") && listing.contains("test_name"), "{listing}");
 }
 
@@ -623,6 +629,10 @@ macro_rules! scenarios {
         /// Every scenario on Redis (`GPUPOOL_TEST_REDIS_URL`).
         mod redis {
             $( #[test] fn $name() { super::$name(super::Backend::Redis) } )*
+        }
+        /// Every scenario on RabbitMQ (`GPUPOOL_TEST_AMQP_URL`).
+        mod amqp {
+            $( #[test] fn $name() { super::$name(super::Backend::Amqp) } )*
         }
     };
 }

@@ -1,0 +1,57 @@
+//! The RabbitMQ backend of gpupool: RabbitMQ alone, no second server, and
+//! safe for training runs that last hours.
+//!
+//! ```no_run
+//! use gpupool_core::{JobSpec, Queue};
+//! use gpupool_amqp::AmqpQueue;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> gpupool_core::Result<()> {
+//! let queue = AmqpQueue::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+//! queue.push(JobSpec::new("main", "train.py")).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The design (what is declared, how a lease, a heartbeat, a cancel and a
+//! retry travel) is described on [`AmqpQueue`]'s module, repeated here:
+//!
+//! - **Declared:** a stream `PREFIXledger` (retention: `ledger_max_age`,
+//!   default `30D`, and `ledger_max_bytes`, default 1 GiB, both URL
+//!   parameters) and a durable quorum queue `PREFIXwork.QUEUE` per job
+//!   queue. No exchange: publishes go through the default exchange.
+//! - **The ledger** holds every change to every job as an event; each process
+//!   replays it from the first offset and folds it into the jobs' state.
+//!   Listing, errors, ids (a job's id is the stream offset of its `Pushed`
+//!   event), idempotency keys, and the verdict on every race come from that
+//!   fold, so every process agrees on them.
+//! - **A lease** is a `Leased` event that names the dispatch nonce of the work
+//!   message it came from; the message is acknowledged (on the channel that
+//!   delivered it) within milliseconds, so RabbitMQ's `consumer_timeout`
+//!   never sees a delivery held for a run. A redelivered duplicate loses in
+//!   the fold and is just acknowledged.
+//! - **Heartbeats** are events; every process notes by its own clock when it
+//!   last saw a lease renewed. A reserving worker that sees one unrenewed
+//!   past its length publishes `Reclaim`; the first one in the stream wins,
+//!   records `lease_lost` and sends the job out again. So a worker killed
+//!   mid-run has its job run again within the lease plus about one
+//!   reserve poll (≤ 1 s) and a 250 ms grace.
+//! - **Cancel** of a queued job ends it at once; of a running job sets a flag
+//!   that its worker reads in its next heartbeat's verdict. **Retry** is an
+//!   event plus a new work message.
+//!
+//! Queues are durable, messages persistent, publishes confirmed. Priorities
+//! are not supported (first in, first out per queue; `gpupool push` warns),
+//! nor is filtering by GPU count (the worker holds a big job until it fits).
+//!
+//! Reads (`get`, `list`, `errors`) first publish a `Sync` event and wait for
+//! it, so they see everything published before them. A process replays the
+//! ledger when it connects: within the retention, that is every job's whole
+//! history.
+
+mod ledger;
+mod options;
+mod queue;
+
+pub use options::{AmqpOptions, DEFAULT_PREFIX, SCHEMES};
+pub use queue::AmqpQueue;

@@ -1,0 +1,44 @@
+//! Finding the test broker: `GPUPOOL_TEST_AMQP_URL`, else a skip (a failure
+//! under `GPUPOOL_REQUIRE_BACKENDS=1`).
+
+// Not every test file uses every helper.
+#![allow(dead_code)]
+
+use std::io::Write;
+
+use gpupool_amqp::AmqpQueue;
+
+/// The test URL with a name prefix, or `None` after printing why the test
+/// is skipped.
+pub(crate) fn url(prefix: &str) -> Option<String> {
+    match std::env::var("GPUPOOL_TEST_AMQP_URL").ok().filter(|u| !u.is_empty()) {
+        Some(base) => {
+            let sep = if base.contains('?') { '&' } else { '?' };
+            Some(format!("{base}{sep}prefix={prefix}&ledger_max_age=1D"))
+        }
+        None => {
+            let why = "GPUPOOL_TEST_AMQP_URL is not set";
+            assert!(
+                std::env::var("GPUPOOL_REQUIRE_BACKENDS").as_deref() != Ok("1"),
+                "GPUPOOL_REQUIRE_BACKENDS=1 but {why}"
+            );
+            // Straight to stderr: the test harness captures println!.
+            let _ = writeln!(std::io::stderr(), "skipped: RabbitMQ test: {why}");
+            None
+        }
+    }
+}
+
+/// A prefix no other test uses.
+pub(crate) fn random_prefix(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("gpt.{tag}.{:x}{:06x}{}.", std::process::id(), nanos & 0xff_ffff, N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A connected queue under a fresh prefix.
+pub(crate) async fn queue(tag: &str) -> Option<AmqpQueue> {
+    let q = AmqpQueue::connect(&url(&random_prefix(tag))?).await.expect("connect to the test RabbitMQ");
+    Some(q)
+}
