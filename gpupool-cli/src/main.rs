@@ -378,7 +378,9 @@ async fn worker(queue: Arc<dyn Queue>, s: &Settings, args: WorkerArgs) -> Result
         cfg.queues = q;
     }
     let selection: GpuSelection = args.gpus.or_else(|| w.gpus.clone()).unwrap_or_else(|| "auto".into()).parse()?;
-    cfg.gpus = gpupool_core::gpu::resolve(&selection)?;
+    let inventory = gpupool_core::gpu::inventory(&selection)?;
+    cfg.gpus = inventory.status().iter().map(|g| g.index).collect();
+    cfg.inventory = Some(inventory);
     if let Some(n) = args.slots.or(w.slots) {
         cfg.slots = n.max(1);
     }

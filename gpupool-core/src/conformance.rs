@@ -467,6 +467,34 @@ pub async fn gpu_requirements(q: Arc<dyn Queue>) {
     assert_eq!(take(0, false).await, Some(id), "an unset gpus runs on the CPU of a CPU-only worker");
 }
 
+/// With `max_gpus`, a filtering backend returns the oldest job the caller
+/// could ever run even when it does not fit the free GPUs now, so smaller
+/// jobs pushed after it cannot starve it; jobs bigger than `max_gpus` are
+/// left for bigger workers.
+pub async fn big_jobs_are_not_starved(q: Arc<dyn Queue>) {
+    if !q.capabilities().gpu_filter {
+        return;
+    }
+    let queue = unique_queue("starve");
+    let mut huge = job(&queue);
+    huge.gpus = Some(16);
+    let huge = q.push(huge).await.unwrap();
+    let mut big = job(&queue);
+    big.gpus = Some(4);
+    let big = q.push(big).await.unwrap();
+    let mut small = job(&queue);
+    small.gpus = Some(1);
+    let small = q.push(small).await.unwrap();
+    let only_free = req(&queue).gpus(1, true);
+    let lease = q.reserve(&only_free).await.unwrap().expect("a job that fits one GPU");
+    assert_eq!(lease.id(), &small, "without max_gpus only what fits now");
+    q.release(&lease).await.unwrap();
+    let lease = q.reserve(&req(&queue).gpus(1, true).max_gpus(8)).await.unwrap().expect("the oldest job that fits 8");
+    assert_eq!(lease.id(), &big, "the 4-GPU job comes before the 1-GPU job pushed after it");
+    q.complete(&lease, Completion::default()).await.unwrap();
+    assert_eq!(q.get(&huge).await.unwrap().state, JobState::Queued, "the 16-GPU job waits for a bigger worker");
+}
+
 /// A reserve that may wait returns a job pushed while it waits.
 pub async fn reserve_waits_for_push(q: Arc<dyn Queue>) {
     let queue = unique_queue("wait");
@@ -510,5 +538,6 @@ pub async fn run_all(q: Arc<dyn Queue>) {
     list_filters_and_pages(Arc::clone(&q)).await;
     idempotency_key(Arc::clone(&q)).await;
     gpu_requirements(Arc::clone(&q)).await;
+    big_jobs_are_not_starved(Arc::clone(&q)).await;
     reserve_waits_for_push(q).await;
 }

@@ -256,6 +256,9 @@ pub struct JobSpec {
     /// Attempts before the job is `failed`.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Least free memory, in MiB, each GPU given to this job must have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory: Option<u64>,
     /// Longest one attempt may run, as `90s` or `2h` in JSON.
     #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
@@ -288,6 +291,7 @@ impl JobSpec {
             repo: None,
             queue: default_queue(),
             gpus: None,
+            gpu_memory: None,
             priority: 0,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             timeout: None,

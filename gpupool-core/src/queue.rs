@@ -64,6 +64,13 @@ pub struct ReserveRequest {
     pub queues: Vec<String>,
     /// GPUs the caller can give right now.
     pub free_gpus: u32,
+    /// The most GPUs the caller could ever give (all of its GPUs). When set,
+    /// a filtering backend returns the first job, in queue order, that needs
+    /// at most this many, even if it needs more than `free_gpus` now: the
+    /// caller then holds it until its GPUs are free, so a stream of small
+    /// jobs cannot starve a big one (first come, first served; no backfill).
+    /// `None`: only jobs that fit `free_gpus`.
+    pub max_gpus: Option<u32>,
     /// Whether the caller has any GPUs at all: a job with unset `gpus` needs
     /// one GPU on such a worker and none elsewhere.
     pub gpu_host: bool,
@@ -81,6 +88,7 @@ impl ReserveRequest {
         ReserveRequest {
             queues: vec![queue.into()],
             free_gpus: 0,
+            max_gpus: None,
             gpu_host: false,
             lease: Duration::from_secs(60),
             wait: Duration::ZERO,
@@ -119,9 +127,20 @@ impl ReserveRequest {
         self
     }
 
-    /// Whether a job needing `gpus` fits this request.
+    /// Builder: the most GPUs the caller could ever give.
+    pub fn max_gpus(mut self, max: u32) -> Self {
+        self.max_gpus = Some(max);
+        self
+    }
+
+    /// The GPU count a filtering backend compares a job's need with.
+    pub fn gpu_limit(&self) -> u32 {
+        self.max_gpus.unwrap_or(self.free_gpus)
+    }
+
+    /// Whether a filtering backend may return a job with this spec.
     pub fn fits(&self, spec: &JobSpec) -> bool {
-        spec.gpus_needed(self.gpu_host) <= self.free_gpus
+        spec.gpus_needed(self.gpu_host) <= self.gpu_limit()
     }
 }
 

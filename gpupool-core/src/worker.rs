@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::argv::build_argv;
-use crate::gpu::GpuSlots;
+use crate::gpu::{GpuInventory, Placement, StaticInventory};
 use crate::queue::{Completion, Failure, Heartbeat, Lease, Queue, ReserveRequest, RunInfo};
 use crate::runner::{Outcome, ProcessRunner, RunSpec, StopReason, Stopper};
 use crate::workspace::{Checkout, Credentials, GitWorkspace};
@@ -32,8 +32,15 @@ use crate::{Error, FailureKind, Result};
 pub struct WorkerConfig {
     /// Queues served, first one first.
     pub queues: Vec<String>,
-    /// GPU indices this worker gives to jobs (empty: CPU only).
+    /// GPU indices this worker gives to jobs (empty: CPU only), when no
+    /// `inventory` is set.
     pub gpus: Vec<u32>,
+    /// Where GPUs and their live status come from (NVML on a real host). When
+    /// `None`, the `gpus` indices with nothing known about them.
+    pub inventory: Option<Arc<dyn GpuInventory>>,
+    /// A GPU none of this worker's jobs holds is skipped while more than this
+    /// fraction of its memory is used (by someone else's process).
+    pub gpu_busy_fraction: f64,
     /// Parallel runs on a worker with no GPUs.
     pub slots: usize,
     /// Jobs sharing one GPU (1: exclusive).
@@ -74,6 +81,8 @@ impl WorkerConfig {
         WorkerConfig {
             queues: vec![crate::DEFAULT_QUEUE.to_owned()],
             gpus: Vec::new(),
+            inventory: None,
+            gpu_busy_fraction: 0.1,
             slots: 1,
             slots_per_gpu: 1,
             lease: Duration::from_secs(60),
@@ -92,8 +101,8 @@ impl WorkerConfig {
         }
     }
 
-    fn total_slots(&self) -> usize {
-        if self.gpus.is_empty() { self.slots.max(1) } else { self.gpus.len() * self.slots_per_gpu.max(1) }
+    fn inventory(&self) -> Arc<dyn GpuInventory> {
+        self.inventory.clone().unwrap_or_else(|| Arc::new(StaticInventory::new(&self.gpus)))
     }
 }
 
@@ -156,13 +165,19 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerSummary> {
         let ctx = self.ctx;
         let cfg = &ctx.cfg;
-        let slots_total = cfg.total_slots();
-        let gpus = Arc::new(StdMutex::new(GpuSlots::new(&cfg.gpus, cfg.slots_per_gpu)));
+        let placement = Placement::new(cfg.inventory(), cfg.slots_per_gpu, cfg.gpu_busy_fraction);
+        let total_gpus = placement.total();
+        let slots_total = if placement.is_gpu_host() {
+            placement.indices().len() * cfg.slots_per_gpu.max(1)
+        } else {
+            cfg.slots.max(1)
+        };
+        let gpus = Arc::new(StdMutex::new(placement));
         let stop_all = CancellationToken::new();
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut summary = WorkerSummary::default();
         let mut backoff = Duration::ZERO;
-        info!(worker = %cfg.name, queues = ?cfg.queues, gpus = ?cfg.gpus, slots = slots_total, "worker started");
+        info!(worker = %cfg.name, queues = ?cfg.queues, gpus = total_gpus, slots = slots_total, "worker started");
 
         while !shutdown.is_cancelled() {
             while tasks.try_join_next().is_some() {}
@@ -181,6 +196,9 @@ impl Worker {
             let req = ReserveRequest {
                 queues: cfg.queues.clone(),
                 free_gpus: free,
+                // First come, first served: a big job is returned (and held
+                // here) before smaller ones pushed after it.
+                max_gpus: Some(total_gpus),
                 gpu_host,
                 lease: cfg.lease,
                 wait,
@@ -191,10 +209,10 @@ impl Worker {
                     backoff = Duration::ZERO;
                     summary.reserved += 1;
                     let need = lease.job.spec.gpus_needed(gpu_host);
-                    let given = gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(need);
+                    let min_free = gpu_memory_bytes(&lease);
+                    let given = gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(need, min_free);
                     let given = match given {
                         Some(given) => given,
-                        // Only a backend without GPU filtering gets here.
                         None => match hold_until_fits(&ctx, &lease, need, &gpus, &mut tasks, &shutdown).await {
                             Some(given) => given,
                             None => continue,
@@ -245,21 +263,26 @@ impl Worker {
     }
 }
 
-/// A job that needs more GPUs than are free right now (from a backend that
-/// cannot filter by size). If this worker has that many GPUs at all, it
-/// holds the job (heartbeating) and reserves nothing else until they are
-/// free, so a stream of small jobs cannot starve a big one. Otherwise it
-/// gives the job back for a bigger worker. `None`: the job was given back,
-/// cancelled or lost.
+/// A job's `gpu_memory` (MiB) in bytes.
+fn gpu_memory_bytes(lease: &Lease) -> Option<u64> {
+    lease.job.spec.gpu_memory.map(|mib| mib.saturating_mul(1 << 20))
+}
+
+/// A job that needs more GPUs than are usable right now. If this worker has
+/// that many GPUs at all, it holds the job (heartbeating) and reserves
+/// nothing else until they are free, so a stream of small jobs cannot
+/// starve a big one. Otherwise (only a backend that cannot filter by size
+/// returns such a job) it gives the job back for a bigger worker. `None`:
+/// the job was given back, cancelled or lost.
 async fn hold_until_fits(
     ctx: &Ctx,
     lease: &Lease,
     need: u32,
-    gpus: &StdMutex<GpuSlots>,
+    gpus: &StdMutex<Placement>,
     tasks: &mut JoinSet<()>,
     shutdown: &CancellationToken,
 ) -> Option<Vec<u32>> {
-    let total = u32::try_from(ctx.cfg.gpus.len()).unwrap_or(u32::MAX);
+    let total = gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner).total();
     if need > total {
         warn!(job_id = %lease.id(), need, total, "job needs more GPUs than this worker has; giving it back");
         if let Err(e) = ctx.queue.release(lease).await {
@@ -270,7 +293,8 @@ async fn hold_until_fits(
     }
     info!(job_id = %lease.id(), need, "holding the job until {need} GPUs are free; reserving nothing else");
     loop {
-        if let Some(given) = gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(need) {
+        let min_free = gpu_memory_bytes(lease);
+        if let Some(given) = gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(need, min_free) {
             return Some(given);
         }
         tokio::select! {

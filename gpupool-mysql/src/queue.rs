@@ -257,7 +257,7 @@ impl MysqlQueue {
             let found: bool = q(&self.sql.has_work)
                 .bind(queue)
                 .bind(i64::from(req.gpu_host))
-                .bind(i64::from(req.free_gpus))
+                .bind(i64::from(req.gpu_limit()))
                 .fetch_one(&self.pool)
                 .await
                 .map_err(map)?
@@ -296,7 +296,7 @@ impl MysqlQueue {
             let row = q(&self.sql.candidate)
                 .bind(queue)
                 .bind(i64::from(req.gpu_host))
-                .bind(i64::from(req.free_gpus))
+                .bind(i64::from(req.gpu_limit()))
                 .fetch_optional(&mut *tx)
                 .await?;
             let Some(row) = row else { continue };

@@ -41,5 +41,6 @@ conformance_tests!(
     list_filters_and_pages,
     idempotency_key,
     gpu_requirements,
+    big_jobs_are_not_starved,
     reserve_waits_for_push,
 );

@@ -103,7 +103,7 @@ impl SqliteQueue {
         )
         .bind(queues)
         .bind(i64::from(req.gpu_host))
-        .bind(i64::from(req.free_gpus))
+        .bind(i64::from(req.gpu_limit()))
         .bind(now)
         .fetch_one(&self.pool)
         .await
@@ -124,7 +124,7 @@ impl SqliteQueue {
             )
             .bind(queue)
             .bind(i64::from(req.gpu_host))
-            .bind(i64::from(req.free_gpus))
+            .bind(i64::from(req.gpu_limit()))
             .fetch_optional(&mut *tx)
             .await
             .map_err(map)?;
