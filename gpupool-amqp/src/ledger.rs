@@ -78,6 +78,12 @@ pub(crate) enum Event {
         token: String,
         dispatch: String,
     },
+    Worker {
+        info: Box<gpupool_core::WorkerInfo>,
+    },
+    WorkerGone {
+        name: String,
+    },
     Sync,
 }
 
@@ -159,6 +165,8 @@ pub(crate) struct State {
     idempotency: HashMap<String, String>,
     /// Every failed attempt, oldest first.
     pub(crate) errors: Vec<AttemptError>,
+    /// Registered workers, `seen_at` from the event's clock.
+    pub(crate) workers: std::collections::BTreeMap<String, gpupool_core::WorkerInfo>,
     /// Verdicts by nonce, so that a publisher that sent an event twice (it
     /// lost its connection before seeing the first) gets the first verdict.
     seen: HashMap<String, Outcome>,
@@ -352,6 +360,15 @@ impl State {
                     job.end(JobState::Failed, at);
                     Outcome::Failed
                 }
+            }
+            Event::Worker { mut info } => {
+                info.seen_at = Timestamp(at);
+                self.workers.insert(info.name.clone(), *info);
+                Outcome::Ok
+            }
+            Event::WorkerGone { name } => {
+                self.workers.remove(&name);
+                Outcome::Ok
             }
             Event::Sync => Outcome::Ok,
         }

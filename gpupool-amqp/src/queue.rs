@@ -50,7 +50,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, Heartbeat, JobId, JobRecord,
-    JobSpec, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp,
+    JobSpec, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
 };
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
@@ -521,7 +521,7 @@ impl AmqpQueue {
 #[async_trait]
 impl Queue for AmqpQueue {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default().with_blocking_reserve(true).with_multi_process(true)
+        Capabilities::default().with_blocking_reserve(true).with_multi_process(true).with_workers(true)
     }
 
     async fn init(&self) -> Result<()> {
@@ -669,6 +669,21 @@ impl Queue for AmqpQueue {
             .take(filter.limit as usize)
             .map(|j| j.record.clone())
             .collect())
+    }
+
+    async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {
+        self.emit(Event::Worker { info: Box::new(info.clone()) }).await.map(|_| ())
+    }
+
+    async fn unregister_worker(&self, name: &str) -> Result<()> {
+        self.emit(Event::WorkerGone { name: name.to_owned() }).await.map(|_| ())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        self.sync().await?;
+        let now = Timestamp::now();
+        let st = self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(st.workers.values().map(|w| WorkerInfo { lost: w.lost_at(now), ..w.clone() }).collect())
     }
 
     async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {

@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use gpupool_core::redact::redact_url;
-use gpupool_core::{AttemptError, Error, JobRecord, MemoryQueue, Queue, Result, Timestamp};
+use gpupool_core::{
+    AttemptError, Error, JobRecord, JobState, ListFilter, MemoryQueue, Queue, Result, Timestamp, WorkerInfo,
+};
 use serde::Deserialize;
 
 /// The queue used when no flag, variable or config file names one.
@@ -212,4 +214,101 @@ pub fn errors_table(errors: &[AttemptError], tails: bool) -> String {
         }
     }
     out
+}
+
+fn yes(v: bool) -> &'static str {
+    if v { "yes" } else { "no" }
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / f64::from(1u32 << 30))
+}
+
+/// The `gpupool status` report: the queue (password hidden), job counts,
+/// each worker with its GPUs and running jobs (lost ones marked), and the
+/// queued jobs no live worker can ever run, with why.
+pub async fn status_report(queue: &dyn Queue, url: &str, workers: &[WorkerInfo]) -> Result<String> {
+    let caps = queue.capabilities();
+    let mut out = format!(
+        "queue: {}\npriority: {}   GPU-fitting reserve: {}   worker registry: {}\n",
+        redact_url(url),
+        yes(caps.priority),
+        yes(caps.gpu_filter),
+        yes(caps.workers)
+    );
+    let mut counts = Vec::new();
+    let mut queued = Vec::new();
+    for state in JobState::ALL {
+        let jobs = queue.list(&ListFilter { state: Some(state), queue: None, limit: 100_000, offset: 0 }).await?;
+        counts.push(format!("{} {state}", jobs.len()));
+        if state == JobState::Queued {
+            queued = jobs;
+        }
+    }
+    out.push_str(&format!("jobs: {}\n", counts.join(", ")));
+
+    let now = Timestamp::now();
+    let rows: Vec<Vec<String>> = workers
+        .iter()
+        .map(|w| {
+            let ago = (now.0 - w.seen_at.0).max(0) / 1000;
+            vec![
+                w.name.clone(),
+                if w.lost { "LOST".into() } else { "ok".into() },
+                format!("{ago}s ago"),
+                w.queues.join(","),
+                w.gpus.len().to_string(),
+                w.running.iter().map(|r| r.id.to_string()).collect::<Vec<_>>().join(" "),
+            ]
+        })
+        .collect();
+    out.push('\n');
+    if rows.is_empty() {
+        out.push_str("no worker has registered\n");
+    } else {
+        out.push_str(&table(&["WORKER", "STATE", "LAST SEEN", "QUEUES", "GPUS", "RUNNING"], &rows));
+    }
+    for w in workers.iter().filter(|w| !w.gpus.is_empty()) {
+        let gpu_rows: Vec<Vec<String>> = w
+            .gpus
+            .iter()
+            .map(|g| {
+                let holder: Vec<String> =
+                    w.running.iter().filter(|r| r.gpus.contains(&g.index)).map(|r| r.id.to_string()).collect();
+                vec![
+                    g.index.to_string(),
+                    if g.name.is_empty() { "-".into() } else { g.name.clone() },
+                    if g.memory_total == 0 {
+                        "-".into()
+                    } else {
+                        format!("{}/{} GiB", gib(g.memory_used), gib(g.memory_total))
+                    },
+                    g.utilization.map_or_else(|| "-".into(), |u| format!("{u}%")),
+                    if holder.is_empty() { "-".into() } else { holder.join(" ") },
+                ]
+            })
+            .collect();
+        out.push_str(&format!(
+            "\n{}{}\n",
+            w.name,
+            if w.lost { " (lost: its jobs return when their leases expire)" } else { "" }
+        ));
+        for line in table(&["GPU", "NAME", "MEMORY", "UTIL", "JOB"], &gpu_rows).lines() {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
+    let live: Vec<&WorkerInfo> = workers.iter().filter(|w| !w.lost).collect();
+    let largest = live.iter().map(|w| w.gpus.len()).max();
+    for job in &queued {
+        let need = job.spec.gpus_needed(true) as usize;
+        match largest {
+            Some(max) if need > max => out
+                .push_str(&format!("\nwaiting: job {} needs {need} GPUs; the largest live worker has {max}\n", job.id)),
+            None if caps.workers && need > 0 => {
+                out.push_str(&format!("\nwaiting: job {} needs {need} GPU(s) and no worker is live\n", job.id));
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
 }

@@ -92,6 +92,8 @@ enum Command {
         /// Job id.
         id: String,
     },
+    /// Show the queue, its workers with their GPUs, and jobs that cannot start.
+    Status,
 }
 
 #[derive(Debug, clap::Args)]
@@ -283,6 +285,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             if failed {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Status => {
+            let workers = queue.workers().await?;
+            if cli.json {
+                print_json(&serde_json::to_value(&workers).unwrap_or_default());
+            } else {
+                print!("{}", gpupool_cli::status_report(queue.as_ref(), &s.url, &workers).await?);
             }
         }
         Command::Logs { id } => {

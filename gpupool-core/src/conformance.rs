@@ -495,6 +495,43 @@ pub async fn big_jobs_are_not_starved(q: Arc<dyn Queue>) {
     assert_eq!(q.get(&huge).await.unwrap().state, JobState::Queued, "the 16-GPU job waits for a bigger worker");
 }
 
+/// Workers register, refresh, show as lost when silent, and unregister
+/// (where the backend declares `workers`).
+pub async fn worker_registry(q: Arc<dyn Queue>) {
+    if !q.capabilities().workers {
+        return;
+    }
+    let name = format!("{}:{}", unique_queue("host"), std::process::id());
+    let mut info = crate::WorkerInfo {
+        name: name.clone(),
+        host: "gpu-07".into(),
+        queues: vec!["default".into()],
+        slots: 2,
+        gpus: vec![crate::gpu::GpuStatus { index: 0, name: "H100".into(), ..crate::gpu::GpuStatus::default() }],
+        running: vec![crate::RunningJob { id: JobId::new("1"), gpus: vec![0] }],
+        heartbeat_ms: 300,
+        started_at: crate::Timestamp::now(),
+        seen_at: crate::Timestamp(0),
+        lost: false,
+    };
+    q.register_worker(&info).await.expect("register");
+    let mine = |all: Vec<crate::WorkerInfo>| all.into_iter().find(|w| w.name == name);
+    let seen = mine(q.workers().await.unwrap()).expect("the worker is listed");
+    assert!(!seen.lost, "just registered");
+    assert!(seen.seen_at.0 > 0, "the backend stamped seen_at");
+    assert_eq!((seen.host.as_str(), seen.slots, seen.gpus.len()), ("gpu-07", 2, 1));
+    assert_eq!(seen.running, info.running);
+    info.running.clear();
+    q.register_worker(&info).await.expect("refresh");
+    let seen = mine(q.workers().await.unwrap()).expect("still listed once");
+    assert!(seen.running.is_empty(), "the refresh replaced what it holds");
+    assert_eq!(q.workers().await.unwrap().iter().filter(|w| w.name == name).count(), 1);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(mine(q.workers().await.unwrap()).expect("a lost worker is still shown").lost, "silent for 3 intervals");
+    q.unregister_worker(&name).await.expect("unregister");
+    assert!(mine(q.workers().await.unwrap()).is_none());
+}
+
 /// A reserve that may wait returns a job pushed while it waits.
 pub async fn reserve_waits_for_push(q: Arc<dyn Queue>) {
     let queue = unique_queue("wait");
@@ -539,5 +576,6 @@ pub async fn run_all(q: Arc<dyn Queue>) {
     idempotency_key(Arc::clone(&q)).await;
     gpu_requirements(Arc::clone(&q)).await;
     big_jobs_are_not_starved(Arc::clone(&q)).await;
+    worker_registry(Arc::clone(&q)).await;
     reserve_waits_for_push(q).await;
 }

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use crate::job::{AttemptError, FailureKind, JobId, JobRecord, JobSpec, JobState, Timestamp};
 use crate::queue::{
     CancelOutcome, Capabilities, Completion, FailOutcome, Failure, Heartbeat, Lease, ListFilter, Queue, ReserveRequest,
-    RunInfo,
+    RunInfo, WorkerInfo,
 };
 use crate::{Error, Result};
 
@@ -37,6 +37,7 @@ struct State {
     jobs: BTreeMap<i64, Entry>,
     errors: Vec<AttemptError>,
     idempotency: HashMap<String, i64>,
+    workers: BTreeMap<String, WorkerInfo>,
 }
 
 #[derive(Debug)]
@@ -188,7 +189,7 @@ impl State {
 #[async_trait]
 impl Queue for MemoryQueue {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default().with_priority(true).with_gpu_filter(true).with_blocking_reserve(true)
+        Capabilities::default().with_priority(true).with_gpu_filter(true).with_blocking_reserve(true).with_workers(true)
     }
 
     async fn init(&self) -> Result<()> {
@@ -354,6 +355,23 @@ impl Queue for MemoryQueue {
             .collect())
     }
 
+    async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {
+        let mut info = info.clone();
+        info.seen_at = Timestamp::now();
+        self.lock().workers.insert(info.name.clone(), info);
+        Ok(())
+    }
+
+    async fn unregister_worker(&self, name: &str) -> Result<()> {
+        self.lock().workers.remove(name);
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        let now = Timestamp::now();
+        Ok(self.lock().workers.values().map(|w| WorkerInfo { lost: w.lost_at(now), ..w.clone() }).collect())
+    }
+
     async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
         let st = self.lock();
         Ok(st
@@ -409,6 +427,7 @@ mod conformance_tests {
         idempotency_key,
         gpu_requirements,
         big_jobs_are_not_starved,
+        worker_registry,
         reserve_waits_for_push,
     );
 }

@@ -25,12 +25,14 @@ pub struct Capabilities {
     pub blocking_reserve: bool,
     /// Several processes (hosts) can share the queue.
     pub multi_process: bool,
+    /// Workers register and heartbeat ([`Queue::register_worker`]).
+    pub workers: bool,
 }
 
 impl Capabilities {
     /// Every capability declared.
     pub const ALL: Capabilities =
-        Capabilities { priority: true, gpu_filter: true, blocking_reserve: true, multi_process: true };
+        Capabilities { priority: true, gpu_filter: true, blocking_reserve: true, multi_process: true, workers: true };
 
     /// Builder: set `priority`.
     pub fn with_priority(mut self, v: bool) -> Self {
@@ -54,6 +56,57 @@ impl Capabilities {
     pub fn with_multi_process(mut self, v: bool) -> Self {
         self.multi_process = v;
         self
+    }
+
+    /// Builder: set `workers`.
+    pub fn with_workers(mut self, v: bool) -> Self {
+        self.workers = v;
+        self
+    }
+}
+
+/// A job running on a worker, as the worker reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunningJob {
+    /// The job.
+    pub id: JobId,
+    /// The GPUs it holds.
+    pub gpus: Vec<u32>,
+}
+
+/// A worker as it registers itself, and as `gpupool status` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerInfo {
+    /// `host:pid`, unique per worker process.
+    pub name: String,
+    /// The host name.
+    pub host: String,
+    /// The queues it serves, in order.
+    pub queues: Vec<String>,
+    /// Parallel runs it allows.
+    pub slots: usize,
+    /// Its GPUs with their status when it last reported.
+    pub gpus: Vec<crate::gpu::GpuStatus>,
+    /// What it is running.
+    pub running: Vec<RunningJob>,
+    /// How often it reports, in milliseconds.
+    pub heartbeat_ms: u64,
+    /// When it started (its clock).
+    pub started_at: Timestamp,
+    /// When the backend last heard from it (the backend's clock where it
+    /// has one). Set by the backend.
+    #[serde(default)]
+    pub seen_at: Timestamp,
+    /// Set by [`Queue::workers`]: it has not reported for three heartbeat
+    /// intervals. Its jobs come back through the normal lease expiry.
+    #[serde(default)]
+    pub lost: bool,
+}
+
+impl WorkerInfo {
+    /// Whether a worker last seen at `seen_at` is lost at `now`.
+    pub fn lost_at(&self, now: Timestamp) -> bool {
+        now.0.saturating_sub(self.seen_at.0) > i64::try_from(self.heartbeat_ms.saturating_mul(3)).unwrap_or(i64::MAX)
     }
 }
 
@@ -408,4 +461,24 @@ pub trait Queue: Send + Sync + fmt::Debug {
 
     /// Failed-attempt records, newest first: all of them or one job's.
     async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>>;
+
+    /// Records (or refreshes) a worker and what it holds, stamping
+    /// `seen_at`. Workers call it every heartbeat interval. The default does
+    /// nothing, for backends that do not declare `workers`.
+    async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {
+        let _ = info;
+        Ok(())
+    }
+
+    /// Removes a worker that stopped cleanly. The default does nothing.
+    async fn unregister_worker(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Ok(())
+    }
+
+    /// Every registered worker, with `lost` set for those that stopped
+    /// reporting. The default knows none.
+    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        Ok(Vec::new())
+    }
 }

@@ -22,7 +22,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::argv::build_argv;
 use crate::gpu::{GpuInventory, Placement, StaticInventory};
-use crate::queue::{Completion, Failure, Heartbeat, Lease, Queue, ReserveRequest, RunInfo};
+use crate::queue::{Completion, Failure, Heartbeat, Lease, Queue, ReserveRequest, RunInfo, RunningJob, WorkerInfo};
 use crate::runner::{Outcome, ProcessRunner, RunSpec, StopReason, Stopper};
 use crate::workspace::{Checkout, Credentials, GitWorkspace};
 use crate::{Error, FailureKind, Result};
@@ -173,6 +173,9 @@ impl Worker {
             cfg.slots.max(1)
         };
         let gpus = Arc::new(StdMutex::new(placement));
+        let running: Arc<StdMutex<Vec<RunningJob>>> = Arc::default();
+        let registry =
+            tokio::spawn(register_loop(Arc::clone(&ctx), Arc::clone(&gpus), Arc::clone(&running), slots_total));
         let stop_all = CancellationToken::new();
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut summary = WorkerSummary::default();
@@ -220,10 +223,13 @@ impl Worker {
                     };
                     let span = info_span!("job", job_id = %lease.id(), attempt = lease.attempt(), worker = %cfg.name);
                     let (ctx2, gpus2, stop) = (Arc::clone(&ctx), Arc::clone(&gpus), stop_all.clone());
+                    let running2 = Arc::clone(&running);
+                    lock(&running).push(RunningJob { id: lease.id().clone(), gpus: given.clone() });
                     tasks.spawn(
                         async move {
                             run_job(&ctx2, &lease, &given, stop).await;
-                            gpus2.lock().unwrap_or_else(std::sync::PoisonError::into_inner).give_back(&given);
+                            lock(&gpus2).give_back(&given);
+                            lock(&running2).retain(|r| &r.id != lease.id());
                         }
                         .instrument(span),
                     );
@@ -259,7 +265,49 @@ impl Worker {
                 while tasks.join_next().await.is_some() {}
             }
         }
+        registry.abort();
+        if let Err(e) = ctx.queue.unregister_worker(&cfg.name).await {
+            warn!("could not unregister the worker: {e}");
+        }
         Ok(summary)
+    }
+}
+
+fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Registers the worker every heartbeat interval, with its GPUs' live
+/// status and what it runs (`gpupool status`).
+async fn register_loop(
+    ctx: Arc<Ctx>,
+    gpus: Arc<StdMutex<Placement>>,
+    running: Arc<StdMutex<Vec<RunningJob>>>,
+    slots: usize,
+) {
+    let cfg = &ctx.cfg;
+    let host = cfg.name.rsplit_once(':').map_or(cfg.name.as_str(), |(h, _)| h).to_owned();
+    let started_at = crate::Timestamp::now();
+    loop {
+        // NVML queries block briefly; keep them off the async threads.
+        let placement = Arc::clone(&gpus);
+        let status = tokio::task::spawn_blocking(move || lock(&placement).status()).await.unwrap_or_default();
+        let info = WorkerInfo {
+            name: cfg.name.clone(),
+            host: host.clone(),
+            queues: cfg.queues.clone(),
+            slots,
+            gpus: status,
+            running: lock(&running).clone(),
+            heartbeat_ms: u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(u64::MAX),
+            started_at,
+            seen_at: crate::Timestamp::default(),
+            lost: false,
+        };
+        if let Err(e) = ctx.queue.register_worker(&info).await {
+            warn!("could not register the worker ({e}); trying again");
+        }
+        tokio::time::sleep(cfg.heartbeat).await;
     }
 }
 

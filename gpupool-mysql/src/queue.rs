@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, FailureKind, Heartbeat, JobId,
-    JobRecord, JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp,
+    JobRecord, JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
 };
 use sqlx::mysql::{MySql, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, Row, Transaction};
@@ -33,7 +33,8 @@ const LOCK_RETRIES: u32 = 5;
 
 /// The migrations, in order. `{prefix}` becomes the table prefix; statements
 /// are separated by a blank line after `;`.
-const MIGRATIONS: [(i64, &str); 1] = [(1, include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: [(i64, &str); 2] =
+    [(1, include_str!("../migrations/0001_init.sql")), (2, include_str!("../migrations/0002_workers.sql"))];
 
 /// Milliseconds since the epoch of a DATETIME(6) column, independent of the
 /// session's time zone.
@@ -93,6 +94,9 @@ struct Sql {
     list: [Arc<str>; 4],
     errors_of: Arc<str>,
     errors_all: Arc<str>,
+    worker_upsert: Arc<str>,
+    worker_delete: Arc<str>,
+    workers: Arc<str>,
 }
 
 impl Sql {
@@ -170,6 +174,14 @@ impl Sql {
                 error_columns!()
             )),
             errors_all: s(&format!("SELECT {} FROM {{p}}job_errors ORDER BY id DESC LIMIT ?", error_columns!())),
+            worker_upsert: s("INSERT INTO {p}workers (name, info, seen_at) VALUES (?, ?, UTC_TIMESTAMP(6)) \
+                              ON DUPLICATE KEY UPDATE info = VALUES(info), seen_at = VALUES(seen_at)"),
+            worker_delete: s("DELETE FROM {p}workers WHERE name = ?"),
+            workers: s(&format!(
+                "SELECT info, {} AS seen_ms, {} AS now_ms FROM {{p}}workers ORDER BY name",
+                ms!("seen_at"),
+                ms!("UTC_TIMESTAMP(6)")
+            )),
         }
     }
 }
@@ -245,7 +257,7 @@ impl MysqlQueue {
 
     /// Drops this prefix's tables (tests clean up with it).
     pub async fn drop_tables(&self) -> Result<()> {
-        for t in ["jobs", "job_errors", "schema_version"] {
+        for t in ["jobs", "job_errors", "workers", "schema_version"] {
             let sql = format!("DROP TABLE IF EXISTS {}{t}", self.opts.prefix);
             sqlx::query(AssertSqlSafe(sql)).execute(&self.pool).await.map_err(map)?;
         }
@@ -417,7 +429,7 @@ fn attempt_error(row: &MySqlRow) -> Result<AttemptError> {
 #[async_trait]
 impl Queue for MysqlQueue {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default().with_priority(true).with_gpu_filter(true).with_multi_process(true)
+        Capabilities::default().with_priority(true).with_gpu_filter(true).with_multi_process(true).with_workers(true)
     }
 
     async fn init(&self) -> Result<()> {
@@ -708,6 +720,30 @@ impl Queue for MysqlQueue {
             .await
             .map_err(map)?;
         rows.iter().map(record).collect()
+    }
+
+    async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {
+        let text = serde_json::to_string(info).map_err(|e| Error::backend("mysql", e))?;
+        q(&self.sql.worker_upsert).bind(&info.name).bind(text).execute(&self.pool).await.map_err(map)?;
+        Ok(())
+    }
+
+    async fn unregister_worker(&self, name: &str) -> Result<()> {
+        q(&self.sql.worker_delete).bind(name).execute(&self.pool).await.map_err(map)?;
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        let rows = q(&self.sql.workers).fetch_all(&self.pool).await.map_err(map)?;
+        rows.iter()
+            .map(|row| {
+                let mut w: WorkerInfo = serde_json::from_str(&get::<String>(row, "info")?)
+                    .map_err(|e| Error::backend("mysql", format!("worker record: {e}")))?;
+                w.seen_at = Timestamp(get(row, "seen_ms")?);
+                w.lost = w.lost_at(Timestamp(get(row, "now_ms")?));
+                Ok(w)
+            })
+            .collect()
     }
 
     async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {

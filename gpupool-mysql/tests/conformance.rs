@@ -43,5 +43,6 @@ conformance_tests!(
     idempotency_key,
     gpu_requirements,
     big_jobs_are_not_starved,
+    worker_registry,
     reserve_waits_for_push,
 );

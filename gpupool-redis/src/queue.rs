@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, Heartbeat, JobId, JobRecord,
-    JobSpec, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp,
+    JobSpec, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{Script, Value};
@@ -53,6 +53,8 @@ struct Scripts {
     cancel: Script,
     retry: Script,
     list: Script,
+    worker: Script,
+    workers: Script,
 }
 
 impl Scripts {
@@ -70,6 +72,8 @@ impl Scripts {
             cancel: script!("cancel.lua"),
             retry: script!("retry.lua"),
             list: script!("list.lua"),
+            worker: script!("worker.lua"),
+            workers: script!("workers.lua"),
         }
     }
 }
@@ -437,7 +441,7 @@ fn record(id: &str, h: &HashMap<String, String>) -> Result<JobRecord> {
 #[async_trait]
 impl Queue for RedisQueue {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default().with_blocking_reserve(true).with_multi_process(true)
+        Capabilities::default().with_blocking_reserve(true).with_multi_process(true).with_workers(true)
     }
 
     async fn init(&self) -> Result<()> {
@@ -605,6 +609,35 @@ impl Queue for RedisQueue {
             .await?;
         let ids: Vec<String> = from_value(v)?;
         self.records(&ids).await
+    }
+
+    async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {
+        let text = serde_json::to_string(info).map_err(|e| Error::backend("redis", e))?;
+        self.script_status(&self.scripts.worker, &[info.name.clone(), text]).await.map(|_| ())
+    }
+
+    async fn unregister_worker(&self, name: &str) -> Result<()> {
+        self.script_status(&self.scripts.worker, &[name.to_owned(), String::new()]).await.map(|_| ())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        let v = self.script_status(&self.scripts.workers, &[]).await?;
+        let Value::Array(mut items) = v else { return Ok(Vec::new()) };
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now: i64 = from_value(items.remove(0))?;
+        items
+            .into_iter()
+            .map(|item| {
+                let (_name, info, seen): (String, String, i64) = from_value(item)?;
+                let mut w: WorkerInfo =
+                    serde_json::from_str(&info).map_err(|e| Error::backend("redis", format!("worker record: {e}")))?;
+                w.seen_at = Timestamp(seen);
+                w.lost = w.lost_at(Timestamp(now));
+                Ok(w)
+            })
+            .collect()
     }
 
     async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, FailureKind, Heartbeat, JobId,
-    JobRecord, JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp,
+    JobRecord, JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -29,7 +29,8 @@ use crate::options::SqliteOptions;
 const POLL: Duration = Duration::from_millis(25);
 
 /// The migrations, in order; `PRAGMA user_version` records the last applied.
-const MIGRATIONS: [(i64, &str); 1] = [(1, include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: [(i64, &str); 2] =
+    [(1, include_str!("../migrations/0001_init.sql")), (2, include_str!("../migrations/0002_workers.sql"))];
 
 /// The columns [`record`] reads.
 macro_rules! job_columns {
@@ -276,6 +277,7 @@ impl Queue for SqliteQueue {
             .with_gpu_filter(true)
             .with_blocking_reserve(false)
             .with_multi_process(true)
+            .with_workers(true)
     }
 
     async fn init(&self) -> Result<()> {
@@ -573,6 +575,43 @@ impl Queue for SqliteQueue {
             .await
             .map_err(map)?;
         rows.iter().map(record).collect()
+    }
+
+    async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {
+        let text = serde_json::to_string(info).map_err(|e| Error::backend("sqlite", e))?;
+        sqlx::query(
+            "INSERT INTO workers (name, info, seen_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (name) DO UPDATE SET info = excluded.info, seen_at = excluded.seen_at",
+        )
+        .bind(&info.name)
+        .bind(text)
+        .bind(Timestamp::now().0)
+        .execute(&self.pool)
+        .await
+        .map_err(map)?;
+        Ok(())
+    }
+
+    async fn unregister_worker(&self, name: &str) -> Result<()> {
+        sqlx::query("DELETE FROM workers WHERE name = ?1").bind(name).execute(&self.pool).await.map_err(map)?;
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT info, seen_at FROM workers ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map)?;
+        let now = Timestamp::now();
+        rows.into_iter()
+            .map(|(text, seen)| {
+                let mut w: WorkerInfo =
+                    serde_json::from_str(&text).map_err(|e| Error::backend("sqlite", format!("worker record: {e}")))?;
+                w.seen_at = Timestamp(seen);
+                w.lost = w.lost_at(now);
+                Ok(w)
+            })
+            .collect()
     }
 
     async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {

@@ -1,0 +1,5 @@
+CREATE TABLE IF NOT EXISTS {prefix}workers (
+    name    VARCHAR(255) NOT NULL PRIMARY KEY,
+    info    LONGTEXT     NOT NULL,
+    seen_at DATETIME(6)  NOT NULL
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin

@@ -1,0 +1,6 @@
+-- Workers register and heartbeat here (`gpupool status`).
+CREATE TABLE workers (
+    name    TEXT    PRIMARY KEY,
+    info    TEXT    NOT NULL,   -- WorkerInfo as JSON
+    seen_at INTEGER NOT NULL    -- Unix ms, this host's clock
+);
