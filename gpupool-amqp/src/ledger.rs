@@ -84,6 +84,15 @@ pub(crate) enum Event {
     WorkerGone {
         name: String,
     },
+    Parked {
+        id: String,
+        token: String,
+        gpus: u32,
+    },
+    Unpark {
+        id: String,
+        dispatch: String,
+    },
     Sync,
 }
 
@@ -131,6 +140,8 @@ pub(crate) struct Job {
     pub(crate) token: Option<String>,
     pub(crate) dispatch: Option<String>,
     pub(crate) attempt_limit: u32,
+    /// Parked until a worker with this many GPUs reserves.
+    pub(crate) parked: Option<u32>,
     /// When this process last saw the lease renewed, and for how long.
     pub(crate) renewed: Option<(Instant, Duration)>,
 }
@@ -205,7 +216,7 @@ impl State {
                 let record = JobRecord::new(JobId::new(id.clone()), *spec, Timestamp(at));
                 self.jobs.insert(
                     id.clone(),
-                    Job { record, token: None, dispatch: Some(dispatch), attempt_limit, renewed: None },
+                    Job { record, token: None, dispatch: Some(dispatch), attempt_limit, parked: None, renewed: None },
                 );
                 self.order.push(id.clone());
                 Outcome::Pushed(id)
@@ -361,6 +372,24 @@ impl State {
                     Outcome::Failed
                 }
             }
+            Event::Parked { id, token, gpus } => match self.jobs.get_mut(&id) {
+                Some(job) if job.held(&token) => {
+                    job.end(JobState::Queued, at);
+                    job.record.attempt = job.record.attempt.saturating_sub(1);
+                    job.dispatch = None;
+                    job.parked = Some(gpus);
+                    Outcome::Ok
+                }
+                _ => Outcome::Rejected,
+            },
+            Event::Unpark { id, dispatch } => match self.jobs.get_mut(&id) {
+                Some(job) if job.record.state == JobState::Queued && job.parked.is_some() => {
+                    job.parked = None;
+                    job.dispatch = Some(dispatch.clone());
+                    Outcome::Requeued(dispatch)
+                }
+                _ => Outcome::Rejected,
+            },
             Event::Worker { mut info } => {
                 info.seen_at = Timestamp(at);
                 self.workers.insert(info.name.clone(), *info);

@@ -420,6 +420,25 @@ impl AmqpQueue {
         Ok(())
     }
 
+    /// Sends parked jobs of the caller's queues that it is big enough for
+    /// back into their queues.
+    async fn unpark(&self, req: &ReserveRequest) -> Result<()> {
+        let fits: Vec<(String, String)> = {
+            let st = self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            st.jobs
+                .values()
+                .filter(|j| j.parked.is_some_and(|g| g <= req.gpu_limit()) && req.queues.contains(&j.record.spec.queue))
+                .map(|j| (j.record.id.to_string(), j.record.spec.queue.clone()))
+                .collect()
+        };
+        for (id, queue) in fits {
+            if let Outcome::Requeued(d) = self.emit(Event::Unpark { id: id.clone(), dispatch: nonce() }).await? {
+                self.dispatch(&queue, &id, d).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Leases the job a work message names, if its dispatch is current.
     async fn lease_work(&self, data: &[u8], req: &ReserveRequest) -> Result<Option<Lease>> {
         let Ok(work) = serde_json::from_slice::<Work>(data) else {
@@ -546,6 +565,7 @@ impl Queue for AmqpQueue {
         let deadline = tokio::time::Instant::now() + req.wait;
         loop {
             self.reap().await?;
+            self.unpark(req).await?;
             if let Some(lease) = self.take(req, None).await? {
                 return Ok(Some(lease));
             }
@@ -669,6 +689,11 @@ impl Queue for AmqpQueue {
             .take(filter.limit as usize)
             .map(|j| j.record.clone())
             .collect())
+    }
+
+    async fn park(&self, lease: &Lease, gpus: u32) -> Result<()> {
+        let event = Event::Parked { id: lease.id().to_string(), token: lease.token.clone(), gpus };
+        Self::fenced(lease, self.emit(event).await?).map(|_| ())
     }
 
     async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {

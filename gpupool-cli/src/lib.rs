@@ -87,6 +87,9 @@ pub struct WorkerFileConfig {
     pub slots: Option<usize>,
     /// Jobs per GPU.
     pub slots_per_gpu: Option<usize>,
+    /// Percentage of a GPU's memory that must be free for it to count as
+    /// free when none of this worker's jobs holds it (default 90).
+    pub gpu_free_memory: Option<f64>,
     /// Queues served, in order.
     pub queues: Option<Vec<String>>,
     /// Lease, such as `60s`.
@@ -174,11 +177,12 @@ pub fn jobs_table(jobs: &[JobRecord]) -> String {
                 j.spec.git_ref.clone(),
                 j.commit.as_deref().map_or_else(|| "-".to_owned(), |c| c[..c.len().min(10)].to_owned()),
                 format!("{}/{}", j.attempt, j.spec.max_attempts),
-                j.gpu_ids
-                    .as_ref()
-                    .filter(|g| !g.is_empty())
-                    .map(|g| g.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
-                    .unwrap_or_else(|| opt(j.spec.gpus)),
+                // The GPUs given, "cpu" for a run on the CPU, else what was asked.
+                match &j.gpu_ids {
+                    Some(g) if g.is_empty() => "cpu".to_owned(),
+                    Some(g) => g.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+                    None => j.spec.gpus.map_or_else(|| "-".to_owned(), |n| format!("({n})")),
+                },
                 opt(j.exit_code),
                 short(Some(j.created_at)),
                 j.spec.entrypoint.clone(),

@@ -113,6 +113,10 @@ struct WorkerArgs {
     /// Jobs sharing one GPU.
     #[arg(long, env = "GPUPOOL_SLOTS_PER_GPU", hide_env_values = true)]
     slots_per_gpu: Option<usize>,
+    /// A GPU none of this worker's jobs holds counts as free only while at
+    /// least this percentage of its memory is free (default 90).
+    #[arg(long, env = "GPUPOOL_GPU_FREE_MEMORY", hide_env_values = true, value_name = "PCT")]
+    gpu_free_memory: Option<f64>,
     /// Lease length, such as 60s.
     #[arg(long, env = "GPUPOOL_LEASE", hide_env_values = true)]
     lease: Option<String>,
@@ -396,6 +400,12 @@ async fn worker(queue: Arc<dyn Queue>, s: &Settings, args: WorkerArgs) -> Result
     }
     if let Some(n) = args.slots_per_gpu.or(w.slots_per_gpu) {
         cfg.slots_per_gpu = n.max(1);
+    }
+    if let Some(pct) = args.gpu_free_memory.or(w.gpu_free_memory) {
+        if !(0.0..=100.0).contains(&pct) {
+            return Err(Error::Config(format!("--gpu-free-memory {pct} is not a percentage from 0 to 100")));
+        }
+        cfg.gpu_busy_fraction = 1.0 - pct / 100.0;
     }
     if let Some(d) = args.lease.or_else(|| w.lease.clone()) {
         cfg.lease = parse_duration(&d)?;

@@ -495,6 +495,27 @@ pub async fn big_jobs_are_not_starved(q: Arc<dyn Queue>) {
     assert_eq!(q.get(&huge).await.unwrap().state, JobState::Queued, "the 16-GPU job waits for a bigger worker");
 }
 
+/// A parked job is not offered to a smaller worker again, charges no
+/// attempt, and goes to the first big enough one.
+pub async fn parked_jobs_wait_for_a_big_enough_worker(q: Arc<dyn Queue>) {
+    let queue = unique_queue("park");
+    let mut spec = job(&queue);
+    spec.gpus = Some(8);
+    let id = q.push(spec).await.unwrap();
+    let lease = q.reserve(&req(&queue).gpus(8, true).max_gpus(8)).await.unwrap().expect("the 8-GPU job");
+    q.park(&lease, 8).await.expect("park");
+    assert_lease_lost(q.complete(&lease, Completion::default()).await, "complete after park");
+    let rec = q.get(&id).await.unwrap();
+    assert_eq!((rec.state, rec.attempt), (JobState::Queued, 0), "parked: queued, no attempt charged");
+    for _ in 0..3 {
+        let small = q.reserve(&req(&queue).gpus(2, true).max_gpus(2)).await.unwrap();
+        assert!(small.is_none(), "a 2-GPU worker is not offered the parked job again");
+    }
+    let big = q.reserve(&req(&queue).gpus(8, true).max_gpus(8)).await.unwrap().expect("an 8-GPU worker gets it");
+    assert_eq!((big.id(), big.attempt()), (&id, 1));
+    q.complete(&big, Completion::default()).await.unwrap();
+}
+
 /// Workers register, refresh, show as lost when silent, and unregister
 /// (where the backend declares `workers`).
 pub async fn worker_registry(q: Arc<dyn Queue>) {
@@ -576,6 +597,7 @@ pub async fn run_all(q: Arc<dyn Queue>) {
     idempotency_key(Arc::clone(&q)).await;
     gpu_requirements(Arc::clone(&q)).await;
     big_jobs_are_not_starved(Arc::clone(&q)).await;
+    parked_jobs_wait_for_a_big_enough_worker(Arc::clone(&q)).await;
     worker_registry(Arc::clone(&q)).await;
     reserve_waits_for_push(q).await;
 }

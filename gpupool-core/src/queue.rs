@@ -462,6 +462,18 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// Failed-attempt records, newest first: all of them or one job's.
     async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>>;
 
+    /// Gives back a job that needs `gpus` GPUs, more than the caller has,
+    /// without charging an attempt, so that it is offered only to reserves
+    /// whose `max_gpus` (or free GPUs) reach `gpus`: a job too big for the
+    /// workers at hand waits for a big enough one instead of bouncing
+    /// between small ones. Fenced by the lease. The default releases it,
+    /// which is enough for a backend that declares `gpu_filter` (its
+    /// reserve never offers the job to a smaller worker).
+    async fn park(&self, lease: &Lease, gpus: u32) -> Result<()> {
+        let _ = gpus;
+        self.release(lease).await
+    }
+
     /// Records (or refreshes) a worker and what it holds, stamping
     /// `seen_at`. Workers call it every heartbeat interval. The default does
     /// nothing, for backends that do not declare `workers`.

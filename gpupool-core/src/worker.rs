@@ -332,11 +332,10 @@ async fn hold_until_fits(
 ) -> Option<Vec<u32>> {
     let total = gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner).total();
     if need > total {
-        warn!(job_id = %lease.id(), need, total, "job needs more GPUs than this worker has; giving it back");
-        if let Err(e) = ctx.queue.release(lease).await {
-            warn!(job_id = %lease.id(), "release failed: {e}");
+        warn!(job_id = %lease.id(), need, total, "job needs more GPUs than this worker has; parking it for a bigger one");
+        if let Err(e) = ctx.queue.park(lease, need).await {
+            warn!(job_id = %lease.id(), "park failed: {e}");
         }
-        sleep_or(shutdown, Duration::from_secs(10)).await;
         return None;
     }
     info!(job_id = %lease.id(), need, "holding the job until {need} GPUs are free; reserving nothing else");

@@ -5,6 +5,7 @@ local state = redis.call('HGET', h, 'state')
 if not state then return 'missing' end
 if state == 'queued' then
   drop_entry(id)
+  redis.call('ZREM', P .. 'parked:' .. redis.call('HGET', h, 'queue'), id)
   set_state(id, 'cancelled')
   redis.call('HSET', h, 'finished', now_ms())
   return 'cancelled'

@@ -55,6 +55,8 @@ struct Scripts {
     list: Script,
     worker: Script,
     workers: Script,
+    park: Script,
+    unpark: Script,
 }
 
 impl Scripts {
@@ -74,6 +76,8 @@ impl Scripts {
             list: script!("list.lua"),
             worker: script!("worker.lua"),
             workers: script!("workers.lua"),
+            park: script!("park.lua"),
+            unpark: script!("unpark.lua"),
         }
     }
 }
@@ -330,6 +334,8 @@ impl RedisQueue {
             if let Some(lease) = self.reclaim(queue, req).await? {
                 return Ok(Some(lease));
             }
+            // A parked job this caller is big enough for goes back in line.
+            self.script_status(&self.scripts.unpark, &[queue.clone(), req.gpu_limit().to_string()]).await?;
             // Stale entries (cancelled jobs) are skipped; a bounded number.
             for _ in 0..100 {
                 let Some((q, entry, job)) = self.read(std::slice::from_ref(queue), None).await?.into_iter().next()
@@ -609,6 +615,10 @@ impl Queue for RedisQueue {
             .await?;
         let ids: Vec<String> = from_value(v)?;
         self.records(&ids).await
+    }
+
+    async fn park(&self, lease: &Lease, gpus: u32) -> Result<()> {
+        self.fenced(&self.scripts.park, lease, &[gpus.to_string()]).await.map(|_| ())
     }
 
     async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {

@@ -46,6 +46,7 @@ conformance_tests!(
     idempotency_key,
     gpu_requirements,
     big_jobs_are_not_starved,
+    parked_jobs_wait_for_a_big_enough_worker,
     worker_registry,
     reserve_waits_for_push,
 );

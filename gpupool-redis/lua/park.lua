@@ -1,0 +1,11 @@
+-- ARGV: prefix, id, token, gpus. The job waits in PREFIXparked:QUEUE (score:
+-- GPUs needed) instead of its stream, until a big enough worker reserves.
+local id, token, gpus = ARGV[2], ARGV[3], ARGV[4]
+if not held(id, token) then return -1 end
+local h = jkey(id)
+drop_entry(id)
+redis.call('HSET', h, 'token', '')
+redis.call('HINCRBY', h, 'attempt', -1)
+set_state(id, 'queued')
+redis.call('ZADD', P .. 'parked:' .. redis.call('HGET', h, 'queue'), tonumber(gpus), id)
+return 1
