@@ -577,6 +577,41 @@ pub async fn reserve_waits_for_push(q: Arc<dyn Queue>) {
     assert!(started.elapsed() >= Duration::from_millis(250), "reserve waited before giving up");
 }
 
+/// One `#[tokio::test]` per conformance function, for a backend's
+/// `tests/conformance.rs`:
+///
+/// ```ignore
+/// async fn setup() -> Option<(Guard, Arc<dyn Queue>)> { … }   // None: skipped
+/// async fn teardown(guard: Guard, queue: Arc<dyn Queue>) { … } // clean up
+/// gpupool_core::conformance_tests!(setup, teardown);
+/// ```
+///
+/// The calling crate needs `tokio` (with `macros` and `rt-multi-thread`).
+/// Every test gets a fresh queue from `setup` and runs in parallel with the
+/// others.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($setup:path, $teardown:path) => {
+        $crate::conformance_tests!(@each $setup, $teardown;
+            push_reserve_complete, push_refuses_invalid_jobs, no_double_reserve, lease_expires,
+            lease_expiry_uses_up_attempts, heartbeat_extends_lease, stale_lease_is_refused,
+            failures_retry_then_fail, failure_kinds, release_charges_no_attempt, cancel_queued_and_running,
+            retry_failed_and_cancelled, reserve_order, list_filters_and_pages, idempotency_key,
+            gpu_requirements, big_jobs_are_not_starved, parked_jobs_wait_for_a_big_enough_worker,
+            worker_registry, reserve_waits_for_push);
+    };
+    (@each $setup:path, $teardown:path; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let Some((guard, queue)) = $setup().await else { return };
+                $crate::conformance::$name(::std::sync::Arc::clone(&queue)).await;
+                $teardown(guard, queue).await;
+            }
+        )*
+    };
+}
+
 /// Every function above, one after another (for a quick local run; backends
 /// call each from its own test so they run in parallel).
 pub async fn run_all(q: Arc<dyn Queue>) {

@@ -392,43 +392,12 @@ mod conformance_tests {
 
     use super::MemoryQueue;
     use crate::Queue;
-    use crate::conformance as c;
 
-    fn queue() -> Arc<dyn Queue> {
-        Arc::new(MemoryQueue::new())
+    async fn setup() -> Option<((), Arc<dyn Queue>)> {
+        Some(((), Arc::new(MemoryQueue::new())))
     }
 
-    macro_rules! conformance_tests {
-        ($($name:ident),* $(,)?) => {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    c::$name(queue()).await;
-                }
-            )*
-        };
-    }
+    async fn teardown(_: (), _: Arc<dyn Queue>) {}
 
-    conformance_tests!(
-        push_reserve_complete,
-        push_refuses_invalid_jobs,
-        no_double_reserve,
-        lease_expires,
-        lease_expiry_uses_up_attempts,
-        heartbeat_extends_lease,
-        stale_lease_is_refused,
-        failures_retry_then_fail,
-        failure_kinds,
-        release_charges_no_attempt,
-        cancel_queued_and_running,
-        retry_failed_and_cancelled,
-        reserve_order,
-        list_filters_and_pages,
-        idempotency_key,
-        gpu_requirements,
-        big_jobs_are_not_starved,
-        parked_jobs_wait_for_a_big_enough_worker,
-        worker_registry,
-        reserve_waits_for_push,
-    );
+    crate::conformance_tests!(setup, teardown);
 }

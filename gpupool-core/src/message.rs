@@ -219,9 +219,27 @@ pub fn env_var_allowed(key: &str) -> bool {
 }
 
 impl JobSpec {
+    /// [`JobSpec::validate`], returning the JSON text a backend stores (so a
+    /// push encodes the job once).
+    pub fn validated_json(&self) -> Result<String> {
+        self.check_fields()?;
+        let text = self.to_json()?;
+        if text.len() > MAX_JOB_BYTES {
+            return Err(Error::InvalidJob(format!(
+                "the job is {} bytes encoded; the limit is {MAX_JOB_BYTES}",
+                text.len()
+            )));
+        }
+        Ok(text)
+    }
+
     /// The checks every backend runs at push. The error names the field,
     /// the value and what to do.
     pub fn validate(&self) -> Result<()> {
+        self.validated_json().map(|_| ())
+    }
+
+    fn check_fields(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidJob(m));
         validate_queue_name(&self.queue)?;
         let r = &self.git_ref;
@@ -275,10 +293,6 @@ impl JobSpec {
         }
         if self.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 200) {
             return bad("idempotency_key must be 1 to 200 bytes".into());
-        }
-        let size = self.to_json()?.len();
-        if size > MAX_JOB_BYTES {
-            return bad(format!("the job is {size} bytes encoded; the limit is {MAX_JOB_BYTES}"));
         }
         Ok(())
     }

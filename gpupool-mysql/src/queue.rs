@@ -486,12 +486,12 @@ impl Queue for MysqlQueue {
     }
 
     async fn push(&self, spec: JobSpec) -> Result<JobId> {
-        spec.validate()?;
+        let text = spec.validated_json()?;
         let inserted = q(&self.sql.insert)
             .bind(&spec.queue)
             .bind(spec.priority)
             .bind(spec.gpus.map(i64::from))
-            .bind(spec.to_json()?)
+            .bind(text)
             .bind(&spec.idempotency_key)
             .bind(i64::from(spec.max_attempts))
             .bind(i64::from(spec.max_attempts))

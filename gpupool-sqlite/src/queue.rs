@@ -94,13 +94,14 @@ impl SqliteQueue {
         self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map)
     }
 
-    /// A read-only look: could a reserve find anything now?
-    async fn might_have_work(&self, req: &ReserveRequest, now: i64) -> Result<bool> {
+    /// A read-only look: is anything queued that could fit, and has any
+    /// lease expired?
+    async fn might_have_work(&self, req: &ReserveRequest, now: i64) -> Result<(bool, bool)> {
         let queues = serde_json::to_string(&req.queues).map_err(|e| Error::backend("sqlite", e))?;
-        sqlx::query_scalar::<_, bool>(
+        sqlx::query_as::<_, (bool, bool)>(
             "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued' \
-                 AND queue IN (SELECT value FROM json_each(?1)) AND COALESCE(gpus, ?2) <= ?3) \
-             OR EXISTS (SELECT 1 FROM jobs WHERE state = 'running' AND lease_expires_at < ?4)",
+                 AND queue IN (SELECT value FROM json_each(?1)) AND COALESCE(gpus, ?2) <= ?3), \
+             EXISTS (SELECT 1 FROM jobs WHERE state = 'running' AND lease_expires_at < ?4)",
         )
         .bind(queues)
         .bind(i64::from(req.gpu_host))
@@ -113,11 +114,14 @@ impl SqliteQueue {
 
     async fn try_reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
         let now = Timestamp::now();
-        if !self.might_have_work(req, now.0).await? {
+        let (queued, expired) = self.might_have_work(req, now.0).await?;
+        if !queued && !expired {
             return Ok(None);
         }
         let mut tx = self.begin_immediate().await?;
-        expire_leases(&mut tx, now.0).await?;
+        if expired {
+            expire_leases(&mut tx, now.0).await?;
+        }
         for queue in &req.queues {
             let id: Option<i64> = sqlx::query_scalar(
                 "SELECT id FROM jobs WHERE queue = ?1 AND state = 'queued' AND COALESCE(gpus, ?2) <= ?3 \
@@ -147,7 +151,9 @@ impl SqliteQueue {
             .await
             .map_err(map)?;
             let mut job = record(&row)?;
-            job.errors = errors_of(&mut tx, id).await?;
+            if job.attempt > 1 {
+                job.errors = errors_of(&mut tx, id).await?;
+            }
             tx.commit().await.map_err(map)?;
             return Ok(Some(Lease { job, token, expires_at }));
         }
@@ -301,8 +307,7 @@ impl Queue for SqliteQueue {
     }
 
     async fn push(&self, spec: JobSpec) -> Result<JobId> {
-        spec.validate()?;
-        let text = spec.to_json()?;
+        let text = spec.validated_json()?;
         let id: Option<i64> = sqlx::query_scalar(
             "INSERT INTO jobs (queue, state, priority, gpus, spec, idempotency_key, max_attempts, attempt_limit, \
              created_at) VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?6, ?7) \
