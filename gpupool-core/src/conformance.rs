@@ -581,8 +581,9 @@ pub async fn reserve_waits_for_push(q: Arc<dyn Queue>) {
 /// `tests/conformance.rs`:
 ///
 /// ```ignore
-/// async fn setup() -> Option<(Guard, Arc<dyn Queue>)> { … }   // None: skipped
-/// async fn teardown(guard: Guard, queue: Arc<dyn Queue>) { … } // clean up
+/// // None: the test is skipped (print why).
+/// async fn setup() -> Option<(Guard, Arc<dyn Queue>)> { todo!() }
+/// async fn teardown(guard: Guard, queue: Arc<dyn Queue>) { todo!() }
 /// gpupool_core::conformance_tests!(setup, teardown);
 /// ```
 ///
