@@ -1,9 +1,10 @@
 //! [`GitWorkspace`]: the code for a job, at exactly its commit.
 //!
 //! One bare mirror per repository under `DATA_DIR/repos/`, fetched only when
-//! it must be: a ref that looks like a commit id and is already in the
-//! mirror is used as it is; a branch or tag is fetched each time (it may have
-//! moved). Each running job gets its own checkout under
+//! the commit is missing: a ref that looks like a commit id and is already
+//! in the mirror is used as it is; for a branch or tag (which may have moved)
+//! the remote is asked where it points, without downloading, and the mirror
+//! fetches only if that commit is not there yet. Each running job gets its own checkout under
 //! `DATA_DIR/checkouts/`, written straight from the mirror's object store
 //! (no `.git` in it), and removed when the job ends.
 //!
@@ -207,7 +208,14 @@ fn prepare_blocking(
 ) -> Result<String, PrepareError> {
     let repo = open_mirror(mirror)?;
     let local = looks_like_commit(git_ref).then(|| resolve(&repo, git_ref)).flatten();
-    let oid = match local {
+    // A commit already here is used as it is. A branch or tag may have
+    // moved: ask the remote where it points (no download) and fetch only
+    // when that commit is missing here.
+    let tip = match local {
+        Some(oid) => Some(oid),
+        None => advertised(&repo, url, git_ref, creds)?.filter(|oid| repo.find_commit(*oid).is_ok()),
+    };
+    let oid = match tip {
         Some(oid) => oid,
         None => {
             fetch(&repo, url, creds)?;
@@ -237,7 +245,9 @@ fn open_mirror(mirror: &Path) -> Result<Repository, PrepareError> {
     Ok(repo)
 }
 
-fn fetch(repo: &Repository, url: &str, creds: &Credentials) -> Result<(), PrepareError> {
+/// Callbacks that answer credential requests (see the module docs), and
+/// where the reason for a refusal is kept.
+fn callbacks(url: &str, creds: &Credentials) -> (RemoteCallbacks<'static>, Arc<StdMutex<Option<String>>>) {
     let host = host_of(url);
     let reason: Arc<StdMutex<Option<String>>> = Arc::default();
     let mut callbacks = RemoteCallbacks::new();
@@ -257,13 +267,38 @@ fn fetch(repo: &Repository, url: &str, creds: &Credentials) -> Result<(), Prepar
         }
         credential(&creds, cred_url, user_from_url, allowed, tries, &host).map_err(set)
     });
-    let mut opts = FetchOptions::new();
-    opts.remote_callbacks(callbacks).download_tags(git2::AutotagOption::All);
+    (callbacks, reason)
+}
+
+fn remote_error(url: &str, what: &str, e: &git2::Error, reason: &StdMutex<Option<String>>) -> PrepareError {
+    let detail = reason.lock().ok().and_then(|r| r.clone()).unwrap_or_else(|| e.message().to_owned());
+    PrepareError::repo(format!("cannot {what} {url}: {detail}"))
+}
+
+/// Where the remote's branch or tag `git_ref` points, without downloading
+/// anything (`git ls-remote`); `None` if it has no such branch or tag.
+fn advertised(repo: &Repository, url: &str, git_ref: &str, creds: &Credentials) -> Result<Option<Oid>, PrepareError> {
+    let (cbs, reason) = callbacks(url, creds);
     let mut remote = repo.remote_anonymous(url).map_err(|e| PrepareError::repo(format!("{url}: {}", e.message())))?;
-    remote.fetch(&["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], Some(&mut opts), None).map_err(|e| {
-        let detail = reason.lock().ok().and_then(|r| r.clone()).unwrap_or_else(|| e.message().to_owned());
-        PrepareError::repo(format!("cannot fetch {url}: {detail}"))
-    })
+    let conn = remote
+        .connect_auth(git2::Direction::Fetch, Some(cbs), None)
+        .map_err(|e| remote_error(url, "fetch", &e, &reason))?;
+    let heads = conn.list().map_err(|e| remote_error(url, "fetch", &e, &reason))?;
+    let (branch, tag) = (format!("refs/heads/{git_ref}"), format!("refs/tags/{git_ref}"));
+    let peeled = format!("{tag}^{{}}");
+    // An annotated tag is advertised twice; the peeled line names the commit.
+    let find = |name: &str| heads.iter().find(|h| h.name() == name).map(|h| h.oid());
+    Ok(find(&branch).or_else(|| find(&peeled)).or_else(|| find(&tag)))
+}
+
+fn fetch(repo: &Repository, url: &str, creds: &Credentials) -> Result<(), PrepareError> {
+    let (cbs, reason) = callbacks(url, creds);
+    let mut opts = FetchOptions::new();
+    opts.remote_callbacks(cbs).download_tags(git2::AutotagOption::All);
+    let mut remote = repo.remote_anonymous(url).map_err(|e| PrepareError::repo(format!("{url}: {}", e.message())))?;
+    remote
+        .fetch(&["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], Some(&mut opts), None)
+        .map_err(|e| remote_error(url, "fetch", &e, &reason))
 }
 
 fn credential(
@@ -349,4 +384,49 @@ fn host_of(url: &str) -> String {
     let authority = rest.split('/').next().unwrap_or(rest);
     let host = authority.rsplit('@').next().unwrap_or(authority);
     if host.is_empty() { url.to_owned() } else { redact_url(host) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit(repo: &Repository, text: &str) -> Oid {
+        let dir = repo.workdir().unwrap();
+        std::fs::write(dir.join("train.py"), text).unwrap();
+        let mut index = repo.index().unwrap();
+        index.add_path(Path::new("train.py")).unwrap();
+        let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
+        let sig = git2::Signature::now("t", "t@example.com").unwrap();
+        let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+        let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
+        repo.commit(Some("HEAD"), &sig, &sig, text, &tree, &parents).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_moved_branch_is_fetched_and_a_cached_commit_needs_no_remote() {
+        let tmp = std::env::temp_dir().join(format!("gpupool-ws-{}", uuid::Uuid::new_v4().simple()));
+        let src = tmp.join("src");
+        let repo = Repository::init(&src).unwrap();
+        let first = commit(&repo, "v1");
+        let ws = GitWorkspace::new(tmp.join("data"), Credentials::default());
+        let url = src.to_string_lossy().into_owned();
+        let head = repo.head().unwrap().shorthand().unwrap().to_owned();
+
+        let a = ws.prepare(&url, &head, "train.py", "a").await.unwrap();
+        assert_eq!(a.commit, first.to_string());
+        let second = commit(&repo, "v2");
+        let b = ws.prepare(&url, &head, "train.py", "b").await.unwrap();
+        assert_eq!(b.commit, second.to_string(), "the branch moved; the new tip is fetched");
+        assert_eq!(std::fs::read_to_string(b.dir.join("train.py")).unwrap(), "v2");
+        ws.remove(&a).await;
+        ws.remove(&b).await;
+
+        // With the remote gone, a commit already in the mirror still checks out.
+        std::fs::rename(&src, tmp.join("gone")).unwrap();
+        let c = ws.prepare(&url, &first.to_string()[..10], "train.py", "c").await.unwrap();
+        assert_eq!(std::fs::read_to_string(c.dir.join("train.py")).unwrap(), "v1");
+        let missing = ws.prepare(&url, &head, "train.py", "d").await.unwrap_err();
+        assert_eq!(missing.kind, FailureKind::Repo, "{}", missing.message);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
 }
