@@ -46,6 +46,6 @@ pub use job::{
 pub use memory::MemoryQueue;
 pub use queue::{
     CancelOutcome, Capabilities, Completion, FailOutcome, Failure, Heartbeat, Lease, ListFilter, Queue, ReserveRequest,
-    RunInfo, RunningJob, WorkerInfo, default_worker_name,
+    RunInfo, RunningJob, Sweep, WorkerInfo, default_worker_name,
 };
 pub use worker::{Worker, WorkerConfig, WorkerSummary};

@@ -494,3 +494,27 @@ pub trait Queue: Send + Sync + fmt::Debug {
         Ok(Vec::new())
     }
 }
+
+/// For SQL backends: remembers whether the last reserve found work (then
+/// the next one skips its lock-free look and goes straight to the
+/// transaction) and paces the sweep of expired leases to once a second
+/// while reserves stay busy.
+#[derive(Debug, Default)]
+pub struct Sweep {
+    /// The last reserve found a job.
+    pub hot: std::sync::atomic::AtomicBool,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Sweep {
+    /// Whether a sweep is due (none in the last second); marks it done.
+    pub fn due(&self) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1)) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}

@@ -107,8 +107,8 @@ impl Sql {
         };
         Sql {
             has_work: s("SELECT EXISTS (SELECT 1 FROM {p}jobs WHERE queue = ? AND state = 'queued' \
-                         AND COALESCE(gpus, ?) <= ?) \
-                         OR EXISTS (SELECT 1 FROM {p}jobs WHERE state = 'running' \
+                         AND COALESCE(gpus, ?) <= ?), \
+                         EXISTS (SELECT 1 FROM {p}jobs WHERE state = 'running' \
                          AND lease_expires_at < UTC_TIMESTAMP(6))"),
             expired: s("SELECT id FROM {p}jobs WHERE state = 'running' AND lease_expires_at < UTC_TIMESTAMP(6) \
                         LIMIT 20 FOR UPDATE SKIP LOCKED"),
@@ -202,6 +202,7 @@ pub struct MysqlQueue {
     opts: Arc<MysqlOptions>,
     sql: Arc<Sql>,
     idle_polls: Arc<AtomicU32>,
+    sweep: Arc<gpupool_core::Sweep>,
 }
 
 impl MysqlQueue {
@@ -242,7 +243,7 @@ impl MysqlQueue {
             });
         }
         let sql = Arc::new(Sql::new(&opts.prefix));
-        Ok(MysqlQueue { pool, opts: Arc::new(opts), sql, idle_polls: Arc::default() })
+        Ok(MysqlQueue { pool, opts: Arc::new(opts), sql, idle_polls: Arc::default(), sweep: Arc::default() })
     }
 
     /// The options in use.
@@ -264,42 +265,63 @@ impl MysqlQueue {
         Ok(())
     }
 
-    async fn might_have_work(&self, req: &ReserveRequest) -> Result<bool> {
+    /// Lock-free reads: is anything queued that fits, and has a lease
+    /// expired?
+    async fn might_have_work(&self, req: &ReserveRequest) -> Result<(bool, bool)> {
+        let mut expired = false;
         for queue in &req.queues {
-            let found: bool = q(&self.sql.has_work)
+            let row = q(&self.sql.has_work)
                 .bind(queue)
                 .bind(i64::from(req.gpu_host))
                 .bind(i64::from(req.gpu_limit()))
                 .fetch_one(&self.pool)
                 .await
-                .map_err(map)?
-                .try_get(0)
                 .map_err(map)?;
+            let (found, lost): (bool, bool) = (row.try_get(0).map_err(map)?, row.try_get(1).map_err(map)?);
+            expired |= lost;
             if found {
-                return Ok(true);
+                return Ok((true, expired));
             }
         }
-        Ok(false)
+        Ok((false, expired))
     }
 
     async fn try_reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
-        if !self.might_have_work(req).await? {
-            return Ok(None);
-        }
-        let mut tries = 0;
-        loop {
-            match self.reserve_tx(req).await {
-                Err(e) if is_lock_conflict(&e) && tries < LOCK_RETRIES => tries += 1,
-                other => return other.map_err(map)?,
+        // While reserves keep finding work, skip the lock-free look and
+        // sweep expired leases at most once a second.
+        let hot = self.sweep.hot.load(Ordering::Relaxed);
+        let sweep = if hot {
+            self.sweep.due()
+        } else {
+            let (work, expired) = self.might_have_work(req).await?;
+            if !work && !expired {
+                return Ok(None);
             }
-        }
+            expired
+        };
+        let mut tries = 0;
+        let got = loop {
+            match self.reserve_tx(req, sweep).await {
+                Err(e) if is_lock_conflict(&e) && tries < LOCK_RETRIES => tries += 1,
+                other => break other.map_err(map)??,
+            }
+        };
+        self.sweep.hot.store(got.is_some(), Ordering::Relaxed);
+        Ok(got)
     }
 
     /// One reserve transaction. Inner `Result` is ours, outer is the driver's.
-    async fn reserve_tx(&self, req: &ReserveRequest) -> std::result::Result<Result<Option<Lease>>, sqlx::Error> {
+    async fn reserve_tx(
+        &self,
+        req: &ReserveRequest,
+        sweep: bool,
+    ) -> std::result::Result<Result<Option<Lease>>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let expired: Vec<i64> =
-            q(&self.sql.expired).fetch_all(&mut *tx).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+        let expired: Vec<i64> = if sweep {
+            q(&self.sql.expired).fetch_all(&mut *tx).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
         for id in expired {
             q(&self.sql.expire_error).bind(id).execute(&mut *tx).await?;
             q(&self.sql.expire_update).bind(id).execute(&mut *tx).await?;

@@ -46,6 +46,7 @@ pub struct SqliteQueue {
     pool: SqlitePool,
     opts: SqliteOptions,
     pushed: Arc<Notify>,
+    sweep: Arc<gpupool_core::Sweep>,
 }
 
 impl SqliteQueue {
@@ -75,7 +76,7 @@ impl SqliteQueue {
             .connect_with(connect)
             .await
             .map_err(|e| Error::Config(format!("cannot open the queue file `{}`: {e}", opts.path.display())))?;
-        let queue = SqliteQueue { pool, opts, pushed: Arc::new(Notify::new()) };
+        let queue = SqliteQueue { pool, opts, pushed: Arc::new(Notify::new()), sweep: Arc::default() };
         queue.init().await?;
         Ok(queue)
     }
@@ -114,10 +115,17 @@ impl SqliteQueue {
 
     async fn try_reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
         let now = Timestamp::now();
-        let (queued, expired) = self.might_have_work(req, now.0).await?;
-        if !queued && !expired {
-            return Ok(None);
-        }
+        // While reserves keep finding work, skip the lock-free look and
+        // sweep expired leases at most once a second.
+        let expired = if self.sweep.hot.load(std::sync::atomic::Ordering::Relaxed) {
+            self.sweep.due()
+        } else {
+            let (queued, expired) = self.might_have_work(req, now.0).await?;
+            if !queued && !expired {
+                return Ok(None);
+            }
+            expired
+        };
         let mut tx = self.begin_immediate().await?;
         if expired {
             expire_leases(&mut tx, now.0).await?;
@@ -155,9 +163,11 @@ impl SqliteQueue {
                 job.errors = errors_of(&mut tx, id).await?;
             }
             tx.commit().await.map_err(map)?;
+            self.sweep.hot.store(true, std::sync::atomic::Ordering::Relaxed);
             return Ok(Some(Lease { job, token, expires_at }));
         }
         tx.commit().await.map_err(map)?;
+        self.sweep.hot.store(false, std::sync::atomic::Ordering::Relaxed);
         Ok(None)
     }
 
