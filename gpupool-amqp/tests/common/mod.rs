@@ -11,13 +11,14 @@ use gpupool_amqp::AmqpQueue;
 /// The test URL with a name prefix, or `None` after printing why the test
 /// is skipped.
 pub(crate) fn url(prefix: &str) -> Option<String> {
-    match std::env::var("GPUPOOL_TEST_AMQP_URL").ok().filter(|u| !u.is_empty()) {
+    match std::env::var("GPUPOOL_TEST_AMQP_URL").ok().filter(|u| !u.is_empty()).or_else(container_url) {
         Some(base) => {
             let sep = if base.contains('?') { '&' } else { '?' };
             Some(format!("{base}{sep}prefix={prefix}&ledger_max_age=1D"))
         }
         None => {
-            let why = "GPUPOOL_TEST_AMQP_URL is not set";
+            let why =
+                "GPUPOOL_TEST_AMQP_URL is not set and no container could be started (feature `testcontainers`, Docker)";
             assert!(
                 std::env::var("GPUPOOL_REQUIRE_BACKENDS").as_deref() != Ok("1"),
                 "GPUPOOL_REQUIRE_BACKENDS=1 but {why}"
@@ -41,4 +42,41 @@ pub(crate) fn random_prefix(tag: &str) -> String {
 pub(crate) async fn queue(tag: &str) -> Option<AmqpQueue> {
     let q = AmqpQueue::connect(&url(&random_prefix(tag))?).await.expect("connect to the test RabbitMQ");
     Some(q)
+}
+
+/// With feature `testcontainers` and a Docker daemon: a RabbitMq container,
+/// started once per test binary and kept until it exits.
+#[cfg(feature = "testcontainers")]
+fn container_url() -> Option<String> {
+    static URL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use testcontainers_modules::testcontainers::runners::SyncRunner;
+            match testcontainers_modules::rabbitmq::RabbitMq::default().start() {
+                Ok(container) => {
+                    let url = container
+                        .get_host_port_ipv4(5672)
+                        .ok()
+                        .map(|p| format!("amqp://guest:guest@127.0.0.1:{p}/%2f"));
+                    let _ = tx.send(url);
+                    // Keep the container for the life of the test binary.
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "testcontainers: no RabbitMq container ({e})");
+                    let _ = tx.send(None);
+                }
+            }
+        });
+        rx.recv().ok().flatten()
+    })
+    .clone()
+}
+
+#[cfg(not(feature = "testcontainers"))]
+fn container_url() -> Option<String> {
+    None
 }

@@ -11,13 +11,13 @@ use gpupool_mysql::MysqlQueue;
 /// The test URL with a table prefix, or `None` after printing why the test
 /// is skipped.
 pub(crate) fn url(prefix: &str) -> Option<String> {
-    match std::env::var("GPUPOOL_TEST_MYSQL_URL").ok().filter(|u| !u.is_empty()) {
+    match std::env::var("GPUPOOL_TEST_MYSQL_URL").ok().filter(|u| !u.is_empty()).or_else(container_url) {
         Some(base) => {
             let sep = if base.contains('?') { '&' } else { '?' };
             Some(format!("{base}{sep}prefix={prefix}"))
         }
         None => {
-            let why = "GPUPOOL_TEST_MYSQL_URL is not set";
+            let why = "GPUPOOL_TEST_MYSQL_URL is not set and no container could be started (feature `testcontainers`, Docker)";
             assert!(
                 std::env::var("GPUPOOL_REQUIRE_BACKENDS").as_deref() != Ok("1"),
                 "GPUPOOL_REQUIRE_BACKENDS=1 but {why}"
@@ -45,4 +45,39 @@ pub(crate) fn random_prefix(tag: &str) -> String {
 fn uuid_hex() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{:032x}", nanos ^ (u128::from(std::process::id()) << 64))
+}
+
+/// With feature `testcontainers` and a Docker daemon: a Mariadb container,
+/// started once per test binary and kept until it exits.
+#[cfg(feature = "testcontainers")]
+fn container_url() -> Option<String> {
+    static URL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use testcontainers_modules::testcontainers::runners::SyncRunner;
+            match testcontainers_modules::mariadb::Mariadb::default().start() {
+                Ok(container) => {
+                    let url =
+                        container.get_host_port_ipv4(3306).ok().map(|p| format!("mysql://root@127.0.0.1:{p}/test"));
+                    let _ = tx.send(url);
+                    // Keep the container for the life of the test binary.
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "testcontainers: no Mariadb container ({e})");
+                    let _ = tx.send(None);
+                }
+            }
+        });
+        rx.recv().ok().flatten()
+    })
+    .clone()
+}
+
+#[cfg(not(feature = "testcontainers"))]
+fn container_url() -> Option<String> {
+    None
 }

@@ -11,13 +11,13 @@ use gpupool_redis::RedisQueue;
 /// The test URL with a key prefix and a short reclaim idle time, or `None`
 /// after printing why the test is skipped.
 pub(crate) fn url(prefix: &str) -> Option<String> {
-    match std::env::var("GPUPOOL_TEST_REDIS_URL").ok().filter(|u| !u.is_empty()) {
+    match std::env::var("GPUPOOL_TEST_REDIS_URL").ok().filter(|u| !u.is_empty()).or_else(container_url) {
         Some(base) => {
             let sep = if base.contains('?') { '&' } else { '?' };
             Some(format!("{base}{sep}prefix={prefix}&reclaim_idle=300ms"))
         }
         None => {
-            let why = "GPUPOOL_TEST_REDIS_URL is not set";
+            let why = "GPUPOOL_TEST_REDIS_URL is not set and no container could be started (feature `testcontainers`, Docker)";
             assert!(
                 std::env::var("GPUPOOL_REQUIRE_BACKENDS").as_deref() != Ok("1"),
                 "GPUPOOL_REQUIRE_BACKENDS=1 but {why}"
@@ -52,4 +52,39 @@ pub(crate) async fn cleanup(q: &RedisQueue) {
     for chunk in keys.chunks(500) {
         let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(chunk).query_async(&mut c).await;
     }
+}
+
+/// With feature `testcontainers` and a Docker daemon: a Redis container,
+/// started once per test binary and kept until it exits.
+#[cfg(feature = "testcontainers")]
+fn container_url() -> Option<String> {
+    static URL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use testcontainers_modules::testcontainers::ImageExt;
+            use testcontainers_modules::testcontainers::runners::SyncRunner;
+            match testcontainers_modules::redis::Redis::default().with_tag("7").start() {
+                Ok(container) => {
+                    let url = container.get_host_port_ipv4(6379).ok().map(|p| format!("redis://127.0.0.1:{p}"));
+                    let _ = tx.send(url);
+                    // Keep the container for the life of the test binary.
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "testcontainers: no Redis container ({e})");
+                    let _ = tx.send(None);
+                }
+            }
+        });
+        rx.recv().ok().flatten()
+    })
+    .clone()
+}
+
+#[cfg(not(feature = "testcontainers"))]
+fn container_url() -> Option<String> {
+    None
 }
