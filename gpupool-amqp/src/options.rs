@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use gpupool_core::Error;
 use gpupool_core::redact::redact_url;
+use gpupool_core::url::QueueUrl;
 
 /// The URL schemes this backend serves.
 pub const SCHEMES: [&str; 2] = ["amqp", "amqps"];
@@ -55,10 +56,9 @@ impl AmqpOptions {
     /// Parses an `amqp://` or `amqps://` URL.
     pub fn from_url(url: &str) -> Result<Self, Error> {
         let redacted_url = redact_url(url);
-        let Some((scheme, rest)) = url.split_once("://").filter(|(s, _)| SCHEMES.contains(s)) else {
+        let Some(parts) = QueueUrl::parse(url, &SCHEMES) else {
             return Err(Error::Config(format!("`{redacted_url}` is not an amqp:// or amqps:// URL")));
         };
-        let (base, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut opts = AmqpOptions {
             driver_url: String::new(),
             prefix: DEFAULT_PREFIX.to_owned(),
@@ -68,9 +68,7 @@ impl AmqpOptions {
             endpoint: String::new(),
             redacted_url,
         };
-        let mut passthrough = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        for &(k, v) in &parts.params {
             match k {
                 "prefix" => {
                     let ok = !v.is_empty()
@@ -104,19 +102,12 @@ impl AmqpOptions {
                         .map(Duration::from_secs)
                         .map_err(|_| Error::Config(format!("connect_timeout `{v}` is not a number of seconds")))?;
                 }
-                _ => passthrough.push(pair),
+                _ => {}
             }
         }
-        opts.driver_url = if passthrough.is_empty() {
-            format!("{scheme}://{base}")
-        } else {
-            format!("{scheme}://{base}?{}", passthrough.join("&"))
-        };
-        let authority = base.split('/').next().unwrap_or(base);
-        let host_port = authority.rsplit('@').next().unwrap_or(authority);
-        let default_port = if scheme == "amqps" { 5671 } else { 5672 };
-        opts.endpoint =
-            if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:{default_port}") };
+        opts.driver_url =
+            parts.driver_url(parts.scheme, &["prefix", "ledger_max_age", "ledger_max_bytes", "connect_timeout"]);
+        opts.endpoint = parts.endpoint(if parts.scheme == "amqps" { 5671 } else { 5672 });
         Ok(opts)
     }
 }

@@ -32,6 +32,7 @@ pub mod message;
 mod queue;
 pub mod redact;
 pub mod runner;
+pub mod url;
 pub mod worker;
 pub mod workspace;
 

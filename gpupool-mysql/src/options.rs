@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use gpupool_core::Error;
 use gpupool_core::redact::redact_url;
+use gpupool_core::url::QueueUrl;
 use sqlx::mysql::MySqlConnectOptions;
 
 /// The URL schemes this backend serves.
@@ -54,17 +55,12 @@ impl MysqlOptions {
     /// Parses a `mysql://` or `mariadb://` URL.
     pub fn from_url(url: &str) -> Result<Self, Error> {
         let redacted_url = redact_url(url);
-        let rest = url
-            .strip_prefix("mysql://")
-            .or_else(|| url.strip_prefix("mariadb://"))
+        let parts = QueueUrl::parse(url, &SCHEMES)
             .ok_or_else(|| Error::Config(format!("`{redacted_url}` is not a mysql:// or mariadb:// URL")))?;
-        let (base, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut prefix = DEFAULT_PREFIX.to_owned();
         let mut max_connections = 4;
         let mut connect_timeout = Duration::from_secs(4);
-        let mut passthrough = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        for &(k, v) in &parts.params {
             match k {
                 "prefix" => {
                     if !valid_prefix(v) {
@@ -87,20 +83,14 @@ impl MysqlOptions {
                         .map(Duration::from_secs)
                         .map_err(|_| Error::Config(format!("connect_timeout `{v}` is not a number of seconds")))?;
                 }
-                _ => passthrough.push(pair),
+                _ => {}
             }
         }
-        let driver_url = if passthrough.is_empty() {
-            format!("mysql://{base}")
-        } else {
-            format!("mysql://{base}?{}", passthrough.join("&"))
-        };
+        let driver_url = parts.driver_url("mysql", &["prefix", "max_connections", "connect_timeout"]);
         let connect = MySqlConnectOptions::from_str(&driver_url)
             .map_err(|e| Error::Config(format!("`{redacted_url}`: {}", redact_url(&e.to_string()))))?
             .timezone(Some("+00:00".into()));
-        let authority = base.split('/').next().unwrap_or(base);
-        let host_port = authority.rsplit('@').next().unwrap_or(authority);
-        let endpoint = if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:3306") };
+        let endpoint = parts.endpoint(3306);
         Ok(MysqlOptions { connect, prefix, max_connections, connect_timeout, endpoint, redacted_url })
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use gpupool_core::Error;
 use gpupool_core::redact::redact_url;
+use gpupool_core::url::QueueUrl;
 
 /// The URL schemes this backend serves.
 pub const SCHEMES: [&str; 2] = ["redis", "rediss"];
@@ -49,16 +50,13 @@ impl RedisOptions {
     /// Parses a `redis://` or `rediss://` URL.
     pub fn from_url(url: &str) -> Result<Self, Error> {
         let redacted_url = redact_url(url);
-        let Some((scheme, rest)) = url.split_once("://").filter(|(s, _)| SCHEMES.contains(s)) else {
+        let Some(parts) = QueueUrl::parse(url, &SCHEMES) else {
             return Err(Error::Config(format!("`{redacted_url}` is not a redis:// or rediss:// URL")));
         };
-        let (base, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut prefix = DEFAULT_PREFIX.to_owned();
         let mut reclaim_idle = Duration::from_secs(30);
         let mut connect_timeout = Duration::from_secs(4);
-        let mut passthrough = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        for &(k, v) in &parts.params {
             match k {
                 "prefix" => {
                     if v.is_empty() || v.len() > 64 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -76,17 +74,11 @@ impl RedisOptions {
                     connect_timeout = humantime::parse_duration(v)
                         .map_err(|_| Error::Config(format!("connect_timeout `{v}` is not a duration such as 4s")))?;
                 }
-                _ => passthrough.push(pair),
+                _ => {}
             }
         }
-        let driver_url = if passthrough.is_empty() {
-            format!("{scheme}://{base}")
-        } else {
-            format!("{scheme}://{base}?{}", passthrough.join("&"))
-        };
-        let authority = base.split('/').next().unwrap_or(base);
-        let host_port = authority.rsplit('@').next().unwrap_or(authority);
-        let endpoint = if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:6379") };
+        let driver_url = parts.driver_url(parts.scheme, &["prefix", "reclaim_idle", "connect_timeout"]);
+        let endpoint = parts.endpoint(6379);
         Ok(RedisOptions { driver_url, prefix, reclaim_idle, connect_timeout, endpoint, redacted_url })
     }
 }
