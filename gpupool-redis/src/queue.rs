@@ -95,6 +95,8 @@ pub struct RedisQueue {
     groups: Arc<StdMutex<HashSet<String>>>,
     /// This process's consumer name in the group.
     consumer: String,
+    /// Paces the `XAUTOCLAIM` pass.
+    sweep: Arc<gpupool_core::Sweep>,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -154,6 +156,7 @@ impl RedisQueue {
             blocking: Arc::default(),
             groups: Arc::default(),
             consumer,
+            sweep: Arc::default(),
         })
     }
 
@@ -329,13 +332,20 @@ impl RedisQueue {
 
     /// One pass: reclaim, then fresh entries, queue by queue.
     async fn try_reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
+        // Dead workers' entries are looked for at most once a second (the
+        // entries must sit idle for `reclaim_idle` anyway), not on every
+        // reserve of a busy worker.
+        let sweep = self.sweep.due();
         for queue in &req.queues {
             self.ensure_group(queue).await?;
-            if let Some(lease) = self.reclaim(queue, req).await? {
+            if sweep && let Some(lease) = self.reclaim(queue, req).await? {
                 return Ok(Some(lease));
             }
-            // A parked job this caller is big enough for goes back in line.
-            self.script_status(&self.scripts.unpark, &[queue.clone(), req.gpu_limit().to_string()]).await?;
+            // A parked job this caller is big enough for goes back in line
+            // (only GPU jobs are ever parked).
+            if req.gpu_limit() > 0 {
+                self.script_status(&self.scripts.unpark, &[queue.clone(), req.gpu_limit().to_string()]).await?;
+            }
             // Stale entries (cancelled jobs) are skipped; a bounded number.
             for _ in 0..100 {
                 let Some((q, entry, job)) = self.read(std::slice::from_ref(queue), None).await?.into_iter().next()
