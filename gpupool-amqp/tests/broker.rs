@@ -25,12 +25,7 @@ use tokio_util::sync::CancellationToken;
 /// These tests drive the local broker with `rabbitmqctl`, so they run only
 /// against the broker `GPUPOOL_TEST_AMQP_URL` names (never a container).
 fn local_url(tag: &str) -> Option<String> {
-    if std::env::var("GPUPOOL_TEST_AMQP_URL").ok().filter(|u| !u.is_empty()).is_none() {
-        use std::io::Write;
-        assert!(std::env::var("GPUPOOL_REQUIRE_BACKENDS").as_deref() != Ok("1"), "GPUPOOL_TEST_AMQP_URL is required");
-        let _ = writeln!(std::io::stderr(), "skipped: RabbitMQ broker test: GPUPOOL_TEST_AMQP_URL is not set");
-        return None;
-    }
+    gpupool_core::conformance::service_url("GPUPOOL_TEST_AMQP_URL", "RabbitMQ broker test", || None)?;
     common::url(&common::random_prefix(tag))
 }
 

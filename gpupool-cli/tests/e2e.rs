@@ -8,7 +8,6 @@
 // Test code: a panic is how a check fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -62,31 +61,19 @@ impl Backend {
     fn url(self, dir: &Path) -> Option<String> {
         let (var, name) = match self {
             Backend::Sqlite => return Some(format!("sqlite://{}/queue.db", dir.display())),
-            Backend::Mysql => ("GPUPOOL_TEST_MYSQL_URL", "MySQL"),
-            Backend::Redis => ("GPUPOOL_TEST_REDIS_URL", "Redis"),
-            Backend::Amqp => ("GPUPOOL_TEST_AMQP_URL", "RabbitMQ"),
+            Backend::Mysql => ("GPUPOOL_TEST_MYSQL_URL", "MySQL end-to-end test"),
+            Backend::Redis => ("GPUPOOL_TEST_REDIS_URL", "Redis end-to-end test"),
+            Backend::Amqp => ("GPUPOOL_TEST_AMQP_URL", "RabbitMQ end-to-end test"),
         };
-        match std::env::var(var).ok().filter(|u| !u.is_empty()) {
-            Some(base) => {
-                let sep = if base.contains('?') { '&' } else { '?' };
-                Some(match self {
-                    // Reclaim may look at an entry after 1 s idle (the tests use 3 s leases).
-                    Backend::Redis => format!("{base}{sep}prefix=gpe2e:{}:&reclaim_idle=1s", uuid_like()),
-                    Backend::Amqp => format!("{base}{sep}prefix=gpe2e.{}.&ledger_max_age=1D", uuid_like()),
-                    _ => format!("{base}{sep}prefix=e2e{}_", uuid_like()),
-                })
-            }
-            None => {
-                let why = format!("{var} is not set");
-                assert!(
-                    std::env::var("GPUPOOL_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-                    "GPUPOOL_REQUIRE_BACKENDS=1 but {why}"
-                );
-                // Straight to stderr: the test harness captures println!.
-                let _ = writeln!(std::io::stderr(), "skipped: {name} end-to-end test: {why}");
-                None
-            }
-        }
+        let base = gpupool_core::conformance::service_url(var, name, || None)?;
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let id = gpupool_core::conformance::unique_suffix();
+        Some(match self {
+            // Reclaim may look at an entry after 1 s idle (the tests use 3 s leases).
+            Backend::Redis => format!("{base}{sep}prefix=gpe2e:{id}:&reclaim_idle=1s"),
+            Backend::Amqp => format!("{base}{sep}prefix=gpe2e.{id}.&ledger_max_age=1D"),
+            _ => format!("{base}{sep}prefix=e2e{id}_"),
+        })
     }
 }
 
@@ -210,7 +197,7 @@ impl World {
 
     /// Pushes a file holding `jobs`; returns the ids.
     fn push(&self, jobs: &Value) -> Vec<String> {
-        let file = self.dir.join(format!("jobs-{}.json", uuid_like()));
+        let file = self.dir.join(format!("jobs-{}.json", gpupool_core::conformance::unique_suffix()));
         std::fs::write(&file, serde_json::to_string_pretty(jobs).unwrap()).unwrap();
         let ids = self.json(&["push", file.to_str().unwrap()]);
         ids.as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect()
@@ -284,18 +271,6 @@ impl Drop for World {
             eprintln!("could not clean up the test queue: {e}");
         }
     }
-}
-
-fn uuid_like() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    // Unique within this process (the counter) and across runs (pid, time).
-    format!("{:x}{:06x}{n:x}", std::process::id(), rand_nanos() & 0xff_ffff)
-}
-
-fn rand_nanos() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
 fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {

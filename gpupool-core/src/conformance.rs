@@ -24,6 +24,31 @@ use crate::{
 /// The lease used by the expiry tests.
 pub const SHORT_LEASE: Duration = Duration::from_millis(1000);
 
+/// The URL of a test service: the environment variable `var`, else what
+/// `fallback` gives (a container), else `None` after printing one
+/// `skipped: …` line. Under `GPUPOOL_REQUIRE_BACKENDS=1` (CI) a skip is a
+/// failure.
+pub fn service_url(var: &str, what: &str, fallback: impl FnOnce() -> Option<String>) -> Option<String> {
+    if let Some(url) = std::env::var(var).ok().filter(|u| !u.is_empty()).or_else(fallback) {
+        return Some(url);
+    }
+    let why = format!("{var} is not set and no container was started (feature `testcontainers`, Docker)");
+    assert!(std::env::var("GPUPOOL_REQUIRE_BACKENDS").as_deref() != Ok("1"), "GPUPOOL_REQUIRE_BACKENDS=1 but {why}");
+    // Straight to stderr: the test harness captures print!.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {what}: {why}");
+    None
+}
+
+/// Lower-case hex that no other test, in this run or another, gets: the
+/// process id, the clock and a counter. For table, key and queue prefixes.
+pub fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{:x}{:06x}{:x}", std::process::id(), nanos & 0xff_ffff, N.fetch_add(1, Ordering::Relaxed))
+}
+
 /// A queue name no other test uses.
 pub fn unique_queue(prefix: &str) -> String {
     format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])

@@ -4,29 +4,14 @@
 // Not every test file uses every helper.
 #![allow(dead_code)]
 
-use std::io::Write;
-
 use gpupool_mysql::MysqlQueue;
 
 /// The test URL with a table prefix, or `None` after printing why the test
 /// is skipped.
 pub(crate) fn url(prefix: &str) -> Option<String> {
-    match std::env::var("GPUPOOL_TEST_MYSQL_URL").ok().filter(|u| !u.is_empty()).or_else(container_url) {
-        Some(base) => {
-            let sep = if base.contains('?') { '&' } else { '?' };
-            Some(format!("{base}{sep}prefix={prefix}"))
-        }
-        None => {
-            let why = "GPUPOOL_TEST_MYSQL_URL is not set and no container could be started (feature `testcontainers`, Docker)";
-            assert!(
-                std::env::var("GPUPOOL_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-                "GPUPOOL_REQUIRE_BACKENDS=1 but {why}"
-            );
-            // Straight to stderr: the test harness captures println!.
-            let _ = writeln!(std::io::stderr(), "skipped: MySQL test: {why}");
-            None
-        }
-    }
+    let base = gpupool_core::conformance::service_url("GPUPOOL_TEST_MYSQL_URL", "MySQL test", container_url)?;
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{sep}prefix={prefix}"))
 }
 
 /// A connected, initialised queue with this table prefix.
@@ -37,20 +22,16 @@ pub(crate) async fn queue(prefix: &str) -> Option<MysqlQueue> {
     Some(q)
 }
 
-/// A prefix no other test run uses.
+/// A prefix no other test uses.
 pub(crate) fn random_prefix(tag: &str) -> String {
-    format!("t{}_{tag}_", &uuid_hex()[..8])
-}
-
-fn uuid_hex() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("{:032x}", nanos ^ (u128::from(std::process::id()) << 64))
+    format!("t{}_{tag}_", gpupool_core::conformance::unique_suffix())
 }
 
 /// With feature `testcontainers` and a Docker daemon: a Mariadb container,
 /// started once per test binary and kept until it exits.
 #[cfg(feature = "testcontainers")]
 fn container_url() -> Option<String> {
+    use std::io::Write;
     static URL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     URL.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel();

@@ -4,37 +4,19 @@
 // Not every test file uses every helper.
 #![allow(dead_code)]
 
-use std::io::Write;
-
 use gpupool_redis::RedisQueue;
 
 /// The test URL with a key prefix and a short reclaim idle time, or `None`
 /// after printing why the test is skipped.
 pub(crate) fn url(prefix: &str) -> Option<String> {
-    match std::env::var("GPUPOOL_TEST_REDIS_URL").ok().filter(|u| !u.is_empty()).or_else(container_url) {
-        Some(base) => {
-            let sep = if base.contains('?') { '&' } else { '?' };
-            Some(format!("{base}{sep}prefix={prefix}&reclaim_idle=300ms"))
-        }
-        None => {
-            let why = "GPUPOOL_TEST_REDIS_URL is not set and no container could be started (feature `testcontainers`, Docker)";
-            assert!(
-                std::env::var("GPUPOOL_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-                "GPUPOOL_REQUIRE_BACKENDS=1 but {why}"
-            );
-            // Straight to stderr: the test harness captures println!.
-            let _ = writeln!(std::io::stderr(), "skipped: Redis test: {why}");
-            None
-        }
-    }
+    let base = gpupool_core::conformance::service_url("GPUPOOL_TEST_REDIS_URL", "Redis test", container_url)?;
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{sep}prefix={prefix}&reclaim_idle=300ms"))
 }
 
 /// A prefix no other test uses.
 pub(crate) fn random_prefix(tag: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("gpt:{tag}:{:x}{:06x}{}:", std::process::id(), nanos & 0xff_ffff, N.fetch_add(1, Ordering::Relaxed))
+    format!("gpt:{tag}:{}:", gpupool_core::conformance::unique_suffix())
 }
 
 /// A connected queue under a fresh prefix.
@@ -58,6 +40,7 @@ pub(crate) async fn cleanup(q: &RedisQueue) {
 /// started once per test binary and kept until it exits.
 #[cfg(feature = "testcontainers")]
 fn container_url() -> Option<String> {
+    use std::io::Write;
     static URL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     URL.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel();
