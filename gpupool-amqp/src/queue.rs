@@ -657,11 +657,7 @@ impl Queue for AmqpQueue {
                 let queue = self.get(id).await?.spec.queue;
                 self.dispatch(&queue, id.as_str(), d).await
             }
-            Outcome::State(state) => Err(Error::InvalidState {
-                id: id.to_string(),
-                state,
-                message: "only a failed or cancelled job can be retried".into(),
-            }),
+            Outcome::State(state) => Err(Error::not_retryable(id, state)),
             other => Err(Error::backend(BACKEND, format!("retry: unexpected verdict {other:?}"))),
         }
     }

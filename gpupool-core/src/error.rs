@@ -78,6 +78,16 @@ impl Error {
         matches!(self, Error::Unavailable { .. })
     }
 
+    /// The [`Error::InvalidState`] of `retry` on a job that is neither
+    /// failed nor cancelled.
+    pub fn not_retryable(id: impl fmt::Display, state: crate::JobState) -> Self {
+        Error::InvalidState {
+            id: id.to_string(),
+            state,
+            message: "only a failed or cancelled job can be retried".into(),
+        }
+    }
+
     /// A [`Error::Backend`] from any displayable message.
     pub fn backend(backend: &'static str, message: impl fmt::Display) -> Self {
         Error::Backend { backend, source: message.to_string().into() }

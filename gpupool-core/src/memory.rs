@@ -321,11 +321,7 @@ impl Queue for MemoryQueue {
                     e.attempt_limit = e.record.attempt.saturating_add(e.record.spec.max_attempts);
                 }
                 state => {
-                    return Err(Error::InvalidState {
-                        id: id.to_string(),
-                        state,
-                        message: "only a failed or cancelled job can be retried".into(),
-                    });
+                    return Err(Error::not_retryable(id, state));
                 }
             }
         }

@@ -399,6 +399,19 @@ impl MysqlQueue {
     }
 }
 
+/// A job's state, its row locked for the rest of the transaction; the
+/// inner error is `NotFound` or an unreadable state.
+async fn locked_state(
+    sql: &Sql,
+    tx: &mut Transaction<'static, MySql>,
+    n: i64,
+) -> std::result::Result<Result<JobState>, sqlx::Error> {
+    let Some(row) = q(&sql.state_of).bind(n).fetch_optional(&mut **tx).await? else {
+        return Ok(Err(Error::NotFound { id: n.to_string() }));
+    };
+    Ok(parse_state(&row.try_get::<String, _>(0)?))
+}
+
 fn parse_state(s: &str) -> Result<JobState> {
     s.parse().map_err(|_| Error::backend("mysql", format!("unknown state `{s}` in the jobs table")))
 }
@@ -667,10 +680,7 @@ impl Queue for MysqlQueue {
         self.in_tx(move |tx| {
             let sql = Arc::clone(&sql);
             Box::pin(async move {
-                let Some(row) = q(&sql.state_of).bind(n).fetch_optional(&mut **tx).await? else {
-                    return Ok(Err(Error::NotFound { id: n.to_string() }));
-                };
-                let state = match parse_state(&row.try_get::<String, _>(0)?) {
+                let state = match locked_state(&sql, tx, n).await? {
                     Ok(s) => s,
                     Err(e) => return Ok(Err(e)),
                 };
@@ -696,19 +706,12 @@ impl Queue for MysqlQueue {
         self.in_tx(move |tx| {
             let sql = Arc::clone(&sql);
             Box::pin(async move {
-                let Some(row) = q(&sql.state_of).bind(n).fetch_optional(&mut **tx).await? else {
-                    return Ok(Err(Error::NotFound { id: n.to_string() }));
-                };
-                let state = match parse_state(&row.try_get::<String, _>(0)?) {
+                let state = match locked_state(&sql, tx, n).await? {
                     Ok(s) => s,
                     Err(e) => return Ok(Err(e)),
                 };
                 if !matches!(state, JobState::Failed | JobState::Cancelled) {
-                    return Ok(Err(Error::InvalidState {
-                        id: n.to_string(),
-                        state,
-                        message: "only a failed or cancelled job can be retried".into(),
-                    }));
+                    return Ok(Err(Error::not_retryable(n, state)));
                 }
                 q(&sql.retry).bind(n).execute(&mut **tx).await?;
                 Ok(Ok(()))

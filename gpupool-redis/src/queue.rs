@@ -586,11 +586,10 @@ impl Queue for RedisQueue {
         match s.as_str() {
             "missing" => Err(Error::NotFound { id: id.to_string() }),
             "ok" => Ok(()),
-            other => Err(Error::InvalidState {
-                id: id.to_string(),
-                state: other.parse().map_err(|_| Error::backend("redis", format!("unknown state `{other}`")))?,
-                message: "only a failed or cancelled job can be retried".into(),
-            }),
+            other => Err(Error::not_retryable(
+                id,
+                other.parse().map_err(|_| Error::backend("redis", format!("unknown state `{other}`")))?,
+            )),
         }
     }
 

@@ -527,11 +527,7 @@ impl Queue for SqliteQueue {
         let mut tx = self.begin_immediate().await?;
         let (n, state) = Self::state_of(&mut tx, id).await?;
         if !matches!(state, JobState::Failed | JobState::Cancelled) {
-            return Err(Error::InvalidState {
-                id: id.to_string(),
-                state,
-                message: "only a failed or cancelled job can be retried".into(),
-            });
+            return Err(Error::not_retryable(id, state));
         }
         sqlx::query(
             "UPDATE jobs SET state = 'queued', cancel_requested = 0, finished_at = NULL, \
