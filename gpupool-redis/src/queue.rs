@@ -326,7 +326,15 @@ impl RedisQueue {
         let pooled = self.blocking.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
         match pooled {
             Some(c) => Ok(c),
-            None => self.client.get_multiplexed_async_connection().await.map_err(map),
+            // The driver's default response timeout (500 ms) is shorter
+            // than a blocking read: without this, every wait that found
+            // nothing ended in a "timed out" error and a back-off.
+            None => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.opts.connect_timeout))
+                    .set_response_timeout(Some(BLOCK_SLICE + Duration::from_secs(10)));
+                self.client.get_multiplexed_async_connection_with_config(&config).await.map_err(map)
+            }
         }
     }
 
