@@ -11,11 +11,16 @@ end
 local function jkey(id) return P .. 'job:' .. id end
 local function skey(queue) return P .. 'stream:' .. queue end
 
-local function set_state(id, new)
-  local h = jkey(id)
-  local old = redis.call('HGET', h, 'state')
+-- Moves a job between the state indexes (its hash's `state` is set by the caller).
+local function move_state(id, old, new)
+  if old == new then return end
   if old then redis.call('ZREM', P .. 'state:' .. old, id) end
   redis.call('ZADD', P .. 'state:' .. new, id, id)
+end
+
+local function set_state(id, new)
+  local h = jkey(id)
+  move_state(id, redis.call('HGET', h, 'state'), new)
   redis.call('HSET', h, 'state', new)
 end
 
@@ -54,12 +59,32 @@ local function add_error(id, attempt, kind, exit_code, signal, message, tail, at
   redis.call('LTRIM', P .. 'errors', 0, 9999)
 end
 
--- Start a lease: attempt + 1, a token, an expiry, who holds it.
-local function start_lease(id, consumer, worker, token, lease_ms, now)
+-- What a lease needs of a job, read in one HMGET: `local r = job_fields(id)`.
+local LEASE_FIELDS = {'state', 'entry', 'attempt', 'spec', 'created', 'cancel', 'commit', 'output_tail', 'result',
+                      'expires', 'consumer', 'attempt_limit', 'worker'}
+local function job_fields(id)
+  local v = redis.call('HMGET', jkey(id), unpack(LEASE_FIELDS))
+  local r = {}
+  for i, f in ipairs(LEASE_FIELDS) do r[f] = v[i] end
+  return r
+end
+
+-- Start a lease on job `id` (`r` from `job_fields`, state `r.state`):
+-- attempt + 1, a token, an expiry, who holds it. Returns what the client
+-- builds the lease from: {id, spec, created, cancel, commit, output_tail,
+-- result, attempt, started, expires, errors}; only a later attempt can have
+-- errors or old outcome fields, so a first attempt skips those.
+local function start_lease(id, r, consumer, worker, token, lease_ms, now)
   local h = jkey(id)
-  set_state(id, 'running')
-  redis.call('HINCRBY', h, 'attempt', 1)
-  redis.call('HSET', h, 'token', token, 'expires', now + tonumber(lease_ms), 'consumer', consumer,
-             'worker', worker, 'started', now, 'finished', '', 'exit_code', '', 'signal', '', 'gpu_ids', '')
-  return {redis.call('HGETALL', h), redis.call('LRANGE', P .. 'errors:' .. id, 0, -1), now + tonumber(lease_ms)}
+  local expires = now + tonumber(lease_ms)
+  local attempt = tonumber(r.attempt) + 1
+  move_state(id, r.state, 'running')
+  redis.call('HSET', h, 'state', 'running', 'attempt', attempt, 'token', token, 'expires', expires,
+             'consumer', consumer, 'worker', worker, 'started', now)
+  local errors = {}
+  if attempt > 1 then
+    redis.call('HDEL', h, 'finished', 'exit_code', 'signal', 'gpu_ids')
+    errors = redis.call('LRANGE', P .. 'errors:' .. id, 0, -1)
+  end
+  return {tostring(id), r.spec, r.created, r.cancel, r.commit, r.output_tail, r.result, attempt, now, expires, errors}
 end

@@ -5,13 +5,12 @@ if idem ~= '' then
   if existing then return existing end
 end
 local id = redis.call('INCR', P .. 'seq')
-local now = now_ms()
-redis.call('HSET', jkey(id), 'id', id, 'spec', spec, 'queue', queue, 'priority', priority, 'gpus', gpus,
-           'attempt', 0, 'max_attempts', max_attempts, 'attempt_limit', max_attempts, 'token', '',
-           'cancel', 0, 'created', now, 'entry', '')
-redis.call('ZADD', P .. 'all', id, id)
+local entry = redis.call('XADD', skey(queue), '*', 'job', id)
+redis.call('HSET', jkey(id), 'spec', spec, 'queue', queue, 'priority', priority, 'gpus', gpus, 'attempt', 0,
+           'max_attempts', max_attempts, 'attempt_limit', max_attempts, 'cancel', 0, 'created', now_ms(),
+           'entry', entry, 'state', 'queued')
+-- No index of all jobs: ids are dense (`seq`) and jobs are never deleted.
 redis.call('ZADD', P .. 'queue:' .. queue, id, id)
-set_state(id, 'queued')
+redis.call('ZADD', P .. 'state:queued', id, id)
 if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, id) end
-enqueue(id)
 return tostring(id)

@@ -8,26 +8,26 @@ local id = nil
 for i = 1, #fields, 2 do if fields[i] == 'job' then id = fields[i + 1] end end
 if not id then redis.call('XACK', s, GROUP, entry); return false end
 local h = jkey(id)
-local v = redis.call('HMGET', h, 'state', 'entry', 'expires', 'consumer', 'attempt', 'attempt_limit', 'cancel', 'worker')
-if v[1] ~= 'running' or v[2] ~= entry then
+local r = job_fields(id)
+if r.state ~= 'running' or r.entry ~= entry then
   redis.call('XACK', s, GROUP, entry)
   return false
 end
 local now = now_ms()
-if tonumber(v[3]) >= now then
+if tonumber(r.expires) >= now then
   -- Not expired (its holder has a longer lease): give the entry back.
-  redis.call('XCLAIM', s, GROUP, v[4], 0, entry, 'JUSTID')
+  redis.call('XCLAIM', s, GROUP, r.consumer, 0, entry, 'JUSTID')
   return false
 end
-add_error(id, v[5], 'lease_lost', '', '', 'lease expired: worker ' .. (v[8] or 'unknown') .. ' stopped heartbeating', '', now)
+add_error(id, r.attempt, 'lease_lost', '', '', 'lease expired: worker ' .. (r.worker or 'unknown') .. ' stopped heartbeating', '', now)
 redis.call('HSET', h, 'token', '')
-if v[7] == '1' then
+if r.cancel == '1' then
   set_state(id, 'cancelled'); redis.call('HSET', h, 'finished', now); drop_entry(id)
   return false
 end
-if tonumber(v[5]) >= tonumber(v[6]) then
+if tonumber(r.attempt) >= tonumber(r.attempt_limit) then
   set_state(id, 'failed'); redis.call('HSET', h, 'finished', now); drop_entry(id)
   return false
 end
 -- Attempts left: the entry is ours now, so is the job.
-return start_lease(id, consumer, worker, token, lease_ms, now)
+return start_lease(id, r, consumer, worker, token, lease_ms, now)

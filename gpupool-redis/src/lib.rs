@@ -19,33 +19,39 @@
 //! | --- | --- | --- |
 //! | `stream:QUEUE` | stream, group `gpupool` | one entry (`job` = id) per queued job |
 //! | `job:ID` | hash | the job: `spec` (JSON), `state`, `attempt`, `token`, `expires`, `entry`, … |
-//! | `seq` | string | the id sequence (`INCR`) |
-//! | `all`, `state:STATE`, `queue:QUEUE` | sorted sets | ids, for listing newest first |
+//! | `seq` | string | the id sequence (`INCR`); ids are dense and jobs are never deleted, so listing all jobs counts down from it |
+//! | `state:STATE`, `queue:QUEUE` | sorted sets | ids, for listing newest first |
 //! | `errors:ID`, `errors` | lists | failed attempts of a job; the newest 10,000 of all |
 //! | `idem:KEY` | string | idempotency key → id |
 //!
 //! # How a job travels
 //!
-//! `push` is one Lua script: hash, indexes and `XADD`. `reserve` first runs
-//! `XAUTOCLAIM` (min idle `reclaim_idle`, default 30 s, about 3× the
-//! heartbeat) on each queue: an entry whose holder stopped heartbeating and
-//! whose lease expired (the `expires` field, Redis's clock) is recorded as
-//! `lease_lost` and re-leased to the caller, or ends `failed`/`cancelled`;
-//! one whose lease still holds is handed back with `XCLAIM … JUSTID`. Then
-//! `XREADGROUP … COUNT 1` per queue, in order; with nothing there it blocks
-//! on all of them (`BLOCK`, on a connection of its own), so a pushed job is
+//! `push` is one Lua script: hash, indexes and `XADD`. `reserve` first, at
+//! most once a second, runs `XAUTOCLAIM` (min idle `reclaim_idle`, default
+//! 30 s, about 3× the heartbeat) on each queue: an entry whose holder stopped
+//! heartbeating and whose lease expired (the `expires` field, Redis's clock)
+//! is recorded as `lease_lost` and re-leased to the caller, or ends
+//! `failed`/`cancelled`; one whose lease still holds is handed back with
+//! `XCLAIM … JUSTID`. Then, per queue in order, one script reads the next
+//! entry (`XREADGROUP … COUNT 1`) and leases its job, skipping the entries
+//! of cancelled jobs: one round trip. With nothing there it blocks on all
+//! the queues (`BLOCK`, on a connection of its own), so a pushed job is
 //! picked up at once and an idle worker sends nothing but that one read per
-//! second. The claim itself is a script that checks the job is still
-//! queued (a cancelled job's entry is acknowledged and skipped).
+//! second.
 //!
 //! While the job runs its entry stays pending: the heartbeat script checks
 //! the lease token, extends `expires` and resets the entry's idle time with
-//! `XCLAIM … JUSTID` (which does not count a delivery). Complete, fail,
-//! cancel and release check the token, `XACK` and `XDEL` the entry and, for
-//! a retry or a release, `XADD` a new one, all in one script. A failed
-//! attempt goes back to the queue at once: there are no delayed retries, so
-//! no periodic mover to wait for.
-//!
+//! `XCLAIM … JUSTID` (which does not count a delivery). Complete and
+//! cancelled check the token and `XACK` the entry; fail, cancel and release
+//! also `XDEL` it and, for a retry or a release, `XADD` a new one, all in
+//! one script. Acknowledged entries are deleted in bulk by the
+//! once-a-second pass (`XTRIM MINID` up to the oldest pending entry), which
+//! costs the server less than an `XDEL` per job; an entry stays until every
+//! older one is done, so a stream holds at most the entries pushed since
+//! its oldest running job started (tens of bytes each). A failed attempt
+//! goes back to the queue at once: there are no delayed retries, so no
+//! periodic mover to wait for.
+
 //! # Priorities
 //!
 //! Not supported: a stream is first in, first out, and one stream per

@@ -42,6 +42,7 @@ macro_rules! script {
 #[derive(Debug)]
 struct Scripts {
     push: Script,
+    reserve: Script,
     claim: Script,
     reclaim: Script,
     undeliver: Script,
@@ -57,12 +58,14 @@ struct Scripts {
     workers: Script,
     park: Script,
     unpark: Script,
+    trim: Script,
 }
 
 impl Scripts {
     fn new() -> Self {
         Scripts {
             push: script!("push.lua"),
+            reserve: script!("reserve.lua"),
             claim: script!("claim.lua"),
             reclaim: script!("reclaim.lua"),
             undeliver: script!("undeliver.lua"),
@@ -78,6 +81,7 @@ impl Scripts {
             workers: script!("workers.lua"),
             park: script!("park.lua"),
             unpark: script!("unpark.lua"),
+            trim: script!("trim.lua"),
         }
     }
 }
@@ -242,11 +246,19 @@ impl RedisQueue {
                 .invoke_async(&mut c)
                 .await
                 .map_err(map)?;
-            if let Some(lease) = lease_from(got, token)? {
+            if let Some(lease) = lease_from(got, token, &req.worker)? {
                 return Ok(Some(lease));
             }
         }
         Ok(None)
+    }
+
+    /// Deletes the entries of a queue's stream that the group is done with
+    /// (completed jobs' entries are only acknowledged); returns how many.
+    /// Reserves do this at most once a second.
+    pub async fn trim(&self, queue: &str) -> Result<u64> {
+        let v = self.script_status(&self.scripts.trim, &[queue.to_owned()]).await?;
+        from_value(v)
     }
 
     /// Claims a delivered entry; `None` if it was stale.
@@ -267,7 +279,7 @@ impl RedisQueue {
             .invoke_async(&mut c)
             .await
             .map_err(map)?;
-        lease_from(got, token)
+        lease_from(got, token, &req.worker)
     }
 
     /// Reads new entries: one per stream at most, waiting up to `block`
@@ -346,23 +358,39 @@ impl RedisQueue {
         let sweep = self.sweep.due();
         for queue in &req.queues {
             self.ensure_group(queue).await?;
-            if sweep && let Some(lease) = self.reclaim(queue, req).await? {
-                return Ok(Some(lease));
+            if sweep {
+                self.trim(queue).await?;
+                if let Some(lease) = self.reclaim(queue, req).await? {
+                    return Ok(Some(lease));
+                }
             }
             // A parked job this caller is big enough for goes back in line
             // (only GPU jobs are ever parked).
             if req.gpu_limit() > 0 {
                 self.script_status(&self.scripts.unpark, &[queue.clone(), req.gpu_limit().to_string()]).await?;
             }
-            // Stale entries (cancelled jobs) are skipped; a bounded number.
-            for _ in 0..100 {
-                let Some((q, entry, job)) = self.read(std::slice::from_ref(queue), None).await?.into_iter().next()
-                else {
-                    break;
-                };
-                if let Some(lease) = self.claim(&q, &entry, &job, req).await? {
-                    return Ok(Some(lease));
+            // The next entry, read and leased in one round trip.
+            let token = new_token();
+            let got: redis::RedisResult<Value> = self
+                .scripts
+                .reserve
+                .arg(self.p())
+                .arg(queue)
+                .arg(&self.consumer)
+                .arg(&req.worker)
+                .arg(&token)
+                .arg(ms(req.lease))
+                .invoke_async(&mut self.conn.clone())
+                .await;
+            let got = match got {
+                Err(e) if is_no_group(&e) => {
+                    self.forget_groups();
+                    continue;
                 }
+                other => other.map_err(map)?,
+            };
+            if let Some(lease) = lease_from(got, token, &req.worker)? {
+                return Ok(Some(lease));
             }
         }
         Ok(None)
@@ -411,24 +439,33 @@ fn new_token() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// `{HGETALL, errors, expires}` from `start_lease`, or nil.
-fn lease_from(v: Value, token: String) -> Result<Option<Lease>> {
+/// The reply of `start_lease` (prelude.lua), or nil: {id, spec, created,
+/// cancel, commit, output_tail, result, attempt, started, expires, errors}.
+fn lease_from(v: Value, token: String, worker: &str) -> Result<Option<Lease>> {
     if matches!(v, Value::Nil) {
         return Ok(None);
     }
-    let (fields, errors, expires): (Vec<String>, Vec<String>, i64) = from_value(v)?;
-    let mut job = record_from_hash(&pairs(fields))?;
+    let parts: Vec<Value> = from_value(v)?;
+    let [id, spec, created, cancel, commit, tail, result, attempt, started, expires, errors]: [Value; 11] = parts
+        .try_into()
+        .map_err(|p: Vec<Value>| Error::backend("redis", format!("a lease reply has {} parts, not 11", p.len())))?;
+    let text = |v: Value| -> Result<Option<String>> { from_value::<Option<String>>(v) };
+    let id: String = from_value(id)?;
+    let spec = JobSpec::from_stored_json(&text(spec)?.unwrap_or_default())?;
+    let created = text(created)?.and_then(|c| c.parse().ok()).unwrap_or(0);
+    let mut job = JobRecord::new(JobId::new(id), spec, Timestamp(created));
+    job.state = gpupool_core::JobState::Running;
+    job.cancel_requested = text(cancel)?.is_some_and(|c| c == "1");
+    job.commit = text(commit)?.filter(|c| !c.is_empty());
+    job.output_tail = text(tail)?;
+    job.result = text(result)?.filter(|r| !r.is_empty()).and_then(|r| serde_json::from_str(&r).ok());
+    job.attempt = from_value(attempt)?;
+    job.worker = Some(worker.to_owned());
+    job.started_at = Some(Timestamp(from_value(started)?));
+    let expires: i64 = from_value(expires)?;
+    let errors: Vec<String> = from_value(errors)?;
     job.errors = errors.iter().map(|e| parse_error(e)).collect::<Result<_>>()?;
     Ok(Some(Lease { job, token, expires_at: Timestamp(expires) }))
-}
-
-fn pairs(flat: Vec<String>) -> HashMap<String, String> {
-    let mut it = flat.into_iter();
-    let mut m = HashMap::new();
-    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        m.insert(k, v);
-    }
-    m
 }
 
 fn parse_error(text: &str) -> Result<AttemptError> {
@@ -437,10 +474,6 @@ fn parse_error(text: &str) -> Result<AttemptError> {
 
 fn num<T: std::str::FromStr>(h: &HashMap<String, String>, k: &str) -> Option<T> {
     h.get(k).filter(|v| !v.is_empty()).and_then(|v| v.parse().ok())
-}
-
-fn record_from_hash(h: &HashMap<String, String>) -> Result<JobRecord> {
-    record(h.get("id").map_or("", String::as_str), h)
 }
 
 fn record(id: &str, h: &HashMap<String, String>) -> Result<JobRecord> {

@@ -56,9 +56,10 @@ async fn eight_workers_drain_two_thousand_jobs_exactly_once() {
     // Nothing left in the stream or pending in the group.
     let mut c = setup.connection();
     let stream = format!("{}stream:default", setup.options().prefix);
+    setup.trim("default").await.unwrap();
     let len: i64 = redis::cmd("XLEN").arg(&stream).query_async(&mut c).await.unwrap();
     let pending: redis::Value = redis::cmd("XPENDING").arg(&stream).arg("gpupool").query_async(&mut c).await.unwrap();
-    assert_eq!(len, 0, "stream drained");
+    assert_eq!(len, 0, "stream drained and trimmed");
     let count: i64 = match pending {
         redis::Value::Array(v) => redis::from_redis_value(v[0].clone()).unwrap(),
         other => panic!("XPENDING: {other:?}"),

@@ -1,0 +1,22 @@
+-- Reads the next new entry of a queue's stream and leases its job, in one
+-- round trip; stale entries (cancelled jobs, replaced entries) are
+-- acknowledged and skipped, a bounded number. Returns the lease as
+-- `start_lease` does, or nil when the stream has nothing new.
+-- ARGV: prefix, queue, consumer, worker, token, lease_ms
+local queue, consumer, worker, token, lease_ms = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local s = skey(queue)
+for _ = 1, 100 do
+  local got = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', 1, 'STREAMS', s, '>')
+  if not got then return false end
+  local entry, fields = got[1][2][1][1], got[1][2][1][2]
+  local id = nil
+  for i = 1, #fields, 2 do if fields[i] == 'job' then id = fields[i + 1] end end
+  local r = {}
+  if id then r = job_fields(id) end
+  if r.state == 'queued' and r.entry == entry then
+    return start_lease(id, r, consumer, worker, token, lease_ms, now_ms())
+  end
+  redis.call('XACK', s, GROUP, entry)
+  if r.entry ~= entry then redis.call('XDEL', s, entry) end
+end
+return false
