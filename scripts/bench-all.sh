@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 MYSQL=${GPUPOOL_TEST_MYSQL_URL:-mysql://gpupool:gpupool@127.0.0.1:3306/gpupool_test}
 REDIS=${GPUPOOL_TEST_REDIS_URL:-redis://127.0.0.1:6379}
 AMQP=${GPUPOOL_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
-cargo build --release -q -p gpupool-benches --bin loadgen
+cargo build --release -q -p gpupool-benches --bins -p gpupool-cli --bin gpupool
 OUT=$(mktemp)
 for url in "memory://" "sqlite://bench.db" "$MYSQL" "$REDIS" "$AMQP"; do
   echo "== ${url%%:*}" >&2

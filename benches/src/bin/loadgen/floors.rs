@@ -6,9 +6,11 @@
 //!   1`, `UPDATE … running`, `COMMIT`, then `UPDATE … succeeded`.
 //! - MySQL: push = one `INSERT`; drain = `BEGIN`, `SELECT id … FOR UPDATE
 //!   SKIP LOCKED`, `UPDATE`, `COMMIT`, then the completion `UPDATE`.
-//! - Redis: push = `XADD`; drain = `XREADGROUP COUNT 1` then `XACK`.
-//! - RabbitMQ: push = a persistent publish to a quorum queue, confirmed;
-//!   drain = a consumer with prefetch 1 acking each delivery.
+//! - Redis: push = `XADD` of an entry holding the job's JSON spec; drain =
+//!   `XREADGROUP COUNT 1` then `XACK`.
+//! - RabbitMQ: push = a persistent publish of the job's JSON spec to a quorum
+//!   queue, confirmed; drain = a consumer with prefetch 1 acking each
+//!   delivery.
 //! - memory: no floor.
 
 use std::path::Path;
@@ -184,9 +186,11 @@ async fn redis_floor(url: &str, n: usize, consumers: usize, drain: bool) -> f64 
         .query_async(&mut c)
         .await
         .unwrap();
+    let spec = spec_text();
     let push_all = async |c: &mut redis::aio::MultiplexedConnection| {
-        for i in 0..n {
-            let _: String = redis::cmd("XADD").arg(&stream).arg("*").arg("job").arg(i).query_async(c).await.unwrap();
+        for _ in 0..n {
+            let _: String =
+                redis::cmd("XADD").arg(&stream).arg("*").arg("spec").arg(&spec).query_async(c).await.unwrap();
         }
     };
     let rate = if drain {
@@ -254,7 +258,8 @@ async fn amqp(url: &str, n: usize, consumers: usize, drain: bool) -> f64 {
     )
     .await
     .unwrap();
-    let payload = br#"{"id":"1","dispatch":"x"}"#;
+    let spec = spec_text();
+    let payload = spec.as_bytes();
     let push_all = async || {
         for _ in 0..n {
             let props = lapin::BasicProperties::default().with_delivery_mode(2);

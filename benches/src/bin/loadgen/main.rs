@@ -22,12 +22,23 @@ use tokio_util::sync::CancellationToken;
 
 mod floors;
 
+/// How many times each push and drain figure, and its floor, is measured.
+const ROUNDS: usize = 3;
+
 struct Args {
     queue: String,
     jobs: usize,
     consumers: usize,
     quick: bool,
     scale: bool,
+    /// Figure groups to run (`push`, `drain`, `worker`, `checkout`); empty: all.
+    only: Vec<String>,
+}
+
+impl Args {
+    fn runs(&self, group: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|g| g == group)
+    }
 }
 
 fn now_ns() -> u128 {
@@ -352,10 +363,40 @@ async fn scale_figures(backend: &str, url: &str) {
     let page = q.list(&ListFilter::default()).await.unwrap();
     assert_eq!(page.len(), 100);
     bench(backend, "jobs_page_ms_100k", t.elapsed().as_secs_f64() * 1000.0, "ms", None);
+    // What a user waits for: `gpupool jobs` (a process that connects,
+    // reads a page and prints it), if the CLI was built beside loadgen.
+    let cli = std::env::current_exe().unwrap().with_file_name("gpupool");
+    if cli.exists() {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let out = Command::new(&cli).arg("jobs").env("GPUPOOL_QUEUE", url).output().unwrap();
+            v.push(t.elapsed().as_secs_f64() * 1000.0);
+            assert!(out.status.success(), "gpupool jobs: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(out.stdout.len() > 1000, "gpupool jobs printed a page");
+        }
+        bench(backend, "cli_jobs_ms_100k", percentile(&mut v, 0.5), "ms", None);
+    } else {
+        eprintln!("no {} (cargo build --release -p gpupool-cli): cli_jobs_ms_100k skipped", cli.display());
+    }
+}
+
+/// The job command of the benchmark's worker: the tiny `probe` built beside
+/// loadgen (`cargo build --release -p gpupool-benches --bins`), or, without
+/// it, this binary in `--probe` mode (a bigger program: its start-up adds
+/// about half a millisecond to the dispatch figure).
+fn probe_command() -> Vec<String> {
+    let me = std::env::current_exe().unwrap();
+    let probe = me.with_file_name("probe");
+    if probe.exists() {
+        vec![probe.to_string_lossy().into_owned()]
+    } else {
+        vec![me.to_string_lossy().into_owned(), "--probe".into()]
+    }
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { queue: String::new(), jobs: 2000, consumers: 8, quick: false, scale: false };
+    let mut a = Args { queue: String::new(), jobs: 2000, consumers: 8, quick: false, scale: false, only: Vec::new() };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -364,12 +405,16 @@ fn parse_args() -> Args {
             "--consumers" => a.consumers = it.next().and_then(|v| v.parse().ok()).expect("--consumers C"),
             "--quick" => a.quick = true,
             "--scale" => a.scale = true,
-            other => panic!("unknown argument {other}; use --queue URL [--jobs N] [--consumers C] [--quick] [--scale]"),
+            "--only" => a.only = it.next().expect("--only GROUP,…").split(',').map(str::to_owned).collect(),
+            other => panic!(
+                "unknown argument {other}; use --queue URL [--jobs N] [--consumers C] [--quick] [--scale] \
+                 [--only push,drain,worker,checkout]"
+            ),
         }
     }
     assert!(!a.queue.is_empty(), "--queue URL is required");
     if a.quick {
-        a.jobs = a.jobs.min(500);
+        a.jobs = a.jobs.min(1000);
     }
     a
 }
@@ -401,21 +446,27 @@ fn main() {
             let mut cfg = WorkerConfig::new(data);
             cfg.repo = Some(repo.clone());
             cfg.slots = slots;
-            cfg.command = vec![argv[0].clone(), "--probe".into()];
+            cfg.command = probe_command();
             let worker = Worker::new(q, cfg);
             worker.run(CancellationToken::new()).await.unwrap();
         });
         return;
     }
     let args = parse_args();
+    if probe_command().len() > 1 && args.runs("worker") {
+        eprintln!(
+            "loadgen: no `probe` beside this binary (cargo build --release -p gpupool-benches --bins); \
+             the dispatch figure runs loadgen itself as the job, which starts slower"
+        );
+    }
     let backend = scheme(&args.queue).to_owned();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     rt.block_on(async {
-        // Each figure and its floor run twice, interleaved, and the better
-        // of each is kept: this machine is shared and noisy.
+        // Each figure and its floor run ROUNDS times, interleaved, and the
+        // best of each is kept: this machine is shared and noisy.
         let (mut push, mut push_floor) = (0f64, None::<f64>);
-        for _ in 0..2 {
+        for _ in 0..if args.runs("push") { ROUNDS } else { 0 } {
             let url = fresh(&args.queue, "push", dir);
             let q = open(&url).await;
             push = push.max(push_rate(q.as_ref(), args.jobs).await);
@@ -423,11 +474,13 @@ fn main() {
             let f = floors::push(&args.queue, args.jobs, dir).await;
             push_floor = f.map(|f| push_floor.map_or(f, |p| p.max(f)));
         }
-        bench(&backend, "push_per_s", push, "jobs/s", push_floor);
+        if args.runs("push") {
+            bench(&backend, "push_per_s", push, "jobs/s", push_floor);
+        }
 
-        for consumers in [1, args.consumers] {
+        for consumers in if args.runs("drain") { vec![1, args.consumers] } else { Vec::new() } {
             let (mut drain, mut drain_floor) = (0f64, None::<f64>);
-            for _ in 0..2 {
+            for _ in 0..ROUNDS {
                 let url = fresh(&args.queue, "drain", dir);
                 let q = open(&url).await;
                 drain = drain.max(drain_rate(&url, &q, args.jobs, consumers).await);
@@ -437,7 +490,7 @@ fn main() {
             }
             bench(&backend, &format!("drain_per_s_{consumers}c"), drain, "jobs/s", drain_floor);
         }
-        if backend != "memory" {
+        if backend != "memory" && args.runs("worker") {
             let url = fresh(&args.queue, "worker", dir);
             worker_figures(&backend, &url, &args, dir).await;
             cleanup(&url).await;
@@ -448,5 +501,7 @@ fn main() {
             cleanup(&url).await;
         }
     });
-    checkout_figure(&backend, dir, args.quick);
+    if args.runs("checkout") {
+        checkout_figure(&backend, dir, args.quick);
+    }
 }
