@@ -22,8 +22,12 @@ pub(crate) enum Event {
         spec: Box<JobSpec>,
         dispatch: String,
     },
+    /// `id` is absent when the work message named only its dispatch (a
+    /// fresh push's, sent before the pusher had read its id back); the
+    /// fold finds the job by that dispatch.
     Leased {
-        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
         dispatch: String,
         token: String,
         worker: String,
@@ -115,6 +119,8 @@ pub(crate) enum Outcome {
     Existing(String),
     /// Applied.
     Ok,
+    /// A lease won: the job's id.
+    Leased(String),
     /// Heartbeat applied; whether a cancel was asked for.
     Beat { cancel: bool },
     /// The job went back to the queue: publish a work message with this
@@ -176,6 +182,9 @@ pub(crate) struct State {
     idempotency: HashMap<String, String>,
     /// Every failed attempt, oldest first.
     pub(crate) errors: Vec<AttemptError>,
+    /// Jobs by the dispatch nonce of their push, while that dispatch is
+    /// current (a push's work message may name only it).
+    pushed: HashMap<String, String>,
     /// Registered workers, `seen_at` from the event's clock.
     pub(crate) workers: std::collections::BTreeMap<String, gpupool_core::WorkerInfo>,
     /// Verdicts by nonce, so that a publisher that sent an event twice (it
@@ -214,6 +223,7 @@ impl State {
                 }
                 let attempt_limit = spec.max_attempts;
                 let record = JobRecord::new(JobId::new(id.clone()), *spec, Timestamp(at));
+                self.pushed.insert(dispatch.clone(), id.clone());
                 self.jobs.insert(
                     id.clone(),
                     Job { record, token: None, dispatch: Some(dispatch), attempt_limit, parked: None, renewed: None },
@@ -222,10 +232,12 @@ impl State {
                 Outcome::Pushed(id)
             }
             Event::Leased { id, dispatch, token, worker, lease_ms } => {
+                let Some(id) = id.or_else(|| self.pushed.get(&dispatch).cloned()) else { return Outcome::Rejected };
                 let Some(job) = self.jobs.get_mut(&id) else { return Outcome::Rejected };
                 if job.record.state != JobState::Queued || job.dispatch.as_deref() != Some(dispatch.as_str()) {
                     return Outcome::Rejected;
                 }
+                self.pushed.remove(&dispatch);
                 let r = &mut job.record;
                 r.state = JobState::Running;
                 r.attempt += 1;
@@ -238,7 +250,7 @@ impl State {
                 job.token = Some(token);
                 job.dispatch = None;
                 job.renewed = Some((now, Duration::from_millis(lease_ms)));
-                Outcome::Ok
+                Outcome::Leased(id)
             }
             Event::Heartbeat { id, token, lease_ms } => match self.jobs.get_mut(&id) {
                 Some(job) if job.held(&token) => {
@@ -316,7 +328,9 @@ impl State {
                 Some(job) => match job.record.state {
                     JobState::Queued => {
                         job.end(JobState::Cancelled, at);
-                        job.dispatch = None;
+                        if let Some(d) = job.dispatch.take() {
+                            self.pushed.remove(&d);
+                        }
                         Outcome::Cancelled
                     }
                     JobState::Running => {
@@ -428,16 +442,16 @@ mod tests {
         };
         assert_eq!(id, "8", "the id is the stream offset + 1");
         let lease = |token: &str, dispatch: &str| Event::Leased {
-            id: id.clone(),
+            id: Some(id.clone()),
             dispatch: dispatch.into(),
             token: token.into(),
             worker: "w".into(),
             lease_ms: 1000,
         };
-        assert_eq!(s.apply(8, env("b", lease("t1", "d1")), now, 1), Outcome::Ok);
+        assert_eq!(s.apply(8, env("b", lease("t1", "d1")), now, 1), Outcome::Leased(id.clone()));
         assert_eq!(s.apply(9, env("c", lease("t2", "d1")), now, 1), Outcome::Rejected, "a redelivery loses");
         // The same nonce again gets the first verdict.
-        assert_eq!(s.apply(10, env("b", lease("t1", "d1")), now, 1), Outcome::Ok);
+        assert_eq!(s.apply(10, env("b", lease("t1", "d1")), now, 1), Outcome::Leased(id.clone()));
         let reclaim = Event::Reclaim { id: id.clone(), token: "t1".into(), dispatch: "d2".into() };
         assert_eq!(s.apply(11, env("d", reclaim.clone()), now, 1), Outcome::Requeued("d2".into()));
         assert_eq!(
@@ -447,9 +461,35 @@ mod tests {
         );
         let done = Event::Completed { id: id.clone(), token: "t1".into(), output_tail: String::new(), result: None };
         assert_eq!(s.apply(13, env("f", done), now, 1), Outcome::Rejected, "the old holder is fenced");
-        assert_eq!(s.apply(14, env("g", lease("t3", "d2")), now, 1), Outcome::Ok);
+        assert_eq!(s.apply(14, env("g", lease("t3", "d2")), now, 1), Outcome::Leased(id.clone()));
         assert_eq!(s.jobs[&id].record.attempt, 2);
         assert_eq!(s.errors_of(&id).len(), 1);
         assert_eq!(s.errors_of(&id)[0].kind, FailureKind::LeaseLost);
+    }
+
+    #[test]
+    fn a_push_work_message_may_name_only_its_dispatch() {
+        let now = Instant::now();
+        let mut s = State::default();
+        let spec = Box::new(JobSpec::new("main", "t.py"));
+        let Outcome::Pushed(id) = s.apply(3, env("a", Event::Pushed { spec, dispatch: "p1".into() }), now, 1) else {
+            panic!("not pushed")
+        };
+        let lease = |token: &str, dispatch: &str| Event::Leased {
+            id: None,
+            dispatch: dispatch.into(),
+            token: token.into(),
+            worker: "w".into(),
+            lease_ms: 1000,
+        };
+        assert_eq!(s.apply(4, env("x", lease("t0", "nope")), now, 1), Outcome::Rejected, "an unknown dispatch loses");
+        assert_eq!(s.apply(5, env("b", lease("t1", "p1")), now, 1), Outcome::Leased(id.clone()));
+        assert_eq!(s.apply(6, env("c", lease("t2", "p1")), now, 1), Outcome::Rejected, "a redelivery loses");
+        assert_eq!(s.jobs[&id].token.as_deref(), Some("t1"));
+        // An id-less Leased round-trips through JSON without an `id` field.
+        let text = serde_json::to_string(&env("d", lease("t3", "p1"))).unwrap();
+        assert!(!text.contains("\"id\""), "{text}");
+        let back: Envelope = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.event, lease("t3", "p1"));
     }
 }

@@ -21,6 +21,13 @@
 //! the length of a run, and RabbitMQ's `consumer_timeout` (30 min by
 //! default, not settable per queue on 3.10) never fires on a training run.
 //!
+//! **A push** publishes `Pushed` and, once the broker has confirmed it,
+//! the work message (naming only the dispatch nonce, which the fold maps to
+//! the job) while the pusher reads its id back from the ledger: the work
+//! cannot overtake the event, since anything a worker publishes after
+//! seeing it lands later in the stream. With an idempotency key the verdict
+//! comes first, so a repeated push sends no work message.
+//!
 //! **A heartbeat** is a `Heartbeat` event: every process notes, by its own
 //! clock, when it saw the lease renewed. **A dead worker's job**: any
 //! reserving worker that sees a lease unrenewed past its length publishes
@@ -79,10 +86,13 @@ const RECLAIM_GRACE: Duration = Duration::from_millis(250);
 /// expired leases between waits.
 const WAIT_SLICE: Duration = Duration::from_secs(1);
 
-/// A work message: one dispatch of one job.
+/// A work message: one dispatch of one job. A fresh push's names only its
+/// dispatch (it is sent once the `Pushed` event is confirmed, before the
+/// pusher has read the job's id back); the ledger finds the job by it.
 #[derive(Debug, Serialize, Deserialize)]
 struct Work {
-    id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
     dispatch: String,
 }
 
@@ -317,30 +327,81 @@ impl AmqpQueue {
     /// Publishes an event and waits for its verdict, reconnecting and
     /// publishing again (same nonce) on trouble, for up to [`EMIT_WITHIN`].
     async fn emit(&self, event: Event) -> Result<Outcome> {
-        let env = Envelope { nonce: nonce(), at: now_ms(), event };
+        self.emit_envelope(Envelope { nonce: nonce(), at: now_ms(), event }).await
+    }
+
+    /// Publishes an event to the ledger and waits for the broker's confirm;
+    /// the receiver gets its verdict when this process's consumer applies it.
+    async fn publish_event(&self, nonce: &str, payload: &[u8]) -> Result<(Arc<Link>, oneshot::Receiver<Outcome>)> {
+        let link = self.link().await?;
+        let (tx, rx) = oneshot::channel();
+        self.inner.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(nonce.to_owned(), tx);
+        if let Err(e) = Self::publish(&link, &self.ledger_name(), payload).await {
+            self.drop_link(&link);
+            return Err(e);
+        }
+        Ok((link, rx))
+    }
+
+    /// Waits for the verdict of a published event.
+    async fn verdict(&self, link: &Link, rx: oneshot::Receiver<Outcome>) -> Result<Outcome> {
+        match tokio::time::timeout(Duration::from_secs(10), rx).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            _ => {
+                self.drop_link(link);
+                Err(unavailable("the ledger did not show the event within 10 s"))
+            }
+        }
+    }
+
+    /// A push without an idempotency key: once the ledger has confirmed the
+    /// `Pushed` event, the work message (naming only the dispatch) goes out
+    /// while this process reads its id back. Every `Leased` a worker
+    /// publishes after seeing that message lands after `Pushed` in the
+    /// ledger, which is what lets the fold find the job by its dispatch. On
+    /// any trouble it falls back to the sequential path with the same nonce.
+    async fn push_fast(&self, spec: JobSpec) -> Result<JobId> {
+        let queue = spec.queue.clone();
+        let dispatch = nonce();
+        let env = Envelope { nonce: nonce(), at: now_ms(), event: Event::Pushed { spec: Box::new(spec), dispatch } };
+        let payload = serde_json::to_vec(&env).map_err(|e| Error::backend(BACKEND, e))?;
+        let Event::Pushed { dispatch, .. } = &env.event else { unreachable!("built above") };
+        let outcome = match self.publish_event(&env.nonce, &payload).await {
+            Ok((link, rx)) => {
+                let (sent, outcome) =
+                    tokio::join!(self.dispatch(&queue, None, dispatch.clone()), self.verdict(&link, rx));
+                sent?;
+                match outcome {
+                    Ok(o) => o,
+                    Err(_) => self.emit_envelope(env).await?,
+                }
+            }
+            Err(_) => {
+                // Not confirmed: publish again (same nonce) the slow way,
+                // then send the work message.
+                let outcome = self.emit_envelope(env.clone()).await?;
+                if let Outcome::Pushed(_) = outcome {
+                    self.dispatch(&queue, None, dispatch.clone()).await?;
+                }
+                outcome
+            }
+        };
+        match outcome {
+            Outcome::Pushed(id) | Outcome::Existing(id) => Ok(JobId::new(id)),
+            other => Err(Error::backend(BACKEND, format!("push: unexpected verdict {other:?}"))),
+        }
+    }
+
+    /// [`Self::emit`] of an envelope already built (a repeat keeps its
+    /// nonce, so the fold gives it the first verdict).
+    async fn emit_envelope(&self, env: Envelope) -> Result<Outcome> {
         let payload = serde_json::to_vec(&env).map_err(|e| Error::backend(BACKEND, e))?;
         let deadline = Instant::now() + EMIT_WITHIN;
         let mut pause = Duration::from_millis(100);
         loop {
             let attempt = async {
-                let link = self.link().await?;
-                let (tx, rx) = oneshot::channel();
-                self.inner
-                    .waiters
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(env.nonce.clone(), tx);
-                if let Err(e) = Self::publish(&link, &self.ledger_name(), &payload).await {
-                    self.drop_link(&link);
-                    return Err(e);
-                }
-                match tokio::time::timeout(Duration::from_secs(10), rx).await {
-                    Ok(Ok(outcome)) => Ok(outcome),
-                    _ => {
-                        self.drop_link(&link);
-                        Err(unavailable("the ledger did not show the event within 10 s"))
-                    }
-                }
+                let (link, rx) = self.publish_event(&env.nonce, &payload).await?;
+                self.verdict(&link, rx).await
             };
             match attempt.await {
                 Ok(outcome) => return Ok(outcome),
@@ -355,9 +416,9 @@ impl AmqpQueue {
     }
 
     /// Sends a work message for one dispatch of a job.
-    async fn dispatch(&self, queue: &str, id: &str, dispatch: String) -> Result<()> {
-        let payload =
-            serde_json::to_vec(&Work { id: id.to_owned(), dispatch }).map_err(|e| Error::backend(BACKEND, e))?;
+    async fn dispatch(&self, queue: &str, id: Option<&str>, dispatch: String) -> Result<()> {
+        let payload = serde_json::to_vec(&Work { id: id.map(str::to_owned), dispatch })
+            .map_err(|e| Error::backend(BACKEND, e))?;
         let deadline = Instant::now() + EMIT_WITHIN;
         loop {
             let attempt = async {
@@ -414,7 +475,7 @@ impl AmqpQueue {
         for (id, token, queue) in expired {
             let dispatch = nonce();
             if let Outcome::Requeued(d) = self.emit(Event::Reclaim { id: id.clone(), token, dispatch }).await? {
-                self.dispatch(&queue, &id, d).await?;
+                self.dispatch(&queue, Some(&id), d).await?;
             }
         }
         Ok(())
@@ -433,7 +494,7 @@ impl AmqpQueue {
         };
         for (id, queue) in fits {
             if let Outcome::Requeued(d) = self.emit(Event::Unpark { id: id.clone(), dispatch: nonce() }).await? {
-                self.dispatch(&queue, &id, d).await?;
+                self.dispatch(&queue, Some(&id), d).await?;
             }
         }
         Ok(())
@@ -447,14 +508,14 @@ impl AmqpQueue {
         };
         let token = nonce();
         let event = Event::Leased {
-            id: work.id.clone(),
+            id: work.id,
             dispatch: work.dispatch,
             token: token.clone(),
             worker: req.worker.clone(),
             lease_ms: ms(req.lease),
         };
         match self.emit(event).await? {
-            Outcome::Ok => Ok(Some(self.lease_for(&work.id, token, req.lease)?)),
+            Outcome::Leased(id) => Ok(Some(self.lease_for(&id, token, req.lease)?)),
             _ => Ok(None),
         }
     }
@@ -549,11 +610,16 @@ impl Queue for AmqpQueue {
 
     async fn push(&self, spec: JobSpec) -> Result<JobId> {
         spec.validate()?;
+        if spec.idempotency_key.is_none() {
+            return self.push_fast(spec).await;
+        }
+        // With a key, the verdict (a new job or the existing one) decides
+        // whether a work message goes out at all.
         let queue = spec.queue.clone();
         let dispatch = nonce();
         match self.emit(Event::Pushed { spec: Box::new(spec), dispatch: dispatch.clone() }).await? {
             Outcome::Pushed(id) => {
-                self.dispatch(&queue, &id, dispatch).await?;
+                self.dispatch(&queue, Some(&id), dispatch).await?;
                 Ok(JobId::new(id))
             }
             Outcome::Existing(id) => Ok(JobId::new(id)),
@@ -620,7 +686,7 @@ impl Queue for AmqpQueue {
         };
         match Self::fenced(lease, self.emit(event).await?)? {
             Outcome::Requeued(d) => {
-                self.dispatch(&lease.job.spec.queue, lease.id().as_str(), d).await?;
+                self.dispatch(&lease.job.spec.queue, Some(lease.id().as_str()), d).await?;
                 Ok(FailOutcome::Requeued)
             }
             _ => Ok(FailOutcome::Failed),
@@ -635,7 +701,7 @@ impl Queue for AmqpQueue {
     async fn release(&self, lease: &Lease) -> Result<()> {
         let event = Event::Released { id: lease.id().to_string(), token: lease.token.clone(), dispatch: nonce() };
         if let Outcome::Requeued(d) = Self::fenced(lease, self.emit(event).await?)? {
-            self.dispatch(&lease.job.spec.queue, lease.id().as_str(), d).await?;
+            self.dispatch(&lease.job.spec.queue, Some(lease.id().as_str()), d).await?;
         }
         Ok(())
     }
@@ -655,7 +721,7 @@ impl Queue for AmqpQueue {
             Outcome::Missing => Err(Error::NotFound { id: id.to_string() }),
             Outcome::Requeued(d) => {
                 let queue = self.get(id).await?.spec.queue;
-                self.dispatch(&queue, id.as_str(), d).await
+                self.dispatch(&queue, Some(id.as_str()), d).await
             }
             Outcome::State(state) => Err(Error::not_retryable(id, state)),
             other => Err(Error::backend(BACKEND, format!("retry: unexpected verdict {other:?}"))),
