@@ -486,13 +486,37 @@ async fn run_in_checkout(
     repo: &str,
     checkout: &Checkout,
 ) -> Report {
+    // The commit and GPUs are recorded while the process starts, not
+    // before: a round trip to the queue (a ledger write on RabbitMQ) is not
+    // worth delaying a run for. A lost lease stops the run as a heartbeat
+    // would; the outcome is reported only after the record is in, so the
+    // completion never overtakes it.
+    let recorder = {
+        let info = RunInfo { commit: Some(checkout.commit.clone()), gpu_ids: gpus.to_vec() };
+        let (queue, lease, stopper) = (Arc::clone(&ctx.queue), lease.clone(), stopper.clone());
+        tokio::spawn(async move {
+            match queue.started(&lease, &info).await {
+                Err(Error::LeaseLost { .. }) => stopper.stop(StopReason::LeaseLost),
+                Err(e) => warn!("could not record the commit ({e})"),
+                Ok(()) => {}
+            }
+        })
+    };
+    let report = run_recorded(ctx, lease, gpus, stopper, repo, checkout).await;
+    let _ = recorder.await;
+    report
+}
+
+/// [`run_in_checkout`] once the `started` record is on its way.
+async fn run_recorded(
+    ctx: &Ctx,
+    lease: &Lease,
+    gpus: &[u32],
+    stopper: &Stopper,
+    repo: &str,
+    checkout: &Checkout,
+) -> Report {
     let spec = &lease.job.spec;
-    let info = RunInfo { commit: Some(checkout.commit.clone()), gpu_ids: gpus.to_vec() };
-    match ctx.queue.started(lease, &info).await {
-        Err(Error::LeaseLost { .. }) => return Report::Nothing,
-        Err(e) => warn!("could not record the commit ({e})"),
-        Ok(()) => {}
-    }
     if let Some(reason) = stopper.reason() {
         return stopped_report(reason);
     }
@@ -640,17 +664,21 @@ async fn run_setup(
 
 /// Appends a `== gpupool: …` line to a job's log.
 async fn note(log: &std::path::Path, text: &str) {
-    use tokio::io::AsyncWriteExt;
-    if let Some(dir) = log.parent() {
-        let _ = tokio::fs::create_dir_all(dir).await;
-    }
-    let line = format!("== gpupool: {text}\n");
-    let written = async {
-        let mut f = tokio::fs::OpenOptions::new().create(true).append(true).open(log).await?;
-        f.write_all(line.as_bytes()).await
-    };
-    if let Err(e) = written.await {
-        warn!("cannot write the job log {}: {e}", log.display());
+    // One blocking task for the folder, the open and the write (tokio::fs
+    // would hand each to the blocking pool in turn).
+    let (path, line) = (log.to_path_buf(), format!("== gpupool: {text}\n"));
+    let written = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::OpenOptions::new().create(true).append(true).open(&path)?.write_all(line.as_bytes())
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!("cannot write the job log {}: {e}", log.display()),
+        Err(e) => warn!("cannot write the job log {}: {e}", log.display()),
     }
 }
 
