@@ -533,7 +533,11 @@ impl AmqpQueue {
         })?;
         let result = self.take_on(&ch, req, wait).await;
         // Closing the channel puts back anything delivered and not acked.
-        let _ = ch.close(200, "done".into()).await;
+        // The lease is won and its message acknowledged by now, so the
+        // close need not hold up the caller.
+        tokio::spawn(async move {
+            let _ = ch.close(200, "done".into()).await;
+        });
         result
     }
 
