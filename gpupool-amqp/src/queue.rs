@@ -47,6 +47,10 @@
 //! and the work message that follows it (two confirmed publishes,
 //! milliseconds apart) leaves the job queued with no message; `gpupool
 //! cancel` then `gpupool retry` sends it again.
+//!
+//! Upgrading: a worker older than id-less work messages cannot read one and
+//! drops it, leaving that job queued with no message (recover it the same
+//! way). Upgrade the workers before the machines that push.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
