@@ -274,6 +274,9 @@ async fn amqp(url: &str, n: usize, consumers: usize, drain: bool) -> f64 {
         push_all().await;
         let t = Instant::now();
         let remaining = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(n));
+        // The clock stops at the last ack, not when the other consumers'
+        // waits for a next delivery time out.
+        let done_at = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
         let mut tasks = Vec::new();
         for _ in 0..consumers {
             let c = conn.create_channel().await.unwrap();
@@ -282,7 +285,7 @@ async fn amqp(url: &str, n: usize, consumers: usize, drain: bool) -> f64 {
                 .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
                 .await
                 .unwrap();
-            let remaining = std::sync::Arc::clone(&remaining);
+            let (remaining, done_at) = (std::sync::Arc::clone(&remaining), std::sync::Arc::clone(&done_at));
             tasks.push(tokio::spawn(async move {
                 while remaining.load(std::sync::atomic::Ordering::Relaxed) > 0 {
                     let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
@@ -290,7 +293,9 @@ async fn amqp(url: &str, n: usize, consumers: usize, drain: bool) -> f64 {
                         break;
                     };
                     d.acker.ack(BasicAckOptions::default()).await.unwrap();
-                    remaining.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    if remaining.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1 {
+                        *done_at.lock().unwrap() = Some(Instant::now());
+                    }
                 }
                 let _ = c.close(200, "done".into()).await;
             }));
@@ -298,7 +303,8 @@ async fn amqp(url: &str, n: usize, consumers: usize, drain: bool) -> f64 {
         for t in tasks {
             t.await.unwrap();
         }
-        n as f64 / t.elapsed().as_secs_f64()
+        let end = done_at.lock().unwrap().expect("every message acked");
+        n as f64 / end.duration_since(t).as_secs_f64()
     } else {
         let t = Instant::now();
         push_all().await;
