@@ -367,9 +367,9 @@ impl AmqpQueue {
     async fn push_fast(&self, spec: JobSpec) -> Result<JobId> {
         let queue = spec.queue.clone();
         let dispatch = nonce();
-        let env = Envelope { nonce: nonce(), at: now_ms(), event: Event::Pushed { spec: Box::new(spec), dispatch } };
+        let event = Event::Pushed { spec: Box::new(spec), dispatch: dispatch.clone() };
+        let env = Envelope { nonce: nonce(), at: now_ms(), event };
         let payload = serde_json::to_vec(&env).map_err(|e| Error::backend(BACKEND, e))?;
-        let Event::Pushed { dispatch, .. } = &env.event else { unreachable!("built above") };
         let outcome = match self.publish_event(&env.nonce, &payload).await {
             Ok((link, rx)) => {
                 let (sent, outcome) =

@@ -88,3 +88,18 @@ local function start_lease(id, r, consumer, worker, token, lease_ms, now)
   end
   return {tostring(id), r.spec, r.created, r.cancel, r.commit, r.output_tail, r.result, attempt, now, expires, errors}
 end
+
+-- Leases the job of a freshly delivered stream entry. A stale entry (its job
+-- was cancelled, or the entry was replaced by a newer one) is acknowledged,
+-- deleted if replaced, and false is returned.
+local function claim_entry(queue, entry, id, consumer, worker, token, lease_ms)
+  local r = {}
+  if id then r = job_fields(id) end
+  if r.state == 'queued' and r.entry == entry then
+    return start_lease(id, r, consumer, worker, token, lease_ms, now_ms())
+  end
+  local s = skey(queue)
+  redis.call('XACK', s, GROUP, entry)
+  if r.entry ~= entry then redis.call('XDEL', s, entry) end
+  return false
+end

@@ -11,12 +11,7 @@ for _ = 1, 100 do
   local entry, fields = got[1][2][1][1], got[1][2][1][2]
   local id = nil
   for i = 1, #fields, 2 do if fields[i] == 'job' then id = fields[i + 1] end end
-  local r = {}
-  if id then r = job_fields(id) end
-  if r.state == 'queued' and r.entry == entry then
-    return start_lease(id, r, consumer, worker, token, lease_ms, now_ms())
-  end
-  redis.call('XACK', s, GROUP, entry)
-  if r.entry ~= entry then redis.call('XDEL', s, entry) end
+  local lease = claim_entry(queue, entry, id, consumer, worker, token, lease_ms)
+  if lease then return lease end
 end
 return false

@@ -282,14 +282,12 @@ impl RedisQueue {
         lease_from(got, token, &req.worker)
     }
 
-    /// Reads new entries: one per stream at most, waiting up to `block`
-    /// (none: do not wait). Returns (queue, entry, job) in queue order.
-    async fn read(&self, queues: &[String], block: Option<Duration>) -> Result<Vec<(String, String, String)>> {
+    /// Waits up to `block` for new entries, on a connection of its own: one
+    /// per stream at most. Returns (queue, entry, job) in queue order. (A
+    /// read that does not wait is part of `reserve.lua`.)
+    async fn read_blocking(&self, queues: &[String], block: Duration) -> Result<Vec<(String, String, String)>> {
         let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP").arg(GROUP).arg(&self.consumer).arg("COUNT").arg(1);
-        if let Some(b) = block {
-            cmd.arg("BLOCK").arg(ms(b).max(1));
-        }
+        cmd.arg("GROUP").arg(GROUP).arg(&self.consumer).arg("COUNT").arg(1).arg("BLOCK").arg(ms(block).max(1));
         cmd.arg("STREAMS");
         for q in queues {
             cmd.arg(self.stream(q));
@@ -297,17 +295,11 @@ impl RedisQueue {
         for _ in queues {
             cmd.arg(">");
         }
-        let reply: redis::RedisResult<Value> = match block {
-            None => cmd.query_async(&mut self.conn.clone()).await,
-            Some(_) => {
-                let mut conn = self.blocking_conn().await?;
-                let r = cmd.query_async(&mut conn).await;
-                if r.is_ok() {
-                    self.blocking.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(conn);
-                }
-                r
-            }
-        };
+        let mut conn = self.blocking_conn().await?;
+        let reply: redis::RedisResult<Value> = cmd.query_async(&mut conn).await;
+        if reply.is_ok() {
+            self.blocking.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(conn);
+        }
         let reply = match reply {
             Err(e) if is_no_group(&e) => {
                 self.forget_groups();
@@ -544,7 +536,7 @@ impl Queue for RedisQueue {
                 return Ok(None);
             }
             // Wait for a push on any of the queues.
-            let found = self.read(&req.queues, Some((deadline - now).min(BLOCK_SLICE))).await?;
+            let found = self.read_blocking(&req.queues, (deadline - now).min(BLOCK_SLICE)).await?;
             let mut leased = None;
             for (queue, entry, job) in found {
                 if leased.is_none() {
