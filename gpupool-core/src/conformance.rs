@@ -40,6 +40,36 @@ pub fn service_url(var: &str, what: &str, fallback: impl FnOnce() -> Option<Stri
     None
 }
 
+/// A service for a test binary, started once (feature `testcontainers` of a
+/// backend): `start` runs on a thread of its own that keeps what it returns
+/// (the container) alive until the binary exits, and gives the service's
+/// URL. `None`, after one line on stderr naming `what`, when it fails.
+pub fn started_once<K, E: std::fmt::Display>(
+    cell: &'static std::sync::OnceLock<Option<String>>,
+    what: &'static str,
+    start: impl FnOnce() -> Result<(K, Option<String>), E> + Send + 'static,
+) -> Option<String> {
+    cell.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || match start() {
+            Ok((_keep, url)) => {
+                let _ = tx.send(url);
+                // `_keep` (the container) lives as long as the test binary.
+                loop {
+                    std::thread::park();
+                }
+            }
+            Err(e) => {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "testcontainers: no {what} container ({e})");
+                let _ = tx.send(None);
+            }
+        });
+        rx.recv().ok().flatten()
+    })
+    .clone()
+}
+
 /// Lower-case hex that no other test, in this run or another, gets: the
 /// process id, the clock and a counter. For table, key and queue prefixes.
 pub fn unique_suffix() -> String {

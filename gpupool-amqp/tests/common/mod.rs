@@ -29,33 +29,17 @@ pub(crate) async fn queue(tag: &str) -> Option<AmqpQueue> {
 /// started once per test binary and kept until it exits.
 #[cfg(feature = "testcontainers")]
 fn container_url() -> Option<String> {
-    use std::io::Write;
     static URL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    URL.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+    gpupool_core::conformance::started_once(
+        &URL,
+        "RabbitMq",
+        || -> Result<_, testcontainers_modules::testcontainers::TestcontainersError> {
             use testcontainers_modules::testcontainers::runners::SyncRunner;
-            match testcontainers_modules::rabbitmq::RabbitMq::default().start() {
-                Ok(container) => {
-                    let url = container
-                        .get_host_port_ipv4(5672)
-                        .ok()
-                        .map(|p| format!("amqp://guest:guest@127.0.0.1:{p}/%2f"));
-                    let _ = tx.send(url);
-                    // Keep the container for the life of the test binary.
-                    loop {
-                        std::thread::park();
-                    }
-                }
-                Err(e) => {
-                    let _ = writeln!(std::io::stderr(), "testcontainers: no RabbitMq container ({e})");
-                    let _ = tx.send(None);
-                }
-            }
-        });
-        rx.recv().ok().flatten()
-    })
-    .clone()
+            let container = testcontainers_modules::rabbitmq::RabbitMq::default().start()?;
+            let url = container.get_host_port_ipv4(5672).ok().map(|p| format!("amqp://guest:guest@127.0.0.1:{p}/%2f"));
+            Ok((container, url))
+        },
+    )
 }
 
 #[cfg(not(feature = "testcontainers"))]

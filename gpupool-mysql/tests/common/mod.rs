@@ -31,31 +31,17 @@ pub(crate) fn random_prefix(tag: &str) -> String {
 /// started once per test binary and kept until it exits.
 #[cfg(feature = "testcontainers")]
 fn container_url() -> Option<String> {
-    use std::io::Write;
     static URL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    URL.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+    gpupool_core::conformance::started_once(
+        &URL,
+        "Mariadb",
+        || -> Result<_, testcontainers_modules::testcontainers::TestcontainersError> {
             use testcontainers_modules::testcontainers::runners::SyncRunner;
-            match testcontainers_modules::mariadb::Mariadb::default().start() {
-                Ok(container) => {
-                    let url =
-                        container.get_host_port_ipv4(3306).ok().map(|p| format!("mysql://root@127.0.0.1:{p}/test"));
-                    let _ = tx.send(url);
-                    // Keep the container for the life of the test binary.
-                    loop {
-                        std::thread::park();
-                    }
-                }
-                Err(e) => {
-                    let _ = writeln!(std::io::stderr(), "testcontainers: no Mariadb container ({e})");
-                    let _ = tx.send(None);
-                }
-            }
-        });
-        rx.recv().ok().flatten()
-    })
-    .clone()
+            let container = testcontainers_modules::mariadb::Mariadb::default().start()?;
+            let url = container.get_host_port_ipv4(3306).ok().map(|p| format!("mysql://root@127.0.0.1:{p}/test"));
+            Ok((container, url))
+        },
+    )
 }
 
 #[cfg(not(feature = "testcontainers"))]

@@ -40,31 +40,18 @@ pub(crate) async fn cleanup(q: &RedisQueue) {
 /// started once per test binary and kept until it exits.
 #[cfg(feature = "testcontainers")]
 fn container_url() -> Option<String> {
-    use std::io::Write;
     static URL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    URL.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+    gpupool_core::conformance::started_once(
+        &URL,
+        "Redis",
+        || -> Result<_, testcontainers_modules::testcontainers::TestcontainersError> {
             use testcontainers_modules::testcontainers::ImageExt;
             use testcontainers_modules::testcontainers::runners::SyncRunner;
-            match testcontainers_modules::redis::Redis::default().with_tag("7").start() {
-                Ok(container) => {
-                    let url = container.get_host_port_ipv4(6379).ok().map(|p| format!("redis://127.0.0.1:{p}"));
-                    let _ = tx.send(url);
-                    // Keep the container for the life of the test binary.
-                    loop {
-                        std::thread::park();
-                    }
-                }
-                Err(e) => {
-                    let _ = writeln!(std::io::stderr(), "testcontainers: no Redis container ({e})");
-                    let _ = tx.send(None);
-                }
-            }
-        });
-        rx.recv().ok().flatten()
-    })
-    .clone()
+            let container = testcontainers_modules::redis::Redis::default().with_tag("7").start()?;
+            let url = container.get_host_port_ipv4(6379).ok().map(|p| format!("redis://127.0.0.1:{p}"));
+            Ok((container, url))
+        },
+    )
 }
 
 #[cfg(not(feature = "testcontainers"))]
