@@ -70,6 +70,71 @@ pub fn started_once<K, E: std::fmt::Display>(
     .clone()
 }
 
+/// What [`drain_exactly_once`] saw.
+#[derive(Debug)]
+pub struct Drained {
+    /// How long pushing the jobs took.
+    pub push_time: Duration,
+    /// How long the workers took to drain them.
+    pub drain_time: Duration,
+    /// How many jobs each worker ran.
+    pub per_worker: Vec<usize>,
+}
+
+/// A contention test for a backend's `tests/contention.rs`: `setup` pushes
+/// `jobs` no-op jobs to queue `default`, then `workers` clients, each from
+/// `connect` (its own connections, as separate hosts have), reserve and
+/// complete until the queue is empty. Panics unless every job ran exactly
+/// once and `setup` lists every one as succeeded on its first attempt; the
+/// caller checks what its backend leaves behind.
+pub async fn drain_exactly_once<Q, F, Fut>(setup: &dyn Queue, connect: F, jobs: usize, workers: usize) -> Drained
+where
+    Q: Queue + 'static,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Q> + Send + 'static,
+{
+    let pushing = std::time::Instant::now();
+    for i in 0..jobs {
+        setup.push(JobSpec::new("main", "noop.py").arg("i", i)).await.unwrap();
+    }
+    let push_time = pushing.elapsed();
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let client = connect();
+        tasks.push(tokio::spawn(async move {
+            let q = client.await;
+            let req = ReserveRequest::new("default").worker(format!("worker-{w}")).lease(Duration::from_secs(60));
+            let mut runs = Vec::new();
+            while let Some(lease) = q.reserve(&req).await.unwrap() {
+                q.complete(&lease, Completion::default()).await.unwrap();
+                runs.push(lease.id().to_string());
+            }
+            runs
+        }));
+    }
+    let mut by_job: std::collections::HashMap<String, Vec<usize>> = std::collections::HashMap::new();
+    let mut per_worker = Vec::new();
+    for (w, task) in tasks.into_iter().enumerate() {
+        let runs = task.await.unwrap();
+        per_worker.push(runs.len());
+        for id in runs {
+            by_job.entry(id).or_default().push(w);
+        }
+    }
+    let drain_time = started.elapsed();
+    // The record of executions: each job once, so never two holders.
+    let twice: Vec<_> = by_job.iter().filter(|(_, w)| w.len() > 1).collect();
+    assert!(twice.is_empty(), "jobs run more than once: {twice:?}");
+    assert_eq!(by_job.len(), jobs, "every job ran");
+    // One more than pushed, so an extra job would show.
+    let limit = u32::try_from(jobs).unwrap_or(u32::MAX).saturating_add(1);
+    let all = setup.list(&ListFilter { limit, ..ListFilter::default() }).await.unwrap();
+    assert_eq!(all.len(), jobs);
+    assert!(all.iter().all(|r| r.state == JobState::Succeeded && r.attempt == 1), "all succeeded on attempt 1");
+    Drained { push_time, drain_time, per_worker }
+}
+
 /// Lower-case hex that no other test, in this run or another, gets: the
 /// process id, the clock and a counter. For table, key and queue prefixes.
 pub fn unique_suffix() -> String {
