@@ -5,5 +5,5 @@ local h = jkey(id)
 local v = redis.call('HMGET', h, 'queue', 'entry', 'consumer', 'cancel')
 -- Reset the entry's idle time so XAUTOCLAIM leaves it alone.
 redis.call('XCLAIM', skey(v[1]), GROUP, v[3], 0, v[2], 'JUSTID')
-redis.call('HSET', h, 'expires', now_ms() + tonumber(lease_ms))
+redis.call('HSET', h, 'expires', string.format('%d', tonumber(now_ms()) + tonumber(lease_ms)))
 return tonumber(v[4])

@@ -1,21 +1,34 @@
 -- Shared by every gpupool script. ARGV[1] is the key prefix. Keys are built
 -- here from the prefix, so gpupool needs a standalone Redis (not Cluster).
+--
+-- Hot paths (push, reserve, finish) avoid Lua numbers where they can: a
+-- number handed to `redis.call` is formatted with `%.14g`, which costs the
+-- server more than the command it goes to (measured with callgrind; see
+-- BENCHMARKS.md). Times and counters travel as decimal strings.
 local P = ARGV[1]
 local GROUP = 'gpupool'
 
+-- Milliseconds since the epoch, by the server's clock, as a decimal string.
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return t[1] .. string.sub(string.format('%06d', t[2]), 1, 3)
 end
 
 local function jkey(id) return P .. 'job:' .. id end
 local function skey(queue) return P .. 'stream:' .. queue end
 
+-- Only the states that end a job badly have an index (`PREFIXstate:S`, a
+-- sorted set by id): they are few, and `jobs --state failed` must not scan.
+-- Queued and running jobs are read from the streams and their pending
+-- lists, succeeded ones by counting down the ids (`list.lua`), so the hot
+-- paths touch no index.
+local INDEXED = {failed = true, cancelled = true}
+
 -- Moves a job between the state indexes (its hash's `state` is set by the caller).
 local function move_state(id, old, new)
   if old == new then return end
-  if old then redis.call('ZREM', P .. 'state:' .. old, id) end
-  redis.call('ZADD', P .. 'state:' .. new, id, id)
+  if old and INDEXED[old] then redis.call('ZREM', P .. 'state:' .. old, id) end
+  if INDEXED[new] then redis.call('ZADD', P .. 'state:' .. new, id, id) end
 end
 
 local function set_state(id, new)
@@ -43,6 +56,20 @@ local function drop_entry(id)
   redis.call('HSET', h, 'entry', '')
 end
 
+-- The id of the last entry the group was handed on stream `s`, or nil.
+local function last_delivered(s)
+  local groups = redis.pcall('XINFO', 'GROUPS', s)
+  if type(groups) ~= 'table' or groups.err then return nil end
+  for _, g in ipairs(groups) do
+    local name, delivered
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then delivered = g[i + 1] end
+    end
+    if name == GROUP then return delivered end
+  end
+  return nil
+end
+
 local function held(id, token)
   local v = redis.call('HMGET', jkey(id), 'state', 'token')
   return v[1] == 'running' and v[2] == token and token ~= ''
@@ -50,7 +77,7 @@ end
 
 local function add_error(id, attempt, kind, exit_code, signal, message, tail, at)
   local rec = {job_id = tostring(id), attempt = tonumber(attempt), kind = kind, message = message,
-               output_tail = tail, at = at}
+               output_tail = tail, at = tonumber(at)}
   if exit_code ~= '' then rec.exit_code = tonumber(exit_code) end
   if signal ~= '' then rec.signal = tonumber(signal) end
   local json = cjson.encode(rec)
@@ -59,34 +86,36 @@ local function add_error(id, attempt, kind, exit_code, signal, message, tail, at
   redis.call('LTRIM', P .. 'errors', 0, 9999)
 end
 
--- What a lease needs of a job, read in one HMGET: `local r = job_fields(id)`.
-local LEASE_FIELDS = {'state', 'entry', 'attempt', 'spec', 'created', 'cancel', 'commit', 'output_tail', 'result',
-                      'expires', 'consumer', 'attempt_limit', 'worker'}
-local function job_fields(id)
-  local v = redis.call('HMGET', jkey(id), unpack(LEASE_FIELDS))
+-- Fields of a job's hash in one HMGET, by name: `job_fields(id, CLAIM_FIELDS)`.
+-- A fresh delivery needs only what a lease is built from; a reclaim also
+-- reads who held it and until when.
+local CLAIM_FIELDS = {'state', 'entry', 'attempt', 'spec', 'created', 'cancel', 'commit', 'output_tail', 'result'}
+local RECLAIM_FIELDS = {'state', 'entry', 'attempt', 'spec', 'created', 'cancel', 'commit', 'output_tail', 'result',
+                        'expires', 'consumer', 'attempt_limit', 'worker'}
+local function job_fields(id, fields)
+  local v = redis.call('HMGET', jkey(id), unpack(fields))
   local r = {}
-  for i, f in ipairs(LEASE_FIELDS) do r[f] = v[i] end
+  for i, f in ipairs(fields) do r[f] = v[i] end
   return r
 end
 
--- Start a lease on job `id` (`r` from `job_fields`, state `r.state`):
--- attempt + 1, a token, an expiry, who holds it. Returns what the client
+-- Start a lease on job `id` (`r` from `job_fields`): attempt + 1, a token,
+-- an expiry, who holds it. `now` is `now_ms()`. Returns what the client
 -- builds the lease from: {id, spec, created, cancel, commit, output_tail,
 -- result, attempt, started, expires, errors}; only a later attempt can have
 -- errors or old outcome fields, so a first attempt skips those.
 local function start_lease(id, r, consumer, worker, token, lease_ms, now)
   local h = jkey(id)
-  local expires = now + tonumber(lease_ms)
-  local attempt = tonumber(r.attempt) + 1
-  move_state(id, r.state, 'running')
+  local expires = string.format('%d', tonumber(now) + tonumber(lease_ms))
+  local attempt = string.format('%d', tonumber(r.attempt) + 1)
   redis.call('HSET', h, 'state', 'running', 'attempt', attempt, 'token', token, 'expires', expires,
              'consumer', consumer, 'worker', worker, 'started', now)
   local errors = {}
-  if attempt > 1 then
+  if attempt ~= '1' then
     redis.call('HDEL', h, 'finished', 'exit_code', 'signal', 'gpu_ids')
     errors = redis.call('LRANGE', P .. 'errors:' .. id, 0, -1)
   end
-  return {tostring(id), r.spec, r.created, r.cancel, r.commit, r.output_tail, r.result, attempt, now, expires, errors}
+  return {id, r.spec, r.created, r.cancel, r.commit, r.output_tail, r.result, attempt, now, expires, errors}
 end
 
 -- Leases the job of a freshly delivered stream entry. A stale entry (its job
@@ -94,7 +123,7 @@ end
 -- deleted if replaced, and false is returned.
 local function claim_entry(queue, entry, id, consumer, worker, token, lease_ms)
   local r = {}
-  if id then r = job_fields(id) end
+  if id then r = job_fields(id, CLAIM_FIELDS) end
   if r.state == 'queued' and r.entry == entry then
     return start_lease(id, r, consumer, worker, token, lease_ms, now_ms())
   end

@@ -4,13 +4,14 @@ if idem ~= '' then
   local existing = redis.call('GET', P .. 'idem:' .. idem)
   if existing then return existing end
 end
-local id = redis.call('INCR', P .. 'seq')
+local id = string.format('%d', redis.call('INCR', P .. 'seq'))
 local entry = redis.call('XADD', skey(queue), '*', 'job', id)
-redis.call('HSET', jkey(id), 'spec', spec, 'queue', queue, 'priority', priority, 'gpus', gpus, 'attempt', 0,
-           'max_attempts', max_attempts, 'attempt_limit', max_attempts, 'cancel', 0, 'created', now_ms(),
+redis.call('HSET', jkey(id), 'spec', spec, 'queue', queue, 'priority', priority, 'gpus', gpus, 'attempt', '0',
+           'max_attempts', max_attempts, 'attempt_limit', max_attempts, 'cancel', '0', 'created', now_ms(),
            'entry', entry, 'state', 'queued')
--- No index of all jobs: ids are dense (`seq`) and jobs are never deleted.
+-- No index of all jobs (ids are dense, from `seq`, and jobs are never
+-- deleted) nor of queued ones (they are the streams' unread entries).
 redis.call('ZADD', P .. 'queue:' .. queue, id, id)
-redis.call('ZADD', P .. 'state:queued', id, id)
+redis.call('SADD', P .. 'queues', queue)
 if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, id) end
-return tostring(id)
+return id

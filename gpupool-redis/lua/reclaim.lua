@@ -8,13 +8,13 @@ local id = nil
 for i = 1, #fields, 2 do if fields[i] == 'job' then id = fields[i + 1] end end
 if not id then redis.call('XACK', s, GROUP, entry); return false end
 local h = jkey(id)
-local r = job_fields(id)
+local r = job_fields(id, RECLAIM_FIELDS)
 if r.state ~= 'running' or r.entry ~= entry then
   redis.call('XACK', s, GROUP, entry)
   return false
 end
 local now = now_ms()
-if tonumber(r.expires) >= now then
+if tonumber(r.expires) >= tonumber(now) then
   -- Not expired (its holder has a longer lease): give the entry back.
   redis.call('XCLAIM', s, GROUP, r.consumer, 0, entry, 'JUSTID')
   return false

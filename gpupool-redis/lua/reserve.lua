@@ -8,10 +8,9 @@ local s = skey(queue)
 for _ = 1, 100 do
   local got = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', 1, 'STREAMS', s, '>')
   if not got then return false end
-  local entry, fields = got[1][2][1][1], got[1][2][1][2]
-  local id = nil
-  for i = 1, #fields, 2 do if fields[i] == 'job' then id = fields[i + 1] end end
-  local lease = claim_entry(queue, entry, id, consumer, worker, token, lease_ms)
+  -- {{stream, {{entry, {'job', id}}}}}: gpupool's entries have one field.
+  local e = got[1][2][1]
+  local lease = claim_entry(queue, e[1], e[2][2], consumer, worker, token, lease_ms)
   if lease then return lease end
 end
 return false

@@ -11,14 +11,7 @@ local minid
 if tonumber(p[1]) > 0 then
   minid = p[2]
 else
-  local last = nil
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', s)) do
-    local name, delivered
-    for i = 1, #g, 2 do
-      if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then delivered = g[i + 1] end
-    end
-    if name == GROUP then last = delivered end
-  end
+  local last = last_delivered(s)
   if not last then return 0 end
   local ms, seq = string.match(last, '^(%d+)-(%d+)$')
   if not ms then return 0 end

@@ -20,13 +20,25 @@
 //! | `stream:QUEUE` | stream, group `gpupool` | one entry (`job` = id) per queued job |
 //! | `job:ID` | hash | the job: `spec` (JSON), `state`, `attempt`, `token`, `expires`, `entry`, … |
 //! | `seq` | string | the id sequence (`INCR`); ids are dense and jobs are never deleted, so listing all jobs counts down from it |
-//! | `state:STATE`, `queue:QUEUE` | sorted sets | ids, for listing newest first |
+//! | `queue:QUEUE`, `state:failed`, `state:cancelled` | sorted sets | ids, for listing newest first |
+//! | `queues` | set | every queue pushed to or served, for listing queued and running jobs |
+//! | `parked:QUEUE` | sorted set | jobs waiting for a worker with enough GPUs (score: GPUs) |
 //! | `errors:ID`, `errors` | lists | failed attempts of a job; the newest 10,000 of all |
 //! | `idem:KEY` | string | idempotency key → id |
 //!
 //! # How a job travels
 //!
-//! `push` is one Lua script: hash, indexes and `XADD`. `reserve` first, at
+//! Queued, running and succeeded jobs have no index of their own, so push,
+//! reserve and complete touch none: `jobs --state queued` reads the
+//! streams' unread entries (last in line first, then parked jobs), `--state
+//! running` the group's pending entries, and `--state succeeded` counts the
+//! ids down, keeping succeeded ones. Keeping those indexes cost about a
+//! fifth of the server's time per job (see BENCHMARKS.md); the two states
+//! that must be found among many, `failed` and `cancelled`, keep theirs.
+//! Keys `state:queued`, `state:running` and `state:succeeded` left by an
+//! older gpupool are no longer read and can be deleted.
+//!
+//! `push` is one Lua script: hash, queue index and `XADD`. `reserve` first, at
 //! most once a second, runs `XAUTOCLAIM` (min idle `reclaim_idle`, default
 //! 30 s, about 3× the heartbeat) on each queue: an entry whose holder stopped
 //! heartbeating and whose lease expired (the `expires` field, Redis's clock)

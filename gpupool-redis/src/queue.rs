@@ -203,6 +203,11 @@ impl RedisQueue {
             Err(e) if e.code() == Some("BUSYGROUP") => {}
             Err(e) => return Err(map(e)),
         }
+        // Listing queued and running jobs reads the streams of the queues
+        // named here; pushes add theirs too. A worker adds the queues it
+        // serves, so queues pushed to by an older gpupool are listed.
+        let _: i64 =
+            redis::cmd("SADD").arg(format!("{}queues", self.p())).arg(queue).query_async(&mut c).await.map_err(map)?;
         self.groups.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(stream);
         Ok(())
     }
@@ -643,17 +648,10 @@ impl Queue for RedisQueue {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>> {
-        let (index, field, value) = match (&filter.state, &filter.queue) {
-            (None, None) => ("all".to_owned(), String::new(), String::new()),
-            (Some(s), None) => (format!("state:{s}"), String::new(), String::new()),
-            (None, Some(q)) => (format!("queue:{q}"), String::new(), String::new()),
-            (Some(s), Some(q)) => (format!("state:{s}"), "queue".to_owned(), q.clone()),
-        };
+        let state = filter.state.map(|s| s.to_string()).unwrap_or_default();
+        let queue = filter.queue.clone().unwrap_or_default();
         let v = self
-            .script_status(
-                &self.scripts.list,
-                &[index, field, value, filter.offset.to_string(), filter.limit.to_string()],
-            )
+            .script_status(&self.scripts.list, &[state, queue, filter.offset.to_string(), filter.limit.to_string()])
             .await?;
         let ids: Vec<String> = from_value(v)?;
         self.records(&ids).await
