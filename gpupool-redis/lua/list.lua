@@ -54,7 +54,7 @@ local all = function(_) return true end
 
 if state == '' then
   walk(queue ~= '' and (P .. 'queue:' .. queue) or nil, all)
-elseif INDEXED[state] then
+elseif indexed(state) then
   walk(P .. 'state:' .. state, function(id)
     return queue == '' or redis.call('HGET', jkey(id), 'queue') == queue
   end)

@@ -22,13 +22,13 @@ local function skey(queue) return P .. 'stream:' .. queue end
 -- Queued and running jobs are read from the streams and their pending
 -- lists, succeeded ones by counting down the ids (`list.lua`), so the hot
 -- paths touch no index.
-local INDEXED = {failed = true, cancelled = true}
+local function indexed(state) return state == 'failed' or state == 'cancelled' end
 
 -- Moves a job between the state indexes (its hash's `state` is set by the caller).
 local function move_state(id, old, new)
   if old == new then return end
-  if old and INDEXED[old] then redis.call('ZREM', P .. 'state:' .. old, id) end
-  if INDEXED[new] then redis.call('ZADD', P .. 'state:' .. new, id, id) end
+  if old and indexed(old) then redis.call('ZREM', P .. 'state:' .. old, id) end
+  if indexed(new) then redis.call('ZADD', P .. 'state:' .. new, id, id) end
 end
 
 local function set_state(id, new)
@@ -86,20 +86,15 @@ local function add_error(id, attempt, kind, exit_code, signal, message, tail, at
   redis.call('LTRIM', P .. 'errors', 0, 9999)
 end
 
--- Fields of a job's hash in one HMGET, by name: `job_fields(id, CLAIM_FIELDS)`.
--- A fresh delivery needs only what a lease is built from; a reclaim also
--- reads who held it and until when.
-local CLAIM_FIELDS = {'state', 'entry', 'attempt', 'spec', 'created', 'cancel', 'commit', 'output_tail', 'result'}
-local RECLAIM_FIELDS = {'state', 'entry', 'attempt', 'spec', 'created', 'cancel', 'commit', 'output_tail', 'result',
-                        'expires', 'consumer', 'attempt_limit', 'worker'}
-local function job_fields(id, fields)
-  local v = redis.call('HMGET', jkey(id), unpack(fields))
-  local r = {}
-  for i, f in ipairs(fields) do r[f] = v[i] end
-  return r
+-- What a lease is built from, in one HMGET: {state, entry, attempt, spec,
+-- created, cancel, commit, output_tail, result}. (Positions, not names: a
+-- table built per call is garbage the server's Lua must collect.)
+local function claim_fields(id)
+  return redis.call('HMGET', jkey(id), 'state', 'entry', 'attempt', 'spec', 'created', 'cancel', 'commit',
+                    'output_tail', 'result')
 end
 
--- Start a lease on job `id` (`r` from `job_fields`): attempt + 1, a token,
+-- Start a lease on job `id` (`r` from `claim_fields`): attempt + 1, a token,
 -- an expiry, who holds it. `now` is `now_ms()`. Returns what the client
 -- builds the lease from: {id, spec, created, cancel, commit, output_tail,
 -- result, attempt, started, expires, errors}; only a later attempt can have
@@ -107,7 +102,7 @@ end
 local function start_lease(id, r, consumer, worker, token, lease_ms, now)
   local h = jkey(id)
   local expires = string.format('%d', tonumber(now) + tonumber(lease_ms))
-  local attempt = string.format('%d', tonumber(r.attempt) + 1)
+  local attempt = string.format('%d', tonumber(r[3]) + 1)
   redis.call('HSET', h, 'state', 'running', 'attempt', attempt, 'token', token, 'expires', expires,
              'consumer', consumer, 'worker', worker, 'started', now)
   local errors = {}
@@ -115,7 +110,7 @@ local function start_lease(id, r, consumer, worker, token, lease_ms, now)
     redis.call('HDEL', h, 'finished', 'exit_code', 'signal', 'gpu_ids')
     errors = redis.call('LRANGE', P .. 'errors:' .. id, 0, -1)
   end
-  return {id, r.spec, r.created, r.cancel, r.commit, r.output_tail, r.result, attempt, now, expires, errors}
+  return {id, r[4], r[5], r[6], r[7], r[8], r[9], attempt, now, expires, errors}
 end
 
 -- Leases the job of a freshly delivered stream entry. A stale entry (its job
@@ -123,12 +118,12 @@ end
 -- deleted if replaced, and false is returned.
 local function claim_entry(queue, entry, id, consumer, worker, token, lease_ms)
   local r = {}
-  if id then r = job_fields(id, CLAIM_FIELDS) end
-  if r.state == 'queued' and r.entry == entry then
+  if id then r = claim_fields(id) end
+  if r[1] == 'queued' and r[2] == entry then
     return start_lease(id, r, consumer, worker, token, lease_ms, now_ms())
   end
   local s = skey(queue)
   redis.call('XACK', s, GROUP, entry)
-  if r.entry ~= entry then redis.call('XDEL', s, entry) end
+  if r[2] ~= entry then redis.call('XDEL', s, entry) end
   return false
 end

@@ -8,24 +8,25 @@ local id = nil
 for i = 1, #fields, 2 do if fields[i] == 'job' then id = fields[i + 1] end end
 if not id then redis.call('XACK', s, GROUP, entry); return false end
 local h = jkey(id)
-local r = job_fields(id, RECLAIM_FIELDS)
-if r.state ~= 'running' or r.entry ~= entry then
+local r = claim_fields(id)
+if r[1] ~= 'running' or r[2] ~= entry then
   redis.call('XACK', s, GROUP, entry)
   return false
 end
+local held_by = redis.call('HMGET', h, 'expires', 'consumer', 'attempt_limit', 'worker')
 local now = now_ms()
-if tonumber(r.expires) >= tonumber(now) then
+if tonumber(held_by[1]) >= tonumber(now) then
   -- Not expired (its holder has a longer lease): give the entry back.
-  redis.call('XCLAIM', s, GROUP, r.consumer, 0, entry, 'JUSTID')
+  redis.call('XCLAIM', s, GROUP, held_by[2], 0, entry, 'JUSTID')
   return false
 end
-add_error(id, r.attempt, 'lease_lost', '', '', 'lease expired: worker ' .. (r.worker or 'unknown') .. ' stopped heartbeating', '', now)
+add_error(id, r[3], 'lease_lost', '', '', 'lease expired: worker ' .. (held_by[4] or 'unknown') .. ' stopped heartbeating', '', now)
 redis.call('HSET', h, 'token', '')
-if r.cancel == '1' then
+if r[6] == '1' then
   set_state(id, 'cancelled'); redis.call('HSET', h, 'finished', now); drop_entry(id)
   return false
 end
-if tonumber(r.attempt) >= tonumber(r.attempt_limit) then
+if tonumber(r[3]) >= tonumber(held_by[3]) then
   set_state(id, 'failed'); redis.call('HSET', h, 'finished', now); drop_entry(id)
   return false
 end
