@@ -5,7 +5,11 @@ if idem ~= '' then
   if existing then return existing end
 end
 local id = string.format('%d', redis.call('INCR', P .. 'seq'))
-local entry = redis.call('XADD', skey(queue), '*', 'job', id)
+-- The entry carries the spec, so a reserve reads it with the entry; it also
+-- makes entries big enough that a stream node holds tens, not a hundred,
+-- and `XREADGROUP`'s walk from the node's start to the last delivered entry
+-- stays short (see BENCHMARKS.md).
+local entry = redis.call('XADD', skey(queue), '*', 'job', id, 'spec', spec)
 redis.call('HSET', jkey(id), 'spec', spec, 'queue', queue, 'priority', priority, 'gpus', gpus, 'attempt', '0',
            'max_attempts', max_attempts, 'attempt_limit', max_attempts, 'cancel', '0', 'created', now_ms(),
            'entry', entry, 'state', 'queued')

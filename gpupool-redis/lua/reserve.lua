@@ -8,9 +8,9 @@ local s = skey(queue)
 for _ = 1, 100 do
   local got = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', 1, 'STREAMS', s, '>')
   if not got then return false end
-  -- {{stream, {{entry, {'job', id}}}}}: gpupool's entries have one field.
+  -- {{stream, {{entry, fields}}}}
   local e = got[1][2][1]
-  local lease = claim_entry(queue, e[1], e[2][2], consumer, worker, token, lease_ms)
+  local lease = claim_entry(queue, e[1], e[2], consumer, worker, token, lease_ms)
   if lease then return lease end
 end
 return false

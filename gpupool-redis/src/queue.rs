@@ -33,9 +33,17 @@ type Entries = Vec<(String, HashMap<String, String>)>;
 /// expired leases between reads.
 const BLOCK_SLICE: Duration = Duration::from_secs(1);
 
+/// A script: `prelude.lua`, the helper files it names, then its own body.
+/// Every helper is a closure Redis makes again on each call, so the hot
+/// scripts (push, reserve, complete) carry only the helpers they use.
 macro_rules! script {
-    ($file:literal) => {
-        Script::new(concat!(include_str!("../lua/prelude.lua"), "\n", include_str!(concat!("../lua/", $file))))
+    ($file:literal $(, $part:literal)*) => {
+        Script::new(concat!(
+            include_str!("../lua/prelude.lua"),
+            "\n",
+            $(include_str!(concat!("../lua/", $part, ".lua")), "\n",)*
+            include_str!(concat!("../lua/", $file))
+        ))
     };
 }
 
@@ -65,23 +73,23 @@ impl Scripts {
     fn new() -> Self {
         Scripts {
             push: script!("push.lua"),
-            reserve: script!("reserve.lua"),
-            claim: script!("claim.lua"),
-            reclaim: script!("reclaim.lua"),
-            undeliver: script!("undeliver.lua"),
-            heartbeat: script!("heartbeat.lua"),
-            started: script!("started.lua"),
+            reserve: script!("reserve.lua", "lease"),
+            claim: script!("claim.lua", "lease"),
+            reclaim: script!("reclaim.lua", "jobs", "lease"),
+            undeliver: script!("undeliver.lua", "jobs"),
+            heartbeat: script!("heartbeat.lua", "jobs"),
+            started: script!("started.lua", "jobs"),
             finish: script!("finish.lua"),
-            fail: script!("fail.lua"),
-            release: script!("release.lua"),
-            cancel: script!("cancel.lua"),
-            retry: script!("retry.lua"),
-            list: script!("list.lua"),
+            fail: script!("fail.lua", "jobs"),
+            release: script!("release.lua", "jobs"),
+            cancel: script!("cancel.lua", "jobs"),
+            retry: script!("retry.lua", "jobs"),
+            list: script!("list.lua", "jobs"),
             worker: script!("worker.lua"),
             workers: script!("workers.lua"),
-            park: script!("park.lua"),
-            unpark: script!("unpark.lua"),
-            trim: script!("trim.lua"),
+            park: script!("park.lua", "jobs"),
+            unpark: script!("unpark.lua", "jobs"),
+            trim: script!("trim.lua", "jobs"),
         }
     }
 }

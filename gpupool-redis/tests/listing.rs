@@ -85,3 +85,25 @@ async fn queued_running_and_succeeded_are_listed_without_indexes() {
     assert_eq!(queued(0, 10).await, [&b[1], &big].map(Clone::clone));
     common::cleanup(&q).await;
 }
+
+/// Entries written before gpupool put the spec in them (`job` = id only)
+/// are leased with the spec from the job's hash.
+#[tokio::test]
+async fn an_entry_without_its_spec_is_leased_from_the_hash() {
+    let Some(q) = common::queue("oldentry").await else { return };
+    let id = q.push(job("default", 7)).await.unwrap();
+    let p = &q.options().prefix;
+    let (stream, hash) = (format!("{p}stream:default"), format!("{p}job:{id}"));
+    let mut c = q.connection();
+    // Replace the entry with one in the old form.
+    let entry: String = redis::cmd("HGET").arg(&hash).arg("entry").query_async(&mut c).await.unwrap();
+    let _: i64 = redis::cmd("XDEL").arg(&stream).arg(&entry).query_async(&mut c).await.unwrap();
+    let old: String =
+        redis::cmd("XADD").arg(&stream).arg("*").arg("job").arg(id.as_str()).query_async(&mut c).await.unwrap();
+    let _: i64 = redis::cmd("HSET").arg(&hash).arg("entry").arg(&old).query_async(&mut c).await.unwrap();
+    let lease = q.reserve(&ReserveRequest::new("default")).await.unwrap().expect("the job is leased");
+    assert_eq!(lease.id(), &id);
+    assert_eq!(lease.job.spec.args, job("default", 7).args);
+    q.complete(&lease, Completion::default()).await.unwrap();
+    common::cleanup(&q).await;
+}

@@ -1,0 +1,53 @@
+-- Helpers for the scripts that lease a job (reserve, claim, reclaim).
+
+-- What a lease is built from, in one HMGET: {state, entry, attempt, spec,
+-- created, cancel, commit, output_tail, result}. (Positions, not names: a
+-- table built per call is garbage the server's Lua must collect.)
+local function claim_fields(id)
+  return redis.call('HMGET', jkey(id), 'state', 'entry', 'attempt', 'spec', 'created', 'cancel', 'commit',
+                    'output_tail', 'result')
+end
+
+-- Start a lease on job `id` (`r` from `claim_fields`): attempt + 1, a token,
+-- an expiry, who holds it. `now` is `now_ms()`. Returns what the client
+-- builds the lease from: {id, spec, created, cancel, commit, output_tail,
+-- result, attempt, started, expires, errors}; only a later attempt can have
+-- errors or old outcome fields, so a first attempt skips those.
+local function start_lease(id, r, consumer, worker, token, lease_ms, now)
+  local h = jkey(id)
+  local expires = string.format('%d', tonumber(now) + tonumber(lease_ms))
+  local attempt = string.format('%d', tonumber(r[3]) + 1)
+  redis.call('HSET', h, 'state', 'running', 'attempt', attempt, 'token', token, 'expires', expires,
+             'consumer', consumer, 'worker', worker, 'started', now)
+  local errors = {}
+  if attempt ~= '1' then
+    redis.call('HDEL', h, 'finished', 'exit_code', 'signal', 'gpu_ids')
+    errors = redis.call('LRANGE', P .. 'errors:' .. id, 0, -1)
+  end
+  return {id, r[4], r[5], r[6], r[7], r[8], r[9], attempt, now, expires, errors}
+end
+
+-- Leases the job of a freshly delivered stream entry, whose fields are
+-- `fields` ({'job', id, 'spec', spec}; an entry from before gpupool put the
+-- spec there has only the id). A stale entry (its job was cancelled, or
+-- the entry was replaced by a newer one) is acknowledged, deleted if
+-- replaced, and false is returned.
+local function claim_entry(queue, entry, fields, consumer, worker, token, lease_ms)
+  local id, spec = fields[2], fields[4]
+  if fields[1] ~= 'job' then id = nil end
+  local r = {}
+  if id and spec then
+    r = redis.call('HMGET', jkey(id), 'state', 'entry', 'attempt', 'created', 'created', 'cancel', 'commit',
+                   'output_tail', 'result')
+    r[4] = spec
+  elseif id then
+    r = claim_fields(id)
+  end
+  if r[1] == 'queued' and r[2] == entry then
+    return start_lease(id, r, consumer, worker, token, lease_ms, now_ms())
+  end
+  local s = skey(queue)
+  redis.call('XACK', s, GROUP, entry)
+  if r[2] ~= entry then redis.call('XDEL', s, entry) end
+  return false
+end
