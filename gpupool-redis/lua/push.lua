@@ -1,5 +1,6 @@
--- ARGV: prefix, spec, queue, priority, gpus ('' = null), max_attempts, idempotency key ('' = none)
-local spec, queue, priority, gpus, max_attempts, idem = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+-- ARGV: prefix, spec, queue, max_attempts, idempotency key ('' = none).
+-- Priority and GPUs are read from the spec; the hash keeps what scripts use.
+local spec, queue, max_attempts, idem = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 if idem ~= '' then
   local existing = redis.call('GET', P .. 'idem:' .. idem)
   if existing then return existing end
@@ -10,7 +11,7 @@ local id = string.format('%d', redis.call('INCR', P .. 'seq'))
 -- and `XREADGROUP`'s walk from the node's start to the last delivered entry
 -- stays short (see BENCHMARKS.md).
 local entry = redis.call('XADD', skey(queue), '*', 'job', id, 'spec', spec)
-redis.call('HSET', jkey(id), 'spec', spec, 'queue', queue, 'priority', priority, 'gpus', gpus, 'attempt', '0',
+redis.call('HSET', jkey(id), 'spec', spec, 'queue', queue, 'attempt', '0',
            'max_attempts', max_attempts, 'attempt_limit', max_attempts, 'cancel', '0', 'created', now_ms(),
            'entry', entry, 'state', 'queued')
 -- No index of all jobs (ids are dense, from `seq`, and jobs are never

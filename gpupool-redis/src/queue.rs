@@ -527,8 +527,6 @@ impl Queue for RedisQueue {
                 &[
                     spec.to_json()?,
                     spec.queue.clone(),
-                    spec.priority.to_string(),
-                    spec.gpus.map(|g| g.to_string()).unwrap_or_default(),
                     spec.max_attempts.to_string(),
                     spec.idempotency_key.clone().unwrap_or_default(),
                 ],
