@@ -37,9 +37,14 @@ local function claim_entry(queue, entry, fields, consumer, worker, token, lease_
   if fields[1] ~= 'job' then id = nil end
   local r = {}
   if id and spec then
-    r = redis.call('HMGET', jkey(id), 'state', 'entry', 'attempt', 'created', 'created', 'cancel', 'commit',
-                   'output_tail', 'result')
-    r[4] = spec
+    local v = redis.call('HMGET', jkey(id), 'state', 'entry', 'attempt', 'created', 'cancel')
+    if v[3] == '0' then
+      -- A first attempt has no commit, output or result yet (false, as
+      -- HMGET gives a missing field: a nil would end the reply early).
+      r = {v[1], v[2], v[3], spec, v[4], v[5], false, false, false}
+    else
+      r = claim_fields(id)
+    end
   elseif id then
     r = claim_fields(id)
   end
