@@ -52,8 +52,15 @@ local queues = {queue}
 if queue == '' then queues = redis.call('SMEMBERS', P .. 'queues') end
 local all = function(_) return true end
 
-if state == '' then
-  walk(queue ~= '' and (P .. 'queue:' .. queue) or nil, all)
+if state == '' and queue == '' then
+  -- Every id from `seq` down, the first `offset` skipped at once.
+  local id = (tonumber(redis.call('GET', P .. 'seq')) or 0) - offset
+  while #out < limit and id >= 1 do
+    out[#out + 1] = string.format('%d', id)
+    id = id - 1
+  end
+elseif state == '' then
+  walk(P .. 'queue:' .. queue, all)
 elseif indexed(state) then
   walk(P .. 'state:' .. state, function(id)
     return queue == '' or redis.call('HGET', jkey(id), 'queue') == queue
