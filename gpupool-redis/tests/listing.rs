@@ -38,6 +38,10 @@ async fn queued_running_and_succeeded_are_listed_without_indexes() {
     assert_eq!(queued(4, 2).await, [a[0].clone()]);
     assert!(queued(5, 2).await.is_empty());
     assert_eq!(ids(&q, Some(JobState::Queued), Some("b"), 0, 10).await, [b[1].clone(), b[0].clone()]);
+    // No filter: every id, newest first, counted down from the sequence.
+    assert_eq!(ids(&q, None, None, 1, 2).await, [b[1].clone(), a[1].clone()]);
+    assert_eq!(ids(&q, None, None, 4, 2).await, [a[0].clone()]);
+    assert_eq!(ids(&q, None, Some("b"), 1, 5).await, [b[0].clone()]);
 
     // a0 and a1 run; a0 succeeds.
     let req = ReserveRequest::new("a");
