@@ -17,7 +17,7 @@
 //!
 //! | key | type | what |
 //! | --- | --- | --- |
-//! | `stream:QUEUE` | stream, group `gpupool` | one entry (`job` = id) per queued job |
+//! | `stream:QUEUE` | stream, group `gpupool` | one entry (`job` = id, `spec` = the JSON spec) per queued job |
 //! | `job:ID` | hash | the job: `spec` (JSON), `state`, `attempt`, `token`, `expires`, `entry`, … |
 //! | `seq` | string | the id sequence (`INCR`); ids are dense and jobs are never deleted, so listing all jobs counts down from it |
 //! | `queue:QUEUE`, `state:failed`, `state:cancelled` | sorted sets | ids, for listing newest first |
@@ -32,9 +32,12 @@
 //! reserve and complete touch none: `jobs --state queued` reads the
 //! streams' unread entries (last in line first, then parked jobs), `--state
 //! running` the group's pending entries, and `--state succeeded` counts the
-//! ids down, keeping succeeded ones. Keeping those indexes cost about a
-//! fifth of the server's time per job (see BENCHMARKS.md); the two states
-//! that must be found among many, `failed` and `cancelled`, keep theirs.
+//! ids down, keeping succeeded ones (behind 100,000 newer queued jobs that
+//! walk costs a page ~150 ms of server time). Those indexes cost four
+//! sorted-set writes per job: ~7 % of the server's instructions per job
+//! with a short backlog, and ~30 % of a reserve's time with 100,000 jobs
+//! queued (see BENCHMARKS.md). The two states that must be found among
+//! many, `failed` and `cancelled`, keep theirs.
 //! Keys `state:queued`, `state:running` and `state:succeeded` left by an
 //! older gpupool are no longer read and can be deleted.
 //!
