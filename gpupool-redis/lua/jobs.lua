@@ -26,6 +26,12 @@ local function drop_entry(id)
   redis.call('HSET', h, 'entry', '')
 end
 
+-- The job id in a stream entry's fields ({'job', id, ...}), or nil.
+local function job_of(fields)
+  for i = 1, #fields, 2 do if fields[i] == 'job' then return fields[i + 1] end end
+  return nil
+end
+
 -- The id of the last entry the group was handed on stream `s`, or nil.
 local function last_delivered(s)
   local groups = redis.pcall('XINFO', 'GROUPS', s)

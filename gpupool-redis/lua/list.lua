@@ -24,7 +24,8 @@ end
 -- Ids newest first, from `seq` down or from a sorted-set index, with a filter.
 local function walk(index, keep)
   if index == nil then
-    local id = tonumber(redis.call('GET', P .. 'seq')) or 0
+    -- Ids skipped already (`skipped`) need not be looked at.
+    local id = (tonumber(redis.call('GET', P .. 'seq')) or 0) - skipped
     while id >= 1 do
       local s = string.format('%d', id)
       if keep(s) and take(s) then return end
@@ -43,22 +44,14 @@ local function walk(index, keep)
   end
 end
 
-local function job_of(fields)
-  for i = 1, #fields, 2 do if fields[i] == 'job' then return fields[i + 1] end end
-  return nil
-end
-
 local queues = {queue}
 if queue == '' then queues = redis.call('SMEMBERS', P .. 'queues') end
 local all = function(_) return true end
 
 if state == '' and queue == '' then
-  -- Every id from `seq` down, the first `offset` skipped at once.
-  local id = (tonumber(redis.call('GET', P .. 'seq')) or 0) - offset
-  while #out < limit and id >= 1 do
-    out[#out + 1] = string.format('%d', id)
-    id = id - 1
-  end
+  -- Every id is kept, so the first `offset` are skipped at once.
+  skipped = offset
+  walk(nil, all)
 elseif state == '' then
   walk(P .. 'queue:' .. queue, all)
 elseif indexed(state) then
@@ -92,20 +85,18 @@ elseif state == 'queued' then
     local s = skey(q)
     -- No group yet (no worker has read the queue): every entry is unread.
     local last = last_delivered(s) or '0-0'
-    do
-      local line = {}
-      local high = '+'
-      while #line < want do
-        local got = redis.call('XREVRANGE', s, high, '(' .. last, 'COUNT', want)
-        if #got == 0 then break end
-        for _, e in ipairs(got) do
-          local id = job_of(e[2])
-          if id and state_is(id, 'queued', e[1]) then line[#line + 1] = {e[1], id} end
-        end
-        high = '(' .. got[#got][1]
+    local line = {}
+    local high = '+'
+    while #line < want do
+      local got = redis.call('XREVRANGE', s, high, '(' .. last, 'COUNT', want)
+      if #got == 0 then break end
+      for _, e in ipairs(got) do
+        local id = job_of(e[2])
+        if id and state_is(id, 'queued', e[1]) then line[#line + 1] = {e[1], id} end
       end
-      lines[#lines + 1] = line
+      high = '(' .. got[#got][1]
     end
+    lines[#lines + 1] = line
   end
   -- Which of two heads of line went into line last: by the time in their
   -- entry ids (each stream numbers its own entries within a millisecond),

@@ -3,9 +3,7 @@ local queue, entry, consumer, worker, token, lease_ms = ARGV[2], ARGV[3], ARGV[4
 local s = skey(queue)
 local found = redis.call('XRANGE', s, entry, entry)
 if #found == 0 then redis.call('XACK', s, GROUP, entry); return false end
-local fields = found[1][2]
-local id = nil
-for i = 1, #fields, 2 do if fields[i] == 'job' then id = fields[i + 1] end end
+local id = job_of(found[1][2])
 if not id then redis.call('XACK', s, GROUP, entry); return false end
 local h = jkey(id)
 local r = claim_fields(id)
