@@ -3,28 +3,62 @@
 //!
 //! The stream gives every event one place in one order, so every process
 //! that replays it reaches the same state and the same verdict on each
-//! event: which of two `Leased` events for a job won, whether a
-//! `Completed` came from the current holder, which `Reclaim` of an expired
-//! lease took effect. A publisher learns its event's verdict when its own
-//! consumer applies it ([`Outcome`]). Nothing here talks to the broker.
+//! event: which job a [`Event::Want`] is handed, whether a `Completed` came
+//! from the current holder, which `Reclaim` of an expired lease took
+//! effect. A publisher learns its event's verdict when its own consumer
+//! applies it ([`Outcome`]). Nothing here talks to the broker.
+//!
+//! **Handing out jobs.** A worker that wants a job publishes a `Want`
+//! naming its queues, the GPUs it can give and a fresh lease token. If a
+//! queued job fits, the fold leases the best one to it on the spot (queue
+//! order, then priority, then the oldest). Otherwise, if the want may wait,
+//! it is kept, oldest first, until its time is up (measured by the clocks
+//! in the events, so every process expires it at the same event); every
+//! job that becomes queued meanwhile goes to the oldest kept want it fits.
+//! So the fold never leaves a fitting job queued while a want waits, two
+//! workers never contend for one job, and a push reaches an idle worker in
+//! the one event that queues it.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use gpupool_core::{AttemptError, FailureKind, JobId, JobRecord, JobSpec, JobState, Timestamp};
 use serde::{Deserialize, Serialize};
 
 /// One change, as stored in the ledger stream (JSON).
+///
+/// The `dispatch` fields belong to the earlier design, in which each
+/// dispatch of a job was a message in a work queue; they are read so that
+/// a ledger written then replays the same, and no longer written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub(crate) enum Event {
     Pushed {
         spec: Box<JobSpec>,
-        dispatch: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dispatch: Option<String>,
     },
-    /// `id` is absent when the work message named only its dispatch (a
-    /// fresh push's, sent before the pusher had read its id back); the
-    /// fold finds the job by that dispatch.
+    /// A worker asks for a job; see the module docs.
+    Want {
+        /// The lease token the job will be held by.
+        token: String,
+        /// The handle that published it ([`State::owner`]).
+        owner: String,
+        worker: String,
+        queues: Vec<String>,
+        /// The most GPUs a job may need ([`gpupool_core::ReserveRequest::gpu_limit`]).
+        gpu_limit: u32,
+        gpu_host: bool,
+        lease_ms: u64,
+        /// How long the want may wait for a job; 0: only a job queued now.
+        wait_ms: u64,
+    },
+    /// A waiting want is no longer wanted.
+    Withdraw {
+        token: String,
+    },
+    /// Earlier design: a worker took a work message for `dispatch`.
     Leased {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<String>,
@@ -58,7 +92,8 @@ pub(crate) enum Event {
         signal: Option<i32>,
         message: String,
         output_tail: String,
-        dispatch: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dispatch: Option<String>,
     },
     Cancelled {
         id: String,
@@ -68,19 +103,22 @@ pub(crate) enum Event {
     Released {
         id: String,
         token: String,
-        dispatch: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dispatch: Option<String>,
     },
     Cancel {
         id: String,
     },
     Retry {
         id: String,
-        dispatch: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dispatch: Option<String>,
     },
     Reclaim {
         id: String,
         token: String,
-        dispatch: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dispatch: Option<String>,
     },
     Worker {
         info: Box<gpupool_core::WorkerInfo>,
@@ -93,9 +131,13 @@ pub(crate) enum Event {
         token: String,
         gpus: u32,
     },
+    /// Earlier design: a parked job's work message was sent again. A parked
+    /// job is queued now (only big enough wants take it), so this does
+    /// nothing.
     Unpark {
         id: String,
-        dispatch: String,
+        #[serde(default)]
+        dispatch: Option<String>,
     },
     Sync,
 }
@@ -104,7 +146,8 @@ pub(crate) enum Event {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Envelope {
     pub(crate) nonce: String,
-    /// Milliseconds since the epoch, the publisher's clock (for display).
+    /// Milliseconds since the epoch, the publisher's clock (for display,
+    /// lease ages and wants' deadlines).
     pub(crate) at: i64,
     #[serde(flatten)]
     pub(crate) event: Event,
@@ -119,16 +162,19 @@ pub(crate) enum Outcome {
     Existing(String),
     /// Applied.
     Ok,
-    /// A lease won: the job's id.
+    /// A want (or a withdrawn want, before it was withdrawn) was handed
+    /// this job.
     Leased(String),
+    /// A want is kept until a job comes or its time is up.
+    Waiting,
     /// Heartbeat applied; whether a cancel was asked for.
     Beat { cancel: bool },
-    /// The job went back to the queue: publish a work message with this
-    /// dispatch nonce.
-    Requeued(String),
+    /// The job went back to the queue.
+    Requeued,
     /// A failure ended the job.
     Failed,
-    /// Not applied: the lease is not held, or a dispatch is stale.
+    /// Not applied: the lease is not held, a dispatch is stale, or no job
+    /// fits a want that may not wait.
     Rejected,
     /// Cancel: queued job cancelled.
     Cancelled,
@@ -144,10 +190,11 @@ pub(crate) enum Outcome {
 pub(crate) struct Job {
     pub(crate) record: JobRecord,
     pub(crate) token: Option<String>,
-    pub(crate) dispatch: Option<String>,
+    /// Earlier design: the current dispatch nonce while queued.
+    dispatch: Option<String>,
     pub(crate) attempt_limit: u32,
-    /// Parked until a worker with this many GPUs reserves.
-    pub(crate) parked: Option<u32>,
+    /// Parked: only a want offering at least this many GPUs takes it.
+    parked: Option<u32>,
     /// When this process last saw the lease renewed, and for how long.
     pub(crate) renewed: Option<(Instant, Duration)>,
 }
@@ -171,6 +218,33 @@ impl Job {
             self.record.finished_at = Some(Timestamp(at));
         }
     }
+
+    /// Whether a want offering `limit` GPUs (on a GPU host or not) may take it.
+    fn fits(&self, limit: u32, gpu_host: bool) -> bool {
+        self.record.spec.gpus_needed(gpu_host).max(self.parked.unwrap_or(0)) <= limit
+    }
+}
+
+/// A want kept until a job comes for it.
+#[derive(Debug, Clone)]
+struct Waiting {
+    token: String,
+    owner: String,
+    worker: String,
+    queues: Vec<String>,
+    gpu_limit: u32,
+    gpu_host: bool,
+    lease_ms: u64,
+    /// Event time (ms) after which it is gone.
+    until: i64,
+}
+
+/// Where a queued job stands in its queue: highest priority, then oldest.
+type Rank = (Reverse<i32>, u64, String);
+
+fn rank(job: &Job) -> Rank {
+    let id = job.record.id.as_str();
+    (Reverse(job.record.spec.priority), id.parse().unwrap_or(u64::MAX), id.to_owned())
 }
 
 /// The fold of the ledger.
@@ -182,17 +256,30 @@ pub(crate) struct State {
     idempotency: HashMap<String, String>,
     /// Every failed attempt, oldest first.
     pub(crate) errors: Vec<AttemptError>,
-    /// Jobs by the dispatch nonce of their push, while that dispatch is
-    /// current (a push's work message may name only it).
+    /// Earlier design: jobs by the dispatch nonce of their push.
     pushed: HashMap<String, String>,
     /// Registered workers, `seen_at` from the event's clock.
     pub(crate) workers: std::collections::BTreeMap<String, gpupool_core::WorkerInfo>,
     /// Verdicts by nonce, so that a publisher that sent an event twice (it
     /// lost its connection before seeing the first) gets the first verdict.
     seen: HashMap<String, Outcome>,
+    /// Queued jobs by queue, best first.
+    queued: HashMap<String, BTreeSet<Rank>>,
+    /// Wants waiting for a job, oldest first.
+    waiting: VecDeque<Waiting>,
+    /// The handle this fold belongs to: jobs handed to its waiting wants
+    /// are noted in `handed`.
+    owner: String,
+    /// Jobs handed to this handle's waiting wants, by lease token.
+    pub(crate) handed: HashMap<String, String>,
 }
 
 impl State {
+    /// An empty fold for the handle `owner`.
+    pub(crate) fn new(owner: &str) -> Self {
+        State { owner: owner.to_owned(), ..State::default() }
+    }
+
     /// Applies one event found at `offset` in the stream.
     ///
     /// `now` is this process's clock; `wall_ms` its wall clock. A lease
@@ -210,6 +297,89 @@ impl State {
         outcome
     }
 
+    /// Whether any queued job or waiting want is left (tests).
+    #[cfg(test)]
+    fn queued_len(&self) -> usize {
+        self.queued.values().map(BTreeSet::len).sum()
+    }
+
+    /// The job is queued now: it goes to the oldest waiting want it fits,
+    /// or into its queue.
+    fn enqueue(&mut self, id: &str, at: i64, now: Instant) {
+        let Some(job) = self.jobs.get(id) else { return };
+        self.waiting.retain(|w| w.until >= at);
+        let taker = self
+            .waiting
+            .iter()
+            .position(|w| w.queues.contains(&job.record.spec.queue) && job.fits(w.gpu_limit, w.gpu_host));
+        if let Some(w) = taker.and_then(|i| self.waiting.remove(i)) {
+            self.lease_to(id, w.token.clone(), w.worker, w.lease_ms, at, now);
+            if w.owner == self.owner {
+                self.handed.insert(w.token, id.to_owned());
+            }
+            return;
+        }
+        let r = rank(job);
+        self.queued.entry(job.record.spec.queue.clone()).or_default().insert(r);
+    }
+
+    /// The job leaves its queue (leased or cancelled).
+    fn dequeue(&mut self, id: &str) {
+        let Some(job) = self.jobs.get(id) else { return };
+        let r = rank(job);
+        if let Some(set) = self.queued.get_mut(&job.record.spec.queue) {
+            set.remove(&r);
+        }
+    }
+
+    /// The best queued job for a want: the first of its queues that has
+    /// one that fits, then priority, then the oldest.
+    fn pick(&self, queues: &[String], gpu_limit: u32, gpu_host: bool) -> Option<String> {
+        queues
+            .iter()
+            .find_map(|q| {
+                self.queued
+                    .get(q)?
+                    .iter()
+                    .map(|(_, _, id)| id)
+                    .find(|id| self.jobs.get(id.as_str()).is_some_and(|j| j.fits(gpu_limit, gpu_host)))
+            })
+            .cloned()
+    }
+
+    /// Leases a queued job.
+    fn lease_to(&mut self, id: &str, token: String, worker: String, lease_ms: u64, at: i64, now: Instant) {
+        self.dequeue(id);
+        let Some(job) = self.jobs.get_mut(id) else { return };
+        if let Some(d) = job.dispatch.take() {
+            self.pushed.remove(&d);
+        }
+        let r = &mut job.record;
+        r.state = JobState::Running;
+        r.attempt += 1;
+        r.worker = Some(worker);
+        r.started_at = Some(Timestamp(at));
+        r.finished_at = None;
+        r.exit_code = None;
+        r.signal = None;
+        r.gpu_ids = None;
+        job.token = Some(token);
+        job.parked = None;
+        job.renewed = Some((now, Duration::from_millis(lease_ms)));
+    }
+
+    /// Back to the queue (a requeue of the earlier design names its dispatch).
+    fn requeue(&mut self, id: &str, dispatch: Option<String>, at: i64, now: Instant) -> Outcome {
+        if let Some(job) = self.jobs.get_mut(id) {
+            if let Some(d) = &dispatch {
+                self.pushed.insert(d.clone(), id.to_owned());
+            }
+            job.dispatch = dispatch;
+        }
+        self.enqueue(id, at, now);
+        Outcome::Requeued
+    }
+
     fn apply_new(&mut self, offset: i64, event: Event, at: i64, now: Instant) -> Outcome {
         match event {
             Event::Pushed { spec, dispatch } => {
@@ -223,33 +393,43 @@ impl State {
                 }
                 let attempt_limit = spec.max_attempts;
                 let record = JobRecord::new(JobId::new(id.clone()), *spec, Timestamp(at));
-                self.pushed.insert(dispatch.clone(), id.clone());
                 self.jobs.insert(
                     id.clone(),
-                    Job { record, token: None, dispatch: Some(dispatch), attempt_limit, parked: None, renewed: None },
+                    Job { record, token: None, dispatch: None, attempt_limit, parked: None, renewed: None },
                 );
                 self.order.push(id.clone());
+                self.requeue(&id, dispatch, at, now);
                 Outcome::Pushed(id)
+            }
+            Event::Want { token, owner, worker, queues, gpu_limit, gpu_host, lease_ms, wait_ms } => {
+                if let Some(id) = self.pick(&queues, gpu_limit, gpu_host) {
+                    self.lease_to(&id, token, worker, lease_ms, at, now);
+                    return Outcome::Leased(id);
+                }
+                if wait_ms == 0 {
+                    return Outcome::Rejected;
+                }
+                let until = at.saturating_add(i64::try_from(wait_ms).unwrap_or(i64::MAX));
+                self.waiting.push_back(Waiting { token, owner, worker, queues, gpu_limit, gpu_host, lease_ms, until });
+                Outcome::Waiting
+            }
+            Event::Withdraw { token } => {
+                if let Some(i) = self.waiting.iter().position(|w| w.token == token) {
+                    self.waiting.remove(i);
+                    return Outcome::Ok;
+                }
+                match self.jobs.values().find(|j| j.held(&token)) {
+                    Some(job) => Outcome::Leased(job.record.id.to_string()),
+                    None => Outcome::Ok,
+                }
             }
             Event::Leased { id, dispatch, token, worker, lease_ms } => {
                 let Some(id) = id.or_else(|| self.pushed.get(&dispatch).cloned()) else { return Outcome::Rejected };
-                let Some(job) = self.jobs.get_mut(&id) else { return Outcome::Rejected };
+                let Some(job) = self.jobs.get(&id) else { return Outcome::Rejected };
                 if job.record.state != JobState::Queued || job.dispatch.as_deref() != Some(dispatch.as_str()) {
                     return Outcome::Rejected;
                 }
-                self.pushed.remove(&dispatch);
-                let r = &mut job.record;
-                r.state = JobState::Running;
-                r.attempt += 1;
-                r.worker = Some(worker);
-                r.started_at = Some(Timestamp(at));
-                r.finished_at = None;
-                r.exit_code = None;
-                r.signal = None;
-                r.gpu_ids = None;
-                job.token = Some(token);
-                job.dispatch = None;
-                job.renewed = Some((now, Duration::from_millis(lease_ms)));
+                self.lease_to(&id, token, worker, lease_ms, at, now);
                 Outcome::Leased(id)
             }
             Event::Heartbeat { id, token, lease_ms } => match self.jobs.get_mut(&id) {
@@ -299,8 +479,7 @@ impl State {
                 job.record.output_tail = Some(failure.output_tail);
                 if requeue {
                     job.end(JobState::Queued, at);
-                    job.dispatch = Some(dispatch.clone());
-                    Outcome::Requeued(dispatch)
+                    self.requeue(&id, dispatch, at, now)
                 } else {
                     job.end(JobState::Failed, at);
                     Outcome::Failed
@@ -318,15 +497,16 @@ impl State {
                 Some(job) if job.held(&token) => {
                     job.end(JobState::Queued, at);
                     job.record.attempt = job.record.attempt.saturating_sub(1);
-                    job.dispatch = Some(dispatch.clone());
-                    Outcome::Requeued(dispatch)
+                    self.requeue(&id, dispatch, at, now)
                 }
                 _ => Outcome::Rejected,
             },
-            Event::Cancel { id } => match self.jobs.get_mut(&id) {
-                None => Outcome::Missing,
-                Some(job) => match job.record.state {
+            Event::Cancel { id } => {
+                let Some(job) = self.jobs.get(&id) else { return Outcome::Missing };
+                match job.record.state {
                     JobState::Queued => {
+                        self.dequeue(&id);
+                        let Some(job) = self.jobs.get_mut(&id) else { return Outcome::Missing };
                         job.end(JobState::Cancelled, at);
                         if let Some(d) = job.dispatch.take() {
                             self.pushed.remove(&d);
@@ -334,12 +514,14 @@ impl State {
                         Outcome::Cancelled
                     }
                     JobState::Running => {
-                        job.record.cancel_requested = true;
+                        if let Some(job) = self.jobs.get_mut(&id) {
+                            job.record.cancel_requested = true;
+                        }
                         Outcome::Requested
                     }
                     ended => Outcome::State(ended),
-                },
-            },
+                }
+            }
             Event::Retry { id, dispatch } => match self.jobs.get_mut(&id) {
                 None => Outcome::Missing,
                 Some(job) if matches!(job.record.state, JobState::Failed | JobState::Cancelled) => {
@@ -347,8 +529,7 @@ impl State {
                     job.record.cancel_requested = false;
                     job.record.finished_at = None;
                     job.attempt_limit = job.record.attempt.saturating_add(job.record.spec.max_attempts);
-                    job.dispatch = Some(dispatch.clone());
-                    Outcome::Requeued(dispatch)
+                    self.requeue(&id, dispatch, at, now)
                 }
                 Some(job) => Outcome::State(job.record.state),
             },
@@ -379,8 +560,7 @@ impl State {
                     Outcome::Ok
                 } else if failure.requeues(job.record.attempt, job.attempt_limit) {
                     job.end(JobState::Queued, at);
-                    job.dispatch = Some(dispatch.clone());
-                    Outcome::Requeued(dispatch)
+                    self.requeue(&id, dispatch, at, now)
                 } else {
                     job.end(JobState::Failed, at);
                     Outcome::Failed
@@ -390,20 +570,13 @@ impl State {
                 Some(job) if job.held(&token) => {
                     job.end(JobState::Queued, at);
                     job.record.attempt = job.record.attempt.saturating_sub(1);
-                    job.dispatch = None;
                     job.parked = Some(gpus);
+                    self.requeue(&id, None, at, now);
                     Outcome::Ok
                 }
                 _ => Outcome::Rejected,
             },
-            Event::Unpark { id, dispatch } => match self.jobs.get_mut(&id) {
-                Some(job) if job.record.state == JobState::Queued && job.parked.is_some() => {
-                    job.parked = None;
-                    job.dispatch = Some(dispatch.clone());
-                    Outcome::Requeued(dispatch)
-                }
-                _ => Outcome::Rejected,
-            },
+            Event::Unpark { .. } => Outcome::Ok,
             Event::Worker { mut info } => {
                 info.seen_at = Timestamp(at);
                 self.workers.insert(info.name.clone(), *info);
@@ -411,6 +584,7 @@ impl State {
             }
             Event::WorkerGone { name } => {
                 self.workers.remove(&name);
+                self.waiting.retain(|w| w.worker != name);
                 Outcome::Ok
             }
             Event::Sync => Outcome::Ok,
@@ -431,48 +605,118 @@ mod tests {
         Envelope { nonce: n.to_owned(), at: 1, event }
     }
 
-    #[test]
-    fn one_lease_wins_and_stale_holders_are_refused() {
-        let now = Instant::now();
-        let mut s = State::default();
-        let spec = Box::new(JobSpec::new("main", "t.py"));
-        let id = match s.apply(7, env("a", Event::Pushed { spec, dispatch: "d1".into() }), now, 1) {
-            Outcome::Pushed(id) => id,
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(id, "8", "the id is the stream offset + 1");
-        let lease = |token: &str, dispatch: &str| Event::Leased {
-            id: Some(id.clone()),
-            dispatch: dispatch.into(),
+    fn at(n: &str, at: i64, event: Event) -> Envelope {
+        Envelope { nonce: n.to_owned(), at, event }
+    }
+
+    fn pushed(spec: JobSpec) -> Event {
+        Event::Pushed { spec: Box::new(spec), dispatch: None }
+    }
+
+    fn want(token: &str, owner: &str, queues: &[&str], gpu_limit: u32, wait_ms: u64) -> Event {
+        Event::Want {
             token: token.into(),
-            worker: "w".into(),
+            owner: owner.into(),
+            worker: format!("w-{owner}"),
+            queues: queues.iter().map(|q| (*q).to_owned()).collect(),
+            gpu_limit,
+            gpu_host: true,
             lease_ms: 1000,
-        };
-        assert_eq!(s.apply(8, env("b", lease("t1", "d1")), now, 1), Outcome::Leased(id.clone()));
-        assert_eq!(s.apply(9, env("c", lease("t2", "d1")), now, 1), Outcome::Rejected, "a redelivery loses");
-        // The same nonce again gets the first verdict.
-        assert_eq!(s.apply(10, env("b", lease("t1", "d1")), now, 1), Outcome::Leased(id.clone()));
-        let reclaim = Event::Reclaim { id: id.clone(), token: "t1".into(), dispatch: "d2".into() };
-        assert_eq!(s.apply(11, env("d", reclaim.clone()), now, 1), Outcome::Requeued("d2".into()));
-        assert_eq!(
-            s.apply(12, env("e", Event::Reclaim { id: id.clone(), token: "t1".into(), dispatch: "d3".into() }), now, 1),
-            Outcome::Rejected,
-            "only one reclaim takes effect"
-        );
-        let done = Event::Completed { id: id.clone(), token: "t1".into(), output_tail: String::new(), result: None };
-        assert_eq!(s.apply(13, env("f", done), now, 1), Outcome::Rejected, "the old holder is fenced");
-        assert_eq!(s.apply(14, env("g", lease("t3", "d2")), now, 1), Outcome::Leased(id.clone()));
-        assert_eq!(s.jobs[&id].record.attempt, 2);
-        assert_eq!(s.errors_of(&id).len(), 1);
-        assert_eq!(s.errors_of(&id)[0].kind, FailureKind::LeaseLost);
+            wait_ms,
+        }
     }
 
     #[test]
-    fn a_push_work_message_may_name_only_its_dispatch() {
+    fn each_job_goes_to_one_want_and_stale_holders_are_refused() {
         let now = Instant::now();
-        let mut s = State::default();
+        let mut s = State::new("me");
+        let Outcome::Pushed(id) = s.apply(7, env("a", pushed(JobSpec::new("main", "t.py"))), now, 1) else {
+            panic!("not pushed")
+        };
+        assert_eq!(id, "8", "the id is the stream offset + 1");
+        assert_eq!(s.apply(8, env("b", want("t1", "x", &["default"], 1, 0)), now, 1), Outcome::Leased(id.clone()));
+        assert_eq!(s.apply(9, env("c", want("t2", "y", &["default"], 1, 0)), now, 1), Outcome::Rejected);
+        // The same nonce again gets the first verdict.
+        assert_eq!(s.apply(10, env("b", want("t1", "x", &["default"], 1, 0)), now, 1), Outcome::Leased(id.clone()));
+        let reclaim = |n: &str| env(n, Event::Reclaim { id: id.clone(), token: "t1".into(), dispatch: None });
+        assert_eq!(s.apply(11, reclaim("d"), now, 1), Outcome::Requeued);
+        assert_eq!(s.apply(12, reclaim("e"), now, 1), Outcome::Rejected, "only one reclaim takes effect");
+        let done = Event::Completed { id: id.clone(), token: "t1".into(), output_tail: String::new(), result: None };
+        assert_eq!(s.apply(13, env("f", done), now, 1), Outcome::Rejected, "the old holder is fenced");
+        assert_eq!(s.apply(14, env("g", want("t3", "y", &["default"], 1, 0)), now, 1), Outcome::Leased(id.clone()));
+        assert_eq!(s.jobs[&id].record.attempt, 2);
+        assert_eq!(s.errors_of(&id).len(), 1);
+        assert_eq!(s.errors_of(&id)[0].kind, FailureKind::LeaseLost);
+        assert_eq!(s.queued_len(), 0);
+    }
+
+    #[test]
+    fn a_waiting_want_is_handed_the_next_job_until_its_time_is_up() {
+        let now = Instant::now();
+        let mut s = State::new("me");
+        assert_eq!(s.apply(0, at("a", 1000, want("old", "me", &["default"], 1, 500)), now, 1000), Outcome::Waiting);
+        assert_eq!(s.apply(1, at("b", 1000, want("mine", "me", &["default"], 1, 5000)), now, 1000), Outcome::Waiting);
+        assert_eq!(s.apply(2, at("c", 1000, want("theirs", "x", &["default"], 1, 5000)), now, 1000), Outcome::Waiting);
+        // At 2000 the first want's time is up: the job goes to the next one.
+        let Outcome::Pushed(first) = s.apply(3, at("d", 2000, pushed(JobSpec::new("main", "t.py"))), now, 2000) else {
+            panic!()
+        };
+        assert_eq!(s.jobs[&first].token.as_deref(), Some("mine"));
+        assert_eq!(s.handed.get("mine"), Some(&first), "a job for this handle's want is noted");
+        let Outcome::Pushed(second) = s.apply(4, at("e", 2000, pushed(JobSpec::new("main", "t.py"))), now, 2000) else {
+            panic!()
+        };
+        assert_eq!(s.jobs[&second].token.as_deref(), Some("theirs"));
+        assert!(!s.handed.contains_key("theirs"), "another handle's want is not noted here");
+        // Withdrawing a want that was handed a job tells which job.
+        let withdraw = |n: &str, t: &str| env(n, Event::Withdraw { token: t.into() });
+        assert_eq!(s.apply(5, withdraw("f", "theirs"), now, 2000), Outcome::Leased(second));
+        assert_eq!(s.apply(6, at("g", 2000, want("w", "me", &["default"], 1, 5000)), now, 2000), Outcome::Waiting);
+        assert_eq!(s.apply(7, withdraw("h", "w"), now, 2000), Outcome::Ok);
+        let Outcome::Pushed(third) = s.apply(8, at("i", 2000, pushed(JobSpec::new("main", "t.py"))), now, 2000) else {
+            panic!()
+        };
+        assert_eq!(s.jobs[&third].record.state, JobState::Queued, "a withdrawn want takes nothing");
+        assert_eq!(s.queued_len(), 1);
+    }
+
+    #[test]
+    fn wants_take_queue_order_then_priority_then_the_oldest_that_fits() {
+        let now = Instant::now();
+        let mut s = State::new("me");
+        let mut push = |offset: i64, queue: &str, priority: i32, gpus: u32| {
+            let mut spec = JobSpec::new("main", "t.py");
+            spec.queue = queue.into();
+            spec.priority = priority;
+            spec.gpus = Some(gpus);
+            match s.apply(offset, env(&format!("p{offset}"), pushed(spec)), now, 1) {
+                Outcome::Pushed(id) => id,
+                other => panic!("{other:?}"),
+            }
+        };
+        let low = push(0, "b", 0, 1);
+        let big = push(1, "b", 9, 4);
+        let high = push(2, "b", 9, 1);
+        let other = push(3, "a", 0, 1);
+        let mut take =
+            |n: &str, queues: &[&str], limit: u32| match s.apply(9, env(n, want(n, "x", queues, limit, 0)), now, 1) {
+                Outcome::Leased(id) => Some(id),
+                _ => None,
+            };
+        assert_eq!(take("w1", &["a", "b"], 1), Some(other), "the first queue first");
+        assert_eq!(take("w2", &["a", "b"], 1), Some(high), "then priority, skipping what does not fit");
+        assert_eq!(take("w3", &["a", "b"], 1), Some(low));
+        assert_eq!(take("w4", &["a", "b"], 1), None, "the 4-GPU job does not fit 1");
+        assert_eq!(take("w5", &["b"], 4), Some(big));
+    }
+
+    #[test]
+    fn a_ledger_of_the_earlier_design_replays() {
+        let now = Instant::now();
+        let mut s = State::new("me");
         let spec = Box::new(JobSpec::new("main", "t.py"));
-        let Outcome::Pushed(id) = s.apply(3, env("a", Event::Pushed { spec, dispatch: "p1".into() }), now, 1) else {
+        let text = serde_json::to_string(&env("a", Event::Pushed { spec, dispatch: Some("p1".into()) })).unwrap();
+        let Outcome::Pushed(id) = s.apply(3, serde_json::from_str(&text).unwrap(), now, 1) else {
             panic!("not pushed")
         };
         let lease = |token: &str, dispatch: &str| Event::Leased {
@@ -486,10 +730,12 @@ mod tests {
         assert_eq!(s.apply(5, env("b", lease("t1", "p1")), now, 1), Outcome::Leased(id.clone()));
         assert_eq!(s.apply(6, env("c", lease("t2", "p1")), now, 1), Outcome::Rejected, "a redelivery loses");
         assert_eq!(s.jobs[&id].token.as_deref(), Some("t1"));
-        // An id-less Leased round-trips through JSON without an `id` field.
-        let text = serde_json::to_string(&env("d", lease("t3", "p1"))).unwrap();
-        assert!(!text.contains("\"id\""), "{text}");
-        let back: Envelope = serde_json::from_str(&text).unwrap();
-        assert_eq!(back.event, lease("t3", "p1"));
+        assert_eq!(s.queued_len(), 0);
+        let old = r#"{"nonce":"d","at":1,"type":"released","id":"4","token":"t1","dispatch":"p2"}"#;
+        assert_eq!(s.apply(7, serde_json::from_str(old).unwrap(), now, 1), Outcome::Requeued);
+        assert_eq!(s.apply(8, env("e", lease("t3", "p2")), now, 1), Outcome::Leased(id));
+        // New events carry no dispatch field.
+        let text = serde_json::to_string(&env("f", pushed(JobSpec::new("main", "t.py")))).unwrap();
+        assert!(!text.contains("dispatch"), "{text}");
     }
 }

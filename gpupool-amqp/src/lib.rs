@@ -18,31 +18,30 @@
 //!
 //! - **Declared:** a stream `PREFIXledger` (retention: `ledger_max_age`,
 //!   default `30D`, and `ledger_max_bytes`, default 1 GiB, both URL
-//!   parameters) and a durable quorum queue `PREFIXwork.QUEUE` per job
-//!   queue. No exchange: publishes go through the default exchange.
+//!   parameters). Nothing else: no exchange, no work queue.
 //! - **The ledger** holds every change to every job as an event; each process
 //!   replays it from the first offset and folds it into the jobs' state.
 //!   Listing, errors, ids (a job's id is the stream offset of its `Pushed`
-//!   event), idempotency keys, and the verdict on every race come from that
-//!   fold, so every process agrees on them.
-//! - **A lease** is a `Leased` event that names the dispatch nonce of the work
-//!   message it came from; the message is acknowledged (on the channel that
-//!   delivered it) within milliseconds, so RabbitMQ's `consumer_timeout`
-//!   never sees a delivery held for a run. A redelivered duplicate loses in
-//!   the fold and is just acknowledged.
+//!   event), idempotency keys, which worker gets which job, and the verdict
+//!   on every race come from that fold, so every process agrees on them.
+//! - **A reserve** is a `Want` event (queues, GPUs, a lease token). The fold
+//!   leases it the best queued job that fits (queue order, priority, age),
+//!   or keeps it (30 s, renewed while the worker waits) and hands it the
+//!   first fitting job queued later. A push thus reaches an idle worker in
+//!   one event, two workers never contend for a job, and no delivery is
+//!   held for a run, so RabbitMQ's `consumer_timeout` never fires.
 //! - **Heartbeats** are events; every process notes by its own clock when it
 //!   last saw a lease renewed. A reserving worker that sees one unrenewed
-//!   past its length publishes `Reclaim`; the first one in the stream wins,
-//!   records `lease_lost` and sends the job out again. So a worker killed
-//!   mid-run has its job run again within the lease plus about one
-//!   reserve poll (≤ 1 s) and a 250 ms grace.
+//!   past its length publishes `Reclaim`; the first one in the stream wins
+//!   and records `lease_lost`. So a worker killed mid-run has its job run
+//!   again within the lease plus about one second and a 250 ms grace.
 //! - **Cancel** of a queued job ends it at once; of a running job sets a flag
 //!   that its worker reads in its next heartbeat's verdict. **Retry** is an
-//!   event plus a new work message.
+//!   event.
 //!
-//! Queues are durable, messages persistent, publishes confirmed. Priorities
-//! are not supported (first in, first out per queue; `gpupool push` warns),
-//! nor is filtering by GPU count (the worker holds a big job until it fits).
+//! The stream is durable, events persistent, publishes confirmed. The hosts'
+//! clocks should agree within a few seconds (a want's life is measured by
+//! the clocks in the events).
 //!
 //! Reads (`get`, `list`, `errors`) first publish a `Sync` event and wait for
 //! it, so they see everything published before them. A process replays the

@@ -1,58 +1,65 @@
 //! [`AmqpQueue`]: the [`Queue`] on RabbitMQ alone.
 //!
-//! Two kinds of thing are declared, all names under the prefix (default
-//! `gpupool.`):
+//! One thing is declared, named under the prefix (default `gpupool.`):
+//! `PREFIXledger`, a stream (`x-queue-type=stream`, with `x-max-age` and
+//! `x-max-length-bytes` retention) holding every change to every job as a
+//! JSON event. Each process consumes it from the first offset and folds it
+//! into the jobs' state (module `ledger`), which is what `jobs`, `errors`,
+//! `get` and `list` read, what hands out jobs, and what decides every race.
 //!
-//! - `PREFIXledger`: a stream (`x-queue-type=stream`, with `x-max-age` and
-//!   `x-max-length-bytes` retention) holding every change to every job as a
-//!   JSON event. Each process consumes it from the first offset and folds it
-//!   into the jobs' state (module `ledger`), which is what `jobs`, `errors`,
-//!   `get` and `list` read, and what decides every race.
-//! - `PREFIXwork.QUEUE`: a durable quorum queue per job queue, holding one
-//!   persistent message per dispatch of a job (`{id, dispatch}`).
+//! **A push** is one confirmed `Pushed` event; its offset is the job's id.
 //!
-//! **A lease** is a `Leased` event in the ledger, not an unacked delivery.
-//! A worker takes a work message (`basic.get` in queue order, or a
-//! consumer with prefetch 1 while it waits), publishes `Leased` with the
-//! message's dispatch nonce, waits for its own consumer to apply it, and
-//! acknowledges the message on the channel that delivered it, within
-//! milliseconds. The first `Leased` for a dispatch wins; a redelivered
-//! duplicate loses and is simply acknowledged. So no delivery is held for
-//! the length of a run, and RabbitMQ's `consumer_timeout` (30 min by
-//! default, not settable per queue on 3.10) never fires on a training run.
+//! **A reserve** publishes a `Want` (its queues, the GPUs it can give, a
+//! fresh lease token). The fold leases it the best queued job that fits
+//! (queue order, then priority, then the oldest), or keeps the want, and
+//! hands it the first fitting job that is queued later. A want that may
+//! wait lives 30 s in the fold and is renewed before then, and it outlives
+//! the `reserve` call that made it: the worker's next call picks up a job
+//! handed to it in between. So an idle worker writes one event every 25 s,
+//! and a push reaches it in the one event that queues the job: the worker
+//! learns of its lease when its own consumer applies `Pushed`. No two
+//! workers ever contend for a job, and no delivery is held, so RabbitMQ's
+//! `consumer_timeout` (30 min by default, not settable per queue on 3.10)
+//! never fires on a training run.
 //!
-//! **A push** publishes `Pushed` and, once the broker has confirmed it,
-//! the work message (naming only the dispatch nonce, which the fold maps to
-//! the job) while the pusher reads its id back from the ledger: the work
-//! cannot overtake the event, since anything a worker publishes after
-//! seeing it lands later in the stream. With an idempotency key the verdict
-//! comes first, so a repeated push sends no work message.
+//! Why no work queue: an earlier version kept a quorum queue per job queue
+//! with one message per dispatch, and leased by taking a message and then
+//! publishing `Leased`. A lease then cost three confirmed writes in a row
+//! (the event, the work message, `Leased`, each 0.5–1 ms here) where this
+//! costs one, and a process that died between a requeueing event and its
+//! work message left the job queued with no message. The fold alone now
+//! decides, and it can filter by GPU count and honour priorities.
 //!
 //! **A heartbeat** is a `Heartbeat` event: every process notes, by its own
 //! clock, when it saw the lease renewed. **A dead worker's job**: any
-//! reserving worker that sees a lease unrenewed past its length publishes
+//! reserving process that sees a lease unrenewed past its length publishes
 //! `Reclaim` naming the lease token; the first such event in the stream
-//! wins (records `lease_lost`, requeues or fails the job) and its publisher
-//! sends a new work message. **Complete, fail, cancelled, release** are
-//! events fenced by the token. **Cancel** is an event: a queued job ends at
-//! once (its work message, when it comes, loses), a running one is flagged
-//! and its worker sees the flag in the verdict of its next heartbeat.
-//! **Retry** is an event plus a new work message.
+//! wins (records `lease_lost`, requeues or fails the job). **Complete,
+//! fail, cancelled, release** are events fenced by the token. **Cancel** is
+//! an event: a queued job ends at once, a running one is flagged and its
+//! worker sees the flag in the verdict of its next heartbeat. **Retry** is
+//! an event.
 //!
 //! Publishes are confirmed. An event is published again with the same nonce
 //! after a lost connection, and the fold gives a repeated nonce its first
 //! verdict, so a retried publish never applies twice.
 //!
-//! Known limit: a process that dies between an event that requeues a job
-//! and the work message that follows it (two confirmed publishes,
-//! milliseconds apart) leaves the job queued with no message; `gpupool
-//! cancel` then `gpupool retry` sends it again.
+//! Known limits: a want's life is measured by the clocks in the events, so
+//! the hosts' clocks should agree within a few seconds (NTP); a pusher
+//! whose clock runs far ahead makes jobs wait for the next renewal. A
+//! worker killed while idle leaves a want that may still be handed a job
+//! for up to 30 s; that job runs again after its lease runs out, charged a
+//! `lease_lost` attempt, as a job of any worker killed mid-run is. A worker
+//! that stops cleanly withdraws its wants and gives back (uncharged) a job
+//! handed to one of them, in `unregister_worker`: a program of your own
+//! that calls `reserve` with a wait and then stops reserving should call
+//! it too, with the worker name of its requests.
 //!
-//! Upgrading: a worker older than id-less work messages cannot read one and
-//! drops it, leaving that job queued with no message (recover it the same
-//! way). Upgrade the workers before the machines that push.
+//! Upgrading from the version with work queues: stop every worker first.
+//! The old events replay as before; the `PREFIXwork.QUEUE` queues are no
+//! longer used and can be deleted.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
@@ -64,13 +71,12 @@ use gpupool_core::{
     JobSpec, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
 };
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tracing::warn;
 
 use crate::ledger::{Envelope, Event, Outcome, State};
@@ -86,19 +92,20 @@ const EMIT_WITHIN: Duration = Duration::from_secs(60);
 /// flight is not mistaken for a missing one.
 const RECLAIM_GRACE: Duration = Duration::from_millis(250);
 
-/// The longest single wait on consumers; a waiting reserve also looks for
-/// expired leases between waits.
+/// How long a want that may wait lives in the fold.
+const WANT_FOR: Duration = Duration::from_secs(30);
+
+/// A waiting want is replaced when less than this is left of its life.
+const RENEW_BEFORE: Duration = Duration::from_secs(5);
+
+/// Expired leases are looked for at most this often, and at least this
+/// often while a reserve waits.
+const REAP_EVERY: Duration = Duration::from_millis(100);
 const WAIT_SLICE: Duration = Duration::from_secs(1);
 
-/// A work message: one dispatch of one job. A fresh push's names only its
-/// dispatch (it is sent once the `Pushed` event is confirmed, before the
-/// pusher has read the job's id back); the ledger finds the job by it.
-#[derive(Debug, Serialize, Deserialize)]
-struct Work {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    id: Option<String>,
-    dispatch: String,
-}
+/// The ledger consumer acknowledges every this many deliveries at once
+/// (its prefetch is far larger).
+const ACK_EVERY: u64 = 64;
 
 /// One live connection with its publishing channel and ledger consumer.
 struct Link {
@@ -113,18 +120,82 @@ impl Link {
     }
 }
 
+/// What a want asks for; a waiting want is reused by a later reserve
+/// that asks for the same.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct WantKey {
+    queues: Vec<String>,
+    gpu_limit: u32,
+    gpu_host: bool,
+    lease_ms: u64,
+    worker: String,
+}
+
+impl WantKey {
+    fn of(req: &ReserveRequest) -> Self {
+        WantKey {
+            queues: req.queues.clone(),
+            gpu_limit: req.gpu_limit(),
+            gpu_host: req.gpu_host,
+            lease_ms: ms(req.lease),
+            worker: req.worker.clone(),
+        }
+    }
+}
+
+/// A want of this handle's that waits in the fold.
+#[derive(Debug)]
+struct Standing {
+    token: String,
+    key: WantKey,
+    /// When to replace it (before the fold lets it go).
+    renew_at: Instant,
+    /// A reserve call is waiting on it.
+    busy: bool,
+}
+
 struct Inner {
     opts: AmqpOptions,
+    /// This handle's name in the wants it publishes.
+    owner: String,
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
     state: StdMutex<State>,
     waiters: StdMutex<HashMap<String, oneshot::Sender<Outcome>>>,
-    declared: StdMutex<HashSet<String>>,
+    /// Woken when the fold hands a job to one of this handle's wants.
+    handed: Notify,
+    standing: StdMutex<Vec<Standing>>,
+    last_reap: StdMutex<Option<Instant>>,
     /// Set when a (re)connect started a replay that reads have not yet
     /// waited for.
     replaying: AtomicBool,
 }
 
-/// A queue on RabbitMQ ≥ 3.10 (streams and quorum queues).
+impl Inner {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn standing(&self) -> std::sync::MutexGuard<'_, Vec<Standing>> {
+        self.standing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Marks a waiting want free for the next reserve when the call waiting on
+/// it ends (returns, fails or is dropped).
+struct Busy<'a> {
+    inner: &'a Inner,
+    token: String,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.inner.standing().iter_mut().find(|s| s.token == self.token) {
+            s.busy = false;
+        }
+    }
+}
+
+/// A queue on RabbitMQ ≥ 3.10 (streams).
 #[derive(Clone)]
 pub struct AmqpQueue {
     inner: Arc<Inner>,
@@ -173,13 +244,17 @@ impl AmqpQueue {
 
     /// Connects with parsed options.
     pub async fn open(opts: AmqpOptions) -> Result<Self> {
+        let owner = nonce();
         let q = AmqpQueue {
             inner: Arc::new(Inner {
                 opts,
+                state: StdMutex::new(State::new(&owner)),
+                owner,
                 link: tokio::sync::Mutex::new(None),
-                state: StdMutex::default(),
                 waiters: StdMutex::default(),
-                declared: StdMutex::default(),
+                handed: Notify::new(),
+                standing: StdMutex::default(),
+                last_reap: StdMutex::default(),
                 replaying: AtomicBool::new(false),
             }),
         };
@@ -197,31 +272,17 @@ impl AmqpQueue {
         format!("{}ledger", self.inner.opts.prefix)
     }
 
-    fn work_name(&self, queue: &str) -> String {
-        format!("{}work.{queue}", self.inner.opts.prefix)
-    }
-
-    /// Names of everything this queue declared (tests delete them).
+    /// Names of everything this queue declared: the ledger.
     pub fn declared_queues(&self) -> Vec<String> {
-        let mut v: Vec<String> =
-            self.inner.declared.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().collect();
-        v.push(self.ledger_name());
-        v
+        vec![self.ledger_name()]
     }
 
-    /// Deletes the ledger and the work queue of every job queue the ledger
-    /// or this handle knows: everything under this prefix (tests clean up
-    /// with it).
+    /// Deletes the ledger: every job under this prefix (tests clean up with
+    /// it).
     pub async fn delete_queues(&self) -> Result<()> {
-        self.sync().await?;
-        let mut names: HashSet<String> = self.declared_queues().into_iter().collect();
-        {
-            let st = self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            names.extend(st.jobs.values().map(|j| self.work_name(&j.record.spec.queue)));
-        }
         let link = self.link().await?;
         let ch = link.connection.create_channel().await.map_err(unavailable)?;
-        for name in names {
+        for name in self.declared_queues() {
             let _ = ch.queue_delete(name.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
         }
         let _ = ch.close(200, "bye".into()).await;
@@ -261,23 +322,27 @@ impl AmqpQueue {
             .basic_consume(self.ledger_name().as_str().into(), "".into(), BasicConsumeOptions::default(), from)
             .await
             .map_err(unavailable)?;
-        *self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = State::default();
+        *self.inner.state() = State::new(&self.inner.owner);
         self.inner.replaying.store(true, Ordering::Relaxed);
         let alive = Arc::new(AtomicBool::new(true));
         let (inner, still) = (Arc::clone(&self.inner), Arc::clone(&alive));
         tokio::spawn(async move {
+            let mut count = 0u64;
             while let Some(delivery) = consumer.next().await {
                 let Ok(delivery) = delivery else { break };
                 let offset = offset_of(&delivery.properties).unwrap_or(-1);
                 match serde_json::from_slice::<Envelope>(&delivery.data) {
                     Ok(env) => {
                         let nonce = env.nonce.clone();
-                        let outcome = inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).apply(
-                            offset,
-                            env,
-                            Instant::now(),
-                            now_ms(),
-                        );
+                        let (outcome, handed) = {
+                            let mut st = inner.state();
+                            let before = st.handed.len();
+                            let outcome = st.apply(offset, env, Instant::now(), now_ms());
+                            (outcome, st.handed.len() > before)
+                        };
+                        if handed {
+                            inner.handed.notify_waiters();
+                        }
                         let waiter =
                             inner.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&nonce);
                         if let Some(tx) = waiter {
@@ -286,7 +351,10 @@ impl AmqpQueue {
                     }
                     Err(e) => warn!("ledger event at offset {offset} is not readable ({e}); skipped"),
                 }
-                if !matches!(delivery.acker.ack(BasicAckOptions::default()).await, Ok(true)) {
+                count += 1;
+                if count.is_multiple_of(ACK_EVERY)
+                    && !matches!(delivery.acker.ack(BasicAckOptions { multiple: true }).await, Ok(true))
+                {
                     break;
                 }
             }
@@ -301,46 +369,25 @@ impl AmqpQueue {
         link.alive.store(false, Ordering::Relaxed);
     }
 
-    async fn declare_work(&self, link: &Link, queue: &str) -> Result<()> {
-        let name = self.work_name(queue);
-        if self.inner.declared.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&name) {
-            return Ok(());
-        }
-        let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-        link.publish.queue_declare(name.as_str().into(), durable, args).await.map_err(unavailable)?;
-        self.inner.declared.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name);
-        Ok(())
-    }
-
-    /// Publishes persistently to a queue through the default exchange and
-    /// waits for the broker's confirm.
-    async fn publish(link: &Link, queue: &str, payload: &[u8]) -> Result<()> {
-        let props = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
-        let confirm = link
-            .publish
-            .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), payload, props)
-            .await
-            .map_err(unavailable)?
-            .await
-            .map_err(unavailable)?;
-        if confirm.is_ack() { Ok(()) } else { Err(unavailable(format!("the broker refused a message for {queue}"))) }
-    }
-
-    /// Publishes an event and waits for its verdict, reconnecting and
-    /// publishing again (same nonce) on trouble, for up to [`EMIT_WITHIN`].
-    async fn emit(&self, event: Event) -> Result<Outcome> {
-        self.emit_envelope(Envelope { nonce: nonce(), at: now_ms(), event }).await
-    }
-
     /// Publishes an event to the ledger and waits for the broker's confirm;
     /// the receiver gets its verdict when this process's consumer applies it.
     async fn publish_event(&self, nonce: &str, payload: &[u8]) -> Result<(Arc<Link>, oneshot::Receiver<Outcome>)> {
         let link = self.link().await?;
         let (tx, rx) = oneshot::channel();
         self.inner.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(nonce.to_owned(), tx);
-        if let Err(e) = Self::publish(&link, &self.ledger_name(), payload).await {
+        let props = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+        let ledger = self.ledger_name();
+        let confirmed = async {
+            let confirm = link
+                .publish
+                .basic_publish("".into(), ledger.as_str().into(), BasicPublishOptions::default(), payload, props)
+                .await
+                .map_err(unavailable)?
+                .await
+                .map_err(unavailable)?;
+            if confirm.is_ack() { Ok(()) } else { Err(unavailable("the broker refused a ledger event")) }
+        };
+        if let Err(e) = confirmed.await {
             self.drop_link(&link);
             return Err(e);
         }
@@ -358,47 +405,10 @@ impl AmqpQueue {
         }
     }
 
-    /// A push without an idempotency key: once the ledger has confirmed the
-    /// `Pushed` event, the work message (naming only the dispatch) goes out
-    /// while this process reads its id back. Every `Leased` a worker
-    /// publishes after seeing that message lands after `Pushed` in the
-    /// ledger, which is what lets the fold find the job by its dispatch. On
-    /// any trouble it falls back to the sequential path with the same nonce.
-    async fn push_fast(&self, spec: JobSpec) -> Result<JobId> {
-        let queue = spec.queue.clone();
-        let dispatch = nonce();
-        let event = Event::Pushed { spec: Box::new(spec), dispatch: dispatch.clone() };
+    /// Publishes an event and waits for its verdict, reconnecting and
+    /// publishing again (same nonce) on trouble, for up to [`EMIT_WITHIN`].
+    async fn emit(&self, event: Event) -> Result<Outcome> {
         let env = Envelope { nonce: nonce(), at: now_ms(), event };
-        let payload = serde_json::to_vec(&env).map_err(|e| Error::backend(BACKEND, e))?;
-        let outcome = match self.publish_event(&env.nonce, &payload).await {
-            Ok((link, rx)) => {
-                let (sent, outcome) =
-                    tokio::join!(self.dispatch(&queue, None, dispatch.clone()), self.verdict(&link, rx));
-                sent?;
-                match outcome {
-                    Ok(o) => o,
-                    Err(_) => self.emit_envelope(env).await?,
-                }
-            }
-            Err(_) => {
-                // Not confirmed: publish again (same nonce) the slow way,
-                // then send the work message.
-                let outcome = self.emit_envelope(env.clone()).await?;
-                if let Outcome::Pushed(_) = outcome {
-                    self.dispatch(&queue, None, dispatch.clone()).await?;
-                }
-                outcome
-            }
-        };
-        match outcome {
-            Outcome::Pushed(id) | Outcome::Existing(id) => Ok(JobId::new(id)),
-            other => Err(Error::backend(BACKEND, format!("push: unexpected verdict {other:?}"))),
-        }
-    }
-
-    /// [`Self::emit`] of an envelope already built (a repeat keeps its
-    /// nonce, so the fold gives it the first verdict).
-    async fn emit_envelope(&self, env: Envelope) -> Result<Outcome> {
         let payload = serde_json::to_vec(&env).map_err(|e| Error::backend(BACKEND, e))?;
         let deadline = Instant::now() + EMIT_WITHIN;
         let mut pause = Duration::from_millis(100);
@@ -419,29 +429,6 @@ impl AmqpQueue {
         }
     }
 
-    /// Sends a work message for one dispatch of a job.
-    async fn dispatch(&self, queue: &str, id: Option<&str>, dispatch: String) -> Result<()> {
-        let payload = serde_json::to_vec(&Work { id: id.map(str::to_owned), dispatch })
-            .map_err(|e| Error::backend(BACKEND, e))?;
-        let deadline = Instant::now() + EMIT_WITHIN;
-        loop {
-            let attempt = async {
-                let link = self.link().await?;
-                self.declare_work(&link, queue).await?;
-                let r = Self::publish(&link, &self.work_name(queue), &payload).await;
-                if r.is_err() {
-                    self.drop_link(&link);
-                }
-                r
-            };
-            match attempt.await {
-                Ok(()) => return Ok(()),
-                Err(e) if Instant::now() >= deadline => return Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-            }
-        }
-    }
-
     async fn sync(&self) -> Result<()> {
         self.emit(Event::Sync).await.map(|_| ())
     }
@@ -456,146 +443,105 @@ impl AmqpQueue {
         Ok(())
     }
 
-    fn lease_for(&self, id: &str, token: String, lease: Duration) -> Result<Lease> {
-        let st = self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let job = st.jobs.get(id).ok_or_else(|| Error::backend(BACKEND, format!("leased job {id} vanished")))?;
+    /// The lease on a job the fold gave to `token`, if it still holds it.
+    fn lease_for(&self, id: &str, token: String, lease: Duration) -> Option<Lease> {
+        let st = self.inner.state();
+        let job = st.jobs.get(id).filter(|j| j.token.as_deref() == Some(token.as_str()))?;
         let mut record = job.record.clone();
         record.errors = st.errors_of(id);
-        Ok(Lease { job: record, token, expires_at: Timestamp::now().plus(lease) })
+        Some(Lease { job: record, token, expires_at: Timestamp::now().plus(lease) })
     }
 
-    /// Reclaims leases this process sees expired.
+    /// Reclaims leases this process sees expired (at most every
+    /// [`REAP_EVERY`]).
     async fn reap(&self) -> Result<()> {
         self.caught_up().await?;
         let now = Instant::now();
-        let expired: Vec<(String, String, String)> = {
-            let st = self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            st.jobs
-                .values()
-                .filter(|j| j.expired(now, RECLAIM_GRACE))
-                .filter_map(|j| Some((j.record.id.to_string(), j.token.clone()?, j.record.spec.queue.clone())))
-                .collect()
-        };
-        for (id, token, queue) in expired {
-            let dispatch = nonce();
-            if let Outcome::Requeued(d) = self.emit(Event::Reclaim { id: id.clone(), token, dispatch }).await? {
-                self.dispatch(&queue, Some(&id), d).await?;
+        {
+            let mut last = self.inner.last_reap.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|t| now.saturating_duration_since(t) < REAP_EVERY) {
+                return Ok(());
             }
+            *last = Some(now);
+        }
+        let expired: Vec<(String, String)> = self
+            .inner
+            .state()
+            .jobs
+            .values()
+            .filter(|j| j.expired(now, RECLAIM_GRACE))
+            .filter_map(|j| Some((j.record.id.to_string(), j.token.clone()?)))
+            .collect();
+        for (id, token) in expired {
+            self.emit(Event::Reclaim { id, token, dispatch: None }).await?;
         }
         Ok(())
     }
 
-    /// Sends parked jobs of the caller's queues that it is big enough for
-    /// back into their queues.
-    async fn unpark(&self, req: &ReserveRequest) -> Result<()> {
-        let fits: Vec<(String, String)> = {
-            let st = self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            st.jobs
-                .values()
-                .filter(|j| j.parked.is_some_and(|g| g <= req.gpu_limit()) && req.queues.contains(&j.record.spec.queue))
-                .map(|j| (j.record.id.to_string(), j.record.spec.queue.clone()))
-                .collect()
+    /// A job the fold handed to one of this handle's waiting wants that no
+    /// reserve call is waiting on (`token: None`), or to the want `token`.
+    fn take_handed(&self, token: Option<&str>, lease: Duration) -> Option<Lease> {
+        let (token, id) = {
+            let mut standing = self.inner.standing();
+            let mut st = self.inner.state();
+            let i = standing.iter().position(|s| match token {
+                Some(t) => s.token == t,
+                None => !s.busy && st.handed.contains_key(&s.token),
+            })?;
+            let id = st.handed.remove(&standing[i].token)?;
+            let s = standing.swap_remove(i);
+            // Notes replayed after a reconnect, for wants long consumed.
+            let live: Vec<&str> = standing.iter().map(|s| s.token.as_str()).collect();
+            st.handed.retain(|t, _| live.contains(&t.as_str()));
+            (s.token, id)
         };
-        for (id, queue) in fits {
-            if let Outcome::Requeued(d) = self.emit(Event::Unpark { id: id.clone(), dispatch: nonce() }).await? {
-                self.dispatch(&queue, Some(&id), d).await?;
-            }
-        }
-        Ok(())
+        self.lease_for(&id, token, lease)
     }
 
-    /// Leases the job a work message names, if its dispatch is current.
-    async fn lease_work(&self, data: &[u8], req: &ReserveRequest) -> Result<Option<Lease>> {
-        let Ok(work) = serde_json::from_slice::<Work>(data) else {
-            warn!("a work message is not readable; dropped");
-            return Ok(None);
-        };
-        let token = nonce();
-        let event = Event::Leased {
-            id: work.id,
-            dispatch: work.dispatch,
-            token: token.clone(),
-            worker: req.worker.clone(),
-            lease_ms: ms(req.lease),
-        };
-        match self.emit(event).await? {
-            Outcome::Leased(id) => Ok(Some(self.lease_for(&id, token, req.lease)?)),
+    /// Withdraws a want; a job handed to it before the withdrawal came is
+    /// returned.
+    async fn withdraw(&self, token: String, lease: Duration) -> Result<Option<Lease>> {
+        self.inner.standing().retain(|s| s.token != token);
+        match self.emit(Event::Withdraw { token: token.clone() }).await? {
+            Outcome::Leased(id) => Ok(self.lease_for(&id, token, lease)),
             _ => Ok(None),
         }
     }
 
-    /// One pass: `basic.get` on each queue in order; with `wait`, then
-    /// consumers on all of them until one delivers or the wait is over.
-    async fn take(&self, req: &ReserveRequest, wait: Option<Duration>) -> Result<Option<Lease>> {
-        let link = self.link().await?;
-        for q in &req.queues {
-            self.declare_work(&link, q).await?;
+    /// Publishes a want; `wait`: it may wait in the fold (and is kept as
+    /// this handle's, busy), else it takes only a job queued now.
+    async fn want(&self, req: &ReserveRequest, key: &WantKey, wait: bool) -> Result<(String, Option<Lease>)> {
+        let token = nonce();
+        let event = Event::Want {
+            token: token.clone(),
+            owner: self.inner.owner.clone(),
+            worker: key.worker.clone(),
+            queues: key.queues.clone(),
+            gpu_limit: key.gpu_limit,
+            gpu_host: key.gpu_host,
+            lease_ms: key.lease_ms,
+            wait_ms: if wait { ms(WANT_FOR) } else { 0 },
+        };
+        if wait {
+            // Noted before it is published: the fold may hand it a job at once.
+            let renew_at = Instant::now() + WANT_FOR - RENEW_BEFORE;
+            self.inner.standing().push(Standing { token: token.clone(), key: key.clone(), renew_at, busy: true });
         }
-        let ch = link.connection.create_channel().await.map_err(|e| {
-            self.drop_link(&link);
-            unavailable(e)
-        })?;
-        let result = self.take_on(&ch, req, wait).await;
-        // Closing the channel puts back anything delivered and not acked.
-        // The lease is won and its message acknowledged by now, so the
-        // close need not hold up the caller.
-        tokio::spawn(async move {
-            let _ = ch.close(200, "done".into()).await;
-        });
-        result
-    }
-
-    async fn take_on(&self, ch: &Channel, req: &ReserveRequest, wait: Option<Duration>) -> Result<Option<Lease>> {
-        let Some(wait) = wait else {
-            for q in &req.queues {
-                // Stale messages (cancelled jobs, duplicates) are acked and skipped.
-                for _ in 0..100 {
-                    let got = ch
-                        .basic_get(self.work_name(q).as_str().into(), BasicGetOptions::default())
-                        .await
-                        .map_err(unavailable)?;
-                    let Some(msg) = got else { break };
-                    let lease = self.lease_work(&msg.delivery.data, req).await?;
-                    if !matches!(msg.delivery.acker.ack(BasicAckOptions::default()).await, Ok(true)) {
-                        warn!("a work message could not be acknowledged; its redelivery will be skipped");
-                    }
-                    if lease.is_some() {
-                        return Ok(lease);
-                    }
-                }
+        match self.emit(event).await {
+            Ok(Outcome::Leased(id)) => {
+                self.inner.standing().retain(|s| s.token != token);
+                Ok((token.clone(), self.lease_for(&id, token, req.lease)))
             }
-            return Ok(None);
-        };
-        ch.basic_qos(1, BasicQosOptions::default()).await.map_err(unavailable)?;
-        let mut consumers = Vec::new();
-        for q in &req.queues {
-            let c = ch
-                .basic_consume(
-                    self.work_name(q).as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(unavailable)?;
-            consumers.push(c);
+            Ok(_) => Ok((token, None)),
+            Err(e) => {
+                // It may have reached the ledger: keep it, free, so that a
+                // job handed to it is picked up (or it is renewed).
+                if let Some(s) = self.inner.standing().iter_mut().find(|s| s.token == token) {
+                    s.busy = false;
+                }
+                Err(e)
+            }
         }
-        let tags: Vec<String> = consumers.iter().map(|c| c.tag().to_string()).collect();
-        let mut all = futures_util::stream::select_all(consumers);
-        let first = tokio::time::timeout(wait, all.next()).await;
-        for tag in &tags {
-            let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-        }
-        let delivery = match first {
-            Ok(Some(Ok(d))) => d,
-            Ok(Some(Err(e))) => return Err(unavailable(e)),
-            Ok(None) | Err(_) => return Ok(None),
-        };
-        let lease = self.lease_work(&delivery.data, req).await?;
-        if !matches!(delivery.acker.ack(BasicAckOptions::default()).await, Ok(true)) {
-            warn!("a work message could not be acknowledged; its redelivery will be skipped");
-        }
-        Ok(lease)
     }
 
     fn fenced(lease: &Lease, outcome: Outcome) -> Result<Outcome> {
@@ -609,7 +555,7 @@ impl AmqpQueue {
 #[async_trait]
 impl Queue for AmqpQueue {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default().with_blocking_reserve(true).with_multi_process(true).with_workers(true)
+        Capabilities::ALL
     }
 
     async fn init(&self) -> Result<()> {
@@ -618,38 +564,70 @@ impl Queue for AmqpQueue {
 
     async fn push(&self, spec: JobSpec) -> Result<JobId> {
         spec.validate()?;
-        if spec.idempotency_key.is_none() {
-            return self.push_fast(spec).await;
-        }
-        // With a key, the verdict (a new job or the existing one) decides
-        // whether a work message goes out at all.
-        let queue = spec.queue.clone();
-        let dispatch = nonce();
-        match self.emit(Event::Pushed { spec: Box::new(spec), dispatch: dispatch.clone() }).await? {
-            Outcome::Pushed(id) => {
-                self.dispatch(&queue, Some(&id), dispatch).await?;
-                Ok(JobId::new(id))
-            }
-            Outcome::Existing(id) => Ok(JobId::new(id)),
+        match self.emit(Event::Pushed { spec: Box::new(spec), dispatch: None }).await? {
+            Outcome::Pushed(id) | Outcome::Existing(id) => Ok(JobId::new(id)),
             other => Err(Error::backend(BACKEND, format!("push: unexpected verdict {other:?}"))),
         }
     }
 
     async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
-        let deadline = tokio::time::Instant::now() + req.wait;
-        loop {
-            self.reap().await?;
-            self.unpark(req).await?;
-            if let Some(lease) = self.take(req, None).await? {
+        self.reap().await?;
+        let key = WantKey::of(req);
+        // A job handed to a want of this handle's while no call waited on it.
+        if let Some(lease) = self.take_handed(None, req.lease) {
+            return Ok(Some(lease));
+        }
+        // Free wants made for something else are withdrawn.
+        let others: Vec<String> =
+            self.inner.standing().iter().filter(|s| !s.busy && s.key != key).map(|s| s.token.clone()).collect();
+        for token in others {
+            if let Some(lease) = self.withdraw(token, req.lease).await? {
                 return Ok(Some(lease));
             }
-            let now = tokio::time::Instant::now();
+        }
+        if req.wait.is_zero() {
+            return Ok(self.want(req, &key, false).await?.1);
+        }
+        let deadline = Instant::now() + req.wait;
+        let now = Instant::now();
+        let free = self.inner.standing().iter_mut().find(|s| !s.busy && s.key == key && s.renew_at > now).map(|s| {
+            s.busy = true;
+            s.token.clone()
+        });
+        let token = match free {
+            Some(token) => token,
+            None => match self.want(req, &key, true).await? {
+                (_, Some(lease)) => return Ok(Some(lease)),
+                (token, None) => token,
+            },
+        };
+        let mut busy = Busy { inner: &self.inner, token };
+        loop {
+            let notified = self.inner.handed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(lease) = self.take_handed(Some(&busy.token), req.lease) {
+                return Ok(Some(lease));
+            }
+            let now = Instant::now();
+            let renew_at = self.inner.standing().iter().find(|s| s.token == busy.token).map_or(now, |s| s.renew_at);
+            if now >= renew_at {
+                // Its life in the fold is nearly over: a new want replaces it.
+                if let Some(lease) = self.withdraw(busy.token.clone(), req.lease).await? {
+                    return Ok(Some(lease));
+                }
+                match self.want(req, &key, true).await? {
+                    (_, Some(lease)) => return Ok(Some(lease)),
+                    (token, None) => busy.token = token,
+                }
+                continue;
+            }
             if now >= deadline {
                 return Ok(None);
             }
-            if let Some(lease) = self.take(req, Some((deadline - now).min(WAIT_SLICE))).await? {
-                return Ok(Some(lease));
-            }
+            let nap = (deadline - now).min(renew_at - now).min(WAIT_SLICE);
+            let _ = tokio::time::timeout(nap, notified).await;
+            self.reap().await?;
         }
     }
 
@@ -690,13 +668,10 @@ impl Queue for AmqpQueue {
             signal: failure.signal,
             message: failure.message,
             output_tail: failure.output_tail,
-            dispatch: nonce(),
+            dispatch: None,
         };
         match Self::fenced(lease, self.emit(event).await?)? {
-            Outcome::Requeued(d) => {
-                self.dispatch(&lease.job.spec.queue, Some(lease.id().as_str()), d).await?;
-                Ok(FailOutcome::Requeued)
-            }
+            Outcome::Requeued => Ok(FailOutcome::Requeued),
             _ => Ok(FailOutcome::Failed),
         }
     }
@@ -707,11 +682,8 @@ impl Queue for AmqpQueue {
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        let event = Event::Released { id: lease.id().to_string(), token: lease.token.clone(), dispatch: nonce() };
-        if let Outcome::Requeued(d) = Self::fenced(lease, self.emit(event).await?)? {
-            self.dispatch(&lease.job.spec.queue, Some(lease.id().as_str()), d).await?;
-        }
-        Ok(())
+        let event = Event::Released { id: lease.id().to_string(), token: lease.token.clone(), dispatch: None };
+        Self::fenced(lease, self.emit(event).await?).map(|_| ())
     }
 
     async fn cancel(&self, id: &JobId) -> Result<CancelOutcome> {
@@ -725,12 +697,9 @@ impl Queue for AmqpQueue {
     }
 
     async fn retry(&self, id: &JobId) -> Result<()> {
-        match self.emit(Event::Retry { id: id.to_string(), dispatch: nonce() }).await? {
+        match self.emit(Event::Retry { id: id.to_string(), dispatch: None }).await? {
             Outcome::Missing => Err(Error::NotFound { id: id.to_string() }),
-            Outcome::Requeued(d) => {
-                let queue = self.get(id).await?.spec.queue;
-                self.dispatch(&queue, Some(id.as_str()), d).await
-            }
+            Outcome::Requeued => Ok(()),
             Outcome::State(state) => Err(Error::not_retryable(id, state)),
             other => Err(Error::backend(BACKEND, format!("retry: unexpected verdict {other:?}"))),
         }
@@ -738,7 +707,7 @@ impl Queue for AmqpQueue {
 
     async fn get(&self, id: &JobId) -> Result<JobRecord> {
         self.sync().await?;
-        let st = self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let st = self.inner.state();
         let job = st.jobs.get(id.as_str()).ok_or_else(|| Error::NotFound { id: id.to_string() })?;
         let mut record = job.record.clone();
         record.errors = st.errors_of(id.as_str());
@@ -747,7 +716,7 @@ impl Queue for AmqpQueue {
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>> {
         self.sync().await?;
-        let st = self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let st = self.inner.state();
         Ok(st
             .order
             .iter()
@@ -770,20 +739,34 @@ impl Queue for AmqpQueue {
         self.emit(Event::Worker { info: Box::new(info.clone()) }).await.map(|_| ())
     }
 
+    /// Also withdraws the worker's waiting wants, and gives back (charging
+    /// no attempt) a job handed to one of them that it never picked up.
     async fn unregister_worker(&self, name: &str) -> Result<()> {
+        let mine: Vec<(String, u64)> = self
+            .inner
+            .standing()
+            .iter()
+            .filter(|s| s.key.worker == name)
+            .map(|s| (s.token.clone(), s.key.lease_ms))
+            .collect();
+        for (token, lease_ms) in mine {
+            if let Some(lease) = self.withdraw(token, Duration::from_millis(lease_ms)).await? {
+                self.release(&lease).await?;
+            }
+        }
         self.emit(Event::WorkerGone { name: name.to_owned() }).await.map(|_| ())
     }
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {
         self.sync().await?;
         let now = Timestamp::now();
-        let st = self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let st = self.inner.state();
         Ok(st.workers.values().map(|w| WorkerInfo { lost: w.lost_at(now), ..w.clone() }).collect())
     }
 
     async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
         self.sync().await?;
-        let st = self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let st = self.inner.state();
         Ok(st
             .errors
             .iter()
