@@ -369,34 +369,57 @@ impl AmqpQueue {
         link.alive.store(false, Ordering::Relaxed);
     }
 
-    /// Publishes an event to the ledger and waits for the broker's confirm;
-    /// the receiver gets its verdict when this process's consumer applies it.
-    async fn publish_event(&self, nonce: &str, payload: &[u8]) -> Result<(Arc<Link>, oneshot::Receiver<Outcome>)> {
+    /// Publishes an event to the ledger and waits for its verdict, which
+    /// comes when this process's consumer applies it. A stream delivers only
+    /// what it has stored, so the verdict needs no confirm first: whichever
+    /// comes first of the verdict and the confirm is waited for, and a
+    /// refused publish fails at once.
+    async fn publish_event(&self, nonce: &str, payload: &[u8]) -> Result<Outcome> {
         let link = self.link().await?;
         let (tx, rx) = oneshot::channel();
         self.inner.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(nonce.to_owned(), tx);
         let props = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
         let ledger = self.ledger_name();
-        let confirmed = async {
-            let confirm = link
-                .publish
-                .basic_publish("".into(), ledger.as_str().into(), BasicPublishOptions::default(), payload, props)
-                .await
-                .map_err(unavailable)?
-                .await
-                .map_err(unavailable)?;
-            if confirm.is_ack() { Ok(()) } else { Err(unavailable("the broker refused a ledger event")) }
+        let sent = link
+            .publish
+            .basic_publish("".into(), ledger.as_str().into(), BasicPublishOptions::default(), payload, props)
+            .await;
+        let confirm = match sent {
+            Ok(confirm) => confirm,
+            Err(e) => {
+                self.drop_link(&link);
+                return Err(unavailable(e));
+            }
         };
-        if let Err(e) = confirmed.await {
+        let verdict = tokio::time::timeout(Duration::from_secs(10), rx);
+        tokio::pin!(verdict);
+        let refused = tokio::select! {
+            v = &mut verdict => return self.verdict(&link, v),
+            c = confirm => match c {
+                Ok(c) if c.is_ack() => None,
+                Ok(_) => Some(unavailable("the broker refused a ledger event")),
+                Err(e) => Some(unavailable(e)),
+            },
+        };
+        if let Some(e) = refused {
             self.drop_link(&link);
             return Err(e);
         }
-        Ok((link, rx))
+        let v = verdict.await;
+        self.verdict(&link, v)
     }
 
-    /// Waits for the verdict of a published event.
-    async fn verdict(&self, link: &Link, rx: oneshot::Receiver<Outcome>) -> Result<Outcome> {
-        match tokio::time::timeout(Duration::from_secs(10), rx).await {
+    /// The verdict of a published event, or `Unavailable` (dropping the
+    /// link) when it did not come within 10 s.
+    fn verdict(
+        &self,
+        link: &Link,
+        waited: std::result::Result<
+            std::result::Result<Outcome, oneshot::error::RecvError>,
+            tokio::time::error::Elapsed,
+        >,
+    ) -> Result<Outcome> {
+        match waited {
             Ok(Ok(outcome)) => Ok(outcome),
             _ => {
                 self.drop_link(link);
@@ -413,11 +436,7 @@ impl AmqpQueue {
         let deadline = Instant::now() + EMIT_WITHIN;
         let mut pause = Duration::from_millis(100);
         loop {
-            let attempt = async {
-                let (link, rx) = self.publish_event(&env.nonce, &payload).await?;
-                self.verdict(&link, rx).await
-            };
-            match attempt.await {
+            match self.publish_event(&env.nonce, &payload).await {
                 Ok(outcome) => return Ok(outcome),
                 Err(e) if Instant::now() + pause >= deadline => return Err(e),
                 Err(e) => {
