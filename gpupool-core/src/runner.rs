@@ -158,6 +158,18 @@ impl ProcessRunner {
     /// An error means the process could not be started (no such program,
     /// no such directory); the message says which.
     pub async fn run(&self, spec: &RunSpec, stop: &Stopper) -> Result<RunResult, String> {
+        self.run_signalling(spec, stop, &CancellationToken::new()).await
+    }
+
+    /// [`Self::run`], cancelling `launched` as soon as the process is
+    /// spawned (the worker waits for it before asking for its next job, so
+    /// that the two do not compete for the CPU).
+    pub async fn run_signalling(
+        &self,
+        spec: &RunSpec,
+        stop: &Stopper,
+        launched: &CancellationToken,
+    ) -> Result<RunResult, String> {
         let Some((program, args)) = spec.argv.split_first() else {
             return Err("the command is empty".into());
         };
@@ -195,6 +207,7 @@ impl ProcessRunner {
             .map_err(|e| format!("cannot open log {}: {e}", spec.log_path.display()))?;
 
         let mut child = cmd.spawn().map_err(|e| format!("cannot start `{}`: {e}", program.display()))?;
+        launched.cancel();
         let pid = child.id();
         let pgid = pid.and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw);
 

@@ -27,6 +27,10 @@ use crate::runner::{Outcome, ProcessRunner, RunSpec, StopReason, Stopper};
 use crate::workspace::{Checkout, Credentials, GitWorkspace};
 use crate::{Error, FailureKind, Result};
 
+/// How long the worker lets a job it just took start (checkout, spawn)
+/// before it asks for the next one, at most.
+const LAUNCH_HEAD_START: Duration = Duration::from_millis(50);
+
 /// How a worker runs. [`WorkerConfig::new`] gives INTERFACE.md's defaults.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -225,14 +229,25 @@ impl Worker {
                     let (ctx2, gpus2, stop) = (Arc::clone(&ctx), Arc::clone(&gpus), stop_all.clone());
                     let running2 = Arc::clone(&running);
                     lock(&running).push(RunningJob { id: lease.id().clone(), gpus: given.clone() });
+                    let launched = CancellationToken::new();
+                    let launched2 = launched.clone();
                     tasks.spawn(
                         async move {
-                            run_job(&ctx2, &lease, &given, stop).await;
+                            run_job(&ctx2, &lease, &given, stop, &launched2).await;
                             lock(&gpus2).give_back(&given);
                             lock(&running2).retain(|r| &r.id != lease.id());
                         }
                         .instrument(span),
                     );
+                    // The job starts first: asking for the next one (a
+                    // queue write on some backends) would compete with its
+                    // checkout and spawn for the CPU. A slow checkout holds
+                    // the next request back no longer than LAUNCH_HEAD_START.
+                    tokio::select! {
+                        () = launched.cancelled() => {}
+                        () = tokio::time::sleep(LAUNCH_HEAD_START) => {}
+                        () = shutdown.cancelled() => {}
+                    }
                 }
                 Ok(None) => {
                     backoff = Duration::ZERO;
@@ -414,7 +429,7 @@ impl Ctx {
     }
 }
 
-async fn run_job(ctx: &Ctx, lease: &Lease, gpus: &[u32], stop_all: CancellationToken) {
+async fn run_job(ctx: &Ctx, lease: &Lease, gpus: &[u32], stop_all: CancellationToken, launched: &CancellationToken) {
     let stopper = Stopper::new();
     let hb = tokio::spawn(heartbeat_loop(
         Arc::clone(&ctx.queue),
@@ -431,7 +446,8 @@ async fn run_job(ctx: &Ctx, lease: &Lease, gpus: &[u32], stop_all: CancellationT
         })
     };
     info!(gpus = ?gpus, "running {} at {}", lease.job.spec.entrypoint, lease.job.spec.git_ref);
-    let report = execute(ctx, lease, gpus, &stopper).await;
+    let report = execute(ctx, lease, gpus, &stopper, launched).await;
+    launched.cancel();
     shutdown_watch.abort();
     deliver(ctx, lease, report).await;
     hb.abort();
@@ -462,7 +478,7 @@ fn stopped_report(reason: StopReason) -> Report {
     }
 }
 
-async fn execute(ctx: &Ctx, lease: &Lease, gpus: &[u32], stopper: &Stopper) -> Report {
+async fn execute(ctx: &Ctx, lease: &Lease, gpus: &[u32], stopper: &Stopper, launched: &CancellationToken) -> Report {
     let spec = &lease.job.spec;
     let repo = match ctx.repo_for(lease) {
         Ok(r) => r,
@@ -473,7 +489,7 @@ async fn execute(ctx: &Ctx, lease: &Lease, gpus: &[u32], stopper: &Stopper) -> R
         Ok(c) => c,
         Err(e) => return Report::Fail(Failure::new(e.kind, e.message)),
     };
-    let report = run_in_checkout(ctx, lease, gpus, stopper, &repo, &checkout).await;
+    let report = run_in_checkout(ctx, lease, gpus, stopper, launched, &repo, &checkout).await;
     ctx.workspace.remove(&checkout).await;
     report
 }
@@ -483,18 +499,22 @@ async fn run_in_checkout(
     lease: &Lease,
     gpus: &[u32],
     stopper: &Stopper,
+    launched: &CancellationToken,
     repo: &str,
     checkout: &Checkout,
 ) -> Report {
-    // The commit and GPUs are recorded while the process starts, not
-    // before: a round trip to the queue (a ledger write on RabbitMQ) is not
-    // worth delaying a run for. A lost lease stops the run as a heartbeat
+    // The commit and GPUs are recorded once the process (or the setup
+    // step) has started, not before: a round trip to the queue (a ledger
+    // write on RabbitMQ) is not worth delaying a run for, nor competing with
+    // its start for the CPU. A lost lease stops the run as a heartbeat
     // would; the outcome is reported only after the record is in, so the
     // completion never overtakes it.
     let recorder = {
         let info = RunInfo { commit: Some(checkout.commit.clone()), gpu_ids: gpus.to_vec() };
         let (queue, lease, stopper) = (Arc::clone(&ctx.queue), lease.clone(), stopper.clone());
+        let launched = launched.clone();
         tokio::spawn(async move {
+            launched.cancelled().await;
             match queue.started(&lease, &info).await {
                 Err(Error::LeaseLost { .. }) => stopper.stop(StopReason::LeaseLost),
                 Err(e) => warn!("could not record the commit ({e})"),
@@ -502,7 +522,8 @@ async fn run_in_checkout(
             }
         })
     };
-    let report = run_recorded(ctx, lease, gpus, stopper, repo, checkout).await;
+    let report = run_recorded(ctx, lease, gpus, stopper, launched, repo, checkout).await;
+    launched.cancel();
     let _ = recorder.await;
     report
 }
@@ -513,6 +534,7 @@ async fn run_recorded(
     lease: &Lease,
     gpus: &[u32],
     stopper: &Stopper,
+    launched: &CancellationToken,
     repo: &str,
     checkout: &Checkout,
 ) -> Report {
@@ -563,13 +585,13 @@ async fn run_recorded(
     };
 
     if let Some(setup) = &ctx.cfg.setup
-        && let Some(report) = run_setup(ctx, setup, repo, checkout, stopper, &run_spec(setup.clone())).await
+        && let Some(report) = run_setup(ctx, setup, repo, checkout, stopper, launched, &run_spec(setup.clone())).await
     {
         return report;
     }
     let argv = build_argv(&ctx.cfg.command, &spec.entrypoint, &spec.args, u32::try_from(gpus.len()).unwrap_or(0));
     note(&log_path, &format!("run: {}", shell_words::join(&argv))).await;
-    let result = match ctx.runner.run(&run_spec(argv), stopper).await {
+    let result = match ctx.runner.run_signalling(&run_spec(argv), stopper, launched).await {
         Ok(r) => r,
         Err(message) => return Report::Fail(Failure::new(FailureKind::Setup, message)),
     };
@@ -617,6 +639,7 @@ async fn run_setup(
     repo: &str,
     checkout: &Checkout,
     stopper: &Stopper,
+    launched: &CancellationToken,
     spec: &RunSpec,
 ) -> Option<Report> {
     // One setup at a time: two jobs installing into one environment race.
@@ -636,7 +659,7 @@ async fn run_setup(
         return None;
     }
     note(&spec.log_path, &format!("setup: {shown}")).await;
-    match ctx.runner.run(spec, stopper).await {
+    match ctx.runner.run_signalling(spec, stopper, launched).await {
         Err(message) => {
             Some(Report::Fail(Failure::new(FailureKind::Setup, format!("setup step `{shown}`: {message}"))))
         }
