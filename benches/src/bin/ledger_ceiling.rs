@@ -103,7 +103,10 @@ async fn main() {
         }
         // Each client waits 300 ms for its consumer to attach before it starts.
         let took = t.elapsed().saturating_sub(Duration::from_millis(300));
-        println!("CEILING clients={clients} events_per_s={:.0}", (events / clients * clients) as f64 / took.as_secs_f64());
+        println!(
+            "CEILING clients={clients} events_per_s={:.0}",
+            (events / clients * clients) as f64 / took.as_secs_f64()
+        );
     }
     ch.queue_delete(stream.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
 }
