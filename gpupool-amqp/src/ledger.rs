@@ -582,9 +582,11 @@ impl State {
                 self.workers.insert(info.name.clone(), *info);
                 Outcome::Ok
             }
+            // A leaving worker withdraws its own wants first; several
+            // handles in one process may share a worker name, so its wants
+            // are not dropped by name here.
             Event::WorkerGone { name } => {
                 self.workers.remove(&name);
-                self.waiting.retain(|w| w.worker != name);
                 Outcome::Ok
             }
             Event::Sync => Outcome::Ok,
