@@ -29,8 +29,11 @@ use crate::options::SqliteOptions;
 const POLL: Duration = Duration::from_millis(25);
 
 /// The migrations, in order; `PRAGMA user_version` records the last applied.
-const MIGRATIONS: [(i64, &str); 2] =
-    [(1, include_str!("../migrations/0001_init.sql")), (2, include_str!("../migrations/0002_workers.sql"))];
+const MIGRATIONS: [(i64, &str); 3] = [
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_workers.sql")),
+    (3, include_str!("../migrations/0003_drop_lease_index.sql")),
+];
 
 /// The columns [`record`] reads.
 macro_rules! job_columns {
