@@ -50,10 +50,11 @@
 //! worker killed while idle leaves a want that may still be handed a job
 //! for up to 30 s; that job runs again after its lease runs out, charged a
 //! `lease_lost` attempt, as a job of any worker killed mid-run is. A worker
-//! that stops cleanly withdraws its wants and gives back (uncharged) a job
-//! handed to one of them, in `unregister_worker`: a program of your own
-//! that calls `reserve` with a wait and then stops reserving should call
-//! it too, with the worker name of its requests.
+//! that stops withdraws its wants and gives back (uncharged) a job handed
+//! to one of them as soon as it stops reserving (`stop_reserving`, before
+//! its running jobs drain): a program of your own that calls `reserve`
+//! with a wait and then stops reserving should call it too, with the
+//! worker name of its requests.
 //!
 //! Upgrading from the version with work queues: stop every worker first.
 //! The old events replay as before; the `PREFIXwork.QUEUE` queues are no
@@ -758,9 +759,16 @@ impl Queue for AmqpQueue {
         self.emit(Event::Worker { info: Box::new(info.clone()) }).await.map(|_| ())
     }
 
-    /// Also withdraws the worker's waiting wants, and gives back (charging
-    /// no attempt) a job handed to one of them that it never picked up.
+    /// Also withdraws the worker's waiting wants, as
+    /// [`Queue::stop_reserving`] does.
     async fn unregister_worker(&self, name: &str) -> Result<()> {
+        self.stop_reserving(name).await?;
+        self.emit(Event::WorkerGone { name: name.to_owned() }).await.map(|_| ())
+    }
+
+    /// Withdraws the worker's waiting wants, and gives back (charging no
+    /// attempt) a job handed to one of them that no reserve returned.
+    async fn stop_reserving(&self, name: &str) -> Result<()> {
         let mine: Vec<(String, u64)> = self
             .inner
             .standing()
@@ -773,7 +781,7 @@ impl Queue for AmqpQueue {
                 self.release(&lease).await?;
             }
         }
-        self.emit(Event::WorkerGone { name: name.to_owned() }).await.map(|_| ())
+        Ok(())
     }
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {

@@ -1,6 +1,6 @@
 //! A waiting reserve leaves a want in the ledger that outlives the call:
 //! the next reserve picks up a job handed to it in between, and a worker
-//! that unregisters gives such a job back without charging an attempt.
+//! that stops reserving gives such a job back without charging an attempt.
 
 // Test code: a panic is how a check fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -35,11 +35,11 @@ async fn a_job_handed_between_reserves_is_picked_up_or_given_back() {
     assert_eq!((lease.id(), lease.attempt()), (&id, 1));
     worker.complete(&lease, Completion::default()).await.unwrap();
 
-    // Handed to an idle want, then the worker leaves: back, uncharged.
+    // Handed to an idle want, then the worker stops: back, uncharged.
     assert!(worker.reserve(&waiting("host-a:1")).await.unwrap().is_none());
     let id = pusher.push(JobSpec::new("main", "t.py")).await.unwrap();
     assert_eq!(pusher.get(&id).await.unwrap().state, JobState::Running);
-    worker.unregister_worker("host-a:1").await.unwrap();
+    worker.stop_reserving("host-a:1").await.unwrap();
     let rec = pusher.get(&id).await.unwrap();
     assert_eq!((rec.state, rec.attempt), (JobState::Queued, 0), "given back, no attempt charged");
     let lease = pusher.reserve(&ReserveRequest::new("default")).await.unwrap().expect("queued again");
@@ -49,4 +49,55 @@ async fn a_job_handed_between_reserves_is_picked_up_or_given_back() {
     let id = pusher.push(JobSpec::new("main", "t.py")).await.unwrap();
     assert_eq!(pusher.get(&id).await.unwrap().state, JobState::Queued);
     pusher.delete_queues().await.unwrap();
+}
+
+/// A stopping worker lets go of its open reserve at once, not after its
+/// running jobs drain: a job pushed meanwhile stays queued for others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_takes_no_new_job_while_it_drains() {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use gpupool_core::{Worker, WorkerConfig};
+    use tokio_util::sync::CancellationToken;
+
+    let Some(url) = common::url(&common::random_prefix("wantstop")) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let repo_dir = tmp.path().join("repo");
+    let repo = git2::Repository::init(&repo_dir).unwrap();
+    std::fs::write(repo_dir.join("job.py"), "import time\ntime.sleep(3)\n").unwrap();
+    let mut index = repo.index().unwrap();
+    index.add_path(Path::new("job.py")).unwrap();
+    let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
+    let sig = git2::Signature::now("t", "t@example.com").unwrap();
+    repo.commit(Some("refs/heads/main"), &sig, &sig, "job", &tree, &[]).unwrap();
+
+    let q = AmqpQueue::connect(&url).await.unwrap();
+    let long = q.push(JobSpec::new("main", "job.py")).await.unwrap();
+    let mut cfg = WorkerConfig::new(tmp.path().join("data"));
+    cfg.repo = Some(repo_dir.to_string_lossy().into_owned());
+    cfg.slots = 2;
+    cfg.lease = Duration::from_secs(30);
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(Worker::new(Arc::new(q.clone()), cfg).run(shutdown.clone()));
+    // The long job runs; the free slot's reserve waits with a want.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while q.get(&long).await.unwrap().state != JobState::Running {
+        assert!(std::time::Instant::now() < deadline, "the first job never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shutdown.cancel();
+    // The reserve that was waiting when the stop came runs out (≤ 1 s) and
+    // leaves its want; the worker withdraws it while the long job drains.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!worker.is_finished(), "the long job is still draining");
+    let late = q.push(JobSpec::new("main", "job.py")).await.unwrap();
+    assert_eq!(q.get(&late).await.unwrap().state, JobState::Queued, "not handed to the stopping worker");
+    assert!(!worker.is_finished(), "checked while the long job drains");
+    worker.await.unwrap().unwrap();
+    assert_eq!(q.get(&long).await.unwrap().state, JobState::Succeeded, "the running job drained");
+    let rec = q.get(&late).await.unwrap();
+    assert_eq!((rec.state, rec.attempt, rec.errors.len()), (JobState::Queued, 0, 0), "{rec:?}");
+    q.delete_queues().await.unwrap();
 }

@@ -488,6 +488,16 @@ pub trait Queue: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// The worker `worker` will not reserve again (it is stopping; its
+    /// running jobs may still run). A backend that keeps a waiting
+    /// reserve's request alive between calls withdraws it, and gives back,
+    /// charging no attempt, a job it was handed that no call returned.
+    /// The default does nothing.
+    async fn stop_reserving(&self, worker: &str) -> Result<()> {
+        let _ = worker;
+        Ok(())
+    }
+
     /// Every registered worker, with `lost` set for those that stopped
     /// reporting. The default knows none.
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {

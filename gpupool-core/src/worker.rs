@@ -212,6 +212,14 @@ impl Worker {
                 worker: cfg.name.clone(),
             };
             match ctx.queue.reserve(&req).await {
+                // A reserve that was waiting when the stop came: a stopping
+                // worker starts nothing new, so the job goes back, uncharged.
+                Ok(Some(lease)) if shutdown.is_cancelled() => {
+                    info!(job_id = %lease.id(), "stopping: giving back a job reserved as the stop came");
+                    if let Err(e) = ctx.queue.release(&lease).await {
+                        warn!(job_id = %lease.id(), "could not give the job back ({e}); it returns when its lease ends");
+                    }
+                }
                 Ok(Some(lease)) => {
                     backoff = Duration::ZERO;
                     summary.reserved += 1;
@@ -270,6 +278,11 @@ impl Worker {
             }
         }
 
+        // Nothing more is reserved: a backend holding a request open for
+        // this worker lets it go now, not after the running jobs drain.
+        if let Err(e) = ctx.queue.stop_reserving(&cfg.name).await {
+            warn!("could not withdraw this worker's open reserve ({e})");
+        }
         if !tasks.is_empty() {
             info!(running = tasks.len(), drain = ?cfg.drain_timeout, "stopping: waiting for running jobs");
             let drained =
