@@ -554,10 +554,12 @@ impl AmqpQueue {
             }
             Ok(_) => Ok((token, None)),
             Err(e) => {
-                // It may have reached the ledger: keep it, free, so that a
-                // job handed to it is picked up (or it is renewed).
+                // It may have reached the ledger: keep it, free and due for
+                // renewal, so that the next reserve withdraws it (getting a
+                // job handed to it meanwhile) and publishes a new one.
                 if let Some(s) = self.inner.standing().iter_mut().find(|s| s.token == token) {
                     s.busy = false;
+                    s.renew_at = Instant::now();
                 }
                 Err(e)
             }
@@ -597,9 +599,16 @@ impl Queue for AmqpQueue {
         if let Some(lease) = self.take_handed(None, req.lease) {
             return Ok(Some(lease));
         }
-        // Free wants made for something else are withdrawn.
-        let others: Vec<String> =
-            self.inner.standing().iter().filter(|s| !s.busy && s.key != key).map(|s| s.token.clone()).collect();
+        // Free wants made for something else, or due for renewal, are
+        // withdrawn.
+        let now = Instant::now();
+        let others: Vec<String> = self
+            .inner
+            .standing()
+            .iter()
+            .filter(|s| !s.busy && (s.key != key || s.renew_at <= now))
+            .map(|s| s.token.clone())
+            .collect();
         for token in others {
             if let Some(lease) = self.withdraw(token, req.lease).await? {
                 return Ok(Some(lease));
@@ -609,7 +618,6 @@ impl Queue for AmqpQueue {
             return Ok(self.want(req, &key, false).await?.1);
         }
         let deadline = Instant::now() + req.wait;
-        let now = Instant::now();
         let free = self.inner.standing().iter_mut().find(|s| !s.busy && s.key == key && s.renew_at > now).map(|s| {
             s.busy = true;
             s.token.clone()

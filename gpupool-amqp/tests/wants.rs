@@ -101,3 +101,31 @@ async fn a_stopping_worker_takes_no_new_job_while_it_drains() {
     assert_eq!((rec.state, rec.attempt, rec.errors.len()), (JobState::Queued, 0, 0), "{rec:?}");
     q.delete_queues().await.unwrap();
 }
+
+/// A want lives 30 s in the ledger; a reserve that waits longer renews it,
+/// so a job pushed after 32 s still reaches it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_wait_renews_its_want() {
+    let Some(url) = common::url(&common::random_prefix("wantlong")) else { return };
+    let worker = AmqpQueue::connect(&url).await.unwrap();
+    let pusher = AmqpQueue::connect(&url).await.unwrap();
+    let waiting = tokio::spawn({
+        let worker = worker.clone();
+        async move {
+            let mut req = ReserveRequest::new("default").worker("host-b:1");
+            req.wait = Duration::from_secs(45);
+            let lease = worker.reserve(&req).await.unwrap();
+            (lease, std::time::Instant::now())
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(32)).await;
+    assert!(!waiting.is_finished(), "still waiting");
+    let id = pusher.push(JobSpec::new("main", "t.py")).await.unwrap();
+    let pushed = std::time::Instant::now();
+    let (lease, got) = waiting.await.unwrap();
+    let lease = lease.expect("the renewed want was handed the job");
+    assert_eq!(lease.id(), &id);
+    assert!(got.duration_since(pushed) < Duration::from_secs(5), "handed at once, not at a renewal");
+    worker.complete(&lease, Completion::default()).await.unwrap();
+    pusher.delete_queues().await.unwrap();
+}
