@@ -45,12 +45,8 @@ pub(crate) enum Event {
         token: String,
         /// The handle that published it ([`State::owner`]).
         owner: String,
-        worker: String,
-        queues: Vec<String>,
-        /// The most GPUs a job may need ([`gpupool_core::ReserveRequest::gpu_limit`]).
-        gpu_limit: u32,
-        gpu_host: bool,
-        lease_ms: u64,
+        #[serde(flatten)]
+        ask: Ask,
         /// How long the want may wait for a job; 0: only a job queued now.
         wait_ms: u64,
     },
@@ -142,6 +138,25 @@ pub(crate) enum Event {
     Sync,
 }
 
+/// What a want asks for (a handle reuses a waiting want for a reserve that
+/// asks for the same).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Ask {
+    pub(crate) worker: String,
+    pub(crate) queues: Vec<String>,
+    /// The most GPUs a job may need ([`gpupool_core::ReserveRequest::gpu_limit`]).
+    pub(crate) gpu_limit: u32,
+    pub(crate) gpu_host: bool,
+    pub(crate) lease_ms: u64,
+}
+
+impl Ask {
+    /// Whether a want asking this may take the job.
+    fn takes(&self, job: &Job) -> bool {
+        self.queues.contains(&job.record.spec.queue) && job.fits(self.gpu_limit, self.gpu_host)
+    }
+}
+
 /// An event with its publisher's nonce and clock.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Envelope {
@@ -230,11 +245,7 @@ impl Job {
 struct Waiting {
     token: String,
     owner: String,
-    worker: String,
-    queues: Vec<String>,
-    gpu_limit: u32,
-    gpu_host: bool,
-    lease_ms: u64,
+    ask: Ask,
     /// Event time (ms) after which it is gone.
     until: i64,
 }
@@ -308,12 +319,9 @@ impl State {
     fn enqueue(&mut self, id: &str, at: i64, now: Instant) {
         let Some(job) = self.jobs.get(id) else { return };
         self.waiting.retain(|w| w.until >= at);
-        let taker = self
-            .waiting
-            .iter()
-            .position(|w| w.queues.contains(&job.record.spec.queue) && job.fits(w.gpu_limit, w.gpu_host));
+        let taker = self.waiting.iter().position(|w| w.ask.takes(job));
         if let Some(w) = taker.and_then(|i| self.waiting.remove(i)) {
-            self.lease_to(id, w.token.clone(), w.worker, w.lease_ms, at, now);
+            self.lease_to(id, w.token.clone(), w.ask.worker, w.ask.lease_ms, at, now);
             if w.owner == self.owner {
                 self.handed.insert(w.token, id.to_owned());
             }
@@ -334,15 +342,15 @@ impl State {
 
     /// The best queued job for a want: the first of its queues that has
     /// one that fits, then priority, then the oldest.
-    fn pick(&self, queues: &[String], gpu_limit: u32, gpu_host: bool) -> Option<String> {
-        queues
+    fn pick(&self, ask: &Ask) -> Option<String> {
+        ask.queues
             .iter()
             .find_map(|q| {
                 self.queued
                     .get(q)?
                     .iter()
                     .map(|(_, _, id)| id)
-                    .find(|id| self.jobs.get(id.as_str()).is_some_and(|j| j.fits(gpu_limit, gpu_host)))
+                    .find(|id| self.jobs.get(id.as_str()).is_some_and(|j| j.fits(ask.gpu_limit, ask.gpu_host)))
             })
             .cloned()
     }
@@ -401,16 +409,16 @@ impl State {
                 self.requeue(&id, dispatch, at, now);
                 Outcome::Pushed(id)
             }
-            Event::Want { token, owner, worker, queues, gpu_limit, gpu_host, lease_ms, wait_ms } => {
-                if let Some(id) = self.pick(&queues, gpu_limit, gpu_host) {
-                    self.lease_to(&id, token, worker, lease_ms, at, now);
+            Event::Want { token, owner, ask, wait_ms } => {
+                if let Some(id) = self.pick(&ask) {
+                    self.lease_to(&id, token, ask.worker, ask.lease_ms, at, now);
                     return Outcome::Leased(id);
                 }
                 if wait_ms == 0 {
                     return Outcome::Rejected;
                 }
                 let until = at.saturating_add(i64::try_from(wait_ms).unwrap_or(i64::MAX));
-                self.waiting.push_back(Waiting { token, owner, worker, queues, gpu_limit, gpu_host, lease_ms, until });
+                self.waiting.push_back(Waiting { token, owner, ask, until });
                 Outcome::Waiting
             }
             Event::Withdraw { token } => {
@@ -616,16 +624,14 @@ mod tests {
     }
 
     fn want(token: &str, owner: &str, queues: &[&str], gpu_limit: u32, wait_ms: u64) -> Event {
-        Event::Want {
-            token: token.into(),
-            owner: owner.into(),
+        let ask = Ask {
             worker: format!("w-{owner}"),
             queues: queues.iter().map(|q| (*q).to_owned()).collect(),
             gpu_limit,
             gpu_host: true,
             lease_ms: 1000,
-            wait_ms,
-        }
+        };
+        Event::Want { token: token.into(), owner: owner.into(), ask, wait_ms }
     }
 
     #[test]
@@ -710,6 +716,31 @@ mod tests {
         assert_eq!(take("w3", &["a", "b"], 1), Some(low));
         assert_eq!(take("w4", &["a", "b"], 1), None, "the 4-GPU job does not fit 1");
         assert_eq!(take("w5", &["b"], 4), Some(big));
+    }
+
+    #[test]
+    fn a_want_is_one_flat_json_object() {
+        let text = serde_json::to_string(&env("n", want("t", "o", &["a", "b"], 2, 30_000))).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let keys: Vec<&str> = value.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "nonce",
+                "at",
+                "type",
+                "token",
+                "owner",
+                "worker",
+                "queues",
+                "gpu_limit",
+                "gpu_host",
+                "lease_ms",
+                "wait_ms"
+            ]
+        );
+        let back: Envelope = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.event, want("t", "o", &["a", "b"], 2, 30_000));
     }
 
     #[test]

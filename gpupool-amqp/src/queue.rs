@@ -80,7 +80,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{Notify, oneshot};
 use tracing::warn;
 
-use crate::ledger::{Envelope, Event, Outcome, State};
+use crate::ledger::{Ask, Envelope, Event, Outcome, State};
 use crate::options::AmqpOptions;
 
 const BACKEND: &str = "amqp";
@@ -121,26 +121,14 @@ impl Link {
     }
 }
 
-/// What a want asks for; a waiting want is reused by a later reserve
-/// that asks for the same.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct WantKey {
-    queues: Vec<String>,
-    gpu_limit: u32,
-    gpu_host: bool,
-    lease_ms: u64,
-    worker: String,
-}
-
-impl WantKey {
-    fn of(req: &ReserveRequest) -> Self {
-        WantKey {
-            queues: req.queues.clone(),
-            gpu_limit: req.gpu_limit(),
-            gpu_host: req.gpu_host,
-            lease_ms: ms(req.lease),
-            worker: req.worker.clone(),
-        }
+/// What a reserve asks for.
+fn ask_of(req: &ReserveRequest) -> Ask {
+    Ask {
+        worker: req.worker.clone(),
+        queues: req.queues.clone(),
+        gpu_limit: req.gpu_limit(),
+        gpu_host: req.gpu_host,
+        lease_ms: ms(req.lease),
     }
 }
 
@@ -148,7 +136,7 @@ impl WantKey {
 #[derive(Debug)]
 struct Standing {
     token: String,
-    key: WantKey,
+    ask: Ask,
     /// When to replace it (before the fold lets it go).
     renew_at: Instant,
     /// A reserve call is waiting on it.
@@ -530,22 +518,18 @@ impl AmqpQueue {
 
     /// Publishes a want; `wait`: it may wait in the fold (and is kept as
     /// this handle's, busy), else it takes only a job queued now.
-    async fn want(&self, req: &ReserveRequest, key: &WantKey, wait: bool) -> Result<(String, Option<Lease>)> {
+    async fn want(&self, req: &ReserveRequest, ask: &Ask, wait: bool) -> Result<(String, Option<Lease>)> {
         let token = nonce();
         let event = Event::Want {
             token: token.clone(),
             owner: self.inner.owner.clone(),
-            worker: key.worker.clone(),
-            queues: key.queues.clone(),
-            gpu_limit: key.gpu_limit,
-            gpu_host: key.gpu_host,
-            lease_ms: key.lease_ms,
+            ask: ask.clone(),
             wait_ms: if wait { ms(WANT_FOR) } else { 0 },
         };
         if wait {
             // Noted before it is published: the fold may hand it a job at once.
             let renew_at = Instant::now() + WANT_FOR - RENEW_BEFORE;
-            self.inner.standing().push(Standing { token: token.clone(), key: key.clone(), renew_at, busy: true });
+            self.inner.standing().push(Standing { token: token.clone(), ask: ask.clone(), renew_at, busy: true });
         }
         match self.emit(event).await {
             Ok(Outcome::Leased(id)) => {
@@ -594,7 +578,7 @@ impl Queue for AmqpQueue {
 
     async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
         self.reap().await?;
-        let key = WantKey::of(req);
+        let ask = ask_of(req);
         // A job handed to a want of this handle's while no call waited on it.
         if let Some(lease) = self.take_handed(None, req.lease) {
             return Ok(Some(lease));
@@ -606,7 +590,7 @@ impl Queue for AmqpQueue {
             .inner
             .standing()
             .iter()
-            .filter(|s| !s.busy && (s.key != key || s.renew_at <= now))
+            .filter(|s| !s.busy && (s.ask != ask || s.renew_at <= now))
             .map(|s| s.token.clone())
             .collect();
         for token in others {
@@ -615,16 +599,16 @@ impl Queue for AmqpQueue {
             }
         }
         if req.wait.is_zero() {
-            return Ok(self.want(req, &key, false).await?.1);
+            return Ok(self.want(req, &ask, false).await?.1);
         }
         let deadline = Instant::now() + req.wait;
-        let free = self.inner.standing().iter_mut().find(|s| !s.busy && s.key == key && s.renew_at > now).map(|s| {
+        let free = self.inner.standing().iter_mut().find(|s| !s.busy && s.ask == ask && s.renew_at > now).map(|s| {
             s.busy = true;
             s.token.clone()
         });
         let token = match free {
             Some(token) => token,
-            None => match self.want(req, &key, true).await? {
+            None => match self.want(req, &ask, true).await? {
                 (_, Some(lease)) => return Ok(Some(lease)),
                 (token, None) => token,
             },
@@ -644,7 +628,7 @@ impl Queue for AmqpQueue {
                 if let Some(lease) = self.withdraw(busy.token.clone(), req.lease).await? {
                     return Ok(Some(lease));
                 }
-                match self.want(req, &key, true).await? {
+                match self.want(req, &ask, true).await? {
                     (_, Some(lease)) => return Ok(Some(lease)),
                     (token, None) => busy.token = token,
                 }
@@ -781,8 +765,8 @@ impl Queue for AmqpQueue {
             .inner
             .standing()
             .iter()
-            .filter(|s| s.key.worker == name)
-            .map(|s| (s.token.clone(), s.key.lease_ms))
+            .filter(|s| s.ask.worker == name)
+            .map(|s| (s.token.clone(), s.ask.lease_ms))
             .collect();
         for (token, lease_ms) in mine {
             if let Some(lease) = self.withdraw(token, Duration::from_millis(lease_ms)).await? {
