@@ -69,20 +69,12 @@ impl Drop for AppRunning {
 /// A repository with `job.py`: it appends its job id to `runs`, then
 /// sleeps `--seconds`.
 fn repo(dir: &Path, runs: &Path) -> PathBuf {
-    let repo_dir = dir.join("repo");
-    let repo = git2::Repository::init(&repo_dir).unwrap();
     let script = format!(
         "import os, sys, time\nwith open({:?}, 'a') as f:\n    f.write(os.environ['GPUPOOL_JOB_ID'] + '\\n')\n\
          time.sleep(float(sys.argv[sys.argv.index('--seconds') + 1]))\n",
         runs.to_str().unwrap()
     );
-    std::fs::write(repo_dir.join("job.py"), script).unwrap();
-    let mut index = repo.index().unwrap();
-    index.add_path(Path::new("job.py")).unwrap();
-    let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
-    let sig = git2::Signature::now("t", "t@example.com").unwrap();
-    repo.commit(Some("refs/heads/main"), &sig, &sig, "job", &tree, &[]).unwrap();
-    repo_dir
+    gpupool_core::conformance::job_repo(dir, &script)
 }
 
 fn runs_per_job(runs: &Path) -> HashMap<String, usize> {

@@ -55,7 +55,6 @@ async fn a_job_handed_between_reserves_is_picked_up_or_given_back() {
 /// running jobs drain: a job pushed meanwhile stays queued for others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_worker_takes_no_new_job_while_it_drains() {
-    use std::path::Path;
     use std::sync::Arc;
 
     use gpupool_core::{Worker, WorkerConfig};
@@ -63,14 +62,7 @@ async fn a_stopping_worker_takes_no_new_job_while_it_drains() {
 
     let Some(url) = common::url(&common::random_prefix("wantstop")) else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let repo_dir = tmp.path().join("repo");
-    let repo = git2::Repository::init(&repo_dir).unwrap();
-    std::fs::write(repo_dir.join("job.py"), "import time\ntime.sleep(3)\n").unwrap();
-    let mut index = repo.index().unwrap();
-    index.add_path(Path::new("job.py")).unwrap();
-    let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
-    let sig = git2::Signature::now("t", "t@example.com").unwrap();
-    repo.commit(Some("refs/heads/main"), &sig, &sig, "job", &tree, &[]).unwrap();
+    let repo_dir = gpupool_core::conformance::job_repo(tmp.path(), "import time\ntime.sleep(3)\n");
 
     let q = AmqpQueue::connect(&url).await.unwrap();
     let long = q.push(JobSpec::new("main", "job.py")).await.unwrap();

@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,14 +81,7 @@ async fn a_lost_connection_is_unavailable_and_the_result_survives_it() {
     // 2. A real worker: the database goes away mid-run and comes back after
     //    the job ended; the worker keeps going and the success is recorded.
     let tmp = tempfile::tempdir().unwrap();
-    let repo_dir = tmp.path().join("repo");
-    let repo = git2::Repository::init(&repo_dir).unwrap();
-    std::fs::write(repo_dir.join("job.py"), "import time\ntime.sleep(3)\nprint('trained')\n").unwrap();
-    let mut index = repo.index().unwrap();
-    index.add_path(Path::new("job.py")).unwrap();
-    let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
-    let sig = git2::Signature::now("t", "t@example.com").unwrap();
-    repo.commit(Some("refs/heads/main"), &sig, &sig, "job", &tree, &[]).unwrap();
+    let repo_dir = gpupool_core::conformance::job_repo(tmp.path(), "import time\ntime.sleep(3)\nprint('trained')\n");
 
     let id = q.push(JobSpec::new("main", "job.py")).await.unwrap();
     let mut cfg = WorkerConfig::new(tmp.path().join("data"));

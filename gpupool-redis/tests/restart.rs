@@ -47,19 +47,12 @@ async fn the_worker_survives_a_redis_crash_and_every_job_succeeds() {
     let mut server = start_redis(port, &data);
 
     // A repository whose job logs each execution, then trains for 300 ms.
-    let repo_dir = tmp.path().join("repo");
-    let repo = git2::Repository::init(&repo_dir).unwrap();
     let runs = tmp.path().join("runs.log");
     let script = format!(
         "import os, time\nwith open({:?}, 'a') as f:\n    f.write(os.environ['GPUPOOL_JOB_ID'] + '\\n')\ntime.sleep(0.3)\n",
         runs.to_str().unwrap()
     );
-    std::fs::write(repo_dir.join("job.py"), script).unwrap();
-    let mut index = repo.index().unwrap();
-    index.add_path(Path::new("job.py")).unwrap();
-    let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
-    let sig = git2::Signature::now("t", "t@example.com").unwrap();
-    repo.commit(Some("refs/heads/main"), &sig, &sig, "job", &tree, &[]).unwrap();
+    let repo_dir = gpupool_core::conformance::job_repo(tmp.path(), &script);
 
     let url = format!("redis://127.0.0.1:{port}/0?reclaim_idle=2s");
     let q = RedisQueue::connect(&url).await.unwrap();
