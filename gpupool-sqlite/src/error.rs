@@ -9,15 +9,22 @@ pub(crate) const BACKEND: &str = "sqlite";
 const SQLITE_BUSY: i32 = 5;
 const SQLITE_LOCKED: i32 = 6;
 
-pub(crate) fn map(e: sqlx::Error) -> Error {
-    let unavailable = match &e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
+/// Whether SQLite answered BUSY or LOCKED: another connection holds the lock.
+pub(crate) fn is_busy(e: &sqlx::Error) -> bool {
+    match e {
         sqlx::Error::Database(db) => db
             .code()
             .and_then(|c| c.parse::<i32>().ok())
             .is_some_and(|c| matches!(c & 0xff, SQLITE_BUSY | SQLITE_LOCKED)),
         _ => false,
-    };
+    }
+}
+
+pub(crate) fn map(e: sqlx::Error) -> Error {
+    let unavailable = matches!(
+        e,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed
+    ) || is_busy(&e);
     if unavailable {
         Error::Unavailable { backend: BACKEND, source: Box::new(e) }
     } else {

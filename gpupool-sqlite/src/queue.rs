@@ -18,7 +18,7 @@ use gpupool_core::{
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{ConnectOptions, Connection, Row, Sqlite, Transaction};
 use tokio::sync::Notify;
 
 use crate::error::map;
@@ -34,6 +34,28 @@ const MIGRATIONS: [(i64, &str); 3] = [
     (2, include_str!("../migrations/0002_workers.sql")),
     (3, include_str!("../migrations/0003_drop_lease_index.sql")),
 ];
+
+/// Puts the file in WAL mode, once, before the pool opens; WAL is a property
+/// of the file, so the pool's connections need not ask again.
+///
+/// Switching a new file to WAL takes its exclusive lock. When several
+/// processes open a new file at once, SQLite can answer one of them BUSY at
+/// once, without waiting out the busy timeout (waiting could deadlock), so
+/// the switch is tried again here until the busy timeout has passed.
+async fn set_wal(connect: &SqliteConnectOptions, busy_timeout: Duration) -> std::result::Result<(), sqlx::Error> {
+    let deadline = std::time::Instant::now() + busy_timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match connect.clone().journal_mode(SqliteJournalMode::Wal).connect().await {
+            Ok(conn) => return conn.close().await,
+            Err(e) if crate::error::is_busy(&e) && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// The columns [`record`] reads.
 macro_rules! job_columns {
@@ -70,15 +92,16 @@ impl SqliteQueue {
         let connect = SqliteConnectOptions::new()
             .filename(&opts.path)
             .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(opts.busy_timeout)
             .foreign_keys(true);
+        let cannot_open = |e| Error::Config(format!("cannot open the queue file `{}`: {e}", opts.path.display()));
+        set_wal(&connect, opts.busy_timeout).await.map_err(cannot_open)?;
         let pool = SqlitePoolOptions::new()
             .max_connections(opts.max_connections)
             .connect_with(connect)
             .await
-            .map_err(|e| Error::Config(format!("cannot open the queue file `{}`: {e}", opts.path.display())))?;
+            .map_err(cannot_open)?;
         let queue = SqliteQueue { pool, opts, pushed: Arc::new(Notify::new()), sweep: Arc::default() };
         queue.init().await?;
         Ok(queue)

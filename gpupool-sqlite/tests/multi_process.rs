@@ -82,3 +82,27 @@ fn child_process() {
     });
     std::fs::write(out, ran.join("\n")).unwrap();
 }
+
+/// Many opens of one new file at once, in one process: each races the others
+/// to switch the file to WAL and to migrate it, and every one must succeed.
+#[test]
+fn racing_opens_of_a_new_file_all_succeed() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        for round in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}/queue.db", dir.path().display());
+            let opens: Vec<_> = (0..8)
+                .map(|_| {
+                    let url = url.clone();
+                    tokio::spawn(async move { SqliteQueue::connect(&url).await })
+                })
+                .collect();
+            for open in opens {
+                if let Err(e) = open.await.unwrap() {
+                    panic!("round {round}: {e}");
+                }
+            }
+        }
+    });
+}
