@@ -1,7 +1,7 @@
 //! How many ledger events per second one RabbitMQ stream carries when every
 //! client reads every event, as every gpupool process does.
 //!
-//! `cargo run --release -p gpupool-benches --bin ledger_ceiling -- [--queue URL] [--events N]`
+//! `cargo run --release -p gpupool-benches --bin ledger_ceiling -- [--queue URL] [--events N] [--clients 1,8]`
 //!
 //! Each client has its own connection, publishes an event the size of a
 //! gpupool `Want` to a fresh stream and waits until its own consumer (reading
@@ -79,12 +79,17 @@ async fn client(url: String, stream: String, events: usize) {
 async fn main() {
     let mut url = "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned();
     let mut events = 2000usize;
+    let mut counts = vec![1usize, 8];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--queue" => url = args.next().expect("--queue URL"),
             "--events" => events = args.next().and_then(|v| v.parse().ok()).expect("--events N"),
-            other => panic!("unknown argument {other}; use [--queue URL] [--events N]"),
+            "--clients" => {
+                let list = args.next().expect("--clients C[,C…]");
+                counts = list.split(',').map(|c| c.parse().expect("--clients takes numbers: 1,8")).collect();
+            }
+            other => panic!("unknown argument {other}; use [--queue URL] [--events N] [--clients C[,C…]]"),
         }
     }
     let stream = format!("gpupool-bench.ceiling.{}", uuid::Uuid::new_v4().simple());
@@ -94,7 +99,7 @@ async fn main() {
     args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
     let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
     ch.queue_declare(stream.as_str().into(), durable, args).await.unwrap();
-    for clients in [1usize, 8] {
+    for clients in counts {
         let t = Instant::now();
         let tasks: Vec<_> =
             (0..clients).map(|_| tokio::spawn(client(url.clone(), stream.clone(), events / clients))).collect();
