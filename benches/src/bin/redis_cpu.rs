@@ -1,6 +1,7 @@
-//! The Redis server's CPU time per drained job: gpupool's reserve and
-//! complete against the floor's `XREADGROUP COUNT 1` and `XACK`, with the
-//! same number of consumers, each its own connection.
+//! The Redis server's CPU time per pushed and per drained job: gpupool's
+//! push (one producer) against the floor's `XADD`, and gpupool's reserve
+//! and complete against the floor's `XREADGROUP COUNT 1` and `XACK`, with
+//! the same number of consumers, each its own connection.
 //!
 //! `cargo run --release -p gpupool-benches --bin redis_cpu -- [--queue URL] [--jobs N] [--consumers C]`
 //!
@@ -8,7 +9,7 @@
 //! of a core), so its CPU time per job, read from `INFO cpu` before and
 //! after the drain, is what the drain rate answers to; unlike the rate, it
 //! barely moves with the machine's noise. It prints
-//! `REDIS_CPU way=<gpupool|floor> jobs_per_s=<r> server_us_per_job=<u> server_busy=<share of a core> client_us_per_job=<u>`.
+//! `REDIS_CPU way=<gpupool|floor>_<push|drain> jobs_per_s=<r> server_us_per_job=<u> server_busy=<share of a core> client_us_per_job=<u>`.
 
 // A measuring tool: a panic is how it reports a broken setup.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -51,14 +52,17 @@ async fn measure(way: &str, n: usize, admin: &mut redis::aio::MultiplexedConnect
 async fn gpupool(url: &str, n: usize, consumers: usize, admin: &mut redis::aio::MultiplexedConnection) {
     let q = gpupool_cli::connect(url).await.unwrap();
     q.init().await.unwrap();
-    for i in 0..n {
-        q.push(JobSpec::new("main", "noop.py").arg("i", i)).await.unwrap();
-    }
+    measure("gpupool_push", n, admin, async {
+        for i in 0..n {
+            q.push(JobSpec::new("main", "noop.py").arg("i", i)).await.unwrap();
+        }
+    })
+    .await;
     let mut clients = Vec::new();
     for _ in 0..consumers {
         clients.push(gpupool_cli::connect(url).await.unwrap());
     }
-    measure("gpupool", n, admin, async {
+    measure("gpupool_drain", n, admin, async {
         let tasks: Vec<_> = clients
             .into_iter()
             .map(|c| {
@@ -91,15 +95,19 @@ async fn floor(client: &redis::Client, n: usize, consumers: usize, admin: &mut r
         .await
         .unwrap();
     let spec = serde_json::to_string(&JobSpec::new("main", "noop.py").arg("i", 0)).unwrap();
-    for _ in 0..n {
-        let _: String =
-            redis::cmd("XADD").arg(&stream).arg("*").arg("spec").arg(&spec).query_async(admin).await.unwrap();
-    }
+    let mut pusher = client.get_multiplexed_async_connection().await.unwrap();
+    measure("floor_push", n, admin, async {
+        for _ in 0..n {
+            let _: String =
+                redis::cmd("XADD").arg(&stream).arg("*").arg("spec").arg(&spec).query_async(&mut pusher).await.unwrap();
+        }
+    })
+    .await;
     let mut conns = Vec::new();
     for _ in 0..consumers {
         conns.push(client.get_multiplexed_async_connection().await.unwrap());
     }
-    measure("floor", n, admin, async {
+    measure("floor_drain", n, admin, async {
         let tasks: Vec<_> = conns
             .into_iter()
             .enumerate()
