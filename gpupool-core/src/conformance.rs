@@ -538,7 +538,8 @@ pub async fn list_filters_and_pages(q: Arc<dyn Queue>) {
     let by_state = |state| ListFilter { queue: Some(queue.clone()), state: Some(state), limit: 100, offset: 0 };
     assert_eq!(got(q.list(&by_state(JobState::Succeeded)).await.unwrap()), [ids[0].clone()]);
     assert_eq!(got(q.list(&by_state(JobState::Cancelled)).await.unwrap()), [ids[1].clone()]);
-    assert_eq!(q.list(&by_state(JobState::Queued)).await.unwrap().len(), 3);
+    let queued = got(q.list(&by_state(JobState::Queued)).await.unwrap());
+    assert_eq!(queued, [ids[4].clone(), ids[3].clone(), ids[2].clone()], "queued jobs, newest first");
     assert!(q.list(&by_state(JobState::Running)).await.unwrap().is_empty());
     let all = q.list(&ListFilter { limit: 1000, ..ListFilter::default() }).await.unwrap();
     assert!(all.iter().any(|r| r.spec.queue == other), "no queue filter lists every queue");

@@ -29,10 +29,11 @@ use crate::options::SqliteOptions;
 const POLL: Duration = Duration::from_millis(25);
 
 /// The migrations, in order; `PRAGMA user_version` records the last applied.
-const MIGRATIONS: [(i64, &str); 3] = [
+const MIGRATIONS: [(i64, &str); 4] = [
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_workers.sql")),
     (3, include_str!("../migrations/0003_drop_lease_index.sql")),
+    (4, include_str!("../migrations/0004_state_index_skips_queued.sql")),
 ];
 
 /// Puts the file in WAL mode, once, before the pool opens; WAL is a property
@@ -128,7 +129,7 @@ impl SqliteQueue {
         sqlx::query_as::<_, (bool, bool)>(
             "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued' \
                  AND queue IN (SELECT value FROM json_each(?1)) AND COALESCE(gpus, ?2) <= ?3), \
-             EXISTS (SELECT 1 FROM jobs WHERE state = 'running' AND lease_expires_at < ?4)",
+             EXISTS (SELECT 1 FROM jobs WHERE state = 'running' AND state <> 'queued' AND lease_expires_at < ?4)",
         )
         .bind(queues)
         .bind(i64::from(req.gpu_host))
@@ -225,7 +226,7 @@ async fn expire_leases(tx: &mut Transaction<'static, Sqlite>, now: i64) -> Resul
         "INSERT INTO job_errors (job_id, attempt, kind, message, output_tail, at) \
          SELECT id, attempt, 'lease_lost', \
                 'lease expired: worker ' || COALESCE(worker, 'unknown') || ' stopped heartbeating', '', ?1 \
-         FROM jobs WHERE state = 'running' AND lease_expires_at < ?1",
+         FROM jobs WHERE state = 'running' AND state <> 'queued' AND lease_expires_at < ?1",
     )
     .bind(now)
     .execute(&mut **tx)
@@ -237,7 +238,7 @@ async fn expire_leases(tx: &mut Transaction<'static, Sqlite>, now: i64) -> Resul
                           WHEN attempt < attempt_limit THEN 'queued' ELSE 'failed' END, \
              finished_at = CASE WHEN cancel_requested OR attempt >= attempt_limit THEN ?1 END, \
              lease_token = NULL, lease_expires_at = NULL \
-         WHERE state = 'running' AND lease_expires_at < ?1",
+         WHERE state = 'running' AND state <> 'queued' AND lease_expires_at < ?1",
     )
     .bind(now)
     .execute(&mut **tx)
@@ -585,22 +586,44 @@ impl Queue for SqliteQueue {
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>> {
         // One static statement per filter shape, so each can use its index.
-        let sql = match (filter.state.is_some(), filter.queue.is_some()) {
-            (false, false) => concat!("SELECT ", job_columns!(), " FROM jobs ORDER BY id DESC LIMIT ?3 OFFSET ?4"),
-            (true, false) => concat!(
+        // `jobs_state` holds no queued jobs (a push writes one index fewer),
+        // so its statements say `state <> 'queued'` to let SQLite use it.
+        // Queued jobs are found through `jobs_reserve` (queue, state, …):
+        // their ids first, sorted from that index alone, then the page's
+        // rows; without a queue, each queue in turn (read off the same
+        // index, one seek per queue name). A page of queued jobs costs a
+        // sort of the queued ids, never a scan of the history.
+        let queued = filter.state == Some(JobState::Queued);
+        let sql = match (filter.state.is_some(), queued, filter.queue.is_some()) {
+            (false, _, false) => concat!("SELECT ", job_columns!(), " FROM jobs ORDER BY id DESC LIMIT ?3 OFFSET ?4"),
+            (true, false, false) => concat!(
                 "SELECT ",
                 job_columns!(),
-                " FROM jobs WHERE state = ?1 AND ?2 IS NULL ORDER BY id DESC LIMIT ?3 OFFSET ?4"
+                " FROM jobs WHERE state = ?1 AND state <> 'queued' AND ?2 IS NULL ORDER BY id DESC LIMIT ?3 OFFSET ?4"
             ),
-            (false, true) => concat!(
+            (true, true, false) => concat!(
+                "WITH RECURSIVE queues (name) AS (SELECT MIN(queue) FROM jobs UNION ALL \
+                 SELECT (SELECT MIN(queue) FROM jobs WHERE queue > queues.name) FROM queues WHERE name IS NOT NULL) \
+                 SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue IN (SELECT name FROM queues) AND state = ?1 \
+                 AND ?2 IS NULL ORDER BY id DESC LIMIT ?3 OFFSET ?4) ORDER BY id DESC"
+            ),
+            (false, _, true) => concat!(
                 "SELECT ",
                 job_columns!(),
                 " FROM jobs WHERE ?1 IS NULL AND queue = ?2 ORDER BY id DESC LIMIT ?3 OFFSET ?4"
             ),
-            (true, true) => concat!(
+            (true, false, true) => concat!(
                 "SELECT ",
                 job_columns!(),
-                " FROM jobs WHERE state = ?1 AND queue = ?2 ORDER BY id DESC LIMIT ?3 OFFSET ?4"
+                " FROM jobs WHERE state = ?1 AND state <> 'queued' AND queue = ?2 ORDER BY id DESC LIMIT ?3 OFFSET ?4"
+            ),
+            (true, true, true) => concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = ?2 AND state = ?1 \
+                 ORDER BY id DESC LIMIT ?3 OFFSET ?4) ORDER BY id DESC"
             ),
         };
         let rows = sqlx::query(sql)
