@@ -16,6 +16,7 @@
 
 use std::time::Instant;
 
+use gpupool_benches::{redis_floor, spec_text};
 use gpupool_core::{Completion, JobSpec, ReserveRequest};
 
 /// This process's CPU seconds (user + system).
@@ -81,25 +82,14 @@ async fn gpupool(url: &str, n: usize, consumers: usize, admin: &mut redis::aio::
     .await;
 }
 
-type StreamEntries = Vec<(String, std::collections::HashMap<String, String>)>;
-
 async fn floor(client: &redis::Client, n: usize, consumers: usize, admin: &mut redis::aio::MultiplexedConnection) {
     let stream = format!("gpupool-bench:redis-cpu:{}", uuid::Uuid::new_v4().simple());
-    let _: redis::Value = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg("g")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(admin)
-        .await
-        .unwrap();
-    let spec = serde_json::to_string(&JobSpec::new("main", "noop.py").arg("i", 0)).unwrap();
+    redis_floor::create(admin, &stream).await.unwrap();
+    let spec = spec_text();
     let mut pusher = client.get_multiplexed_async_connection().await.unwrap();
     measure("floor_push", n, admin, async {
         for _ in 0..n {
-            let _: String =
-                redis::cmd("XADD").arg(&stream).arg("*").arg("spec").arg(&spec).query_async(&mut pusher).await.unwrap();
+            redis_floor::push(&mut pusher, &stream, &spec).await.unwrap();
         }
     })
     .await;
@@ -113,28 +103,7 @@ async fn floor(client: &redis::Client, n: usize, consumers: usize, admin: &mut r
             .enumerate()
             .map(|(w, mut c)| {
                 let stream = stream.clone();
-                tokio::spawn(async move {
-                    loop {
-                        let v: redis::Value = redis::cmd("XREADGROUP")
-                            .arg("GROUP")
-                            .arg("g")
-                            .arg(format!("c{w}"))
-                            .arg("COUNT")
-                            .arg(1)
-                            .arg("STREAMS")
-                            .arg(&stream)
-                            .arg(">")
-                            .query_async(&mut c)
-                            .await
-                            .unwrap();
-                        let Ok(entries) = redis::from_redis_value::<Vec<(String, StreamEntries)>>(v) else { break };
-                        let Some(id) = entries.first().and_then(|(_, e)| e.first()).map(|(id, _)| id.clone()) else {
-                            break;
-                        };
-                        let _: i64 =
-                            redis::cmd("XACK").arg(&stream).arg("g").arg(&id).query_async(&mut c).await.unwrap();
-                    }
-                })
+                tokio::spawn(async move { redis_floor::drain(&mut c, &stream, &format!("c{w}")).await.unwrap() })
             })
             .collect();
         for t in tasks {

@@ -17,14 +17,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use gpupool_benches::{redis_floor, spec_text};
 use sqlx::{Connection, Executor};
-
-/// `XREADGROUP`'s entries of one stream: (entry id, fields).
-type StreamEntries = Vec<(String, std::collections::HashMap<String, String>)>;
-
-fn spec_text() -> String {
-    gpupool_core::JobSpec::new("main", "noop.py").arg("i", 1).to_json().unwrap()
-}
 
 /// A fresh name for floor tables, streams and queues.
 fn tag() -> String {
@@ -177,20 +171,11 @@ async fn redis_floor(url: &str, n: usize, consumers: usize, drain: bool) -> f64 
     let client = redis::Client::open(opts.driver_url.as_str()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     let stream = format!("floor:{}", tag());
-    let _: redis::Value = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg("g")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    redis_floor::create(&mut c, &stream).await.unwrap();
     let spec = spec_text();
     let push_all = async |c: &mut redis::aio::MultiplexedConnection| {
         for _ in 0..n {
-            let _: String =
-                redis::cmd("XADD").arg(&stream).arg("*").arg("spec").arg(&spec).query_async(c).await.unwrap();
+            redis_floor::push(c, &stream, &spec).await.unwrap();
         }
     };
     let rate = if drain {
@@ -201,28 +186,7 @@ async fn redis_floor(url: &str, n: usize, consumers: usize, drain: bool) -> f64 
             let (client, stream) = (client.clone(), stream.clone());
             tasks.push(tokio::spawn(async move {
                 let mut c = client.get_multiplexed_async_connection().await.unwrap();
-                loop {
-                    let v: redis::Value = redis::cmd("XREADGROUP")
-                        .arg("GROUP")
-                        .arg("g")
-                        .arg(format!("c{w}"))
-                        .arg("COUNT")
-                        .arg(1)
-                        .arg("STREAMS")
-                        .arg(&stream)
-                        .arg(">")
-                        .query_async(&mut c)
-                        .await
-                        .unwrap();
-                    let entries: Vec<(String, StreamEntries)> = match redis::from_redis_value(v) {
-                        Ok(e) => e,
-                        Err(_) => break,
-                    };
-                    let Some(id) = entries.first().and_then(|(_, e)| e.first()).map(|(id, _)| id.clone()) else {
-                        break;
-                    };
-                    let _: i64 = redis::cmd("XACK").arg(&stream).arg("g").arg(&id).query_async(&mut c).await.unwrap();
-                }
+                redis_floor::drain(&mut c, &stream, &format!("c{w}")).await.unwrap();
             }));
         }
         for t in tasks {
