@@ -159,13 +159,18 @@ struct Inner {
     replaying: AtomicBool,
 }
 
+/// Locks a mutex, taking over one a panicking holder left poisoned.
+fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Inner {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.state)
     }
 
     fn standing(&self) -> std::sync::MutexGuard<'_, Vec<Standing>> {
-        self.standing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.standing)
     }
 }
 
@@ -332,8 +337,7 @@ impl AmqpQueue {
                         if handed {
                             inner.handed.notify_waiters();
                         }
-                        let waiter =
-                            inner.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&nonce);
+                        let waiter = lock(&inner.waiters).remove(&nonce);
                         if let Some(tx) = waiter {
                             let _ = tx.send(outcome);
                         }
@@ -366,7 +370,7 @@ impl AmqpQueue {
     async fn publish_event(&self, nonce: &str, payload: &[u8]) -> Result<Outcome> {
         let link = self.link().await?;
         let (tx, rx) = oneshot::channel();
-        self.inner.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(nonce.to_owned(), tx);
+        lock(&self.inner.waiters).insert(nonce.to_owned(), tx);
         let props = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
         let ledger = self.ledger_name();
         let sent = link
@@ -466,7 +470,7 @@ impl AmqpQueue {
         self.caught_up().await?;
         let now = Instant::now();
         {
-            let mut last = self.inner.last_reap.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut last = lock(&self.inner.last_reap);
             if last.is_some_and(|t| now.saturating_duration_since(t) < REAP_EVERY) {
                 return Ok(());
             }
