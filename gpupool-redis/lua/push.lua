@@ -11,9 +11,11 @@ local id = string.format('%d', redis.call('INCR', P .. 'seq'))
 -- and `XREADGROUP`'s walk from the node's start to the last delivered entry
 -- stays short (see BENCHMARKS.md).
 local entry = redis.call('XADD', skey(queue), '*', 'job', id, 'spec', spec)
+-- The entry's id starts with the server's clock in milliseconds, which is
+-- the job's creation time: no `TIME` call (a tenth of a push's work).
 redis.call('HSET', jkey(id), 'spec', spec, 'queue', queue, 'attempt', '0',
-           'max_attempts', max_attempts, 'attempt_limit', max_attempts, 'cancel', '0', 'created', now_ms(),
-           'entry', entry, 'state', 'queued')
+           'max_attempts', max_attempts, 'attempt_limit', max_attempts, 'cancel', '0',
+           'created', string.match(entry, '^%d+'), 'entry', entry, 'state', 'queued')
 -- No index of all jobs (ids are dense, from `seq`, and jobs are never
 -- deleted) nor of queued ones (they are the streams' unread entries).
 redis.call('ZADD', P .. 'queue:' .. queue, id, id)

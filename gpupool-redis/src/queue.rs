@@ -75,21 +75,21 @@ impl Scripts {
             push: script!("push.lua"),
             reserve: script!("reserve.lua", "lease"),
             claim: script!("claim.lua", "lease"),
-            reclaim: script!("reclaim.lua", "jobs", "lease"),
-            undeliver: script!("undeliver.lua", "jobs"),
-            heartbeat: script!("heartbeat.lua", "jobs"),
-            started: script!("started.lua", "jobs"),
-            finish: script!("finish.lua"),
-            fail: script!("fail.lua", "jobs"),
-            release: script!("release.lua", "jobs"),
-            cancel: script!("cancel.lua", "jobs"),
-            retry: script!("retry.lua", "jobs"),
-            list: script!("list.lua", "jobs"),
+            reclaim: script!("reclaim.lua", "states", "jobs", "lease"),
+            undeliver: script!("undeliver.lua", "states", "jobs"),
+            heartbeat: script!("heartbeat.lua", "states", "jobs"),
+            started: script!("started.lua", "states", "jobs"),
+            finish: script!("finish.lua", "states"),
+            fail: script!("fail.lua", "states", "jobs"),
+            release: script!("release.lua", "states", "jobs"),
+            cancel: script!("cancel.lua", "states", "jobs"),
+            retry: script!("retry.lua", "states", "jobs"),
+            list: script!("list.lua", "states", "jobs"),
             worker: script!("worker.lua"),
             workers: script!("workers.lua"),
-            park: script!("park.lua", "jobs"),
-            unpark: script!("unpark.lua", "jobs"),
-            trim: script!("trim.lua", "jobs"),
+            park: script!("park.lua", "states", "jobs"),
+            unpark: script!("unpark.lua", "states", "jobs"),
+            trim: script!("trim.lua", "states", "jobs"),
         }
     }
 }
@@ -450,10 +450,15 @@ fn lease_from(v: Value, token: String, worker: &str) -> Result<Option<Lease>> {
     if matches!(v, Value::Nil) {
         return Ok(None);
     }
-    let parts: Vec<Value> = from_value(v)?;
-    let [id, spec, created, cancel, commit, tail, result, attempt, started, expires, errors]: [Value; 11] = parts
-        .try_into()
-        .map_err(|p: Vec<Value>| Error::backend("redis", format!("a lease reply has {} parts, not 11", p.len())))?;
+    let mut parts: Vec<Value> = from_value(v)?;
+    // A first attempt's reply ends before its (empty) errors.
+    if parts.len() == 10 {
+        parts.push(Value::Array(Vec::new()));
+    }
+    let [id, spec, created, cancel, commit, tail, result, attempt, started, expires, errors]: [Value; 11] =
+        parts.try_into().map_err(|p: Vec<Value>| {
+            Error::backend("redis", format!("a lease reply has {} parts, not 10 or 11", p.len()))
+        })?;
     let text = |v: Value| -> Result<Option<String>> { from_value::<Option<String>>(v) };
     let id: String = from_value(id)?;
     let spec = JobSpec::from_stored_json(&text(spec)?.unwrap_or_default())?;
