@@ -1,6 +1,7 @@
 -- ARGV: prefix, id, token, kind, retryable (0/1), exit_code, signal, message, output_tail
 -- Returns -1 (lost), 1 (requeued) or 0 (failed).
 local id, token, kind, retryable = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+adopt(id, token)
 if not held(id, token) then return -1 end
 local h = jkey(id)
 local v = redis.call('HMGET', h, 'attempt', 'attempt_limit')

@@ -1,12 +1,24 @@
 -- complete / cancelled. ARGV: prefix, id, token, state, output_tail, result, exit_code
 local id, token, state = ARGV[2], ARGV[3], ARGV[4]
 local h = jkey(id)
-local v = redis.call('HMGET', h, 'state', 'token', 'entry', 'queue')
-if v[1] ~= 'running' or v[2] ~= token or token == '' then return -1 end
+local v = redis.call('HMGET', h, 'state', 'token', 'entry', 'queue', 'attempt')
+local now = now_ms()
+if v[1] == 'queued' and token == '~' .. (v[3] or '') then
+  -- A lease by a bare read that ends before its holder's first call
+  -- (`adopt` in jobs.lua, inlined: complete carries no helpers it can
+  -- spare). Its start is the delivery, from the pending list.
+  local p = redis.call('XPENDING', skey(v[4]), GROUP, v[3], v[3], 1)[1]
+  if not p then return -1 end
+  local worker = string.match(p[2], '^(.*)@[^@]*$') or ''
+  redis.call('HSET', h, 'attempt', string.format('%d', tonumber(v[5]) + 1), 'consumer', p[2], 'worker', worker,
+             'started', string.format('%d', tonumber(now) - p[3]))
+elseif v[1] ~= 'running' or v[2] ~= token or token == '' then
+  return -1
+end
 -- Acknowledged only: `trim.lua` deletes done entries in bulk, which costs
 -- the server less than an XDEL per job.
 if v[3] and v[3] ~= '' then redis.call('XACK', skey(v[4]), GROUP, v[3]) end
 move_state(id, 'running', state)
 redis.call('HSET', h, 'state', state, 'entry', '', 'token', '', 'output_tail', ARGV[5], 'result', ARGV[6],
-           'finished', now_ms(), 'exit_code', ARGV[7])
+           'finished', now, 'exit_code', ARGV[7])
 return 1

@@ -6,12 +6,49 @@ local function set_state(id, new)
   redis.call('HSET', h, 'state', new)
 end
 
--- A new stream entry for the job, at the back of its queue.
+-- A new stream entry for the job, at the back of its queue. It carries the
+-- id only: an entry with the spec (`push.lua`) is a first attempt, which a
+-- reserve leases without a script (`adopt`); any other is leased by
+-- `claim.lua`, which reads the job's earlier attempts.
 local function enqueue(id)
   local h = jkey(id)
-  local v = redis.call('HMGET', h, 'queue', 'spec')
-  local e = redis.call('XADD', skey(v[1]), '*', 'job', id, 'spec', v[2])
+  local e = redis.call('XADD', skey(redis.call('HGET', h, 'queue')), '*', 'job', id)
   redis.call('HSET', h, 'entry', e)
+end
+
+-- A consumer in the group is named `WORKER@INSTANCE/LEASE_MS` (queue.rs):
+-- the pending list says who holds an entry and for how long a lease it
+-- asked. A name without the suffix (an older gpupool's) gives no worker and
+-- a lease of 0.
+local function holder_worker(consumer) return string.match(consumer, '^(.*)@[^@]*$') end
+local function holder_lease(consumer) return tonumber(string.match(consumer, '/(%d+)$') or '0') end
+
+-- The group's pending-list row of entry `e` on stream `s`: {entry, consumer,
+-- idle ms, deliveries}, or nil (not pending, or no group).
+local function pending(s, e)
+  local p = redis.pcall('XPENDING', s, GROUP, e, e, 1)
+  if type(p) ~= 'table' or p.err then return nil end
+  return p[1]
+end
+
+-- A lease taken by a bare `XREADGROUP` (token '~' .. entry; a first attempt,
+-- see `reserve` in queue.rs) is only the entry in the group's pending list:
+-- the job's hash still says `queued` with that entry. The first script its
+-- holder runs records it in the hash as `start_lease` would have: attempt
+-- + 1, the token, the holder, the delivery time as its start and the lease
+-- counted from then. Does nothing for any other token or job; `held` then
+-- decides.
+local function adopt(id, token)
+  if string.sub(token, 1, 1) ~= '~' then return end
+  local h = jkey(id)
+  local v = redis.call('HMGET', h, 'state', 'entry', 'attempt', 'queue')
+  if v[1] ~= 'queued' or '~' .. v[2] ~= token then return end
+  local p = pending(skey(v[4]), v[2])
+  if not p then return end
+  local started = tonumber(now_ms()) - p[3]
+  redis.call('HSET', h, 'state', 'running', 'attempt', string.format('%d', tonumber(v[3]) + 1), 'token', token,
+             'expires', string.format('%d', started + holder_lease(p[2])), 'consumer', p[2],
+             'worker', holder_worker(p[2]) or '', 'started', string.format('%d', started))
 end
 
 -- Acknowledge and delete the job's current stream entry.

@@ -1,4 +1,5 @@
--- Helpers for the scripts that lease a job (reserve, claim, reclaim).
+-- Helpers for the scripts that record a lease in the job's hash (claim,
+-- reclaim).
 
 -- What a lease is built from, in one HMGET: {state, entry, attempt, spec,
 -- created, cancel, commit, output_tail, result}. (Positions, not names: a
@@ -31,27 +32,12 @@ local function start_lease(id, r, consumer, worker, token, lease_ms, now)
   return lease
 end
 
--- Leases the job of a freshly delivered stream entry, whose fields are
--- `fields` ({'job', id, 'spec', spec}; an entry from before gpupool put the
--- spec there has only the id). A stale entry (its job was cancelled, or
--- the entry was replaced by a newer one) is acknowledged, deleted if
+-- Leases job `id` of a freshly delivered stream entry `entry`. A stale
+-- entry (its job was cancelled, or the entry was replaced by a newer one;
+-- an older gpupool left such entries) is acknowledged, deleted if
 -- replaced, and false is returned.
-local function claim_entry(queue, entry, fields, consumer, worker, token, lease_ms)
-  local id, spec = fields[2], fields[4]
-  if fields[1] ~= 'job' then id = nil end
-  local r = {}
-  if id and spec then
-    local v = redis.call('HMGET', jkey(id), 'state', 'entry', 'attempt', 'created', 'cancel')
-    if v[3] == '0' then
-      -- A first attempt has no commit, output or result yet (false, as
-      -- HMGET gives a missing field: a nil would end the reply early).
-      r = {v[1], v[2], v[3], spec, v[4], v[5], false, false, false}
-    else
-      r = claim_fields(id)
-    end
-  elseif id then
-    r = claim_fields(id)
-  end
+local function claim_entry(queue, entry, id, consumer, worker, token, lease_ms)
+  local r = claim_fields(id)
   if r[1] == 'queued' and r[2] == entry then
     return start_lease(id, r, consumer, worker, token, lease_ms, now_ms())
   end

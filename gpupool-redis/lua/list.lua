@@ -3,7 +3,8 @@
 -- - any state: ids counted down from `seq` (ids are dense and jobs are never
 --   deleted), or the queue's index `PREFIXqueue:Q`;
 -- - failed, cancelled: their index `PREFIXstate:S`;
--- - running: the entries pending in the streams' group, by id;
+-- - running: the entries pending in the streams' group, by id (a job
+--   leased by a bare read and not yet recorded among them);
 -- - queued: the streams' unread entries, last in line first (for a job
 --   never sent back, that is newest first), then parked jobs by id;
 -- - succeeded: ids counted down as for any state, keeping the succeeded.
@@ -62,12 +63,13 @@ elseif state == 'running' then
   local ids = {}
   for _, q in ipairs(queues) do
     local s = skey(q)
-    local pending = redis.pcall('XPENDING', s, GROUP, '-', '+', 1000000)
-    if type(pending) == 'table' and not pending.err then
-      for _, p in ipairs(pending) do
+    local rows = redis.pcall('XPENDING', s, GROUP, '-', '+', 1000000)
+    if type(rows) == 'table' and not rows.err then
+      for _, p in ipairs(rows) do
         local found = redis.call('XRANGE', s, p[1], p[1])
         local id = found[1] and job_of(found[1][2])
-        if id and state_is(id, 'running', p[1]) then ids[#ids + 1] = tonumber(id) end
+        -- A job leased by a bare read still says `queued` (`adopt`).
+        if id and (state_is(id, 'running', p[1]) or state_is(id, 'queued', p[1])) then ids[#ids + 1] = tonumber(id) end
       end
     end
   end

@@ -6,7 +6,8 @@ if idem ~= '' then
   if existing then return existing end
 end
 local id = string.format('%d', redis.call('INCR', P .. 'seq'))
--- The entry carries the spec, so a reserve reads it with the entry; it also
+-- The entry carries the spec, so a reserve that reads it has all a first
+-- attempt's lease needs and runs no script (`take` in queue.rs); it also
 -- makes entries big enough that a stream node holds tens, not a hundred,
 -- and `XREADGROUP`'s walk from the node's start to the last delivered entry
 -- stays short (see BENCHMARKS.md).

@@ -17,7 +17,7 @@
 //!
 //! | key | type | what |
 //! | --- | --- | --- |
-//! | `stream:QUEUE` | stream, group `gpupool` | one entry (`job` = id, `spec` = the JSON spec) per queued job |
+//! | `stream:QUEUE` | stream, group `gpupool` | one entry per queued job: `job` = id, and for a pushed job (a first attempt) `spec` = the JSON spec |
 //! | `job:ID` | hash | the job: `spec` (JSON), `state`, `attempt`, `token`, `expires`, `entry`, … |
 //! | `seq` | string | the id sequence (`INCR`); ids are dense and jobs are never deleted, so listing all jobs counts down from it |
 //! | `queue:QUEUE`, `state:failed`, `state:cancelled` | sorted sets | ids, for listing newest first |
@@ -42,17 +42,36 @@
 //! older gpupool are no longer read and can be deleted.
 //!
 //! `push` is one Lua script: hash, queue index and `XADD`. `reserve` first, at
-//! most once a second, runs `XAUTOCLAIM` (min idle `reclaim_idle`, default
-//! 30 s, about 3× the heartbeat) on each queue: an entry whose holder stopped
-//! heartbeating and whose lease expired (the `expires` field, Redis's clock)
-//! is recorded as `lease_lost` and re-leased to the caller, or ends
-//! `failed`/`cancelled`; one whose lease still holds is handed back with
-//! `XCLAIM … JUSTID`. Then, per queue in order, one script reads the next
-//! entry (`XREADGROUP … COUNT 1`) and leases its job, skipping the entries
-//! of cancelled jobs: one round trip. With nothing there it blocks on all
-//! the queues (`BLOCK`, on a connection of its own), so a pushed job is
-//! picked up at once and an idle worker sends nothing but that one read per
-//! second.
+//! most once a second, lists each queue's entries idle for `reclaim_idle`
+//! (default 30 s, about 3× the heartbeat) with `XPENDING … IDLE`; a script
+//! then checks each one's lease. An expired one (its holder stopped
+//! heartbeating: the `expires` field, Redis's clock) is recorded as
+//! `lease_lost` and re-leased to the caller with `XCLAIM`, or ends
+//! `failed`/`cancelled`; one whose lease still holds is left alone. Then,
+//! per queue in order, a bare `XREADGROUP … COUNT 1` reads the next entry.
+//! With nothing there it blocks on all the queues (`BLOCK`, on a connection
+//! of its own), so a pushed job is picked up at once and an idle worker
+//! sends nothing but that one read per second.
+//!
+//! An entry `push` wrote carries the spec and is a first attempt, and that
+//! read is its whole reserve: no script, one command, as cheap as the
+//! floor's (BENCHMARKS.md). The lease is the entry pending under the
+//! reader's consumer name, `WORKER@INSTANCE/LEASE_MS`, and its token names
+//! the entry. The job's hash still says `queued` until the holder's first
+//! call (started, heartbeat, complete, fail, release) records the lease
+//! there: attempt, holder, the delivery time as its start. Until then,
+//! `get` and `jobs` show the job running (its entry is pending), a cancel
+//! asks the holder, and the reclaim pass treats the lease as lasting the
+//! `LEASE_MS` its consumer's name gives, from the delivery. A later
+//! attempt's entry carries the id only and is leased by a script that
+//! reads its earlier attempts. Every path that cancels a queued job or
+//! gives it a new entry deletes the old one, so a delivered entry is never
+//! stale.
+//!
+//! **Upgrading from a gpupool before this lease**: stop every older worker
+//! before starting a new one on the same Redis. An older worker's reclaim
+//! pass does not know a lease that is only a pending entry: it would
+//! acknowledge the entry and leave its job queued with nothing in line.
 //!
 //! While the job runs its entry stays pending: the heartbeat script checks
 //! the lease token, extends `expires` and resets the entry's idle time with
@@ -93,7 +112,7 @@
 //!
 //! Each script is one write to the AOF, so a restart never finds a job half
 //! moved. A job whose lease was running when Redis went down is reclaimed
-//! through `XAUTOCLAIM` once its lease expires, if its worker does not come
+//! by the reclaim pass once its lease expires, if its worker does not come
 //! back to finish it.
 
 mod error;

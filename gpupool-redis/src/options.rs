@@ -25,8 +25,8 @@ pub struct RedisOptions {
     /// Prefix of every key.
     pub prefix: String,
     /// How long a stream entry must sit unheartbeated before another worker
-    /// looks at its lease (`XAUTOCLAIM`'s min-idle-time). Should be about 3×
-    /// the heartbeat; the lease itself still decides.
+    /// looks at its lease (`XPENDING … IDLE`). Should be about 3× the
+    /// heartbeat; the lease itself still decides.
     pub reclaim_idle: Duration,
     /// How long connecting may take before it is an error.
     pub connect_timeout: Duration,

@@ -1,13 +1,15 @@
 //! [`RedisQueue`]: the [`Queue`] on Redis Streams.
 //!
 //! Dispatch is a stream per queue with one consumer group, `gpupool`:
-//! `XREADGROUP … BLOCK` reserves (an idle worker costs nothing and wakes
-//! the moment a job is pushed), the entry stays pending while the job runs,
-//! `XCLAIM … JUSTID` on it is the heartbeat, and `XAUTOCLAIM` hands the
-//! entries of dead workers to a live one. The job itself lives in a hash
-//! beside the stream; every change that touches more than one key is one
-//! Lua script, so no crash or race can leave the stream and the hash
-//! disagreeing.
+//! `XREADGROUP` reserves (with `BLOCK`, an idle worker costs nothing and
+//! wakes the moment a job is pushed), the entry stays pending while the job
+//! runs, `XCLAIM … JUSTID` on it is the heartbeat, and a pass over the
+//! entries idle too long (`XPENDING … IDLE`) hands those of dead workers to
+//! a live one. The job itself lives in a hash beside the stream; every
+//! change that touches more than one key is one Lua script, so no crash or
+//! race can leave the stream and the hash disagreeing. A first attempt's
+//! lease is the one exception, by design: it is the delivery alone until
+//! its holder's first call records it (`take` below).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -28,6 +30,9 @@ const GROUP: &str = "gpupool";
 
 /// Stream entries as `XREADGROUP` returns them: (entry id, fields).
 type Entries = Vec<(String, HashMap<String, String>)>;
+
+/// A delivered entry: (queue, entry id, fields).
+type Delivery = (String, String, HashMap<String, String>);
 
 /// The longest single blocking read; a waiting reserve also looks for
 /// expired leases between reads.
@@ -50,9 +55,9 @@ macro_rules! script {
 #[derive(Debug)]
 struct Scripts {
     push: Script,
-    reserve: Script,
     claim: Script,
     reclaim: Script,
+    view: Script,
     undeliver: Script,
     heartbeat: Script,
     started: Script,
@@ -73,9 +78,9 @@ impl Scripts {
     fn new() -> Self {
         Scripts {
             push: script!("push.lua"),
-            reserve: script!("reserve.lua", "lease"),
             claim: script!("claim.lua", "lease"),
             reclaim: script!("reclaim.lua", "states", "jobs", "lease"),
+            view: script!("view.lua", "states", "jobs"),
             undeliver: script!("undeliver.lua", "states", "jobs"),
             heartbeat: script!("heartbeat.lua", "states", "jobs"),
             started: script!("started.lua", "states", "jobs"),
@@ -105,15 +110,16 @@ pub struct RedisQueue {
     blocking: Arc<StdMutex<Vec<MultiplexedConnection>>>,
     /// Streams whose consumer group exists.
     groups: Arc<StdMutex<HashSet<String>>>,
-    /// This process's consumer name in the group.
-    consumer: String,
-    /// Paces the `XAUTOCLAIM` pass.
+    /// This handle's part of its consumer names in the group (see
+    /// [`RedisQueue::consumer`]).
+    instance: String,
+    /// Paces the reclaim pass.
     sweep: Arc<gpupool_core::Sweep>,
 }
 
 impl std::fmt::Debug for RedisQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisQueue").field("opts", &self.opts).field("consumer", &self.consumer).finish_non_exhaustive()
+        f.debug_struct("RedisQueue").field("opts", &self.opts).field("instance", &self.instance).finish_non_exhaustive()
     }
 }
 
@@ -158,8 +164,7 @@ impl RedisQueue {
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(|e| fail(gpupool_core::redact::redact_url(&e.to_string())))?;
-        let consumer =
-            format!("{}-{}", gpupool_core::default_worker_name(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let instance = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         Ok(RedisQueue {
             client,
             conn,
@@ -167,7 +172,7 @@ impl RedisQueue {
             scripts: Arc::new(Scripts::new()),
             blocking: Arc::default(),
             groups: Arc::default(),
-            consumer,
+            instance,
             sweep: Arc::default(),
         })
     }
@@ -188,6 +193,14 @@ impl RedisQueue {
 
     fn stream(&self, queue: &str) -> String {
         format!("{}stream:{queue}", self.p())
+    }
+
+    /// The consumer a reserve reads as: `WORKER@INSTANCE/LEASE_MS`. The
+    /// group's pending list then says, for an entry leased by a bare read
+    /// and not yet recorded in its job's hash, who holds it and for how
+    /// long (`adopt` in jobs.lua); the scripts parse the name from the right.
+    fn consumer(&self, req: &ReserveRequest) -> String {
+        format!("{}@{}/{}", req.worker, self.instance, ms(req.lease))
     }
 
     /// Creates the consumer group of a queue's stream if it is missing
@@ -225,26 +238,23 @@ impl RedisQueue {
     }
 
     /// Reclaims expired leases in one queue; returns a lease if one of them
-    /// is ours to run now.
+    /// is ours to run now. The entries idle for `reclaim_idle` are listed
+    /// first (`XPENDING … IDLE`); the script then decides, entry by entry,
+    /// whether its lease has expired and only then takes it.
     async fn reclaim(&self, queue: &str, req: &ReserveRequest) -> Result<Option<Lease>> {
         let mut c = self.conn.clone();
-        let reply: Value = redis::cmd("XAUTOCLAIM")
+        let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
             .arg(self.stream(queue))
             .arg(GROUP)
-            .arg(&self.consumer)
+            .arg("IDLE")
             .arg(ms(self.opts.reclaim_idle))
-            .arg("0-0")
-            .arg("COUNT")
+            .arg("-")
+            .arg("+")
             .arg(10)
-            .arg("JUSTID")
             .query_async(&mut c)
             .await
             .map_err(map)?;
-        let entries: Vec<String> = match reply {
-            Value::Array(parts) if parts.len() >= 2 => from_value(parts[1].clone())?,
-            _ => Vec::new(),
-        };
-        for entry in entries {
+        for (entry, ..) in rows {
             let token = new_token();
             let got: Value = self
                 .scripts
@@ -252,7 +262,7 @@ impl RedisQueue {
                 .arg(self.p())
                 .arg(queue)
                 .arg(&entry)
-                .arg(&self.consumer)
+                .arg(self.consumer(req))
                 .arg(&req.worker)
                 .arg(&token)
                 .arg(ms(req.lease))
@@ -285,7 +295,7 @@ impl RedisQueue {
             .arg(queue)
             .arg(entry)
             .arg(job)
-            .arg(&self.consumer)
+            .arg(self.consumer(req))
             .arg(&req.worker)
             .arg(&token)
             .arg(ms(req.lease))
@@ -296,11 +306,12 @@ impl RedisQueue {
     }
 
     /// Waits up to `block` for new entries, on a connection of its own: one
-    /// per stream at most. Returns (queue, entry, job) in queue order. (A
-    /// read that does not wait is part of `reserve.lua`.)
-    async fn read_blocking(&self, queues: &[String], block: Duration) -> Result<Vec<(String, String, String)>> {
+    /// per stream at most, in queue order. (A read that does not wait is
+    /// [`RedisQueue::read_now`].)
+    async fn read_blocking(&self, req: &ReserveRequest, block: Duration) -> Result<Vec<Delivery>> {
+        let queues = &req.queues;
         let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP").arg(GROUP).arg(&self.consumer).arg("COUNT").arg(1).arg("BLOCK").arg(ms(block).max(1));
+        cmd.arg("GROUP").arg(GROUP).arg(self.consumer(req)).arg("COUNT").arg(1).arg("BLOCK").arg(ms(block).max(1));
         cmd.arg("STREAMS");
         for q in queues {
             cmd.arg(self.stream(q));
@@ -313,13 +324,41 @@ impl RedisQueue {
         if reply.is_ok() {
             self.blocking.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(conn);
         }
-        let reply = match reply {
+        match reply {
             Err(e) if is_no_group(&e) => {
                 self.forget_groups();
-                return Ok(Vec::new());
+                Ok(Vec::new())
             }
-            other => other.map_err(map)?,
-        };
+            other => self.deliveries(other.map_err(map)?, queues),
+        }
+    }
+
+    /// The next new entry of one queue's stream, without waiting: a bare
+    /// `XREADGROUP`, the same read the floor makes. `None` when there is
+    /// none (or the group was deleted under us).
+    async fn read_now(&self, queue: &str, req: &ReserveRequest) -> Result<Option<Delivery>> {
+        let reply: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(self.consumer(req))
+            .arg("COUNT")
+            .arg(1)
+            .arg("STREAMS")
+            .arg(self.stream(queue))
+            .arg(">")
+            .query_async(&mut self.conn.clone())
+            .await;
+        match reply {
+            Err(e) if is_no_group(&e) => {
+                self.forget_groups();
+                Ok(None)
+            }
+            other => Ok(self.deliveries(other.map_err(map)?, std::slice::from_ref(&queue.to_owned()))?.pop()),
+        }
+    }
+
+    /// The entries of an `XREADGROUP` reply, in the order of `queues`.
+    fn deliveries(&self, reply: Value, queues: &[String]) -> Result<Vec<Delivery>> {
         // RESP2 answers an array of [name, entries]; RESP3 a map.
         let streams: Vec<(String, Entries)> = match reply {
             Value::Nil => Vec::new(),
@@ -332,11 +371,41 @@ impl RedisQueue {
         for (name, entries) in streams {
             let queue = queues.iter().find(|q| self.stream(q) == name).cloned().unwrap_or_default();
             for (entry, fields) in entries {
-                found.push((queue.clone(), entry, fields.get("job").cloned().unwrap_or_default()));
+                found.push((queue.clone(), entry, fields));
             }
         }
         found.sort_by_key(|(q, _, _)| queues.iter().position(|x| x == q));
         Ok(found)
+    }
+
+    /// Leases the job of a delivered entry; `None` if the entry was stale.
+    ///
+    /// An entry `push.lua` wrote (`job` and `spec`, nothing else) is a
+    /// first attempt: every path that cancels a queued job or replaces its
+    /// entry deletes the old entry, so a new one is never stale. Its lease
+    /// is built here, from the entry alone: the delivery itself, pending
+    /// under this reserve's consumer name, is the lease, and the job's hash
+    /// records it at the holder's first call (`adopt` in jobs.lua). The
+    /// token `~ENTRY` names the entry. So a reserve costs the server one
+    /// `XREADGROUP` and no script, which is what brings the drain to half
+    /// the floor's rate (BENCHMARKS.md). Any other entry is leased by
+    /// `claim.lua`, which reads the job's earlier attempts.
+    async fn take(&self, (queue, entry, fields): Delivery, req: &ReserveRequest) -> Result<Option<Lease>> {
+        let job = fields.get("job").cloned().unwrap_or_default();
+        let spec = match fields.get("spec") {
+            Some(spec) if fields.len() == 2 && !job.is_empty() => spec,
+            _ => return self.claim(&queue, &entry, &job, req).await,
+        };
+        let spec = JobSpec::from_stored_json(spec)?;
+        // The entry id starts with the server's clock at the push.
+        let created = entry.split('-').next().and_then(|t| t.parse().ok()).unwrap_or(0);
+        let mut record = JobRecord::new(JobId::new(job), spec, Timestamp(created));
+        record.state = gpupool_core::JobState::Running;
+        record.attempt = 1;
+        record.worker = Some(req.worker.clone());
+        let started = Timestamp::now();
+        record.started_at = Some(started);
+        Ok(Some(Lease { job: record, token: format!("~{entry}"), expires_at: started.plus(req.lease) }))
     }
 
     async fn blocking_conn(&self) -> Result<MultiplexedConnection> {
@@ -374,28 +443,13 @@ impl RedisQueue {
             if req.gpu_limit() > 0 {
                 self.script_status(&self.scripts.unpark, &[queue.clone(), req.gpu_limit().to_string()]).await?;
             }
-            // The next entry, read and leased in one round trip.
-            let token = new_token();
-            let got: redis::RedisResult<Value> = self
-                .scripts
-                .reserve
-                .arg(self.p())
-                .arg(queue)
-                .arg(&self.consumer)
-                .arg(&req.worker)
-                .arg(&token)
-                .arg(ms(req.lease))
-                .invoke_async(&mut self.conn.clone())
-                .await;
-            let got = match got {
-                Err(e) if is_no_group(&e) => {
-                    self.forget_groups();
-                    continue;
+            // The next entry; a stale one (left by an older gpupool) is
+            // skipped, a bounded number.
+            for _ in 0..100 {
+                let Some(delivery) = self.read_now(queue, req).await? else { break };
+                if let Some(lease) = self.take(delivery, req).await? {
+                    return Ok(Some(lease));
                 }
-                other => other.map_err(map)?,
-            };
-            if let Some(lease) = lease_from(got, token, &req.worker)? {
-                return Ok(Some(lease));
             }
         }
         Ok(None)
@@ -431,7 +485,49 @@ impl RedisQueue {
             pipe.hgetall(format!("{}job:{id}", self.p()));
         }
         let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut self.conn.clone()).await.map_err(map)?;
-        ids.iter().zip(hashes).filter(|(_, h)| !h.is_empty()).map(|(id, h)| record(id, &h)).collect()
+        let mut out = Vec::with_capacity(ids.len());
+        let mut entries = Vec::with_capacity(ids.len());
+        for (id, h) in ids.iter().zip(hashes).filter(|(_, h)| !h.is_empty()) {
+            out.push(record(id, &h)?);
+            entries.push(h.get("entry").cloned().unwrap_or_default());
+        }
+        self.show_bare_leases(&mut out, &entries).await?;
+        Ok(out)
+    }
+
+    /// Shows a queued job whose entry is pending, leased by a bare read and
+    /// not yet recorded in its hash (`adopt` in jobs.lua), as what it is:
+    /// running its first attempt since its delivery, on the worker its
+    /// consumer's name gives. `entries` are the hashes' `entry` fields.
+    async fn show_bare_leases(&self, records: &mut [JobRecord], entries: &[String]) -> Result<()> {
+        let mut args = Vec::new();
+        let mut which = Vec::new();
+        for (i, (r, entry)) in records.iter().zip(entries).enumerate() {
+            if r.state == gpupool_core::JobState::Queued && !entry.is_empty() {
+                args.push(r.spec.queue.clone());
+                args.push(entry.clone());
+                which.push(i);
+            }
+        }
+        if which.is_empty() {
+            return Ok(());
+        }
+        let Value::Array(mut parts) = self.script_status(&self.scripts.view, &args).await? else {
+            return Err(Error::backend("redis", "the view script answered no list"));
+        };
+        if parts.len() != which.len() + 1 {
+            return Err(Error::backend("redis", "the view script answered a list of the wrong length"));
+        }
+        let now: i64 = from_value(parts.remove(0))?;
+        for (i, row) in which.into_iter().zip(parts) {
+            let Some((consumer, idle)): Option<(String, i64)> = from_value(row)? else { continue };
+            let r = &mut records[i];
+            r.state = gpupool_core::JobState::Running;
+            r.attempt += 1;
+            r.worker = consumer.rsplit_once('@').map(|(w, _)| w.to_owned());
+            r.started_at = Some(Timestamp(now - idle));
+        }
+        Ok(())
     }
 }
 
@@ -518,7 +614,9 @@ impl Queue for RedisQueue {
         let version = info.lines().find_map(|l| l.strip_prefix("redis_version:")).unwrap_or("0").trim().to_owned();
         let parts: Vec<u32> = version.split('.').filter_map(|p| p.parse().ok()).collect();
         if parts.as_slice() < [6, 2].as_slice() {
-            return Err(Error::Config(format!("Redis {version} lacks XAUTOCLAIM; gpupool needs Redis 6.2 or newer")));
+            return Err(Error::Config(format!(
+                "Redis {version} lacks `XPENDING … IDLE`; gpupool needs Redis 6.2 or newer"
+            )));
         }
         Ok(())
     }
@@ -552,13 +650,15 @@ impl Queue for RedisQueue {
                 return Ok(None);
             }
             // Wait for a push on any of the queues.
-            let found = self.read_blocking(&req.queues, (deadline - now).min(BLOCK_SLICE)).await?;
+            let found = self.read_blocking(req, (deadline - now).min(BLOCK_SLICE)).await?;
             let mut leased = None;
-            for (queue, entry, job) in found {
+            for delivery in found {
                 if leased.is_none() {
-                    leased = self.claim(&queue, &entry, &job, req).await?;
+                    leased = self.take(delivery, req).await?;
                 } else {
                     // One job per reserve: the rest go back to their queues.
+                    let (queue, entry, fields) = delivery;
+                    let job = fields.get("job").cloned().unwrap_or_default();
                     self.script_status(&self.scripts.undeliver, &[queue, entry, job]).await?;
                 }
             }
@@ -653,7 +753,9 @@ impl Queue for RedisQueue {
         if h.is_empty() {
             return Err(Error::NotFound { id: id.to_string() });
         }
-        let mut r = record(id.as_str(), &h)?;
+        let mut r = [record(id.as_str(), &h)?];
+        self.show_bare_leases(&mut r, &[h.get("entry").cloned().unwrap_or_default()]).await?;
+        let [mut r] = r;
         r.errors = errors.iter().map(|e| parse_error(e)).collect::<Result<_>>()?;
         Ok(r)
     }

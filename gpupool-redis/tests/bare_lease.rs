@@ -1,0 +1,117 @@
+//! A first attempt is leased by a bare `XREADGROUP`: until its holder's
+//! first call the lease is only the entry in the group's pending list, and
+//! the job's hash still says `queued`. Everything that reads or changes a
+//! job must see it as running: `get`, `jobs --state`, cancel, another
+//! worker's reclaim pass (which must respect the holder's lease, not its
+//! own `reclaim_idle`), and the holder's own calls.
+
+// Test code: a panic is how a check fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use gpupool_core::{
+    CancelOutcome, Completion, FailureKind, Heartbeat, JobSpec, JobState, ListFilter, Queue, ReserveRequest, RunInfo,
+};
+use gpupool_redis::RedisQueue;
+
+fn req(queue: &str, worker: &str, lease: Duration) -> ReserveRequest {
+    ReserveRequest::new(queue).worker(worker).lease(lease)
+}
+
+async fn ids(q: &RedisQueue, queue: &str, state: JobState) -> Vec<String> {
+    let filter = ListFilter { queue: Some(queue.into()), state: Some(state), limit: 100, offset: 0 };
+    q.list(&filter).await.unwrap().into_iter().map(|r| r.id.to_string()).collect()
+}
+
+#[tokio::test]
+async fn a_bare_lease_reads_as_running_and_its_holder_records_it() {
+    let Some(q) = common::queue("bare-view").await else { return };
+    let id = q.push(JobSpec::new("main", "train.py").with_queue("bv")).await.unwrap();
+    let lease = q.reserve(&req("bv", "gpu-7", Duration::from_secs(60))).await.unwrap().expect("the job");
+    assert_eq!((lease.attempt(), lease.job.state), (1, JobState::Running));
+
+    // Not recorded yet, and still shown as what it is.
+    let rec = q.get(&id).await.unwrap();
+    assert_eq!((rec.state, rec.attempt), (JobState::Running, 1));
+    assert_eq!(rec.worker.as_deref(), Some("gpu-7"), "the worker, from the consumer's name");
+    assert!(rec.started_at.is_some());
+    assert_eq!(ids(&q, "bv", JobState::Running).await, [id.to_string()]);
+    assert!(ids(&q, "bv", JobState::Queued).await.is_empty());
+    let all = q.list(&ListFilter { queue: Some("bv".into()), ..ListFilter::default() }).await.unwrap();
+    assert_eq!(all[0].state, JobState::Running);
+
+    // The holder's first call records it; later ones are checked against it.
+    let info = RunInfo { commit: Some("c0ffee".into()), gpu_ids: vec![2] };
+    q.started(&lease, &info).await.unwrap();
+    let rec = q.get(&id).await.unwrap();
+    assert_eq!((rec.state, rec.attempt, rec.worker.as_deref()), (JobState::Running, 1, Some("gpu-7")));
+    assert_eq!(rec.commit.as_deref(), Some("c0ffee"));
+    assert_eq!(q.heartbeat(&lease, Duration::from_secs(60)).await.unwrap(), Heartbeat::Extended);
+    q.complete(&lease, Completion::default()).await.unwrap();
+    let rec = q.get(&id).await.unwrap();
+    assert_eq!((rec.state, rec.attempt), (JobState::Succeeded, 1));
+    assert!(q.complete(&lease, Completion::default()).await.is_err(), "a second complete is refused");
+    common::cleanup(&q).await;
+}
+
+#[tokio::test]
+async fn a_bare_lease_completed_at_once_is_recorded_whole() {
+    let Some(q) = common::queue("bare-done").await else { return };
+    let id = q.push(JobSpec::new("main", "train.py").with_queue("bd")).await.unwrap();
+    let lease = q.reserve(&req("bd", "gpu-1", Duration::from_secs(60))).await.unwrap().expect("the job");
+    q.complete(&lease, Completion { output_tail: "ok\n".into(), result: None }).await.unwrap();
+    let rec = q.get(&id).await.unwrap();
+    assert_eq!((rec.state, rec.attempt, rec.worker.as_deref()), (JobState::Succeeded, 1, Some("gpu-1")));
+    assert!(rec.started_at.is_some() && rec.finished_at.is_some());
+    assert!(rec.started_at <= rec.finished_at);
+    assert_eq!(rec.output_tail.as_deref(), Some("ok\n"));
+    assert!(ids(&q, "bd", JobState::Running).await.is_empty());
+    common::cleanup(&q).await;
+}
+
+#[tokio::test]
+async fn cancelling_a_bare_lease_asks_its_holder() {
+    let Some(q) = common::queue("bare-cancel").await else { return };
+    let id = q.push(JobSpec::new("main", "train.py").with_queue("bc")).await.unwrap();
+    let lease = q.reserve(&req("bc", "w", Duration::from_secs(60))).await.unwrap().expect("the job");
+    assert_eq!(q.cancel(&id).await.unwrap(), CancelOutcome::Requested, "it runs, so the holder is asked");
+    assert_eq!(q.heartbeat(&lease, Duration::from_secs(60)).await.unwrap(), Heartbeat::CancelRequested);
+    q.cancelled(&lease, String::new()).await.unwrap();
+    assert_eq!(q.get(&id).await.unwrap().state, JobState::Cancelled);
+    common::cleanup(&q).await;
+}
+
+#[tokio::test]
+async fn another_worker_reclaims_a_bare_lease_only_once_its_own_lease_is_over() {
+    let Some(url) = common::url(&common::random_prefix("bare-reclaim")) else { return };
+    // Both handles reclaim entries idle for 300 ms (the test URL).
+    let holder = RedisQueue::connect(&url).await.unwrap();
+    let other = RedisQueue::connect(&url).await.unwrap();
+    let id = holder.push(JobSpec::new("main", "train.py").with_queue("br")).await.unwrap();
+    let lease = holder.reserve(&req("br", "dies", Duration::from_millis(1500))).await.unwrap().expect("the job");
+
+    // Idle past `reclaim_idle`, within its lease: not taken.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let early = other.reserve(&req("br", "takes", Duration::from_secs(60))).await.unwrap();
+    assert!(early.is_none(), "reclaimed inside its holder's lease");
+
+    // Past its lease: the lost attempt is recorded and the job is the other's.
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    let second = other.reserve(&req("br", "takes", Duration::from_secs(60))).await.unwrap().expect("the lost job");
+    assert_eq!((second.id(), second.attempt()), (&id, 2));
+    let rec = other.get(&id).await.unwrap();
+    assert_eq!((rec.state, rec.attempt, rec.worker.as_deref()), (JobState::Running, 2, Some("takes")));
+    assert_eq!(rec.errors.len(), 1);
+    assert_eq!((rec.errors[0].attempt, rec.errors[0].kind), (1, FailureKind::LeaseLost));
+    assert!(rec.errors[0].message.contains("dies"), "the error names the lost holder: {}", rec.errors[0].message);
+
+    // The first holder's calls are refused; the new holder's are not.
+    assert!(holder.started(&lease, &RunInfo::default()).await.is_err());
+    assert!(holder.complete(&lease, Completion::default()).await.is_err());
+    other.complete(&second, Completion::default()).await.unwrap();
+    assert_eq!(other.get(&id).await.unwrap().state, JobState::Succeeded);
+    common::cleanup(&holder).await;
+}
