@@ -47,7 +47,10 @@
 //! then checks each one's lease. An expired one (its holder stopped
 //! heartbeating: the `expires` field, Redis's clock) is recorded as
 //! `lease_lost` and re-leased to the caller with `XCLAIM`, or ends
-//! `failed`/`cancelled`; one whose lease still holds is left alone. Then,
+//! `failed`/`cancelled`; one whose lease still holds is left alone. (Not
+//! `XAUTOCLAIM`, which DESIGN.md names: it moves an entry before anything
+//! can look at its lease, and the entry's consumer, which a bare-read
+//! lease below needs, is lost in the move.) Then,
 //! per queue in order, a bare `XREADGROUP … COUNT 1` reads the next entry.
 //! With nothing there it blocks on all the queues (`BLOCK`, on a connection
 //! of its own), so a pushed job is picked up at once and an idle worker
@@ -72,6 +75,9 @@
 //! before starting a new one on the same Redis. An older worker's reclaim
 //! pass does not know a lease that is only a pending entry: it would
 //! acknowledge the entry and leave its job queued with nothing in line.
+//! A job an older gpupool sent back to its queue, still waiting there, has
+//! an entry with the spec: its worker is told attempt 1, while the job's
+//! record counts the attempts right.
 //!
 //! While the job runs its entry stays pending: the heartbeat script checks
 //! the lease token, extends `expires` and resets the entry's idle time with

@@ -1,7 +1,8 @@
-//! What a lease carries on Redis, first attempt and later: the reserve
-//! script replies without the errors list on a first attempt and takes a
-//! job's `created` time from its stream entry's id, so both shapes of the
-//! reply and the creation time are checked here.
+//! What a lease carries on Redis, first attempt and later: a first
+//! attempt's lease is built from its stream entry alone (its `created` time
+//! from the entry's id), a later one by `claim.lua` (whose reply ends
+//! before the errors list on a first attempt), so both kinds of lease and
+//! the creation time are checked here.
 
 // Test code: a panic is how a check fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
