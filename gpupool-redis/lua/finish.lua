@@ -9,8 +9,8 @@ if v[1] == 'queued' and token == '~' .. (v[3] or '') then
   -- spare). Its start is the delivery, from the pending list.
   local p = redis.call('XPENDING', skey(v[4]), GROUP, v[3], v[3], 1)[1]
   if not p then return -1 end
-  local worker = string.match(p[2], '^(.*)@[^@]*$') or ''
-  redis.call('HSET', h, 'attempt', string.format('%d', tonumber(v[5]) + 1), 'consumer', p[2], 'worker', worker,
+  redis.call('HSET', h, 'attempt', string.format('%d', tonumber(v[5]) + 1), 'consumer', p[2],
+             'worker', holder_worker(p[2]) or '',
              'started', string.format('%d', tonumber(now) - p[3]))
 elseif v[1] ~= 'running' or v[2] ~= token or token == '' then
   return -1

@@ -16,11 +16,7 @@ local function enqueue(id)
   redis.call('HSET', h, 'entry', e)
 end
 
--- A consumer in the group is named `WORKER@INSTANCE/LEASE_MS` (queue.rs):
--- the pending list says who holds an entry and for how long a lease it
--- asked. A name without the suffix (an older gpupool's) gives no worker and
--- a lease of 0.
-local function holder_worker(consumer) return string.match(consumer, '^(.*)@[^@]*$') end
+-- The lease a consumer's name gives (`holder_worker` in states.lua).
 local function holder_lease(consumer) return tonumber(string.match(consumer, '/(%d+)$') or '0') end
 
 -- The group's pending-list row of entry `e` on stream `s`: {entry, consumer,

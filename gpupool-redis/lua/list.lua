@@ -68,8 +68,9 @@ elseif state == 'running' then
       for _, p in ipairs(rows) do
         local found = redis.call('XRANGE', s, p[1], p[1])
         local id = found[1] and job_of(found[1][2])
+        local v = id and redis.call('HMGET', jkey(id), 'state', 'entry')
         -- A job leased by a bare read still says `queued` (`adopt`).
-        if id and (state_is(id, 'running', p[1]) or state_is(id, 'queued', p[1])) then ids[#ids + 1] = tonumber(id) end
+        if v and v[2] == p[1] and (v[1] == 'running' or v[1] == 'queued') then ids[#ids + 1] = tonumber(id) end
       end
     end
   end

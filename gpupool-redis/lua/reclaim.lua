@@ -5,33 +5,26 @@
 -- ARGV: prefix, queue, entry, consumer, worker, token, lease_ms
 local queue, entry, consumer, worker, token, lease_ms = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local s = skey(queue)
-local row = pending(s, entry)
-if not row then return false end
 local found = redis.call('XRANGE', s, entry, entry)
 local id = found[1] and job_of(found[1][2])
 if not id then redis.call('XACK', s, GROUP, entry); return false end
 local h = jkey(id)
+-- A lease taken by a bare read and never recorded is recorded now, as its
+-- holder's first call would have done it (`adopt`): it runs from the
+-- delivery, for the length its consumer's name gives.
+adopt(id, '~' .. entry)
 local r = claim_fields(id)
-local now = now_ms()
-local lost_by
-if r[1] == 'queued' and r[2] == entry then
-  -- Leased by a bare read and never recorded (`adopt`): its lease is the
-  -- one its consumer's name gives, counted from the delivery.
-  if row[3] < holder_lease(row[2]) then return false end
-  r[3] = string.format('%d', tonumber(r[3]) + 1)
-  redis.call('HSET', h, 'state', 'running', 'attempt', r[3], 'started', string.format('%d', tonumber(now) - row[3]))
-  lost_by = holder_worker(row[2])
-elseif r[1] == 'running' and r[2] == entry then
-  local held_by = redis.call('HMGET', h, 'expires', 'worker')
-  -- Not expired (its holder has a longer lease, or just heartbeated).
-  if tonumber(held_by[1]) >= tonumber(now) then return false end
-  lost_by = held_by[2]
-else
-  -- The entry of a job that moved on (an older gpupool's leftovers).
+if r[1] ~= 'running' or r[2] ~= entry then
+  -- The entry of a job that moved on (finished since it was listed, or an
+  -- older gpupool's leftovers).
   redis.call('XACK', s, GROUP, entry)
   return false
 end
-add_error(id, r[3], 'lease_lost', '', '', 'lease expired: worker ' .. (lost_by or 'unknown') .. ' stopped heartbeating', '', now)
+local held_by = redis.call('HMGET', h, 'expires', 'worker')
+local now = now_ms()
+-- Not expired (its holder has a longer lease, or just heartbeated).
+if tonumber(held_by[1]) >= tonumber(now) then return false end
+add_error(id, r[3], 'lease_lost', '', '', 'lease expired: worker ' .. (held_by[2] or 'unknown') .. ' stopped heartbeating', '', now)
 redis.call('HSET', h, 'token', '')
 -- The entry is the caller's now, whatever becomes of the job.
 redis.call('XCLAIM', s, GROUP, consumer, 0, entry, 'JUSTID')

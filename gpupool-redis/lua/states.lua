@@ -15,3 +15,8 @@ local function move_state(id, old, new)
   if indexed(new) then redis.call('ZADD', P .. 'state:' .. new, id, id) end
 end
 
+-- A consumer in the group is named `WORKER@INSTANCE/LEASE_MS` (queue.rs):
+-- the pending list says who holds an entry and for how long a lease it
+-- asked. This is the worker; `holder_lease` in jobs.lua the lease. A name
+-- without the suffix (an older gpupool's) gives no worker and a lease of 0.
+local function holder_worker(consumer) return string.match(consumer, '^(.*)@[^@]*$') end

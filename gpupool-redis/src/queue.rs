@@ -520,11 +520,11 @@ impl RedisQueue {
         }
         let now: i64 = from_value(parts.remove(0))?;
         for (i, row) in which.into_iter().zip(parts) {
-            let Some((consumer, idle)): Option<(String, i64)> = from_value(row)? else { continue };
+            let Some((worker, idle)): Option<(Option<String>, i64)> = from_value(row)? else { continue };
             let r = &mut records[i];
             r.state = gpupool_core::JobState::Running;
             r.attempt += 1;
-            r.worker = consumer.rsplit_once('@').map(|(w, _)| w.to_owned());
+            r.worker = worker;
             r.started_at = Some(Timestamp(now - idle));
         }
         Ok(())
