@@ -54,3 +54,36 @@ pub mod redis_floor {
         }
     }
 }
+
+/// RabbitMQ pieces the ledger benches and the floor share: queues declared
+/// by type, persistent publishes awaited until confirmed, a stream read
+/// from its next event.
+pub mod amqp {
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    use lapin::{BasicProperties, Channel, Consumer};
+
+    /// Declares the durable queue `name` of type `kind` (`quorum`, `stream`).
+    pub async fn declare(ch: &Channel, name: &str, kind: &str) -> lapin::Result<()> {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        ch.queue_declare(name.into(), durable, args).await.map(|_| ())
+    }
+
+    /// Publishes `body` persistently to `queue` and waits for the broker's
+    /// confirm (the channel is in confirm mode).
+    pub async fn publish_confirmed(ch: &Channel, queue: &str, body: &[u8]) -> lapin::Result<()> {
+        let props = BasicProperties::default().with_delivery_mode(2);
+        ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, props).await?.await.map(|_| ())
+    }
+
+    /// Reads stream `stream` from the next event on, up to 1,000 unacknowledged
+    /// (the backend's ledger reader does the same).
+    pub async fn read_from_next(ch: &Channel, stream: &str) -> lapin::Result<Consumer> {
+        ch.basic_qos(1000, BasicQosOptions::default()).await?;
+        let mut from = FieldTable::default();
+        from.insert("x-stream-offset".into(), AMQPValue::LongString("next".into()));
+        ch.basic_consume(stream.into(), "".into(), BasicConsumeOptions::default(), from).await
+    }
+}

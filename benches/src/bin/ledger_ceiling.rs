@@ -24,11 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
+use gpupool_benches::amqp;
+use lapin::options::{BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::oneshot;
 
@@ -42,22 +39,12 @@ async fn client(url: String, stream: String, events: usize, reads: bool) {
         tokio::time::sleep(Duration::from_millis(300)).await;
         for _ in 0..events {
             let body = serde_json::to_vec(&want(uuid::Uuid::new_v4().simple().to_string())).unwrap();
-            let props = BasicProperties::default().with_delivery_mode(2);
-            publish
-                .basic_publish("".into(), stream.as_str().into(), BasicPublishOptions::default(), &body, props)
-                .await
-                .unwrap()
-                .await
-                .unwrap();
+            amqp::publish_confirmed(&publish, &stream, &body).await.unwrap();
         }
         return;
     }
     let read = conn.create_channel().await.unwrap();
-    read.basic_qos(1000, BasicQosOptions::default()).await.unwrap();
-    let mut from = FieldTable::default();
-    from.insert("x-stream-offset".into(), AMQPValue::LongString("next".into()));
-    let mut consumer =
-        read.basic_consume(stream.as_str().into(), "".into(), BasicConsumeOptions::default(), from).await.unwrap();
+    let mut consumer = amqp::read_from_next(&read, &stream).await.unwrap();
     let waiters: Waiters = Arc::default();
     let seen = Arc::clone(&waiters);
     tokio::spawn(async move {
@@ -123,10 +110,7 @@ async fn main() {
     let stream = format!("gpupool-bench.ceiling.{}", uuid::Uuid::new_v4().simple());
     let conn = Connection::connect(&url, ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
-    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-    ch.queue_declare(stream.as_str().into(), durable, args).await.unwrap();
+    amqp::declare(&ch, &stream, "stream").await.unwrap();
     for clients in counts {
         let t = Instant::now();
         let reading = readers.unwrap_or(clients);

@@ -25,29 +25,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use gpupool_benches::amqp;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
 use tokio::sync::Notify;
-
-async fn declare(ch: &Channel, name: &str, kind: &str) {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
-    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-    ch.queue_declare(name.into(), durable, args).await.unwrap();
-}
-
-async fn publish(ch: &Channel, queue: &str, body: &[u8]) {
-    let props = BasicProperties::default().with_delivery_mode(2);
-    ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, props)
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-}
 
 /// An event the size of a gpupool ledger event.
 fn event(kind: &str) -> Vec<u8> {
@@ -65,11 +47,11 @@ async fn drain(url: &str, n: usize, consumers: usize, events: usize) -> f64 {
     let conn = Connection::connect(url, ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-    declare(&ch, &work, "quorum").await;
-    declare(&ch, &ledger, "stream").await;
+    amqp::declare(&ch, &work, "quorum").await.unwrap();
+    amqp::declare(&ch, &ledger, "stream").await.unwrap();
     let spec = gpupool_benches::spec_text();
     for _ in 0..n {
-        publish(&ch, &work, spec.as_bytes()).await;
+        amqp::publish_confirmed(&ch, &work, spec.as_bytes()).await.unwrap();
     }
 
     // The one folding reader: counts the events it has seen.
@@ -78,11 +60,7 @@ async fn drain(url: &str, n: usize, consumers: usize, events: usize) -> f64 {
     let reader = Connection::connect(url, ConnectionProperties::default()).await.unwrap();
     if events > 0 {
         let rc = reader.create_channel().await.unwrap();
-        rc.basic_qos(1000, BasicQosOptions::default()).await.unwrap();
-        let mut from = FieldTable::default();
-        from.insert("x-stream-offset".into(), AMQPValue::LongString("next".into()));
-        let mut stream =
-            rc.basic_consume(ledger.as_str().into(), "".into(), BasicConsumeOptions::default(), from).await.unwrap();
+        let mut stream = amqp::read_from_next(&rc, &ledger).await.unwrap();
         let (seen, all_seen) = (Arc::clone(&seen), Arc::clone(&all_seen));
         let want = n * events;
         tokio::spawn(async move {
@@ -124,10 +102,10 @@ async fn drain(url: &str, n: usize, consumers: usize, events: usize) -> f64 {
                     break;
                 };
                 if events == 2 {
-                    publish(&put, &ledger, &event("leased")).await;
+                    amqp::publish_confirmed(&put, &ledger, &event("leased")).await.unwrap();
                 }
                 if events >= 1 {
-                    publish(&put, &ledger, &event("completed")).await;
+                    amqp::publish_confirmed(&put, &ledger, &event("completed")).await.unwrap();
                 }
                 d.acker.ack(BasicAckOptions::default()).await.unwrap();
                 if remaining.fetch_sub(1, Ordering::Relaxed) == 1 {

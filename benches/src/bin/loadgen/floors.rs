@@ -204,34 +204,20 @@ async fn redis_floor(url: &str, n: usize, consumers: usize, drain: bool) -> f64 
 
 async fn amqp(url: &str, n: usize, consumers: usize, drain: bool) -> f64 {
     use lapin::options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-        QueueDeclareOptions, QueueDeleteOptions,
+        BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeleteOptions,
     };
-    use lapin::types::{AMQPValue, FieldTable};
+    use lapin::types::FieldTable;
     let opts = gpupool_amqp::AmqpOptions::from_url(url).unwrap();
     let conn = lapin::Connection::connect(&opts.driver_url, lapin::ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     let queue = format!("floor.{}", tag());
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() },
-        args,
-    )
-    .await
-    .unwrap();
+    gpupool_benches::amqp::declare(&ch, &queue, "quorum").await.unwrap();
     let spec = spec_text();
     let payload = spec.as_bytes();
     let push_all = async || {
         for _ in 0..n {
-            let props = lapin::BasicProperties::default().with_delivery_mode(2);
-            ch.basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), payload, props)
-                .await
-                .unwrap()
-                .await
-                .unwrap();
+            gpupool_benches::amqp::publish_confirmed(&ch, &queue, payload).await.unwrap();
         }
     };
     let rate = if drain {
