@@ -13,12 +13,20 @@ mod common;
 use std::time::Duration;
 
 use gpupool_core::{
-    CancelOutcome, Completion, FailureKind, Heartbeat, JobSpec, JobState, ListFilter, Queue, ReserveRequest, RunInfo,
+    CancelOutcome, Completion, FailureKind, Heartbeat, JobId, JobSpec, JobState, Lease, ListFilter, Queue,
+    ReserveRequest, RunInfo,
 };
 use gpupool_redis::RedisQueue;
 
 fn req(queue: &str, worker: &str, lease: Duration) -> ReserveRequest {
     ReserveRequest::new(queue).worker(worker).lease(lease)
+}
+
+/// Pushes a job to `queue` and leases it, as `worker` with a 60 s lease.
+async fn push_and_lease(q: &RedisQueue, queue: &str, worker: &str) -> (JobId, Lease) {
+    let id = q.push(JobSpec::new("main", "train.py").with_queue(queue)).await.unwrap();
+    let lease = q.reserve(&req(queue, worker, Duration::from_secs(60))).await.unwrap().expect("the job");
+    (id, lease)
 }
 
 async fn ids(q: &RedisQueue, queue: &str, state: JobState) -> Vec<String> {
@@ -29,8 +37,7 @@ async fn ids(q: &RedisQueue, queue: &str, state: JobState) -> Vec<String> {
 #[tokio::test]
 async fn a_bare_lease_reads_as_running_and_its_holder_records_it() {
     let Some(q) = common::queue("bare-view").await else { return };
-    let id = q.push(JobSpec::new("main", "train.py").with_queue("bv")).await.unwrap();
-    let lease = q.reserve(&req("bv", "gpu-7", Duration::from_secs(60))).await.unwrap().expect("the job");
+    let (id, lease) = push_and_lease(&q, "bv", "gpu-7").await;
     assert_eq!((lease.attempt(), lease.job.state), (1, JobState::Running));
 
     // Not recorded yet, and still shown as what it is.
@@ -60,8 +67,7 @@ async fn a_bare_lease_reads_as_running_and_its_holder_records_it() {
 #[tokio::test]
 async fn a_bare_lease_completed_at_once_is_recorded_whole() {
     let Some(q) = common::queue("bare-done").await else { return };
-    let id = q.push(JobSpec::new("main", "train.py").with_queue("bd")).await.unwrap();
-    let lease = q.reserve(&req("bd", "gpu-1", Duration::from_secs(60))).await.unwrap().expect("the job");
+    let (id, lease) = push_and_lease(&q, "bd", "gpu-1").await;
     q.complete(&lease, Completion { output_tail: "ok\n".into(), result: None }).await.unwrap();
     let rec = q.get(&id).await.unwrap();
     assert_eq!((rec.state, rec.attempt, rec.worker.as_deref()), (JobState::Succeeded, 1, Some("gpu-1")));
@@ -75,8 +81,7 @@ async fn a_bare_lease_completed_at_once_is_recorded_whole() {
 #[tokio::test]
 async fn cancelling_a_bare_lease_asks_its_holder() {
     let Some(q) = common::queue("bare-cancel").await else { return };
-    let id = q.push(JobSpec::new("main", "train.py").with_queue("bc")).await.unwrap();
-    let lease = q.reserve(&req("bc", "w", Duration::from_secs(60))).await.unwrap().expect("the job");
+    let (id, lease) = push_and_lease(&q, "bc", "w").await;
     assert_eq!(q.cancel(&id).await.unwrap(), CancelOutcome::Requested, "it runs, so the holder is asked");
     assert_eq!(q.heartbeat(&lease, Duration::from_secs(60)).await.unwrap(), Heartbeat::CancelRequested);
     q.cancelled(&lease, String::new()).await.unwrap();
