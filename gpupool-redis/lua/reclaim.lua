@@ -1,7 +1,8 @@
 -- A pending entry that has sat idle for `reclaim_idle` (queue.rs lists them
 -- with `XPENDING … IDLE`). If its lease has expired, the lost attempt is
 -- recorded and the entry and its job become the caller's, or the job ends
--- `failed`/`cancelled`. Otherwise nothing changes.
+-- `failed`/`cancelled`. Otherwise the lease stays its holder's (recorded in
+-- the job's hash if it was not yet, as `adopt` does).
 -- ARGV: prefix, queue, entry, consumer, worker, token, lease_ms
 local queue, entry, consumer, worker, token, lease_ms = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local s = skey(queue)

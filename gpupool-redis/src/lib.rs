@@ -47,7 +47,7 @@
 //! then checks each one's lease. An expired one (its holder stopped
 //! heartbeating: the `expires` field, Redis's clock) is recorded as
 //! `lease_lost` and re-leased to the caller with `XCLAIM`, or ends
-//! `failed`/`cancelled`; one whose lease still holds is left alone. (Not
+//! `failed`/`cancelled`; one whose lease still holds stays its holder's. (Not
 //! `XAUTOCLAIM`, which DESIGN.md names: it moves an entry before anything
 //! can look at its lease, and the entry's consumer, which a bare-read
 //! lease below needs, is lost in the move.) Then,
