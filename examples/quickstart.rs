@@ -11,7 +11,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use gpupool_core::{JobSpec, ListFilter, Queue, Worker, WorkerConfig};
+use gpupool_core::{JobSpec, ListFilter, Queue};
+use gpupool_worker::{Worker, WorkerConfig};
 use gpupool_sqlite::SqliteQueue;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;

@@ -6,8 +6,8 @@
 
 use std::error::Error;
 
-use gpupool_core::gpu::{self, GpuSelection};
-use gpupool_core::{Worker, WorkerConfig};
+use gpupool_core::gpu::GpuSelection;
+use gpupool_worker::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
@@ -22,7 +22,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
     let mut cfg = WorkerConfig::new(gpupool_cli::default_data_dir());
     cfg.repo = Some(std::fs::canonicalize(&repo)?.to_string_lossy().into_owned());
-    cfg.gpus = gpu::resolve(&GpuSelection::Auto)?; // NVML; CPU-only without a driver
+    cfg.gpus = gpupool_worker::resolve(&GpuSelection::Auto)?; // NVML; CPU-only without a driver
     cfg.slots = 2; // parallel runs when there is no GPU
 
     // Ctrl-C: stop reserving, let running jobs finish (drain), release the rest.

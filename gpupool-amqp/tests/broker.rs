@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpupool_amqp::AmqpQueue;
-use gpupool_core::{JobSpec, JobState, ListFilter, Queue, Worker, WorkerConfig};
+use gpupool_core::{JobSpec, JobState, ListFilter, Queue};
+use gpupool_worker::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 /// These tests drive the local broker with `rabbitmqctl`, so they run only
@@ -74,7 +75,7 @@ fn repo(dir: &Path, runs: &Path) -> PathBuf {
          time.sleep(float(sys.argv[sys.argv.index('--seconds') + 1]))\n",
         runs.to_str().unwrap()
     );
-    gpupool_core::conformance::job_repo(dir, &script)
+    gpupool_worker::testing::job_repo(dir, &script)
 }
 
 fn runs_per_job(runs: &Path) -> HashMap<String, usize> {

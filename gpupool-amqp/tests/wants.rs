@@ -57,12 +57,12 @@ async fn a_job_handed_between_reserves_is_picked_up_or_given_back() {
 async fn a_stopping_worker_takes_no_new_job_while_it_drains() {
     use std::sync::Arc;
 
-    use gpupool_core::{Worker, WorkerConfig};
+    use gpupool_worker::{Worker, WorkerConfig};
     use tokio_util::sync::CancellationToken;
 
     let Some(url) = common::url(&common::random_prefix("wantstop")) else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let repo_dir = gpupool_core::conformance::job_repo(tmp.path(), "import time\ntime.sleep(3)\n");
+    let repo_dir = gpupool_worker::testing::job_repo(tmp.path(), "import time\ntime.sleep(3)\n");
 
     let q = AmqpQueue::connect(&url).await.unwrap();
     let long = q.push(JobSpec::new("main", "job.py")).await.unwrap();

@@ -3,6 +3,7 @@
 //! The original tool's command names work as aliases: `server` (init),
 //! `client` (worker), `message` (jobs), `error` (errors), and `-id N`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,9 +12,8 @@ use clap::{Parser, Subcommand};
 use gpupool_cli::{FileConfig, connect, errors_table, jobs_table, parse_duration};
 use gpupool_core::gpu::GpuSelection;
 use gpupool_core::redact::redact_url;
-use gpupool_core::{
-    CancelOutcome, Error, JobId, JobSpec, JobState, ListFilter, Queue, Result, Worker, WorkerConfig, message,
-};
+use gpupool_core::{CancelOutcome, Error, JobId, JobSpec, JobState, ListFilter, Queue, Result, message};
+use gpupool_worker::{CredentialPrompt, Credentials, GitWorkspace, Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -392,7 +392,7 @@ async fn worker(queue: Arc<dyn Queue>, s: &Settings, args: WorkerArgs) -> Result
         cfg.queues = q;
     }
     let selection: GpuSelection = args.gpus.or_else(|| w.gpus.clone()).unwrap_or_else(|| "auto".into()).parse()?;
-    let inventory = gpupool_core::gpu::inventory(&selection)?;
+    let inventory = gpupool_worker::inventory(&selection)?;
     cfg.gpus = inventory.status().iter().map(|g| g.index).collect();
     cfg.inventory = Some(inventory);
     if let Some(n) = args.slots.or(w.slots) {
@@ -451,7 +451,30 @@ async fn worker(queue: Arc<dyn Queue>, s: &Settings, args: WorkerArgs) -> Result
         signals.cancel();
     });
     tracing::info!(queue = %redact_url(&s.url), data_dir = %s.data_dir.display(), "gpupool worker");
-    let summary = Worker::new(queue, cfg).run(shutdown).await?;
+    let mut credentials = Credentials::from_env();
+    if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+        credentials = credentials.with_prompt(Arc::new(TerminalPrompt));
+    }
+    let workspace = Arc::new(GitWorkspace::new(&s.data_dir, credentials));
+    let summary = Worker::builder(queue, cfg).workspace(workspace).build().run(shutdown).await?;
     tracing::info!(reserved = summary.reserved, "worker stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Asks for git credentials on the terminal: the worker's last resort when
+/// no token, credential helper or ssh-agent has them.
+struct TerminalPrompt;
+
+impl CredentialPrompt for TerminalPrompt {
+    fn ask(&self, host: &str) -> Option<(String, String)> {
+        use std::io::Write;
+        let mut err = std::io::stderr();
+        let _ = write!(err, "Username for {host}: ");
+        let _ = err.flush();
+        let mut user = String::new();
+        std::io::stdin().read_line(&mut user).ok()?;
+        let user = user.trim().to_owned();
+        let token = rpassword::prompt_password(format!("Access token for {user}@{host}: ")).ok()?;
+        Some((user, token))
+    }
 }

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpupool_core::gpu::{GpuInventory, GpuStatus, StaticInventory};
-use gpupool_core::{FailureKind, JobSpec, JobState, ListFilter, Queue, Worker, WorkerConfig};
+use gpupool_core::{FailureKind, JobSpec, JobState, ListFilter, Queue};
+use gpupool_worker::{Worker, WorkerConfig};
 use gpupool_sqlite::SqliteQueue;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;

@@ -1,6 +1,12 @@
-//! The core of gpupool: the job model, the [`Queue`] trait every backend
-//! implements, the in-memory queue, and (feature `conformance`) the suite
-//! every backend must pass.
+//! The contract of gpupool: the job model, the [`Queue`] trait every backend
+//! implements, the [`Workspace`], [`Runner`] and [`GpuInventory`] traits a
+//! worker runs jobs through, the in-memory queue, and (feature
+//! `conformance`) the suite every backend must pass.
+//!
+//! This crate has no native dependencies (no git, no NVML, no OpenSSL): a
+//! backend or a custom workspace depends on it alone. The worker that ties
+//! the traits together is `gpupool-worker`; the crate most programs use is
+//! the facade `gpupool`, which adds `connect(url)` over every backend.
 //!
 //! ```
 //! use gpupool_core::{message, JobState, MemoryQueue, Queue, ReserveRequest, Completion};
@@ -33,7 +39,6 @@ mod queue;
 pub mod redact;
 pub mod runner;
 pub mod url;
-pub mod worker;
 pub mod workspace;
 
 #[cfg(any(test, feature = "conformance"))]
@@ -49,4 +54,11 @@ pub use queue::{
     CancelOutcome, Capabilities, Completion, FailOutcome, Failure, Heartbeat, Lease, ListFilter, Queue, ReserveRequest,
     RunInfo, RunningJob, Sweep, WorkerInfo, default_worker_name,
 };
-pub use worker::{Worker, WorkerConfig, WorkerSummary};
+pub use gpu::GpuInventory;
+pub use runner::Runner;
+pub use workspace::Workspace;
+
+/// The attribute every implementation of this crate's async traits puts on
+/// its `impl` block (re-exported from `async-trait`, so a backend needs no
+/// dependency of its own for it).
+pub use async_trait::async_trait;

@@ -1,30 +1,13 @@
-//! [`GitWorkspace`]: the code for a job, at exactly its commit.
+//! The [`Workspace`] trait: where the code for a job comes from.
 //!
-//! One bare mirror per repository under `DATA_DIR/repos/`, fetched only when
-//! the commit is missing: a ref that looks like a commit id and is already
-//! in the mirror is used as it is; for a branch or tag (which may have moved)
-//! the remote is asked where it points, without downloading, and the mirror
-//! fetches only if that commit is not there yet. Each running job gets its own checkout under
-//! `DATA_DIR/checkouts/`, written straight from the mirror's object store
-//! (no `.git` in it), and removed when the job ends.
-//!
-//! Credentials, tried in order: `GPUPOOL_GIT_TOKEN` (with `GPUPOOL_GIT_USER`,
-//! default `x-access-token`) for https; the user's git credential helper, so
-//! `git config credential.helper cache` works as in the original tool;
-//! ssh-agent for ssh URLs. When none works and the worker runs in a
-//! terminal, it asks once for a user and an access token and hands them to
-//! `git credential approve`, so the user's helper caches them. In the
-//! background it fails the job with "no credentials for HOST" instead.
-//! Tokens never reach the queue, a log or a job's output.
-//!
-//! git2 is blocking; every call here runs on tokio's blocking pool.
+//! What lives here: the contract and the values that cross it. What does
+//! not: any implementation (the git one is `GitWorkspace` in
+//! `gpupool-worker`).
 
-use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::fmt;
+use std::path::PathBuf;
 
-use git2::{CredentialType, FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository};
+use async_trait::async_trait;
 
 use crate::FailureKind;
 use crate::redact::redact_url;
@@ -41,392 +24,118 @@ pub struct PrepareError {
 }
 
 impl PrepareError {
-    fn repo(message: impl Into<String>) -> Self {
+    /// The repository cannot be reached or read (kind `repo`). URLs in the
+    /// message have their passwords replaced.
+    pub fn repo(message: impl Into<String>) -> Self {
         PrepareError { kind: FailureKind::Repo, message: redact_url(&message.into()) }
     }
 
-    fn git_ref(message: impl Into<String>) -> Self {
+    /// The ref or the entrypoint does not exist there (kind `ref`). URLs in
+    /// the message have their passwords replaced.
+    pub fn git_ref(message: impl Into<String>) -> Self {
         PrepareError { kind: FailureKind::Ref, message: redact_url(&message.into()) }
     }
 }
+
+impl fmt::Display for PrepareError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.kind)
+    }
+}
+
+impl std::error::Error for PrepareError {}
 
 /// A job's checkout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkout {
     /// The folder holding the code.
     pub dir: PathBuf,
-    /// The full commit id the ref resolved to.
+    /// The full commit id the ref resolved to (or whatever names the exact
+    /// code version for a workspace without git).
     pub commit: String,
 }
 
-/// Where credentials come from.
-#[derive(Clone, Default)]
-pub struct Credentials {
-    /// A token for https remotes (`GPUPOOL_GIT_TOKEN`).
-    pub token: Option<String>,
-    /// The user name to send with the token (`GPUPOOL_GIT_USER`).
-    pub user: Option<String>,
-    /// Whether to ask on the terminal when nothing else works.
-    pub interactive: bool,
-    /// What was typed at the prompt, kept for this process only.
-    prompted: Arc<StdMutex<Option<(String, String)>>>,
+/// What a job asks a [`Workspace`] for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrepareRequest<'a> {
+    /// The repository (URL or local path), already allowed by the worker.
+    pub repo: &'a str,
+    /// A branch, tag or (abbreviated) commit id.
+    pub git_ref: &'a str,
+    /// The file the job runs, relative to the repository root.
+    pub entrypoint: &'a str,
+    /// A name for the checkout that no other running job has, such as
+    /// `job-42-1` (job 42, attempt 1).
+    pub label: &'a str,
 }
 
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("token", &self.token.as_ref().map(|_| "***"))
-            .field("user", &self.user)
-            .field("interactive", &self.interactive)
-            .finish()
-    }
-}
+/// Prepares the code a job runs: a directory at one exact version.
+///
+/// # Overview
+///
+/// The worker calls [`prepare`](Workspace::prepare) once per attempt, after
+/// it has checked that the job's repository is allowed, and
+/// [`remove`](Workspace::remove) once the run has ended, whatever its end.
+/// Several jobs are prepared at the same time from one workspace.
+///
+/// ```
+/// use gpupool_core::async_trait;
+/// use gpupool_core::workspace::{Checkout, PrepareError, PrepareRequest, Workspace};
+///
+/// /// Code from a shared filesystem: `/code/REF` already holds each version.
+/// #[derive(Debug)]
+/// struct SharedDir;
+///
+/// #[async_trait]
+/// impl Workspace for SharedDir {
+///     async fn prepare(&self, job: &PrepareRequest<'_>) -> Result<Checkout, PrepareError> {
+///         let dir = std::path::Path::new("/code").join(job.git_ref);
+///         if !dir.join(job.entrypoint).is_file() {
+///             return Err(PrepareError::git_ref(format!("no {} in {}", job.entrypoint, dir.display())));
+///         }
+///         Ok(Checkout { dir, commit: job.git_ref.to_owned() })
+///     }
+///
+///     async fn remove(&self, _checkout: &Checkout) {} // shared: nothing to clean up
+///
+///     fn secrets(&self) -> Vec<String> {
+///         Vec::new()
+///     }
+/// }
+/// ```
+///
+/// # Implementing
+///
+/// - `prepare` returns a directory that no other running job uses (or that
+///   no job writes to), at exactly the version `git_ref` names, and the
+///   full id of that version in [`Checkout::commit`].
+/// - It checks that `entrypoint` exists in that directory and does not
+///   lead out of it (no `..`, no symlink pointing outside); the worker runs
+///   whatever file it names.
+/// - It never asks on a terminal: a workspace runs in the background. Tokens
+///   it uses are returned by [`secrets`](Workspace::secrets), so that the
+///   runner keeps them out of job output.
+///
+/// # Errors
+///
+/// A [`PrepareError`] of kind `ref` (no such ref or entrypoint) or `repo`
+/// (cannot fetch, cannot write the checkout). Neither is retried: the same
+/// job would fail the same way. Its message reaches `gpupool errors`, so it
+/// names the ref or URL (passwords replaced) and what to do.
+///
+/// # Cancellation safety
+///
+/// A dropped `prepare` may leave a partial directory under its label; the
+/// worker never drops it. `remove` is best effort and logs what it cannot
+/// delete.
+#[async_trait]
+pub trait Workspace: Send + Sync + fmt::Debug {
+    /// Makes the code for a job ready to run.
+    async fn prepare(&self, job: &PrepareRequest<'_>) -> Result<Checkout, PrepareError>;
 
-impl Credentials {
-    /// From `GPUPOOL_GIT_TOKEN` and `GPUPOOL_GIT_USER`; interactive when
-    /// standard input and error are terminals.
-    pub fn from_env() -> Self {
-        Credentials {
-            token: std::env::var("GPUPOOL_GIT_TOKEN").ok().filter(|t| !t.is_empty()),
-            user: std::env::var("GPUPOOL_GIT_USER").ok().filter(|u| !u.is_empty()),
-            interactive: std::io::stdin().is_terminal() && std::io::stderr().is_terminal(),
-            prompted: Arc::default(),
-        }
-    }
+    /// Cleans up a checkout that `prepare` returned, once its run has ended.
+    async fn remove(&self, checkout: &Checkout);
 
-    /// The secrets to keep out of job output.
-    pub fn secrets(&self) -> Vec<String> {
-        let prompted = self.prompted.lock().ok().and_then(|p| p.as_ref().map(|(_, t)| t.clone()));
-        self.token.iter().cloned().chain(prompted).collect()
-    }
-}
-
-/// Prepares checkouts from cached mirrors.
-#[derive(Debug, Clone)]
-pub struct GitWorkspace {
-    data_dir: PathBuf,
-    credentials: Credentials,
-    locks: Arc<StdMutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
-}
-
-impl GitWorkspace {
-    /// A workspace keeping mirrors and checkouts under `data_dir`.
-    pub fn new(data_dir: impl Into<PathBuf>, credentials: Credentials) -> Self {
-        GitWorkspace { data_dir: data_dir.into(), credentials, locks: Arc::default() }
-    }
-
-    /// The credentials in use.
-    pub fn credentials(&self) -> &Credentials {
-        &self.credentials
-    }
-
-    /// Where the mirror of `repo` lives.
-    pub fn mirror_path(&self, repo: &str) -> PathBuf {
-        let hash = Oid::hash_object(ObjectType::Blob, repo.as_bytes()).map(|o| o.to_string()).unwrap_or_default();
-        let base = repo.trim_end_matches('/').rsplit(['/', ':']).next().unwrap_or("repo").trim_end_matches(".git");
-        let base: String =
-            base.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
-        self.data_dir.join("repos").join(format!("{base}-{}.git", &hash[..hash.len().min(16)]))
-    }
-
-    /// Resolves `git_ref` in `repo`, fetching if needed, and writes a
-    /// checkout named after `label` (such as `job-42-1`). Checks that
-    /// `entrypoint` exists in it and stays inside it, symlinks included.
-    pub async fn prepare(
-        &self,
-        repo: &str,
-        git_ref: &str,
-        entrypoint: &str,
-        label: &str,
-    ) -> Result<Checkout, PrepareError> {
-        let mirror = self.mirror_path(repo);
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            Arc::clone(locks.entry(mirror.clone()).or_default())
-        };
-        let dir = self
-            .data_dir
-            .join("checkouts")
-            .join(format!("{label}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
-        let commit = {
-            let _guard = lock.lock().await;
-            let (repo, git_ref, dir, creds) =
-                (repo.to_owned(), git_ref.to_owned(), dir.clone(), self.credentials.clone());
-            tokio::task::spawn_blocking(move || prepare_blocking(&mirror, &repo, &git_ref, &dir, &creds))
-                .await
-                .map_err(|e| PrepareError::repo(format!("the checkout task failed: {e}")))??
-        };
-        let checkout = Checkout { dir, commit };
-        if let Err(e) = check_entrypoint(&checkout, entrypoint, git_ref) {
-            self.remove(&checkout).await;
-            return Err(e);
-        }
-        Ok(checkout)
-    }
-
-    /// Removes a checkout.
-    pub async fn remove(&self, checkout: &Checkout) {
-        if let Err(e) = tokio::fs::remove_dir_all(&checkout.dir).await {
-            tracing::warn!("cannot remove checkout {}: {e}", checkout.dir.display());
-        }
-    }
-}
-
-fn check_entrypoint(checkout: &Checkout, entrypoint: &str, git_ref: &str) -> Result<(), PrepareError> {
-    let root = checkout.dir.canonicalize().map_err(|e| PrepareError::repo(format!("checkout vanished: {e}")))?;
-    let short = &checkout.commit[..checkout.commit.len().min(12)];
-    let path = root.join(entrypoint);
-    let real = path.canonicalize().map_err(|_| {
-        PrepareError::git_ref(format!("entrypoint `{entrypoint}` does not exist at commit {short} (ref `{git_ref}`)"))
-    })?;
-    if !real.starts_with(&root) {
-        return Err(PrepareError::git_ref(format!(
-            "entrypoint `{entrypoint}` resolves outside the checkout (a symlink) at commit {short}; refusing to run it"
-        )));
-    }
-    if !real.is_file() {
-        return Err(PrepareError::git_ref(format!("entrypoint `{entrypoint}` is not a file at commit {short}")));
-    }
-    Ok(())
-}
-
-fn looks_like_commit(r: &str) -> bool {
-    (4..=40).contains(&r.len()) && r.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-fn resolve(repo: &Repository, git_ref: &str) -> Option<Oid> {
-    let candidates = [format!("refs/heads/{git_ref}"), format!("refs/tags/{git_ref}"), git_ref.to_owned()];
-    candidates.iter().find_map(|c| repo.revparse_single(c).ok()?.peel_to_commit().ok().map(|c| c.id()))
-}
-
-fn prepare_blocking(
-    mirror: &Path,
-    url: &str,
-    git_ref: &str,
-    dir: &Path,
-    creds: &Credentials,
-) -> Result<String, PrepareError> {
-    let repo = open_mirror(mirror)?;
-    let local = looks_like_commit(git_ref).then(|| resolve(&repo, git_ref)).flatten();
-    // A commit already here is used as it is. A branch or tag may have
-    // moved: ask the remote where it points (no download) and fetch only
-    // when that commit is missing here.
-    let tip = match local {
-        Some(oid) => Some(oid),
-        None => advertised(&repo, url, git_ref, creds)?.filter(|oid| repo.find_commit(*oid).is_ok()),
-    };
-    let oid = match tip {
-        Some(oid) => oid,
-        None => {
-            fetch(&repo, url, creds)?;
-            resolve(&repo, git_ref)
-                .ok_or_else(|| PrepareError::git_ref(format!("ref `{git_ref}` not found in {url}")))?
-        }
-    };
-    let commit = repo.find_commit(oid).map_err(|e| PrepareError::git_ref(format!("commit {oid}: {}", e.message())))?;
-    std::fs::create_dir_all(dir).map_err(|e| PrepareError::repo(format!("cannot create {}: {e}", dir.display())))?;
-    let mut cb = git2::build::CheckoutBuilder::new();
-    cb.target_dir(dir).force().update_index(false);
-    repo.checkout_tree(commit.as_object(), Some(&mut cb))
-        .map_err(|e| PrepareError::repo(format!("cannot check out {oid}: {}", e.message())))?;
-    Ok(oid.to_string())
-}
-
-fn open_mirror(mirror: &Path) -> Result<Repository, PrepareError> {
-    let fail = |e: git2::Error| PrepareError::repo(format!("mirror {}: {}", mirror.display(), e.message()));
-    let repo = match Repository::open_bare(mirror) {
-        Ok(r) => r,
-        Err(_) => {
-            std::fs::create_dir_all(mirror)
-                .map_err(|e| PrepareError::repo(format!("cannot create {}: {e}", mirror.display())))?;
-            Repository::init_bare(mirror).map_err(fail)?
-        }
-    };
-    Ok(repo)
-}
-
-/// Callbacks that answer credential requests (see the module docs), and
-/// where the reason for a refusal is kept.
-fn callbacks(url: &str, creds: &Credentials) -> (RemoteCallbacks<'static>, Arc<StdMutex<Option<String>>>) {
-    let host = host_of(url);
-    let reason: Arc<StdMutex<Option<String>>> = Arc::default();
-    let mut callbacks = RemoteCallbacks::new();
-    let mut tries = 0u32;
-    let why = Arc::clone(&reason);
-    let creds = creds.clone();
-    callbacks.credentials(move |cred_url, user_from_url, allowed| {
-        tries += 1;
-        let set = |m: String| {
-            if let Ok(mut w) = why.lock() {
-                *w = Some(m.clone());
-            }
-            git2::Error::from_str(&m)
-        };
-        if tries > 4 {
-            return Err(set(format!("authentication failed for {host}: the credentials were refused")));
-        }
-        credential(&creds, cred_url, user_from_url, allowed, tries, &host).map_err(set)
-    });
-    (callbacks, reason)
-}
-
-fn remote_error(url: &str, what: &str, e: &git2::Error, reason: &StdMutex<Option<String>>) -> PrepareError {
-    let detail = reason.lock().ok().and_then(|r| r.clone()).unwrap_or_else(|| e.message().to_owned());
-    PrepareError::repo(format!("cannot {what} {url}: {detail}"))
-}
-
-/// Where the remote's branch or tag `git_ref` points, without downloading
-/// anything (`git ls-remote`); `None` if it has no such branch or tag.
-fn advertised(repo: &Repository, url: &str, git_ref: &str, creds: &Credentials) -> Result<Option<Oid>, PrepareError> {
-    let (cbs, reason) = callbacks(url, creds);
-    let mut remote = repo.remote_anonymous(url).map_err(|e| PrepareError::repo(format!("{url}: {}", e.message())))?;
-    let conn = remote
-        .connect_auth(git2::Direction::Fetch, Some(cbs), None)
-        .map_err(|e| remote_error(url, "fetch", &e, &reason))?;
-    let heads = conn.list().map_err(|e| remote_error(url, "fetch", &e, &reason))?;
-    let (branch, tag) = (format!("refs/heads/{git_ref}"), format!("refs/tags/{git_ref}"));
-    let peeled = format!("{tag}^{{}}");
-    // An annotated tag is advertised twice; the peeled line names the commit.
-    let find = |name: &str| heads.iter().find(|h| h.name() == name).map(|h| h.oid());
-    Ok(find(&branch).or_else(|| find(&peeled)).or_else(|| find(&tag)))
-}
-
-fn fetch(repo: &Repository, url: &str, creds: &Credentials) -> Result<(), PrepareError> {
-    let (cbs, reason) = callbacks(url, creds);
-    let mut opts = FetchOptions::new();
-    opts.remote_callbacks(cbs).download_tags(git2::AutotagOption::All);
-    let mut remote = repo.remote_anonymous(url).map_err(|e| PrepareError::repo(format!("{url}: {}", e.message())))?;
-    remote
-        .fetch(&["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], Some(&mut opts), None)
-        .map_err(|e| remote_error(url, "fetch", &e, &reason))
-}
-
-fn credential(
-    creds: &Credentials,
-    url: &str,
-    user_from_url: Option<&str>,
-    allowed: CredentialType,
-    tries: u32,
-    host: &str,
-) -> Result<git2::Cred, String> {
-    let to_s = |e: git2::Error| e.message().to_owned();
-    if allowed.contains(CredentialType::SSH_KEY) {
-        return git2::Cred::ssh_key_from_agent(user_from_url.unwrap_or("git")).map_err(to_s);
-    }
-    if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
-        if let (Some(token), 1) = (&creds.token, tries) {
-            let user = creds.user.as_deref().or(user_from_url).unwrap_or("x-access-token");
-            return git2::Cred::userpass_plaintext(user, token).map_err(to_s);
-        }
-        if tries <= 2
-            && let Ok(cfg) = git2::Config::open_default()
-            && let Ok(cred) = git2::Cred::credential_helper(&cfg, url, user_from_url)
-        {
-            return Ok(cred);
-        }
-        if let Some((user, token)) = prompted(creds, url, host) {
-            return git2::Cred::userpass_plaintext(&user, &token).map_err(to_s);
-        }
-        return Err(format!(
-            "no credentials for {host}; set GPUPOOL_GIT_TOKEN, configure a git credential helper, \
-             or run the worker once in a terminal to be asked"
-        ));
-    }
-    if allowed.contains(CredentialType::DEFAULT) {
-        return git2::Cred::default().map_err(to_s);
-    }
-    Err(format!("no credentials for {host}"))
-}
-
-/// Asks once on the terminal, then hands the answer to the user's git
-/// credential helper (`git credential approve`, argv, no shell).
-fn prompted(creds: &Credentials, url: &str, host: &str) -> Option<(String, String)> {
-    let mut slot = creds.prompted.lock().ok()?;
-    if let Some(found) = slot.as_ref() {
-        return Some(found.clone());
-    }
-    if !creds.interactive {
-        return None;
-    }
-    let mut err = std::io::stderr();
-    let _ = write!(err, "Username for {host}: ");
-    let _ = err.flush();
-    let mut user = String::new();
-    std::io::stdin().read_line(&mut user).ok()?;
-    let user = user.trim().to_owned();
-    let token = rpassword::prompt_password(format!("Access token for {user}@{host}: ")).ok()?;
-    if user.is_empty() || token.is_empty() {
-        return None;
-    }
-    let protocol = url.split_once("://").map_or("https", |(p, _)| p);
-    let input = format!("protocol={protocol}\nhost={host}\nusername={user}\npassword={token}\n\n");
-    let approved = std::process::Command::new("git")
-        .args(["credential", "approve"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .and_then(|mut child| {
-            if let Some(stdin) = child.stdin.as_mut() {
-                stdin.write_all(input.as_bytes())?;
-            }
-            child.wait()
-        });
-    if approved.is_err() {
-        tracing::warn!("could not hand the credentials to git's credential helper; they last until the worker stops");
-    }
-    *slot = Some((user, token));
-    slot.clone()
-}
-
-fn host_of(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let host = authority.rsplit('@').next().unwrap_or(authority);
-    if host.is_empty() { url.to_owned() } else { redact_url(host) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn commit(repo: &Repository, text: &str) -> Oid {
-        let dir = repo.workdir().unwrap();
-        std::fs::write(dir.join("train.py"), text).unwrap();
-        let mut index = repo.index().unwrap();
-        index.add_path(Path::new("train.py")).unwrap();
-        let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
-        let sig = git2::Signature::now("t", "t@example.com").unwrap();
-        let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
-        let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
-        repo.commit(Some("HEAD"), &sig, &sig, text, &tree, &parents).unwrap()
-    }
-
-    #[tokio::test]
-    async fn a_moved_branch_is_fetched_and_a_cached_commit_needs_no_remote() {
-        let tmp = std::env::temp_dir().join(format!("gpupool-ws-{}", uuid::Uuid::new_v4().simple()));
-        let src = tmp.join("src");
-        let repo = Repository::init(&src).unwrap();
-        let first = commit(&repo, "v1");
-        let ws = GitWorkspace::new(tmp.join("data"), Credentials::default());
-        let url = src.to_string_lossy().into_owned();
-        let head = repo.head().unwrap().shorthand().unwrap().to_owned();
-
-        let a = ws.prepare(&url, &head, "train.py", "a").await.unwrap();
-        assert_eq!(a.commit, first.to_string());
-        let second = commit(&repo, "v2");
-        let b = ws.prepare(&url, &head, "train.py", "b").await.unwrap();
-        assert_eq!(b.commit, second.to_string(), "the branch moved; the new tip is fetched");
-        assert_eq!(std::fs::read_to_string(b.dir.join("train.py")).unwrap(), "v2");
-        ws.remove(&a).await;
-        ws.remove(&b).await;
-
-        // With the remote gone, a commit already in the mirror still checks out.
-        std::fs::rename(&src, tmp.join("gone")).unwrap();
-        let c = ws.prepare(&url, &first.to_string()[..10], "train.py", "c").await.unwrap();
-        assert_eq!(std::fs::read_to_string(c.dir.join("train.py")).unwrap(), "v1");
-        let missing = ws.prepare(&url, &head, "train.py", "d").await.unwrap_err();
-        assert_eq!(missing.kind, FailureKind::Repo, "{}", missing.message);
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
+    /// Strings to keep out of job output (the tokens this workspace uses).
+    fn secrets(&self) -> Vec<String>;
 }

@@ -13,7 +13,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpupool_core::{Completion, Error, JobSpec, JobState, Queue, ReserveRequest, Worker, WorkerConfig};
+use gpupool_core::{Completion, Error, JobSpec, JobState, Queue, ReserveRequest};
+use gpupool_worker::{Worker, WorkerConfig};
 use gpupool_mysql::MysqlQueue;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -81,7 +82,7 @@ async fn a_lost_connection_is_unavailable_and_the_result_survives_it() {
     // 2. A real worker: the database goes away mid-run and comes back after
     //    the job ended; the worker keeps going and the success is recorded.
     let tmp = tempfile::tempdir().unwrap();
-    let repo_dir = gpupool_core::conformance::job_repo(tmp.path(), "import time\ntime.sleep(3)\nprint('trained')\n");
+    let repo_dir = gpupool_worker::testing::job_repo(tmp.path(), "import time\ntime.sleep(3)\nprint('trained')\n");
 
     let id = q.push(JobSpec::new("main", "job.py")).await.unwrap();
     let mut cfg = WorkerConfig::new(tmp.path().join("data"));

@@ -14,7 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gpupool_core::{JobSpec, JobState, ListFilter, Queue, Worker, WorkerConfig};
+use gpupool_core::{JobSpec, JobState, ListFilter, Queue};
+use gpupool_worker::{Worker, WorkerConfig};
 use gpupool_redis::RedisQueue;
 use tokio_util::sync::CancellationToken;
 
@@ -52,7 +53,7 @@ async fn the_worker_survives_a_redis_crash_and_every_job_succeeds() {
         "import os, time\nwith open({:?}, 'a') as f:\n    f.write(os.environ['GPUPOOL_JOB_ID'] + '\\n')\ntime.sleep(0.3)\n",
         runs.to_str().unwrap()
     );
-    let repo_dir = gpupool_core::conformance::job_repo(tmp.path(), &script);
+    let repo_dir = gpupool_worker::testing::job_repo(tmp.path(), &script);
 
     let url = format!("redis://127.0.0.1:{port}/0?reclaim_idle=2s");
     let q = RedisQueue::connect(&url).await.unwrap();

@@ -17,7 +17,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gpupool_core::runner::{ProcessRunner, RunSpec, Stopper};
+use gpupool_core::runner::{RunSpec, Stopper};
+use gpupool_worker::ProcessRunner;
 
 fn now_ns() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)

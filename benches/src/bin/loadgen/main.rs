@@ -17,7 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use gpupool_core::{Completion, JobSpec, JobState, ListFilter, Queue, ReserveRequest, Worker, WorkerConfig};
+use gpupool_core::{Completion, JobSpec, JobState, ListFilter, Queue, ReserveRequest};
+use gpupool_worker::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 mod floors;
@@ -306,7 +307,7 @@ fn checkout_figure(backend: &str, dir: &Path, quick: bool) {
     let repo = make_repo(&base, 500);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let ws =
-        gpupool_core::workspace::GitWorkspace::new(base.join("data"), gpupool_core::workspace::Credentials::default());
+        gpupool_worker::GitWorkspace::new(base.join("data"), gpupool_worker::Credentials::default());
     let url = repo.to_string_lossy().into_owned();
     let sha = git2::Repository::open(&repo).unwrap().revparse_single("main").unwrap().id().to_string();
     // Cache the mirror (one fetch), then time checkouts of the commit.

@@ -20,12 +20,18 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::argv::build_argv;
-use crate::gpu::{GpuInventory, Placement, StaticInventory};
-use crate::queue::{Completion, Failure, Heartbeat, Lease, Queue, ReserveRequest, RunInfo, RunningJob, WorkerInfo};
-use crate::runner::{Outcome, ProcessRunner, RunSpec, StopReason, Stopper};
-use crate::workspace::{Checkout, Credentials, GitWorkspace};
-use crate::{Error, FailureKind, Result};
+use gpupool_core::argv::build_argv;
+use gpupool_core::gpu::{GpuInventory, StaticInventory};
+use gpupool_core::runner::{Outcome, RunSpec, Runner, StopReason, Stopper};
+use gpupool_core::workspace::{Checkout, PrepareRequest, Workspace};
+use gpupool_core::{
+    Completion, Error, Failure, FailureKind, Heartbeat, Lease, Queue, ReserveRequest, Result, RunInfo, RunningJob,
+    WorkerInfo,
+};
+
+use crate::git::{Credentials, GitWorkspace, mirror_name};
+use crate::nvml::Placement;
+use crate::process::ProcessRunner;
 
 /// How long the worker lets a job it just took start (checkout, spawn)
 /// before it asks for the next one, at most.
@@ -40,7 +46,8 @@ pub struct WorkerConfig {
     /// `inventory` is set.
     pub gpus: Vec<u32>,
     /// Where GPUs and their live status come from (NVML on a real host). When
-    /// `None`, the `gpus` indices with nothing known about them.
+    /// `None`, the `gpus` indices with nothing known about them. The
+    /// builder's [`WorkerBuilder::inventory`] sets it too.
     pub inventory: Option<Arc<dyn GpuInventory>>,
     /// A GPU none of this worker's jobs holds is skipped while more than this
     /// fraction of its memory is used (by someone else's process).
@@ -83,7 +90,7 @@ impl WorkerConfig {
     /// `requirements.txt`.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         WorkerConfig {
-            queues: vec![crate::DEFAULT_QUEUE.to_owned()],
+            queues: vec![gpupool_core::DEFAULT_QUEUE.to_owned()],
             gpus: Vec::new(),
             inventory: None,
             gpu_busy_fraction: 0.1,
@@ -100,8 +107,8 @@ impl WorkerConfig {
             allowed_repos: Vec::new(),
             data_dir: data_dir.into(),
             burst: false,
-            name: crate::default_worker_name(),
-            tail_bytes: crate::runner::DEFAULT_TAIL_BYTES,
+            name: gpupool_core::default_worker_name(),
+            tail_bytes: gpupool_core::runner::DEFAULT_TAIL_BYTES,
         }
     }
 
@@ -117,7 +124,24 @@ pub struct WorkerSummary {
     pub reserved: u64,
 }
 
-/// Runs jobs from a queue on this host.
+/// Runs jobs from a queue on this host: reserves what its GPUs can take,
+/// prepares the code through a [`Workspace`], runs it through a [`Runner`],
+/// heartbeats the lease and reports the end.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use gpupool_worker::{Worker, WorkerConfig, GitWorkspace, Credentials, ProcessRunner};
+/// # async fn run(queue: Arc<dyn gpupool_core::Queue>) -> gpupool_core::Result<()> {
+/// let mut cfg = WorkerConfig::new("/var/lib/gpupool");
+/// cfg.repo = Some("https://github.com/team/model.git".into());
+/// let worker = Worker::builder(queue, cfg)
+///     .workspace(Arc::new(GitWorkspace::new("/var/lib/gpupool", Credentials::from_env())))
+///     .runner(Arc::new(ProcessRunner::new()))
+///     .build();
+/// worker.run(tokio_util::sync::CancellationToken::new()).await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Worker {
     ctx: Arc<Ctx>,
@@ -127,8 +151,9 @@ pub struct Worker {
 struct Ctx {
     queue: Arc<dyn Queue>,
     cfg: WorkerConfig,
-    workspace: GitWorkspace,
-    runner: ProcessRunner,
+    workspace: Arc<dyn Workspace>,
+    runner: Arc<dyn Runner>,
+    inventory: Arc<dyn GpuInventory>,
     allowed: Vec<String>,
     setup_lock: tokio::sync::Mutex<()>,
 }
@@ -143,33 +168,76 @@ enum Report {
     Nothing,
 }
 
-impl Worker {
-    /// A worker on `queue`. Credentials for git come from the environment.
-    pub fn new(queue: Arc<dyn Queue>, cfg: WorkerConfig) -> Self {
-        Self::with_credentials(queue, cfg, Credentials::from_env())
+/// Builds a [`Worker`], with the defaults for every part not set:
+/// [`GitWorkspace`] under the data directory with credentials from the
+/// environment, [`ProcessRunner`], and the config's inventory (or its
+/// `gpus` list).
+#[derive(Debug)]
+pub struct WorkerBuilder {
+    queue: Arc<dyn Queue>,
+    cfg: WorkerConfig,
+    workspace: Option<Arc<dyn Workspace>>,
+    runner: Option<Arc<dyn Runner>>,
+    inventory: Option<Arc<dyn GpuInventory>>,
+}
+
+impl WorkerBuilder {
+    /// Where jobs' code comes from.
+    pub fn workspace(mut self, workspace: Arc<dyn Workspace>) -> Self {
+        self.workspace = Some(workspace);
+        self
     }
 
-    /// A worker with explicit git credentials.
-    pub fn with_credentials(queue: Arc<dyn Queue>, cfg: WorkerConfig, credentials: Credentials) -> Self {
-        let workspace = GitWorkspace::new(&cfg.data_dir, credentials);
+    /// How jobs run.
+    pub fn runner(mut self, runner: Arc<dyn Runner>) -> Self {
+        self.runner = Some(runner);
+        self
+    }
+
+    /// Which GPUs the worker has.
+    pub fn inventory(mut self, inventory: Arc<dyn GpuInventory>) -> Self {
+        self.inventory = Some(inventory);
+        self
+    }
+
+    /// The worker.
+    pub fn build(self) -> Worker {
+        let WorkerBuilder { queue, cfg, workspace, runner, inventory } = self;
+        let workspace =
+            workspace.unwrap_or_else(|| Arc::new(GitWorkspace::new(&cfg.data_dir, Credentials::from_env())));
+        let runner = runner.unwrap_or_else(|| Arc::new(ProcessRunner::new()));
+        let inventory = inventory.unwrap_or_else(|| cfg.inventory());
         let allowed = cfg.repo.iter().chain(&cfg.allowed_repos).map(|r| normalize_repo(r)).collect();
         Worker {
             ctx: Arc::new(Ctx {
                 queue,
                 cfg,
                 workspace,
-                runner: ProcessRunner::new(),
+                runner,
+                inventory,
                 allowed,
                 setup_lock: tokio::sync::Mutex::new(()),
             }),
         }
+    }
+}
+
+impl Worker {
+    /// A worker on `queue` with every default part (see [`WorkerBuilder`]).
+    pub fn new(queue: Arc<dyn Queue>, cfg: WorkerConfig) -> Self {
+        Self::builder(queue, cfg).build()
+    }
+
+    /// A builder, to set the workspace, runner or inventory.
+    pub fn builder(queue: Arc<dyn Queue>, cfg: WorkerConfig) -> WorkerBuilder {
+        WorkerBuilder { queue, cfg, workspace: None, runner: None, inventory: None }
     }
 
     /// Runs until `shutdown` fires (or, with `burst`, until idle).
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerSummary> {
         let ctx = self.ctx;
         let cfg = &ctx.cfg;
-        let placement = Placement::new(cfg.inventory(), cfg.slots_per_gpu, cfg.gpu_busy_fraction);
+        let placement = Placement::new(Arc::clone(&ctx.inventory), cfg.slots_per_gpu, cfg.gpu_busy_fraction);
         let total_gpus = placement.total();
         let slots_total = if placement.is_gpu_host() {
             placement.indices().len() * cfg.slots_per_gpu.max(1)
@@ -315,7 +383,7 @@ async fn register_loop(
 ) {
     let cfg = &ctx.cfg;
     let host = cfg.name.rsplit_once(':').map_or(cfg.name.as_str(), |(h, _)| h).to_owned();
-    let started_at = crate::Timestamp::now();
+    let started_at = gpupool_core::Timestamp::now();
     loop {
         // NVML queries block briefly; keep them off the async threads.
         let placement = Arc::clone(&gpus);
@@ -329,7 +397,7 @@ async fn register_loop(
             running: lock(&running).clone(),
             heartbeat_ms: u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(u64::MAX),
             started_at,
-            seen_at: crate::Timestamp::default(),
+            seen_at: gpupool_core::Timestamp::default(),
             lost: false,
         };
         if let Err(e) = ctx.queue.register_worker(&info).await {
@@ -433,7 +501,7 @@ impl Ctx {
                 } else {
                     Err(format!(
                         "repository `{}` is not allowed on worker {}; it runs its --repo and allowed_repos only",
-                        crate::redact::redact_url(repo),
+                        gpupool_core::redact::redact_url(repo),
                         self.cfg.name
                     ))
                 }
@@ -498,7 +566,8 @@ async fn execute(ctx: &Ctx, lease: &Lease, gpus: &[u32], stopper: &Stopper, laun
         Err(message) => return Report::Fail(Failure::new(FailureKind::Repo, message)),
     };
     let label = format!("job-{}-{}", lease.id(), lease.attempt());
-    let checkout = match ctx.workspace.prepare(&repo, &spec.git_ref, &spec.entrypoint, &label).await {
+    let job = PrepareRequest { repo: &repo, git_ref: &spec.git_ref, entrypoint: &spec.entrypoint, label: &label };
+    let checkout = match ctx.workspace.prepare(&job).await {
         Ok(c) => c,
         Err(e) => return Report::Fail(Failure::new(e.kind, e.message)),
     };
@@ -563,7 +632,7 @@ async fn run_recorded(
             lease.id(),
             lease.attempt(),
             ctx.cfg.name,
-            crate::redact::redact_url(repo),
+            gpupool_core::redact::redact_url(repo),
             spec.git_ref,
             checkout.commit,
             gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
@@ -594,7 +663,7 @@ async fn run_recorded(
         timeout: spec.timeout,
         grace: ctx.cfg.grace,
         tail_bytes: ctx.cfg.tail_bytes,
-        secrets: ctx.workspace.credentials().secrets(),
+        secrets: ctx.workspace.secrets(),
     };
 
     if let Some(setup) = &ctx.cfg.setup
@@ -604,7 +673,7 @@ async fn run_recorded(
     }
     let argv = build_argv(&ctx.cfg.command, &spec.entrypoint, &spec.args, u32::try_from(gpus.len()).unwrap_or(0));
     note(&log_path, &format!("run: {}", shell_words::join(&argv))).await;
-    let result = match ctx.runner.run_signalling(&run_spec(argv), stopper, launched).await {
+    let result = match ctx.runner.run(&run_spec(argv), stopper, launched).await {
         Ok(r) => r,
         Err(message) => return Report::Fail(Failure::new(FailureKind::Setup, message)),
     };
@@ -635,6 +704,7 @@ async fn run_recorded(
         Outcome::Stopped(StopReason::Cancel) => Report::Cancelled(tail),
         Outcome::Stopped(StopReason::Shutdown) => Report::Release,
         Outcome::Stopped(_) => Report::Nothing,
+        other => failure(FailureKind::Exit, None, None, format!("{} ended as {other:?}", spec.entrypoint)),
     }
 }
 
@@ -658,9 +728,7 @@ async fn run_setup(
     // One setup at a time: two jobs installing into one environment race.
     let _guard = ctx.setup_lock.lock().await;
     let key = setup_key(setup, &ctx.cfg.setup_inputs, checkout);
-    let mirror = ctx.workspace.mirror_path(repo);
-    let name = mirror.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let stamp = ctx.cfg.data_dir.join("setup-cache").join(format!("{name}.ok"));
+    let stamp = ctx.cfg.data_dir.join("setup-cache").join(format!("{}.ok", mirror_name(repo)));
     let shown = shell_words::join(setup);
     if tokio::fs::read_to_string(&stamp).await.is_ok_and(|k| k == key) {
         info!("setup skipped: its inputs are unchanged since its last success");
@@ -672,7 +740,7 @@ async fn run_setup(
         return None;
     }
     note(&spec.log_path, &format!("setup: {shown}")).await;
-    match ctx.runner.run_signalling(spec, stopper, launched).await {
+    match ctx.runner.run(spec, stopper, launched).await {
         Err(message) => {
             Some(Report::Fail(Failure::new(FailureKind::Setup, format!("setup step `{shown}`: {message}"))))
         }

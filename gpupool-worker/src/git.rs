@@ -1,0 +1,433 @@
+//! [`GitWorkspace`]: the [`Workspace`] that gives a job its code at exactly
+//! its commit, from a cached git mirror.
+//!
+//! One bare mirror per repository under `DATA_DIR/repos/`, fetched only when
+//! the commit is missing: a ref that looks like a commit id and is already
+//! in the mirror is used as it is; for a branch or tag (which may have moved)
+//! the remote is asked where it points, without downloading, and the mirror
+//! fetches only if that commit is not there yet. Each running job gets its own checkout under
+//! `DATA_DIR/checkouts/`, written straight from the mirror's object store
+//! (no `.git` in it), and removed when the job ends.
+//!
+//! Credentials, tried in order: `GPUPOOL_GIT_TOKEN` (with `GPUPOOL_GIT_USER`,
+//! default `x-access-token`) for https; the user's git credential helper, so
+//! `git config credential.helper cache` works as in the original tool;
+//! ssh-agent for ssh URLs. When none works and the program gave a
+//! [`CredentialPrompt`] (the `gpupool` command does, in a terminal), it asks
+//! once for a user and an access token and hands them to `git credential
+//! approve`, so the user's helper caches them. Without one (in the
+//! background, in a library) it fails the job with "no credentials for
+//! HOST" instead: nothing here reads a terminal.
+//! Tokens never reach the queue, a log or a job's output.
+//!
+//! git2 is blocking; every call here runs on tokio's blocking pool.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+
+use git2::{CredentialType, FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository};
+use gpupool_core::async_trait;
+use gpupool_core::redact::redact_url;
+use gpupool_core::workspace::{Checkout, PrepareError, PrepareRequest, Workspace};
+
+/// Asks a person for git credentials when nothing else has them. A library
+/// never reads a terminal: the program that has one (the `gpupool` command)
+/// gives the workspace a prompt through [`Credentials::with_prompt`].
+pub trait CredentialPrompt: Send + Sync {
+    /// A user and an access token for `host`, or `None` if none was given.
+    /// Called at most once per process, from a blocking thread.
+    fn ask(&self, host: &str) -> Option<(String, String)>;
+}
+
+/// Where credentials come from.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// A token for https remotes (`GPUPOOL_GIT_TOKEN`).
+    pub token: Option<String>,
+    /// The user name to send with the token (`GPUPOOL_GIT_USER`).
+    pub user: Option<String>,
+    /// Who to ask when nothing else works; `None`: nobody.
+    prompt: Option<Arc<dyn CredentialPrompt>>,
+    /// What was given at the prompt, kept for this process only.
+    prompted: Arc<StdMutex<Option<(String, String)>>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("user", &self.user)
+            .field("prompt", &self.prompt.is_some())
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// From `GPUPOOL_GIT_TOKEN` and `GPUPOOL_GIT_USER`, asking nobody.
+    pub fn from_env() -> Self {
+        Credentials {
+            token: std::env::var("GPUPOOL_GIT_TOKEN").ok().filter(|t| !t.is_empty()),
+            user: std::env::var("GPUPOOL_GIT_USER").ok().filter(|u| !u.is_empty()),
+            prompt: None,
+            prompted: Arc::default(),
+        }
+    }
+
+    /// Builder: ask `prompt` once when no token, helper or agent works.
+    pub fn with_prompt(mut self, prompt: Arc<dyn CredentialPrompt>) -> Self {
+        self.prompt = Some(prompt);
+        self
+    }
+
+    /// The secrets to keep out of job output.
+    pub fn secrets(&self) -> Vec<String> {
+        let prompted = self.prompted.lock().ok().and_then(|p| p.as_ref().map(|(_, t)| t.clone()));
+        self.token.iter().cloned().chain(prompted).collect()
+    }
+}
+
+/// The folder name of `repo`'s mirror, such as `model-0123456789abcdef.git`:
+/// its last path part and a hash of the whole URL. The worker names its
+/// setup cache after it too.
+pub fn mirror_name(repo: &str) -> String {
+    let hash = Oid::hash_object(ObjectType::Blob, repo.as_bytes()).map(|o| o.to_string()).unwrap_or_default();
+    let base = repo.trim_end_matches('/').rsplit(['/', ':']).next().unwrap_or("repo").trim_end_matches(".git");
+    let base: String =
+        base.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    format!("{base}-{}.git", &hash[..hash.len().min(16)])
+}
+
+/// Prepares checkouts from cached mirrors.
+#[derive(Debug, Clone)]
+pub struct GitWorkspace {
+    data_dir: PathBuf,
+    credentials: Credentials,
+    locks: Arc<StdMutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl GitWorkspace {
+    /// A workspace keeping mirrors and checkouts under `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>, credentials: Credentials) -> Self {
+        GitWorkspace { data_dir: data_dir.into(), credentials, locks: Arc::default() }
+    }
+
+    /// The credentials in use.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
+    /// Where the mirror of `repo` lives.
+    pub fn mirror_path(&self, repo: &str) -> PathBuf {
+        self.data_dir.join("repos").join(mirror_name(repo))
+    }
+
+    /// Resolves `git_ref` in `repo`, fetching if needed, and writes a
+    /// checkout named after `label` (such as `job-42-1`). Checks that
+    /// `entrypoint` exists in it and stays inside it, symlinks included.
+    pub async fn prepare(
+        &self,
+        repo: &str,
+        git_ref: &str,
+        entrypoint: &str,
+        label: &str,
+    ) -> Result<Checkout, PrepareError> {
+        let mirror = self.mirror_path(repo);
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            Arc::clone(locks.entry(mirror.clone()).or_default())
+        };
+        let dir = self
+            .data_dir
+            .join("checkouts")
+            .join(format!("{label}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+        let commit = {
+            let _guard = lock.lock().await;
+            let (repo, git_ref, dir, creds) =
+                (repo.to_owned(), git_ref.to_owned(), dir.clone(), self.credentials.clone());
+            tokio::task::spawn_blocking(move || prepare_blocking(&mirror, &repo, &git_ref, &dir, &creds))
+                .await
+                .map_err(|e| PrepareError::repo(format!("the checkout task failed: {e}")))??
+        };
+        let checkout = Checkout { dir, commit };
+        if let Err(e) = check_entrypoint(&checkout, entrypoint, git_ref) {
+            self.remove(&checkout).await;
+            return Err(e);
+        }
+        Ok(checkout)
+    }
+
+    /// Removes a checkout.
+    pub async fn remove(&self, checkout: &Checkout) {
+        if let Err(e) = tokio::fs::remove_dir_all(&checkout.dir).await {
+            tracing::warn!("cannot remove checkout {}: {e}", checkout.dir.display());
+        }
+    }
+}
+
+#[async_trait]
+impl Workspace for GitWorkspace {
+    async fn prepare(&self, job: &PrepareRequest<'_>) -> Result<Checkout, PrepareError> {
+        GitWorkspace::prepare(self, job.repo, job.git_ref, job.entrypoint, job.label).await
+    }
+
+    async fn remove(&self, checkout: &Checkout) {
+        GitWorkspace::remove(self, checkout).await;
+    }
+
+    fn secrets(&self) -> Vec<String> {
+        self.credentials.secrets()
+    }
+}
+
+fn check_entrypoint(checkout: &Checkout, entrypoint: &str, git_ref: &str) -> Result<(), PrepareError> {
+    let root = checkout.dir.canonicalize().map_err(|e| PrepareError::repo(format!("checkout vanished: {e}")))?;
+    let short = &checkout.commit[..checkout.commit.len().min(12)];
+    let path = root.join(entrypoint);
+    let real = path.canonicalize().map_err(|_| {
+        PrepareError::git_ref(format!("entrypoint `{entrypoint}` does not exist at commit {short} (ref `{git_ref}`)"))
+    })?;
+    if !real.starts_with(&root) {
+        return Err(PrepareError::git_ref(format!(
+            "entrypoint `{entrypoint}` resolves outside the checkout (a symlink) at commit {short}; refusing to run it"
+        )));
+    }
+    if !real.is_file() {
+        return Err(PrepareError::git_ref(format!("entrypoint `{entrypoint}` is not a file at commit {short}")));
+    }
+    Ok(())
+}
+
+fn looks_like_commit(r: &str) -> bool {
+    (4..=40).contains(&r.len()) && r.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn resolve(repo: &Repository, git_ref: &str) -> Option<Oid> {
+    let candidates = [format!("refs/heads/{git_ref}"), format!("refs/tags/{git_ref}"), git_ref.to_owned()];
+    candidates.iter().find_map(|c| repo.revparse_single(c).ok()?.peel_to_commit().ok().map(|c| c.id()))
+}
+
+fn prepare_blocking(
+    mirror: &Path,
+    url: &str,
+    git_ref: &str,
+    dir: &Path,
+    creds: &Credentials,
+) -> Result<String, PrepareError> {
+    let repo = open_mirror(mirror)?;
+    let local = looks_like_commit(git_ref).then(|| resolve(&repo, git_ref)).flatten();
+    // A commit already here is used as it is. A branch or tag may have
+    // moved: ask the remote where it points (no download) and fetch only
+    // when that commit is missing here.
+    let tip = match local {
+        Some(oid) => Some(oid),
+        None => advertised(&repo, url, git_ref, creds)?.filter(|oid| repo.find_commit(*oid).is_ok()),
+    };
+    let oid = match tip {
+        Some(oid) => oid,
+        None => {
+            fetch(&repo, url, creds)?;
+            resolve(&repo, git_ref)
+                .ok_or_else(|| PrepareError::git_ref(format!("ref `{git_ref}` not found in {url}")))?
+        }
+    };
+    let commit = repo.find_commit(oid).map_err(|e| PrepareError::git_ref(format!("commit {oid}: {}", e.message())))?;
+    std::fs::create_dir_all(dir).map_err(|e| PrepareError::repo(format!("cannot create {}: {e}", dir.display())))?;
+    let mut cb = git2::build::CheckoutBuilder::new();
+    cb.target_dir(dir).force().update_index(false);
+    repo.checkout_tree(commit.as_object(), Some(&mut cb))
+        .map_err(|e| PrepareError::repo(format!("cannot check out {oid}: {}", e.message())))?;
+    Ok(oid.to_string())
+}
+
+fn open_mirror(mirror: &Path) -> Result<Repository, PrepareError> {
+    let fail = |e: git2::Error| PrepareError::repo(format!("mirror {}: {}", mirror.display(), e.message()));
+    let repo = match Repository::open_bare(mirror) {
+        Ok(r) => r,
+        Err(_) => {
+            std::fs::create_dir_all(mirror)
+                .map_err(|e| PrepareError::repo(format!("cannot create {}: {e}", mirror.display())))?;
+            Repository::init_bare(mirror).map_err(fail)?
+        }
+    };
+    Ok(repo)
+}
+
+/// Callbacks that answer credential requests (see the module docs), and
+/// where the reason for a refusal is kept.
+fn callbacks(url: &str, creds: &Credentials) -> (RemoteCallbacks<'static>, Arc<StdMutex<Option<String>>>) {
+    let host = host_of(url);
+    let reason: Arc<StdMutex<Option<String>>> = Arc::default();
+    let mut callbacks = RemoteCallbacks::new();
+    let mut tries = 0u32;
+    let why = Arc::clone(&reason);
+    let creds = creds.clone();
+    callbacks.credentials(move |cred_url, user_from_url, allowed| {
+        tries += 1;
+        let set = |m: String| {
+            if let Ok(mut w) = why.lock() {
+                *w = Some(m.clone());
+            }
+            git2::Error::from_str(&m)
+        };
+        if tries > 4 {
+            return Err(set(format!("authentication failed for {host}: the credentials were refused")));
+        }
+        credential(&creds, cred_url, user_from_url, allowed, tries, &host).map_err(set)
+    });
+    (callbacks, reason)
+}
+
+fn remote_error(url: &str, what: &str, e: &git2::Error, reason: &StdMutex<Option<String>>) -> PrepareError {
+    let detail = reason.lock().ok().and_then(|r| r.clone()).unwrap_or_else(|| e.message().to_owned());
+    PrepareError::repo(format!("cannot {what} {url}: {detail}"))
+}
+
+/// Where the remote's branch or tag `git_ref` points, without downloading
+/// anything (`git ls-remote`); `None` if it has no such branch or tag.
+fn advertised(repo: &Repository, url: &str, git_ref: &str, creds: &Credentials) -> Result<Option<Oid>, PrepareError> {
+    let (cbs, reason) = callbacks(url, creds);
+    let mut remote = repo.remote_anonymous(url).map_err(|e| PrepareError::repo(format!("{url}: {}", e.message())))?;
+    let conn = remote
+        .connect_auth(git2::Direction::Fetch, Some(cbs), None)
+        .map_err(|e| remote_error(url, "fetch", &e, &reason))?;
+    let heads = conn.list().map_err(|e| remote_error(url, "fetch", &e, &reason))?;
+    let (branch, tag) = (format!("refs/heads/{git_ref}"), format!("refs/tags/{git_ref}"));
+    let peeled = format!("{tag}^{{}}");
+    // An annotated tag is advertised twice; the peeled line names the commit.
+    let find = |name: &str| heads.iter().find(|h| h.name() == name).map(|h| h.oid());
+    Ok(find(&branch).or_else(|| find(&peeled)).or_else(|| find(&tag)))
+}
+
+fn fetch(repo: &Repository, url: &str, creds: &Credentials) -> Result<(), PrepareError> {
+    let (cbs, reason) = callbacks(url, creds);
+    let mut opts = FetchOptions::new();
+    opts.remote_callbacks(cbs).download_tags(git2::AutotagOption::All);
+    let mut remote = repo.remote_anonymous(url).map_err(|e| PrepareError::repo(format!("{url}: {}", e.message())))?;
+    remote
+        .fetch(&["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], Some(&mut opts), None)
+        .map_err(|e| remote_error(url, "fetch", &e, &reason))
+}
+
+fn credential(
+    creds: &Credentials,
+    url: &str,
+    user_from_url: Option<&str>,
+    allowed: CredentialType,
+    tries: u32,
+    host: &str,
+) -> Result<git2::Cred, String> {
+    let to_s = |e: git2::Error| e.message().to_owned();
+    if allowed.contains(CredentialType::SSH_KEY) {
+        return git2::Cred::ssh_key_from_agent(user_from_url.unwrap_or("git")).map_err(to_s);
+    }
+    if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
+        if let (Some(token), 1) = (&creds.token, tries) {
+            let user = creds.user.as_deref().or(user_from_url).unwrap_or("x-access-token");
+            return git2::Cred::userpass_plaintext(user, token).map_err(to_s);
+        }
+        if tries <= 2
+            && let Ok(cfg) = git2::Config::open_default()
+            && let Ok(cred) = git2::Cred::credential_helper(&cfg, url, user_from_url)
+        {
+            return Ok(cred);
+        }
+        if let Some((user, token)) = prompted(creds, url, host) {
+            return git2::Cred::userpass_plaintext(&user, &token).map_err(to_s);
+        }
+        return Err(format!(
+            "no credentials for {host}; set GPUPOOL_GIT_TOKEN, configure a git credential helper, \
+             or run the worker once in a terminal to be asked"
+        ));
+    }
+    if allowed.contains(CredentialType::DEFAULT) {
+        return git2::Cred::default().map_err(to_s);
+    }
+    Err(format!("no credentials for {host}"))
+}
+
+/// Asks the prompt once, then hands the answer to the user's git
+/// credential helper (`git credential approve`, argv, no shell).
+fn prompted(creds: &Credentials, url: &str, host: &str) -> Option<(String, String)> {
+    let mut slot = creds.prompted.lock().ok()?;
+    if let Some(found) = slot.as_ref() {
+        return Some(found.clone());
+    }
+    let (user, token) = creds.prompt.as_ref()?.ask(host)?;
+    if user.is_empty() || token.is_empty() {
+        return None;
+    }
+    let protocol = url.split_once("://").map_or("https", |(p, _)| p);
+    let input = format!("protocol={protocol}\nhost={host}\nusername={user}\npassword={token}\n\n");
+    let approved = std::process::Command::new("git")
+        .args(["credential", "approve"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .and_then(|mut child| {
+            if let Some(stdin) = child.stdin.as_mut() {
+                stdin.write_all(input.as_bytes())?;
+            }
+            child.wait()
+        });
+    if approved.is_err() {
+        tracing::warn!("could not hand the credentials to git's credential helper; they last until the worker stops");
+    }
+    *slot = Some((user, token));
+    slot.clone()
+}
+
+fn host_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    if host.is_empty() { url.to_owned() } else { redact_url(host) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpupool_core::FailureKind;
+
+    fn commit(repo: &Repository, text: &str) -> Oid {
+        let dir = repo.workdir().unwrap();
+        std::fs::write(dir.join("train.py"), text).unwrap();
+        let mut index = repo.index().unwrap();
+        index.add_path(Path::new("train.py")).unwrap();
+        let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
+        let sig = git2::Signature::now("t", "t@example.com").unwrap();
+        let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+        let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
+        repo.commit(Some("HEAD"), &sig, &sig, text, &tree, &parents).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_moved_branch_is_fetched_and_a_cached_commit_needs_no_remote() {
+        let tmp = std::env::temp_dir().join(format!("gpupool-ws-{}", uuid::Uuid::new_v4().simple()));
+        let src = tmp.join("src");
+        let repo = Repository::init(&src).unwrap();
+        let first = commit(&repo, "v1");
+        let ws = GitWorkspace::new(tmp.join("data"), Credentials::default());
+        let url = src.to_string_lossy().into_owned();
+        let head = repo.head().unwrap().shorthand().unwrap().to_owned();
+
+        let a = ws.prepare(&url, &head, "train.py", "a").await.unwrap();
+        assert_eq!(a.commit, first.to_string());
+        let second = commit(&repo, "v2");
+        let b = ws.prepare(&url, &head, "train.py", "b").await.unwrap();
+        assert_eq!(b.commit, second.to_string(), "the branch moved; the new tip is fetched");
+        assert_eq!(std::fs::read_to_string(b.dir.join("train.py")).unwrap(), "v2");
+        ws.remove(&a).await;
+        ws.remove(&b).await;
+
+        // With the remote gone, a commit already in the mirror still checks out.
+        std::fs::rename(&src, tmp.join("gone")).unwrap();
+        let c = ws.prepare(&url, &first.to_string()[..10], "train.py", "c").await.unwrap();
+        assert_eq!(std::fs::read_to_string(c.dir.join("train.py")).unwrap(), "v1");
+        let missing = ws.prepare(&url, &head, "train.py", "d").await.unwrap_err();
+        assert_eq!(missing.kind, FailureKind::Repo, "{}", missing.message);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+}
