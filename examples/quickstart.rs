@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use gpupool_core::{JobSpec, ListFilter, Queue};
-use gpupool_worker::{Worker, WorkerConfig};
 use gpupool_sqlite::SqliteQueue;
+use gpupool_worker::{Worker, WorkerConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 

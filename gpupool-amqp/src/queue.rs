@@ -69,7 +69,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, Heartbeat, JobId, JobRecord,
-    JobSpec, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
+    JobSpec, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo, WorkerRegistry,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
@@ -692,7 +692,7 @@ impl Queue for AmqpQueue {
         }
     }
 
-    async fn cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
+    async fn report_cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
         let event = Event::Cancelled { id: lease.id().to_string(), token: lease.token.clone(), output_tail };
         Self::fenced(lease, self.emit(event).await?).map(|_| ())
     }
@@ -702,7 +702,7 @@ impl Queue for AmqpQueue {
         Self::fenced(lease, self.emit(event).await?).map(|_| ())
     }
 
-    async fn cancel(&self, id: &JobId) -> Result<CancelOutcome> {
+    async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome> {
         match self.emit(Event::Cancel { id: id.to_string() }).await? {
             Outcome::Missing => Err(Error::NotFound { id: id.to_string() }),
             Outcome::Cancelled => Ok(CancelOutcome::Cancelled),
@@ -751,17 +751,6 @@ impl Queue for AmqpQueue {
         Self::fenced(lease, self.emit(event).await?).map(|_| ())
     }
 
-    async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {
-        self.emit(Event::Worker { info: Box::new(info.clone()) }).await.map(|_| ())
-    }
-
-    /// Also withdraws the worker's waiting wants, as
-    /// [`Queue::stop_reserving`] does.
-    async fn unregister_worker(&self, name: &str) -> Result<()> {
-        self.stop_reserving(name).await?;
-        self.emit(Event::WorkerGone { name: name.to_owned() }).await.map(|_| ())
-    }
-
     /// Withdraws the worker's waiting wants, and gives back (charging no
     /// attempt) a job handed to one of them that no reserve returned.
     async fn stop_reserving(&self, name: &str) -> Result<()> {
@@ -780,13 +769,6 @@ impl Queue for AmqpQueue {
         Ok(())
     }
 
-    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
-        self.sync().await?;
-        let now = Timestamp::now();
-        let st = self.inner.state();
-        Ok(st.workers.values().map(|w| WorkerInfo { lost: w.lost_at(now), ..w.clone() }).collect())
-    }
-
     async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
         self.sync().await?;
         let st = self.inner.state();
@@ -799,6 +781,31 @@ impl Queue for AmqpQueue {
             .cloned()
             .collect())
     }
+
+    fn worker_registry(&self) -> Option<&dyn WorkerRegistry> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl WorkerRegistry for AmqpQueue {
+    async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {
+        self.emit(Event::Worker { info: Box::new(info.clone()) }).await.map(|_| ())
+    }
+
+    /// Also withdraws the worker's waiting wants, as
+    /// [`Queue::stop_reserving`] does.
+    async fn unregister_worker(&self, name: &str) -> Result<()> {
+        self.stop_reserving(name).await?;
+        self.emit(Event::WorkerGone { name: name.to_owned() }).await.map(|_| ())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        self.sync().await?;
+        let now = Timestamp::now();
+        let st = self.inner.state();
+        Ok(st.workers.values().map(|w| WorkerInfo { lost: w.lost_at(now), ..w.clone() }).collect())
+    }
 }
 
 impl Drop for Inner {
@@ -808,5 +815,13 @@ impl Drop for Inner {
         {
             link.alive.store(false, Ordering::Relaxed);
         }
+    }
+}
+
+impl gpupool_core::Connect for AmqpQueue {
+    const SCHEMES: &'static [&'static str] = &crate::SCHEMES;
+
+    fn connect(url: &str) -> impl std::future::Future<Output = Result<Self>> + Send {
+        AmqpQueue::connect(url)
     }
 }

@@ -1,12 +1,24 @@
-//! The pieces of the `gpupool` command that other programs reuse: opening a
-//! backend from a URL ([`connect`]), reading `gpupool.toml`
-//! ([`FileConfig`]), and the tables people read ([`jobs_table`],
-//! [`errors_table`]).
+//! The `gpupool` command as a library: [`main_with`] runs every command
+//! over a [`Registry`](gpupool::Registry) of backends, so a team's own
+//! binary with its own backend is a few lines; and the pieces other programs
+//! reuse: reading `gpupool.toml` ([`FileConfig`]) and the tables people read
+//! ([`jobs_table`], [`errors_table`], [`status_report`]).
+//!
+//! A team binary that adds a PostgreSQL backend of its own (the whole of
+//! `examples/custom_backend/src/main.rs`):
+//!
+//! ```ignore
+//! fn main() -> std::process::ExitCode {
+//!     let mut registry = gpupool::Registry::with_defaults();
+//!     registry.add::<gpupool_postgres_example::PgQueue>(); // postgres://…
+//!     gpupool_cli::main_with(registry)
+//! }
+//! ```
 //!
 //! ```no_run
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> gpupool_core::Result<()> {
-//! let queue = gpupool_cli::connect("sqlite://.gpupool/queue.db").await?;
+//! # async fn main() -> gpupool::Result<()> {
+//! let queue = gpupool::connect("sqlite://.gpupool/queue.db").await?;
 //! let jobs = queue.list(&Default::default()).await?;
 //! print!("{}", gpupool_cli::jobs_table(&jobs));
 //! # Ok(())
@@ -14,44 +26,20 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use gpupool_core::redact::redact_url;
-use gpupool_core::{
-    AttemptError, Error, JobRecord, JobState, ListFilter, MemoryQueue, Queue, Result, Timestamp, WorkerInfo,
-};
+use gpupool::redact::redact_url;
+use gpupool::{AttemptError, Error, JobRecord, JobState, ListFilter, Queue, Result, Timestamp, WorkerInfo};
 use serde::Deserialize;
+
+mod cli;
+
+pub use cli::main_with;
 
 /// The queue used when no flag, variable or config file names one.
 pub const DEFAULT_QUEUE_URL: &str = "sqlite://.gpupool/queue.db";
 
 /// The config file read from the working directory.
 pub const CONFIG_FILE: &str = "gpupool.toml";
-
-/// Opens the backend a URL names, by its scheme.
-///
-/// | scheme | backend |
-/// | --- | --- |
-/// | `sqlite://` | [`gpupool_sqlite::SqliteQueue`] |
-/// | `mysql://`, `mariadb://` | [`gpupool_mysql::MysqlQueue`] |
-/// | `redis://`, `rediss://` | [`gpupool_redis::RedisQueue`] |
-/// | `amqp://`, `amqps://` | [`gpupool_amqp::AmqpQueue`] |
-/// | `memory://` | [`MemoryQueue`], this process only |
-pub async fn connect(url: &str) -> Result<Arc<dyn Queue>> {
-    let scheme = url.split_once("://").map(|(s, _)| s).or_else(|| url.split_once(':').map(|(s, _)| s));
-    match scheme {
-        Some("sqlite") => Ok(Arc::new(gpupool_sqlite::SqliteQueue::connect(url).await?)),
-        Some("memory") => Ok(Arc::new(MemoryQueue::new())),
-        Some("mysql" | "mariadb") => Ok(Arc::new(gpupool_mysql::MysqlQueue::connect(url).await?)),
-        Some("redis" | "rediss") => Ok(Arc::new(gpupool_redis::RedisQueue::connect(url).await?)),
-        Some("amqp" | "amqps") => Ok(Arc::new(gpupool_amqp::AmqpQueue::connect(url).await?)),
-        _ => Err(Error::Config(format!(
-            "`{}` is not a queue URL; use sqlite://PATH, mysql://USER:PASS@HOST:3306/DB, redis://HOST:6379/0 \
-             or amqp://USER:PASS@HOST:5672/VHOST",
-            redact_url(url)
-        ))),
-    }
-}
 
 /// `gpupool.toml`: the seed's `env.py`, as a file. Every key is optional.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -238,7 +226,7 @@ pub async fn status_report(queue: &dyn Queue, url: &str, workers: &[WorkerInfo])
         redact_url(url),
         yes(caps.priority),
         yes(caps.gpu_filter),
-        yes(caps.workers)
+        yes(queue.worker_registry().is_some())
     );
     let mut counts = Vec::new();
     let mut queued = Vec::new();
@@ -308,7 +296,7 @@ pub async fn status_report(queue: &dyn Queue, url: &str, workers: &[WorkerInfo])
         match largest {
             Some(max) if need > max => out
                 .push_str(&format!("\nwaiting: job {} needs {need} GPUs; the largest live worker has {max}\n", job.id)),
-            None if caps.workers && need > 0 => {
+            None if queue.worker_registry().is_some() && need > 0 => {
                 out.push_str(&format!("\nwaiting: job {} needs {need} GPU(s) and no worker is live\n", job.id));
             }
             _ => {}

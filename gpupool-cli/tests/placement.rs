@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use gpupool_core::gpu::{GpuInventory, GpuStatus, StaticInventory};
 use gpupool_core::{FailureKind, JobSpec, JobState, ListFilter, Queue};
-use gpupool_worker::{Worker, WorkerConfig};
 use gpupool_sqlite::SqliteQueue;
+use gpupool_worker::{Worker, WorkerConfig};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -197,7 +197,7 @@ async fn a_job_bigger_than_any_worker_stays_queued_and_status_says_why() {
         assert!(std::time::Instant::now() < deadline, "the 2-GPU job ran");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let workers = s.queue.workers().await.unwrap();
+    let workers = s.queue.worker_registry().expect("SQLite keeps a worker registry").workers().await.unwrap();
     assert_eq!(workers.len(), 1);
     assert_eq!(workers[0].gpus.len(), 4);
     let report = gpupool_cli::status_report(s.queue.as_ref(), "sqlite://q.db", &workers).await.unwrap();
@@ -206,5 +206,8 @@ async fn a_job_bigger_than_any_worker_stays_queued_and_status_says_why() {
     assert_eq!((job.state, job.attempt), (JobState::Queued, 0), "never reserved, never bounced");
     stop.cancel();
     worker.await.unwrap().unwrap();
-    assert!(s.queue.workers().await.unwrap().is_empty(), "a worker that stops cleanly unregisters");
+    assert!(
+        s.queue.worker_registry().expect("SQLite keeps a worker registry").workers().await.unwrap().is_empty(),
+        "a worker that stops cleanly unregisters"
+    );
 }

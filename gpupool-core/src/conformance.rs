@@ -348,7 +348,7 @@ pub async fn stale_lease_is_refused(q: Arc<dyn Queue>) {
     assert_lease_lost(q.complete(&old, Completion::default()).await, "complete");
     assert_lease_lost(q.fail(&old, Failure::new(FailureKind::Exit, "x")).await, "fail");
     assert_lease_lost(q.release(&old).await, "release");
-    assert_lease_lost(q.cancelled(&old, String::new()).await, "cancelled");
+    assert_lease_lost(q.report_cancelled(&old, String::new()).await, "report_cancelled");
     assert_lease_lost(q.started(&old, &RunInfo::default()).await, "started");
     let rec = q.get(&id).await.unwrap();
     assert_eq!((rec.state, rec.attempt), (JobState::Running, 2), "the stale calls changed nothing");
@@ -430,22 +430,22 @@ pub async fn release_charges_no_attempt(q: Arc<dyn Queue>) {
 pub async fn cancel_queued_and_running(q: Arc<dyn Queue>) {
     let queue = unique_queue("cancel");
     let queued = q.push(job(&queue)).await.unwrap();
-    assert_eq!(q.cancel(&queued).await.unwrap(), CancelOutcome::Cancelled);
+    assert_eq!(q.request_cancel(&queued).await.unwrap(), CancelOutcome::Cancelled);
     assert_eq!(q.get(&queued).await.unwrap().state, JobState::Cancelled);
     assert_empty(q.as_ref(), &queue).await;
 
     let running = q.push(job(&queue)).await.unwrap();
     let lease = reserve_one(q.as_ref(), &queue).await;
     assert_eq!(q.heartbeat(&lease, Duration::from_secs(30)).await.unwrap(), Heartbeat::Extended);
-    assert_eq!(q.cancel(&running).await.unwrap(), CancelOutcome::Requested);
+    assert_eq!(q.request_cancel(&running).await.unwrap(), CancelOutcome::Requested);
     assert_eq!(q.get(&running).await.unwrap().state, JobState::Running, "running until its process is dead");
     assert_eq!(q.heartbeat(&lease, Duration::from_secs(30)).await.unwrap(), Heartbeat::CancelRequested);
-    q.cancelled(&lease, "stopped\n".into()).await.expect("cancelled");
+    q.report_cancelled(&lease, "stopped\n".into()).await.expect("report_cancelled");
     let rec = q.get(&running).await.unwrap();
     assert_eq!(rec.state, JobState::Cancelled);
     assert!(rec.errors.is_empty(), "a cancel is not an error");
-    assert_eq!(q.cancel(&running).await.unwrap(), CancelOutcome::AlreadyEnded(JobState::Cancelled));
-    assert!(matches!(q.cancel(&JobId::new("987654321")).await, Err(Error::NotFound { .. })));
+    assert_eq!(q.request_cancel(&running).await.unwrap(), CancelOutcome::AlreadyEnded(JobState::Cancelled));
+    assert!(matches!(q.request_cancel(&JobId::new("987654321")).await, Err(Error::NotFound { .. })));
 }
 
 /// Retry moves a failed or cancelled job back to `queued`, keeps its attempt
@@ -467,7 +467,7 @@ pub async fn retry_failed_and_cancelled(q: Arc<dyn Queue>) {
     assert!(matches!(q.retry(&id).await, Err(Error::InvalidState { state: JobState::Succeeded, .. })));
 
     let cancelled = q.push(job(&queue)).await.unwrap();
-    q.cancel(&cancelled).await.unwrap();
+    q.request_cancel(&cancelled).await.unwrap();
     q.retry(&cancelled).await.expect("retry a cancelled job");
     let lease = reserve_one(q.as_ref(), &queue).await;
     assert_eq!(lease.id(), &cancelled);
@@ -519,7 +519,7 @@ pub async fn list_filters_and_pages(q: Arc<dyn Queue>) {
     let lease = reserve_one(q.as_ref(), &queue).await;
     assert_eq!(lease.id(), &ids[0]);
     q.complete(&lease, Completion::default()).await.unwrap();
-    q.cancel(&ids[1]).await.unwrap();
+    q.request_cancel(&ids[1]).await.unwrap();
     let by_state = |state| ListFilter { queue: Some(queue.clone()), state: Some(state), limit: 100, offset: 0 };
     assert_eq!(got(q.list(&by_state(JobState::Succeeded)).await.unwrap()), [ids[0].clone()]);
     assert_eq!(got(q.list(&by_state(JobState::Cancelled)).await.unwrap()), [ids[1].clone()]);
@@ -638,11 +638,9 @@ pub async fn parked_jobs_wait_for_a_big_enough_worker(q: Arc<dyn Queue>) {
 }
 
 /// Workers register, refresh, show as lost when silent, and unregister
-/// (where the backend declares `workers`).
+/// (where the backend keeps a [`WorkerRegistry`](crate::WorkerRegistry)).
 pub async fn worker_registry(q: Arc<dyn Queue>) {
-    if !q.capabilities().workers {
-        return;
-    }
+    let Some(r) = q.worker_registry() else { return };
     let name = format!("{}:{}", unique_queue("host"), std::process::id());
     let mut info = crate::WorkerInfo {
         name: name.clone(),
@@ -656,22 +654,22 @@ pub async fn worker_registry(q: Arc<dyn Queue>) {
         seen_at: crate::Timestamp(0),
         lost: false,
     };
-    q.register_worker(&info).await.expect("register");
+    r.register_worker(&info).await.expect("register");
     let mine = |all: Vec<crate::WorkerInfo>| all.into_iter().find(|w| w.name == name);
-    let seen = mine(q.workers().await.unwrap()).expect("the worker is listed");
+    let seen = mine(r.workers().await.unwrap()).expect("the worker is listed");
     assert!(!seen.lost, "just registered");
     assert!(seen.seen_at.0 > 0, "the backend stamped seen_at");
     assert_eq!((seen.host.as_str(), seen.slots, seen.gpus.len()), ("gpu-07", 2, 1));
     assert_eq!(seen.running, info.running);
     info.running.clear();
-    q.register_worker(&info).await.expect("refresh");
-    let seen = mine(q.workers().await.unwrap()).expect("still listed once");
+    r.register_worker(&info).await.expect("refresh");
+    let seen = mine(r.workers().await.unwrap()).expect("still listed once");
     assert!(seen.running.is_empty(), "the refresh replaced what it holds");
-    assert_eq!(q.workers().await.unwrap().iter().filter(|w| w.name == name).count(), 1);
+    assert_eq!(r.workers().await.unwrap().iter().filter(|w| w.name == name).count(), 1);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(mine(q.workers().await.unwrap()).expect("a lost worker is still shown").lost, "silent for 3 intervals");
-    q.unregister_worker(&name).await.expect("unregister");
-    assert!(mine(q.workers().await.unwrap()).is_none());
+    assert!(mine(r.workers().await.unwrap()).expect("a lost worker is still shown").lost, "silent for 3 intervals");
+    r.unregister_worker(&name).await.expect("unregister");
+    assert!(mine(r.workers().await.unwrap()).is_none());
 }
 
 /// A reserve that may wait returns a job pushed while it waits.

@@ -45,16 +45,16 @@ pub mod workspace;
 pub mod conformance;
 
 pub use error::{BoxError, Error, Result};
+pub use gpu::GpuInventory;
 pub use job::{
     Args, AttemptError, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, FailureKind, JobId, JobRecord, JobSpec, JobState,
     Timestamp,
 };
 pub use memory::MemoryQueue;
 pub use queue::{
-    CancelOutcome, Capabilities, Completion, FailOutcome, Failure, Heartbeat, Lease, ListFilter, Queue, ReserveRequest,
-    RunInfo, RunningJob, Sweep, WorkerInfo, default_worker_name,
+    CancelOutcome, Capabilities, Completion, Connect, FailOutcome, Failure, Heartbeat, Lease, ListFilter, Queue,
+    ReserveRequest, RunInfo, RunningJob, Sweep, WorkerInfo, WorkerRegistry, default_worker_name,
 };
-pub use gpu::GpuInventory;
 pub use runner::Runner;
 pub use workspace::Workspace;
 

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use crate::job::{AttemptError, FailureKind, JobId, JobRecord, JobSpec, JobState, Timestamp};
 use crate::queue::{
     CancelOutcome, Capabilities, Completion, FailOutcome, Failure, Heartbeat, Lease, ListFilter, Queue, ReserveRequest,
-    RunInfo, WorkerInfo,
+    RunInfo, WorkerInfo, WorkerRegistry,
 };
 use crate::{Error, Result};
 
@@ -189,7 +189,7 @@ impl State {
 #[async_trait]
 impl Queue for MemoryQueue {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default().with_priority(true).with_gpu_filter(true).with_blocking_reserve(true).with_workers(true)
+        Capabilities::default().with_priority(true).with_gpu_filter(true)
     }
 
     async fn init(&self) -> Result<()> {
@@ -279,7 +279,7 @@ impl Queue for MemoryQueue {
         Ok(outcome)
     }
 
-    async fn cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
+    async fn report_cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
         self.with_held(lease, |e, _| e.finish(JobState::Cancelled, Some(output_tail)))
     }
 
@@ -292,7 +292,7 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 
-    async fn cancel(&self, id: &JobId) -> Result<CancelOutcome> {
+    async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome> {
         let mut st = self.lock();
         let (_, e) = Self::entry(&mut st, id)?;
         Ok(match e.record.state {
@@ -351,6 +351,35 @@ impl Queue for MemoryQueue {
             .collect())
     }
 
+    async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
+        let st = self.lock();
+        Ok(st
+            .errors
+            .iter()
+            .rev()
+            .filter(|e| job.is_none_or(|j| &e.job_id == j))
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn park(&self, lease: &Lease, _gpus: u32) -> Result<()> {
+        // Reserve filters by GPUs: a smaller worker is never offered the job.
+        self.release(lease).await
+    }
+
+    async fn stop_reserving(&self, _worker: &str) -> Result<()> {
+        // Reserve keeps nothing between calls.
+        Ok(())
+    }
+
+    fn worker_registry(&self) -> Option<&dyn WorkerRegistry> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl WorkerRegistry for MemoryQueue {
     async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {
         let mut info = info.clone();
         info.seen_at = Timestamp::now();
@@ -366,18 +395,6 @@ impl Queue for MemoryQueue {
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {
         let now = Timestamp::now();
         Ok(self.lock().workers.values().map(|w| WorkerInfo { lost: w.lost_at(now), ..w.clone() }).collect())
-    }
-
-    async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
-        let st = self.lock();
-        Ok(st
-            .errors
-            .iter()
-            .rev()
-            .filter(|e| job.is_none_or(|j| &e.job_id == j))
-            .take(limit as usize)
-            .cloned()
-            .collect())
     }
 }
 

@@ -12,27 +12,22 @@ use async_trait::async_trait;
 use crate::Result;
 use crate::job::{AttemptError, FailureKind, JobId, JobRecord, JobSpec, JobState, Timestamp};
 
-/// What a backend can do. The conformance suite checks every declared
-/// capability and skips what is not declared; the CLI reports the rest.
+/// What a backend can do, for the conformance suite (which checks what is
+/// declared and skips the rest) and the CLI (which says what is not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Capabilities {
-    /// `priority` orders jobs within a queue.
+    /// `priority` orders jobs within a queue. Without it, `gpupool push`
+    /// warns that a job's priority is ignored.
     pub priority: bool,
-    /// `reserve` returns only jobs that fit the GPUs offered.
+    /// `reserve` returns only jobs that fit the GPUs offered. Without it,
+    /// the worker [`park`](Queue::park)s a job too big for it.
     pub gpu_filter: bool,
-    /// `reserve` can wait for a push instead of polling.
-    pub blocking_reserve: bool,
-    /// Several processes (hosts) can share the queue.
-    pub multi_process: bool,
-    /// Workers register and heartbeat ([`Queue::register_worker`]).
-    pub workers: bool,
 }
 
 impl Capabilities {
     /// Every capability declared.
-    pub const ALL: Capabilities =
-        Capabilities { priority: true, gpu_filter: true, blocking_reserve: true, multi_process: true, workers: true };
+    pub const ALL: Capabilities = Capabilities { priority: true, gpu_filter: true };
 
     /// Builder: set `priority`.
     pub fn with_priority(mut self, v: bool) -> Self {
@@ -43,24 +38,6 @@ impl Capabilities {
     /// Builder: set `gpu_filter`.
     pub fn with_gpu_filter(mut self, v: bool) -> Self {
         self.gpu_filter = v;
-        self
-    }
-
-    /// Builder: set `blocking_reserve`.
-    pub fn with_blocking_reserve(mut self, v: bool) -> Self {
-        self.blocking_reserve = v;
-        self
-    }
-
-    /// Builder: set `multi_process`.
-    pub fn with_multi_process(mut self, v: bool) -> Self {
-        self.multi_process = v;
-        self
-    }
-
-    /// Builder: set `workers`.
-    pub fn with_workers(mut self, v: bool) -> Self {
-        self.workers = v;
         self
     }
 }
@@ -97,8 +74,8 @@ pub struct WorkerInfo {
     /// has one). Set by the backend.
     #[serde(default)]
     pub seen_at: Timestamp,
-    /// Set by [`Queue::workers`]: it has not reported for three heartbeat
-    /// intervals. Its jobs come back through the normal lease expiry.
+    /// Set by [`WorkerRegistry::workers`]: it has not reported for three
+    /// heartbeat intervals. Its jobs come back through the normal lease expiry.
     #[serde(default)]
     pub lost: bool,
 }
@@ -249,7 +226,7 @@ pub enum Heartbeat {
     /// The lease was extended; carry on.
     Extended,
     /// The lease was extended, and a user asked to cancel the job: stop its
-    /// process, then call [`Queue::cancelled`].
+    /// process, then call [`Queue::report_cancelled`].
     CancelRequested,
 }
 
@@ -309,7 +286,7 @@ pub enum FailOutcome {
     Failed,
 }
 
-/// What [`Queue::cancel`] did.
+/// What [`Queue::request_cancel`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CancelOutcome {
@@ -349,12 +326,15 @@ impl Default for ListFilter {
 /// [`reserve`](Queue::reserve) and gets a [`Lease`]: the job is `running`,
 /// its `attempt` counts this run, and only the lease's token can report on
 /// it. The worker [`heartbeat`](Queue::heartbeat)s while the process runs,
-/// then reports [`complete`](Queue::complete), [`fail`](Queue::fail),
-/// [`cancelled`](Queue::cancelled) or [`release`](Queue::release). A lease that
-/// is not heartbeated expires: the attempt is recorded as failed with kind
-/// `lease_lost` and the job is reserved again with `attempt + 1` (or ends
-/// `failed` if it has no attempts left, or `cancelled` if a cancel was asked
-/// for). No job is ever held by two leases at once.
+/// then reports its end: [`complete`](Queue::complete),
+/// [`fail`](Queue::fail), [`report_cancelled`](Queue::report_cancelled)
+/// (it stopped the run because a user asked with
+/// [`request_cancel`](Queue::request_cancel)) or [`release`](Queue::release).
+/// A lease that is not heartbeated expires: the attempt is recorded as
+/// failed with kind `lease_lost` and the job is reserved again with
+/// `attempt + 1` (or ends `failed` if it has no attempts left, or
+/// `cancelled` if a cancel was asked for). No job is ever held by two
+/// leases at once.
 ///
 /// ```
 /// # use gpupool_core::{JobSpec, MemoryQueue, Queue, ReserveRequest, Completion, JobState};
@@ -370,14 +350,79 @@ impl Default for ListFilter {
 /// # }
 /// ```
 ///
+/// # Why these methods
+///
+/// Each method is one step of a job's life that some caller takes, and no
+/// two can be built from each other without a race:
+///
+/// - the worker's steps, all fenced by the lease token: `reserve`,
+///   `heartbeat`, `started`, then one end (`complete`, `fail`,
+///   `report_cancelled`, `release`, or `park` for a job too big for it), and
+///   `stop_reserving` when it stops;
+/// - the user's steps, by id: `push`, `request_cancel`, `retry`;
+/// - reading: `get`, `list`, `errors`;
+/// - `init` and `capabilities` for setup and for what the CLI and the
+///   conformance suite may expect.
+///
+/// What only some backends can do is outside this trait: workers that
+/// register and show in `gpupool status` are a [`WorkerRegistry`], reached
+/// through [`worker_registry`](Queue::worker_registry). No method has a
+/// default that silently does nothing: a backend states each answer.
+///
 /// # Implementing
 ///
 /// Implement every method, declare what you support in
 /// [`capabilities`](Queue::capabilities), and run the conformance suite
-/// (`gpupool-core` with feature `conformance`, module `conformance`) from one
+/// (`gpupool-core` with feature `conformance`: `conformance_tests!`) from one
 /// test file. Call [`JobSpec::validate`] in `push`. Every decision that is
 /// the same for all backends (what a failure does, what fits a request) has
 /// a helper in core: [`Failure::requeues`], [`ReserveRequest::fits`].
+/// `docs/custom-backend.md` walks through a whole backend, and
+/// `examples/custom_backend/` is one (PostgreSQL).
+///
+/// A skeleton, the shape every backend has:
+///
+/// ```
+/// # use gpupool_core::*;
+/// # use std::time::Duration;
+/// #[derive(Debug)]
+/// struct MyQueue { /* a connection pool */ }
+///
+/// #[async_trait]
+/// impl Queue for MyQueue {
+///     fn capabilities(&self) -> Capabilities {
+///         Capabilities::default().with_priority(true)
+///     }
+///     async fn init(&self) -> Result<()> { todo!("create tables") }
+///     async fn push(&self, spec: JobSpec) -> Result<JobId> {
+///         spec.validate()?;
+///         todo!("insert, honouring idempotency_key")
+///     }
+///     async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
+///         todo!("lease the first queued job that req.fits(), or an expired lease's job")
+///     }
+///     async fn heartbeat(&self, lease: &Lease, extend: Duration) -> Result<Heartbeat> { todo!() }
+///     async fn started(&self, lease: &Lease, info: &RunInfo) -> Result<()> { todo!() }
+///     async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> { todo!() }
+///     async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome> { todo!() }
+///     async fn report_cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> { todo!() }
+///     async fn release(&self, lease: &Lease) -> Result<()> { todo!() }
+///     async fn park(&self, lease: &Lease, _gpus: u32) -> Result<()> {
+///         self.release(lease).await // enough where reserve filters by GPUs
+///     }
+///     async fn stop_reserving(&self, _worker: &str) -> Result<()> {
+///         Ok(()) // reserve keeps nothing between calls
+///     }
+///     async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome> { todo!() }
+///     async fn retry(&self, id: &JobId) -> Result<()> { todo!() }
+///     async fn get(&self, id: &JobId) -> Result<JobRecord> { todo!() }
+///     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>> { todo!() }
+///     async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> { todo!() }
+///     fn worker_registry(&self) -> Option<&dyn WorkerRegistry> {
+///         None // `gpupool status` then says workers are not tracked
+///     }
+/// }
+/// ```
 ///
 /// # Errors
 ///
@@ -433,18 +478,37 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// Fenced by the lease.
     async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome>;
 
-    /// The holder stopped the run after a cancel request: the job becomes
-    /// `cancelled`. Fenced by the lease.
-    async fn cancelled(&self, lease: &Lease, output_tail: String) -> Result<()>;
+    /// The worker's report that it stopped the run because a cancel was
+    /// requested ([`Heartbeat::CancelRequested`]): the job becomes
+    /// `cancelled`, with the run's output tail. Fenced by the lease.
+    async fn report_cancelled(&self, lease: &Lease, output_tail: String) -> Result<()>;
 
     /// Gives the job back without charging an attempt (graceful shutdown):
     /// it is `queued` again and its attempt count is as before this lease.
     /// Fenced by the lease.
     async fn release(&self, lease: &Lease) -> Result<()>;
 
-    /// Cancels a job: a queued one at once, a running one through its
-    /// worker's next heartbeat.
-    async fn cancel(&self, id: &JobId) -> Result<CancelOutcome>;
+    /// Gives back a job that needs `gpus` GPUs, more than the caller has,
+    /// without charging an attempt, so that it is offered only to reserves
+    /// whose `max_gpus` (or free GPUs) reach `gpus`: a job too big for the
+    /// workers at hand waits for a big enough one instead of bouncing
+    /// between small ones. Fenced by the lease. A backend that declares
+    /// `gpu_filter` never hands such a job to a smaller worker, and may
+    /// implement this as [`release`](Queue::release).
+    async fn park(&self, lease: &Lease, gpus: u32) -> Result<()>;
+
+    /// The worker `worker` will not reserve again (it is stopping; its
+    /// running jobs may still run). A backend that keeps a waiting
+    /// reserve's request alive between calls withdraws it, and gives back,
+    /// charging no attempt, a job it was handed that no call returned. A
+    /// backend whose `reserve` keeps nothing between calls returns `Ok(())`.
+    async fn stop_reserving(&self, worker: &str) -> Result<()>;
+
+    /// The user's request to cancel a job: a queued one becomes `cancelled`
+    /// at once; a running one is flagged, and its worker learns of it at
+    /// its next heartbeat, stops the process and calls
+    /// [`report_cancelled`](Queue::report_cancelled).
+    async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome>;
 
     /// Puts a `failed` or `cancelled` job back in the queue. Its attempt
     /// count and error records are kept, and it gets `max_attempts` more
@@ -462,47 +526,89 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// Failed-attempt records, newest first: all of them or one job's.
     async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>>;
 
-    /// Gives back a job that needs `gpus` GPUs, more than the caller has,
-    /// without charging an attempt, so that it is offered only to reserves
-    /// whose `max_gpus` (or free GPUs) reach `gpus`: a job too big for the
-    /// workers at hand waits for a big enough one instead of bouncing
-    /// between small ones. Fenced by the lease. The default releases it,
-    /// which is enough for a backend that declares `gpu_filter` (its
-    /// reserve never offers the job to a smaller worker).
-    async fn park(&self, lease: &Lease, gpus: u32) -> Result<()> {
-        let _ = gpus;
-        self.release(lease).await
-    }
+    /// Where workers register, if this backend keeps a registry
+    /// (`Some(self)` for a backend that implements [`WorkerRegistry`]).
+    /// `None`: workers run but are not listed by `gpupool status`.
+    fn worker_registry(&self) -> Option<&dyn WorkerRegistry>;
+}
 
+/// Workers that register and heartbeat, so that `gpupool status` can show
+/// each host, its GPUs and what it runs. Optional: a [`Queue`] that keeps
+/// one returns it from [`Queue::worker_registry`].
+///
+/// # Implementing
+///
+/// Store each [`WorkerInfo`] by `name`, stamping `seen_at` with the
+/// backend's clock where it has one. [`workers`](WorkerRegistry::workers)
+/// sets `lost` with [`WorkerInfo::lost_at`]. The conformance suite's
+/// `worker_registry` test checks all three methods.
+///
+/// # Cancellation safety
+///
+/// Each call is one write or one read; dropping it leaves the registry as
+/// before or as after.
+#[async_trait]
+pub trait WorkerRegistry: Send + Sync {
     /// Records (or refreshes) a worker and what it holds, stamping
-    /// `seen_at`. Workers call it every heartbeat interval. The default does
-    /// nothing, for backends that do not declare `workers`.
-    async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {
-        let _ = info;
-        Ok(())
-    }
+    /// `seen_at`. Workers call it every heartbeat interval.
+    async fn register_worker(&self, info: &WorkerInfo) -> Result<()>;
 
-    /// Removes a worker that stopped cleanly. The default does nothing.
-    async fn unregister_worker(&self, name: &str) -> Result<()> {
-        let _ = name;
-        Ok(())
-    }
-
-    /// The worker `worker` will not reserve again (it is stopping; its
-    /// running jobs may still run). A backend that keeps a waiting
-    /// reserve's request alive between calls withdraws it, and gives back,
-    /// charging no attempt, a job it was handed that no call returned.
-    /// The default does nothing.
-    async fn stop_reserving(&self, worker: &str) -> Result<()> {
-        let _ = worker;
-        Ok(())
-    }
+    /// Removes a worker that stopped cleanly.
+    async fn unregister_worker(&self, name: &str) -> Result<()>;
 
     /// Every registered worker, with `lost` set for those that stopped
-    /// reporting. The default knows none.
-    async fn workers(&self) -> Result<Vec<WorkerInfo>> {
-        Ok(Vec::new())
-    }
+    /// reporting.
+    async fn workers(&self) -> Result<Vec<WorkerInfo>>;
+}
+
+/// A backend that opens itself from a URL. The facade's registry
+/// (`gpupool::Registry::add`) is built from these declarations, so a custom
+/// backend that implements it is opened by `gpupool::connect`, the worker
+/// and every CLI command, like the in-tree ones.
+///
+/// ```
+/// # use gpupool_core::{Connect, MemoryQueue, Result};
+/// # use std::future::Future;
+/// #[derive(Debug)]
+/// struct Scratch(MemoryQueue);
+/// # #[gpupool_core::async_trait]
+/// # impl gpupool_core::Queue for Scratch {
+/// #     fn capabilities(&self) -> gpupool_core::Capabilities { self.0.capabilities() }
+/// #     async fn init(&self) -> Result<()> { self.0.init().await }
+/// #     async fn push(&self, s: gpupool_core::JobSpec) -> Result<gpupool_core::JobId> { self.0.push(s).await }
+/// #     async fn reserve(&self, r: &gpupool_core::ReserveRequest) -> Result<Option<gpupool_core::Lease>> { self.0.reserve(r).await }
+/// #     async fn heartbeat(&self, l: &gpupool_core::Lease, e: std::time::Duration) -> Result<gpupool_core::Heartbeat> { self.0.heartbeat(l, e).await }
+/// #     async fn started(&self, l: &gpupool_core::Lease, i: &gpupool_core::RunInfo) -> Result<()> { self.0.started(l, i).await }
+/// #     async fn complete(&self, l: &gpupool_core::Lease, d: gpupool_core::Completion) -> Result<()> { self.0.complete(l, d).await }
+/// #     async fn fail(&self, l: &gpupool_core::Lease, f: gpupool_core::Failure) -> Result<gpupool_core::FailOutcome> { self.0.fail(l, f).await }
+/// #     async fn report_cancelled(&self, l: &gpupool_core::Lease, t: String) -> Result<()> { self.0.report_cancelled(l, t).await }
+/// #     async fn release(&self, l: &gpupool_core::Lease) -> Result<()> { self.0.release(l).await }
+/// #     async fn park(&self, l: &gpupool_core::Lease, g: u32) -> Result<()> { self.0.park(l, g).await }
+/// #     async fn stop_reserving(&self, w: &str) -> Result<()> { self.0.stop_reserving(w).await }
+/// #     async fn request_cancel(&self, id: &gpupool_core::JobId) -> Result<gpupool_core::CancelOutcome> { self.0.request_cancel(id).await }
+/// #     async fn retry(&self, id: &gpupool_core::JobId) -> Result<()> { self.0.retry(id).await }
+/// #     async fn get(&self, id: &gpupool_core::JobId) -> Result<gpupool_core::JobRecord> { self.0.get(id).await }
+/// #     async fn list(&self, f: &gpupool_core::ListFilter) -> Result<Vec<gpupool_core::JobRecord>> { self.0.list(f).await }
+/// #     async fn errors(&self, j: Option<&gpupool_core::JobId>, n: u32) -> Result<Vec<gpupool_core::AttemptError>> { self.0.errors(j, n).await }
+/// #     fn worker_registry(&self) -> Option<&dyn gpupool_core::WorkerRegistry> { None }
+/// # }
+///
+/// impl Connect for Scratch {
+///     const SCHEMES: &'static [&'static str] = &["scratch"];
+///
+///     fn connect(_url: &str) -> impl Future<Output = Result<Self>> + Send {
+///         async { Ok(Scratch(MemoryQueue::new())) }
+///     }
+/// }
+/// ```
+pub trait Connect: Queue + Sized + 'static {
+    /// The URL schemes this backend opens, such as `["mysql", "mariadb"]`.
+    const SCHEMES: &'static [&'static str];
+
+    /// Opens the queue `url` names (its scheme is one of [`Self::SCHEMES`]).
+    /// Bad URLs are [`Error::Config`](crate::Error::Config) errors that name
+    /// the problem; passwords never appear in one.
+    fn connect(url: &str) -> impl std::future::Future<Output = Result<Self>> + Send;
 }
 
 /// For SQL backends: remembers whether the last reserve found work (then

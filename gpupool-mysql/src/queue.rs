@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, FailureKind, Heartbeat, JobId,
     JobRecord, JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
+    WorkerRegistry,
 };
 use sqlx::mysql::{MySql, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, Row, Transaction};
@@ -464,7 +465,7 @@ fn attempt_error(row: &MySqlRow) -> Result<AttemptError> {
 #[async_trait]
 impl Queue for MysqlQueue {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default().with_priority(true).with_gpu_filter(true).with_multi_process(true).with_workers(true)
+        Capabilities::default().with_priority(true).with_gpu_filter(true)
     }
 
     async fn init(&self) -> Result<()> {
@@ -653,7 +654,7 @@ impl Queue for MysqlQueue {
         .await
     }
 
-    async fn cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
+    async fn report_cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
         let res = q(&self.sql.cancelled)
             .bind(output_tail)
             .bind(lease.id().as_i64()?)
@@ -674,7 +675,7 @@ impl Queue for MysqlQueue {
         if res.rows_affected() == 1 { Ok(()) } else { Err(Self::lost(lease)) }
     }
 
-    async fn cancel(&self, id: &JobId) -> Result<CancelOutcome> {
+    async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome> {
         let n = id.as_i64()?;
         let sql = Arc::clone(&self.sql);
         self.in_tx(move |tx| {
@@ -747,6 +748,34 @@ impl Queue for MysqlQueue {
         rows.iter().map(record).collect()
     }
 
+    async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
+        let rows = match job {
+            Some(id) => q(&self.sql.errors_of).bind(id.as_i64()?).bind(i64::from(limit)),
+            None => q(&self.sql.errors_all).bind(i64::from(limit)),
+        }
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map)?;
+        rows.iter().map(attempt_error).collect()
+    }
+
+    async fn park(&self, lease: &Lease, _gpus: u32) -> Result<()> {
+        // Reserve filters by GPUs: a smaller worker is never offered the job.
+        self.release(lease).await
+    }
+
+    async fn stop_reserving(&self, _worker: &str) -> Result<()> {
+        // Reserve keeps nothing between calls.
+        Ok(())
+    }
+
+    fn worker_registry(&self) -> Option<&dyn WorkerRegistry> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl WorkerRegistry for MysqlQueue {
     async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {
         let text = serde_json::to_string(info).map_err(|e| Error::backend("mysql", e))?;
         q(&self.sql.worker_upsert).bind(&info.name).bind(text).execute(&self.pool).await.map_err(map)?;
@@ -770,15 +799,12 @@ impl Queue for MysqlQueue {
             })
             .collect()
     }
+}
 
-    async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
-        let rows = match job {
-            Some(id) => q(&self.sql.errors_of).bind(id.as_i64()?).bind(i64::from(limit)),
-            None => q(&self.sql.errors_all).bind(i64::from(limit)),
-        }
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map)?;
-        rows.iter().map(attempt_error).collect()
+impl gpupool_core::Connect for MysqlQueue {
+    const SCHEMES: &'static [&'static str] = &crate::SCHEMES;
+
+    fn connect(url: &str) -> impl std::future::Future<Output = Result<Self>> + Send {
+        MysqlQueue::connect(url)
     }
 }

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpupool_core::{Completion, Error, JobSpec, JobState, Queue, ReserveRequest};
-use gpupool_worker::{Worker, WorkerConfig};
 use gpupool_mysql::MysqlQueue;
+use gpupool_worker::{Worker, WorkerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

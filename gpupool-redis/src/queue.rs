@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, Heartbeat, JobId, JobRecord,
-    JobSpec, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
+    JobSpec, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo, WorkerRegistry,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{Script, Value};
@@ -604,7 +604,7 @@ fn record(id: &str, h: &HashMap<String, String>) -> Result<JobRecord> {
 #[async_trait]
 impl Queue for RedisQueue {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default().with_blocking_reserve(true).with_multi_process(true).with_workers(true)
+        Capabilities::default()
     }
 
     async fn init(&self) -> Result<()> {
@@ -703,7 +703,7 @@ impl Queue for RedisQueue {
         Ok(if n == 1 { FailOutcome::Requeued } else { FailOutcome::Failed })
     }
 
-    async fn cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
+    async fn report_cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
         self.fenced(&self.scripts.finish, lease, &["cancelled".into(), output_tail, String::new(), String::new()])
             .await
             .map(|_| ())
@@ -713,7 +713,7 @@ impl Queue for RedisQueue {
         self.fenced(&self.scripts.release, lease, &[]).await.map(|_| ())
     }
 
-    async fn cancel(&self, id: &JobId) -> Result<CancelOutcome> {
+    async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome> {
         let v = self.script_status(&self.scripts.cancel, &[id.to_string()]).await?;
         let s: String = from_value(v)?;
         match s.as_str() {
@@ -774,6 +774,44 @@ impl Queue for RedisQueue {
         self.fenced(&self.scripts.park, lease, &[gpus.to_string()]).await.map(|_| ())
     }
 
+    async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
+        let mut c = self.conn.clone();
+        let texts: Vec<String> = match job {
+            Some(id) => {
+                let mut all: Vec<String> = redis::cmd("LRANGE")
+                    .arg(format!("{}errors:{id}", self.p()))
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(map)?;
+                all.reverse();
+                all.truncate(limit as usize);
+                all
+            }
+            None => redis::cmd("LRANGE")
+                .arg(format!("{}errors", self.p()))
+                .arg(0)
+                .arg(i64::from(limit) - 1)
+                .query_async(&mut c)
+                .await
+                .map_err(map)?,
+        };
+        texts.iter().map(|t| parse_error(t)).collect()
+    }
+
+    async fn stop_reserving(&self, _worker: &str) -> Result<()> {
+        // Reserve keeps nothing between calls.
+        Ok(())
+    }
+
+    fn worker_registry(&self) -> Option<&dyn WorkerRegistry> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl WorkerRegistry for RedisQueue {
     async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {
         let text = serde_json::to_string(info).map_err(|e| Error::backend("redis", e))?;
         self.script_status(&self.scripts.worker, &[info.name.clone(), text]).await.map(|_| ())
@@ -802,30 +840,12 @@ impl Queue for RedisQueue {
             })
             .collect()
     }
+}
 
-    async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
-        let mut c = self.conn.clone();
-        let texts: Vec<String> = match job {
-            Some(id) => {
-                let mut all: Vec<String> = redis::cmd("LRANGE")
-                    .arg(format!("{}errors:{id}", self.p()))
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut c)
-                    .await
-                    .map_err(map)?;
-                all.reverse();
-                all.truncate(limit as usize);
-                all
-            }
-            None => redis::cmd("LRANGE")
-                .arg(format!("{}errors", self.p()))
-                .arg(0)
-                .arg(i64::from(limit) - 1)
-                .query_async(&mut c)
-                .await
-                .map_err(map)?,
-        };
-        texts.iter().map(|t| parse_error(t)).collect()
+impl gpupool_core::Connect for RedisQueue {
+    const SCHEMES: &'static [&'static str] = &crate::SCHEMES;
+
+    fn connect(url: &str) -> impl std::future::Future<Output = Result<Self>> + Send {
+        RedisQueue::connect(url)
     }
 }

@@ -82,9 +82,9 @@ async fn a_bare_lease_completed_at_once_is_recorded_whole() {
 async fn cancelling_a_bare_lease_asks_its_holder() {
     let Some(q) = common::queue("bare-cancel").await else { return };
     let (id, lease) = push_and_lease(&q, "bc", "w").await;
-    assert_eq!(q.cancel(&id).await.unwrap(), CancelOutcome::Requested, "it runs, so the holder is asked");
+    assert_eq!(q.request_cancel(&id).await.unwrap(), CancelOutcome::Requested, "it runs, so the holder is asked");
     assert_eq!(q.heartbeat(&lease, Duration::from_secs(60)).await.unwrap(), Heartbeat::CancelRequested);
-    q.cancelled(&lease, String::new()).await.unwrap();
+    q.report_cancelled(&lease, String::new()).await.unwrap();
     assert_eq!(q.get(&id).await.unwrap().state, JobState::Cancelled);
     common::cleanup(&q).await;
 }

@@ -84,7 +84,7 @@ async fn queued_running_and_succeeded_are_listed_without_indexes() {
     assert_eq!(ids(&q, Some(JobState::Succeeded), None, 2, 2).await, [a[0].clone()]);
 
     // Cancelled keeps its index.
-    q.cancel(&b[0]).await.unwrap();
+    q.request_cancel(&b[0]).await.unwrap();
     assert_eq!(ids(&q, Some(JobState::Cancelled), None, 0, 10).await, [b[0].clone()]);
     assert_eq!(queued(0, 10).await, [&b[1], &big].map(Clone::clone));
     common::cleanup(&q).await;

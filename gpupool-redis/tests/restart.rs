@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpupool_core::{JobSpec, JobState, ListFilter, Queue};
-use gpupool_worker::{Worker, WorkerConfig};
 use gpupool_redis::RedisQueue;
+use gpupool_worker::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 const JOBS: usize = 24;

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, FailureKind, Heartbeat, JobId,
     JobRecord, JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
+    WorkerRegistry,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -315,12 +316,7 @@ fn attempt_error(row: &SqliteRow) -> Result<AttemptError> {
 #[async_trait]
 impl Queue for SqliteQueue {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
-            .with_priority(true)
-            .with_gpu_filter(true)
-            .with_blocking_reserve(false)
-            .with_multi_process(true)
-            .with_workers(true)
+        Capabilities::default().with_priority(true).with_gpu_filter(true)
     }
 
     async fn init(&self) -> Result<()> {
@@ -491,7 +487,7 @@ impl Queue for SqliteQueue {
         }
     }
 
-    async fn cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
+    async fn report_cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
         let res = sqlx::query(
             "UPDATE jobs SET state = 'cancelled', output_tail = ?1, finished_at = ?2, lease_token = NULL, \
              lease_expires_at = NULL WHERE id = ?3 AND lease_token = ?4 AND state = 'running'",
@@ -523,7 +519,7 @@ impl Queue for SqliteQueue {
         Ok(())
     }
 
-    async fn cancel(&self, id: &JobId) -> Result<CancelOutcome> {
+    async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome> {
         let mut tx = self.begin_immediate().await?;
         let (n, state) = Self::state_of(&mut tx, id).await?;
         let outcome = match state {
@@ -637,6 +633,43 @@ impl Queue for SqliteQueue {
         rows.iter().map(record).collect()
     }
 
+    async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
+        let rows = match job {
+            Some(id) => sqlx::query(
+                "SELECT job_id, attempt, kind, exit_code, signal, message, output_tail, at \
+                 FROM job_errors WHERE job_id = ?1 ORDER BY id DESC LIMIT ?2",
+            )
+            .bind(id.as_i64()?),
+            None => sqlx::query(
+                "SELECT job_id, attempt, kind, exit_code, signal, message, output_tail, at \
+                 FROM job_errors ORDER BY id DESC LIMIT ?2",
+            )
+            .bind(None::<i64>),
+        }
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map)?;
+        rows.iter().map(attempt_error).collect()
+    }
+
+    async fn park(&self, lease: &Lease, _gpus: u32) -> Result<()> {
+        // Reserve filters by GPUs: a smaller worker is never offered the job.
+        self.release(lease).await
+    }
+
+    async fn stop_reserving(&self, _worker: &str) -> Result<()> {
+        // Reserve keeps nothing between calls.
+        Ok(())
+    }
+
+    fn worker_registry(&self) -> Option<&dyn WorkerRegistry> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl WorkerRegistry for SqliteQueue {
     async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {
         let text = serde_json::to_string(info).map_err(|e| Error::backend("sqlite", e))?;
         sqlx::query(
@@ -673,24 +706,12 @@ impl Queue for SqliteQueue {
             })
             .collect()
     }
+}
 
-    async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
-        let rows = match job {
-            Some(id) => sqlx::query(
-                "SELECT job_id, attempt, kind, exit_code, signal, message, output_tail, at \
-                 FROM job_errors WHERE job_id = ?1 ORDER BY id DESC LIMIT ?2",
-            )
-            .bind(id.as_i64()?),
-            None => sqlx::query(
-                "SELECT job_id, attempt, kind, exit_code, signal, message, output_tail, at \
-                 FROM job_errors ORDER BY id DESC LIMIT ?2",
-            )
-            .bind(None::<i64>),
-        }
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map)?;
-        rows.iter().map(attempt_error).collect()
+impl gpupool_core::Connect for SqliteQueue {
+    const SCHEMES: &'static [&'static str] = &crate::SCHEMES;
+
+    fn connect(url: &str) -> impl std::future::Future<Output = Result<Self>> + Send {
+        SqliteQueue::connect(url)
     }
 }

@@ -18,4 +18,3 @@ pub fn job_repo(dir: &std::path::Path, script: &str) -> std::path::PathBuf {
     repo.commit(Some("refs/heads/main"), &sig, &sig, "job", &tree, &[]).unwrap();
     repo_dir
 }
-

@@ -362,7 +362,9 @@ impl Worker {
             }
         }
         registry.abort();
-        if let Err(e) = ctx.queue.unregister_worker(&cfg.name).await {
+        if let Some(registry) = ctx.queue.worker_registry()
+            && let Err(e) = registry.unregister_worker(&cfg.name).await
+        {
             warn!("could not unregister the worker: {e}");
         }
         Ok(summary)
@@ -400,7 +402,9 @@ async fn register_loop(
             seen_at: gpupool_core::Timestamp::default(),
             lost: false,
         };
-        if let Err(e) = ctx.queue.register_worker(&info).await {
+        if let Some(registry) = ctx.queue.worker_registry()
+            && let Err(e) = registry.register_worker(&info).await
+        {
             warn!("could not register the worker ({e}); trying again");
         }
         tokio::time::sleep(cfg.heartbeat).await;
@@ -452,7 +456,7 @@ async fn hold_until_fits(
         }
         match ctx.queue.heartbeat(lease, ctx.cfg.lease).await {
             Ok(Heartbeat::CancelRequested) => {
-                if let Err(e) = ctx.queue.cancelled(lease, String::new()).await {
+                if let Err(e) = ctx.queue.report_cancelled(lease, String::new()).await {
                     warn!(job_id = %lease.id(), "could not record the cancel: {e}");
                 }
                 return None;
@@ -810,7 +814,7 @@ async fn deliver(ctx: &Ctx, lease: &Lease, report: Report) {
             Report::Fail(f) => {
                 q.fail(lease, f.clone()).await.map(|o| format!("failed ({}): {}; {o:?}", f.kind, f.message))
             }
-            Report::Cancelled(tail) => q.cancelled(lease, tail.clone()).await.map(|()| "cancelled".to_owned()),
+            Report::Cancelled(tail) => q.report_cancelled(lease, tail.clone()).await.map(|()| "cancelled".to_owned()),
             Report::Release => q.release(lease).await.map(|()| "released".to_owned()),
             Report::Nothing => return,
         };

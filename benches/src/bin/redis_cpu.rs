@@ -51,7 +51,7 @@ async fn measure(way: &str, n: usize, admin: &mut redis::aio::MultiplexedConnect
 }
 
 async fn gpupool(url: &str, n: usize, consumers: usize, admin: &mut redis::aio::MultiplexedConnection) {
-    let q = gpupool_cli::connect(url).await.unwrap();
+    let q = gpupool::connect(url).await.unwrap();
     q.init().await.unwrap();
     measure("gpupool_push", n, admin, async {
         for i in 0..n {
@@ -61,7 +61,7 @@ async fn gpupool(url: &str, n: usize, consumers: usize, admin: &mut redis::aio::
     .await;
     let mut clients = Vec::new();
     for _ in 0..consumers {
-        clients.push(gpupool_cli::connect(url).await.unwrap());
+        clients.push(gpupool::connect(url).await.unwrap());
     }
     measure("gpupool_drain", n, admin, async {
         let tasks: Vec<_> = clients

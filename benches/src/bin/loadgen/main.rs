@@ -103,7 +103,7 @@ async fn cleanup(url: &str) {
 }
 
 async fn open(url: &str) -> Arc<dyn Queue> {
-    let q = gpupool_cli::connect(url).await.expect("connect");
+    let q = gpupool::connect(url).await.expect("connect");
     q.init().await.expect("init");
     q
 }
@@ -306,8 +306,7 @@ fn checkout_figure(backend: &str, dir: &Path, quick: bool) {
     let base = dir.join("co");
     let repo = make_repo(&base, 500);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let ws =
-        gpupool_worker::GitWorkspace::new(base.join("data"), gpupool_worker::Credentials::default());
+    let ws = gpupool_worker::GitWorkspace::new(base.join("data"), gpupool_worker::Credentials::default());
     let url = repo.to_string_lossy().into_owned();
     let sha = git2::Repository::open(&repo).unwrap().revparse_single("main").unwrap().id().to_string();
     // Cache the mirror (one fetch), then time checkouts of the commit.
@@ -457,7 +456,7 @@ fn main() {
     if argv.get(1).map(String::as_str) == Some("--worker") {
         let (url, repo, data, slots) = (&argv[2], &argv[3], &argv[4], argv[5].parse().unwrap());
         rt.block_on(async {
-            let q = gpupool_cli::connect(url).await.unwrap();
+            let q = gpupool::connect(url).await.unwrap();
             let mut cfg = WorkerConfig::new(data);
             cfg.repo = Some(repo.clone());
             cfg.slots = slots;

@@ -1,0 +1,530 @@
+//! The `gpupool` command line: parsing, settings, and one function per
+//! command, run over a [`Registry`] so that a team's own binary with its own
+//! backend gets every command ([`main_with`]).
+//!
+//! The original tool's command names work as aliases: `server` (init),
+//! `client` (worker), `message` (jobs), `error` (errors), and `-id N`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use gpupool::gpu::GpuSelection;
+use gpupool::redact::redact_url;
+use gpupool::{
+    CancelOutcome, CredentialPrompt, Credentials, Error, GitWorkspace, JobId, JobSpec, JobState, ListFilter, Queue,
+    Registry, Result, Worker, WorkerConfig, message,
+};
+
+use crate::{FileConfig, errors_table, jobs_table, parse_duration};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(name = "gpupool", version, about = "A git-aware job queue for a pool of GPU servers")]
+struct Cli {
+    /// Queue URL, such as sqlite://.gpupool/queue.db (env GPUPOOL_QUEUE). For
+    /// `jobs`, a value that is not a URL filters by queue name.
+    #[arg(long, global = true, value_name = "URL")]
+    queue: Option<String>,
+    /// Folder for mirrors, checkouts, logs and the setup cache (env GPUPOOL_DATA_DIR).
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print JSON for scripts instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or migrate the queue's schema (idempotent).
+    #[command(alias = "server")]
+    Init,
+    /// Push jobs from JSON files (default ./message.json).
+    Push {
+        /// Files holding one job object or an array of them.
+        files: Vec<PathBuf>,
+        /// Set an arg on every job: --set lr=0.01 (JSON values, else strings).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// List jobs, newest first, or show one.
+    #[command(alias = "message")]
+    Jobs {
+        /// Show this job.
+        #[arg(long)]
+        id: Option<String>,
+        /// Only jobs in this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Skip this many (the page start).
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+    },
+    /// List failed attempts, newest first, with their output tails.
+    #[command(alias = "error")]
+    Errors {
+        /// Only this job's.
+        #[arg(long)]
+        id: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Run a worker on this host's GPUs.
+    #[command(alias = "client")]
+    Worker(WorkerArgs),
+    /// Cancel jobs: queued ones at once, running ones through their worker.
+    Cancel {
+        /// Job ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Put failed or cancelled jobs back in the queue.
+    Retry {
+        /// Job ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Print a job's log (the local file if this host ran it, else the stored tail).
+    Logs {
+        /// Job id.
+        id: String,
+    },
+    /// Show the queue, its workers with their GPUs, and jobs that cannot start.
+    Status,
+}
+
+#[derive(Debug, clap::Args)]
+struct WorkerArgs {
+    /// Repository for jobs that name none (env GPUPOOL_REPO).
+    #[arg(long, env = "GPUPOOL_REPO", hide_env_values = true)]
+    repo: Option<String>,
+    /// Queues to serve, in priority order (env GPUPOOL_QUEUES).
+    #[arg(long, env = "GPUPOOL_QUEUES", hide_env_values = true, value_delimiter = ',')]
+    queues: Option<Vec<String>>,
+    /// auto, none, or GPU indices such as 0,2 (env GPUPOOL_GPUS).
+    #[arg(long, env = "GPUPOOL_GPUS", hide_env_values = true)]
+    gpus: Option<String>,
+    /// Parallel runs on a host without GPUs.
+    #[arg(long, env = "GPUPOOL_SLOTS", hide_env_values = true)]
+    slots: Option<usize>,
+    /// Jobs sharing one GPU.
+    #[arg(long, env = "GPUPOOL_SLOTS_PER_GPU", hide_env_values = true)]
+    slots_per_gpu: Option<usize>,
+    /// A GPU none of this worker's jobs holds counts as free only while at
+    /// least this percentage of its memory is free (default 90).
+    #[arg(long, env = "GPUPOOL_GPU_FREE_MEMORY", hide_env_values = true, value_name = "PCT")]
+    gpu_free_memory: Option<f64>,
+    /// Lease length, such as 60s.
+    #[arg(long, env = "GPUPOOL_LEASE", hide_env_values = true)]
+    lease: Option<String>,
+    /// Heartbeat interval, such as 10s.
+    #[arg(long, env = "GPUPOOL_HEARTBEAT", hide_env_values = true)]
+    heartbeat: Option<String>,
+    /// How long shutdown waits for running jobs, such as 10m.
+    #[arg(long, env = "GPUPOOL_DRAIN_TIMEOUT", hide_env_values = true)]
+    drain_timeout: Option<String>,
+    /// Setup step run in the checkout before each job, such as "pip install -r requirements.txt".
+    #[arg(long, env = "GPUPOOL_SETUP", hide_env_values = true)]
+    setup: Option<String>,
+    /// Command before the entrypoint (default python3); {gpus} expands.
+    #[arg(long, env = "GPUPOOL_COMMAND", hide_env_values = true)]
+    command: Option<String>,
+    /// Exit once nothing runs here and nothing can be reserved.
+    #[arg(long)]
+    burst: bool,
+}
+
+/// The seed wrote `message -id 2`; clap reads `--id`.
+fn seed_args() -> Vec<String> {
+    std::env::args().map(|a| if a == "-id" { "--id".to_owned() } else { a }).collect()
+}
+
+/// Runs the `gpupool` command with the backends of `registry`: what the
+/// `gpupool` binary does with [`Registry::with_defaults`], and what a team's
+/// own binary does with its backend added.
+///
+/// ```no_run
+/// fn main() -> std::process::ExitCode {
+///     let mut registry = gpupool::Registry::with_defaults();
+///     // registry.add::<my_backend::MyQueue>();
+///     gpupool_cli::main_with(registry)
+/// }
+/// ```
+pub fn main_with(registry: Registry) -> ExitCode {
+    let cli = Cli::parse_from(seed_args());
+    let default_level = if matches!(cli.command, Command::Worker(_)) { "info" } else { "warn" };
+    // A program that set up tracing itself keeps its own.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GPUPOOL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .try_init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gpupool: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, &registry)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gpupool: {}", redact_url(&e.to_string()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Settings after flags, environment, `gpupool.toml` and defaults.
+struct Settings {
+    url: String,
+    data_dir: PathBuf,
+    file: FileConfig,
+}
+
+fn is_url(v: &str) -> bool {
+    v.contains("://") || v.starts_with("sqlite:") || v.starts_with("memory:")
+}
+
+fn settings(cli: &Cli) -> Result<(Settings, Option<String>)> {
+    let file = FileConfig::load(&std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")))?;
+    // `--queue` is the URL, except for `jobs`, where a plain name filters.
+    let (flag_url, queue_filter) = match (&cli.queue, &cli.command) {
+        (Some(v), _) if is_url(v) => (Some(v.clone()), None),
+        (Some(v), Command::Jobs { .. }) => (None, Some(v.clone())),
+        (Some(v), _) => {
+            return Err(Error::Config(format!(
+                "--queue `{v}` is not a queue URL; write it like sqlite://.gpupool/queue.db"
+            )));
+        }
+        (None, _) => (None, None),
+    };
+    let url = flag_url
+        .or_else(|| std::env::var("GPUPOOL_QUEUE").ok().filter(|v| !v.is_empty()))
+        .or_else(|| file.queue.clone())
+        .unwrap_or_else(|| crate::DEFAULT_QUEUE_URL.to_owned());
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .or_else(|| std::env::var_os("GPUPOOL_DATA_DIR").filter(|v| !v.is_empty()).map(PathBuf::from))
+        .or_else(|| file.data_dir.clone())
+        .unwrap_or_else(crate::default_data_dir);
+    Ok((Settings { url, data_dir, file }, queue_filter))
+}
+
+fn job_id(s: &str) -> Result<JobId> {
+    s.parse()
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| "[]".to_owned()));
+}
+
+async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
+    let (s, queue_filter) = settings(&cli)?;
+    let queue = registry.connect(&s.url).await?;
+    let json = cli.json;
+    match cli.command {
+        Command::Init => {
+            queue.init().await?;
+            println!("queue ready: {}", redact_url(&s.url));
+        }
+        Command::Push { files, set } => push(queue.as_ref(), files, &set, json).await?,
+        Command::Jobs { id, state, limit, offset } => {
+            jobs(queue.as_ref(), id, state, ListPage { queue: queue_filter, limit, offset }, json).await?;
+        }
+        Command::Errors { id, limit } => errors(queue.as_ref(), id, limit, json).await?,
+        Command::Worker(args) => return worker(queue, &s, args).await,
+        Command::Cancel { ids } => return cancel(queue.as_ref(), &ids).await,
+        Command::Retry { ids } => return retry(queue.as_ref(), &ids).await,
+        Command::Status => status(queue.as_ref(), &s.url, json).await?,
+        Command::Logs { id } => logs(queue.as_ref(), &s.data_dir, &id).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Which page of which queue `jobs` lists.
+struct ListPage {
+    queue: Option<String>,
+    limit: u32,
+    offset: u64,
+}
+
+async fn jobs(queue: &dyn Queue, id: Option<String>, state: Option<String>, page: ListPage, json: bool) -> Result<()> {
+    let jobs = match id {
+        Some(id) => vec![queue.get(&job_id(&id)?).await?],
+        None => {
+            let state = state.map(|s| s.parse::<JobState>()).transpose()?;
+            let filter = ListFilter { state, queue: page.queue, limit: page.limit, offset: page.offset };
+            queue.list(&filter).await?
+        }
+    };
+    if json {
+        print_json(&serde_json::Value::Array(jobs.iter().map(|j| j.to_json()).collect()));
+        return Ok(());
+    }
+    print!("{}", jobs_table(&jobs));
+    if let [job] = jobs.as_slice() {
+        println!("\nargs: {}", serde_json::Value::Object(job.spec.args.clone()));
+        if !job.errors.is_empty() {
+            println!("failed attempts: {} (gpupool errors --id {})", job.errors.len(), job.id);
+        }
+    }
+    Ok(())
+}
+
+async fn errors(queue: &dyn Queue, id: Option<String>, limit: u32, json: bool) -> Result<()> {
+    let id = id.map(|i| job_id(&i)).transpose()?;
+    if let Some(id) = &id {
+        queue.get(id).await?; // an unknown id is an error, not an empty list
+    }
+    let errors = queue.errors(id.as_ref(), limit).await?;
+    if json {
+        print_json(&serde_json::Value::Array(errors.iter().map(|e| e.to_json()).collect()));
+    } else {
+        print!("{}", errors_table(&errors, id.is_some()));
+    }
+    Ok(())
+}
+
+async fn cancel(queue: &dyn Queue, ids: &[String]) -> Result<ExitCode> {
+    let mut failed = false;
+    for id in ids {
+        match queue.request_cancel(&job_id(id)?).await {
+            Ok(CancelOutcome::Cancelled) => println!("job {id}: cancelled"),
+            Ok(CancelOutcome::Requested) => {
+                println!("job {id}: cancel requested; its worker stops it at its next heartbeat")
+            }
+            Ok(CancelOutcome::AlreadyEnded(state)) => println!("job {id}: already {state}"),
+            Ok(other) => println!("job {id}: {other:?}"),
+            Err(e) => {
+                eprintln!("gpupool: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+async fn retry(queue: &dyn Queue, ids: &[String]) -> Result<ExitCode> {
+    let mut failed = false;
+    for id in ids {
+        match queue.retry(&job_id(id)?).await {
+            Ok(()) => println!("job {id}: queued again"),
+            Err(e) => {
+                eprintln!("gpupool: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+async fn status(queue: &dyn Queue, url: &str, json: bool) -> Result<()> {
+    let workers = match queue.worker_registry() {
+        Some(registry) => registry.workers().await?,
+        None => Vec::new(),
+    };
+    if json {
+        print_json(&serde_json::to_value(&workers).unwrap_or_default());
+    } else {
+        print!("{}", crate::status_report(queue, url, &workers).await?);
+    }
+    Ok(())
+}
+
+/// The local log file if this host ran the job, else the stored tail.
+async fn logs(queue: &dyn Queue, data_dir: &std::path::Path, id: &str) -> Result<()> {
+    let id = job_id(id)?;
+    let job = queue.get(&id).await?;
+    let local = data_dir.join("logs").join(format!("job-{id}.log"));
+    match std::fs::read_to_string(&local) {
+        Ok(text) => print!("{text}"),
+        Err(_) => {
+            let tail = job.output_tail.clone().or_else(|| job.errors.last().map(|e| e.output_tail.clone()));
+            match tail {
+                Some(t) if !t.is_empty() => print!("{t}"),
+                _ => eprintln!("gpupool: no log for job {id} on this host and no stored output yet"),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn push(queue: &dyn Queue, files: Vec<PathBuf>, set: &[String], json: bool) -> Result<()> {
+    let files = if files.is_empty() { vec![PathBuf::from("message.json")] } else { files };
+    let mut overrides = Vec::new();
+    for pair in set {
+        let (k, v) = pair.split_once('=').ok_or_else(|| Error::Config(format!("--set `{pair}` is not KEY=VALUE")))?;
+        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_owned()));
+        overrides.push((k.to_owned(), value));
+    }
+    // Every file is read and checked before anything is pushed.
+    let mut batches: Vec<(PathBuf, Vec<JobSpec>)> = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", file.display())))?;
+        let mut jobs = message::parse_jobs(&text).map_err(|e| match e {
+            Error::InvalidJob(m) => Error::InvalidJob(format!("{}: {m}", file.display())),
+            other => other,
+        })?;
+        for job in &mut jobs {
+            for (k, v) in &overrides {
+                job.args.insert(k.clone(), v.clone());
+            }
+            job.validate().map_err(|e| Error::Config(format!("{}: --set makes a job invalid: {e}", file.display())))?;
+        }
+        batches.push((file, jobs));
+    }
+    if !queue.capabilities().priority && batches.iter().any(|(_, jobs)| jobs.iter().any(|j| j.priority != 0)) {
+        eprintln!(
+            "gpupool: warning: this backend runs jobs first in, first out and ignores `priority`; use queues for urgency (worker --queues urgent,default)"
+        );
+    }
+    let mut ids = Vec::new();
+    for (_, jobs) in batches {
+        for job in jobs {
+            ids.push(queue.push(job).await?);
+        }
+    }
+    if json {
+        print_json(&serde_json::Value::Array(ids.iter().map(|i| i.as_str().into()).collect()));
+    } else {
+        let list: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        println!("pushed {} job(s): {}", ids.len(), list.join(" "));
+    }
+    Ok(())
+}
+
+fn split_command(flag: &str, text: &str) -> Result<Vec<String>> {
+    let argv = shell_words::split(text).map_err(|e| Error::Config(format!("--{flag} `{text}`: {e}")))?;
+    if argv.is_empty() {
+        return Err(Error::Config(format!("--{flag} is empty")));
+    }
+    Ok(argv)
+}
+
+/// A repository given as a local path is used by its absolute path.
+fn absolute_repo(repo: String) -> String {
+    if repo.contains("://") || (repo.contains('@') && repo.contains(':')) {
+        return repo;
+    }
+    std::fs::canonicalize(&repo).map(|p| p.to_string_lossy().into_owned()).unwrap_or(repo)
+}
+
+async fn worker(queue: Arc<dyn Queue>, s: &Settings, args: WorkerArgs) -> Result<ExitCode> {
+    let cfg = worker_config(s, args)?;
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received: no new jobs; draining");
+        signals.cancel();
+    });
+    tracing::info!(queue = %redact_url(&s.url), data_dir = %s.data_dir.display(), "gpupool worker");
+    let mut credentials = Credentials::from_env();
+    if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+        credentials = credentials.with_prompt(Arc::new(TerminalPrompt));
+    }
+    let workspace = Arc::new(GitWorkspace::new(&s.data_dir, credentials));
+    let summary = Worker::builder(queue, cfg).workspace(workspace).build().run(shutdown).await?;
+    tracing::info!(reserved = summary.reserved, "worker stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The worker's settings: flags, then environment, then `gpupool.toml`,
+/// then defaults.
+fn worker_config(s: &Settings, args: WorkerArgs) -> Result<WorkerConfig> {
+    let f = &s.file;
+    let w = &f.worker;
+    let mut cfg = WorkerConfig::new(&s.data_dir);
+    cfg.repo = args.repo.or_else(|| f.repo.clone()).map(absolute_repo);
+    cfg.allowed_repos = f.allowed_repos.iter().cloned().map(absolute_repo).collect();
+    if let Some(q) = args.queues.or_else(|| w.queues.clone()) {
+        for name in &q {
+            message::validate_queue_name(name).map_err(|e| Error::Config(e.to_string()))?;
+        }
+        cfg.queues = q;
+    }
+    let selection: GpuSelection = args.gpus.or_else(|| w.gpus.clone()).unwrap_or_else(|| "auto".into()).parse()?;
+    let inventory = gpupool::worker::inventory(&selection)?;
+    cfg.gpus = inventory.status().iter().map(|g| g.index).collect();
+    cfg.inventory = Some(inventory);
+    if let Some(n) = args.slots.or(w.slots) {
+        cfg.slots = n.max(1);
+    }
+    if let Some(n) = args.slots_per_gpu.or(w.slots_per_gpu) {
+        cfg.slots_per_gpu = n.max(1);
+    }
+    if let Some(pct) = args.gpu_free_memory.or(w.gpu_free_memory) {
+        if !(0.0..=100.0).contains(&pct) {
+            return Err(Error::Config(format!("--gpu-free-memory {pct} is not a percentage from 0 to 100")));
+        }
+        cfg.gpu_busy_fraction = 1.0 - pct / 100.0;
+    }
+    if let Some(d) = args.lease.or_else(|| w.lease.clone()) {
+        cfg.lease = parse_duration(&d)?;
+    }
+    if let Some(d) = args.heartbeat.or_else(|| w.heartbeat.clone()) {
+        cfg.heartbeat = parse_duration(&d)?;
+    }
+    if let Some(d) = args.drain_timeout.or_else(|| w.drain_timeout.clone()) {
+        cfg.drain_timeout = parse_duration(&d)?;
+    }
+    if cfg.heartbeat >= cfg.lease {
+        return Err(Error::Config(format!(
+            "the heartbeat ({}) must be shorter than the lease ({})",
+            humantime::format_duration(cfg.heartbeat),
+            humantime::format_duration(cfg.lease)
+        )));
+    }
+    cfg.setup = match args.setup {
+        Some(text) => Some(split_command("setup", &text)?),
+        None => f.setup.clone(),
+    };
+    if let Some(inputs) = &f.setup_inputs {
+        cfg.setup_inputs.clone_from(inputs);
+    }
+    cfg.command = match args.command {
+        Some(text) => split_command("command", &text)?,
+        None => f.command.clone().unwrap_or(cfg.command),
+    };
+    cfg.burst = args.burst;
+    Ok(cfg)
+}
+
+/// Asks for git credentials on the terminal: the worker's last resort when
+/// no token, credential helper or ssh-agent has them.
+struct TerminalPrompt;
+
+impl CredentialPrompt for TerminalPrompt {
+    fn ask(&self, host: &str) -> Option<(String, String)> {
+        use std::io::Write;
+        let mut err = std::io::stderr();
+        let _ = write!(err, "Username for {host}: ");
+        let _ = err.flush();
+        let mut user = String::new();
+        std::io::stdin().read_line(&mut user).ok()?;
+        let user = user.trim().to_owned();
+        let token = rpassword::prompt_password(format!("Access token for {user}@{host}: ")).ok()?;
+        Some((user, token))
+    }
+}
