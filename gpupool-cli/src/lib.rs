@@ -15,12 +15,13 @@
 //! }
 //! ```
 //!
-//! ```no_run
+//! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> gpupool::Result<()> {
-//! let queue = gpupool::connect("sqlite://.gpupool/queue.db").await?;
+//! let queue = gpupool::connect("memory://").await?; // or sqlite://.gpupool/queue.db, mysql://…
+//! queue.push(gpupool::JobSpec::new("main", "train.py").arg("lr", 0.01)).await?;
 //! let jobs = queue.list(&Default::default()).await?;
-//! print!("{}", gpupool_cli::jobs_table(&jobs));
+//! assert!(gpupool_cli::jobs_table(&jobs).contains("train.py"));
 //! # Ok(())
 //! # }
 //! ```

@@ -11,7 +11,7 @@
 //! | [`Runner`](gpupool_core::Runner) | [`ProcessRunner`] | the process tree: argv, no shell, log, timeout, kill |
 //! | [`GpuInventory`](gpupool_core::GpuInventory) | [`NvmlInventory`] | the host's GPUs and how busy they are |
 //!
-//! ```no_run
+//! ```
 //! use std::sync::Arc;
 //! use gpupool_core::MemoryQueue;
 //! use gpupool_core::gpu::GpuSelection;
@@ -19,7 +19,8 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> gpupool_core::Result<()> {
-//! let mut cfg = WorkerConfig::new("/var/lib/gpupool");
+//! # let data_dir = std::env::temp_dir().join("gpupool-worker-doc");
+//! let mut cfg = WorkerConfig::new(&data_dir); // mirrors, checkouts, logs
 //! cfg.repo = Some("https://github.com/team/model.git".into());
 //! cfg.burst = true; // exit once the queue is empty
 //! let inventory = gpupool_worker::inventory(&GpuSelection::Auto)?; // NVML; CPU-only without a driver
