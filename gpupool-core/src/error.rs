@@ -88,6 +88,12 @@ impl Error {
         }
     }
 
+    /// The [`Error::LeaseLost`] of a call about job `id` whose lease no
+    /// longer holds the job.
+    pub fn lease_lost(id: impl fmt::Display) -> Self {
+        Error::LeaseLost { id: id.to_string() }
+    }
+
     /// A [`Error::Backend`] from any displayable message.
     pub fn backend(backend: &'static str, message: impl fmt::Display) -> Self {
         Error::Backend { backend, source: message.to_string().into() }

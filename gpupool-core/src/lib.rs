@@ -37,7 +37,9 @@ mod memory;
 pub mod message;
 mod queue;
 pub mod redact;
+pub mod rows;
 pub mod runner;
+pub mod sync;
 pub mod url;
 pub mod workspace;
 

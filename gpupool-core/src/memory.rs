@@ -58,7 +58,7 @@ impl MemoryQueue {
         // A poisoned lock means a panic inside one of our own short critical
         // sections; the data is still consistent (every section writes at
         // its end), so keep going.
-        self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.inner.state)
     }
 
     fn try_reserve(&self, req: &ReserveRequest) -> Option<Lease> {
@@ -104,7 +104,7 @@ impl MemoryQueue {
     /// Runs `f` on the entry the lease holds (and the error list), or
     /// returns `LeaseLost`.
     fn with_held<T>(&self, lease: &Lease, f: impl FnOnce(&mut Entry, &mut Vec<AttemptError>) -> T) -> Result<T> {
-        let lost = || Error::LeaseLost { id: lease.id().to_string() };
+        let lost = || Error::lease_lost(lease.id());
         let id = lease.id().as_i64().map_err(|_| lost())?;
         let mut st = self.lock();
         let State { jobs, errors, .. } = &mut *st;

@@ -13,15 +13,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use gpupool_core::rows::{self, ErrorRow, JobRow};
 use gpupool_core::{
-    AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, FailureKind, Heartbeat, JobId,
-    JobRecord, JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
+    AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, Heartbeat, JobId, JobRecord,
+    JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
     WorkerRegistry,
 };
-use sqlx::mysql::{MySql, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::mysql::{MySql, MySqlArguments, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, Row, Transaction};
 
-use crate::error::{is_duplicate, is_lock_conflict, map};
+use crate::error::{BACKEND, is_duplicate, is_lock_conflict, map};
 use crate::options::MysqlOptions;
 
 /// Fastest and slowest poll of a waiting `reserve`. An idle worker settles
@@ -113,6 +115,8 @@ impl Sql {
                          AND lease_expires_at < UTC_TIMESTAMP(6))"),
             expired: s("SELECT id FROM {p}jobs WHERE state = 'running' AND lease_expires_at < UTC_TIMESTAMP(6) \
                         LIMIT 20 FOR UPDATE SKIP LOCKED"),
+            // The set-based form of `rows::ExpiredLease`; a test below holds
+            // the two to the same result.
             expire_error: s("INSERT INTO {p}job_errors (job_id, attempt, kind, message, output_tail, at) \
                              SELECT id, attempt, 'lease_lost', \
                              CONCAT('lease expired: worker ', COALESCE(worker, 'unknown'), ' stopped heartbeating'), \
@@ -187,7 +191,7 @@ impl Sql {
     }
 }
 
-fn q(sql: &Arc<str>) -> sqlx::query::Query<'static, MySql, sqlx::mysql::MySqlArguments> {
+fn q(sql: &Arc<str>) -> Query<'static, MySql, MySqlArguments> {
     // Built once in `Sql::new` from constants and a validated prefix.
     sqlx::query(AssertSqlSafe(Arc::clone(sql)))
 }
@@ -364,8 +368,13 @@ impl MysqlQueue {
         Ok(Ok(None))
     }
 
-    fn lost(lease: &Lease) -> Error {
-        Error::LeaseLost { id: lease.id().to_string() }
+    /// Runs one of the statements fenced by `lease` (`… WHERE id = ? AND
+    /// lease_token = ? AND state = 'running'`, those two parameters last and
+    /// bound here): `LeaseLost` if it matched no row. The driver asks for
+    /// found rows, so an update that changes nothing still counts its row.
+    async fn fenced(&self, query: Query<'_, MySql, MySqlArguments>, lease: &Lease) -> Result<()> {
+        let done = query.bind(lease.id().as_i64()?).bind(&lease.token).execute(&self.pool).await.map_err(map)?;
+        rows::fenced(done.rows_affected(), lease)
     }
 
     /// Runs `f` in a transaction, again on deadlock or lock-wait timeout.
@@ -410,56 +419,48 @@ async fn locked_state(
     let Some(row) = q(&sql.state_of).bind(n).fetch_optional(&mut **tx).await? else {
         return Ok(Err(Error::NotFound { id: n.to_string() }));
     };
-    Ok(parse_state(&row.try_get::<String, _>(0)?))
-}
-
-fn parse_state(s: &str) -> Result<JobState> {
-    s.parse().map_err(|_| Error::backend("mysql", format!("unknown state `{s}` in the jobs table")))
+    Ok(rows::state_column(BACKEND, &row.try_get::<String, _>(0)?))
 }
 
 fn get<'r, T: sqlx::Decode<'r, MySql> + sqlx::Type<MySql>>(row: &'r MySqlRow, col: &str) -> Result<T> {
     row.try_get(col).map_err(map)
 }
 
-fn to_u32(v: i32, col: &str) -> Result<u32> {
-    u32::try_from(v).map_err(|_| Error::backend("mysql", format!("{col} {v} is out of range")))
-}
-
+/// A row of `job_columns!()` as a record (without its errors).
 fn record(row: &MySqlRow) -> Result<JobRecord> {
-    let spec = JobSpec::from_stored_json(&get::<String>(row, "spec")?)?;
-    let mut r = JobRecord::new(JobId::from(get::<i64>(row, "id")?), spec, Timestamp(get(row, "created_ms")?));
-    r.state = parse_state(&get::<String>(row, "state")?)?;
-    r.attempt = to_u32(get(row, "attempt")?, "attempt")?;
-    r.commit = get(row, "commit_sha")?;
-    r.worker = get(row, "worker")?;
-    r.gpu_ids = get::<Option<String>>(row, "gpu_ids")?
-        .map(|t| serde_json::from_str(&t))
-        .transpose()
-        .map_err(|e| Error::backend("mysql", format!("gpu_ids: {e}")))?;
-    r.exit_code = get(row, "exit_code")?;
-    r.signal = get(row, "term_signal")?;
-    r.output_tail = get(row, "output_tail")?;
-    r.result = get::<Option<String>>(row, "result")?
-        .map(|t| serde_json::from_str(&t))
-        .transpose()
-        .map_err(|e| Error::backend("mysql", format!("result: {e}")))?;
-    r.cancel_requested = get::<i8>(row, "cancel_requested")? != 0;
-    r.started_at = get::<Option<i64>>(row, "started_ms")?.map(Timestamp);
-    r.finished_at = get::<Option<i64>>(row, "finished_ms")?.map(Timestamp);
-    Ok(r)
+    JobRow {
+        id: get(row, "id")?,
+        state: get(row, "state")?,
+        attempt: get::<i32>(row, "attempt")?.into(),
+        spec: get(row, "spec")?,
+        commit: get(row, "commit_sha")?,
+        worker: get(row, "worker")?,
+        gpu_ids: get(row, "gpu_ids")?,
+        exit_code: get(row, "exit_code")?,
+        signal: get(row, "term_signal")?,
+        output_tail: get(row, "output_tail")?,
+        result: get(row, "result")?,
+        cancel_requested: get::<i8>(row, "cancel_requested")? != 0,
+        created_at: get(row, "created_ms")?,
+        started_at: get(row, "started_ms")?,
+        finished_at: get(row, "finished_ms")?,
+    }
+    .into_record(BACKEND)
 }
 
+/// A row of `error_columns!()`.
 fn attempt_error(row: &MySqlRow) -> Result<AttemptError> {
-    Ok(AttemptError {
-        job_id: JobId::from(get::<i64>(row, "job_id")?),
-        attempt: to_u32(get(row, "attempt")?, "attempt")?,
-        kind: get::<String>(row, "kind")?.parse::<FailureKind>()?,
+    ErrorRow {
+        job_id: get(row, "job_id")?,
+        attempt: get::<i32>(row, "attempt")?.into(),
+        kind: get(row, "kind")?,
         exit_code: get(row, "exit_code")?,
         signal: get(row, "term_signal")?,
         message: get(row, "message")?,
         output_tail: get(row, "output_tail")?,
-        at: Timestamp(get(row, "at_ms")?),
-    })
+        at: get(row, "at_ms")?,
+    }
+    .into_error(BACKEND)
 }
 
 #[async_trait]
@@ -568,52 +569,26 @@ impl Queue for MysqlQueue {
 
     async fn heartbeat(&self, lease: &Lease, extend: Duration) -> Result<Heartbeat> {
         let id = lease.id().as_i64()?;
-        let done = q(&self.sql.heartbeat)
-            .bind(micros(extend))
-            .bind(id)
-            .bind(&lease.token)
-            .execute(&self.pool)
-            .await
-            .map_err(map)?;
-        // The driver asks for found rows, so 0 means no row matched: the
-        // lease is gone.
-        if done.rows_affected() == 0 {
-            return Err(Self::lost(lease));
-        }
+        self.fenced(q(&self.sql.heartbeat).bind(micros(extend)), lease).await?;
         let row = q(&self.sql.cancel_flag)
             .bind(id)
             .bind(&lease.token)
             .fetch_optional(&self.pool)
             .await
             .map_err(map)?
-            .ok_or_else(|| Self::lost(lease))?;
+            .ok_or_else(|| Error::lease_lost(lease.id()))?;
         let cancel: i8 = row.try_get(0).map_err(map)?;
         Ok(if cancel != 0 { Heartbeat::CancelRequested } else { Heartbeat::Extended })
     }
 
     async fn started(&self, lease: &Lease, info: &RunInfo) -> Result<()> {
         let gpu_ids = serde_json::to_string(&info.gpu_ids).map_err(|e| Error::backend("mysql", e))?;
-        let done = q(&self.sql.started)
-            .bind(&info.commit)
-            .bind(gpu_ids)
-            .bind(lease.id().as_i64()?)
-            .bind(&lease.token)
-            .execute(&self.pool)
-            .await
-            .map_err(map)?;
-        if done.rows_affected() == 1 { Ok(()) } else { Err(Self::lost(lease)) }
+        self.fenced(q(&self.sql.started).bind(&info.commit).bind(gpu_ids), lease).await
     }
 
     async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
-        let res = q(&self.sql.complete)
-            .bind(done.output_tail)
-            .bind(done.result.map(|v| v.to_string()))
-            .bind(lease.id().as_i64()?)
-            .bind(&lease.token)
-            .execute(&self.pool)
-            .await
-            .map_err(map)?;
-        if res.rows_affected() == 1 { Ok(()) } else { Err(Self::lost(lease)) }
+        let update = q(&self.sql.complete).bind(done.output_tail).bind(done.result.map(|v| v.to_string()));
+        self.fenced(update, lease).await
     }
 
     async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome> {
@@ -624,7 +599,7 @@ impl Queue for MysqlQueue {
             let (sql, token, failure) = (Arc::clone(&sql), token.clone(), failure.clone());
             Box::pin(async move {
                 let Some(row) = q(&sql.held).bind(id).bind(&token).fetch_optional(&mut **tx).await? else {
-                    return Ok(Err(Error::LeaseLost { id: id.to_string() }));
+                    return Ok(Err(Error::lease_lost(id)));
                 };
                 let (attempt, limit): (i32, i32) = (row.try_get(0)?, row.try_get(1)?);
                 let requeue = failure.requeues(u32::try_from(attempt).unwrap_or(0), u32::try_from(limit).unwrap_or(0));
@@ -655,24 +630,11 @@ impl Queue for MysqlQueue {
     }
 
     async fn report_cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
-        let res = q(&self.sql.cancelled)
-            .bind(output_tail)
-            .bind(lease.id().as_i64()?)
-            .bind(&lease.token)
-            .execute(&self.pool)
-            .await
-            .map_err(map)?;
-        if res.rows_affected() == 1 { Ok(()) } else { Err(Self::lost(lease)) }
+        self.fenced(q(&self.sql.cancelled).bind(output_tail), lease).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        let res = q(&self.sql.release)
-            .bind(lease.id().as_i64()?)
-            .bind(&lease.token)
-            .execute(&self.pool)
-            .await
-            .map_err(map)?;
-        if res.rows_affected() == 1 { Ok(()) } else { Err(Self::lost(lease)) }
+        self.fenced(q(&self.sql.release), lease).await
     }
 
     async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome> {
@@ -788,14 +750,12 @@ impl WorkerRegistry for MysqlQueue {
     }
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {
-        let rows = q(&self.sql.workers).fetch_all(&self.pool).await.map_err(map)?;
-        rows.iter()
+        let registered = q(&self.sql.workers).fetch_all(&self.pool).await.map_err(map)?;
+        registered
+            .iter()
             .map(|row| {
-                let mut w: WorkerInfo = serde_json::from_str(&get::<String>(row, "info")?)
-                    .map_err(|e| Error::backend("mysql", format!("worker record: {e}")))?;
-                w.seen_at = Timestamp(get(row, "seen_ms")?);
-                w.lost = w.lost_at(Timestamp(get(row, "now_ms")?));
-                Ok(w)
+                let (seen, now) = (Timestamp(get(row, "seen_ms")?), Timestamp(get(row, "now_ms")?));
+                rows::worker_info(BACKEND, &get::<String>(row, "info")?, seen, now)
             })
             .collect()
     }
@@ -806,5 +766,55 @@ impl gpupool_core::Connect for MysqlQueue {
 
     fn connect(url: &str) -> impl std::future::Future<Output = Result<Self>> + Send {
         MysqlQueue::connect(url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gpupool_core::conformance;
+    use gpupool_core::rows::ExpiredLease;
+
+    use super::*;
+
+    /// The sweep in `reserve_tx` writes what [`ExpiredLease`] says, for each
+    /// branch of the rule: (worker, cancel requested, attempt, attempt limit).
+    #[tokio::test]
+    async fn expired_leases_end_as_the_core_rule_says() {
+        let Some(base) = conformance::service_url("GPUPOOL_TEST_MYSQL_URL", "MySQL test", || None) else { return };
+        let prefix = format!("t{}_expiry_", conformance::unique_suffix());
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let q = MysqlQueue::connect(&format!("{base}{sep}prefix={prefix}")).await.unwrap();
+        q.init().await.unwrap();
+        let cases =
+            [(Some("gpu1:7"), false, 1, 3), (None, false, 3, 3), (Some("gpu2:8"), true, 1, 3), (None, true, 3, 3)];
+        let mut ids = Vec::new();
+        for (worker, cancel, attempt, limit) in cases {
+            let id = q.push(JobSpec::new("main", "train.py")).await.unwrap();
+            let expire = format!(
+                "UPDATE {prefix}jobs SET state = 'running', worker = ?, cancel_requested = ?, attempt = ?, \
+                 attempt_limit = ?, lease_token = 'held', lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND \
+                 WHERE id = ?"
+            );
+            sqlx::query(AssertSqlSafe(expire))
+                .bind(worker)
+                .bind(cancel)
+                .bind(attempt)
+                .bind(limit)
+                .bind(id.as_i64().unwrap())
+                .execute(q.pool())
+                .await
+                .unwrap();
+            ids.push(id);
+        }
+        let nothing_queued = ReserveRequest::new(conformance::unique_queue("expiry"));
+        assert!(q.reserve_tx(&nothing_queued, true).await.unwrap().unwrap().is_none());
+        for ((worker, cancel, attempt, limit), id) in cases.into_iter().zip(&ids) {
+            let want = ExpiredLease::new(worker, cancel, attempt, limit);
+            let rec = q.get(id).await.unwrap();
+            let at = rec.errors.first().map_or(Timestamp(0), |e| e.at);
+            let lost = rows::failed_attempt(&want.failure, id.clone(), attempt, at);
+            assert_eq!((rec.state, rec.errors), (want.state, vec![lost]), "{worker:?} {cancel} {attempt}/{limit}");
+        }
+        q.drop_tables().await.unwrap();
     }
 }

@@ -207,7 +207,7 @@ impl RedisQueue {
     /// (from the start of the stream, so nothing pushed before is skipped).
     async fn ensure_group(&self, queue: &str) -> Result<()> {
         let stream = self.stream(queue);
-        if self.groups.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&stream) {
+        if gpupool_core::sync::lock(&self.groups).contains(&stream) {
             return Ok(());
         }
         let mut c = self.conn.clone();
@@ -229,12 +229,12 @@ impl RedisQueue {
         // serves, so queues pushed to by an older gpupool are listed.
         let _: i64 =
             redis::cmd("SADD").arg(format!("{}queues", self.p())).arg(queue).query_async(&mut c).await.map_err(map)?;
-        self.groups.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(stream);
+        gpupool_core::sync::lock(&self.groups).insert(stream);
         Ok(())
     }
 
     fn forget_groups(&self) {
-        self.groups.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        gpupool_core::sync::lock(&self.groups).clear();
     }
 
     /// Reclaims expired leases in one queue; returns a lease if one of them
@@ -322,7 +322,7 @@ impl RedisQueue {
         let mut conn = self.blocking_conn().await?;
         let reply: redis::RedisResult<Value> = cmd.query_async(&mut conn).await;
         if reply.is_ok() {
-            self.blocking.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(conn);
+            gpupool_core::sync::lock(&self.blocking).push(conn);
         }
         match reply {
             Err(e) if is_no_group(&e) => {
@@ -409,7 +409,7 @@ impl RedisQueue {
     }
 
     async fn blocking_conn(&self) -> Result<MultiplexedConnection> {
-        let pooled = self.blocking.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        let pooled = gpupool_core::sync::lock(&self.blocking).pop();
         match pooled {
             Some(c) => Ok(c),
             // The driver's default response timeout (500 ms) is shorter
@@ -465,7 +465,7 @@ impl RedisQueue {
     }
 
     fn lost(lease: &Lease) -> Error {
-        Error::LeaseLost { id: lease.id().to_string() }
+        Error::lease_lost(lease.id())
     }
 
     async fn fenced(&self, script: &Script, lease: &Lease, args: &[String]) -> Result<i64> {

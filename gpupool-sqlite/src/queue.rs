@@ -11,18 +11,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use gpupool_core::rows::{self, ErrorRow, JobRow};
 use gpupool_core::{
-    AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, FailureKind, Heartbeat, JobId,
-    JobRecord, JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
+    AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, Heartbeat, JobId, JobRecord,
+    JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
     WorkerRegistry,
 };
+use sqlx::query::Query;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
 };
 use sqlx::{ConnectOptions, Connection, Row, Sqlite, Transaction};
 use tokio::sync::Notify;
 
-use crate::error::map;
+use crate::error::{BACKEND, map};
 use crate::options::SqliteOptions;
 
 /// How often a waiting `reserve` looks at the file for jobs pushed by other
@@ -199,10 +202,12 @@ impl SqliteQueue {
         Ok(None)
     }
 
-    /// The error of a fenced statement (`… WHERE id = ? AND lease_token = ?
-    /// AND state = 'running'`) that touched no row.
-    fn lost(lease: &Lease) -> Error {
-        Error::LeaseLost { id: lease.id().to_string() }
+    /// Runs a statement fenced by `lease` (`… WHERE id = ?n AND lease_token
+    /// = ?n+1 AND state = 'running'`, those two parameters last and bound
+    /// here): `LeaseLost` if it matched no row.
+    async fn fenced(&self, query: Query<'_, Sqlite, SqliteArguments>, lease: &Lease) -> Result<()> {
+        let done = query.bind(lease.id().as_i64()?).bind(&lease.token).execute(&self.pool).await.map_err(map)?;
+        rows::fenced(done.rows_affected(), lease)
     }
 
     /// Reads one job's state, in a transaction.
@@ -214,14 +219,14 @@ impl SqliteQueue {
             .await
             .map_err(map)?;
         let state = state.ok_or_else(|| Error::NotFound { id: id.to_string() })?;
-        Ok((n, parse_state(&state)?))
+        Ok((n, rows::state_column(BACKEND, &state)?))
     }
 }
 
 /// Ends every expired lease in one statement pair: a `lease_lost` record,
-/// then `queued` if attempts are left, `cancelled` if a cancel was asked
-/// for, else `failed` (the rule of [`Failure::requeues`] for a retryable
-/// kind).
+/// then `cancelled` if a cancel was asked for, `queued` if attempts are
+/// left, else `failed`. This is [`rows::ExpiredLease`] written set-based;
+/// a test below holds the two to the same result.
 async fn expire_leases(tx: &mut Transaction<'static, Sqlite>, now: i64) -> Result<()> {
     sqlx::query(
         "INSERT INTO job_errors (job_id, attempt, kind, message, output_tail, at) \
@@ -260,57 +265,45 @@ async fn errors_of(tx: &mut Transaction<'static, Sqlite>, id: i64) -> Result<Vec
     rows.iter().map(attempt_error).collect()
 }
 
-fn parse_state(s: &str) -> Result<JobState> {
-    s.parse().map_err(|_| Error::backend("sqlite", format!("unknown state `{s}` in the jobs table")))
-}
-
 fn get<'r, T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>>(row: &'r SqliteRow, col: &str) -> Result<T> {
     row.try_get(col).map_err(map)
 }
 
-fn opt_ts(v: Option<i64>) -> Option<Timestamp> {
-    v.map(Timestamp)
-}
-
-fn to_u32(v: i64, col: &str) -> Result<u32> {
-    u32::try_from(v).map_err(|_| Error::backend("sqlite", format!("{col} {v} is out of range")))
-}
-
+/// A row of `job_columns!()` as a record (without its errors).
 fn record(row: &SqliteRow) -> Result<JobRecord> {
-    let spec = JobSpec::from_stored_json(&get::<String>(row, "spec")?)?;
-    let mut r = JobRecord::new(JobId::from(get::<i64>(row, "id")?), spec, Timestamp(get(row, "created_at")?));
-    r.state = parse_state(&get::<String>(row, "state")?)?;
-    r.attempt = to_u32(get(row, "attempt")?, "attempt")?;
-    r.commit = get(row, "commit_sha")?;
-    r.worker = get(row, "worker")?;
-    r.gpu_ids = get::<Option<String>>(row, "gpu_ids")?
-        .map(|t| serde_json::from_str(&t))
-        .transpose()
-        .map_err(|e| Error::backend("sqlite", format!("gpu_ids: {e}")))?;
-    r.exit_code = get(row, "exit_code")?;
-    r.signal = get(row, "signal")?;
-    r.output_tail = get(row, "output_tail")?;
-    r.result = get::<Option<String>>(row, "result")?
-        .map(|t| serde_json::from_str(&t))
-        .transpose()
-        .map_err(|e| Error::backend("sqlite", format!("result: {e}")))?;
-    r.cancel_requested = get(row, "cancel_requested")?;
-    r.started_at = opt_ts(get(row, "started_at")?);
-    r.finished_at = opt_ts(get(row, "finished_at")?);
-    Ok(r)
+    JobRow {
+        id: get(row, "id")?,
+        state: get(row, "state")?,
+        attempt: get(row, "attempt")?,
+        spec: get(row, "spec")?,
+        commit: get(row, "commit_sha")?,
+        worker: get(row, "worker")?,
+        gpu_ids: get(row, "gpu_ids")?,
+        exit_code: get(row, "exit_code")?,
+        signal: get(row, "signal")?,
+        output_tail: get(row, "output_tail")?,
+        result: get(row, "result")?,
+        cancel_requested: get(row, "cancel_requested")?,
+        created_at: get(row, "created_at")?,
+        started_at: get(row, "started_at")?,
+        finished_at: get(row, "finished_at")?,
+    }
+    .into_record(BACKEND)
 }
 
+/// A row of `job_errors`.
 fn attempt_error(row: &SqliteRow) -> Result<AttemptError> {
-    Ok(AttemptError {
-        job_id: JobId::from(get::<i64>(row, "job_id")?),
-        attempt: to_u32(get(row, "attempt")?, "attempt")?,
-        kind: get::<String>(row, "kind")?.parse::<FailureKind>()?,
+    ErrorRow {
+        job_id: get(row, "job_id")?,
+        attempt: get(row, "attempt")?,
+        kind: get(row, "kind")?,
         exit_code: get(row, "exit_code")?,
         signal: get(row, "signal")?,
         message: get(row, "message")?,
         output_tail: get(row, "output_tail")?,
-        at: Timestamp(get(row, "at")?),
-    })
+        at: get(row, "at")?,
+    }
+    .into_error(BACKEND)
 }
 
 #[async_trait]
@@ -399,40 +392,30 @@ impl Queue for SqliteQueue {
         match cancel {
             Some(true) => Ok(Heartbeat::CancelRequested),
             Some(false) => Ok(Heartbeat::Extended),
-            None => Err(Self::lost(lease)),
+            None => Err(Error::lease_lost(lease.id())),
         }
     }
 
     async fn started(&self, lease: &Lease, info: &RunInfo) -> Result<()> {
         let gpu_ids = serde_json::to_string(&info.gpu_ids).map_err(|e| Error::backend("sqlite", e))?;
-        let done = sqlx::query(
+        let update = sqlx::query(
             "UPDATE jobs SET commit_sha = ?1, gpu_ids = ?2 WHERE id = ?3 AND lease_token = ?4 AND state = 'running'",
         )
         .bind(&info.commit)
-        .bind(gpu_ids)
-        .bind(lease.id().as_i64()?)
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(map)?;
-        if done.rows_affected() == 1 { Ok(()) } else { Err(Self::lost(lease)) }
+        .bind(gpu_ids);
+        self.fenced(update, lease).await
     }
 
     async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
         let result = done.result.map(|v| v.to_string());
-        let res = sqlx::query(
+        let update = sqlx::query(
             "UPDATE jobs SET state = 'succeeded', exit_code = 0, output_tail = ?1, result = ?2, finished_at = ?3, \
              lease_token = NULL, lease_expires_at = NULL WHERE id = ?4 AND lease_token = ?5 AND state = 'running'",
         )
         .bind(done.output_tail)
         .bind(result)
-        .bind(Timestamp::now().0)
-        .bind(lease.id().as_i64()?)
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(map)?;
-        if res.rows_affected() == 1 { Ok(()) } else { Err(Self::lost(lease)) }
+        .bind(Timestamp::now().0);
+        self.fenced(update, lease).await
     }
 
     async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome> {
@@ -447,8 +430,11 @@ impl Queue for SqliteQueue {
         .fetch_optional(&mut *tx)
         .await
         .map_err(map)?;
-        let (attempt, limit) = held.ok_or_else(|| Self::lost(lease))?;
-        let requeue = failure.requeues(to_u32(attempt, "attempt")?, to_u32(limit, "attempt_limit")?);
+        let (attempt, limit) = held.ok_or_else(|| Error::lease_lost(lease.id()))?;
+        let requeue = failure.requeues(
+            rows::u32_column(BACKEND, "attempt", attempt)?,
+            rows::u32_column(BACKEND, "attempt_limit", limit)?,
+        );
         sqlx::query(
             "INSERT INTO job_errors (job_id, attempt, kind, exit_code, signal, message, output_tail, at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -488,33 +474,21 @@ impl Queue for SqliteQueue {
     }
 
     async fn report_cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
-        let res = sqlx::query(
+        let update = sqlx::query(
             "UPDATE jobs SET state = 'cancelled', output_tail = ?1, finished_at = ?2, lease_token = NULL, \
              lease_expires_at = NULL WHERE id = ?3 AND lease_token = ?4 AND state = 'running'",
         )
         .bind(output_tail)
-        .bind(Timestamp::now().0)
-        .bind(lease.id().as_i64()?)
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(map)?;
-        if res.rows_affected() == 1 { Ok(()) } else { Err(Self::lost(lease)) }
+        .bind(Timestamp::now().0);
+        self.fenced(update, lease).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        let res = sqlx::query(
+        let update = sqlx::query(
             "UPDATE jobs SET state = 'queued', attempt = attempt - 1, lease_token = NULL, lease_expires_at = NULL \
              WHERE id = ?1 AND lease_token = ?2 AND state = 'running'",
-        )
-        .bind(lease.id().as_i64()?)
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(map)?;
-        if res.rows_affected() != 1 {
-            return Err(Self::lost(lease));
-        }
+        );
+        self.fenced(update, lease).await?;
         self.pushed.notify_waiters();
         Ok(())
     }
@@ -691,20 +665,12 @@ impl WorkerRegistry for SqliteQueue {
     }
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {
-        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT info, seen_at FROM workers ORDER BY name")
+        let stored: Vec<(String, i64)> = sqlx::query_as("SELECT info, seen_at FROM workers ORDER BY name")
             .fetch_all(&self.pool)
             .await
             .map_err(map)?;
         let now = Timestamp::now();
-        rows.into_iter()
-            .map(|(text, seen)| {
-                let mut w: WorkerInfo =
-                    serde_json::from_str(&text).map_err(|e| Error::backend("sqlite", format!("worker record: {e}")))?;
-                w.seen_at = Timestamp(seen);
-                w.lost = w.lost_at(now);
-                Ok(w)
-            })
-            .collect()
+        stored.into_iter().map(|(text, seen)| rows::worker_info(BACKEND, &text, Timestamp(seen), now)).collect()
     }
 }
 
@@ -713,5 +679,49 @@ impl gpupool_core::Connect for SqliteQueue {
 
     fn connect(url: &str) -> impl std::future::Future<Output = Result<Self>> + Send {
         SqliteQueue::connect(url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gpupool_core::rows::ExpiredLease;
+
+    use super::*;
+
+    /// `expire_leases` writes what [`ExpiredLease`] says, for each branch of
+    /// the rule: (worker, cancel requested, attempt, attempt limit).
+    #[tokio::test]
+    async fn expired_leases_end_as_the_core_rule_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = SqliteQueue::connect(&format!("sqlite://{}/q.db", dir.path().display())).await.unwrap();
+        let cases =
+            [(Some("gpu1:7"), false, 1, 3), (None, false, 3, 3), (Some("gpu2:8"), true, 1, 3), (None, true, 3, 3)];
+        let mut ids = Vec::new();
+        for (worker, cancel, attempt, limit) in cases {
+            let id = q.push(JobSpec::new("main", "train.py")).await.unwrap();
+            sqlx::query(
+                "UPDATE jobs SET state = 'running', worker = ?1, cancel_requested = ?2, attempt = ?3, \
+                 attempt_limit = ?4, lease_token = 'held', lease_expires_at = 0 WHERE id = ?5",
+            )
+            .bind(worker)
+            .bind(cancel)
+            .bind(attempt)
+            .bind(limit)
+            .bind(id.as_i64().unwrap())
+            .execute(q.pool())
+            .await
+            .unwrap();
+            ids.push(id);
+        }
+        let mut tx = q.begin_immediate().await.unwrap();
+        expire_leases(&mut tx, Timestamp::now().0).await.unwrap();
+        tx.commit().await.unwrap();
+        for ((worker, cancel, attempt, limit), id) in cases.into_iter().zip(&ids) {
+            let want = ExpiredLease::new(worker, cancel, attempt, limit);
+            let rec = q.get(id).await.unwrap();
+            let at = rec.errors.first().map_or(Timestamp(0), |e| e.at);
+            let lost = rows::failed_attempt(&want.failure, id.clone(), attempt, at);
+            assert_eq!((rec.state, rec.errors), (want.state, vec![lost]), "{worker:?} {cancel} {attempt}/{limit}");
+        }
     }
 }

@@ -51,5 +51,5 @@ pub(crate) fn map(e: sqlx::Error) -> Error {
 
 /// The error of a call whose lease no longer holds the job.
 pub(crate) fn lost(lease: &Lease) -> Error {
-    Error::LeaseLost { id: lease.id().to_string() }
+    Error::lease_lost(lease.id())
 }
