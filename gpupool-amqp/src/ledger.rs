@@ -23,7 +23,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use gpupool_core::{AttemptError, FailureKind, JobId, JobRecord, JobSpec, JobState, Timestamp};
+use gpupool_core::{AttemptError, Failure, FailureKind, JobId, JobRecord, JobSpec, JobState, Timestamp};
 use serde::{Deserialize, Serialize};
 
 /// One change, as stored in the ledger stream (JSON).
@@ -234,6 +234,20 @@ impl Job {
         }
     }
 
+    /// This attempt's failure, as `errors` lists it.
+    fn attempt_error(&self, failure: &Failure, at: i64) -> AttemptError {
+        AttemptError {
+            job_id: self.record.id.clone(),
+            attempt: self.record.attempt,
+            kind: failure.kind,
+            exit_code: failure.exit_code,
+            signal: failure.signal,
+            message: failure.message.clone(),
+            output_tail: failure.output_tail.clone(),
+            at: Timestamp(at),
+        }
+    }
+
     /// Whether a want offering `limit` GPUs (on a GPU host or not) may take it.
     fn fits(&self, limit: u32, gpu_host: bool) -> bool {
         self.record.spec.gpus_needed(gpu_host).max(self.parked.unwrap_or(0)) <= limit
@@ -285,6 +299,16 @@ pub(crate) struct State {
     pub(crate) handed: HashMap<String, String>,
 }
 
+/// When an event happened, on the two clocks the fold uses.
+#[derive(Debug, Clone, Copy)]
+struct When {
+    /// Milliseconds since the epoch, the publisher's clock ([`Envelope::at`]).
+    at: i64,
+    /// The same moment on this process's clock, never later than now: a
+    /// lease renewed by the event counts from here.
+    now: Instant,
+}
+
 impl State {
     /// An empty fold for the handle `owner`.
     pub(crate) fn new(owner: &str) -> Self {
@@ -303,7 +327,7 @@ impl State {
         }
         let age = Duration::from_millis(u64::try_from(wall_ms.saturating_sub(env.at)).unwrap_or(0));
         let renewed_at = now.checked_sub(age).unwrap_or(now);
-        let outcome = self.apply_new(offset, env.event, env.at, renewed_at);
+        let outcome = self.apply_new(offset, env.event, When { at: env.at, now: renewed_at });
         self.seen.insert(env.nonce, outcome.clone());
         outcome
     }
@@ -316,12 +340,12 @@ impl State {
 
     /// The job is queued now: it goes to the oldest waiting want it fits,
     /// or into its queue.
-    fn enqueue(&mut self, id: &str, at: i64, now: Instant) {
+    fn enqueue(&mut self, id: &str, when: When) {
         let Some(job) = self.jobs.get(id) else { return };
-        self.waiting.retain(|w| w.until >= at);
+        self.waiting.retain(|w| w.until >= when.at);
         let taker = self.waiting.iter().position(|w| w.ask.takes(job));
         if let Some(w) = taker.and_then(|i| self.waiting.remove(i)) {
-            self.lease_to(id, w.token.clone(), w.ask.worker, w.ask.lease_ms, at, now);
+            self.lease_to(id, w.token.clone(), w.ask.worker, w.ask.lease_ms, when);
             if w.owner == self.owner {
                 self.handed.insert(w.token, id.to_owned());
             }
@@ -356,7 +380,7 @@ impl State {
     }
 
     /// Leases a queued job.
-    fn lease_to(&mut self, id: &str, token: String, worker: String, lease_ms: u64, at: i64, now: Instant) {
+    fn lease_to(&mut self, id: &str, token: String, worker: String, lease_ms: u64, when: When) {
         self.dequeue(id);
         let Some(job) = self.jobs.get_mut(id) else { return };
         if let Some(d) = job.dispatch.take() {
@@ -366,239 +390,289 @@ impl State {
         r.state = JobState::Running;
         r.attempt += 1;
         r.worker = Some(worker);
-        r.started_at = Some(Timestamp(at));
+        r.started_at = Some(Timestamp(when.at));
         r.finished_at = None;
         r.exit_code = None;
         r.signal = None;
         r.gpu_ids = None;
         job.token = Some(token);
         job.parked = None;
-        job.renewed = Some((now, Duration::from_millis(lease_ms)));
+        job.renewed = Some((when.now, Duration::from_millis(lease_ms)));
     }
 
     /// Back to the queue (a requeue of the earlier design names its dispatch).
-    fn requeue(&mut self, id: &str, dispatch: Option<String>, at: i64, now: Instant) -> Outcome {
+    fn requeue(&mut self, id: &str, dispatch: Option<String>, when: When) -> Outcome {
         if let Some(job) = self.jobs.get_mut(id) {
             if let Some(d) = &dispatch {
                 self.pushed.insert(d.clone(), id.to_owned());
             }
             job.dispatch = dispatch;
         }
-        self.enqueue(id, at, now);
+        self.enqueue(id, when);
         Outcome::Requeued
     }
 
-    fn apply_new(&mut self, offset: i64, event: Event, at: i64, now: Instant) -> Outcome {
+    /// Applies an event not seen before: one step per kind of event.
+    fn apply_new(&mut self, offset: i64, event: Event, when: When) -> Outcome {
         match event {
-            Event::Pushed { spec, dispatch } => {
-                if let Some(id) = spec.idempotency_key.as_ref().and_then(|k| self.idempotency.get(k)) {
-                    return Outcome::Existing(id.clone());
-                }
-                // Ids count from 1, as every backend's do.
-                let id = (offset + 1).to_string();
-                if let Some(key) = &spec.idempotency_key {
-                    self.idempotency.insert(key.clone(), id.clone());
-                }
-                let attempt_limit = spec.max_attempts;
-                let record = JobRecord::new(JobId::new(id.clone()), *spec, Timestamp(at));
-                self.jobs.insert(
-                    id.clone(),
-                    Job { record, token: None, dispatch: None, attempt_limit, parked: None, renewed: None },
-                );
-                self.order.push(id.clone());
-                self.requeue(&id, dispatch, at, now);
-                Outcome::Pushed(id)
-            }
-            Event::Want { token, owner, ask, wait_ms } => {
-                if let Some(id) = self.pick(&ask) {
-                    self.lease_to(&id, token, ask.worker, ask.lease_ms, at, now);
-                    return Outcome::Leased(id);
-                }
-                if wait_ms == 0 {
-                    return Outcome::Rejected;
-                }
-                let until = at.saturating_add(i64::try_from(wait_ms).unwrap_or(i64::MAX));
-                self.waiting.push_back(Waiting { token, owner, ask, until });
-                Outcome::Waiting
-            }
-            Event::Withdraw { token } => {
-                if let Some(i) = self.waiting.iter().position(|w| w.token == token) {
-                    self.waiting.remove(i);
-                    return Outcome::Ok;
-                }
-                match self.jobs.values().find(|j| j.held(&token)) {
-                    Some(job) => Outcome::Leased(job.record.id.to_string()),
-                    None => Outcome::Ok,
-                }
-            }
+            Event::Pushed { spec, dispatch } => self.push_job(offset, *spec, dispatch, when),
+            Event::Want { token, owner, ask, wait_ms } => self.serve_want(token, owner, ask, wait_ms, when),
+            Event::Withdraw { token } => self.withdraw_want(&token),
             Event::Leased { id, dispatch, token, worker, lease_ms } => {
-                let Some(id) = id.or_else(|| self.pushed.get(&dispatch).cloned()) else { return Outcome::Rejected };
-                let Some(job) = self.jobs.get(&id) else { return Outcome::Rejected };
-                if job.record.state != JobState::Queued || job.dispatch.as_deref() != Some(dispatch.as_str()) {
-                    return Outcome::Rejected;
-                }
-                self.lease_to(&id, token, worker, lease_ms, at, now);
-                Outcome::Leased(id)
+                self.lease_dispatch(id, &dispatch, token, worker, lease_ms, when)
             }
-            Event::Heartbeat { id, token, lease_ms } => match self.jobs.get_mut(&id) {
-                Some(job) if job.held(&token) => {
-                    job.renewed = Some((now, Duration::from_millis(lease_ms)));
-                    Outcome::Beat { cancel: job.record.cancel_requested }
-                }
-                _ => Outcome::Rejected,
-            },
-            Event::Started { id, token, commit, gpu_ids } => match self.jobs.get_mut(&id) {
-                Some(job) if job.held(&token) => {
-                    job.record.commit = commit;
-                    job.record.gpu_ids = Some(gpu_ids);
-                    Outcome::Ok
-                }
-                _ => Outcome::Rejected,
-            },
-            Event::Completed { id, token, output_tail, result } => match self.jobs.get_mut(&id) {
-                Some(job) if job.held(&token) => {
-                    job.end(JobState::Succeeded, at);
-                    job.record.exit_code = Some(0);
-                    job.record.output_tail = Some(output_tail);
-                    job.record.result = result;
-                    Outcome::Ok
-                }
-                _ => Outcome::Rejected,
-            },
+            Event::Heartbeat { id, token, lease_ms } => self.renew_lease(&id, &token, lease_ms, when),
+            Event::Started { id, token, commit, gpu_ids } => self.record_start(&id, &token, commit, gpu_ids),
+            Event::Completed { id, token, output_tail, result } => {
+                self.end_succeeded(&id, &token, output_tail, result, when)
+            }
             Event::Failed { id, token, kind, exit_code, signal, message, output_tail, dispatch } => {
-                let Some(job) = self.jobs.get_mut(&id) else { return Outcome::Rejected };
-                if !job.held(&token) {
-                    return Outcome::Rejected;
-                }
-                let failure = gpupool_core::Failure { kind, exit_code, signal, message, output_tail };
-                let requeue = failure.requeues(job.record.attempt, job.attempt_limit);
-                self.errors.push(AttemptError {
-                    job_id: job.record.id.clone(),
-                    attempt: job.record.attempt,
-                    kind,
-                    exit_code,
-                    signal,
-                    message: failure.message,
-                    output_tail: failure.output_tail.clone(),
-                    at: Timestamp(at),
-                });
-                job.record.exit_code = exit_code;
-                job.record.signal = signal;
-                job.record.output_tail = Some(failure.output_tail);
-                if requeue {
-                    job.end(JobState::Queued, at);
-                    self.requeue(&id, dispatch, at, now)
-                } else {
-                    job.end(JobState::Failed, at);
-                    Outcome::Failed
-                }
+                let failure = Failure { kind, exit_code, signal, message, output_tail };
+                self.fail_attempt(&id, &token, failure, dispatch, when)
             }
-            Event::Cancelled { id, token, output_tail } => match self.jobs.get_mut(&id) {
-                Some(job) if job.held(&token) => {
-                    job.end(JobState::Cancelled, at);
-                    job.record.output_tail = Some(output_tail);
-                    Outcome::Ok
-                }
-                _ => Outcome::Rejected,
-            },
-            Event::Released { id, token, dispatch } => match self.jobs.get_mut(&id) {
-                Some(job) if job.held(&token) => {
-                    job.end(JobState::Queued, at);
-                    job.record.attempt = job.record.attempt.saturating_sub(1);
-                    self.requeue(&id, dispatch, at, now)
-                }
-                _ => Outcome::Rejected,
-            },
-            Event::Cancel { id } => {
-                let Some(job) = self.jobs.get(&id) else { return Outcome::Missing };
-                match job.record.state {
-                    JobState::Queued => {
-                        self.dequeue(&id);
-                        let Some(job) = self.jobs.get_mut(&id) else { return Outcome::Missing };
-                        job.end(JobState::Cancelled, at);
-                        if let Some(d) = job.dispatch.take() {
-                            self.pushed.remove(&d);
-                        }
-                        Outcome::Cancelled
-                    }
-                    JobState::Running => {
-                        if let Some(job) = self.jobs.get_mut(&id) {
-                            job.record.cancel_requested = true;
-                        }
-                        Outcome::Requested
-                    }
-                    ended => Outcome::State(ended),
-                }
-            }
-            Event::Retry { id, dispatch } => match self.jobs.get_mut(&id) {
-                None => Outcome::Missing,
-                Some(job) if matches!(job.record.state, JobState::Failed | JobState::Cancelled) => {
-                    job.record.state = JobState::Queued;
-                    job.record.cancel_requested = false;
-                    job.record.finished_at = None;
-                    job.attempt_limit = job.record.attempt.saturating_add(job.record.spec.max_attempts);
-                    self.requeue(&id, dispatch, at, now)
-                }
-                Some(job) => Outcome::State(job.record.state),
-            },
-            Event::Reclaim { id, token, dispatch } => {
-                let Some(job) = self.jobs.get_mut(&id) else { return Outcome::Rejected };
-                if !job.held(&token) {
-                    return Outcome::Rejected;
-                }
-                let failure = gpupool_core::Failure::new(
-                    FailureKind::LeaseLost,
-                    format!(
-                        "lease expired: worker {} stopped heartbeating",
-                        job.record.worker.as_deref().unwrap_or("unknown")
-                    ),
-                );
-                self.errors.push(AttemptError {
-                    job_id: job.record.id.clone(),
-                    attempt: job.record.attempt,
-                    kind: failure.kind,
-                    exit_code: None,
-                    signal: None,
-                    message: failure.message.clone(),
-                    output_tail: String::new(),
-                    at: Timestamp(at),
-                });
-                if job.record.cancel_requested {
-                    job.end(JobState::Cancelled, at);
-                    Outcome::Ok
-                } else if failure.requeues(job.record.attempt, job.attempt_limit) {
-                    job.end(JobState::Queued, at);
-                    self.requeue(&id, dispatch, at, now)
-                } else {
-                    job.end(JobState::Failed, at);
-                    Outcome::Failed
-                }
-            }
-            Event::Parked { id, token, gpus } => match self.jobs.get_mut(&id) {
-                Some(job) if job.held(&token) => {
-                    job.end(JobState::Queued, at);
-                    job.record.attempt = job.record.attempt.saturating_sub(1);
-                    job.parked = Some(gpus);
-                    self.requeue(&id, None, at, now);
-                    Outcome::Ok
-                }
-                _ => Outcome::Rejected,
-            },
+            Event::Cancelled { id, token, output_tail } => self.end_cancelled(&id, &token, output_tail, when),
+            Event::Released { id, token, dispatch } => self.release(&id, &token, dispatch, when),
+            Event::Cancel { id } => self.cancel(&id, when),
+            Event::Retry { id, dispatch } => self.retry(&id, dispatch, when),
+            Event::Reclaim { id, token, dispatch } => self.reclaim(&id, &token, dispatch, when),
+            Event::Parked { id, token, gpus } => self.park(&id, &token, gpus, when),
             Event::Unpark { .. } => Outcome::Ok,
-            Event::Worker { mut info } => {
-                info.seen_at = Timestamp(at);
-                self.workers.insert(info.name.clone(), *info);
-                Outcome::Ok
-            }
-            // A leaving worker withdraws its own wants first; several
-            // handles in one process may share a worker name, so its wants
-            // are not dropped by name here.
-            Event::WorkerGone { name } => {
-                self.workers.remove(&name);
-                Outcome::Ok
-            }
+            Event::Worker { info } => self.register_worker(*info, when),
+            Event::WorkerGone { name } => self.forget_worker(&name),
             Event::Sync => Outcome::Ok,
         }
+    }
+
+    /// `Pushed`: a new job, whose id is its offset + 1, or the job its
+    /// idempotency key names.
+    fn push_job(&mut self, offset: i64, spec: JobSpec, dispatch: Option<String>, when: When) -> Outcome {
+        if let Some(id) = spec.idempotency_key.as_ref().and_then(|k| self.idempotency.get(k)) {
+            return Outcome::Existing(id.clone());
+        }
+        // Ids count from 1, as every backend's do.
+        let id = (offset + 1).to_string();
+        if let Some(key) = &spec.idempotency_key {
+            self.idempotency.insert(key.clone(), id.clone());
+        }
+        let attempt_limit = spec.max_attempts;
+        let record = JobRecord::new(JobId::new(id.clone()), spec, Timestamp(when.at));
+        self.jobs.insert(
+            id.clone(),
+            Job { record, token: None, dispatch: None, attempt_limit, parked: None, renewed: None },
+        );
+        self.order.push(id.clone());
+        self.requeue(&id, dispatch, when);
+        Outcome::Pushed(id)
+    }
+
+    /// `Want`: leases the best queued job that fits, or keeps the want for
+    /// `wait_ms` (a want that may not wait is rejected).
+    fn serve_want(&mut self, token: String, owner: String, ask: Ask, wait_ms: u64, when: When) -> Outcome {
+        if let Some(id) = self.pick(&ask) {
+            self.lease_to(&id, token, ask.worker, ask.lease_ms, when);
+            return Outcome::Leased(id);
+        }
+        if wait_ms == 0 {
+            return Outcome::Rejected;
+        }
+        let until = when.at.saturating_add(i64::try_from(wait_ms).unwrap_or(i64::MAX));
+        self.waiting.push_back(Waiting { token, owner, ask, until });
+        Outcome::Waiting
+    }
+
+    /// `Withdraw`: drops a waiting want; a want already handed a job says
+    /// which one.
+    fn withdraw_want(&mut self, token: &str) -> Outcome {
+        if let Some(i) = self.waiting.iter().position(|w| w.token == token) {
+            self.waiting.remove(i);
+            return Outcome::Ok;
+        }
+        match self.jobs.values().find(|j| j.held(token)) {
+            Some(job) => Outcome::Leased(job.record.id.to_string()),
+            None => Outcome::Ok,
+        }
+    }
+
+    /// `Leased` (earlier design): leases the queued job whose current
+    /// dispatch this is; a stale or unknown dispatch is rejected.
+    fn lease_dispatch(
+        &mut self,
+        id: Option<String>,
+        dispatch: &str,
+        token: String,
+        worker: String,
+        lease_ms: u64,
+        when: When,
+    ) -> Outcome {
+        let Some(id) = id.or_else(|| self.pushed.get(dispatch).cloned()) else { return Outcome::Rejected };
+        let Some(job) = self.jobs.get(&id) else { return Outcome::Rejected };
+        if job.record.state != JobState::Queued || job.dispatch.as_deref() != Some(dispatch) {
+            return Outcome::Rejected;
+        }
+        self.lease_to(&id, token, worker, lease_ms, when);
+        Outcome::Leased(id)
+    }
+
+    /// `Heartbeat`: the holder renews its lease and learns whether a cancel
+    /// was asked for.
+    fn renew_lease(&mut self, id: &str, token: &str, lease_ms: u64, when: When) -> Outcome {
+        let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
+        job.renewed = Some((when.now, Duration::from_millis(lease_ms)));
+        Outcome::Beat { cancel: job.record.cancel_requested }
+    }
+
+    /// `Started`: the holder records the commit and the GPUs of its run.
+    fn record_start(&mut self, id: &str, token: &str, commit: Option<String>, gpu_ids: Vec<u32>) -> Outcome {
+        let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
+        job.record.commit = commit;
+        job.record.gpu_ids = Some(gpu_ids);
+        Outcome::Ok
+    }
+
+    /// `Completed`: the holder's run succeeded.
+    fn end_succeeded(
+        &mut self,
+        id: &str,
+        token: &str,
+        output_tail: String,
+        result: Option<serde_json::Value>,
+        when: When,
+    ) -> Outcome {
+        let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
+        job.end(JobState::Succeeded, when.at);
+        job.record.exit_code = Some(0);
+        job.record.output_tail = Some(output_tail);
+        job.record.result = result;
+        Outcome::Ok
+    }
+
+    /// `Failed`: records the holder's failed attempt, then requeues the job
+    /// if the failure allows another attempt, or fails it.
+    fn fail_attempt(
+        &mut self,
+        id: &str,
+        token: &str,
+        failure: Failure,
+        dispatch: Option<String>,
+        when: When,
+    ) -> Outcome {
+        let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
+        let requeue = failure.requeues(job.record.attempt, job.attempt_limit);
+        self.errors.push(job.attempt_error(&failure, when.at));
+        job.record.exit_code = failure.exit_code;
+        job.record.signal = failure.signal;
+        job.record.output_tail = Some(failure.output_tail);
+        if requeue {
+            job.end(JobState::Queued, when.at);
+            self.requeue(id, dispatch, when)
+        } else {
+            job.end(JobState::Failed, when.at);
+            Outcome::Failed
+        }
+    }
+
+    /// `Cancelled`: the holder stopped its run on a cancel.
+    fn end_cancelled(&mut self, id: &str, token: &str, output_tail: String, when: When) -> Outcome {
+        let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
+        job.end(JobState::Cancelled, when.at);
+        job.record.output_tail = Some(output_tail);
+        Outcome::Ok
+    }
+
+    /// `Released`: the holder gives the job back to the queue, uncharged.
+    fn release(&mut self, id: &str, token: &str, dispatch: Option<String>, when: When) -> Outcome {
+        let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
+        job.end(JobState::Queued, when.at);
+        job.record.attempt = job.record.attempt.saturating_sub(1);
+        self.requeue(id, dispatch, when)
+    }
+
+    /// `Cancel`: a queued job is cancelled at once; a running one is asked
+    /// to stop (its holder learns at its next heartbeat).
+    fn cancel(&mut self, id: &str, when: When) -> Outcome {
+        let Some(job) = self.jobs.get(id) else { return Outcome::Missing };
+        match job.record.state {
+            JobState::Queued => {
+                self.dequeue(id);
+                let Some(job) = self.jobs.get_mut(id) else { return Outcome::Missing };
+                job.end(JobState::Cancelled, when.at);
+                if let Some(d) = job.dispatch.take() {
+                    self.pushed.remove(&d);
+                }
+                Outcome::Cancelled
+            }
+            JobState::Running => {
+                if let Some(job) = self.jobs.get_mut(id) {
+                    job.record.cancel_requested = true;
+                }
+                Outcome::Requested
+            }
+            ended => Outcome::State(ended),
+        }
+    }
+
+    /// `Retry`: a failed or cancelled job is queued again with
+    /// `max_attempts` more attempts.
+    fn retry(&mut self, id: &str, dispatch: Option<String>, when: When) -> Outcome {
+        match self.jobs.get_mut(id) {
+            None => Outcome::Missing,
+            Some(job) if matches!(job.record.state, JobState::Failed | JobState::Cancelled) => {
+                job.record.state = JobState::Queued;
+                job.record.cancel_requested = false;
+                job.record.finished_at = None;
+                job.attempt_limit = job.record.attempt.saturating_add(job.record.spec.max_attempts);
+                self.requeue(id, dispatch, when)
+            }
+            Some(job) => Outcome::State(job.record.state),
+        }
+    }
+
+    /// `Reclaim`: the first reclaim of an expired lease records
+    /// `lease_lost`, then the job is cancelled (if asked), requeued or
+    /// failed; a later one finds the lease gone and is rejected.
+    fn reclaim(&mut self, id: &str, token: &str, dispatch: Option<String>, when: When) -> Outcome {
+        let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
+        let failure = Failure::new(
+            FailureKind::LeaseLost,
+            format!("lease expired: worker {} stopped heartbeating", job.record.worker.as_deref().unwrap_or("unknown")),
+        );
+        self.errors.push(job.attempt_error(&failure, when.at));
+        if job.record.cancel_requested {
+            job.end(JobState::Cancelled, when.at);
+            Outcome::Ok
+        } else if failure.requeues(job.record.attempt, job.attempt_limit) {
+            job.end(JobState::Queued, when.at);
+            self.requeue(id, dispatch, when)
+        } else {
+            job.end(JobState::Failed, when.at);
+            Outcome::Failed
+        }
+    }
+
+    /// `Parked`: the holder gives back, uncharged, a job that needs more
+    /// GPUs than it has free; from now on only a want offering `gpus` takes it.
+    fn park(&mut self, id: &str, token: &str, gpus: u32, when: When) -> Outcome {
+        let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
+        job.end(JobState::Queued, when.at);
+        job.record.attempt = job.record.attempt.saturating_sub(1);
+        job.parked = Some(gpus);
+        self.requeue(id, None, when);
+        Outcome::Ok
+    }
+
+    /// `Worker`: registers a worker, seen at the event's time.
+    fn register_worker(&mut self, mut info: gpupool_core::WorkerInfo, when: When) -> Outcome {
+        info.seen_at = Timestamp(when.at);
+        self.workers.insert(info.name.clone(), info);
+        Outcome::Ok
+    }
+
+    /// `WorkerGone`: forgets a worker. A leaving worker withdraws its own
+    /// wants first; several handles in one process may share a worker name,
+    /// so its wants are not dropped by name here.
+    fn forget_worker(&mut self, name: &str) -> Outcome {
+        self.workers.remove(name);
+        Outcome::Ok
     }
 
     /// A job's failed attempts, oldest first.

@@ -1,24 +1,29 @@
-//! The RabbitMQ backend of gpupool: RabbitMQ alone, no second server, and
-//! safe for training runs that last hours.
+//! The RabbitMQ backend of gpupool (RabbitMQ ≥ 3.10): RabbitMQ alone, no
+//! second server, and safe for training runs that last hours.
 //!
 //! ```no_run
-//! use gpupool_core::{JobSpec, Queue};
 //! use gpupool_amqp::AmqpQueue;
+//! use gpupool_core::{Completion, JobSpec, Queue, ReserveRequest};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> gpupool_core::Result<()> {
-//! let queue = AmqpQueue::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+//! // Declares the ledger stream if it is missing, then replays it.
+//! let queue = AmqpQueue::connect("amqp://guest:guest@127.0.0.1:5672/%2f?prefix=gpupool.").await?;
 //! queue.push(JobSpec::new("main", "train.py")).await?;
+//! let lease = queue.reserve(&ReserveRequest::new("default")).await?.expect("a queued job");
+//! queue.complete(&lease, Completion::default()).await?;
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! The design (what is declared, how a lease, a heartbeat, a cancel and a
-//! retry travel) is described on [`AmqpQueue`]'s module, repeated here:
+//! # What is declared
 //!
-//! - **Declared:** a stream `PREFIXledger` (retention: `ledger_max_age`,
-//!   default `30D`, and `ledger_max_bytes`, default 1 GiB, both URL
-//!   parameters). Nothing else: no exchange, no work queue.
+//! One stream, `PREFIXledger` (prefix: `?prefix=`, default `gpupool.`;
+//! retention: `?ledger_max_age=`, default `30D`, and `?ledger_max_bytes=`,
+//! default 1 GiB). Nothing else: no exchange, no work queue.
+//!
+//! # How a job travels
+//!
 //! - **The ledger** holds every change to every job as an event; each process
 //!   replays it from the first offset and folds it into the jobs' state.
 //!   Listing, errors, ids (a job's id is the stream offset of its `Pushed`
@@ -39,6 +44,8 @@
 //!   that its worker reads in its next heartbeat's verdict. **Retry** is an
 //!   event.
 //!
+//! # Guarantees
+//!
 //! The stream is durable, events persistent, publishes confirmed. The hosts'
 //! clocks should agree within a few seconds (a want's life is measured by
 //! the clocks in the events).
@@ -47,6 +54,13 @@
 //! it, so they see everything published before them. A process replays the
 //! ledger when it connects: within the retention, that is every job's whole
 //! history.
+//!
+//! A want that may wait outlives the `reserve` call that made it, so a
+//! program of your own that reserves with a wait and then stops reserving
+//! should call `stop_reserving` with the worker name of its requests: a job
+//! handed to its want meanwhile then goes back to the queue at once,
+//! uncharged, where it would otherwise run again only after its lease runs
+//! out, charged a `lease_lost` attempt. `gpupool worker` does this itself.
 
 mod ledger;
 mod options;

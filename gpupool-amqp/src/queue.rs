@@ -22,13 +22,9 @@
 //! `consumer_timeout` (30 min by default, not settable per queue on 3.10)
 //! never fires on a training run.
 //!
-//! Why no work queue: an earlier version kept a quorum queue per job queue
-//! with one message per dispatch, and leased by taking a message and then
-//! publishing `Leased`. A lease then cost three confirmed writes in a row
-//! (the event, the work message, `Leased`, each 0.5–1 ms here) where this
-//! costs one, and a process that died between a requeueing event and its
-//! work message left the job queued with no message. The fold alone now
-//! decides, and it can filter by GPU count and honour priorities.
+//! There is no work queue: a lease is one confirmed event, no job can be
+//! left queued without a message, and the fold alone decides who holds a
+//! job, so it can filter by GPU count and honour priorities.
 //!
 //! **A heartbeat** is a `Heartbeat` event: every process notes, by its own
 //! clock, when it saw the lease renewed. **A dead worker's job**: any
@@ -67,6 +63,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
+use gpupool_core::sync::lock;
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, Heartbeat, JobId, JobRecord,
     JobSpec, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo, WorkerRegistry,
@@ -157,11 +154,6 @@ struct Inner {
     /// Set when a (re)connect started a replay that reads have not yet
     /// waited for.
     replaying: AtomicBool,
-}
-
-/// Locks a mutex, taking over one a panicking holder left poisoned.
-fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Inner {
@@ -556,7 +548,7 @@ impl AmqpQueue {
 
     fn fenced(lease: &Lease, outcome: Outcome) -> Result<Outcome> {
         match outcome {
-            Outcome::Rejected => Err(Error::LeaseLost { id: lease.id().to_string() }),
+            Outcome::Rejected => Err(Error::lease_lost(lease.id())),
             other => Ok(other),
         }
     }

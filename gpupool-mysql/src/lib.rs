@@ -2,7 +2,7 @@
 //! its worker at one database.
 //!
 //! ```no_run
-//! use gpupool_core::{JobSpec, Queue};
+//! use gpupool_core::{Completion, JobSpec, Queue, ReserveRequest};
 //! use gpupool_mysql::MysqlQueue;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -10,6 +10,8 @@
 //! let queue = MysqlQueue::connect("mysql://gpupool:secret@db:3306/pool").await?;
 //! queue.init().await?; // `gpupool init`: create or migrate the tables, safe to repeat
 //! queue.push(JobSpec::new("main", "train.py")).await?;
+//! let lease = queue.reserve(&ReserveRequest::new("default")).await?.expect("a queued job");
+//! queue.complete(&lease, Completion::default()).await?;
 //! # Ok(())
 //! # }
 //! ```
@@ -47,13 +49,13 @@
 //! An idle worker waits in `reserve` calls of up to 1 s, polling with
 //! backoff from 50 ms to 500 ms: one indexed, lock-free `SELECT EXISTS` per
 //! served queue at the start of each call and at each poll, which comes to
-//! about 3 statements a second per idle worker and queue (measured: 3.0/s,
-//! `loadgen` figure `idle_worker_queries_per_s`, BENCHMARKS.md), plus its
-//! registration every heartbeat (10 s). A job pushed to an idle pool is
-//! picked up within about half a second. A reserve that finds work runs one
-//! short transaction (`FOR UPDATE SKIP LOCKED`, `UPDATE`, `COMMIT`) at READ
-//! COMMITTED; while reserves keep finding work they skip the lock-free look
-//! and sweep expired leases at most once a second.
+//! about 3 statements a second per idle worker and queue (BENCHMARKS.md
+//! measures it as `idle_worker_queries_per_s`), plus its registration every
+//! heartbeat (10 s). A job pushed to an idle pool is picked up within about
+//! half a second. A reserve that finds work runs one short transaction
+//! (`FOR UPDATE SKIP LOCKED`, `UPDATE`, `COMMIT`) at READ COMMITTED; while
+//! reserves keep finding work they skip the lock-free look and sweep
+//! expired leases at most once a second.
 
 mod error;
 mod options;

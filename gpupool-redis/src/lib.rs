@@ -1,7 +1,7 @@
 //! The Redis Streams backend of gpupool (Redis ≥ 6.2, standalone).
 //!
 //! ```no_run
-//! use gpupool_core::{JobSpec, Queue};
+//! use gpupool_core::{Completion, JobSpec, Queue, ReserveRequest};
 //! use gpupool_redis::RedisQueue;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -9,6 +9,8 @@
 //! let queue = RedisQueue::connect("redis://127.0.0.1:6379/0?prefix=gpupool:").await?;
 //! queue.init().await?; // checks the server; streams are made on first use
 //! queue.push(JobSpec::new("main", "train.py")).await?;
+//! let lease = queue.reserve(&ReserveRequest::new("default")).await?.expect("a queued job");
+//! queue.complete(&lease, Completion::default()).await?;
 //! # Ok(())
 //! # }
 //! ```
@@ -32,52 +34,38 @@
 //! reserve and complete touch none: `jobs --state queued` reads the
 //! streams' unread entries (last in line first, then parked jobs), `--state
 //! running` the group's pending entries, and `--state succeeded` counts the
-//! ids down, keeping succeeded ones (behind 100,000 newer queued jobs that
-//! walk costs a page ~150 ms of server time). Those indexes cost four
-//! sorted-set writes per job: ~7 % of the server's instructions per job
-//! with a short backlog, and ~30 % of a reserve's time with 100,000 jobs
-//! queued (see BENCHMARKS.md). The two states that must be found among
-//! many, `failed` and `cancelled`, keep theirs.
-//! Keys `state:queued`, `state:running` and `state:succeeded` left by an
-//! older gpupool are no longer read and can be deleted.
+//! ids down, keeping succeeded ones, so it is slow behind a long backlog of
+//! newer queued jobs (BENCHMARKS.md). The two states that must be found
+//! among many, `failed` and `cancelled`, keep theirs.
 //!
 //! `push` is one Lua script: hash, queue index and `XADD`. `reserve` first, at
 //! most once a second, lists each queue's entries idle for `reclaim_idle`
-//! (default 30 s, about 3× the heartbeat) with `XPENDING … IDLE`; a script
-//! then checks each one's lease. An expired one (its holder stopped
-//! heartbeating: the `expires` field, Redis's clock) is recorded as
-//! `lease_lost` and re-leased to the caller with `XCLAIM`, or ends
-//! `failed`/`cancelled`; one whose lease still holds stays its holder's. (Not
-//! `XAUTOCLAIM`, which DESIGN.md names: it moves an entry before anything
-//! can look at its lease, and the entry's consumer, which a bare-read
-//! lease below needs, is lost in the move.) Then,
-//! per queue in order, a bare `XREADGROUP … COUNT 1` reads the next entry.
-//! With nothing there it blocks on all the queues (`BLOCK`, on a connection
-//! of its own), so a pushed job is picked up at once and an idle worker
-//! sends nothing but that one read per second.
+//! (`?reclaim_idle=`, default 30 s, about 3× the heartbeat) with
+//! `XPENDING … IDLE`; a script then checks each one's lease. An expired one
+//! (its holder stopped heartbeating: the `expires` field, Redis's clock) is
+//! recorded as `lease_lost` and re-leased to the caller with `XCLAIM`, or
+//! ends `failed`/`cancelled`; one whose lease still holds stays its
+//! holder's. (The pass does not use `XAUTOCLAIM`, which DESIGN.md names: it
+//! would move an entry before anything can look at its lease, and lose the
+//! entry's consumer, which a bare-read lease below needs.) Then, per queue
+//! in order, a bare `XREADGROUP … COUNT 1` reads the next entry. With
+//! nothing there it blocks on all the queues (`BLOCK`, on a connection of
+//! its own), so a pushed job is picked up at once and an idle worker sends
+//! nothing but that one read per second.
 //!
 //! An entry `push` wrote carries the spec and is a first attempt, and that
-//! read is its whole reserve: no script, one command, as cheap as the
-//! floor's (BENCHMARKS.md). The lease is the entry pending under the
-//! reader's consumer name, `WORKER@INSTANCE/LEASE_MS`, and its token names
-//! the entry. The job's hash still says `queued` until the holder's first
-//! call (started, heartbeat, complete, fail, release) records the lease
-//! there: attempt, holder, the delivery time as its start. Until then,
-//! `get` and `jobs` show the job running (its entry is pending), a cancel
-//! asks the holder, and the reclaim pass treats the lease as lasting the
-//! `LEASE_MS` its consumer's name gives, from the delivery. A later
-//! attempt's entry carries the id only and is leased by a script that
-//! reads its earlier attempts. Every path that cancels a queued job or
-//! gives it a new entry deletes the old one, so a delivered entry is never
-//! stale.
-//!
-//! **Upgrading from a gpupool before this lease**: stop every older worker
-//! before starting a new one on the same Redis. An older worker's reclaim
-//! pass does not know a lease that is only a pending entry: it would
-//! acknowledge the entry and leave its job queued with nothing in line.
-//! A job an older gpupool sent back to its queue, still waiting there, has
-//! an entry with the spec: its worker is told attempt 1, while the job's
-//! record counts the attempts right.
+//! read is its whole reserve: one command, no script. The lease is the
+//! entry pending under the reader's consumer name,
+//! `WORKER@INSTANCE/LEASE_MS`, and its token names the entry. The job's
+//! hash still says `queued` until the holder's first call (started,
+//! heartbeat, complete, fail, release) records the lease there: attempt,
+//! holder, the delivery time as its start. Until then, `get` and `jobs`
+//! show the job running (its entry is pending), a cancel asks the holder,
+//! and the reclaim pass treats the lease as lasting the `LEASE_MS` its
+//! consumer's name gives, from the delivery. A later attempt's entry
+//! carries the id only and is leased by a script that reads its earlier
+//! attempts. Every path that cancels a queued job or gives it a new entry
+//! deletes the old one, so a delivered entry is never stale.
 //!
 //! While the job runs its entry stays pending: the heartbeat script checks
 //! the lease token, extends `expires` and resets the entry's idle time with
@@ -91,7 +79,7 @@
 //! its oldest running job started (tens of bytes each). A failed attempt
 //! goes back to the queue at once: there are no delayed retries, so no
 //! periodic mover to wait for.
-
+//!
 //! # Priorities
 //!
 //! Not supported: a stream is first in, first out, and one stream per
@@ -120,6 +108,18 @@
 //! moved. A job whose lease was running when Redis went down is reclaimed
 //! by the reclaim pass once its lease expires, if its worker does not come
 //! back to finish it.
+//!
+//! # Upgrading from an older gpupool
+//!
+//! From a gpupool built before commit `362b1c0` (the bare-read lease above):
+//! stop every older worker before starting a new one on the same Redis. An
+//! older worker's reclaim pass does not know a lease that is only a pending
+//! entry: it would acknowledge the entry and leave its job queued with
+//! nothing in line. A job an older gpupool sent back to its queue, still
+//! waiting there, has an entry with the spec: its worker is told attempt 1,
+//! while the job's record counts the attempts right. Keys `state:queued`,
+//! `state:running` and `state:succeeded` left by an older gpupool are not
+//! read and can be deleted.
 
 mod error;
 mod options;
