@@ -10,8 +10,7 @@
 use std::error::Error;
 
 use gpupool::gpu::GpuSelection;
-use gpupool::{Worker, WorkerConfig};
-use tokio_util::sync::CancellationToken;
+use gpupool::{CancellationToken, Worker, WorkerConfig};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
@@ -28,7 +27,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let data_dir = std::env::temp_dir().join("gpupool-example-worker");
     let mut cfg = WorkerConfig::new(&data_dir);
     cfg.repo = Some(std::fs::canonicalize(&repo)?.to_string_lossy().into_owned());
-    let inventory = gpupool::worker::inventory(&GpuSelection::Auto)?; // NVML; CPU-only without a driver
+    let inventory = gpupool::inventory(&GpuSelection::Auto)?; // NVML; CPU-only without a driver
     cfg.slots = 2; // parallel runs when there is no GPU
     cfg.burst = burst;
 

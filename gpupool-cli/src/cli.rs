@@ -465,7 +465,7 @@ fn worker_config(s: &Settings, args: WorkerArgs) -> Result<WorkerConfig> {
         cfg.queues = q;
     }
     let selection: GpuSelection = args.gpus.or_else(|| w.gpus.clone()).unwrap_or_else(|| "auto".into()).parse()?;
-    let inventory = gpupool::worker::inventory(&selection)?;
+    let inventory = gpupool::inventory(&selection)?;
     cfg.gpus = inventory.status().iter().map(|g| g.index).collect();
     cfg.inventory = Some(inventory);
     if let Some(n) = args.slots.or(w.slots) {

@@ -428,7 +428,10 @@ impl Default for ListFilter {
 ///
 /// Calls that take a [`Lease`] return [`Error::LeaseLost`](crate::Error::LeaseLost)
 /// when the token no longer holds the job: it expired and was reclaimed, or
-/// the job was released, finished or retried. Nothing is recorded then.
+/// the job was released, finished or retried. Nothing is recorded then. An
+/// expired lease that no reserve has reclaimed yet still holds: its
+/// holder's heartbeat or result is accepted until a reserve (of any queue,
+/// on backends that sweep expired leases together) reclaims it.
 /// Calls that take an id return [`Error::NotFound`](crate::Error::NotFound)
 /// for an unknown id. A backend that cannot be reached returns
 /// [`Error::Unavailable`](crate::Error::Unavailable), which is retryable.
@@ -457,9 +460,11 @@ pub trait Queue: Send + Sync + fmt::Debug {
     async fn push(&self, spec: JobSpec) -> Result<JobId>;
 
     /// Leases the next job that fits: the first of `queues` that has one,
-    /// then highest priority (if declared), then oldest. Only jobs that fit
-    /// `free_gpus` are returned where the backend declares `gpu_filter`.
-    /// Returns `None` if nothing fits within `wait`.
+    /// then highest priority (if declared), then oldest. Where the backend
+    /// declares `gpu_filter`, only jobs that [`ReserveRequest::fits`] are
+    /// returned (needing at most [`ReserveRequest::gpu_limit`] GPUs:
+    /// `max_gpus` when set, else `free_gpus`). Returns `None` if nothing
+    /// fits within `wait`.
     async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>>;
 
     /// Extends the lease to `lease` from now. Reports a cancel request.
@@ -625,7 +630,7 @@ pub struct Sweep {
 impl Sweep {
     /// Whether a sweep is due (none in the last second); marks it done.
     pub fn due(&self) -> bool {
-        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = crate::sync::lock(&self.last);
         let now = std::time::Instant::now();
         if last.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1)) {
             return false;

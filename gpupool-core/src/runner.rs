@@ -90,14 +90,14 @@ impl Stopper {
 
     /// Asks the run to stop. The first reason given wins.
     pub fn stop(&self, reason: StopReason) {
-        let mut r = self.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut r = crate::sync::lock(&self.reason);
         r.get_or_insert(reason);
         self.token.cancel();
     }
 
     /// The reason, once stopped.
     pub fn reason(&self) -> Option<StopReason> {
-        *self.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        *crate::sync::lock(&self.reason)
     }
 
     /// Resolves once a stop was asked for.
@@ -142,8 +142,9 @@ impl Stopper {
 /// - The run gets the worker's environment less `env_remove`, with `env` on
 ///   top; `CUDA_VISIBLE_DEVICES` in `env` is the GPUs it was given.
 /// - stdout and stderr are appended to `log_path`; the last `tail_bytes`
-///   come back in [`RunResult::tail`], with every string of `secrets`
-///   replaced by `***`.
+///   come back in [`RunResult::tail`], with the strings of `secrets`
+///   replaced by `***` (`ProcessRunner` replaces those of 4 characters or
+///   more; shorter ones would blank out ordinary output).
 /// - `launched` is cancelled as soon as the run has started (the worker
 ///   waits for it before asking for its next job).
 /// - When `stop` fires or `timeout` passes, the run is asked to stop
@@ -152,9 +153,11 @@ impl Stopper {
 ///
 /// # Errors
 ///
-/// `Err` only when the run could not start at all (no such program, no such
-/// directory, the log cannot be opened), with a message that says which. A
-/// run that started and failed is `Ok` with its [`Outcome`].
+/// `Err` when the run could not start (no such program, no such directory,
+/// the log cannot be opened) or could not be watched (waiting for the
+/// process failed), with a message that says which; the worker records it
+/// as a `setup` failure. A run that started and failed is `Ok` with its
+/// [`Outcome`].
 ///
 /// # Cancellation safety
 ///

@@ -112,8 +112,9 @@ pub struct PrepareRequest<'a> {
 /// - It checks that `entrypoint` exists in that directory and does not
 ///   lead out of it (no `..`, no symlink pointing outside); the worker runs
 ///   whatever file it names.
-/// - It never asks on a terminal: a workspace runs in the background. Tokens
-///   it uses are returned by [`secrets`](Workspace::secrets), so that the
+/// - It never reads a terminal itself: a workspace runs in the background,
+///   and asks a person only through a prompt the program gave it. Tokens it
+///   uses are returned by [`secrets`](Workspace::secrets), so that the
 ///   runner keeps them out of job output.
 ///
 /// # Errors

@@ -122,58 +122,44 @@ impl GitWorkspace {
     pub fn mirror_path(&self, repo: &str) -> PathBuf {
         self.data_dir.join("repos").join(mirror_name(repo))
     }
+}
 
-    /// Resolves `git_ref` in `repo`, fetching if needed, and writes a
-    /// checkout named after `label` (such as `job-42-1`). Checks that
-    /// `entrypoint` exists in it and stays inside it, symlinks included.
-    pub async fn prepare(
-        &self,
-        repo: &str,
-        git_ref: &str,
-        entrypoint: &str,
-        label: &str,
-    ) -> Result<Checkout, PrepareError> {
-        let mirror = self.mirror_path(repo);
+/// Resolves the job's ref in its repository's mirror, fetching if needed,
+/// and writes a checkout named after its label (such as `job-42-1`). Checks
+/// that the entrypoint exists in it and stays inside it, symlinks included.
+#[async_trait]
+impl Workspace for GitWorkspace {
+    async fn prepare(&self, job: &PrepareRequest<'_>) -> Result<Checkout, PrepareError> {
+        let mirror = self.mirror_path(job.repo);
         let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut locks = gpupool_core::sync::lock(&self.locks);
             Arc::clone(locks.entry(mirror.clone()).or_default())
         };
-        let dir = self
-            .data_dir
-            .join("checkouts")
-            .join(format!("{label}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+        let dir = self.data_dir.join("checkouts").join(format!(
+            "{}-{}",
+            job.label,
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ));
         let commit = {
             let _guard = lock.lock().await;
             let (repo, git_ref, dir, creds) =
-                (repo.to_owned(), git_ref.to_owned(), dir.clone(), self.credentials.clone());
+                (job.repo.to_owned(), job.git_ref.to_owned(), dir.clone(), self.credentials.clone());
             tokio::task::spawn_blocking(move || prepare_blocking(&mirror, &repo, &git_ref, &dir, &creds))
                 .await
                 .map_err(|e| PrepareError::repo(format!("the checkout task failed: {e}")))??
         };
         let checkout = Checkout { dir, commit };
-        if let Err(e) = check_entrypoint(&checkout, entrypoint, git_ref) {
+        if let Err(e) = check_entrypoint(&checkout, job.entrypoint, job.git_ref) {
             self.remove(&checkout).await;
             return Err(e);
         }
         Ok(checkout)
     }
 
-    /// Removes a checkout.
-    pub async fn remove(&self, checkout: &Checkout) {
+    async fn remove(&self, checkout: &Checkout) {
         if let Err(e) = tokio::fs::remove_dir_all(&checkout.dir).await {
             tracing::warn!("cannot remove checkout {}: {e}", checkout.dir.display());
         }
-    }
-}
-
-#[async_trait]
-impl Workspace for GitWorkspace {
-    async fn prepare(&self, job: &PrepareRequest<'_>) -> Result<Checkout, PrepareError> {
-        GitWorkspace::prepare(self, job.repo, job.git_ref, job.entrypoint, job.label).await
-    }
-
-    async fn remove(&self, checkout: &Checkout) {
-        GitWorkspace::remove(self, checkout).await;
     }
 
     fn secrets(&self) -> Vec<String> {
@@ -338,7 +324,7 @@ fn credential(
         }
         return Err(format!(
             "no credentials for {host}; set GPUPOOL_GIT_TOKEN, configure a git credential helper, \
-             or run the worker once in a terminal to be asked"
+             or give the worker a credential prompt (`gpupool worker` run in a terminal asks once)"
         ));
     }
     if allowed.contains(CredentialType::DEFAULT) {
@@ -391,6 +377,10 @@ mod tests {
     use super::*;
     use gpupool_core::FailureKind;
 
+    fn job<'a>(repo: &'a str, git_ref: &'a str, label: &'a str) -> PrepareRequest<'a> {
+        PrepareRequest { repo, git_ref, entrypoint: "train.py", label }
+    }
+
     fn commit(repo: &Repository, text: &str) -> Oid {
         let dir = repo.workdir().unwrap();
         std::fs::write(dir.join("train.py"), text).unwrap();
@@ -413,10 +403,10 @@ mod tests {
         let url = src.to_string_lossy().into_owned();
         let head = repo.head().unwrap().shorthand().unwrap().to_owned();
 
-        let a = ws.prepare(&url, &head, "train.py", "a").await.unwrap();
+        let a = ws.prepare(&job(&url, &head, "a")).await.unwrap();
         assert_eq!(a.commit, first.to_string());
         let second = commit(&repo, "v2");
-        let b = ws.prepare(&url, &head, "train.py", "b").await.unwrap();
+        let b = ws.prepare(&job(&url, &head, "b")).await.unwrap();
         assert_eq!(b.commit, second.to_string(), "the branch moved; the new tip is fetched");
         assert_eq!(std::fs::read_to_string(b.dir.join("train.py")).unwrap(), "v2");
         ws.remove(&a).await;
@@ -424,9 +414,9 @@ mod tests {
 
         // With the remote gone, a commit already in the mirror still checks out.
         std::fs::rename(&src, tmp.join("gone")).unwrap();
-        let c = ws.prepare(&url, &first.to_string()[..10], "train.py", "c").await.unwrap();
+        let c = ws.prepare(&job(&url, &first.to_string()[..10], "c")).await.unwrap();
         assert_eq!(std::fs::read_to_string(c.dir.join("train.py")).unwrap(), "v1");
-        let missing = ws.prepare(&url, &head, "train.py", "d").await.unwrap_err();
+        let missing = ws.prepare(&job(&url, &head, "d")).await.unwrap_err();
         assert_eq!(missing.kind, FailureKind::Repo, "{}", missing.message);
         let _ = std::fs::remove_dir_all(&tmp);
     }

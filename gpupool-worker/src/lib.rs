@@ -9,7 +9,7 @@
 //! | [`Queue`](gpupool_core::Queue) | (a backend crate) | where jobs come from |
 //! | [`Workspace`](gpupool_core::Workspace) | [`GitWorkspace`] | a checkout at the job's exact commit, from a cached mirror |
 //! | [`Runner`](gpupool_core::Runner) | [`ProcessRunner`] | the process tree: argv, no shell, log, timeout, kill |
-//! | [`GpuInventory`](gpupool_core::GpuInventory) | [`NvmlInventory`] | the host's GPUs and how busy they are |
+//! | [`GpuInventory`](gpupool_core::GpuInventory) | the config's `gpus` list; [`NvmlInventory`] through [`inventory`] | the host's GPUs and how busy they are |
 //!
 //! ```
 //! use std::sync::Arc;
@@ -25,7 +25,7 @@
 //! cfg.burst = true; // exit once the queue is empty
 //! let inventory = gpupool_worker::inventory(&GpuSelection::Auto)?; // NVML; CPU-only without a driver
 //! let worker = Worker::builder(Arc::new(MemoryQueue::new()), cfg).inventory(inventory).build();
-//! let summary = worker.run(tokio_util::sync::CancellationToken::new()).await?;
+//! let summary = worker.run(gpupool_worker::CancellationToken::new()).await?;
 //! println!("ran {} job(s)", summary.reserved);
 //! # Ok(())
 //! # }
@@ -46,3 +46,7 @@ pub use git::{CredentialPrompt, Credentials, GitWorkspace, mirror_name};
 pub use nvml::{NvmlInventory, Placement, inventory, resolve};
 pub use process::ProcessRunner;
 pub use worker::{Worker, WorkerBuilder, WorkerConfig, WorkerSummary};
+
+/// How a worker is told to stop ([`Worker::run`]'s argument), re-exported so
+/// that a program needs no `tokio-util` of its own.
+pub use tokio_util::sync::CancellationToken;

@@ -61,66 +61,117 @@ impl ProcessRunner {
     pub fn new() -> Self {
         Self::default()
     }
+}
 
-    /// Runs `spec` until it exits, times out or `stop` fires.
-    ///
-    /// An error means the process could not be started (no such program,
-    /// no such directory); the message says which.
-    pub async fn run(&self, spec: &RunSpec, stop: &Stopper) -> Result<RunResult, String> {
-        self.run_signalling(spec, stop, &CancellationToken::new()).await
-    }
-
-    /// [`Self::run`], cancelling `launched` as soon as the process is
-    /// spawned (the worker waits for it before asking for its next job, so
-    /// that the two do not compete for the CPU).
-    pub async fn run_signalling(
-        &self,
-        spec: &RunSpec,
-        stop: &Stopper,
-        launched: &CancellationToken,
-    ) -> Result<RunResult, String> {
-        let Some((program, args)) = spec.argv.split_first() else {
-            return Err("the command is empty".into());
-        };
-        let program = find_program(program, &spec.cwd)?;
-        let mut cmd = match setpriv() {
-            Some(setpriv) => {
-                let mut c = Command::new(setpriv);
-                c.args(["--pdeathsig", "KILL", "--"]).arg(&program);
-                c
-            }
-            None => Command::new(&program),
-        };
-        cmd.args(args)
-            .current_dir(&spec.cwd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        for key in &spec.env_remove {
-            cmd.env_remove(key);
-        }
-        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
-
-        if let Some(dir) = spec.log_path.parent() {
-            tokio::fs::create_dir_all(dir)
-                .await
-                .map_err(|e| format!("cannot create log folder {}: {e}", dir.display()))?;
-        }
-        let log = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&spec.log_path)
-            .await
-            .map_err(|e| format!("cannot open log {}: {e}", spec.log_path.display()))?;
-
+/// Runs `spec` until it exits, times out or `stop` fires, cancelling
+/// `launched` as soon as the process is spawned (the worker waits for it
+/// before asking for its next job, so that the two do not compete for the
+/// CPU). An error means the process could not be started (no such program,
+/// no such directory); the message says which.
+#[async_trait]
+impl Runner for ProcessRunner {
+    async fn run(&self, spec: &RunSpec, stop: &Stopper, launched: &CancellationToken) -> Result<RunResult, String> {
+        let (mut cmd, program) = command(spec)?;
+        let log = open_log(&spec.log_path).await?;
         let mut child = cmd.spawn().map_err(|e| format!("cannot start `{}`: {e}", program.display()))?;
         launched.cancel();
         let pid = child.id();
         let pgid = pid.and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw);
+        let output = Output::capture(&mut child, log, spec.tail_bytes);
+        let outcome = wait(&mut child, pgid, spec, stop).await?;
+        // Whatever the main process left running in its group goes too, so
+        // that nothing holds the GPU or the output pipes.
+        if let Some(pgid) = pgid {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+        let tail = output.finish(&spec.secrets).await;
+        Ok(RunResult { outcome, tail, pid })
+    }
+}
 
-        // Both pipes feed one channel; one task writes the log and the tail.
+/// The process to start, in its own group, through `setpriv` where the host
+/// has it; and the program's path.
+fn command(spec: &RunSpec) -> Result<(Command, PathBuf), String> {
+    let Some((program, args)) = spec.argv.split_first() else {
+        return Err("the command is empty".into());
+    };
+    let program = find_program(program, &spec.cwd)?;
+    let mut cmd = match setpriv() {
+        Some(setpriv) => {
+            let mut c = Command::new(setpriv);
+            c.args(["--pdeathsig", "KILL", "--"]).arg(&program);
+            c
+        }
+        None => Command::new(&program),
+    };
+    cmd.args(args)
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for key in &spec.env_remove {
+        cmd.env_remove(key);
+    }
+    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+    Ok((cmd, program))
+}
+
+/// The job's log, opened for appending (its folder made if needed).
+async fn open_log(path: &Path) -> Result<tokio::fs::File, String> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await.map_err(|e| format!("cannot create log folder {}: {e}", dir.display()))?;
+    }
+    tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+        .map_err(|e| format!("cannot open log {}: {e}", path.display()))
+}
+
+/// Waits for the process to exit, its timeout or a stop; a timeout or a
+/// stop ends the whole group (SIGTERM, grace, SIGKILL).
+async fn wait(
+    child: &mut tokio::process::Child,
+    pgid: Option<Pid>,
+    spec: &RunSpec,
+    stop: &Stopper,
+) -> Result<Outcome, String> {
+    let timeout = async {
+        match spec.timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let status = tokio::select! {
+        status = child.wait() => Ok(status),
+        () = timeout => Err(None),
+        reason = stop.stopped() => Err(Some(reason)),
+    };
+    Ok(match status {
+        Ok(status) => exit_outcome(status.map_err(|e| format!("waiting for the process: {e}"))?),
+        Err(why) => {
+            terminate(child, pgid, spec.grace).await;
+            match why {
+                None => Outcome::TimedOut,
+                Some(reason) => Outcome::Stopped(reason),
+            }
+        }
+    })
+}
+
+/// The process's stdout and stderr, pumped into one channel that one task
+/// writes to the log and the tail.
+struct Output {
+    pumps: Vec<tokio::task::JoinHandle<()>>,
+    writer: tokio::task::JoinHandle<()>,
+    tail: std::sync::Arc<Mutex<Tail>>,
+}
+
+impl Output {
+    fn capture(child: &mut tokio::process::Child, log: tokio::fs::File, tail_bytes: usize) -> Self {
         let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
         let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
@@ -130,51 +181,23 @@ impl ProcessRunner {
             pumps.push(tokio::spawn(pump(err, tx.clone())));
         }
         drop(tx);
-        let tail = std::sync::Arc::new(Mutex::new(Tail::new(spec.tail_bytes)));
+        let tail = std::sync::Arc::new(Mutex::new(Tail::new(tail_bytes)));
         let writer = tokio::spawn(write_output(rx, log, std::sync::Arc::clone(&tail)));
+        Output { pumps, writer, tail }
+    }
 
-        let timeout = async {
-            match spec.timeout {
-                Some(t) => tokio::time::sleep(t).await,
-                None => std::future::pending().await,
-            }
-        };
-        let status = tokio::select! {
-            status = child.wait() => Ok(status),
-            () = timeout => Err(None),
-            reason = stop.stopped() => Err(Some(reason)),
-        };
-        let outcome = match status {
-            Ok(status) => exit_outcome(status.map_err(|e| format!("waiting for the process: {e}"))?),
-            Err(why) => {
-                terminate(&mut child, pgid, spec.grace).await;
-                match why {
-                    None => Outcome::TimedOut,
-                    Some(reason) => Outcome::Stopped(reason),
-                }
-            }
-        };
-        // Whatever the main process left running in its group goes too, so
-        // that nothing holds the GPU or the output pipes.
-        if let Some(pgid) = pgid {
-            let _ = killpg(pgid, Signal::SIGKILL);
-        }
-        for p in pumps {
+    /// Waits (a few seconds at most) for the pipes to close and the log to
+    /// be written; the tail, with `secrets` replaced by `***`.
+    async fn finish(self, secrets: &[String]) -> String {
+        for p in self.pumps {
             let _ = tokio::time::timeout(Duration::from_secs(5), p).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
-        let mut text = tail.lock().await.text();
-        for secret in spec.secrets.iter().filter(|s| s.len() >= 4) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.writer).await;
+        let mut text = self.tail.lock().await.text();
+        for secret in secrets.iter().filter(|s| s.len() >= 4) {
             text = text.replace(secret.as_str(), "***");
         }
-        Ok(RunResult { outcome, tail: text, pid })
-    }
-}
-
-#[async_trait]
-impl Runner for ProcessRunner {
-    async fn run(&self, spec: &RunSpec, stop: &Stopper, launched: &CancellationToken) -> Result<RunResult, String> {
-        self.run_signalling(spec, stop, launched).await
+        text
     }
 }
 
@@ -308,13 +331,13 @@ mod tests {
                 "import os,sys; print(os.environ['GREETING']); print('warn s3cr3t-token', file=sys.stderr); sys.exit(3)",
             ],
         );
-        let res = r.run(&s, &Stopper::new()).await.unwrap();
+        let res = r.run(&s, &Stopper::new(), &CancellationToken::new()).await.unwrap();
         assert_eq!(res.outcome, Outcome::Exited(3));
         assert!(res.tail.contains("hello") && res.tail.contains("warn ***"), "{}", res.tail);
         assert!(!res.tail.contains("s3cr3t"));
         let log = std::fs::read_to_string(dir.join("logs/run.log")).unwrap();
         assert!(log.contains("hello"));
-        assert!(r.run(&spec(&dir, &["/no/such/program"]), &Stopper::new()).await.is_err());
+        assert!(r.run(&spec(&dir, &["/no/such/program"]), &Stopper::new(), &CancellationToken::new()).await.is_err());
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -325,7 +348,7 @@ mod tests {
         let mut s =
             spec(&dir, &["python3", "-c", "import subprocess,time; subprocess.Popen(['sleep','30']); time.sleep(30)"]);
         s.timeout = Some(Duration::from_millis(500));
-        let res = r.run(&s, &Stopper::new()).await.unwrap();
+        let res = r.run(&s, &Stopper::new(), &CancellationToken::new()).await.unwrap();
         assert_eq!(res.outcome, Outcome::TimedOut);
 
         s.timeout = None;
@@ -335,7 +358,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(300)).await;
             st.stop(StopReason::Cancel);
         });
-        let res = r.run(&s, &stopper).await.unwrap();
+        let res = r.run(&s, &stopper, &CancellationToken::new()).await.unwrap();
         assert_eq!(res.outcome, Outcome::Stopped(StopReason::Cancel));
         let _ = std::fs::remove_dir_all(dir);
     }

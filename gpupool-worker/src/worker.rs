@@ -23,6 +23,7 @@ use tracing::{Instrument, info, info_span, warn};
 use gpupool_core::argv::build_argv;
 use gpupool_core::gpu::{GpuInventory, StaticInventory};
 use gpupool_core::runner::{Outcome, RunSpec, Runner, StopReason, Stopper};
+use gpupool_core::sync::lock;
 use gpupool_core::workspace::{Checkout, PrepareRequest, Workspace};
 use gpupool_core::{
     Completion, Error, Failure, FailureKind, Heartbeat, Lease, Queue, ReserveRequest, Result, RunInfo, RunningJob,
@@ -45,9 +46,9 @@ pub struct WorkerConfig {
     /// GPU indices this worker gives to jobs (empty: CPU only), when no
     /// `inventory` is set.
     pub gpus: Vec<u32>,
-    /// Where GPUs and their live status come from (NVML on a real host). When
-    /// `None`, the `gpus` indices with nothing known about them. The
-    /// builder's [`WorkerBuilder::inventory`] sets it too.
+    /// Where GPUs and their live status come from (NVML on a real host:
+    /// [`crate::inventory`]). When `None`, the `gpus` indices with nothing
+    /// known about them. [`WorkerBuilder::inventory`] overrides it.
     pub inventory: Option<Arc<dyn GpuInventory>>,
     /// A GPU none of this worker's jobs holds is skipped while more than this
     /// fraction of its memory is used (by someone else's process).
@@ -170,8 +171,9 @@ enum Report {
 
 /// Builds a [`Worker`], with the defaults for every part not set:
 /// [`GitWorkspace`] under the data directory with credentials from the
-/// environment, [`ProcessRunner`], and the config's inventory (or its
-/// `gpus` list).
+/// environment (and no prompt), [`ProcessRunner`], and the config's
+/// `inventory` (or, without one, its `gpus` list as given: CPU-only when
+/// empty; [`crate::inventory`] gives NVML's).
 #[derive(Debug)]
 pub struct WorkerBuilder {
     queue: Arc<dyn Queue>,
@@ -237,105 +239,40 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerSummary> {
         let ctx = self.ctx;
         let cfg = &ctx.cfg;
-        let placement = Placement::new(Arc::clone(&ctx.inventory), cfg.slots_per_gpu, cfg.gpu_busy_fraction);
-        let total_gpus = placement.total();
-        let slots_total = if placement.is_gpu_host() {
-            placement.indices().len() * cfg.slots_per_gpu.max(1)
-        } else {
-            cfg.slots.max(1)
-        };
-        let gpus = Arc::new(StdMutex::new(placement));
-        let running: Arc<StdMutex<Vec<RunningJob>>> = Arc::default();
-        let registry =
-            tokio::spawn(register_loop(Arc::clone(&ctx), Arc::clone(&gpus), Arc::clone(&running), slots_total));
-        let stop_all = CancellationToken::new();
-        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut slots = Slots::new(&ctx);
+        let registry = tokio::spawn(register_loop(
+            Arc::clone(&ctx),
+            Arc::clone(&slots.gpus),
+            Arc::clone(&slots.running),
+            slots.total,
+        ));
         let mut summary = WorkerSummary::default();
         let mut backoff = Duration::ZERO;
-        info!(worker = %cfg.name, queues = ?cfg.queues, gpus = total_gpus, slots = slots_total, "worker started");
+        info!(worker = %cfg.name, queues = ?cfg.queues, gpus = slots.total_gpus, slots = slots.total, "worker started");
 
         while !shutdown.is_cancelled() {
-            while tasks.try_join_next().is_some() {}
-            if tasks.len() >= slots_total {
-                tokio::select! {
-                    _ = tasks.join_next() => {}
-                    () = shutdown.cancelled() => {}
-                }
+            slots.reap();
+            if slots.full() {
+                slots.wait_for_one(&shutdown).await;
                 continue;
             }
-            let (free, gpu_host) = {
-                let g = gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                (g.free(), g.is_gpu_host())
-            };
-            let wait = if cfg.burst { Duration::ZERO } else { Duration::from_secs(1) };
-            let req = ReserveRequest {
-                queues: cfg.queues.clone(),
-                free_gpus: free,
-                // First come, first served: a big job is returned (and held
-                // here) before smaller ones pushed after it.
-                max_gpus: Some(total_gpus),
-                gpu_host,
-                lease: cfg.lease,
-                wait,
-                worker: cfg.name.clone(),
-            };
-            match ctx.queue.reserve(&req).await {
+            match ctx.queue.reserve(&slots.request(cfg)).await {
                 // A reserve that was waiting when the stop came: a stopping
                 // worker starts nothing new, so the job goes back, uncharged.
-                Ok(Some(lease)) if shutdown.is_cancelled() => {
-                    info!(job_id = %lease.id(), "stopping: giving back a job reserved as the stop came");
-                    if let Err(e) = ctx.queue.release(&lease).await {
-                        warn!(job_id = %lease.id(), "could not give the job back ({e}); it returns when its lease ends");
-                    }
-                }
+                Ok(Some(lease)) if shutdown.is_cancelled() => give_back(&ctx, &lease).await,
                 Ok(Some(lease)) => {
                     backoff = Duration::ZERO;
                     summary.reserved += 1;
-                    let need = lease.job.spec.gpus_needed(gpu_host);
-                    let min_free = gpu_memory_bytes(&lease);
-                    let given = gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(need, min_free);
-                    let given = match given {
-                        Some(given) => given,
-                        None => match hold_until_fits(&ctx, &lease, need, &gpus, &mut tasks, &shutdown).await {
-                            Some(given) => given,
-                            None => continue,
-                        },
-                    };
-                    let span = info_span!("job", job_id = %lease.id(), attempt = lease.attempt(), worker = %cfg.name);
-                    let (ctx2, gpus2, stop) = (Arc::clone(&ctx), Arc::clone(&gpus), stop_all.clone());
-                    let running2 = Arc::clone(&running);
-                    lock(&running).push(RunningJob { id: lease.id().clone(), gpus: given.clone() });
-                    let launched = CancellationToken::new();
-                    let launched2 = launched.clone();
-                    tasks.spawn(
-                        async move {
-                            run_job(&ctx2, &lease, &given, stop, &launched2).await;
-                            lock(&gpus2).give_back(&given);
-                            lock(&running2).retain(|r| &r.id != lease.id());
-                        }
-                        .instrument(span),
-                    );
-                    // The job starts first: asking for the next one (a
-                    // queue write on some backends) would compete with its
-                    // checkout and spawn for the CPU. A slow checkout holds
-                    // the next request back no longer than LAUNCH_HEAD_START.
-                    tokio::select! {
-                        () = launched.cancelled() => {}
-                        () = tokio::time::sleep(LAUNCH_HEAD_START) => {}
-                        () = shutdown.cancelled() => {}
-                    }
+                    slots.launch(&ctx, lease, &shutdown).await;
                 }
                 Ok(None) => {
                     backoff = Duration::ZERO;
                     if cfg.burst {
-                        if tasks.is_empty() {
+                        if slots.idle() {
                             info!("burst: nothing to run; exiting");
                             break;
                         }
-                        tokio::select! {
-                            _ = tasks.join_next() => {}
-                            () = shutdown.cancelled() => {}
-                        }
+                        slots.wait_for_one(&shutdown).await;
                     }
                 }
                 Err(e) => {
@@ -351,16 +288,7 @@ impl Worker {
         if let Err(e) = ctx.queue.stop_reserving(&cfg.name).await {
             warn!("could not withdraw this worker's open reserve ({e})");
         }
-        if !tasks.is_empty() {
-            info!(running = tasks.len(), drain = ?cfg.drain_timeout, "stopping: waiting for running jobs");
-            let drained =
-                tokio::time::timeout(cfg.drain_timeout, async { while tasks.join_next().await.is_some() {} }).await;
-            if drained.is_err() {
-                info!(running = tasks.len(), "drain timeout: stopping and releasing running jobs");
-                stop_all.cancel();
-                while tasks.join_next().await.is_some() {}
-            }
-        }
+        slots.drain(cfg.drain_timeout).await;
         registry.abort();
         if let Some(registry) = ctx.queue.worker_registry()
             && let Err(e) = registry.unregister_worker(&cfg.name).await
@@ -371,8 +299,136 @@ impl Worker {
     }
 }
 
-fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Gives back, uncharged, a job reserved as the stop came.
+async fn give_back(ctx: &Ctx, lease: &Lease) {
+    info!(job_id = %lease.id(), "stopping: giving back a job reserved as the stop came");
+    if let Err(e) = ctx.queue.release(lease).await {
+        warn!(job_id = %lease.id(), "could not give the job back ({e}); it returns when its lease ends");
+    }
+}
+
+/// The worker's run slots: the jobs running here, the GPUs they hold, and
+/// the token that stops them all at the drain timeout.
+struct Slots {
+    gpus: Arc<StdMutex<Placement>>,
+    running: Arc<StdMutex<Vec<RunningJob>>>,
+    tasks: JoinSet<()>,
+    stop_all: CancellationToken,
+    total: usize,
+    total_gpus: u32,
+}
+
+impl Slots {
+    fn new(ctx: &Ctx) -> Self {
+        let cfg = &ctx.cfg;
+        let placement = Placement::new(Arc::clone(&ctx.inventory), cfg.slots_per_gpu, cfg.gpu_busy_fraction);
+        let total = if placement.is_gpu_host() {
+            placement.indices().len() * cfg.slots_per_gpu.max(1)
+        } else {
+            cfg.slots.max(1)
+        };
+        Slots {
+            total_gpus: placement.total(),
+            gpus: Arc::new(StdMutex::new(placement)),
+            running: Arc::default(),
+            tasks: JoinSet::new(),
+            stop_all: CancellationToken::new(),
+            total,
+        }
+    }
+
+    /// Forgets the runs that have ended.
+    fn reap(&mut self) {
+        while self.tasks.try_join_next().is_some() {}
+    }
+
+    fn full(&self) -> bool {
+        self.tasks.len() >= self.total
+    }
+
+    fn idle(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Waits until a run ends or the worker stops.
+    async fn wait_for_one(&mut self, shutdown: &CancellationToken) {
+        tokio::select! {
+            _ = self.tasks.join_next() => {}
+            () = shutdown.cancelled() => {}
+        }
+    }
+
+    /// What this worker asks the queue for now.
+    fn request(&self, cfg: &WorkerConfig) -> ReserveRequest {
+        let (free, gpu_host) = {
+            let g = lock(&self.gpus);
+            (g.free(), g.is_gpu_host())
+        };
+        ReserveRequest {
+            queues: cfg.queues.clone(),
+            free_gpus: free,
+            // First come, first served: a big job is returned (and held
+            // here) before smaller ones pushed after it.
+            max_gpus: Some(self.total_gpus),
+            gpu_host,
+            lease: cfg.lease,
+            wait: if cfg.burst { Duration::ZERO } else { Duration::from_secs(1) },
+            worker: cfg.name.clone(),
+        }
+    }
+
+    /// Gives the job its GPUs (holding it until they are free) and starts
+    /// its run, then waits a moment for it to start.
+    async fn launch(&mut self, ctx: &Arc<Ctx>, lease: Lease, shutdown: &CancellationToken) {
+        let need = lease.job.spec.gpus_needed(lock(&self.gpus).is_gpu_host());
+        let taken = lock(&self.gpus).take(need, gpu_memory_bytes(&lease));
+        let given = match taken {
+            Some(given) => given,
+            None => match hold_until_fits(ctx, &lease, need, &self.gpus, &mut self.tasks, shutdown).await {
+                Some(given) => given,
+                None => return,
+            },
+        };
+        let span = info_span!("job", job_id = %lease.id(), attempt = lease.attempt(), worker = %ctx.cfg.name);
+        let (ctx2, gpus, stop) = (Arc::clone(ctx), Arc::clone(&self.gpus), self.stop_all.clone());
+        let running = Arc::clone(&self.running);
+        lock(&self.running).push(RunningJob { id: lease.id().clone(), gpus: given.clone() });
+        let launched = CancellationToken::new();
+        let launched2 = launched.clone();
+        self.tasks.spawn(
+            async move {
+                run_job(&ctx2, &lease, &given, stop, &launched2).await;
+                lock(&gpus).give_back(&given);
+                lock(&running).retain(|r| &r.id != lease.id());
+            }
+            .instrument(span),
+        );
+        // The job starts first: asking for the next one (a queue write on
+        // some backends) would compete with its checkout and spawn for the
+        // CPU. A slow checkout holds the next request back no longer than
+        // LAUNCH_HEAD_START.
+        tokio::select! {
+            () = launched.cancelled() => {}
+            () = tokio::time::sleep(LAUNCH_HEAD_START) => {}
+            () = shutdown.cancelled() => {}
+        }
+    }
+
+    /// Waits up to `timeout` for the running jobs, then stops and releases
+    /// what is left.
+    async fn drain(mut self, timeout: Duration) {
+        if self.tasks.is_empty() {
+            return;
+        }
+        info!(running = self.tasks.len(), drain = ?timeout, "stopping: waiting for running jobs");
+        let tasks = &mut self.tasks;
+        let drained = tokio::time::timeout(timeout, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            info!(running = self.tasks.len(), "drain timeout: stopping and releasing running jobs");
+            self.stop_all.cancel();
+            while self.tasks.join_next().await.is_some() {}
+        }
+    }
 }
 
 /// Registers the worker every heartbeat interval, with its GPUs' live
@@ -430,7 +486,7 @@ async fn hold_until_fits(
     tasks: &mut JoinSet<()>,
     shutdown: &CancellationToken,
 ) -> Option<Vec<u32>> {
-    let total = gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner).total();
+    let total = lock(gpus).total();
     if need > total {
         warn!(job_id = %lease.id(), need, total, "job needs more GPUs than this worker has; parking it for a bigger one");
         if let Err(e) = ctx.queue.park(lease, need).await {
@@ -441,7 +497,7 @@ async fn hold_until_fits(
     info!(job_id = %lease.id(), need, "holding the job until {need} GPUs are free; reserving nothing else");
     loop {
         let min_free = gpu_memory_bytes(lease);
-        if let Some(given) = gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(need, min_free) {
+        if let Some(given) = lock(gpus).take(need, min_free) {
             return Some(given);
         }
         tokio::select! {
@@ -614,7 +670,8 @@ async fn run_in_checkout(
     report
 }
 
-/// [`run_in_checkout`] once the `started` record is on its way.
+/// [`run_in_checkout`] once the `started` record is on its way: the setup
+/// step, then the entrypoint, and what their end comes to.
 async fn run_recorded(
     ctx: &Ctx,
     lease: &Lease,
@@ -629,40 +686,12 @@ async fn run_recorded(
         return stopped_report(reason);
     }
     let log_path = ctx.cfg.data_dir.join("logs").join(format!("job-{}.log", lease.id()));
-    note(
-        &log_path,
-        &format!(
-            "job {} attempt {} on {}: {} at {} ({}), GPUs [{}]",
-            lease.id(),
-            lease.attempt(),
-            ctx.cfg.name,
-            gpupool_core::redact::redact_url(repo),
-            spec.git_ref,
-            checkout.commit,
-            gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
-        ),
-    )
-    .await;
-    let visible = gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    env.extend([
-        ("CUDA_VISIBLE_DEVICES".to_owned(), visible),
-        ("CUDA_DEVICE_ORDER".to_owned(), "PCI_BUS_ID".to_owned()),
-        ("GPUPOOL_JOB_ID".to_owned(), lease.id().to_string()),
-        ("GPUPOOL_ATTEMPT".to_owned(), lease.attempt().to_string()),
-        ("GPUPOOL_QUEUE".to_owned(), spec.queue.clone()),
-        ("GPUPOOL_COMMIT".to_owned(), checkout.commit.clone()),
-        ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
-    ]);
-    // The worker's own GPUPOOL_* settings (queue URLs with passwords, git
-    // tokens) never reach a job.
-    let env_remove: Vec<String> =
-        std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).filter(|k| k.starts_with("GPUPOOL_")).collect();
+    note(&log_path, &log_header(ctx, lease, gpus, repo, checkout)).await;
     let run_spec = |argv: Vec<String>| RunSpec {
         argv,
         cwd: checkout.dir.clone(),
-        env: env.clone(),
-        env_remove: env_remove.clone(),
+        env: job_env(lease, gpus, checkout),
+        env_remove: worker_secrets_env(),
         log_path: log_path.clone(),
         timeout: spec.timeout,
         grace: ctx.cfg.grace,
@@ -677,15 +706,55 @@ async fn run_recorded(
     }
     let argv = build_argv(&ctx.cfg.command, &spec.entrypoint, &spec.args, u32::try_from(gpus.len()).unwrap_or(0));
     note(&log_path, &format!("run: {}", shell_words::join(&argv))).await;
-    let result = match ctx.runner.run(&run_spec(argv), stopper, launched).await {
-        Ok(r) => r,
-        Err(message) => return Report::Fail(Failure::new(FailureKind::Setup, message)),
-    };
-    let tail = result.tail;
+    match ctx.runner.run(&run_spec(argv), stopper, launched).await {
+        Ok(result) => report_for(spec, result.outcome, result.tail),
+        Err(message) => Report::Fail(Failure::new(FailureKind::Setup, message)),
+    }
+}
+
+/// The first line of an attempt in the job's log.
+fn log_header(ctx: &Ctx, lease: &Lease, gpus: &[u32], repo: &str, checkout: &Checkout) -> String {
+    format!(
+        "job {} attempt {} on {}: {} at {} ({}), GPUs [{}]",
+        lease.id(),
+        lease.attempt(),
+        ctx.cfg.name,
+        gpupool_core::redact::redact_url(repo),
+        lease.job.spec.git_ref,
+        checkout.commit,
+        gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+    )
+}
+
+/// The job's own `env` with what every run gets on top (INTERFACE.md).
+fn job_env(lease: &Lease, gpus: &[u32], checkout: &Checkout) -> Vec<(String, String)> {
+    let spec = &lease.job.spec;
+    let visible = gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    env.extend([
+        ("CUDA_VISIBLE_DEVICES".to_owned(), visible),
+        ("CUDA_DEVICE_ORDER".to_owned(), "PCI_BUS_ID".to_owned()),
+        ("GPUPOOL_JOB_ID".to_owned(), lease.id().to_string()),
+        ("GPUPOOL_ATTEMPT".to_owned(), lease.attempt().to_string()),
+        ("GPUPOOL_QUEUE".to_owned(), spec.queue.clone()),
+        ("GPUPOOL_COMMIT".to_owned(), checkout.commit.clone()),
+        ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
+    ]);
+    env
+}
+
+/// The worker's own `GPUPOOL_*` settings (queue URLs with passwords, git
+/// tokens), which never reach a job.
+fn worker_secrets_env() -> Vec<String> {
+    std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).filter(|k| k.starts_with("GPUPOOL_")).collect()
+}
+
+/// What a run's end comes to.
+fn report_for(spec: &gpupool_core::JobSpec, outcome: Outcome, tail: String) -> Report {
     let failure = |kind, exit_code, signal, message: String| {
         Report::Fail(Failure { kind, exit_code, signal, message, output_tail: tail.clone() })
     };
-    match result.outcome {
+    match outcome {
         Outcome::Exited(0) => Report::Complete(Completion { output_tail: tail, result: None }),
         Outcome::Exited(code) => {
             let kind = if looks_like_oom(&tail) { FailureKind::Oom } else { FailureKind::Exit };

@@ -40,17 +40,18 @@
 //! # }
 //! ```
 //!
-//! A whole worker is [`Worker::new(queue, WorkerConfig::new(data_dir))`](Worker::new)
-//! and `.run(shutdown)`; `examples/worker.rs` in the repository is one in
-//! about 50 lines.
+//! A whole worker is [`Worker::builder(queue, WorkerConfig::new(data_dir))`](Worker::builder),
+//! given this host's GPUs with `.inventory(gpupool::inventory(&GpuSelection::Auto)?)`
+//! (NVML; CPU-only without a driver), then `.build().run(shutdown)`;
+//! `examples/worker.rs` in the repository is one in about 50 lines.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod registry;
 
 pub use gpupool_core::*;
 pub use gpupool_worker::{
-    CredentialPrompt, Credentials, GitWorkspace, NvmlInventory, Placement, ProcessRunner, Worker, WorkerBuilder,
-    WorkerConfig, WorkerSummary,
+    CancellationToken, CredentialPrompt, Credentials, GitWorkspace, NvmlInventory, ProcessRunner, Worker,
+    WorkerBuilder, WorkerConfig, WorkerSummary, inventory,
 };
 pub use registry::{Registry, connect};
 

@@ -19,18 +19,17 @@ use gpupool_core::{Connect, Error, MemoryQueue, Queue, Result};
 type Opening = Pin<Box<dyn Future<Output = Result<Arc<dyn Queue>>> + Send>>;
 type Factory = Arc<dyn Fn(String) -> Opening + Send + Sync>;
 
-/// The in-tree backends, by scheme, with the feature that compiles each in:
-/// named in the error for a URL whose backend is not compiled in.
-const KNOWN: [(&str, &str); 9] = [
-    ("sqlite", "sqlite"),
-    ("mysql", "mysql"),
-    ("mariadb", "mysql"),
-    ("redis", "redis"),
-    ("rediss", "redis"),
-    ("amqp", "amqp"),
-    ("amqps", "amqp"),
-    ("memory", ""),
-    ("postgres", ""),
+/// The in-tree backends, by scheme, with the feature of this crate that
+/// brings each in and whether it is on: named in the error for a URL whose
+/// backend is not compiled in.
+const IN_TREE: [(&str, &str, bool); 7] = [
+    ("sqlite", "sqlite", cfg!(feature = "sqlite")),
+    ("mysql", "mysql", cfg!(feature = "mysql")),
+    ("mariadb", "mysql", cfg!(feature = "mysql")),
+    ("redis", "redis", cfg!(feature = "redis")),
+    ("rediss", "redis", cfg!(feature = "redis")),
+    ("amqp", "amqp", cfg!(feature = "amqp")),
+    ("amqps", "amqp", cfg!(feature = "amqp")),
 ];
 
 /// URL schemes and the backends that open them.
@@ -49,7 +48,7 @@ const KNOWN: [(&str, &str); 9] = [
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Registry {
     schemes: BTreeMap<String, Factory>,
 }
@@ -63,7 +62,7 @@ impl fmt::Debug for Registry {
 impl Registry {
     /// A registry that knows no scheme.
     pub fn empty() -> Self {
-        Self::default()
+        Registry { schemes: BTreeMap::new() }
     }
 
     /// `memory://` and every backend compiled in through this crate's
@@ -103,7 +102,7 @@ impl Registry {
             let opening = open(url);
             Box::pin(async move { Ok(Arc::new(opening.await?) as Arc<dyn Queue>) })
         });
-        self.schemes.insert(scheme.to_ascii_lowercase(), factory);
+        self.schemes.insert(scheme.to_owned(), factory);
         self
     }
 
@@ -113,42 +112,48 @@ impl Registry {
     }
 
     /// Opens the queue `url` names, by its scheme (`sqlite://…`,
-    /// `mysql://…`). An unknown scheme is an [`Error::Config`] that lists
-    /// the known ones and, for an in-tree backend left out of this build,
-    /// the feature that brings it in. Passwords never appear in an error.
+    /// `mysql://…`; `sqlite:PATH` and `memory:` too). An unknown scheme is
+    /// an [`Error::Config`] that lists the known ones and, for an in-tree
+    /// backend left out of this build, the feature that brings it in.
+    /// Passwords never appear in an error.
     pub async fn connect(&self, url: &str) -> Result<Arc<dyn Queue>> {
-        let scheme = scheme_of(url);
-        match scheme.as_deref().and_then(|s| self.schemes.get(s)) {
+        match scheme_of(url).and_then(|s| self.schemes.get(s)) {
             Some(open) => open(url.to_owned()).await,
-            None => Err(self.unknown(url, scheme.as_deref())),
+            None => Err(self.unknown(url)),
         }
     }
 
-    fn unknown(&self, url: &str, scheme: Option<&str>) -> Error {
+    fn unknown(&self, url: &str) -> Error {
         let known = self.schemes().map(|s| format!("{s}://")).collect::<Vec<_>>().join(", ");
-        let url = redact_url(url);
-        let feature = KNOWN.iter().find(|(s, f)| Some(*s) == scheme && !f.is_empty()).map(|(_, f)| *f);
-        Error::Config(match (scheme, feature) {
-            (Some(s), Some(f)) => format!(
-                "`{url}`: no backend for {s}:// is registered here; it comes with feature `{f}` of the gpupool \
-                 crate (known here: {known})"
+        let shown = redact_url(url);
+        // Only `SCHEME://` names a scheme; `host:port` or `C:\x` is not a URL.
+        let scheme = url.split_once("://").map(|(s, _)| s).filter(|s| valid_scheme(s));
+        Error::Config(match scheme {
+            Some(s) => match IN_TREE.iter().find(|(name, _, _)| *name == s) {
+                Some((_, feature, false)) => format!(
+                    "`{shown}`: the {s}:// backend is not compiled into this program; build it with feature \
+                     `{feature}` of the gpupool crate (known here: {known})"
+                ),
+                _ => format!("`{shown}`: no backend for {s}:// is registered here; known: {known}"),
+            },
+            None => format!(
+                "`{shown}` is not a queue URL; write it like sqlite://.gpupool/queue.db (known schemes: {known})"
             ),
-            (Some(s), None) => format!("`{url}`: no backend for {s}:// here; known: {known}"),
-            (None, _) => {
-                format!("`{url}` is not a queue URL; write it like sqlite://.gpupool/queue.db (known schemes: {known})")
-            }
         })
     }
 }
 
-/// The scheme of a URL, lower-cased: `sqlite` for `sqlite://x` and for
-/// `sqlite:x`.
-fn scheme_of(url: &str) -> Option<String> {
-    let (scheme, _) = url.split_once(':')?;
-    let valid = !scheme.is_empty()
-        && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-        && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
-    valid.then(|| scheme.to_ascii_lowercase())
+/// The scheme of a URL: `sqlite` for `sqlite://x`, and for `sqlite:x` (the
+/// part before the first `:`, when it is a valid scheme). Compared exactly,
+/// as every backend parses its URL.
+fn scheme_of(url: &str) -> Option<&str> {
+    let scheme = url.split_once("://").or_else(|| url.split_once(':')).map(|(s, _)| s)?;
+    valid_scheme(scheme).then_some(scheme)
+}
+
+fn valid_scheme(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
 }
 
 /// Opens the queue `url` names with [`Registry::with_defaults`]: the
@@ -172,8 +177,9 @@ mod tests {
 
     #[test]
     fn schemes_are_read_like_urls() {
-        assert_eq!(scheme_of("sqlite://x.db").as_deref(), Some("sqlite"));
-        assert_eq!(scheme_of("SQLite:x.db").as_deref(), Some("sqlite"));
+        assert_eq!(scheme_of("sqlite://x.db"), Some("sqlite"));
+        assert_eq!(scheme_of("sqlite:x.db"), Some("sqlite"));
+        assert_eq!(scheme_of("SQLite://x.db"), Some("SQLite"), "compared exactly, as the backends do");
         assert_eq!(scheme_of("queue.db"), None);
         assert_eq!(scheme_of("/tmp/a:b"), None);
     }
@@ -181,11 +187,17 @@ mod tests {
     #[tokio::test]
     async fn an_unknown_scheme_names_the_known_ones_and_hides_the_password() {
         let err = Registry::with_defaults().connect("nosuch://u:hunter22@h/db").await.unwrap_err().to_string();
-        assert!(err.contains("memory://") && err.contains("nosuch://"), "{err}");
+        assert!(err.contains("memory://") && err.contains("no backend for nosuch://"), "{err}");
         assert!(!err.contains("hunter22"), "{err}");
         let err = Registry::empty().connect("mysql://u:p@h/db").await.unwrap_err().to_string();
-        if !cfg!(feature = "mysql") {
+        if cfg!(feature = "mysql") {
+            assert!(err.contains("no backend for mysql:// is registered"), "{err}");
+        } else {
             assert!(err.contains("feature `mysql`"), "{err}");
+        }
+        for not_a_url in ["queue.db", "C:\\q.db", "SQLite://x.db"] {
+            let err = Registry::with_defaults().connect(not_a_url).await.unwrap_err().to_string();
+            assert!(err.contains("not a queue URL") || err.contains("no backend for SQLite://"), "{err}");
         }
     }
 }

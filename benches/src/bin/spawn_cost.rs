@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gpupool_core::runner::{RunSpec, Stopper};
+use gpupool_core::runner::{RunSpec, Runner, Stopper};
 use gpupool_worker::ProcessRunner;
 
 fn now_ns() -> u128 {
@@ -52,7 +52,7 @@ async fn spawn(way: &str, probe: &Path, out: &Path, dir: &Path, i: usize) {
                 tail_bytes: 1024,
                 secrets: Vec::new(),
             };
-            ProcessRunner::new().run(&spec, &Stopper::new()).await.unwrap();
+            ProcessRunner::new().run(&spec, &Stopper::new(), &Default::default()).await.unwrap();
         }
     }
 }

@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use gpupool_core::workspace::{PrepareRequest, Workspace};
 use gpupool_core::{Completion, JobSpec, JobState, ListFilter, Queue, ReserveRequest};
 use gpupool_worker::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
@@ -310,7 +311,9 @@ fn checkout_figure(backend: &str, dir: &Path, quick: bool) {
     let url = repo.to_string_lossy().into_owned();
     let sha = git2::Repository::open(&repo).unwrap().revparse_single("main").unwrap().id().to_string();
     // Cache the mirror (one fetch), then time checkouts of the commit.
-    let first = rt.block_on(ws.prepare(&url, "main", "noop.py", "warm")).unwrap();
+    let first = rt
+        .block_on(ws.prepare(&PrepareRequest { repo: &url, git_ref: "main", entrypoint: "noop.py", label: "warm" }))
+        .unwrap();
     rt.block_on(ws.remove(&first));
     // Ours and the git CLI's alternate, so that a slow stretch of the
     // shared disk falls on both.
@@ -318,7 +321,14 @@ fn checkout_figure(backend: &str, dir: &Path, quick: bool) {
     let (mut ours, mut git) = (Vec::new(), Vec::new());
     for i in 0..n {
         let t = Instant::now();
-        let c = rt.block_on(ws.prepare(&url, &sha, "noop.py", &format!("b{i}"))).unwrap();
+        let c = rt
+            .block_on(ws.prepare(&PrepareRequest {
+                repo: &url,
+                git_ref: &sha,
+                entrypoint: "noop.py",
+                label: &format!("b{i}"),
+            }))
+            .unwrap();
         ours.push(t.elapsed().as_secs_f64() * 1000.0);
         rt.block_on(ws.remove(&c));
 
