@@ -24,8 +24,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "gpupool", version, about = "A git-aware job queue for a pool of GPU servers")]
 struct Cli {
-    /// Queue URL, such as sqlite://.gpupool/queue.db (env GPUPOOL_QUEUE). For
-    /// `jobs`, a value that is not a URL filters by queue name.
+    /// Queue URL, such as sqlite://.gpupool/queue.db (env GPUPOOL_QUEUE).
     #[arg(long, global = true, value_name = "URL")]
     queue: Option<String>,
     /// Folder for mirrors, checkouts, logs and the setup cache (env GPUPOOL_DATA_DIR).
@@ -34,6 +33,9 @@ struct Cli {
     /// Print JSON for scripts instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Print only the results: no line on stderr naming the queue read.
+    #[arg(long, short = 'q', global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +59,9 @@ enum Command {
         /// Show this job.
         #[arg(long)]
         id: Option<String>,
+        /// Only jobs of this queue name (such as `high`; the backend is --queue).
+        #[arg(long = "in", value_name = "NAME")]
+        in_queue: Option<String>,
         /// Only jobs in this state.
         #[arg(long)]
         state: Option<String>,
@@ -173,17 +178,39 @@ pub fn main_with(registry: Registry) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("gpupool: cannot start the async runtime: {e}");
+            say(&format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli, &registry)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("gpupool: {}", redact_url(&e.to_string()));
+            say(&redact_url(&e.to_string()));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes to standard output. A reader that went away (`gpupool jobs |
+/// head`) ends the command quietly with status 141 (128 + SIGPIPE), as a
+/// shell reports for `ls | head`; any other write error ends it with one
+/// line on stderr. Never panics, unlike `print!`.
+fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        say(&format!("cannot write to standard output: {e}"));
+        std::process::exit(1);
+    }
+}
+
+/// One line to stderr, prefixed `gpupool: `; a closed stderr is ignored.
+fn say(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "gpupool: {text}");
 }
 
 /// Settings after flags, environment, `gpupool.toml` and defaults.
@@ -197,18 +224,22 @@ fn is_url(v: &str) -> bool {
     v.contains("://") || v.starts_with("sqlite:") || v.starts_with("memory:")
 }
 
-fn settings(cli: &Cli) -> Result<(Settings, Option<String>)> {
+fn settings(cli: &Cli) -> Result<Settings> {
     let file = FileConfig::load(&std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")))?;
-    // `--queue` is the URL, except for `jobs`, where a plain name filters.
-    let (flag_url, queue_filter) = match (&cli.queue, &cli.command) {
-        (Some(v), _) if is_url(v) => (Some(v.clone()), None),
-        (Some(v), Command::Jobs { .. }) => (None, Some(v.clone())),
-        (Some(v), _) => {
+    // `--queue` is always the URL; a queue name for `jobs` is `--in NAME`.
+    let flag_url = match &cli.queue {
+        Some(v) if is_url(v) => Some(v.clone()),
+        Some(v) => {
+            let hint = if matches!(cli.command, Command::Jobs { .. }) {
+                format!("; to list the jobs of queue `{v}`, use `gpupool jobs --in {v}`")
+            } else {
+                String::new()
+            };
             return Err(Error::Config(format!(
-                "--queue `{v}` is not a queue URL; write it like sqlite://.gpupool/queue.db"
+                "--queue `{v}` is not a queue URL; write it like sqlite://.gpupool/queue.db{hint}"
             )));
         }
-        (None, _) => (None, None),
+        None => None,
     };
     let url = flag_url
         .or_else(|| std::env::var("GPUPOOL_QUEUE").ok().filter(|v| !v.is_empty()))
@@ -220,7 +251,7 @@ fn settings(cli: &Cli) -> Result<(Settings, Option<String>)> {
         .or_else(|| std::env::var_os("GPUPOOL_DATA_DIR").filter(|v| !v.is_empty()).map(PathBuf::from))
         .or_else(|| file.data_dir.clone())
         .unwrap_or_else(crate::default_data_dir);
-    Ok((Settings { url, data_dir, file }, queue_filter))
+    Ok(Settings { url, data_dir, file })
 }
 
 fn job_id(s: &str) -> Result<JobId> {
@@ -228,21 +259,27 @@ fn job_id(s: &str) -> Result<JobId> {
 }
 
 fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| "[]".to_owned()));
+    out(&(serde_json::to_string_pretty(v).unwrap_or_else(|_| "[]".to_owned()) + "\n"));
 }
 
 async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
-    let (s, queue_filter) = settings(&cli)?;
+    let s = settings(&cli)?;
     let queue = registry.connect(&s.url).await?;
     let json = cli.json;
+    let reads =
+        matches!(cli.command, Command::Jobs { .. } | Command::Errors { .. } | Command::Status | Command::Logs { .. });
+    if reads && !json && !cli.quiet {
+        // Which queue a table came from, so that an empty one is not a mystery.
+        say(&format!("reading {}", redact_url(&s.url)));
+    }
     match cli.command {
         Command::Init => {
             queue.init().await?;
-            println!("queue ready: {}", redact_url(&s.url));
+            out(&format!("queue ready: {}\n", redact_url(&s.url)));
         }
         Command::Push { files, set } => push(queue.as_ref(), files, &set, json).await?,
-        Command::Jobs { id, state, limit, offset } => {
-            jobs(queue.as_ref(), id, state, ListPage { queue: queue_filter, limit, offset }, json).await?;
+        Command::Jobs { id, in_queue, state, limit, offset } => {
+            jobs(queue.as_ref(), id, state, ListPage { queue: in_queue, limit, offset }, json).await?;
         }
         Command::Errors { id, limit } => errors(queue.as_ref(), id, limit, json).await?,
         Command::Worker(args) => return worker(queue, &s, args).await,
@@ -274,11 +311,11 @@ async fn jobs(queue: &dyn Queue, id: Option<String>, state: Option<String>, page
         print_json(&serde_json::Value::Array(jobs.iter().map(|j| j.to_json()).collect()));
         return Ok(());
     }
-    print!("{}", jobs_table(&jobs));
+    out(&jobs_table(&jobs));
     if let [job] = jobs.as_slice() {
-        println!("\nargs: {}", serde_json::Value::Object(job.spec.args.clone()));
+        out(&format!("\nargs: {}\n", serde_json::Value::Object(job.spec.args.clone())));
         if !job.errors.is_empty() {
-            println!("failed attempts: {} (gpupool errors --id {})", job.errors.len(), job.id);
+            out(&format!("failed attempts: {} (gpupool errors --id {})\n", job.errors.len(), job.id));
         }
     }
     Ok(())
@@ -293,7 +330,7 @@ async fn errors(queue: &dyn Queue, id: Option<String>, limit: u32, json: bool) -
     if json {
         print_json(&serde_json::Value::Array(errors.iter().map(|e| e.to_json()).collect()));
     } else {
-        print!("{}", errors_table(&errors, id.is_some()));
+        out(&errors_table(&errors, id.is_some()));
     }
     Ok(())
 }
@@ -302,14 +339,14 @@ async fn cancel(queue: &dyn Queue, ids: &[String]) -> Result<ExitCode> {
     let mut failed = false;
     for id in ids {
         match queue.request_cancel(&job_id(id)?).await {
-            Ok(CancelOutcome::Cancelled) => println!("job {id}: cancelled"),
+            Ok(CancelOutcome::Cancelled) => out(&format!("job {id}: cancelled\n")),
             Ok(CancelOutcome::Requested) => {
-                println!("job {id}: cancel requested; its worker stops it at its next heartbeat")
+                out(&format!("job {id}: cancel requested; its worker stops it at its next heartbeat\n"))
             }
-            Ok(CancelOutcome::AlreadyEnded(state)) => println!("job {id}: already {state}"),
-            Ok(other) => println!("job {id}: {other:?}"),
+            Ok(CancelOutcome::AlreadyEnded(state)) => out(&format!("job {id}: already {state}\n")),
+            Ok(_) => out(&format!("job {id}: done\n")),
             Err(e) => {
-                eprintln!("gpupool: {e}");
+                say(&e.to_string());
                 failed = true;
             }
         }
@@ -321,9 +358,9 @@ async fn retry(queue: &dyn Queue, ids: &[String]) -> Result<ExitCode> {
     let mut failed = false;
     for id in ids {
         match queue.retry(&job_id(id)?).await {
-            Ok(()) => println!("job {id}: queued again"),
+            Ok(()) => out(&format!("job {id}: queued again\n")),
             Err(e) => {
-                eprintln!("gpupool: {e}");
+                say(&e.to_string());
                 failed = true;
             }
         }
@@ -339,7 +376,7 @@ async fn status(queue: &dyn Queue, url: &str, json: bool) -> Result<()> {
     if json {
         print_json(&serde_json::to_value(&workers).unwrap_or_default());
     } else {
-        print!("{}", crate::status_report(queue, url, &workers).await?);
+        out(&crate::status_report(queue, url, &workers).await?);
     }
     Ok(())
 }
@@ -350,12 +387,12 @@ async fn logs(queue: &dyn Queue, data_dir: &std::path::Path, id: &str) -> Result
     let job = queue.get(&id).await?;
     let local = data_dir.join("logs").join(format!("job-{id}.log"));
     match std::fs::read_to_string(&local) {
-        Ok(text) => print!("{text}"),
+        Ok(text) => out(&text),
         Err(_) => {
             let tail = job.output_tail.clone().or_else(|| job.errors.last().map(|e| e.output_tail.clone()));
             match tail {
-                Some(t) if !t.is_empty() => print!("{t}"),
-                _ => eprintln!("gpupool: no log for job {id} on this host and no stored output yet"),
+                Some(t) if !t.is_empty() => out(&t),
+                _ => say(&format!("no log for job {id} on this host and no stored output yet")),
             }
         }
     }
@@ -388,8 +425,8 @@ async fn push(queue: &dyn Queue, files: Vec<PathBuf>, set: &[String], json: bool
         batches.push((file, jobs));
     }
     if !queue.capabilities().priority && batches.iter().any(|(_, jobs)| jobs.iter().any(|j| j.priority != 0)) {
-        eprintln!(
-            "gpupool: warning: this backend runs jobs first in, first out and ignores `priority`; use queues for urgency (worker --queues urgent,default)"
+        say(
+            "warning: this backend runs jobs first in, first out and ignores `priority`; use queues for urgency (worker --queues urgent,default)",
         );
     }
     let mut ids = Vec::new();
@@ -402,7 +439,7 @@ async fn push(queue: &dyn Queue, files: Vec<PathBuf>, set: &[String], json: bool
         print_json(&serde_json::Value::Array(ids.iter().map(|i| i.as_str().into()).collect()));
     } else {
         let list: Vec<String> = ids.iter().map(ToString::to_string).collect();
-        println!("pushed {} job(s): {}", ids.len(), list.join(" "));
+        out(&format!("pushed {} job(s): {}\n", ids.len(), list.join(" ")));
     }
     Ok(())
 }

@@ -1,0 +1,85 @@
+//! The `gpupool` binary's output as a daily tool meets it: `--queue` is
+//! always the URL (`jobs --in NAME` filters), read commands say which queue
+//! they read, and a pipe closed early ends the command quietly.
+
+// Test code: a panic is how a check fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn gpupool(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpupool"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env("GPUPOOL_QUEUE", format!("sqlite://{}/queue.db", dir.display()))
+        .env_remove("GPUPOOL_LOG")
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    gpupool(dir, args).output().unwrap()
+}
+
+/// A queue in `dir` holding `n` jobs of queue `default` and one of `high`.
+fn queue_with_jobs(dir: &Path, n: usize) {
+    assert!(run(dir, &["init"]).status.success());
+    let mut jobs: Vec<serde_json::Value> =
+        (0..n).map(|i| serde_json::json!({"git_ref": "main", "entrypoint": "train.py", "args": {"i": i}})).collect();
+    jobs.push(serde_json::json!({"git_ref": "main", "entrypoint": "eval.py", "queue": "high"}));
+    std::fs::write(dir.join("jobs.json"), serde_json::to_string(&jobs).unwrap()).unwrap();
+    let out = run(dir, &["push", "jobs.json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn queue_is_always_the_url_and_in_filters_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    queue_with_jobs(tmp.path(), 2);
+
+    let out = run(tmp.path(), &["jobs", "--queue", "high"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a queue name is not a URL");
+    assert!(stderr.contains("not a queue URL") && stderr.contains("gpupool jobs --in high"), "{stderr}");
+
+    let out = run(tmp.path(), &["jobs", "--in", "high", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entrypoints: Vec<&str> = listed.as_array().unwrap().iter().map(|j| j["entrypoint"].as_str().unwrap()).collect();
+    assert_eq!(entrypoints, ["eval.py"], "only the `high` queue's job");
+}
+
+#[test]
+fn read_commands_name_the_queue_on_stderr_unless_json_or_quiet() {
+    let tmp = tempfile::tempdir().unwrap();
+    queue_with_jobs(tmp.path(), 1);
+    let url = format!("sqlite://{}/queue.db", tmp.path().display());
+    for args in [&["jobs"][..], &["errors"], &["status"]] {
+        let out = run(tmp.path(), args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && stderr.contains(&format!("reading {url}")), "{args:?}: {stderr}");
+    }
+    for args in [&["jobs", "--json"][..], &["jobs", "--quiet"], &["status", "-q"]] {
+        let out = run(tmp.path(), args);
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "", "{args:?} prints only results");
+    }
+}
+
+#[test]
+fn a_pipe_closed_early_ends_the_command_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Far more than a pipe buffer (64 KiB) of JSON.
+    queue_with_jobs(tmp.path(), 1000);
+    for args in [&["jobs", "--json", "--limit", "2000"][..], &["jobs", "--limit", "2000"]] {
+        let mut child = gpupool(tmp.path(), args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut first = [0u8; 64];
+        child.stdout.take().unwrap().read_exact(&mut first).unwrap(); // then `head` goes away
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(141), "{args:?}: as `ls | head` ends: {stderr}");
+    }
+}
