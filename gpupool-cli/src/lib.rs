@@ -217,6 +217,68 @@ fn gib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / f64::from(1u32 << 30))
 }
 
+/// Why queued jobs cannot start on the live workers, one line per reason
+/// with the jobs it holds, in order of the jobs' ids. Jobs a live worker can
+/// take are not listed; without a worker registry, nothing is known of
+/// workers and only the size rule applies.
+fn waiting_groups(queued: &[JobRecord], workers: &[WorkerInfo], tracked: bool) -> Vec<(String, Vec<String>)> {
+    let largest = workers.iter().filter(|w| !w.lost).map(|w| w.gpus.len()).max();
+    let mut groups: std::collections::BTreeMap<(u32, u8), (String, Vec<String>)> = std::collections::BTreeMap::new();
+    let mut add = |key: (u32, u8), reason: String, id: &str| {
+        groups.entry(key).or_insert_with(|| (reason, Vec::new())).1.push(id.to_owned());
+    };
+    let mut sorted: Vec<&JobRecord> = queued.iter().collect();
+    sorted.sort_by_key(|j| (j.id.as_str().len(), j.id.as_str().to_owned()));
+    for job in sorted {
+        let id = job.id.as_str();
+        match (job.spec.gpus, largest) {
+            (Some(n), Some(max)) if n as usize > max => {
+                let gpus = if n == 1 { "1 GPU".to_owned() } else { format!("{n} GPUs") };
+                add((n, 0), format!("need {gpus}; the largest live worker has {max}"), id);
+            }
+            (_, Some(_)) => {}
+            (_, None) if !tracked => {}
+            (Some(0), None) => add((0, 1), "CPU jobs; no worker is live".to_owned(), id),
+            (None, None) => {
+                add((0, 2), "need a GPU where a worker has one, else the CPU; no worker is live".to_owned(), id);
+            }
+            (Some(n), None) => {
+                let gpus = if n == 1 { "1 GPU".to_owned() } else { format!("{n} GPUs") };
+                add((n, 3), format!("need {gpus}; no worker is live"), id);
+            }
+        }
+    }
+    groups
+        .into_values()
+        .map(|(reason, ids)| {
+            let jobs = if ids.len() == 1 { "1 job".to_owned() } else { format!("{} jobs", thousands(ids.len())) };
+            (format!("{jobs}: {reason}"), ids)
+        })
+        .collect()
+}
+
+/// Up to five ids, then how many more.
+fn some_ids(ids: &[String]) -> String {
+    let shown = ids.iter().take(5).map(|i| format!("job {i}")).collect::<Vec<_>>().join(", ");
+    match ids.len() {
+        n if n > 5 => format!("{shown} and {} more", thousands(n - 5)),
+        _ => shown,
+    }
+}
+
+/// `4998` as `4,998`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The `gpupool status` report: the queue (password hidden), job counts,
 /// each worker with its GPUs and running jobs (lost ones marked), and the
 /// queued jobs no live worker can ever run, with why.
@@ -290,18 +352,9 @@ pub async fn status_report(queue: &dyn Queue, url: &str, workers: &[WorkerInfo])
             out.push_str(&format!("  {line}\n"));
         }
     }
-    let live: Vec<&WorkerInfo> = workers.iter().filter(|w| !w.lost).collect();
-    let largest = live.iter().map(|w| w.gpus.len()).max();
-    for job in &queued {
-        let need = job.spec.gpus_needed(true) as usize;
-        match largest {
-            Some(max) if need > max => out
-                .push_str(&format!("\nwaiting: job {} needs {need} GPUs; the largest live worker has {max}\n", job.id)),
-            None if queue.worker_registry().is_some() && need > 0 => {
-                out.push_str(&format!("\nwaiting: job {} needs {need} GPU(s) and no worker is live\n", job.id));
-            }
-            _ => {}
-        }
+    let tracked = queue.worker_registry().is_some();
+    for (reason, ids) in waiting_groups(&queued, workers, tracked) {
+        out.push_str(&format!("\nwaiting: {reason} ({})\n", some_ids(&ids)));
     }
     Ok(out)
 }

@@ -83,3 +83,31 @@ fn a_pipe_closed_early_ends_the_command_quietly() {
         assert_eq!(out.status.code(), Some(141), "{args:?}: as `ls | head` ends: {stderr}");
     }
 }
+
+#[test]
+fn status_groups_waiting_jobs_by_reason_at_any_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    assert!(run(dir, &["init"]).status.success());
+    let mut jobs: Vec<serde_json::Value> =
+        (0..2000).map(|i| serde_json::json!({"git_ref": "main", "entrypoint": "train.py", "args": {"i": i}})).collect();
+    jobs.push(serde_json::json!({"git_ref": "main", "entrypoint": "cpu.py", "gpus": 0}));
+    jobs.push(serde_json::json!({"git_ref": "main", "entrypoint": "big.py", "gpus": 2}));
+    std::fs::write(dir.join("jobs.json"), serde_json::to_string(&jobs).unwrap()).unwrap();
+    assert!(run(dir, &["push", "jobs.json"]).status.success());
+
+    let out = run(dir, &["status"]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.lines().count() < 20, "short at any size:\n{report}");
+    assert!(
+        report.contains(
+            "waiting: 2,000 jobs: need a GPU where a worker has one, else the CPU; no worker is live \
+             (job 1, job 2, job 3, job 4, job 5 and 1,995 more)"
+        ),
+        "{report}"
+    );
+    assert!(report.contains("waiting: 1 job: CPU jobs; no worker is live (job 2001)"), "{report}");
+    assert!(report.contains("waiting: 1 job: need 2 GPUs; no worker is live (job 2002)"), "{report}");
+    assert!(!report.contains("GPU(s)"), "{report}");
+}

@@ -201,7 +201,10 @@ async fn a_job_bigger_than_any_worker_stays_queued_and_status_says_why() {
     assert_eq!(workers.len(), 1);
     assert_eq!(workers[0].gpus.len(), 4);
     let report = gpupool_cli::status_report(s.queue.as_ref(), "sqlite://q.db", &workers).await.unwrap();
-    assert!(report.contains(&format!("job {huge} needs 8 GPUs; the largest live worker has 4")), "{report}");
+    assert!(
+        report.contains(&format!("waiting: 1 job: need 8 GPUs; the largest live worker has 4 (job {huge})")),
+        "{report}"
+    );
     let job = s.queue.get(&huge.parse().unwrap()).await.unwrap();
     assert_eq!((job.state, job.attempt), (JobState::Queued, 0), "never reserved, never bounced");
     stop.cancel();
