@@ -47,7 +47,8 @@ enum Command {
     Init,
     /// Push jobs from JSON files (default ./message.json).
     Push {
-        /// Files holding one job object or an array of them.
+        /// Files holding one job object or an array of them; `-` reads
+        /// standard input.
         files: Vec<PathBuf>,
         /// Set an arg on every job: --set lr=0.01 (JSON values, else strings).
         #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -410,8 +411,14 @@ async fn push(queue: &dyn Queue, files: Vec<PathBuf>, set: &[String], json: bool
     // Every file is read and checked before anything is pushed.
     let mut batches: Vec<(PathBuf, Vec<JobSpec>)> = Vec::new();
     for file in files {
-        let text = std::fs::read_to_string(&file)
-            .map_err(|e| Error::Config(format!("cannot read {}: {e}", file.display())))?;
+        let text = if file.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut text)
+                .map_err(|e| Error::Config(format!("cannot read standard input: {e}")))?;
+            text
+        } else {
+            std::fs::read_to_string(&file).map_err(|e| Error::Config(format!("cannot read {}: {e}", file.display())))?
+        };
         let mut jobs = message::parse_jobs(&text).map_err(|e| match e {
             Error::InvalidJob(m) => Error::InvalidJob(format!("{}: {m}", file.display())),
             other => other,

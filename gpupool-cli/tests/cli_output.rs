@@ -111,3 +111,23 @@ fn status_groups_waiting_jobs_by_reason_at_any_size() {
     assert!(report.contains("waiting: 1 job: need 2 GPUs; no worker is live (job 2002)"), "{report}");
     assert!(!report.contains("GPU(s)"), "{report}");
 }
+
+#[test]
+fn push_dash_reads_standard_input() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(run(tmp.path(), &["init"]).status.success());
+    let mut child = gpupool(tmp.path(), &["push", "-", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(br#"{"branch": "main", "train_path": "./train.py", "lr": "0.1"}"#).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ids: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let job = run(tmp.path(), &["jobs", "--json", "--id", ids[0].as_str().unwrap()]);
+    let job: serde_json::Value = serde_json::from_slice(&job.stdout).unwrap();
+    assert_eq!((job[0]["entrypoint"].as_str(), job[0]["args"]["lr"].as_str()), (Some("train.py"), Some("0.1")));
+}
