@@ -286,6 +286,15 @@ pub enum FailOutcome {
     Failed,
 }
 
+impl fmt::Display for FailOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FailOutcome::Requeued => "queued again",
+            FailOutcome::Failed => "no attempt left",
+        })
+    }
+}
+
 /// What [`Queue::request_cancel`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

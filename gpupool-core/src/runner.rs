@@ -27,6 +27,16 @@ pub enum StopReason {
     Shutdown,
 }
 
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StopReason::Cancel => "a cancel",
+            StopReason::LeaseLost => "a lost lease",
+            StopReason::Shutdown => "the worker's shutdown",
+        })
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct RunSpec {
@@ -62,6 +72,18 @@ pub enum Outcome {
     TimedOut,
     /// It was stopped from outside for this reason.
     Stopped(StopReason),
+}
+
+/// As the end of a sentence about the run: "exited with code 3".
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Exited(code) => write!(f, "exited with code {code}"),
+            Outcome::Signaled(sig) => write!(f, "was killed by signal {sig}"),
+            Outcome::TimedOut => f.write_str("ran past its timeout"),
+            Outcome::Stopped(why) => write!(f, "was stopped by {why}"),
+        }
+    }
 }
 
 /// The end of a run.

@@ -93,7 +93,7 @@ pub fn inventory(selection: &GpuSelection) -> Result<Arc<dyn GpuInventory>, Erro
                     None => nvml,
                 };
                 let names: Vec<String> = inv.status().iter().map(|g| format!("{} {}", g.index, g.name)).collect();
-                tracing::info!("GPUs: {names:?}");
+                tracing::info!("GPUs: {}", names.join(", "));
                 Ok(Arc::new(inv))
             }
             Err(why) => {
@@ -101,7 +101,10 @@ pub fn inventory(selection: &GpuSelection) -> Result<Arc<dyn GpuInventory>, Erro
                 if fallback.is_empty() {
                     tracing::info!("no GPUs: {why}; running CPU-only");
                 } else {
-                    tracing::info!("{why}; using CUDA_VISIBLE_DEVICES={fallback:?} as given");
+                    tracing::info!(
+                        "{why}; using CUDA_VISIBLE_DEVICES={} as given",
+                        fallback.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                    );
                 }
                 Ok(Arc::new(StaticInventory::new(&fallback)))
             }
@@ -113,7 +116,13 @@ pub fn inventory(selection: &GpuSelection) -> Result<Arc<dyn GpuInventory>, Erro
                 if missing.is_empty() {
                     Ok(Arc::new(nvml.restrict(list)))
                 } else {
-                    Err(Error::Config(format!("--gpus names GPU(s) {missing:?}, but this host has {count} GPU(s)")))
+                    {
+                        let missing = missing.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+                        Err(Error::Config(format!(
+                            "--gpus names GPU {missing}, but this host has {count} GPU(s) (0 to {})",
+                            count.saturating_sub(1)
+                        )))
+                    }
                 }
             }
             Err(_) => Ok(Arc::new(StaticInventory::new(list))),

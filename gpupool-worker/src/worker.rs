@@ -277,7 +277,7 @@ impl Worker {
                 }
                 Err(e) => {
                     backoff = (backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(30));
-                    warn!("reserve failed ({e}); trying again in {backoff:?}");
+                    warn!("reserve failed ({e}); trying again in {}", humantime::format_duration(backoff));
                     sleep_or(&shutdown, backoff).await;
                 }
             }
@@ -777,7 +777,7 @@ fn report_for(spec: &gpupool_core::JobSpec, outcome: Outcome, tail: String) -> R
         Outcome::Stopped(StopReason::Cancel) => Report::Cancelled(tail),
         Outcome::Stopped(StopReason::Shutdown) => Report::Release,
         Outcome::Stopped(_) => Report::Nothing,
-        other => failure(FailureKind::Exit, None, None, format!("{} ended as {other:?}", spec.entrypoint)),
+        other => failure(FailureKind::Exit, None, None, format!("{} {other}", spec.entrypoint)),
     }
 }
 
@@ -832,7 +832,7 @@ async fn run_setup(
                 kind: FailureKind::Setup,
                 exit_code: if let Outcome::Exited(c) = other { Some(c) } else { None },
                 signal: if let Outcome::Signaled(s) = other { Some(s) } else { None },
-                message: format!("the setup step `{shown}` failed ({other:?}); the job did not start"),
+                message: format!("the setup step `{shown}` {other}; the job did not start"),
                 output_tail: r.tail,
             })),
         },
@@ -881,7 +881,7 @@ async fn deliver(ctx: &Ctx, lease: &Lease, report: Report) {
         let result = match &report {
             Report::Complete(c) => q.complete(lease, c.clone()).await.map(|()| "succeeded".to_owned()),
             Report::Fail(f) => {
-                q.fail(lease, f.clone()).await.map(|o| format!("failed ({}): {}; {o:?}", f.kind, f.message))
+                q.fail(lease, f.clone()).await.map(|o| format!("failed ({}): {}; {o}", f.kind, f.message))
             }
             Report::Cancelled(tail) => q.report_cancelled(lease, tail.clone()).await.map(|()| "cancelled".to_owned()),
             Report::Release => q.release(lease).await.map(|()| "released".to_owned()),
@@ -897,7 +897,7 @@ async fn deliver(ctx: &Ctx, lease: &Lease, report: Report) {
                 return;
             }
             Err(e) if e.is_retryable() && tokio::time::Instant::now() < give_up => {
-                warn!("cannot record the result yet ({e}); retrying in {backoff:?}");
+                warn!("cannot record the result yet ({e}); retrying in {}", humantime::format_duration(backoff));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
