@@ -469,8 +469,8 @@ fn absolute_repo(repo: String) -> String {
 
 async fn worker(queue: Arc<dyn Queue>, s: &Settings, args: WorkerArgs) -> Result<ExitCode> {
     let cfg = worker_config(s, args)?;
-    let shutdown = CancellationToken::new();
-    let signals = shutdown.clone();
+    let (shutdown, stop_now) = (CancellationToken::new(), CancellationToken::new());
+    let (first, second) = (shutdown.clone(), stop_now.clone());
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
@@ -480,8 +480,14 @@ async fn worker(queue: Arc<dyn Queue>, s: &Settings, args: WorkerArgs) -> Result
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        tracing::info!("signal received: no new jobs; draining");
-        signals.cancel();
+        tracing::info!("signal received: no new jobs; draining (a second signal stops the running jobs now)");
+        first.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("second signal: stopping the running jobs now and giving them back");
+        second.cancel();
     });
     tracing::info!(queue = %redact_url(&s.url), data_dir = %s.data_dir.display(), "gpupool worker");
     let mut credentials = Credentials::from_env();
@@ -489,7 +495,7 @@ async fn worker(queue: Arc<dyn Queue>, s: &Settings, args: WorkerArgs) -> Result
         credentials = credentials.with_prompt(Arc::new(TerminalPrompt));
     }
     let workspace = Arc::new(GitWorkspace::new(&s.data_dir, credentials));
-    let summary = Worker::builder(queue, cfg).workspace(workspace).build().run(shutdown).await?;
+    let summary = Worker::builder(queue, cfg).workspace(workspace).build().run_until(shutdown, stop_now).await?;
     tracing::info!(reserved = summary.reserved, "worker stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -416,6 +416,26 @@ fn a_killed_worker_takes_its_job_along_and_the_job_runs_again(backend: Backend) 
     assert_eq!(errors[0]["attempt"], 1);
 }
 
+fn a_second_signal_stops_a_draining_worker_at_once(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
+    let ids = w.push(&json!({"git_ref": "develop", "entrypoint": "ai_folder/train.py",
+                             "args": {"spawn-child": true, "sleep": 120}}));
+    // The default drain (10 minutes) would wait for the run.
+    let worker = w.worker(&["--heartbeat", "1s"]);
+    let run = w.wait_for_run(&ids[0], 1);
+    let (pid, child) = (run["pid"].as_i64().unwrap(), run["child_pid"].as_i64().unwrap());
+    signal(&worker, nix::sys::signal::Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(alive(pid), "the first signal drains: the run goes on");
+    signal(&worker, nix::sys::signal::Signal::SIGINT);
+    let out = wait_output(worker, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_until(Duration::from_secs(5), || !alive(pid) && !alive(child));
+    let job = w.job(&ids[0]);
+    assert_eq!((job["state"].as_str(), job["attempt"].as_i64()), (Some("queued"), Some(0)), "released, not charged");
+    assert!(w.errors(&ids[0]).is_empty(), "a stop is not the job's failure");
+}
+
 fn cancel_kills_the_process_tree(backend: Backend) {
     let Some(w) = World::new(backend) else { return };
     let ids = w.push(&json!({"git_ref": "develop", "entrypoint": "ai_folder/train.py",
@@ -618,6 +638,7 @@ scenarios!(
     exit_status_decides_failure_not_stderr,
     a_killed_worker_takes_its_job_along_and_the_job_runs_again,
     cancel_kills_the_process_tree,
+    a_second_signal_stops_a_draining_worker_at_once,
     gpu_slots_give_each_gpu_to_one_job,
     bad_input_fails_clearly_and_the_worker_keeps_going,
     bad_jobs_are_refused_at_push_and_nothing_is_pushed,

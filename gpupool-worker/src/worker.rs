@@ -235,9 +235,27 @@ impl Worker {
         WorkerBuilder { queue, cfg, workspace: None, runner: None, inventory: None }
     }
 
-    /// Runs until `shutdown` fires (or, with `burst`, until idle).
+    /// Runs until `shutdown` fires (or, with `burst`, until idle), then
+    /// drains: waits up to the drain timeout for running jobs, then stops
+    /// and releases what is left.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerSummary> {
+        self.run_until(shutdown, CancellationToken::new()).await
+    }
+
+    /// [`run`](Worker::run), and when `stop_now` fires (a second Ctrl-C),
+    /// the drain ends at once: running jobs are stopped and released with
+    /// no attempt charged. `stop_now` implies `shutdown`.
+    pub async fn run_until(self, shutdown: CancellationToken, stop_now: CancellationToken) -> Result<WorkerSummary> {
         let ctx = self.ctx;
+        let shutdown = {
+            // Either token starts the shutdown.
+            let (either, now) = (shutdown.clone(), stop_now.clone());
+            tokio::spawn(async move {
+                now.cancelled().await;
+                either.cancel();
+            });
+            shutdown
+        };
         let cfg = &ctx.cfg;
         let mut slots = Slots::new(&ctx);
         let registry = tokio::spawn(register_loop(
@@ -288,7 +306,7 @@ impl Worker {
         if let Err(e) = ctx.queue.stop_reserving(&cfg.name).await {
             warn!("could not withdraw this worker's open reserve ({e})");
         }
-        slots.drain(cfg.drain_timeout).await;
+        slots.drain(cfg.drain_timeout, &stop_now).await;
         registry.abort();
         if let Some(registry) = ctx.queue.worker_registry()
             && let Err(e) = registry.unregister_worker(&cfg.name).await
@@ -414,17 +432,24 @@ impl Slots {
         }
     }
 
-    /// Waits up to `timeout` for the running jobs, then stops and releases
-    /// what is left.
-    async fn drain(mut self, timeout: Duration) {
+    /// Waits up to `timeout` (or until `stop_now`) for the running jobs,
+    /// then stops and releases what is left.
+    async fn drain(mut self, timeout: Duration, stop_now: &CancellationToken) {
         if self.tasks.is_empty() {
             return;
         }
-        info!(running = self.tasks.len(), drain = ?timeout, "stopping: waiting for running jobs");
+        info!(
+            running = self.tasks.len(),
+            "stopping: waiting up to {} for running jobs (signal again to stop them now)",
+            humantime::format_duration(timeout)
+        );
         let tasks = &mut self.tasks;
-        let drained = tokio::time::timeout(timeout, async { while tasks.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
-            info!(running = self.tasks.len(), "drain timeout: stopping and releasing running jobs");
+        let drained = tokio::select! {
+            drained = tokio::time::timeout(timeout, async { while tasks.join_next().await.is_some() {} }) => drained.is_ok(),
+            () = stop_now.cancelled() => false,
+        };
+        if !drained {
+            info!(running = self.tasks.len(), "stopping and releasing the running jobs");
             self.stop_all.cancel();
             while self.tasks.join_next().await.is_some() {}
         }
