@@ -131,3 +131,21 @@ fn push_dash_reads_standard_input() {
     let job: serde_json::Value = serde_json::from_slice(&job.stdout).unwrap();
     assert_eq!((job[0]["entrypoint"].as_str(), job[0]["args"]["lr"].as_str()), (Some("train.py"), Some("0.1")));
 }
+
+#[test]
+fn the_original_format_sets_job_options_under_gpupool() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(run(tmp.path(), &["init"]).status.success());
+    std::fs::write(
+        tmp.path().join("message.json"),
+        r#"{"branch": "develop", "train_path": "./ai_folder/train.py", "resize": "128 96",
+            "gpupool": {"gpus": 2, "queue": "high"}}"#,
+    )
+    .unwrap();
+    let out = run(tmp.path(), &["push", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(tmp.path(), &["jobs", "--json", "--in", "high"]);
+    let jobs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(jobs[0]["gpus"], 2);
+    assert_eq!(jobs[0]["args"], serde_json::json!({"resize": ["128", "96"]}), "`gpupool` is no argument");
+}

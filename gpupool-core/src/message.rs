@@ -122,14 +122,27 @@ pub fn parse_job(value: Value) -> Result<JobSpec> {
     Ok(spec)
 }
 
-/// The seed form: `branch`, `train_path`, and every other key an arg.
+/// The seed form: `branch`, `train_path`, and every other key an arg, but
+/// `gpupool`, an object of job options (`{"gpus": 2, "queue": "high"}`),
+/// which sets what the structured form's keys set.
 fn parse_seed(obj: Map<String, Value>) -> Result<JobSpec> {
     let mut git_ref = None;
     let mut entrypoint = None;
     let mut args = Args::new();
     let mut name = None;
+    let mut options = None;
     for (key, value) in obj {
         match key.as_str() {
+            SEED_OPTIONS => match value {
+                Value::Object(o) => options = Some(o),
+                other => {
+                    return Err(Error::InvalidJob(format!(
+                        "`{SEED_OPTIONS}` holds the job's options as an object, such as \
+                         {{\"gpus\": 2, \"queue\": \"high\"}}; found {}",
+                        kind_of(&other)
+                    )));
+                }
+            },
             "branch" => git_ref = Some(scalar_text("branch", &value)?),
             "train_path" => {
                 let path = scalar_text("train_path", &value)?;
@@ -149,11 +162,34 @@ fn parse_seed(obj: Map<String, Value>) -> Result<JobSpec> {
     let entrypoint = entrypoint.ok_or_else(|| {
         Error::InvalidJob("`train_path` is missing; name the script to run, such as `./train.py`".into())
     })?;
-    let mut spec = JobSpec::new(git_ref, entrypoint);
-    spec.args = args;
-    spec.name = name;
+    let Some(options) = options else {
+        let mut spec = JobSpec::new(git_ref, entrypoint);
+        spec.args = args;
+        spec.name = name;
+        return Ok(spec);
+    };
+    if let Some(key) = ["git_ref", "entrypoint", "args"].into_iter().find(|k| options.contains_key(*k)) {
+        return Err(Error::InvalidJob(format!(
+            "`{SEED_OPTIONS}.{key}`: in this form `branch`, `train_path` and the other keys set it; remove it here"
+        )));
+    }
+    let mut full = options;
+    full.insert("git_ref".into(), Value::String(git_ref));
+    full.insert("entrypoint".into(), Value::String(entrypoint));
+    full.insert("args".into(), Value::Object(args));
+    let mut spec = serde_path_to_error::deserialize::<_, JobSpec>(Value::Object(full)).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." { SEED_OPTIONS.to_owned() } else { format!("{SEED_OPTIONS}.{path}") };
+        Error::InvalidJob(format!("`{at}`: {}", e.into_inner()))
+    })?;
+    if spec.name.is_none() {
+        spec.name = name;
+    }
     Ok(spec)
 }
+
+/// The key of the seed form that holds job options instead of an arg.
+pub const SEED_OPTIONS: &str = "gpupool";
 
 /// A seed value: strings are split with shell-words rules.
 fn seed_value(key: &str, value: Value) -> Result<Value> {
@@ -421,6 +457,26 @@ mod tests {
         assert_eq!(spec.git_ref, "e6084c6b");
         let argv = build_argv(&[], &spec.entrypoint, &spec.args, 0);
         assert_eq!(argv, ["train.py", "--seed", "42", "--amp", "--words", "a b", "c"]);
+    }
+
+    #[test]
+    fn seed_form_takes_job_options_under_gpupool() {
+        let spec = one(r#"{"branch": "main", "train_path": "./t.py", "lr": "0.1",
+                           "gpupool": {"gpus": 2, "queue": "high", "timeout": "2h", "name": "run-a"}}"#);
+        assert_eq!((spec.gpus, spec.queue.as_str(), spec.name.as_deref()), (Some(2), "high", Some("run-a")));
+        assert_eq!(spec.timeout, Some(std::time::Duration::from_secs(7200)));
+        assert_eq!(serde_json::Value::Object(spec.args), serde_json::json!({"lr": "0.1"}), "options are no args");
+        let unknown = err(r#"{"branch": "m", "train_path": "t.py", "gpupool": {"gpu": 2}}"#);
+        assert!(unknown.contains("`gpupool.gpu`: unknown field"), "{unknown}");
+        assert!(err(r#"{"branch": "m", "train_path": "t.py", "gpupool": 2}"#).contains("as an object"));
+        assert!(
+            err(r#"{"branch": "m", "train_path": "t.py", "gpupool": {"entrypoint": "x.py"}}"#)
+                .contains("`gpupool.entrypoint`")
+        );
+        assert!(
+            err(r#"{"branch": "m", "train_path": "t.py", "gpupool": {"env": {"LD_PRELOAD": "x"}}}"#)
+                .contains("LD_PRELOAD")
+        );
     }
 
     #[test]
