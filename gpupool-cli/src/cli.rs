@@ -173,7 +173,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("GPUPOOL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(own_logs(default_level))),
         )
         .try_init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -190,6 +190,27 @@ pub fn main_with(registry: Registry) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The default log filter: gpupool's own crates at `level`, every library
+/// (drivers, lapin, sqlx) off; `GPUPOOL_LOG=warn` or `GPUPOOL_LOG=lapin=debug`
+/// shows them. Their errors reach the user through gpupool's own message.
+fn own_logs(level: &str) -> String {
+    let ours = [
+        "gpupool",
+        "gpupool_cli",
+        "gpupool_core",
+        "gpupool_worker",
+        "gpupool_sqlite",
+        "gpupool_mysql",
+        "gpupool_redis",
+        "gpupool_amqp",
+    ];
+    let mut filter = String::from("off");
+    for target in ours {
+        filter.push_str(&format!(",{target}={level}"));
+    }
+    filter
 }
 
 /// Writes to standard output. A reader that went away (`gpupool jobs |

@@ -149,3 +149,44 @@ fn the_original_format_sets_job_options_under_gpupool() {
     assert_eq!(jobs[0]["gpus"], 2);
     assert_eq!(jobs[0]["args"], serde_json::json!({"resize": ["128", "96"]}), "`gpupool` is no argument");
 }
+
+#[test]
+fn library_log_lines_stay_off_and_one_clean_line_explains() {
+    let Ok(url) = std::env::var("GPUPOOL_TEST_AMQP_URL") else { return };
+    let Some((base, _vhost)) = url.rsplit_once('/') else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(tmp.path(), &["--queue", &format!("{base}/gpupool-no-such-vhost"), "jobs"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "one line, no driver log:\n{stderr}");
+    assert!(stderr.starts_with("gpupool: ") && stderr.contains("gpupool-no-such-vhost"), "{stderr}");
+}
+
+#[test]
+fn gpus_given_as_a_list_without_nvml_are_taken_as_given_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(run(tmp.path(), &["init"]).status.success());
+    let out = run(tmp.path(), &["worker", "--gpus", "7,9", "--burst", "--data-dir", "data"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Without a driver: a warning and a run; with one (a GPU host with fewer
+    // GPUs): a refusal naming them.
+    let warned = out.status.success() && stderr.contains("taking --gpus 7,9 as given");
+    let refused = !out.status.success() && stderr.contains("--gpus names GPU 7,9");
+    assert!(warned || refused, "{stderr}");
+}
+
+#[test]
+fn a_missing_local_repository_is_named_plainly() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(run(tmp.path(), &["init"]).status.success());
+    std::fs::write(tmp.path().join("job.json"), r#"{"git_ref": "main", "entrypoint": "train.py"}"#).unwrap();
+    assert!(run(tmp.path(), &["push", "job.json"]).status.success());
+    let missing = tmp.path().join("no-such-repo");
+    let repo = missing.to_str().unwrap();
+    let out = run(tmp.path(), &["worker", "--repo", repo, "--gpus", "none", "--burst", "--data-dir", "data"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let errors = run(tmp.path(), &["errors", "--json"]);
+    let errors: serde_json::Value = serde_json::from_slice(&errors.stdout).unwrap();
+    assert_eq!(errors[0]["kind"], "repo");
+    assert_eq!(errors[0]["message"], format!("no repository at {repo}"));
+}

@@ -608,7 +608,7 @@ fn the_setup_step_runs_when_its_inputs_change_and_its_failure_fails_the_job(back
     let log = w.gp_ok(&["logs", &ids[0]]);
     assert!(log.contains("setup: python3 setup_step.py") && log.contains("run: python3 ai_folder/train.py"), "{log}");
     let log = w.gp_ok(&["logs", &ids[1]]);
-    assert!(log.contains("setup skipped: requirements.txt unchanged"), "{log}");
+    assert!(log.contains("and requirements.txt are unchanged since its last success"), "{log}");
 }
 
 macro_rules! scenarios {

@@ -28,9 +28,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 
 use git2::{CredentialType, FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository};
-use gpupool_core::async_trait;
 use gpupool_core::redact::redact_url;
 use gpupool_core::workspace::{Checkout, PrepareError, PrepareRequest, Workspace};
+use gpupool_core::{FailureKind, async_trait};
 
 /// Asks a person for git credentials when nothing else has them. A library
 /// never reads a terminal: the program that has one (the `gpupool` command)
@@ -146,7 +146,14 @@ impl Workspace for GitWorkspace {
                 (job.repo.to_owned(), job.git_ref.to_owned(), dir.clone(), self.credentials.clone());
             tokio::task::spawn_blocking(move || prepare_blocking(&mirror, &repo, &git_ref, &dir, &creds))
                 .await
-                .map_err(|e| PrepareError::repo(format!("the checkout task failed: {e}")))??
+                .map_err(|e| PrepareError::repo(format!("the checkout task failed: {e}")))?
+                .map_err(|e| match e.kind {
+                    // libgit2 says "unsupported URL protocol" for a path that is not there.
+                    FailureKind::Repo if is_local_path(job.repo) && !Path::new(job.repo).exists() => {
+                        PrepareError::repo(format!("no repository at {}", job.repo))
+                    }
+                    _ => e,
+                })?
         };
         let checkout = Checkout { dir, commit };
         if let Err(e) = check_entrypoint(&checkout, job.entrypoint, job.git_ref) {
@@ -165,6 +172,16 @@ impl Workspace for GitWorkspace {
     fn secrets(&self) -> Vec<String> {
         self.credentials.secrets()
     }
+}
+
+/// A repository named by a path on this host, not a URL (`https://…`,
+/// `ssh://…`) or an scp-like address (`git@host:team/model.git`).
+fn is_local_path(repo: &str) -> bool {
+    if repo.contains("://") {
+        return false;
+    }
+    let scp_like = repo.split_once(':').is_some_and(|(host, _)| !host.contains('/') && host.len() > 1);
+    !scp_like
 }
 
 fn check_entrypoint(checkout: &Checkout, entrypoint: &str, git_ref: &str) -> Result<(), PrepareError> {
@@ -375,7 +392,6 @@ fn host_of(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpupool_core::FailureKind;
 
     fn job<'a>(repo: &'a str, git_ref: &'a str, label: &'a str) -> PrepareRequest<'a> {
         PrepareRequest { repo, git_ref, entrypoint: "train.py", label }
@@ -417,6 +433,7 @@ mod tests {
         let c = ws.prepare(&job(&url, &first.to_string()[..10], "c")).await.unwrap();
         assert_eq!(std::fs::read_to_string(c.dir.join("train.py")).unwrap(), "v1");
         let missing = ws.prepare(&job(&url, &head, "d")).await.unwrap_err();
+        assert_eq!(missing.message, format!("no repository at {url}"), "a local path says so plainly");
         assert_eq!(missing.kind, FailureKind::Repo, "{}", missing.message);
         let _ = std::fs::remove_dir_all(&tmp);
     }

@@ -125,7 +125,11 @@ pub fn inventory(selection: &GpuSelection) -> Result<Arc<dyn GpuInventory>, Erro
                     }
                 }
             }
-            Err(_) => Ok(Arc::new(StaticInventory::new(list))),
+            Err(why) => {
+                let shown = list.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+                tracing::warn!("{why}; taking --gpus {shown} as given, with nothing known of their memory");
+                Ok(Arc::new(StaticInventory::new(list)))
+            }
         },
     }
 }

@@ -829,12 +829,15 @@ async fn run_setup(
     let stamp = ctx.cfg.data_dir.join("setup-cache").join(format!("{}.ok", mirror_name(repo)));
     let shown = shell_words::join(setup);
     if tokio::fs::read_to_string(&stamp).await.is_ok_and(|k| k == key) {
-        info!("setup skipped: its inputs are unchanged since its last success");
-        note(
-            &spec.log_path,
-            &format!("setup skipped: {} unchanged since its last success", ctx.cfg.setup_inputs.join(", ")),
-        )
-        .await;
+        let present: Vec<&str> =
+            ctx.cfg.setup_inputs.iter().filter(|i| checkout.dir.join(i).exists()).map(String::as_str).collect();
+        let why = if present.is_empty() {
+            format!("`{shown}` is unchanged and none of its inputs ({}) exists", ctx.cfg.setup_inputs.join(", "))
+        } else {
+            format!("`{shown}` and {} are unchanged", present.join(", "))
+        };
+        info!("setup skipped: {why} since its last success");
+        note(&spec.log_path, &format!("setup skipped: {why} since its last success")).await;
         return None;
     }
     note(&spec.log_path, &format!("setup: {shown}")).await;
