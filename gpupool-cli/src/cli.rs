@@ -229,6 +229,18 @@ fn out(text: &str) {
     }
 }
 
+/// The width tables are cut to: `COLUMNS` when set, else the terminal's
+/// when standard output is one; `None` (no cut) into a pipe or a file.
+fn terminal_width() -> Option<usize> {
+    if let Some(cols) = std::env::var("COLUMNS").ok().and_then(|c| c.parse::<usize>().ok()).filter(|c| *c > 0) {
+        return Some(cols);
+    }
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    terminal_size::terminal_size().map(|(terminal_size::Width(w), _)| usize::from(w))
+}
+
 /// One line to stderr, prefixed `gpupool: `; a closed stderr is ignored.
 fn say(text: &str) {
     use std::io::Write;
@@ -333,7 +345,11 @@ async fn jobs(queue: &dyn Queue, id: Option<String>, state: Option<String>, page
         print_json(&serde_json::Value::Array(jobs.iter().map(|j| j.to_json()).collect()));
         return Ok(());
     }
-    out(&jobs_table(&jobs));
+    let table = jobs_table(&jobs);
+    match terminal_width() {
+        Some(width) => out(&crate::fit_width(&table, width)),
+        None => out(&table),
+    }
     if let [job] = jobs.as_slice() {
         out(&format!("\nargs: {}\n", serde_json::Value::Object(job.spec.args.clone())));
         if !job.errors.is_empty() {

@@ -153,14 +153,22 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// The `gpupool jobs` table.
+/// The `gpupool jobs` table. A running job whose cancel was asked for shows
+/// as `cancelling`; a queued job shows no exit code (its last run's is in
+/// `gpupool errors`); WORKER is the host that ran or runs it, DURATION how
+/// long its last run took (or has taken so far).
 pub fn jobs_table(jobs: &[JobRecord]) -> String {
+    let now = Timestamp::now();
     let rows: Vec<Vec<String>> = jobs
         .iter()
         .map(|j| {
             vec![
                 j.id.to_string(),
-                j.state.to_string(),
+                if j.state == JobState::Running && j.cancel_requested {
+                    "cancelling".to_owned()
+                } else {
+                    j.state.to_string()
+                },
                 j.spec.queue.clone(),
                 j.spec.name.clone().unwrap_or_else(|| "-".into()),
                 j.spec.git_ref.clone(),
@@ -172,13 +180,66 @@ pub fn jobs_table(jobs: &[JobRecord]) -> String {
                     Some(g) => g.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
                     None => j.spec.gpus.map_or_else(|| "-".to_owned(), |n| format!("({n})")),
                 },
-                opt(j.exit_code),
+                if j.state == JobState::Queued { "-".to_owned() } else { opt(j.exit_code) },
+                j.worker
+                    .as_deref()
+                    .map_or_else(|| "-".to_owned(), |w| w.rsplit_once(':').map_or(w, |(h, _)| h).to_owned()),
+                duration(j, now),
                 short(Some(j.created_at)),
                 j.spec.entrypoint.clone(),
             ]
         })
         .collect();
-    table(&["ID", "STATE", "QUEUE", "NAME", "REF", "COMMIT", "ATTEMPT", "GPUS", "EXIT", "CREATED", "ENTRYPOINT"], &rows)
+    table(
+        &[
+            "ID",
+            "STATE",
+            "QUEUE",
+            "NAME",
+            "REF",
+            "COMMIT",
+            "ATTEMPT",
+            "GPUS",
+            "EXIT",
+            "WORKER",
+            "DURATION",
+            "CREATED",
+            "ENTRYPOINT",
+        ],
+        &rows,
+    )
+}
+
+/// How long a job's last run took, or has taken so far: `1h02m`, `3m05s`,
+/// `12s`; `-` before any run.
+fn duration(j: &JobRecord, now: Timestamp) -> String {
+    let Some(start) = j.started_at else { return "-".to_owned() };
+    let end = match (j.state, j.finished_at) {
+        (JobState::Running, _) => now,
+        (_, Some(end)) => end,
+        (_, None) => return "-".to_owned(),
+    };
+    let secs = (end.0 - start.0).max(0) / 1000;
+    match (secs / 3600, secs % 3600 / 60, secs % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
+}
+
+/// Cuts each line of `text` to `width` characters, ending a cut one with `…`.
+pub fn fit_width(text: &str, width: usize) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line.chars().count() > width && width > 1 {
+            out.extend(line.chars().take(width - 1));
+            out.push('…');
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// The `gpupool errors` table; with `tails`, each record's output tail

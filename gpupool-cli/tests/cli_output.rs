@@ -190,3 +190,37 @@ fn a_missing_local_repository_is_named_plainly() {
     assert_eq!(errors[0]["kind"], "repo");
     assert_eq!(errors[0]["message"], format!("no repository at {repo}"));
 }
+
+#[test]
+fn the_jobs_table_shows_worker_and_duration_clears_exit_when_requeued_and_fits_the_width() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let repo = gpupool_worker::testing::job_repo(dir, "import sys\nsys.exit(3)\n");
+    assert!(run(dir, &["init"]).status.success());
+    std::fs::write(
+        dir.join("job.json"),
+        r#"{"git_ref": "main", "entrypoint": "job.py", "max_attempts": 1, "name": "a-rather-long-run-name"}"#,
+    )
+    .unwrap();
+    assert!(run(dir, &["push", "job.json"]).status.success());
+    let repo = repo.to_str().unwrap();
+    let out = run(dir, &["worker", "--repo", repo, "--gpus", "none", "--burst", "--data-dir", "data"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let table = String::from_utf8(run(dir, &["jobs"]).stdout).unwrap();
+    let (header, row) = (table.lines().next().unwrap(), table.lines().nth(1).unwrap());
+    assert!(header.contains("WORKER") && header.contains("DURATION"), "{table}");
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1], "failed", "{table}");
+    assert!(cells.contains(&"3") && cells.iter().any(|c| c.ends_with('s')), "exit 3 and a duration: {table}");
+
+    assert!(run(dir, &["retry", "1"]).status.success());
+    let table = String::from_utf8(run(dir, &["jobs"]).stdout).unwrap();
+    let cells: Vec<String> = table.lines().nth(1).unwrap().split_whitespace().map(str::to_owned).collect();
+    assert_eq!(cells[1], "queued", "{table}");
+    assert!(!cells.contains(&"3".to_owned()), "a queued job shows no old exit code: {table}");
+
+    let narrow = gpupool(dir, &["jobs"]).env("COLUMNS", "60").output().unwrap();
+    let narrow = String::from_utf8(narrow.stdout).unwrap();
+    assert!(narrow.lines().all(|l| l.chars().count() <= 60), "{narrow}");
+}
