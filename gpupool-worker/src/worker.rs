@@ -656,116 +656,169 @@ async fn execute(ctx: &Ctx, lease: &Lease, gpus: &[u32], stopper: &Stopper, laun
         Ok(c) => c,
         Err(e) => return Report::Fail(Failure::new(e.kind, e.message)),
     };
-    let report = run_in_checkout(ctx, lease, gpus, stopper, launched, &repo, &checkout).await;
+    let attempt = Attempt { ctx, lease, gpus, stopper, launched, repo: &repo, checkout: &checkout };
+    let report = attempt.run().await;
     ctx.workspace.remove(&checkout).await;
     report
 }
 
-async fn run_in_checkout(
-    ctx: &Ctx,
-    lease: &Lease,
-    gpus: &[u32],
-    stopper: &Stopper,
-    launched: &CancellationToken,
-    repo: &str,
-    checkout: &Checkout,
-) -> Report {
-    // The commit and GPUs are recorded once the process (or the setup
-    // step) has started, not before: a round trip to the queue (a ledger
-    // write on RabbitMQ) is not worth delaying a run for, nor competing with
-    // its start for the CPU. A lost lease stops the run as a heartbeat
-    // would; the outcome is reported only after the record is in, so the
-    // completion never overtakes it.
-    let recorder = {
-        let info = RunInfo { commit: Some(checkout.commit.clone()), gpu_ids: gpus.to_vec() };
-        let (queue, lease, stopper) = (Arc::clone(&ctx.queue), lease.clone(), stopper.clone());
-        let launched = launched.clone();
-        tokio::spawn(async move {
-            launched.cancelled().await;
-            match queue.started(&lease, &info).await {
-                Err(Error::LeaseLost { .. }) => stopper.stop(StopReason::LeaseLost),
-                Err(e) => warn!("could not record the commit ({e})"),
-                Ok(()) => {}
+/// One attempt of a job on this worker, once its code is checked out: what
+/// every step of running it needs.
+#[derive(Clone, Copy)]
+struct Attempt<'a> {
+    ctx: &'a Ctx,
+    lease: &'a Lease,
+    gpus: &'a [u32],
+    stopper: &'a Stopper,
+    launched: &'a CancellationToken,
+    repo: &'a str,
+    checkout: &'a Checkout,
+}
+
+impl Attempt<'_> {
+    /// Runs the attempt in its checkout and records its start.
+    async fn run(self) -> Report {
+        let Attempt { ctx, lease, gpus, stopper, launched, checkout, .. } = self;
+        // The commit and GPUs are recorded once the process (or the setup
+        // step) has started, not before: a round trip to the queue (a ledger
+        // write on RabbitMQ) is not worth delaying a run for, nor competing with
+        // its start for the CPU. A lost lease stops the run as a heartbeat
+        // would; the outcome is reported only after the record is in, so the
+        // completion never overtakes it.
+        let recorder = {
+            let info = RunInfo { commit: Some(checkout.commit.clone()), gpu_ids: gpus.to_vec() };
+            let (queue, lease, stopper) = (Arc::clone(&ctx.queue), lease.clone(), stopper.clone());
+            let launched = launched.clone();
+            tokio::spawn(async move {
+                launched.cancelled().await;
+                match queue.started(&lease, &info).await {
+                    Err(Error::LeaseLost { .. }) => stopper.stop(StopReason::LeaseLost),
+                    Err(e) => warn!("could not record the commit ({e})"),
+                    Ok(()) => {}
+                }
+            })
+        };
+        let report = self.run_recorded().await;
+        launched.cancel();
+        let _ = recorder.await;
+        report
+    }
+
+    /// [`Attempt::run`] once the `started` record is on its way: the setup
+    /// step, then the entrypoint, and what their end comes to.
+    async fn run_recorded(self) -> Report {
+        let Attempt { ctx, lease, gpus, stopper, launched, checkout, .. } = self;
+        let spec = &lease.job.spec;
+        if let Some(reason) = stopper.reason() {
+            return stopped_report(reason);
+        }
+        let log_path = ctx.cfg.data_dir.join("logs").join(format!("job-{}.log", lease.id()));
+        note(&log_path, &self.log_header()).await;
+        let run_spec = |argv: Vec<String>| RunSpec {
+            argv,
+            cwd: checkout.dir.clone(),
+            env: self.job_env(),
+            env_remove: worker_secrets_env(),
+            log_path: log_path.clone(),
+            timeout: spec.timeout,
+            grace: ctx.cfg.grace,
+            tail_bytes: ctx.cfg.tail_bytes,
+            secrets: ctx.workspace.secrets(),
+        };
+
+        if let Some(setup) = &ctx.cfg.setup
+            && let Some(report) = self.run_setup(setup, &run_spec(setup.clone())).await
+        {
+            return report;
+        }
+        let argv = build_argv(&ctx.cfg.command, &spec.entrypoint, &spec.args, u32::try_from(gpus.len()).unwrap_or(0));
+        note(&log_path, &format!("run: {}", shell_words::join(&argv))).await;
+        match ctx.runner.run(&run_spec(argv), stopper, launched).await {
+            Ok(result) => report_for(spec, result.outcome, result.tail),
+            Err(message) => Report::Fail(Failure::new(FailureKind::Setup, message)),
+        }
+    }
+
+    /// The first line of an attempt in the job's log.
+    fn log_header(self) -> String {
+        let Attempt { ctx, lease, gpus, repo, checkout, .. } = self;
+        format!(
+            "job {} attempt {} on {}: {} at {} ({}), GPUs [{}]",
+            lease.id(),
+            lease.attempt(),
+            ctx.cfg.name,
+            gpupool_core::redact::redact_url(repo),
+            lease.job.spec.git_ref,
+            checkout.commit,
+            gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+        )
+    }
+
+    /// The job's own `env` with what every run gets on top (INTERFACE.md).
+    fn job_env(self) -> Vec<(String, String)> {
+        let Attempt { lease, gpus, checkout, .. } = self;
+        let spec = &lease.job.spec;
+        let visible = gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        env.extend([
+            ("CUDA_VISIBLE_DEVICES".to_owned(), visible),
+            ("CUDA_DEVICE_ORDER".to_owned(), "PCI_BUS_ID".to_owned()),
+            ("GPUPOOL_JOB_ID".to_owned(), lease.id().to_string()),
+            ("GPUPOOL_ATTEMPT".to_owned(), lease.attempt().to_string()),
+            ("GPUPOOL_QUEUE".to_owned(), spec.queue.clone()),
+            ("GPUPOOL_COMMIT".to_owned(), checkout.commit.clone()),
+            ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
+        ]);
+        env
+    }
+
+    /// The setup step, skipped while its inputs hash as at its last success on
+    /// this worker for this repository. `None` means go on.
+    async fn run_setup(self, setup: &[String], spec: &RunSpec) -> Option<Report> {
+        let Attempt { ctx, stopper, launched, repo, checkout, .. } = self;
+        // One setup at a time: two jobs installing into one environment race.
+        let _guard = ctx.setup_lock.lock().await;
+        let key = setup_key(setup, &ctx.cfg.setup_inputs, checkout);
+        let stamp = ctx.cfg.data_dir.join("setup-cache").join(format!("{}.ok", mirror_name(repo)));
+        let shown = shell_words::join(setup);
+        if tokio::fs::read_to_string(&stamp).await.is_ok_and(|k| k == key) {
+            let present: Vec<&str> =
+                ctx.cfg.setup_inputs.iter().filter(|i| checkout.dir.join(i).exists()).map(String::as_str).collect();
+            let why = if present.is_empty() {
+                format!("`{shown}` is unchanged and none of its inputs ({}) exists", ctx.cfg.setup_inputs.join(", "))
+            } else {
+                format!("`{shown}` and {} are unchanged", present.join(", "))
+            };
+            info!("setup skipped: {why} since its last success");
+            note(&spec.log_path, &format!("setup skipped: {why} since its last success")).await;
+            return None;
+        }
+        note(&spec.log_path, &format!("setup: {shown}")).await;
+        match ctx.runner.run(spec, stopper, launched).await {
+            Err(message) => {
+                Some(Report::Fail(Failure::new(FailureKind::Setup, format!("setup step `{shown}`: {message}"))))
             }
-        })
-    };
-    let report = run_recorded(ctx, lease, gpus, stopper, launched, repo, checkout).await;
-    launched.cancel();
-    let _ = recorder.await;
-    report
-}
-
-/// [`run_in_checkout`] once the `started` record is on its way: the setup
-/// step, then the entrypoint, and what their end comes to.
-async fn run_recorded(
-    ctx: &Ctx,
-    lease: &Lease,
-    gpus: &[u32],
-    stopper: &Stopper,
-    launched: &CancellationToken,
-    repo: &str,
-    checkout: &Checkout,
-) -> Report {
-    let spec = &lease.job.spec;
-    if let Some(reason) = stopper.reason() {
-        return stopped_report(reason);
+            Ok(r) => match r.outcome {
+                Outcome::Exited(0) => {
+                    if let Some(dir) = stamp.parent() {
+                        let _ = tokio::fs::create_dir_all(dir).await;
+                    }
+                    if let Err(e) = tokio::fs::write(&stamp, key).await {
+                        warn!("cannot record the setup step's success: {e}");
+                    }
+                    None
+                }
+                Outcome::Stopped(reason) => Some(stopped_report(reason)),
+                other => Some(Report::Fail(Failure {
+                    kind: FailureKind::Setup,
+                    exit_code: if let Outcome::Exited(c) = other { Some(c) } else { None },
+                    signal: if let Outcome::Signaled(s) = other { Some(s) } else { None },
+                    message: format!("the setup step `{shown}` {other}; the job did not start"),
+                    output_tail: r.tail,
+                })),
+            },
+        }
     }
-    let log_path = ctx.cfg.data_dir.join("logs").join(format!("job-{}.log", lease.id()));
-    note(&log_path, &log_header(ctx, lease, gpus, repo, checkout)).await;
-    let run_spec = |argv: Vec<String>| RunSpec {
-        argv,
-        cwd: checkout.dir.clone(),
-        env: job_env(lease, gpus, checkout),
-        env_remove: worker_secrets_env(),
-        log_path: log_path.clone(),
-        timeout: spec.timeout,
-        grace: ctx.cfg.grace,
-        tail_bytes: ctx.cfg.tail_bytes,
-        secrets: ctx.workspace.secrets(),
-    };
-
-    if let Some(setup) = &ctx.cfg.setup
-        && let Some(report) = run_setup(ctx, setup, repo, checkout, stopper, launched, &run_spec(setup.clone())).await
-    {
-        return report;
-    }
-    let argv = build_argv(&ctx.cfg.command, &spec.entrypoint, &spec.args, u32::try_from(gpus.len()).unwrap_or(0));
-    note(&log_path, &format!("run: {}", shell_words::join(&argv))).await;
-    match ctx.runner.run(&run_spec(argv), stopper, launched).await {
-        Ok(result) => report_for(spec, result.outcome, result.tail),
-        Err(message) => Report::Fail(Failure::new(FailureKind::Setup, message)),
-    }
-}
-
-/// The first line of an attempt in the job's log.
-fn log_header(ctx: &Ctx, lease: &Lease, gpus: &[u32], repo: &str, checkout: &Checkout) -> String {
-    format!(
-        "job {} attempt {} on {}: {} at {} ({}), GPUs [{}]",
-        lease.id(),
-        lease.attempt(),
-        ctx.cfg.name,
-        gpupool_core::redact::redact_url(repo),
-        lease.job.spec.git_ref,
-        checkout.commit,
-        gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
-    )
-}
-
-/// The job's own `env` with what every run gets on top (INTERFACE.md).
-fn job_env(lease: &Lease, gpus: &[u32], checkout: &Checkout) -> Vec<(String, String)> {
-    let spec = &lease.job.spec;
-    let visible = gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    env.extend([
-        ("CUDA_VISIBLE_DEVICES".to_owned(), visible),
-        ("CUDA_DEVICE_ORDER".to_owned(), "PCI_BUS_ID".to_owned()),
-        ("GPUPOOL_JOB_ID".to_owned(), lease.id().to_string()),
-        ("GPUPOOL_ATTEMPT".to_owned(), lease.attempt().to_string()),
-        ("GPUPOOL_QUEUE".to_owned(), spec.queue.clone()),
-        ("GPUPOOL_COMMIT".to_owned(), checkout.commit.clone()),
-        ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
-    ]);
-    env
 }
 
 /// The worker's own `GPUPOOL_*` settings (queue URLs with passwords, git
@@ -810,61 +863,6 @@ fn looks_like_oom(tail: &str) -> bool {
     tail.contains("CUDA out of memory")
         || tail.contains("OutOfMemoryError")
         || tail.contains("CUDA_ERROR_OUT_OF_MEMORY")
-}
-
-/// The setup step, skipped while its inputs hash as at its last success on
-/// this worker for this repository. `None` means go on.
-async fn run_setup(
-    ctx: &Ctx,
-    setup: &[String],
-    repo: &str,
-    checkout: &Checkout,
-    stopper: &Stopper,
-    launched: &CancellationToken,
-    spec: &RunSpec,
-) -> Option<Report> {
-    // One setup at a time: two jobs installing into one environment race.
-    let _guard = ctx.setup_lock.lock().await;
-    let key = setup_key(setup, &ctx.cfg.setup_inputs, checkout);
-    let stamp = ctx.cfg.data_dir.join("setup-cache").join(format!("{}.ok", mirror_name(repo)));
-    let shown = shell_words::join(setup);
-    if tokio::fs::read_to_string(&stamp).await.is_ok_and(|k| k == key) {
-        let present: Vec<&str> =
-            ctx.cfg.setup_inputs.iter().filter(|i| checkout.dir.join(i).exists()).map(String::as_str).collect();
-        let why = if present.is_empty() {
-            format!("`{shown}` is unchanged and none of its inputs ({}) exists", ctx.cfg.setup_inputs.join(", "))
-        } else {
-            format!("`{shown}` and {} are unchanged", present.join(", "))
-        };
-        info!("setup skipped: {why} since its last success");
-        note(&spec.log_path, &format!("setup skipped: {why} since its last success")).await;
-        return None;
-    }
-    note(&spec.log_path, &format!("setup: {shown}")).await;
-    match ctx.runner.run(spec, stopper, launched).await {
-        Err(message) => {
-            Some(Report::Fail(Failure::new(FailureKind::Setup, format!("setup step `{shown}`: {message}"))))
-        }
-        Ok(r) => match r.outcome {
-            Outcome::Exited(0) => {
-                if let Some(dir) = stamp.parent() {
-                    let _ = tokio::fs::create_dir_all(dir).await;
-                }
-                if let Err(e) = tokio::fs::write(&stamp, key).await {
-                    warn!("cannot record the setup step's success: {e}");
-                }
-                None
-            }
-            Outcome::Stopped(reason) => Some(stopped_report(reason)),
-            other => Some(Report::Fail(Failure {
-                kind: FailureKind::Setup,
-                exit_code: if let Outcome::Exited(c) = other { Some(c) } else { None },
-                signal: if let Outcome::Signaled(s) = other { Some(s) } else { None },
-                message: format!("the setup step `{shown}` {other}; the job did not start"),
-                output_tail: r.tail,
-            })),
-        },
-    }
 }
 
 /// Appends a `== gpupool: …` line to a job's log.
