@@ -89,14 +89,16 @@ enum Command {
     /// Cancel jobs: queued ones at once, running ones through their worker.
     Cancel {
         /// Job ids.
-        #[arg(required = true)]
         ids: Vec<String>,
+        #[command(flatten)]
+        select: Select,
     },
     /// Put failed or cancelled jobs back in the queue.
     Retry {
         /// Job ids.
-        #[arg(required = true)]
         ids: Vec<String>,
+        #[command(flatten)]
+        select: Select,
     },
     /// Print a job's log (the local file if this host ran it, else the stored tail).
     Logs {
@@ -106,6 +108,26 @@ enum Command {
     /// Show the queue, its workers with their GPUs, and jobs that cannot start.
     Status,
 }
+
+/// Jobs chosen by what they are rather than by id (`cancel`, `retry`).
+#[derive(Debug, Clone, Default, clap::Args)]
+struct Select {
+    /// Also every job in this state.
+    #[arg(long)]
+    state: Option<String>,
+    /// Also every job of this queue name (with --state or --name: only those).
+    #[arg(long = "in", value_name = "NAME")]
+    in_queue: Option<String>,
+    /// Also every job whose name matches this pattern (`*` and `?`).
+    #[arg(long, value_name = "GLOB")]
+    name: Option<String>,
+    /// Act on more than 10 jobs.
+    #[arg(long)]
+    yes: bool,
+}
+
+/// More jobs than this need `--yes`.
+const BULK_CONFIRM: usize = 10;
 
 #[derive(Debug, clap::Args)]
 struct WorkerArgs {
@@ -317,8 +339,14 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
         }
         Command::Errors { id, limit } => errors(queue.as_ref(), id, limit, json).await?,
         Command::Worker(args) => return worker(queue, &s, args).await,
-        Command::Cancel { ids } => return cancel(queue.as_ref(), &ids).await,
-        Command::Retry { ids } => return retry(queue.as_ref(), &ids).await,
+        Command::Cancel { ids, select } => {
+            let ids = selected(queue.as_ref(), ids, &select, "cancel").await?;
+            return cancel(queue.as_ref(), &ids).await;
+        }
+        Command::Retry { ids, select } => {
+            let ids = selected(queue.as_ref(), ids, &select, "retry").await?;
+            return retry(queue.as_ref(), &ids).await;
+        }
         Command::Status => status(queue.as_ref(), &s.url, json).await?,
         Command::Logs { id } => logs(queue.as_ref(), &s.data_dir, &id).await?,
     }
@@ -371,6 +399,72 @@ async fn errors(queue: &dyn Queue, id: Option<String>, limit: u32, json: bool) -
         out(&errors_table(&errors, id.is_some()));
     }
     Ok(())
+}
+
+/// The ids given, and the jobs `select` picks (state, queue name, name
+/// pattern; together they narrow), each once. Says how many; refuses more
+/// than [`BULK_CONFIRM`] without `--yes`.
+async fn selected(queue: &dyn Queue, mut ids: Vec<String>, select: &Select, verb: &str) -> Result<Vec<String>> {
+    let by_filter = select.state.is_some() || select.in_queue.is_some() || select.name.is_some();
+    if by_filter {
+        let state = select.state.as_deref().map(str::parse::<JobState>).transpose()?;
+        let mut offset = 0;
+        loop {
+            let filter = ListFilter { state, queue: select.in_queue.clone(), limit: 1000, offset };
+            let page = queue.list(&filter).await?;
+            for job in &page {
+                let named = select.name.as_deref().is_none_or(|g| job.spec.name.as_deref().is_some_and(|n| glob(g, n)));
+                if named && !ids.contains(&job.id.to_string()) {
+                    ids.push(job.id.to_string());
+                }
+            }
+            if page.len() < 1000 {
+                break;
+            }
+            offset += 1000;
+        }
+    }
+    if ids.is_empty() {
+        return Err(Error::Config(if by_filter {
+            format!("no job matches; nothing to {verb}")
+        } else {
+            format!("name the jobs to {verb}: ids, or --state, --in, --name")
+        }));
+    }
+    if ids.len() > BULK_CONFIRM && !select.yes {
+        return Err(Error::Config(format!(
+            "this would {verb} {} jobs; add --yes to go ahead (more than {BULK_CONFIRM} need it)",
+            ids.len()
+        )));
+    }
+    if by_filter {
+        say(&format!("{verb}: {} job(s)", ids.len()));
+    }
+    Ok(ids)
+}
+
+/// Whether `text` matches `pattern`, where `*` is any run of characters and
+/// `?` any one.
+fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(sp) = star {
+            pi = sp + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
 }
 
 async fn cancel(queue: &dyn Queue, ids: &[String]) -> Result<ExitCode> {
@@ -613,5 +707,18 @@ impl CredentialPrompt for TerminalPrompt {
         let user = user.trim().to_owned();
         let token = rpassword::prompt_password(format!("Access token for {user}@{host}: ")).ok()?;
         Some((user, token))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob;
+
+    #[test]
+    fn globs_match_like_a_shell() {
+        assert!(glob("sweep-*", "sweep-12"));
+        assert!(glob("run-?", "run-a") && !glob("run-?", "run-ab"));
+        assert!(glob("*lr*", "base-lr-0.1") && glob("*", ""));
+        assert!(!glob("sweep-*", "other"));
     }
 }

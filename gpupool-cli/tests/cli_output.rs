@@ -224,3 +224,46 @@ fn the_jobs_table_shows_worker_and_duration_clears_exit_when_requeued_and_fits_t
     let narrow = String::from_utf8(narrow.stdout).unwrap();
     assert!(narrow.lines().all(|l| l.chars().count() <= 60), "{narrow}");
 }
+
+#[test]
+fn cancel_and_retry_by_state_queue_and_name_with_yes_above_ten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    assert!(run(dir, &["init"]).status.success());
+    let mut jobs: Vec<serde_json::Value> = (0..12)
+        .map(|i| serde_json::json!({"git_ref": "main", "entrypoint": "train.py", "name": format!("sweep-{i}")}))
+        .collect();
+    jobs.push(serde_json::json!({"git_ref": "main", "entrypoint": "train.py", "name": "other"}));
+    std::fs::write(dir.join("jobs.json"), serde_json::to_string(&jobs).unwrap()).unwrap();
+    assert!(run(dir, &["push", "jobs.json"]).status.success());
+    let states = || -> Vec<String> {
+        let out = run(dir, &["jobs", "--json"]);
+        let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut v: Vec<String> = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| format!("{}={}", j["name"].as_str().unwrap(), j["state"].as_str().unwrap()))
+            .collect();
+        v.sort();
+        v
+    };
+
+    let out = run(dir, &["cancel"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("name the jobs to cancel"));
+    let out = run(dir, &["cancel", "--name", "sweep-*"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("cancel 12 jobs; add --yes"), "{stderr}");
+    assert!(states().iter().all(|s| s.ends_with("=queued")), "nothing was touched");
+
+    let out = run(dir, &["cancel", "--name", "sweep-*", "--in", "default", "--yes"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains("cancel: 12 job(s)"));
+    assert_eq!(states().iter().filter(|s| s.ends_with("=cancelled")).count(), 12);
+    assert!(states().contains(&"other=queued".to_owned()));
+
+    let out = run(dir, &["retry", "--state", "cancelled", "--name", "sweep-1*"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let requeued: Vec<String> =
+        states().into_iter().filter(|s| s.starts_with("sweep") && s.ends_with("=queued")).collect();
+    assert_eq!(requeued, ["sweep-10=queued", "sweep-11=queued", "sweep-1=queued"], "sorted as text");
+}
