@@ -107,6 +107,8 @@ enum Command {
     },
     /// Show the queue, its workers with their GPUs, and jobs that cannot start.
     Status,
+    /// Print the settings in force and where each came from.
+    Config,
 }
 
 /// Jobs chosen by what they are rather than by id (`cancel`, `retry`).
@@ -274,6 +276,15 @@ struct Settings {
     url: String,
     data_dir: PathBuf,
     file: FileConfig,
+    /// Where `url` and `data_dir` came from, and the config file read.
+    sources: Sources,
+}
+
+/// Where each setting came from (`gpupool config`).
+struct Sources {
+    url: String,
+    data_dir: String,
+    file: Option<PathBuf>,
 }
 
 fn is_url(v: &str) -> bool {
@@ -281,7 +292,8 @@ fn is_url(v: &str) -> bool {
 }
 
 fn settings(cli: &Cli) -> Result<Settings> {
-    let file = FileConfig::load(&std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")))?;
+    let (file, file_path) = crate::find_config(&std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")))?;
+    let from_file = file_path.as_ref().map_or_else(String::new, |p| p.display().to_string());
     // `--queue` is always the URL; a queue name for `jobs` is `--in NAME`.
     let flag_url = match &cli.queue {
         Some(v) if is_url(v) => Some(v.clone()),
@@ -297,17 +309,24 @@ fn settings(cli: &Cli) -> Result<Settings> {
         }
         None => None,
     };
-    let url = flag_url
-        .or_else(|| std::env::var("GPUPOOL_QUEUE").ok().filter(|v| !v.is_empty()))
-        .or_else(|| file.queue.clone())
-        .unwrap_or_else(|| crate::DEFAULT_QUEUE_URL.to_owned());
-    let data_dir = cli
+    let (url, url_from) = flag_url
+        .map(|u| (u, "--queue".to_owned()))
+        .or_else(|| std::env::var("GPUPOOL_QUEUE").ok().filter(|v| !v.is_empty()).map(|u| (u, "GPUPOOL_QUEUE".into())))
+        .or_else(|| file.queue.clone().map(|u| (u, from_file.clone())))
+        .unwrap_or_else(|| (crate::DEFAULT_QUEUE_URL.to_owned(), "default".into()));
+    let (data_dir, data_dir_from) = cli
         .data_dir
         .clone()
-        .or_else(|| std::env::var_os("GPUPOOL_DATA_DIR").filter(|v| !v.is_empty()).map(PathBuf::from))
-        .or_else(|| file.data_dir.clone())
-        .unwrap_or_else(crate::default_data_dir);
-    Ok(Settings { url, data_dir, file })
+        .map(|d| (d, "--data-dir".to_owned()))
+        .or_else(|| {
+            std::env::var_os("GPUPOOL_DATA_DIR")
+                .filter(|v| !v.is_empty())
+                .map(|d| (PathBuf::from(d), "GPUPOOL_DATA_DIR".into()))
+        })
+        .or_else(|| file.data_dir.clone().map(|d| (d, from_file.clone())))
+        .unwrap_or_else(|| (crate::default_data_dir(), "default".into()));
+    let sources = Sources { url: url_from, data_dir: data_dir_from, file: file_path };
+    Ok(Settings { url, data_dir, file, sources })
 }
 
 fn job_id(s: &str) -> Result<JobId> {
@@ -320,6 +339,10 @@ fn print_json(v: &serde_json::Value) {
 
 async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
     let s = settings(&cli)?;
+    if matches!(cli.command, Command::Config) {
+        config(&s, cli.json);
+        return Ok(ExitCode::SUCCESS);
+    }
     let queue = registry.connect(&s.url).await?;
     let json = cli.json;
     let reads =
@@ -349,6 +372,7 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
         }
         Command::Status => status(queue.as_ref(), &s.url, json).await?,
         Command::Logs { id } => logs(queue.as_ref(), &s.data_dir, &id).await?,
+        Command::Config => {}
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -358,6 +382,45 @@ struct ListPage {
     queue: Option<String>,
     limit: u32,
     offset: u64,
+}
+
+/// A config value as written: strings without their JSON quotes.
+fn plain(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `gpupool config`: each setting in force and where it came from.
+fn config(s: &Settings, json: bool) {
+    let file = s.sources.file.as_ref().map_or_else(|| "none".to_owned(), |p| p.display().to_string());
+    let mut rows: Vec<(String, String, String)> = vec![
+        ("queue".into(), redact_url(&s.url), s.sources.url.clone()),
+        ("data_dir".into(), s.data_dir.display().to_string(), s.sources.data_dir.clone()),
+    ];
+    // Every other key the file sets, as the file gives it.
+    if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(&s.file) {
+        for (key, value) in map {
+            match (key.as_str(), value) {
+                ("queue" | "data_dir", _) | (_, serde_json::Value::Null) => {}
+                ("worker", serde_json::Value::Object(worker)) => {
+                    for (k, v) in worker.into_iter().filter(|(_, v)| !v.is_null()) {
+                        rows.push((format!("worker.{k}"), plain(&v), file.clone()));
+                    }
+                }
+                (_, serde_json::Value::Array(a)) if a.is_empty() => {}
+                (_, value) => rows.push((key, redact_url(&plain(&value)), file.clone())),
+            }
+        }
+    }
+    if json {
+        let items = rows.iter().map(|(k, v, from)| serde_json::json!({"key": k, "value": v, "from": from})).collect();
+        print_json(&serde_json::Value::Array(items));
+        return;
+    }
+    let table_rows: Vec<Vec<String>> = rows.into_iter().map(|(k, v, from)| vec![k, v, from]).collect();
+    out(&format!("config file: {file}\n{}", crate::table(&["SETTING", "VALUE", "FROM"], &table_rows)));
 }
 
 async fn jobs(queue: &dyn Queue, id: Option<String>, state: Option<String>, page: ListPage, json: bool) -> Result<()> {

@@ -43,7 +43,7 @@ pub const DEFAULT_QUEUE_URL: &str = "sqlite://.gpupool/queue.db";
 pub const CONFIG_FILE: &str = "gpupool.toml";
 
 /// `gpupool.toml`: the seed's `env.py`, as a file. Every key is optional.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// Queue URL.
@@ -67,7 +67,7 @@ pub struct FileConfig {
 }
 
 /// The `[worker]` table of `gpupool.toml`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerFileConfig {
     /// `auto`, `none` or a list such as `"0,2"`.
@@ -99,6 +99,66 @@ impl FileConfig {
             Err(e) => Err(Error::Config(format!("cannot read {}: {e}", path.display()))),
         }
     }
+}
+
+/// The config file in force for a command run in `dir`: `gpupool.toml` in
+/// `dir` or the nearest folder above it, up to and including the git root
+/// (a folder holding `.git`); else `$XDG_CONFIG_HOME/gpupool/config.toml`
+/// (`~/.config/gpupool/config.toml`). A relative `sqlite://` queue path or
+/// `data_dir` in a file outside `dir` is taken from that file's folder, so
+/// every folder of a project reaches the same queue. `None` when there is
+/// no file.
+pub fn find_config(dir: &Path) -> Result<(FileConfig, Option<PathBuf>)> {
+    let mut at = Some(dir);
+    while let Some(folder) = at {
+        let path = folder.join(CONFIG_FILE);
+        if path.is_file() {
+            return Ok((anchored(FileConfig::load(folder)?, folder, dir), Some(path)));
+        }
+        if folder.join(".git").exists() {
+            break;
+        }
+        at = folder.parent();
+    }
+    let xdg = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|x| !x.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".config")));
+    if let Some(path) = xdg.map(|x| x.join("gpupool").join("config.toml")).filter(|p| p.is_file()) {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        let file: FileConfig = toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let folder = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        return Ok((anchored(file, &folder, dir), Some(path)));
+    }
+    Ok((FileConfig::default(), None))
+}
+
+/// Relative paths of a config file found in `folder` (not `cwd`), made
+/// relative to `folder`.
+fn anchored(mut file: FileConfig, folder: &Path, cwd: &Path) -> FileConfig {
+    if folder == cwd {
+        return file;
+    }
+    if let Some(rest) = file.queue.as_deref().and_then(|q| q.strip_prefix("sqlite://"))
+        && !rest.starts_with('/')
+        && !rest.is_empty()
+    {
+        file.queue = Some(format!("sqlite://{}", folder.join(rest).display()));
+    }
+    if let Some(d) = file.data_dir.as_mut()
+        && d.is_relative()
+    {
+        *d = folder.join(&*d);
+    }
+    let local = |r: &str| !r.contains("://") && !r.contains('@') && Path::new(r).is_relative();
+    if let Some(r) = file.repo.as_mut().filter(|r| local(r)) {
+        *r = folder.join(&*r).display().to_string();
+    }
+    for r in file.allowed_repos.iter_mut().filter(|r| local(r)) {
+        *r = folder.join(&*r).display().to_string();
+    }
+    file
 }
 
 /// The default data directory: `$XDG_DATA_HOME/gpupool`, else

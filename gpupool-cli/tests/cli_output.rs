@@ -267,3 +267,45 @@ fn cancel_and_retry_by_state_queue_and_name_with_yes_above_ten() {
         states().into_iter().filter(|s| s.starts_with("sweep") && s.ends_with("=queued")).collect();
     assert_eq!(requeued, ["sweep-10=queued", "sweep-11=queued", "sweep-1=queued"], "sorted as text");
 }
+
+#[test]
+fn the_config_file_is_found_up_to_the_git_root_then_in_xdg_and_config_says_where_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    let sub = project.join("src").join("models");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::create_dir_all(project.join(".git")).unwrap();
+    std::fs::write(project.join("gpupool.toml"), "queue = \"sqlite://.gpupool/q.db\"\n[worker]\nslots = 3\n").unwrap();
+    let xdg = tmp.path().join("xdg");
+    let config = |dir: &Path, extra: &[(&str, &str)]| -> serde_json::Value {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpupool"));
+        cmd.args(["config", "--json"]).current_dir(dir).env_remove("GPUPOOL_QUEUE").env("XDG_CONFIG_HOME", &xdg);
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let get = |rows: &serde_json::Value, key: &str| -> (String, String) {
+        let row = rows.as_array().unwrap().iter().find(|r| r["key"] == key).unwrap_or_else(|| panic!("{key}: {rows}"));
+        (row["value"].as_str().unwrap().to_owned(), row["from"].as_str().unwrap().to_owned())
+    };
+
+    // From a sub-folder: the project's file, its relative queue path anchored there.
+    let rows = config(&sub, &[]);
+    let toml = project.join("gpupool.toml").display().to_string();
+    assert_eq!(get(&rows, "queue"), (format!("sqlite://{}", project.join(".gpupool/q.db").display()), toml.clone()));
+    assert_eq!(get(&rows, "worker.slots"), ("3".to_owned(), toml));
+    let rows = config(&sub, &[("GPUPOOL_QUEUE", "sqlite:///elsewhere/q.db")]);
+    assert_eq!(get(&rows, "queue"), ("sqlite:///elsewhere/q.db".to_owned(), "GPUPOOL_QUEUE".to_owned()));
+
+    // Another repository with no file of its own: the user's config file.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(other.join(".git")).unwrap();
+    assert_eq!(get(&config(&other, &[]), "queue").1, "default");
+    std::fs::create_dir_all(xdg.join("gpupool")).unwrap();
+    std::fs::write(xdg.join("gpupool/config.toml"), "queue = \"sqlite:///var/tmp/team.db\"\n").unwrap();
+    let from = xdg.join("gpupool/config.toml").display().to_string();
+    assert_eq!(get(&config(&other, &[]), "queue"), ("sqlite:///var/tmp/team.db".to_owned(), from));
+}
