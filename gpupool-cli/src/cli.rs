@@ -53,6 +53,9 @@ enum Command {
         /// Set an arg on every job: --set lr=0.01 (JSON values, else strings).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Create the queue first if there is none (as `gpupool init`).
+        #[arg(long)]
+        init: bool,
     },
     /// List jobs, newest first, or show one.
     #[command(alias = "message")]
@@ -133,6 +136,9 @@ const BULK_CONFIRM: usize = 10;
 
 #[derive(Debug, clap::Args)]
 struct WorkerArgs {
+    /// Create the queue first if there is none (as `gpupool init`).
+    #[arg(long)]
+    init: bool,
     /// Repository for jobs that name none (env GPUPOOL_REPO).
     #[arg(long, env = "GPUPOOL_REPO", hide_env_values = true)]
     repo: Option<String>,
@@ -343,7 +349,19 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
         config(&s, cli.json);
         return Ok(ExitCode::SUCCESS);
     }
+    let creates = match &cli.command {
+        Command::Init => true,
+        Command::Push { init, .. } => *init,
+        Command::Worker(args) => args.init,
+        _ => false,
+    };
+    if !creates {
+        no_queue_is_created(&s.url)?;
+    }
     let queue = registry.connect(&s.url).await?;
+    if creates && !matches!(cli.command, Command::Init) {
+        queue.init().await?;
+    }
     let json = cli.json;
     let reads =
         matches!(cli.command, Command::Jobs { .. } | Command::Errors { .. } | Command::Status | Command::Logs { .. });
@@ -356,7 +374,7 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             queue.init().await?;
             out(&format!("queue ready: {}\n", redact_url(&s.url)));
         }
-        Command::Push { files, set } => push(queue.as_ref(), files, &set, json).await?,
+        Command::Push { files, set, .. } => push(queue.as_ref(), files, &set, json).await?,
         Command::Jobs { id, in_queue, state, limit, offset } => {
             jobs(queue.as_ref(), id, state, ListPage { queue: in_queue, limit, offset }, json).await?;
         }
@@ -390,6 +408,26 @@ fn plain(v: &serde_json::Value) -> String {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+/// Only `init` (and `worker`/`push` with `--init`) creates a queue: an
+/// embedded queue file that is not there is an error naming the command that
+/// makes it, and nothing is created. (A typo in a folder or a path must not
+/// give an empty queue that looks real.)
+fn no_queue_is_created(url: &str) -> Result<()> {
+    #[cfg(feature = "sqlite")]
+    if url.starts_with("sqlite:") {
+        let opts = gpupool::sqlite::SqliteOptions::from_url(url)?;
+        if !opts.path.exists() {
+            let shown = redact_url(url);
+            return Err(Error::Config(format!(
+                "no gpupool queue at {shown}; create it with `gpupool init --queue {shown}` (or give --queue the \
+                 queue you meant)"
+            )));
+        }
+    }
+    let _ = url;
+    Ok(())
 }
 
 /// `gpupool config`: each setting in force and where it came from.

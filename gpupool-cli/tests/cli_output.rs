@@ -309,3 +309,31 @@ fn the_config_file_is_found_up_to_the_git_root_then_in_xdg_and_config_says_where
     let from = xdg.join("gpupool/config.toml").display().to_string();
     assert_eq!(get(&config(&other, &[]), "queue"), ("sqlite:///var/tmp/team.db".to_owned(), from));
 }
+
+#[test]
+fn only_init_creates_a_queue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for args in [&["jobs"][..], &["status"], &["push"], &["errors"]] {
+        let out = run(dir, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr.contains("no gpupool queue at sqlite://") && stderr.contains("gpupool init --queue"),
+            "{stderr}"
+        );
+    }
+    let nowhere = dir.join("no-such-dir");
+    let url = format!("sqlite://{}/q.db", nowhere.display());
+    assert!(!run(dir, &["--queue", &url, "jobs"]).status.success());
+    assert!(!dir.join("queue.db").exists() && !nowhere.exists(), "nothing was created");
+
+    // `push --init` and `worker --init` create it for scripts that want both.
+    std::fs::write(dir.join("job.json"), r#"{"git_ref": "main", "entrypoint": "train.py"}"#).unwrap();
+    let out = run(dir, &["push", "--init", "job.json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let other = format!("sqlite://{}/other.db", dir.display());
+    let out = run(dir, &["--queue", &other, "worker", "--init", "--burst", "--gpus", "none", "--data-dir", "data"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(run(dir, &["--queue", &other, "jobs"]).status.success());
+}

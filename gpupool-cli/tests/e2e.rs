@@ -158,9 +158,8 @@ impl World {
             second: second.to_string(),
             _tmp: tmp,
         };
-        if !matches!(backend, Backend::Sqlite) {
-            world.gp_ok(&["init"]);
-        }
+        // Only `init` creates a queue, on every backend.
+        world.gp_ok(&["init"]);
         Some(world)
     }
 
