@@ -236,16 +236,7 @@ impl Job {
 
     /// This attempt's failure, as `errors` lists it.
     fn attempt_error(&self, failure: &Failure, at: i64) -> AttemptError {
-        AttemptError {
-            job_id: self.record.id.clone(),
-            attempt: self.record.attempt,
-            kind: failure.kind,
-            exit_code: failure.exit_code,
-            signal: failure.signal,
-            message: failure.message.clone(),
-            output_tail: failure.output_tail.clone(),
-            at: Timestamp(at),
-        }
+        gpupool_core::rows::failed_attempt(failure, self.record.id.clone(), self.record.attempt, Timestamp(at))
     }
 
     /// Whether a want offering `limit` GPUs (on a GPU host or not) may take it.
@@ -632,20 +623,18 @@ impl State {
     /// failed; a later one finds the lease gone and is rejected.
     fn reclaim(&mut self, id: &str, token: &str, dispatch: Option<String>, when: When) -> Outcome {
         let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
-        let failure = Failure::new(
-            FailureKind::LeaseLost,
-            format!("lease expired: worker {} stopped heartbeating", job.record.worker.as_deref().unwrap_or("unknown")),
+        let expired = gpupool_core::rows::ExpiredLease::new(
+            job.record.worker.as_deref(),
+            job.record.cancel_requested,
+            job.record.attempt,
+            job.attempt_limit,
         );
-        self.errors.push(job.attempt_error(&failure, when.at));
-        if job.record.cancel_requested {
-            job.end(JobState::Cancelled, when.at);
-            Outcome::Ok
-        } else if failure.requeues(job.record.attempt, job.attempt_limit) {
-            job.end(JobState::Queued, when.at);
-            self.requeue(id, dispatch, when)
-        } else {
-            job.end(JobState::Failed, when.at);
-            Outcome::Failed
+        self.errors.push(job.attempt_error(&expired.failure, when.at));
+        job.end(expired.state, when.at);
+        match expired.state {
+            JobState::Cancelled => Outcome::Ok,
+            JobState::Queued => self.requeue(id, dispatch, when),
+            _ => Outcome::Failed,
         }
     }
 

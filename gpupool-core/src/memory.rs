@@ -9,11 +9,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use crate::job::{AttemptError, FailureKind, JobId, JobRecord, JobSpec, JobState, Timestamp};
+use crate::job::{AttemptError, JobId, JobRecord, JobSpec, JobState, Timestamp};
 use crate::queue::{
     CancelOutcome, Capabilities, Completion, FailOutcome, Failure, Heartbeat, Lease, ListFilter, Queue, ReserveRequest,
     RunInfo, WorkerInfo, WorkerRegistry,
 };
+use crate::rows::{ExpiredLease, failed_attempt};
 use crate::{Error, Result};
 
 /// How often a waiting `reserve` looks for expired leases.
@@ -152,32 +153,16 @@ impl State {
             if e.record.state != JobState::Running || e.expires_at.is_none_or(|t| t >= now) {
                 continue;
             }
-            let failure = Failure::new(
-                FailureKind::LeaseLost,
-                format!(
-                    "lease expired: worker {} stopped heartbeating",
-                    e.record.worker.as_deref().unwrap_or("unknown")
-                ),
+            let expired = ExpiredLease::new(
+                e.record.worker.as_deref(),
+                e.record.cancel_requested,
+                e.record.attempt,
+                e.attempt_limit,
             );
-            lost.push(AttemptError {
-                job_id: JobId::from(*id),
-                attempt: e.record.attempt,
-                kind: failure.kind,
-                exit_code: None,
-                signal: None,
-                message: failure.message.clone(),
-                output_tail: String::new(),
-                at: now,
-            });
+            lost.push(failed_attempt(&expired.failure, JobId::from(*id), e.record.attempt, now));
             e.token = None;
             e.expires_at = None;
-            e.record.state = if e.record.cancel_requested {
-                JobState::Cancelled
-            } else if failure.requeues(e.record.attempt, e.attempt_limit) {
-                JobState::Queued
-            } else {
-                JobState::Failed
-            };
+            e.record.state = expired.state;
             if e.record.state.is_terminal() {
                 e.record.finished_at = Some(now);
             }
@@ -258,16 +243,7 @@ impl Queue for MemoryQueue {
     async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome> {
         let outcome = self.with_held(lease, |e, errors| {
             let requeue = failure.requeues(e.record.attempt, e.attempt_limit);
-            errors.push(AttemptError {
-                job_id: e.record.id.clone(),
-                attempt: e.record.attempt,
-                kind: failure.kind,
-                exit_code: failure.exit_code,
-                signal: failure.signal,
-                message: failure.message,
-                output_tail: failure.output_tail.clone(),
-                at: Timestamp::now(),
-            });
+            errors.push(failed_attempt(&failure, e.record.id.clone(), e.record.attempt, Timestamp::now()));
             e.finish(if requeue { JobState::Queued } else { JobState::Failed }, Some(failure.output_tail));
             e.record.exit_code = failure.exit_code;
             e.record.signal = failure.signal;

@@ -10,7 +10,8 @@
 //! DATETIME read back as one, a boolean or a TINYINT), so each backend
 //! decodes its own row into these plain values and leaves the parsing, the
 //! range checks and the error messages to this module. The SQLite and MySQL
-//! backends use it; a backend of your own can too. Statements, transactions
+//! backends use it (the memory and RabbitMQ backends use its expiry rule and
+//! attempt record); a backend of your own can too. Statements, transactions
 //! and locks stay in the backends.
 //!
 //! ```

@@ -11,10 +11,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use gpupool_core::rows::ExpiredLease;
 use gpupool_core::{
-    AttemptError, CancelOutcome, Capabilities, Completion, Connect, Error, FailOutcome, Failure, FailureKind,
-    Heartbeat, JobId, JobRecord, JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo,
-    Timestamp, WorkerRegistry, async_trait,
+    AttemptError, CancelOutcome, Capabilities, Completion, Connect, Error, FailOutcome, Failure, Heartbeat, JobId,
+    JobRecord, JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerRegistry,
+    async_trait,
 };
 use sqlx::postgres::{PgArguments, PgPool, PgPoolOptions, PgQueryResult};
 use sqlx::query::Query;
@@ -117,18 +118,15 @@ impl PgQueue {
     /// job goes back to the queue, fails, or is cancelled if that was asked.
     async fn expire_leases(&self, tx: &mut PgConnection) -> Result<()> {
         for row in q(&self.sql.expired).fetch_all(&mut *tx).await.map_err(map)? {
-            let worker = get::<Option<String>>(&row, "worker")?.unwrap_or_else(|| "unknown".into());
-            let failure =
-                Failure::new(FailureKind::LeaseLost, format!("lease expired: worker {worker} stopped heartbeating"));
+            // The rule every backend applies: gpupool_core::rows::ExpiredLease.
             let attempt: i32 = get(&row, "attempt")?;
-            let state = if get(&row, "cancel_requested")? {
-                JobState::Cancelled
-            } else if failure.requeues(to_u32(attempt)?, to_u32(get(&row, "attempt_limit")?)?) {
-                JobState::Queued
-            } else {
-                JobState::Failed
-            };
-            self.end_attempt(tx, get(&row, "id")?, attempt, &failure, None, state).await?;
+            let expired = ExpiredLease::new(
+                get::<Option<String>>(&row, "worker")?.as_deref(),
+                get(&row, "cancel_requested")?,
+                to_u32(attempt)?,
+                to_u32(get(&row, "attempt_limit")?)?,
+            );
+            self.end_attempt(tx, get(&row, "id")?, attempt, &expired.failure, None, expired.state).await?;
         }
         Ok(())
     }

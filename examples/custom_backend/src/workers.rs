@@ -25,11 +25,8 @@ impl WorkerRegistry for PgQueue {
         let rows = q(&self.sql.workers).fetch_all(&self.pool).await.map_err(map)?;
         rows.iter()
             .map(|row| {
-                let mut w: WorkerInfo = serde_json::from_str(&get::<String>(row, "info")?)
-                    .map_err(|e| Error::backend(BACKEND, format!("stored worker is not valid: {e}")))?;
-                w.seen_at = Timestamp(get(row, "seen_ms")?);
-                w.lost = w.lost_at(Timestamp(get(row, "now_ms")?));
-                Ok(w)
+                let (seen, now) = (Timestamp(get(row, "seen_ms")?), Timestamp(get(row, "now_ms")?));
+                gpupool_core::rows::worker_info(BACKEND, &get::<String>(row, "info")?, seen, now)
             })
             .collect()
     }
