@@ -398,8 +398,11 @@ impl Slots {
     /// Gives the job its GPUs (holding it until they are free) and starts
     /// its run, then waits a moment for it to start.
     async fn launch(&mut self, ctx: &Arc<Ctx>, lease: Lease, shutdown: &CancellationToken) {
-        let need = lease.job.spec.gpus_needed(lock(&self.gpus).is_gpu_host());
-        let taken = lock(&self.gpus).take(need, gpu_memory_bytes(&lease));
+        let (need, taken) = {
+            let mut gpus = lock(&self.gpus);
+            let need = lease.job.spec.gpus_needed(gpus.is_gpu_host());
+            (need, gpus.take(need, gpu_memory_bytes(&lease)))
+        };
         let given = match taken {
             Some(given) => given,
             None => match hold_until_fits(ctx, &lease, need, &self.gpus, &mut self.tasks, shutdown).await {
@@ -714,11 +717,12 @@ impl Attempt<'_> {
         }
         let log_path = ctx.cfg.data_dir.join("logs").join(format!("job-{}.log", lease.id()));
         note(&log_path, &self.log_header()).await;
+        let (env, env_remove) = (self.job_env(), worker_secrets_env());
         let run_spec = |argv: Vec<String>| RunSpec {
             argv,
             cwd: checkout.dir.clone(),
-            env: self.job_env(),
-            env_remove: worker_secrets_env(),
+            env: env.clone(),
+            env_remove: env_remove.clone(),
             log_path: log_path.clone(),
             timeout: spec.timeout,
             grace: ctx.cfg.grace,
