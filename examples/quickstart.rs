@@ -92,7 +92,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     jobs.push(run("wide-model", json!({"name": "wide", "lr": 0.03}))?);
     jobs.push(run(&first.to_string()[..8], json!({"name": "first-commit", "lr": 0.03}))?);
     let mut broken = run("main", json!({"name": "broken", "lr": -1}))?;
-    broken.max_attempts = 1;
+    broken.max_attempts = Some(1);
     jobs.push(broken);
     for job in jobs {
         queue.push(job).await?;

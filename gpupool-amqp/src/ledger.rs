@@ -173,8 +173,10 @@ pub(crate) struct Envelope {
 pub(crate) enum Outcome {
     /// A new job with this id.
     Pushed(String),
-    /// The idempotency key was known: the first job's id.
+    /// The idempotency key was known, for the same job: the first job's id.
     Existing(String),
+    /// The idempotency key was known, for another job: the first job's id.
+    Conflict(String),
     /// Applied.
     Ok,
     /// A want (or a withdrawn want, before it was withdrawn) was handed
@@ -207,7 +209,6 @@ pub(crate) struct Job {
     pub(crate) token: Option<String>,
     /// Earlier design: the current dispatch nonce while queued.
     dispatch: Option<String>,
-    pub(crate) attempt_limit: u32,
     /// Parked: only a want offering at least this many GPUs takes it.
     parked: Option<u32>,
     /// When this process last saw the lease renewed, and for how long.
@@ -438,19 +439,16 @@ impl State {
     /// idempotency key names.
     fn push_job(&mut self, offset: i64, spec: JobSpec, dispatch: Option<String>, when: When) -> Outcome {
         if let Some(id) = spec.idempotency_key.as_ref().and_then(|k| self.idempotency.get(k)) {
-            return Outcome::Existing(id.clone());
+            let same = self.jobs.get(id).is_none_or(|job| job.record.spec == spec);
+            return if same { Outcome::Existing(id.clone()) } else { Outcome::Conflict(id.clone()) };
         }
         // Ids count from 1, as every backend's do.
         let id = (offset + 1).to_string();
         if let Some(key) = &spec.idempotency_key {
             self.idempotency.insert(key.clone(), id.clone());
         }
-        let attempt_limit = spec.max_attempts;
         let record = JobRecord::new(JobId::new(id.clone()), spec, Timestamp(when.at));
-        self.jobs.insert(
-            id.clone(),
-            Job { record, token: None, dispatch: None, attempt_limit, parked: None, renewed: None },
-        );
+        self.jobs.insert(id.clone(), Job { record, token: None, dispatch: None, parked: None, renewed: None });
         self.order.push(id.clone());
         self.requeue(&id, dispatch, when);
         Outcome::Pushed(id)
@@ -548,7 +546,7 @@ impl State {
         when: When,
     ) -> Outcome {
         let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
-        let requeue = failure.requeues(job.record.attempt, job.attempt_limit);
+        let requeue = failure.requeues(&job.record.spec, job.record.attempt, job.record.attempt_limit);
         self.errors.push(job.attempt_error(&failure, when.at));
         job.record.exit_code = failure.exit_code;
         job.record.signal = failure.signal;
@@ -611,7 +609,7 @@ impl State {
                 job.record.state = JobState::Queued;
                 job.record.cancel_requested = false;
                 job.record.finished_at = None;
-                job.attempt_limit = job.record.attempt.saturating_add(job.record.spec.max_attempts);
+                job.record.attempt_limit = job.record.attempt.saturating_add(job.record.spec.attempts());
                 self.requeue(id, dispatch, when)
             }
             Some(job) => Outcome::State(job.record.state),
@@ -627,7 +625,7 @@ impl State {
             job.record.worker.as_deref(),
             job.record.cancel_requested,
             job.record.attempt,
-            job.attempt_limit,
+            job.record.attempt_limit,
         );
         self.errors.push(job.attempt_error(&expired.failure, when.at));
         job.end(expired.state, when.at);
@@ -650,9 +648,12 @@ impl State {
     }
 
     /// `Worker`: registers a worker, seen at the event's time.
+    /// Workers gone silent for long are dropped here, by the event's clock,
+    /// so that every replay drops the same ones.
     fn register_worker(&mut self, mut info: gpupool_core::WorkerInfo, when: When) -> Outcome {
         info.seen_at = Timestamp(when.at);
         self.workers.insert(info.name.clone(), info);
+        self.workers.retain(|_, w| !w.gone_at(Timestamp(when.at)));
         Outcome::Ok
     }
 

@@ -66,7 +66,7 @@ use futures_util::StreamExt;
 use gpupool_core::sync::lock;
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, Heartbeat, JobId, JobRecord,
-    JobSpec, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo, WorkerRegistry,
+    JobSpec, Lease, ListFilter, Pushed, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo, WorkerRegistry,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
@@ -564,10 +564,40 @@ impl Queue for AmqpQueue {
         self.link().await.map(|_| ())
     }
 
-    async fn push(&self, spec: JobSpec) -> Result<JobId> {
+    async fn exists(&self) -> Result<bool> {
+        if self.inner.link.lock().await.as_ref().is_some_and(|l| l.is_alive()) {
+            return Ok(true); // the link declared the ledger
+        }
+        // A passive declare on a connection of its own: it declares
+        // nothing, and the broker answers 404 for a ledger that is not there.
+        let opts = &self.inner.opts;
+        let fail = |cause: String| unavailable(format!("cannot connect to RabbitMQ at {}: {cause}", opts.endpoint));
+        let props = ConnectionProperties::default().with_connection_name(gpupool_core::default_worker_name().into());
+        let connection =
+            match tokio::time::timeout(opts.connect_timeout, Connection::connect(&opts.driver_url, props)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(fail(e.to_string())),
+                Err(_) => return Err(fail(format!("no answer within {} s", opts.connect_timeout.as_secs()))),
+            };
+        let channel = connection.create_channel().await.map_err(unavailable)?;
+        let passive = QueueDeclareOptions { passive: true, durable: true, ..QueueDeclareOptions::default() };
+        let declared =
+            channel.queue_declare(self.ledger_name().as_str().into(), passive, FieldTable::default()).await;
+        let _ = connection.close(0, "".into()).await;
+        match declared {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 404) => Ok(false),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn add(&self, spec: JobSpec) -> Result<Pushed> {
         spec.validate()?;
+        let key = spec.idempotency_key.clone().unwrap_or_default();
         match self.emit(Event::Pushed { spec: Box::new(spec), dispatch: None }).await? {
-            Outcome::Pushed(id) | Outcome::Existing(id) => Ok(JobId::new(id)),
+            Outcome::Pushed(id) => Ok(Pushed::New(JobId::new(id))),
+            Outcome::Existing(id) => Ok(Pushed::Existing(JobId::new(id))),
+            Outcome::Conflict(id) => Err(Error::IdempotencyConflict { key, id }),
             other => Err(Error::backend(BACKEND, format!("push: unexpected verdict {other:?}"))),
         }
     }
@@ -796,7 +826,13 @@ impl WorkerRegistry for AmqpQueue {
         self.sync().await?;
         let now = Timestamp::now();
         let st = self.inner.state();
-        Ok(st.workers.values().map(|w| WorkerInfo { lost: w.lost_at(now), ..w.clone() }).collect())
+        // Dropped from the state at the next registration; not shown now.
+        Ok(st
+            .workers
+            .values()
+            .filter(|w| !w.gone_at(now))
+            .map(|w| WorkerInfo { lost: w.lost_at(now), ..w.clone() })
+            .collect())
     }
 }
 

@@ -216,7 +216,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 /// The `gpupool jobs` table. A running job whose cancel was asked for shows
 /// as `cancelling`; a queued job shows no exit code (its last run's is in
 /// `gpupool errors`); WORKER is the host that ran or runs it, DURATION how
-/// long its last run took (or has taken so far).
+/// long its last run took (or has taken so far). ATTEMPT reads `5 (limit 6)`.
 pub fn jobs_table(jobs: &[JobRecord]) -> String {
     let now = Timestamp::now();
     let rows: Vec<Vec<String>> = jobs
@@ -233,7 +233,9 @@ pub fn jobs_table(jobs: &[JobRecord]) -> String {
                 j.spec.name.clone().unwrap_or_else(|| "-".into()),
                 j.spec.git_ref.clone(),
                 j.commit.as_deref().map_or_else(|| "-".to_owned(), |c| c[..c.len().min(10)].to_owned()),
-                format!("{}/{}", j.attempt, j.spec.max_attempts),
+                // Runs so far, and the attempt after which a failure ends
+                // the job (raised by each `retry`).
+                format!("{} (limit {})", j.attempt, j.attempt_limit),
                 // The GPUs given, "cpu" for a run on the CPU, else what was asked.
                 match &j.gpu_ids {
                     Some(g) if g.is_empty() => "cpu".to_owned(),

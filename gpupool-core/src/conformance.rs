@@ -308,7 +308,7 @@ pub async fn lease_expires(q: Arc<dyn Queue>) {
 pub async fn lease_expiry_uses_up_attempts(q: Arc<dyn Queue>) {
     let queue = unique_queue("expf");
     let mut spec = job(&queue);
-    spec.max_attempts = 1;
+    spec.max_attempts = Some(1);
     let id = q.push(spec).await.unwrap();
     let _lease = q.reserve(&req(&queue).lease(SHORT_LEASE)).await.unwrap().unwrap();
     tokio::time::sleep(SHORT_LEASE + Duration::from_millis(600)).await;
@@ -360,7 +360,7 @@ pub async fn stale_lease_is_refused(q: Arc<dyn Queue>) {
 pub async fn failures_retry_then_fail(q: Arc<dyn Queue>) {
     let queue = unique_queue("fail");
     let mut spec = job(&queue);
-    spec.max_attempts = 3;
+    spec.max_attempts = Some(3); // asks for `exit` failures to be retried
     let id = q.push(spec).await.unwrap();
     for attempt in 1..=3u32 {
         let lease = reserve_one(q.as_ref(), &queue).await;
@@ -388,6 +388,37 @@ pub async fn failures_retry_then_fail(q: Arc<dyn Queue>) {
     assert_eq!(newest_first[0].kind, FailureKind::Exit);
     assert!(newest_first[0].output_tail.contains("Traceback 3"));
     assert_eq!(q.errors(Some(&id), 2).await.unwrap().len(), 2, "errors honours its limit");
+}
+
+/// A job that names no `max_attempts` is not run again after its own code
+/// fails (`exit`) or runs past its timeout, and is after a fault of the
+/// host or the moment (`oom`, `signal`), up to the default limit.
+pub async fn exit_and_timeout_retry_only_when_asked(q: Arc<dyn Queue>) {
+    let queue = unique_queue("ask");
+    for kind in [FailureKind::Exit, FailureKind::Timeout] {
+        let id = q.push(job(&queue)).await.unwrap();
+        let lease = reserve_one(q.as_ref(), &queue).await;
+        assert_eq!(lease.job.attempt_limit, crate::DEFAULT_MAX_ATTEMPTS, "the lease carries the limit");
+        let outcome = q.fail(&lease, Failure::new(kind, format!("{kind} failure"))).await.unwrap();
+        assert_eq!(outcome, FailOutcome::Failed, "{kind} is not retried unless the job asks");
+        let rec = q.get(&id).await.unwrap();
+        assert_eq!((rec.state, rec.attempt, rec.attempt_limit), (JobState::Failed, 1, crate::DEFAULT_MAX_ATTEMPTS));
+    }
+    let id = q.push(job(&queue)).await.unwrap();
+    for attempt in 1..=crate::DEFAULT_MAX_ATTEMPTS {
+        let lease = reserve_one(q.as_ref(), &queue).await;
+        assert_eq!(lease.id(), &id);
+        let expected = if attempt < crate::DEFAULT_MAX_ATTEMPTS { FailOutcome::Requeued } else { FailOutcome::Failed };
+        let outcome = q.fail(&lease, Failure::new(FailureKind::Oom, "CUDA out of memory")).await.unwrap();
+        assert_eq!(outcome, expected, "oom on attempt {attempt} is retried up to the default limit");
+    }
+    let asked = q.push(job(&queue).with_max_attempts(2)).await.unwrap();
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    assert_eq!(lease.id(), &asked);
+    let outcome = q.fail(&lease, Failure::new(FailureKind::Timeout, "ran past 2h")).await.unwrap();
+    assert_eq!(outcome, FailOutcome::Requeued, "a job that names max_attempts retries a timeout");
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    q.complete(&lease, Completion::default()).await.unwrap();
 }
 
 /// `ref`, `repo` and `setup` failures end the job at once; a signal is kept.
@@ -453,14 +484,16 @@ pub async fn cancel_queued_and_running(q: Arc<dyn Queue>) {
 pub async fn retry_failed_and_cancelled(q: Arc<dyn Queue>) {
     let queue = unique_queue("retry");
     let mut spec = job(&queue);
-    spec.max_attempts = 1;
+    spec.max_attempts = Some(1);
     let id = q.push(spec).await.unwrap();
     assert!(matches!(q.retry(&id).await, Err(Error::InvalidState { state: JobState::Queued, .. })));
     let lease = reserve_one(q.as_ref(), &queue).await;
     assert_eq!(q.fail(&lease, Failure::new(FailureKind::Exit, "exit 1")).await.unwrap(), FailOutcome::Failed);
+    assert_eq!(q.get(&id).await.unwrap().attempt_limit, 1);
     q.retry(&id).await.expect("retry a failed job");
     let rec = q.get(&id).await.unwrap();
     assert_eq!((rec.state, rec.attempt, rec.errors.len()), (JobState::Queued, 1, 1));
+    assert_eq!(rec.attempt_limit, 2, "a retry gives max_attempts more attempts");
     let lease = reserve_one(q.as_ref(), &queue).await;
     assert_eq!(lease.attempt(), 2, "attempt keeps counting");
     q.complete(&lease, Completion::default()).await.unwrap();
@@ -530,15 +563,24 @@ pub async fn list_filters_and_pages(q: Arc<dyn Queue>) {
     assert!(all.iter().any(|r| r.spec.queue == other), "no queue filter lists every queue");
 }
 
-/// A second push with the same idempotency key returns the first job.
+/// A second push of the same job with the same idempotency key returns the
+/// first job and says so; the key with a different job is refused, naming it.
 pub async fn idempotency_key(q: Arc<dyn Queue>) {
     let queue = unique_queue("idem");
     let key = format!("run-{}", uuid::Uuid::new_v4());
-    let mut spec = job(&queue);
+    let mut spec = job(&queue).arg("lr", 0.001).arg("layers", serde_json::json!([64, "128"]));
     spec.idempotency_key = Some(key.clone());
-    let first = q.push(spec.clone()).await.unwrap();
-    let second = q.push(spec.arg("different", 1)).await.unwrap();
-    assert_eq!(first, second);
+    spec.timeout = Some(Duration::from_secs(90));
+    let first = match q.add(spec.clone()).await.unwrap() {
+        crate::Pushed::New(id) => id,
+        other => panic!("a first push is new, got {other:?}"),
+    };
+    assert_eq!(q.add(spec.clone()).await.unwrap(), crate::Pushed::Existing(first.clone()));
+    assert_eq!(q.push(spec.clone()).await.unwrap(), first);
+    match q.add(spec.arg("different", 1)).await {
+        Err(Error::IdempotencyConflict { key: k, id }) => assert_eq!((k, id), (key.clone(), first.to_string())),
+        other => panic!("the key with a different job: expected IdempotencyConflict, got {other:?}"),
+    }
     let filter = ListFilter { queue: Some(queue.clone()), ..ListFilter::default() };
     assert_eq!(q.list(&filter).await.unwrap().len(), 1);
     let mut other = job(&queue);
@@ -653,6 +695,7 @@ pub async fn worker_registry(q: Arc<dyn Queue>) {
         started_at: crate::Timestamp::now(),
         seen_at: crate::Timestamp(0),
         lost: false,
+        draining: false,
     };
     r.register_worker(&info).await.expect("register");
     let mine = |all: Vec<crate::WorkerInfo>| all.into_iter().find(|w| w.name == name);
@@ -665,11 +708,30 @@ pub async fn worker_registry(q: Arc<dyn Queue>) {
     r.register_worker(&info).await.expect("refresh");
     let seen = mine(r.workers().await.unwrap()).expect("still listed once");
     assert!(seen.running.is_empty(), "the refresh replaced what it holds");
+    assert!(!seen.draining);
+    info.draining = true;
+    r.register_worker(&info).await.expect("refresh");
+    assert!(mine(r.workers().await.unwrap()).expect("listed").draining, "a draining worker shows so");
     assert_eq!(r.workers().await.unwrap().iter().filter(|w| w.name == name).count(), 1);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(mine(r.workers().await.unwrap()).expect("a lost worker is still shown").lost, "silent for 3 intervals");
     r.unregister_worker(&name).await.expect("unregister");
     assert!(mine(r.workers().await.unwrap()).is_none());
+
+    // Silent for long (100 heartbeats of 5 ms), a lost worker is dropped.
+    let gone = format!("{}:{}", unique_queue("gone"), std::process::id());
+    let short = crate::WorkerInfo { name: gone.clone(), heartbeat_ms: 5, draining: false, ..info };
+    r.register_worker(&short).await.expect("register");
+    assert!(r.workers().await.unwrap().iter().any(|w| w.name == gone), "listed while fresh");
+    tokio::time::sleep(Duration::from_millis(5 * crate::GONE_AFTER_HEARTBEATS + 600)).await;
+    assert!(!r.workers().await.unwrap().iter().any(|w| w.name == gone), "dropped once gone");
+    assert!(!r.workers().await.unwrap().iter().any(|w| w.name == gone), "and stays dropped");
+}
+
+/// `init` can run again, and after it the queue exists.
+pub async fn exists_after_init(q: Arc<dyn Queue>) {
+    q.init().await.expect("init is safe to repeat");
+    assert!(q.exists().await.expect("exists"), "a queue that init set up exists");
 }
 
 /// A reserve that may wait returns a job pushed while it waits.
@@ -715,10 +777,10 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@each $setup, $teardown;
             push_reserve_complete, push_refuses_invalid_jobs, no_double_reserve, lease_expires,
             lease_expiry_uses_up_attempts, heartbeat_extends_lease, stale_lease_is_refused,
-            failures_retry_then_fail, failure_kinds, release_charges_no_attempt, cancel_queued_and_running,
+            failures_retry_then_fail, exit_and_timeout_retry_only_when_asked, failure_kinds, release_charges_no_attempt, cancel_queued_and_running,
             retry_failed_and_cancelled, reserve_order, list_filters_and_pages, idempotency_key,
             gpu_requirements, big_jobs_are_not_starved, parked_jobs_wait_for_a_big_enough_worker,
-            worker_registry, reserve_waits_for_push);
+            worker_registry, reserve_waits_for_push, exists_after_init);
     };
     (@each $setup:path, $teardown:path; $($name:ident),* $(,)?) => {
         $(
@@ -743,6 +805,7 @@ pub async fn run_all(q: Arc<dyn Queue>) {
     heartbeat_extends_lease(Arc::clone(&q)).await;
     stale_lease_is_refused(Arc::clone(&q)).await;
     failures_retry_then_fail(Arc::clone(&q)).await;
+    exit_and_timeout_retry_only_when_asked(Arc::clone(&q)).await;
     failure_kinds(Arc::clone(&q)).await;
     release_charges_no_attempt(Arc::clone(&q)).await;
     cancel_queued_and_running(Arc::clone(&q)).await;
@@ -754,5 +817,6 @@ pub async fn run_all(q: Arc<dyn Queue>) {
     big_jobs_are_not_starved(Arc::clone(&q)).await;
     parked_jobs_wait_for_a_big_enough_worker(Arc::clone(&q)).await;
     worker_registry(Arc::clone(&q)).await;
-    reserve_waits_for_push(q).await;
+    reserve_waits_for_push(Arc::clone(&q)).await;
+    exists_after_init(q).await;
 }

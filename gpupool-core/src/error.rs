@@ -36,6 +36,19 @@ pub enum Error {
     #[error("invalid job: {0}")]
     InvalidJob(String),
 
+    /// A push named an `idempotency_key` that an earlier push used for a
+    /// different job. Nothing was added; the earlier job is untouched.
+    #[error(
+        "idempotency_key `{key}` was already used by job {id}, a different job; push the same job to get {id} \
+         back, or use a new key"
+    )]
+    IdempotencyConflict {
+        /// The key.
+        key: String,
+        /// The job pushed first with it.
+        id: String,
+    },
+
     /// The request does not fit the job's current state, such as retrying a
     /// job that is still queued.
     #[error("job {id} is {state}: {message}")]

@@ -20,7 +20,10 @@ pub type Args = serde_json::Map<String, serde_json::Value>;
 /// The queue a job goes to when it names none.
 pub const DEFAULT_QUEUE: &str = "default";
 
-/// Attempts before a job is `failed`, when it names no `max_attempts`.
+/// Attempts before a job is `failed`, when it names no `max_attempts`. Such
+/// a job retries only failures that are not its own code's
+/// ([`FailureKind::retried_by_default`]): a traceback or a timeout is not
+/// run again unless the job asks.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 
 /// A job's id: short and typeable (`gpupool jobs --id 42`). Backends with a
@@ -207,6 +210,15 @@ impl FailureKind {
     pub fn is_retryable(self) -> bool {
         !matches!(self, FailureKind::Ref | FailureKind::Repo | FailureKind::Setup)
     }
+
+    /// Whether a job that names no `max_attempts` is run again after this
+    /// kind: a fault of the host or the moment (`signal`, `lease_lost`,
+    /// `oom`) is; the job's own code failing (`exit`: a traceback, an
+    /// argparse error) or running past its `timeout` is not, since running
+    /// it again mostly fails again and costs the same GPU hours.
+    pub fn retried_by_default(self) -> bool {
+        self.is_retryable() && !matches!(self, FailureKind::Exit | FailureKind::Timeout)
+    }
 }
 
 impl fmt::Display for FailureKind {
@@ -253,9 +265,12 @@ pub struct JobSpec {
     /// Higher runs first, within a queue.
     #[serde(default)]
     pub priority: i32,
-    /// Attempts before the job is `failed`.
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
+    /// Attempts before the job is `failed`; `None`:
+    /// [`DEFAULT_MAX_ATTEMPTS`], and failures of kind `exit` and `timeout`
+    /// are not retried (see [`JobSpec::retries`]). Naming it asks for every
+    /// retryable kind to be retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
     /// Least free memory, in MiB, each GPU given to this job must have.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_memory: Option<u64>,
@@ -277,10 +292,6 @@ fn default_queue() -> String {
     DEFAULT_QUEUE.to_owned()
 }
 
-fn default_max_attempts() -> u32 {
-    DEFAULT_MAX_ATTEMPTS
-}
-
 impl JobSpec {
     /// A job on the default queue with no args.
     pub fn new(git_ref: impl Into<String>, entrypoint: impl Into<String>) -> Self {
@@ -293,12 +304,32 @@ impl JobSpec {
             gpus: None,
             gpu_memory: None,
             priority: 0,
-            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            max_attempts: None,
             timeout: None,
             env: BTreeMap::new(),
             name: None,
             idempotency_key: None,
         }
+    }
+
+    /// Builder: `max_attempts` (which also asks for `exit` and `timeout`
+    /// failures to be retried).
+    pub fn with_max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = Some(attempts);
+        self
+    }
+
+    /// Attempts this job gets before it is `failed`: `max_attempts`, or
+    /// [`DEFAULT_MAX_ATTEMPTS`].
+    pub fn attempts(&self) -> u32 {
+        self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS)
+    }
+
+    /// Whether a failure of `kind` may be run again (attempts left aside):
+    /// every retryable kind when the job names `max_attempts`, else only
+    /// those [`FailureKind::retried_by_default`].
+    pub fn retries(&self, kind: FailureKind) -> bool {
+        if self.max_attempts.is_some() { kind.is_retryable() } else { kind.retried_by_default() }
     }
 
     /// The same job on another queue.
@@ -391,6 +422,10 @@ pub struct JobRecord {
     pub state: JobState,
     /// Runs started so far (1 for the first run).
     pub attempt: u32,
+    /// The attempt after which a failure ends the job: `max_attempts` at
+    /// push, raised by `max_attempts` at each `retry` (so after a retry it
+    /// reads `attempt + max_attempts`, shown as `5 (limit 6)`).
+    pub attempt_limit: u32,
     /// The commit the ref resolved to on the last run.
     pub commit: Option<String>,
     /// The worker running it or that ran it last (`host:pid`).
@@ -421,11 +456,13 @@ pub struct JobRecord {
 impl JobRecord {
     /// A freshly pushed record, as every backend stores it.
     pub fn new(id: JobId, spec: JobSpec, created_at: Timestamp) -> Self {
+        let attempt_limit = spec.attempts();
         JobRecord {
             id,
             spec,
             state: JobState::Queued,
             attempt: 0,
+            attempt_limit,
             commit: None,
             worker: None,
             gpu_ids: None,
@@ -457,7 +494,8 @@ impl JobRecord {
             "gpu_ids": self.gpu_ids,
             "priority": self.spec.priority,
             "attempt": self.attempt,
-            "max_attempts": self.spec.max_attempts,
+            "max_attempts": self.spec.attempts(),
+            "attempt_limit": self.attempt_limit,
             "exit_code": self.exit_code,
             "signal": self.signal,
             "worker": self.worker,

@@ -11,10 +11,10 @@ use tokio::sync::Notify;
 
 use crate::job::{AttemptError, JobId, JobRecord, JobSpec, JobState, Timestamp};
 use crate::queue::{
-    CancelOutcome, Capabilities, Completion, FailOutcome, Failure, Heartbeat, Lease, ListFilter, Queue, ReserveRequest,
-    RunInfo, WorkerInfo, WorkerRegistry,
+    CancelOutcome, Capabilities, Completion, FailOutcome, Failure, Heartbeat, Lease, ListFilter, Pushed, Queue,
+    ReserveRequest, RunInfo, WorkerInfo, WorkerRegistry,
 };
-use crate::rows::{ExpiredLease, failed_attempt};
+use crate::rows::{ExpiredLease, failed_attempt, same_job};
 use crate::{Error, Result};
 
 /// How often a waiting `reserve` looks for expired leases.
@@ -46,7 +46,6 @@ struct Entry {
     record: JobRecord,
     token: Option<String>,
     expires_at: Option<Timestamp>,
-    attempt_limit: u32,
 }
 
 impl MemoryQueue {
@@ -157,7 +156,7 @@ impl State {
                 e.record.worker.as_deref(),
                 e.record.cancel_requested,
                 e.record.attempt,
-                e.attempt_limit,
+                e.record.attempt_limit,
             );
             lost.push(failed_attempt(&expired.failure, JobId::from(*id), e.record.attempt, now));
             e.token = None;
@@ -181,25 +180,32 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 
-    async fn push(&self, spec: JobSpec) -> Result<JobId> {
+    async fn exists(&self) -> Result<bool> {
+        Ok(true) // it lives in this process, set up when made
+    }
+
+    async fn add(&self, spec: JobSpec) -> Result<Pushed> {
         spec.validate()?;
         let id = {
             let mut st = self.lock();
-            if let Some(existing) = spec.idempotency_key.as_ref().and_then(|k| st.idempotency.get(k)) {
-                return Ok(JobId::from(*existing));
+            if let Some(existing) = spec.idempotency_key.as_ref().and_then(|k| st.idempotency.get(k)).copied() {
+                let stored = st.jobs.get(&existing).map(|e| &e.record.spec);
+                return match stored {
+                    Some(stored) => same_job(JobId::from(existing), stored, &spec),
+                    None => Ok(Pushed::Existing(JobId::from(existing))),
+                };
             }
             st.next_id += 1;
             let id = st.next_id;
             if let Some(key) = &spec.idempotency_key {
                 st.idempotency.insert(key.clone(), id);
             }
-            let attempt_limit = spec.max_attempts;
             let record = JobRecord::new(JobId::from(id), spec, Timestamp::now());
-            st.jobs.insert(id, Entry { record, token: None, expires_at: None, attempt_limit });
+            st.jobs.insert(id, Entry { record, token: None, expires_at: None });
             id
         };
         self.inner.pushed.notify_waiters();
-        Ok(JobId::from(id))
+        Ok(Pushed::New(JobId::from(id)))
     }
 
     async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
@@ -242,7 +248,7 @@ impl Queue for MemoryQueue {
 
     async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome> {
         let outcome = self.with_held(lease, |e, errors| {
-            let requeue = failure.requeues(e.record.attempt, e.attempt_limit);
+            let requeue = failure.requeues(&e.record.spec, e.record.attempt, e.record.attempt_limit);
             errors.push(failed_attempt(&failure, e.record.id.clone(), e.record.attempt, Timestamp::now()));
             e.finish(if requeue { JobState::Queued } else { JobState::Failed }, Some(failure.output_tail));
             e.record.exit_code = failure.exit_code;
@@ -294,7 +300,7 @@ impl Queue for MemoryQueue {
                     e.record.state = JobState::Queued;
                     e.record.cancel_requested = false;
                     e.record.finished_at = None;
-                    e.attempt_limit = e.record.attempt.saturating_add(e.record.spec.max_attempts);
+                    e.record.attempt_limit = e.record.attempt.saturating_add(e.record.spec.attempts());
                 }
                 state => {
                     return Err(Error::not_retryable(id, state));
@@ -370,7 +376,9 @@ impl WorkerRegistry for MemoryQueue {
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {
         let now = Timestamp::now();
-        Ok(self.lock().workers.values().map(|w| WorkerInfo { lost: w.lost_at(now), ..w.clone() }).collect())
+        let mut st = self.lock();
+        st.workers.retain(|_, w| !w.gone_at(now));
+        Ok(st.workers.values().map(|w| WorkerInfo { lost: w.lost_at(now), ..w.clone() }).collect())
     }
 }
 

@@ -318,8 +318,8 @@ impl JobSpec {
                 return bad(format!("env `{key}` holds a NUL byte"));
             }
         }
-        if self.max_attempts == 0 || self.max_attempts > 1000 {
-            return bad(format!("max_attempts {} is out of range; use 1 to 1000", self.max_attempts));
+        if let Some(n) = self.max_attempts.filter(|n| *n == 0 || *n > 1000) {
+            return bad(format!("max_attempts {n} is out of range; use 1 to 1000"));
         }
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return bad("timeout 0 would stop every run at once; leave it out for no timeout".into());

@@ -78,12 +78,34 @@ pub struct WorkerInfo {
     /// heartbeat intervals. Its jobs come back through the normal lease expiry.
     #[serde(default)]
     pub lost: bool,
+    /// It is stopping: it takes no new job and waits for its running ones
+    /// (or is killing them after a second signal).
+    #[serde(default)]
+    pub draining: bool,
 }
+
+/// Heartbeat intervals of silence after which a worker is dropped from the
+/// registry (lost after 3): about 17 minutes at the 10 s default, long
+/// enough to notice it in `gpupool status`, short enough that hosts gone
+/// for good do not pile up.
+pub const GONE_AFTER_HEARTBEATS: u64 = 100;
 
 impl WorkerInfo {
     /// Whether a worker last seen at `seen_at` is lost at `now`.
     pub fn lost_at(&self, now: Timestamp) -> bool {
-        now.0.saturating_sub(self.seen_at.0) > i64::try_from(self.heartbeat_ms.saturating_mul(3)).unwrap_or(i64::MAX)
+        self.silent_for_more_than(now, 3)
+    }
+
+    /// Whether a worker last seen at `seen_at` is gone at `now`: silent for
+    /// [`GONE_AFTER_HEARTBEATS`] intervals, so [`WorkerRegistry::workers`]
+    /// drops it.
+    pub fn gone_at(&self, now: Timestamp) -> bool {
+        self.silent_for_more_than(now, GONE_AFTER_HEARTBEATS)
+    }
+
+    fn silent_for_more_than(&self, now: Timestamp, heartbeats: u64) -> bool {
+        let limit = i64::try_from(self.heartbeat_ms.saturating_mul(heartbeats)).unwrap_or(i64::MAX);
+        now.0.saturating_sub(self.seen_at.0) > limit
     }
 }
 
@@ -269,10 +291,38 @@ impl Failure {
         Failure { kind, exit_code: None, signal: None, message: message.into(), output_tail: String::new() }
     }
 
-    /// Whether a job with this failure on `attempt` of `limit` goes back to
-    /// the queue (the rule every backend applies).
-    pub fn requeues(&self, attempt: u32, limit: u32) -> bool {
-        self.kind.is_retryable() && attempt < limit
+    /// Whether a job `spec` with this failure on `attempt` of `limit` goes
+    /// back to the queue (the rule every backend applies): the job
+    /// [`retries`](JobSpec::retries) this kind and has attempts left.
+    pub fn requeues(&self, spec: &JobSpec, attempt: u32, limit: u32) -> bool {
+        spec.retries(self.kind) && attempt < limit
+    }
+}
+
+/// What [`Queue::add`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Pushed {
+    /// A new job, with this id.
+    New(JobId),
+    /// The same job was pushed before with this `idempotency_key`; nothing
+    /// was added. Its id.
+    Existing(JobId),
+}
+
+impl Pushed {
+    /// The job's id, new or not.
+    pub fn id(&self) -> &JobId {
+        match self {
+            Pushed::New(id) | Pushed::Existing(id) => id,
+        }
+    }
+
+    /// The job's id, new or not.
+    pub fn into_id(self) -> JobId {
+        match self {
+            Pushed::New(id) | Pushed::Existing(id) => id,
+        }
     }
 }
 
@@ -368,9 +418,10 @@ impl Default for ListFilter {
 ///   `heartbeat`, `started`, then one end (`complete`, `fail`,
 ///   `report_cancelled`, `release`, or `park` for a job too big for it), and
 ///   `stop_reserving` when it stops;
-/// - the user's steps, by id: `push`, `request_cancel`, `retry`;
+/// - the user's steps: `add` (and `push`, its short form), then by id
+///   `request_cancel` and `retry`;
 /// - reading: `get`, `list`, `errors`;
-/// - `init` and `capabilities` for setup and for what the CLI and the
+/// - `init`, `exists` and `capabilities` for setup and for what the CLI and the
 ///   conformance suite may expect.
 ///
 /// What only some backends can do is outside this trait: workers that
@@ -380,10 +431,10 @@ impl Default for ListFilter {
 ///
 /// # Implementing
 ///
-/// Implement every method, declare what you support in
+/// Implement every method but `push` (a short form of `add`), declare what you support in
 /// [`capabilities`](Queue::capabilities), and run the conformance suite
 /// (`gpupool-core` with feature `conformance`: `conformance_tests!`) from one
-/// test file. Call [`JobSpec::validate`] in `push`. Every decision that is
+/// test file. Call [`JobSpec::validate`] in `add`. Every decision that is
 /// the same for all backends (what a failure does, what fits a request) has
 /// a helper in core: [`Failure::requeues`], [`ReserveRequest::fits`].
 /// `docs/custom-backend.md` walks through a whole backend, and
@@ -403,9 +454,10 @@ impl Default for ListFilter {
 ///         Capabilities::default().with_priority(true)
 ///     }
 ///     async fn init(&self) -> Result<()> { todo!("create tables") }
-///     async fn push(&self, spec: JobSpec) -> Result<JobId> {
+///     async fn exists(&self) -> Result<bool> { todo!("are the tables there?") }
+///     async fn add(&self, spec: JobSpec) -> Result<Pushed> {
 ///         spec.validate()?;
-///         todo!("insert, honouring idempotency_key")
+///         todo!("insert, honouring idempotency_key (rows::same_job)")
 ///     }
 ///     async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
 ///         todo!("lease the first queued job that req.fits(), or an expired lease's job")
@@ -463,10 +515,25 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// run many times and from many hosts at once.
     async fn init(&self) -> Result<()>;
 
-    /// Adds a job after [`JobSpec::validate`]. Returns its id. A job whose
-    /// `idempotency_key` was pushed before is not added again: the first
-    /// job's id is returned.
-    async fn push(&self, spec: JobSpec) -> Result<JobId>;
+    /// Whether [`init`](Queue::init) has set this queue up: its tables,
+    /// keys or ledger are there. Reads only and creates nothing, so that a
+    /// mistyped URL is told apart from an empty queue (`gpupool jobs` says
+    /// "no gpupool queue at URL" instead of showing an empty table). A
+    /// backend whose opening already sets itself up (the SQLite file, an
+    /// in-process queue) returns `true`.
+    async fn exists(&self) -> Result<bool>;
+
+    /// Adds a job after [`JobSpec::validate`] and says whether it is new.
+    /// A job whose `idempotency_key` was pushed before is not added again:
+    /// [`Pushed::Existing`] with the first job's id when the two jobs are
+    /// the same, [`Error::IdempotencyConflict`](crate::Error::IdempotencyConflict)
+    /// when they differ ([`crate::rows::same_job`] decides).
+    async fn add(&self, spec: JobSpec) -> Result<Pushed>;
+
+    /// [`add`](Queue::add), for callers that only need the id.
+    async fn push(&self, spec: JobSpec) -> Result<JobId> {
+        self.add(spec).await.map(Pushed::into_id)
+    }
 
     /// Leases the next job that fits: the first of `queues` that has one,
     /// then highest priority (if declared), then oldest. Where the backend
@@ -589,7 +656,8 @@ pub trait WorkerRegistry: Send + Sync {
 /// # impl gpupool_core::Queue for Scratch {
 /// #     fn capabilities(&self) -> gpupool_core::Capabilities { self.0.capabilities() }
 /// #     async fn init(&self) -> Result<()> { self.0.init().await }
-/// #     async fn push(&self, s: gpupool_core::JobSpec) -> Result<gpupool_core::JobId> { self.0.push(s).await }
+/// #     async fn exists(&self) -> Result<bool> { self.0.exists().await }
+/// #     async fn add(&self, s: gpupool_core::JobSpec) -> Result<gpupool_core::Pushed> { self.0.add(s).await }
 /// #     async fn reserve(&self, r: &gpupool_core::ReserveRequest) -> Result<Option<gpupool_core::Lease>> { self.0.reserve(r).await }
 /// #     async fn heartbeat(&self, l: &gpupool_core::Lease, e: std::time::Duration) -> Result<gpupool_core::Heartbeat> { self.0.heartbeat(l, e).await }
 /// #     async fn started(&self, l: &gpupool_core::Lease, i: &gpupool_core::RunInfo) -> Result<()> { self.0.started(l, i).await }

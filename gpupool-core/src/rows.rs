@@ -39,8 +39,8 @@
 use serde::de::DeserializeOwned;
 
 use crate::{
-    AttemptError, Error, Failure, FailureKind, JobId, JobRecord, JobSpec, JobState, Lease, Result, Timestamp,
-    WorkerInfo,
+    AttemptError, Error, Failure, FailureKind, JobId, JobRecord, JobSpec, JobState, Lease, Pushed, Result,
+    Timestamp, WorkerInfo,
 };
 
 /// A job's row, decoded into plain values: what [`JobRow::into_record`]
@@ -56,6 +56,9 @@ pub struct JobRow {
     pub state: String,
     /// Runs started so far.
     pub attempt: i64,
+    /// The attempt after which a failure ends the job; `None` (a backend
+    /// that does not read it): the spec's `max_attempts`.
+    pub attempt_limit: Option<i64>,
     /// The pushed job as the JSON text of [`JobSpec::validated_json`].
     pub spec: String,
     /// The commit the ref resolved to on the last run.
@@ -96,6 +99,9 @@ impl JobRow {
         let mut r = JobRecord::new(JobId::from(self.id), spec, Timestamp(self.created_at));
         r.state = state_column(backend, &self.state)?;
         r.attempt = u32_column(backend, "attempt", self.attempt)?;
+        if let Some(limit) = self.attempt_limit {
+            r.attempt_limit = u32_column(backend, "attempt_limit", limit)?;
+        }
         r.commit = self.commit;
         r.worker = self.worker;
         r.gpu_ids = self.gpu_ids.map(|text| json_column(backend, "gpu_ids", &text)).transpose()?;
@@ -197,6 +203,34 @@ pub fn worker_info(backend: &'static str, text: &str, seen_at: Timestamp, now: T
     Ok(w)
 }
 
+/// What [`Queue::add`](crate::Queue::add) answers when the pushed job's
+/// `idempotency_key` is already taken by job `existing`, whose stored spec
+/// is `stored`: [`Pushed::Existing`] when it is the pushed job, else
+/// [`Error::IdempotencyConflict`] naming the key (a key means "this run",
+/// so reusing it for other arguments is a mistake to report, not to hide).
+///
+/// # Errors
+///
+/// [`Error::IdempotencyConflict`] when `stored` differs from `pushed`.
+pub fn same_job(existing: JobId, stored: &JobSpec, pushed: &JobSpec) -> Result<Pushed> {
+    if stored == pushed {
+        return Ok(Pushed::Existing(existing));
+    }
+    Err(Error::IdempotencyConflict {
+        key: pushed.idempotency_key.clone().unwrap_or_default(),
+        id: existing.to_string(),
+    })
+}
+
+/// Splits registered workers into those [`WorkerRegistry::workers`]
+/// shows and those gone ([`WorkerInfo::gone_at`]), which it deletes: by
+/// name and `seen_at`, so that a worker that reported again meanwhile stays.
+///
+/// [`WorkerRegistry::workers`]: crate::WorkerRegistry::workers
+pub fn split_gone(workers: Vec<WorkerInfo>, now: Timestamp) -> (Vec<WorkerInfo>, Vec<WorkerInfo>) {
+    workers.into_iter().partition(|w| !w.gone_at(now))
+}
+
 /// The outcome of a statement fenced by `lease`, one that matches the job's
 /// row only while the lease holds it (`… WHERE id = ? AND lease_token = ?
 /// AND state = 'running'`), from the number of rows it matched.
@@ -248,7 +282,9 @@ impl ExpiredLease {
         );
         let state = if cancel_requested {
             JobState::Cancelled
-        } else if failure.requeues(attempt, attempt_limit) {
+        } else if attempt < attempt_limit {
+            // `lease_lost` is never the job's fault: retried whether or not
+            // the job names `max_attempts`.
             JobState::Queued
         } else {
             JobState::Failed
@@ -266,6 +302,7 @@ mod tests {
             id: 3,
             state: "failed".into(),
             attempt: 2,
+            attempt_limit: Some(5),
             spec: JobSpec::new("main", "train.py").validated_json().unwrap(),
             commit: Some("abc".into()),
             worker: Some("gpu1:42".into()),
@@ -285,7 +322,7 @@ mod tests {
     fn a_job_row_reads_back_every_column() {
         let r = row().into_record("test").unwrap();
         assert_eq!(r.id, JobId::from(3));
-        assert_eq!((r.state, r.attempt), (JobState::Failed, 2));
+        assert_eq!((r.state, r.attempt, r.attempt_limit), (JobState::Failed, 2, 5));
         assert_eq!((r.commit.as_deref(), r.worker.as_deref()), (Some("abc"), Some("gpu1:42")));
         assert_eq!(r.gpu_ids, Some(vec![1, 3]));
         assert_eq!((r.exit_code, r.signal, r.output_tail.as_deref()), (Some(1), None, Some("boom")));

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use gpupool_core::rows::{self, ErrorRow, JobRow};
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, Heartbeat, JobId, JobRecord,
-    JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
+    JobSpec, JobState, Lease, ListFilter, Pushed, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
     WorkerRegistry,
 };
 use sqlx::mysql::{MySql, MySqlArguments, MySqlPool, MySqlPoolOptions, MySqlRow};
@@ -50,7 +50,7 @@ macro_rules! ms {
 macro_rules! job_columns {
     () => {
         concat!(
-            "id, state, attempt, spec, commit_sha, worker, gpu_ids, exit_code, term_signal, output_tail, result, ",
+            "id, state, attempt, attempt_limit, spec, commit_sha, worker, gpu_ids, exit_code, term_signal, output_tail, result, ",
             "cancel_requested, ",
             ms!("created_at"),
             " AS created_ms, ",
@@ -99,6 +99,7 @@ struct Sql {
     errors_all: Arc<str>,
     worker_upsert: Arc<str>,
     worker_delete: Arc<str>,
+    worker_gone: Arc<str>,
     workers: Arc<str>,
 }
 
@@ -141,7 +142,7 @@ impl Sql {
             select_errors: s(&format!("SELECT {} FROM {{p}}job_errors WHERE job_id = ? ORDER BY id", error_columns!())),
             insert: s("INSERT INTO {p}jobs (queue, state, priority, gpus, spec, idempotency_key, max_attempts, \
                        attempt_limit, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6))"),
-            by_key: s("SELECT id FROM {p}jobs WHERE idempotency_key = ?"),
+            by_key: s("SELECT id, spec FROM {p}jobs WHERE idempotency_key = ?"),
             heartbeat: s("UPDATE {p}jobs SET lease_expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
                           WHERE id = ? AND lease_token = ? AND state = 'running'"),
             cancel_flag: s("SELECT cancel_requested FROM {p}jobs WHERE id = ? AND lease_token = ? \
@@ -182,6 +183,7 @@ impl Sql {
             worker_upsert: s("INSERT INTO {p}workers (name, info, seen_at) VALUES (?, ?, UTC_TIMESTAMP(6)) \
                               ON DUPLICATE KEY UPDATE info = VALUES(info), seen_at = VALUES(seen_at)"),
             worker_delete: s("DELETE FROM {p}workers WHERE name = ?"),
+            worker_gone: s(&format!("DELETE FROM {{p}}workers WHERE name = ? AND {} = ?", ms!("seen_at"))),
             workers: s(&format!(
                 "SELECT info, {} AS seen_ms, {} AS now_ms FROM {{p}}workers ORDER BY name",
                 ms!("seen_at"),
@@ -432,6 +434,7 @@ fn record(row: &MySqlRow) -> Result<JobRecord> {
         id: get(row, "id")?,
         state: get(row, "state")?,
         attempt: get::<i32>(row, "attempt")?.into(),
+        attempt_limit: Some(get::<i32>(row, "attempt_limit")?.into()),
         spec: get(row, "spec")?,
         commit: get(row, "commit_sha")?,
         worker: get(row, "worker")?,
@@ -522,7 +525,18 @@ impl Queue for MysqlQueue {
         result
     }
 
-    async fn push(&self, spec: JobSpec) -> Result<JobId> {
+    async fn exists(&self) -> Result<bool> {
+        let found: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = ?",
+        )
+        .bind(format!("{}jobs", self.opts.prefix))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map)?;
+        Ok(found > 0)
+    }
+
+    async fn add(&self, spec: JobSpec) -> Result<Pushed> {
         let text = spec.validated_json()?;
         let inserted = q(&self.sql.insert)
             .bind(&spec.queue)
@@ -530,21 +544,16 @@ impl Queue for MysqlQueue {
             .bind(spec.gpus.map(i64::from))
             .bind(text)
             .bind(&spec.idempotency_key)
-            .bind(i64::from(spec.max_attempts))
-            .bind(i64::from(spec.max_attempts))
+            .bind(i64::from(spec.attempts()))
+            .bind(i64::from(spec.attempts()))
             .execute(&self.pool)
             .await;
         match inserted {
-            Ok(done) => Ok(JobId::from(i64::try_from(done.last_insert_id()).unwrap_or(i64::MAX))),
+            Ok(done) => Ok(Pushed::New(JobId::from(i64::try_from(done.last_insert_id()).unwrap_or(i64::MAX)))),
             Err(e) if is_duplicate(&e) && spec.idempotency_key.is_some() => {
-                let id: i64 = q(&self.sql.by_key)
-                    .bind(&spec.idempotency_key)
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(map)?
-                    .try_get(0)
-                    .map_err(map)?;
-                Ok(JobId::from(id))
+                let row = q(&self.sql.by_key).bind(&spec.idempotency_key).fetch_one(&self.pool).await.map_err(map)?;
+                let (id, stored): (i64, String) = (get(&row, "id")?, get(&row, "spec")?);
+                rows::same_job(JobId::from(id), &JobSpec::from_stored_json(&stored)?, &spec)
             }
             Err(e) => Err(map(e)),
         }
@@ -595,14 +604,19 @@ impl Queue for MysqlQueue {
         let id = lease.id().as_i64()?;
         let sql = Arc::clone(&self.sql);
         let token = lease.token.clone();
+        let spec = Arc::new(lease.job.spec.clone());
         self.in_tx(move |tx| {
-            let (sql, token, failure) = (Arc::clone(&sql), token.clone(), failure.clone());
+            let (sql, token, failure, spec) = (Arc::clone(&sql), token.clone(), failure.clone(), Arc::clone(&spec));
             Box::pin(async move {
                 let Some(row) = q(&sql.held).bind(id).bind(&token).fetch_optional(&mut **tx).await? else {
                     return Ok(Err(Error::lease_lost(id)));
                 };
                 let (attempt, limit): (i32, i32) = (row.try_get(0)?, row.try_get(1)?);
-                let requeue = failure.requeues(u32::try_from(attempt).unwrap_or(0), u32::try_from(limit).unwrap_or(0));
+                let requeue = failure.requeues(
+                    &spec,
+                    u32::try_from(attempt).unwrap_or(0),
+                    u32::try_from(limit).unwrap_or(0),
+                );
                 q(&sql.insert_error)
                     .bind(id)
                     .bind(attempt)
@@ -751,13 +765,20 @@ impl WorkerRegistry for MysqlQueue {
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {
         let registered = q(&self.sql.workers).fetch_all(&self.pool).await.map_err(map)?;
-        registered
+        let mut now = Timestamp::now();
+        let all = registered
             .iter()
             .map(|row| {
-                let (seen, now) = (Timestamp(get(row, "seen_ms")?), Timestamp(get(row, "now_ms")?));
+                let seen = Timestamp(get(row, "seen_ms")?);
+                now = Timestamp(get(row, "now_ms")?); // the database's clock
                 rows::worker_info(BACKEND, &get::<String>(row, "info")?, seen, now)
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        let (shown, gone) = rows::split_gone(all, now);
+        for w in gone {
+            q(&self.sql.worker_gone).bind(&w.name).bind(w.seen_at.0).execute(&self.pool).await.map_err(map)?;
+        }
+        Ok(shown)
     }
 }
 

@@ -1,9 +1,11 @@
 -- ARGV: prefix, spec, queue, max_attempts, idempotency key ('' = none).
+-- Returns the new job's id, or {id, spec} of the job the key names.
 -- Priority and GPUs are read from the spec; the hash keeps what scripts use.
 local spec, queue, max_attempts, idem = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 if idem ~= '' then
   local existing = redis.call('GET', P .. 'idem:' .. idem)
-  if existing then return existing end
+  -- The caller compares the stored job with its own.
+  if existing then return {existing, redis.call('HGET', jkey(existing), 'spec') or ''} end
 end
 local id = string.format('%d', redis.call('INCR', P .. 'seq'))
 -- The entry carries the spec, so a reserve that reads it has all a first

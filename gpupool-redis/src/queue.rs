@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, Heartbeat, JobId, JobRecord,
-    JobSpec, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo, WorkerRegistry,
+    JobSpec, Lease, ListFilter, Pushed, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo, WorkerRegistry,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{Script, Value};
@@ -588,6 +588,9 @@ fn record(id: &str, h: &HashMap<String, String>) -> Result<JobRecord> {
     let state = h.get("state").map_or("", String::as_str);
     r.state = state.parse().map_err(|_| Error::backend("redis", format!("job {id} has unknown state `{state}`")))?;
     r.attempt = num(h, "attempt").unwrap_or(0);
+    if let Some(limit) = num(h, "attempt_limit") {
+        r.attempt_limit = limit;
+    }
     r.commit = h.get("commit").filter(|v| !v.is_empty()).cloned();
     r.worker = h.get("worker").filter(|v| !v.is_empty()).cloned();
     r.gpu_ids = h.get("gpu_ids").filter(|v| !v.is_empty()).and_then(|v| serde_json::from_str(v).ok());
@@ -618,10 +621,29 @@ impl Queue for RedisQueue {
                 "Redis {version} lacks `XPENDING … IDLE`; gpupool needs Redis 6.2 or newer"
             )));
         }
+        // The mark `exists` looks for: this prefix is a queue.
+        let _: () = redis::cmd("SET")
+            .arg(format!("{}schema", self.p()))
+            .arg(1)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(map)?;
         Ok(())
     }
 
-    async fn push(&self, spec: JobSpec) -> Result<JobId> {
+    async fn exists(&self) -> Result<bool> {
+        // The mark `init` sets, or the id sequence of a queue that an older
+        // gpupool (which set no mark) pushed to.
+        let found: i64 = redis::cmd("EXISTS")
+            .arg(format!("{}schema", self.p()))
+            .arg(format!("{}seq", self.p()))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(map)?;
+        Ok(found > 0)
+    }
+
+    async fn add(&self, spec: JobSpec) -> Result<Pushed> {
         spec.validate()?;
         self.ensure_group(&spec.queue).await?;
         let v = self
@@ -630,13 +652,17 @@ impl Queue for RedisQueue {
                 &[
                     spec.to_json()?,
                     spec.queue.clone(),
-                    spec.max_attempts.to_string(),
+                    spec.attempts().to_string(),
                     spec.idempotency_key.clone().unwrap_or_default(),
                 ],
             )
             .await?;
+        if let Value::Array(_) = v {
+            let (id, stored): (String, String) = from_value(v)?;
+            return gpupool_core::rows::same_job(JobId::new(id), &JobSpec::from_stored_json(&stored)?, &spec);
+        }
         let id: String = from_value(v)?;
-        Ok(JobId::new(id))
+        Ok(Pushed::New(JobId::new(id)))
     }
 
     async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
@@ -692,7 +718,7 @@ impl Queue for RedisQueue {
                 lease,
                 &[
                     failure.kind.as_str().to_owned(),
-                    if failure.kind.is_retryable() { "1" } else { "0" }.to_owned(),
+                    if lease.job.spec.retries(failure.kind) { "1" } else { "0" }.to_owned(),
                     failure.exit_code.map(|c| c.to_string()).unwrap_or_default(),
                     failure.signal.map(|s| s.to_string()).unwrap_or_default(),
                     failure.message,
@@ -814,11 +840,11 @@ impl Queue for RedisQueue {
 impl WorkerRegistry for RedisQueue {
     async fn register_worker(&self, info: &WorkerInfo) -> Result<()> {
         let text = serde_json::to_string(info).map_err(|e| Error::backend("redis", e))?;
-        self.script_status(&self.scripts.worker, &[info.name.clone(), text]).await.map(|_| ())
+        self.script_status(&self.scripts.worker, &[info.name.clone(), text, String::new()]).await.map(|_| ())
     }
 
     async fn unregister_worker(&self, name: &str) -> Result<()> {
-        self.script_status(&self.scripts.worker, &[name.to_owned(), String::new()]).await.map(|_| ())
+        self.script_status(&self.scripts.worker, &[name.to_owned(), String::new(), String::new()]).await.map(|_| ())
     }
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {
@@ -827,18 +853,20 @@ impl WorkerRegistry for RedisQueue {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let now: i64 = from_value(items.remove(0))?;
-        items
+        let now = Timestamp(from_value(items.remove(0))?);
+        let all = items
             .into_iter()
             .map(|item| {
                 let (_name, info, seen): (String, String, i64) = from_value(item)?;
-                let mut w: WorkerInfo =
-                    serde_json::from_str(&info).map_err(|e| Error::backend("redis", format!("worker record: {e}")))?;
-                w.seen_at = Timestamp(seen);
-                w.lost = w.lost_at(Timestamp(now));
-                Ok(w)
+                gpupool_core::rows::worker_info("redis", &info, Timestamp(seen), now)
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        let (shown, gone) = gpupool_core::rows::split_gone(all, now);
+        for w in gone {
+            let only = w.seen_at.0.to_string();
+            self.script_status(&self.scripts.worker, &[w.name, String::new(), only]).await?;
+        }
+        Ok(shown)
     }
 }
 

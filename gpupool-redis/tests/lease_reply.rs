@@ -16,7 +16,7 @@ async fn a_first_lease_has_no_errors_and_a_later_one_has_the_earlier_attempts() 
     let Some(q) = common::queue("lease-reply").await else { return };
     let before = Timestamp::now();
     let mut spec = JobSpec::new("main", "train.py").with_queue("lr");
-    spec.max_attempts = 2;
+    spec.max_attempts = Some(2);
     let id = q.push(spec).await.unwrap();
     let after = Timestamp::now();
     let created = q.get(&id).await.unwrap().created_at;

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use gpupool_core::rows::{self, ErrorRow, JobRow};
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, Heartbeat, JobId, JobRecord,
-    JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
+    JobSpec, JobState, Lease, ListFilter, Pushed, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
     WorkerRegistry,
 };
 use sqlx::query::Query;
@@ -65,7 +65,7 @@ async fn set_wal(connect: &SqliteConnectOptions, busy_timeout: Duration) -> std:
 /// The columns [`record`] reads.
 macro_rules! job_columns {
     () => {
-        "id, state, attempt, spec, commit_sha, worker, gpu_ids, exit_code, signal, output_tail, result, \
+        "id, state, attempt, attempt_limit, spec, commit_sha, worker, gpu_ids, exit_code, signal, output_tail, result, \
          cancel_requested, created_at, started_at, finished_at"
     };
 }
@@ -275,6 +275,7 @@ fn record(row: &SqliteRow) -> Result<JobRecord> {
         id: get(row, "id")?,
         state: get(row, "state")?,
         attempt: get(row, "attempt")?,
+        attempt_limit: Some(get(row, "attempt_limit")?),
         spec: get(row, "spec")?,
         commit: get(row, "commit_sha")?,
         worker: get(row, "worker")?,
@@ -332,7 +333,14 @@ impl Queue for SqliteQueue {
         tx.commit().await.map_err(map)
     }
 
-    async fn push(&self, spec: JobSpec) -> Result<JobId> {
+    async fn exists(&self) -> Result<bool> {
+        // Opening the file made and migrated it (as `sqlite3 FILE` would);
+        // the CLI looks for the file before it opens it.
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(&self.pool).await.map_err(map)?;
+        Ok(version >= 1)
+    }
+
+    async fn add(&self, spec: JobSpec) -> Result<Pushed> {
         let text = spec.validated_json()?;
         let id: Option<i64> = sqlx::query_scalar(
             "INSERT INTO jobs (queue, state, priority, gpus, spec, idempotency_key, max_attempts, attempt_limit, \
@@ -344,23 +352,21 @@ impl Queue for SqliteQueue {
         .bind(spec.gpus.map(i64::from))
         .bind(text)
         .bind(&spec.idempotency_key)
-        .bind(i64::from(spec.max_attempts))
+        .bind(i64::from(spec.attempts()))
         .bind(Timestamp::now().0)
         .fetch_optional(&self.pool)
         .await
         .map_err(map)?;
-        let id = match id {
-            Some(id) => {
-                self.pushed.notify_waiters();
-                id
-            }
-            None => sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = ?1")
-                .bind(&spec.idempotency_key)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(map)?,
-        };
-        Ok(JobId::from(id))
+        if let Some(id) = id {
+            self.pushed.notify_waiters();
+            return Ok(Pushed::New(JobId::from(id)));
+        }
+        let (id, stored): (i64, String) = sqlx::query_as("SELECT id, spec FROM jobs WHERE idempotency_key = ?1")
+            .bind(&spec.idempotency_key)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map)?;
+        rows::same_job(JobId::from(id), &JobSpec::from_stored_json(&stored)?, &spec)
     }
 
     async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
@@ -432,6 +438,7 @@ impl Queue for SqliteQueue {
         .map_err(map)?;
         let (attempt, limit) = held.ok_or_else(|| Error::lease_lost(lease.id()))?;
         let requeue = failure.requeues(
+            &lease.job.spec,
             rows::u32_column(BACKEND, "attempt", attempt)?,
             rows::u32_column(BACKEND, "attempt_limit", limit)?,
         );
@@ -670,7 +677,20 @@ impl WorkerRegistry for SqliteQueue {
             .await
             .map_err(map)?;
         let now = Timestamp::now();
-        stored.into_iter().map(|(text, seen)| rows::worker_info(BACKEND, &text, Timestamp(seen), now)).collect()
+        let all = stored
+            .into_iter()
+            .map(|(text, seen)| rows::worker_info(BACKEND, &text, Timestamp(seen), now))
+            .collect::<Result<Vec<_>>>()?;
+        let (shown, gone) = rows::split_gone(all, now);
+        for w in gone {
+            sqlx::query("DELETE FROM workers WHERE name = ?1 AND seen_at = ?2")
+                .bind(&w.name)
+                .bind(w.seen_at.0)
+                .execute(&self.pool)
+                .await
+                .map_err(map)?;
+        }
+        Ok(shown)
     }
 }
 

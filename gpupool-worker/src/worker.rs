@@ -263,6 +263,7 @@ impl Worker {
             Arc::clone(&slots.gpus),
             Arc::clone(&slots.running),
             slots.total,
+            shutdown.clone(),
         ));
         let mut summary = WorkerSummary::default();
         let mut backoff = Duration::ZERO;
@@ -460,12 +461,14 @@ impl Slots {
 }
 
 /// Registers the worker every heartbeat interval, with its GPUs' live
-/// status and what it runs (`gpupool status`).
+/// status and what it runs (`gpupool status`), and at once when it starts
+/// to drain, so that `status` shows it draining.
 async fn register_loop(
     ctx: Arc<Ctx>,
     gpus: Arc<StdMutex<Placement>>,
     running: Arc<StdMutex<Vec<RunningJob>>>,
     slots: usize,
+    shutdown: CancellationToken,
 ) {
     let cfg = &ctx.cfg;
     let host = cfg.name.rsplit_once(':').map_or(cfg.name.as_str(), |(h, _)| h).to_owned();
@@ -485,13 +488,18 @@ async fn register_loop(
             started_at,
             seen_at: gpupool_core::Timestamp::default(),
             lost: false,
+            draining: shutdown.is_cancelled(),
         };
         if let Some(registry) = ctx.queue.worker_registry()
             && let Err(e) = registry.register_worker(&info).await
         {
             warn!("could not register the worker ({e}); trying again");
         }
-        tokio::time::sleep(cfg.heartbeat).await;
+        if info.draining {
+            tokio::time::sleep(cfg.heartbeat).await;
+        } else {
+            sleep_or(&shutdown, cfg.heartbeat).await;
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use gpupool_core::rows::ExpiredLease;
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Connect, Error, FailOutcome, Failure, Heartbeat, JobId,
-    JobRecord, JobSpec, JobState, Lease, ListFilter, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerRegistry,
+    JobRecord, JobSpec, JobState, Lease, ListFilter, Pushed, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerRegistry,
     async_trait,
 };
 use sqlx::postgres::{PgArguments, PgPool, PgPoolOptions, PgQueryResult};
@@ -219,7 +219,18 @@ impl Queue for PgQueue {
         tx.commit().await.map_err(map)
     }
 
-    async fn push(&self, spec: JobSpec) -> Result<JobId> {
+    async fn exists(&self) -> Result<bool> {
+        // `to_regclass` is NULL for a table that is not there (on the
+        // search path, as every statement here finds it).
+        let found: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(format!("{}jobs", self.opts.prefix))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map)?;
+        Ok(found)
+    }
+
+    async fn add(&self, spec: JobSpec) -> Result<Pushed> {
         let text = spec.validated_json()?;
         let inserted = q(&self.sql.insert)
             .bind(&spec.queue)
@@ -227,17 +238,19 @@ impl Queue for PgQueue {
             .bind(spec.gpus.map(i64::from))
             .bind(text)
             .bind(&spec.idempotency_key)
-            .bind(i64::from(spec.max_attempts))
+            .bind(i64::from(spec.attempts()))
             .fetch_optional(&self.pool)
             .await
             .map_err(map)?;
         let Some(row) = inserted else {
-            // ON CONFLICT DO NOTHING: this idempotency key was pushed before.
+            // ON CONFLICT DO NOTHING: this idempotency key was pushed before;
+            // the same job gets its id back, another one an error.
             let row = q(&self.sql.by_key).bind(&spec.idempotency_key).fetch_one(&self.pool).await.map_err(map)?;
-            return Ok(JobId::from(get::<i64>(&row, "id")?));
+            let stored = JobSpec::from_stored_json(&get::<String>(&row, "spec")?)?;
+            return gpupool_core::rows::same_job(JobId::from(get::<i64>(&row, "id")?), &stored, &spec);
         };
         self.wake(&spec.queue).await;
-        Ok(JobId::from(get::<i64>(&row, "id")?))
+        Ok(Pushed::New(JobId::from(get::<i64>(&row, "id")?)))
     }
 
     async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
@@ -277,7 +290,7 @@ impl Queue for PgQueue {
         let row = fenced(&self.sql.lock_held, lease)?.fetch_optional(&mut *tx).await.map_err(map)?;
         let row = row.ok_or_else(|| lost(lease))?;
         let (id, attempt): (i64, i32) = (get(&row, "id")?, get(&row, "attempt")?);
-        let requeue = failure.requeues(to_u32(attempt)?, to_u32(get(&row, "attempt_limit")?)?);
+        let requeue = failure.requeues(&lease.job.spec, to_u32(attempt)?, to_u32(get(&row, "attempt_limit")?)?);
         let state = if requeue { JobState::Queued } else { JobState::Failed };
         self.end_attempt(&mut tx, id, attempt, &failure, Some(&failure.output_tail), state).await?;
         tx.commit().await.map_err(map)?;

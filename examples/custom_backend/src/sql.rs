@@ -28,7 +28,7 @@ macro_rules! ms {
 
 /// The columns [`record`] reads.
 const JOB: &str = concat!(
-    "id, state, attempt, spec, commit_sha, worker, gpu_ids, exit_code, term_signal, output_tail, result, ",
+    "id, state, attempt, attempt_limit, spec, commit_sha, worker, gpu_ids, exit_code, term_signal, output_tail, result, ",
     "cancel_requested, lease_token, ",
     ms!("created_at"),
     " AS created_ms, ",
@@ -72,6 +72,7 @@ pub(crate) struct Sql {
     pub(crate) errors: Arc<str>,
     pub(crate) worker_upsert: Arc<str>,
     pub(crate) worker_delete: Arc<str>,
+    pub(crate) worker_gone: Arc<str>,
     pub(crate) workers: Arc<str>,
 }
 
@@ -86,7 +87,7 @@ impl Sql {
             insert: s("INSERT INTO {p}jobs (queue, state, priority, gpus, spec, idempotency_key, max_attempts, \
                        attempt_limit) VALUES ($1, 'queued', $2, $3, $4, $5, $6, $6) \
                        ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"),
-            by_key: s("SELECT id FROM {p}jobs WHERE idempotency_key = $1"),
+            by_key: s("SELECT id, spec FROM {p}jobs WHERE idempotency_key = $1"),
             expired: s("SELECT id, attempt, attempt_limit, cancel_requested, worker FROM {p}jobs \
                         WHERE state = 'running' AND lease_expires_at < now() \
                         ORDER BY lease_expires_at LIMIT 20 FOR UPDATE SKIP LOCKED"),
@@ -136,6 +137,7 @@ impl Sql {
             worker_upsert: s("INSERT INTO {p}workers (name, info, seen_at) VALUES ($1, $2, now()) \
                               ON CONFLICT (name) DO UPDATE SET info = EXCLUDED.info, seen_at = EXCLUDED.seen_at"),
             worker_delete: s("DELETE FROM {p}workers WHERE name = $1"),
+            worker_gone: s(concat!("DELETE FROM {p}workers WHERE name = $1 AND ", ms!("seen_at"), " = $2")),
             workers: s(concat!(
                 "SELECT info, ",
                 ms!("seen_at"),
@@ -169,6 +171,7 @@ pub(crate) fn record(row: &PgRow) -> Result<JobRecord> {
     let mut r = JobRecord::new(JobId::from(get::<i64>(row, "id")?), spec, Timestamp(get(row, "created_ms")?));
     r.state = get::<String>(row, "state")?.parse()?;
     r.attempt = to_u32(get(row, "attempt")?)?;
+    r.attempt_limit = to_u32(get(row, "attempt_limit")?)?;
     r.commit = get(row, "commit_sha")?;
     r.worker = get(row, "worker")?;
     r.gpu_ids =

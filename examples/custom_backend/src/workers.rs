@@ -23,11 +23,20 @@ impl WorkerRegistry for PgQueue {
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>> {
         let rows = q(&self.sql.workers).fetch_all(&self.pool).await.map_err(map)?;
-        rows.iter()
+        let mut now = Timestamp::now();
+        let all = rows
+            .iter()
             .map(|row| {
-                let (seen, now) = (Timestamp(get(row, "seen_ms")?), Timestamp(get(row, "now_ms")?));
+                let seen = Timestamp(get(row, "seen_ms")?);
+                now = Timestamp(get(row, "now_ms")?); // the database's clock
                 gpupool_core::rows::worker_info(BACKEND, &get::<String>(row, "info")?, seen, now)
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        // Silent for long: dropped (unless it reported again meanwhile).
+        let (shown, gone) = gpupool_core::rows::split_gone(all, now);
+        for w in gone {
+            q(&self.sql.worker_gone).bind(&w.name).bind(w.seen_at.0).execute(&self.pool).await.map_err(map)?;
+        }
+        Ok(shown)
     }
 }
