@@ -244,9 +244,38 @@ impl AmqpQueue {
                 replaying: AtomicBool::new(false),
             }),
         };
-        q.link().await?;
-        q.caught_up().await?;
+        // A ledger that is there is followed at once; one that is not is
+        // declared by `init` or the first call that needs it, so that
+        // opening a mistyped prefix or vhost creates nothing.
+        if q.ledger_declared().await? {
+            q.link().await?;
+            q.caught_up().await?;
+        }
         Ok(q)
+    }
+
+    /// Whether the ledger is there: a passive declare on a connection of
+    /// its own, which declares nothing (the broker answers 404 for a
+    /// ledger that is not there).
+    async fn ledger_declared(&self) -> Result<bool> {
+        let opts = &self.inner.opts;
+        let fail = |cause: String| unavailable(format!("cannot connect to RabbitMQ at {}: {cause}", opts.endpoint));
+        let props = ConnectionProperties::default().with_connection_name(gpupool_core::default_worker_name().into());
+        let connection =
+            match tokio::time::timeout(opts.connect_timeout, Connection::connect(&opts.driver_url, props)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(fail(e.to_string())),
+                Err(_) => return Err(fail(format!("no answer within {} s", opts.connect_timeout.as_secs()))),
+            };
+        let channel = connection.create_channel().await.map_err(unavailable)?;
+        let passive = QueueDeclareOptions { passive: true, durable: true, ..QueueDeclareOptions::default() };
+        let declared = channel.queue_declare(self.ledger_name().as_str().into(), passive, FieldTable::default()).await;
+        let _ = connection.close(0, "".into()).await;
+        match declared {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 404) => Ok(false),
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     /// The options in use.
@@ -568,27 +597,7 @@ impl Queue for AmqpQueue {
         if self.inner.link.lock().await.as_ref().is_some_and(|l| l.is_alive()) {
             return Ok(true); // the link declared the ledger
         }
-        // A passive declare on a connection of its own: it declares
-        // nothing, and the broker answers 404 for a ledger that is not there.
-        let opts = &self.inner.opts;
-        let fail = |cause: String| unavailable(format!("cannot connect to RabbitMQ at {}: {cause}", opts.endpoint));
-        let props = ConnectionProperties::default().with_connection_name(gpupool_core::default_worker_name().into());
-        let connection =
-            match tokio::time::timeout(opts.connect_timeout, Connection::connect(&opts.driver_url, props)).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(fail(e.to_string())),
-                Err(_) => return Err(fail(format!("no answer within {} s", opts.connect_timeout.as_secs()))),
-            };
-        let channel = connection.create_channel().await.map_err(unavailable)?;
-        let passive = QueueDeclareOptions { passive: true, durable: true, ..QueueDeclareOptions::default() };
-        let declared =
-            channel.queue_declare(self.ledger_name().as_str().into(), passive, FieldTable::default()).await;
-        let _ = connection.close(0, "".into()).await;
-        match declared {
-            Ok(_) => Ok(true),
-            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 404) => Ok(false),
-            Err(e) => Err(unavailable(e)),
-        }
+        self.ledger_declared().await
     }
 
     async fn add(&self, spec: JobSpec) -> Result<Pushed> {

@@ -14,8 +14,8 @@ use clap::{Parser, Subcommand};
 use gpupool::gpu::GpuSelection;
 use gpupool::redact::redact_url;
 use gpupool::{
-    CancelOutcome, CredentialPrompt, Credentials, Error, GitWorkspace, JobId, JobSpec, JobState, ListFilter, Queue,
-    Registry, Result, Worker, WorkerConfig, message,
+    CancelOutcome, CredentialPrompt, Credentials, Error, GitWorkspace, JobId, JobSpec, JobState, ListFilter, Pushed,
+    Queue, Registry, Result, Worker, WorkerConfig, message,
 };
 
 use crate::{FileConfig, errors_table, jobs_table, parse_duration};
@@ -362,6 +362,12 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
     if creates && !matches!(cli.command, Command::Init) {
         queue.init().await?;
     }
+    // A server database, Redis prefix or RabbitMQ vhost that init never set
+    // up: said so, rather than a driver's "table doesn't exist" or an empty
+    // table for a mistyped URL.
+    if !creates && !queue.exists().await? {
+        return Err(no_queue(&s.url));
+    }
     let json = cli.json;
     let reads =
         matches!(cli.command, Command::Jobs { .. } | Command::Errors { .. } | Command::Status | Command::Logs { .. });
@@ -415,19 +421,26 @@ fn plain(v: &serde_json::Value) -> String {
 /// makes it, and nothing is created. (A typo in a folder or a path must not
 /// give an empty queue that looks real.)
 fn no_queue_is_created(url: &str) -> Result<()> {
+    // Opening a SQLite file creates it, so this one is looked for first;
+    // every other backend answers `Queue::exists` once connected.
     #[cfg(feature = "sqlite")]
     if url.starts_with("sqlite:") {
         let opts = gpupool::sqlite::SqliteOptions::from_url(url)?;
         if !opts.path.exists() {
-            let shown = redact_url(url);
-            return Err(Error::Config(format!(
-                "no gpupool queue at {shown}; create it with `gpupool init --queue {shown}` (or give --queue the \
-                 queue you meant)"
-            )));
+            return Err(no_queue(url));
         }
     }
     let _ = url;
     Ok(())
+}
+
+/// The error for a URL where no queue was set up.
+fn no_queue(url: &str) -> Error {
+    let shown = redact_url(url);
+    Error::Config(format!(
+        "no gpupool queue at {shown}; create it with `gpupool init --queue {shown}` (or give --queue the queue you \
+         meant)"
+    ))
 }
 
 /// `gpupool config`: each setting in force and where it came from.
@@ -606,10 +619,11 @@ async fn status(queue: &dyn Queue, url: &str, json: bool) -> Result<()> {
         Some(registry) => registry.workers().await?,
         None => Vec::new(),
     };
+    let status = crate::status(queue, url, workers).await?;
     if json {
-        print_json(&serde_json::to_value(&workers).unwrap_or_default());
+        print_json(&status.to_json());
     } else {
-        out(&crate::status_report(queue, url, &workers).await?);
+        out(&status.report());
     }
     Ok(())
 }
@@ -669,18 +683,44 @@ async fn push(queue: &dyn Queue, files: Vec<PathBuf>, set: &[String], json: bool
         );
     }
     let mut ids = Vec::new();
-    for (_, jobs) in batches {
+    let mut new = Vec::new();
+    let mut existing = Vec::new();
+    let mut refused = None;
+    'files: for (_, jobs) in batches {
         for job in jobs {
-            ids.push(queue.push(job).await?);
+            let key = job.idempotency_key.clone().unwrap_or_default();
+            match queue.add(job).await {
+                Ok(Pushed::Existing(id)) => {
+                    existing.push((id.clone(), key));
+                    ids.push(id);
+                }
+                Ok(pushed) => {
+                    new.push(pushed.id().to_string());
+                    ids.push(pushed.into_id());
+                }
+                // What was pushed before the refusal stays, and is said.
+                Err(e) => {
+                    refused = Some(e);
+                    break 'files;
+                }
+            }
         }
     }
     if json {
+        // Every id this push stands for, new or already there.
         print_json(&serde_json::Value::Array(ids.iter().map(|i| i.as_str().into()).collect()));
     } else {
-        let list: Vec<String> = ids.iter().map(ToString::to_string).collect();
-        out(&format!("pushed {} job(s): {}\n", ids.len(), list.join(" ")));
+        if !new.is_empty() || (existing.is_empty() && refused.is_none()) {
+            out(&format!("pushed {} job(s): {}\n", new.len(), new.join(" ")));
+        }
+        for (id, key) in &existing {
+            out(&format!("job {id} was already pushed with idempotency_key `{key}`; not pushed again\n"));
+        }
     }
-    Ok(())
+    match refused {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 fn split_command(flag: &str, text: &str) -> Result<Vec<String>> {

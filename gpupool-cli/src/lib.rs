@@ -2,7 +2,7 @@
 //! over a [`Registry`](gpupool::Registry) of backends, so a team's own
 //! binary with its own backend is a few lines; and the pieces other programs
 //! reuse: reading `gpupool.toml` ([`FileConfig`]) and the tables people read
-//! ([`jobs_table`], [`errors_table`], [`status_report`]).
+//! ([`jobs_table`], [`errors_table`], [`status`] and [`status_report`]).
 //!
 //! A team binary that adds a PostgreSQL backend of its own (the whole of
 //! `examples/custom_backend/src/main.rs`):
@@ -371,13 +371,13 @@ fn waiting_groups(queued: &[JobRecord], workers: &[WorkerInfo], tracked: bool) -
             }
         }
     }
-    groups
-        .into_values()
-        .map(|(reason, ids)| {
-            let jobs = if ids.len() == 1 { "1 job".to_owned() } else { format!("{} jobs", thousands(ids.len())) };
-            (format!("{jobs}: {reason}"), ids)
-        })
-        .collect()
+    groups.into_values().collect()
+}
+
+/// "4,998 jobs: REASON".
+fn group_title(reason: &str, n: usize) -> String {
+    let jobs = if n == 1 { "1 job".to_owned() } else { format!("{} jobs", thousands(n)) };
+    format!("{jobs}: {reason}")
 }
 
 /// Up to five ids, then how many more.
@@ -402,82 +402,168 @@ fn thousands(n: usize) -> String {
     out
 }
 
-/// The `gpupool status` report: the queue (password hidden), job counts,
-/// each worker with its GPUs and running jobs (lost ones marked), and the
-/// queued jobs no live worker can ever run, with why.
-pub async fn status_report(queue: &dyn Queue, url: &str, workers: &[WorkerInfo]) -> Result<String> {
-    let caps = queue.capabilities();
-    let mut out = format!(
-        "queue: {}\npriority: {}   GPU-fitting reserve: {}   worker registry: {}\n",
-        redact_url(url),
-        yes(caps.priority),
-        yes(caps.gpu_filter),
-        yes(queue.worker_registry().is_some())
-    );
+/// What `gpupool status` shows, read once and printed as a report
+/// ([`Status::report`]) or as JSON ([`Status::to_json`]) with the same facts.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// The queue's URL, password hidden.
+    pub url: String,
+    /// What the backend declares.
+    pub capabilities: gpupool::Capabilities,
+    /// Whether workers register (the backend keeps a registry).
+    pub tracked: bool,
+    /// How many jobs are in each state, in [`JobState::ALL`] order.
+    pub counts: Vec<(JobState, usize)>,
+    /// The registered workers, lost and draining ones marked.
+    pub workers: Vec<WorkerInfo>,
+    /// Queued jobs no live worker can take: the reason, and every id.
+    pub waiting: Vec<(String, Vec<String>)>,
+}
+
+/// A worker's state as `status` names it: `lost`, `draining` or `ok`.
+pub fn worker_state(w: &WorkerInfo) -> &'static str {
+    match (w.lost, w.draining) {
+        (true, _) => "lost",
+        (false, true) => "draining",
+        (false, false) => "ok",
+    }
+}
+
+/// Reads what `gpupool status` shows: job counts by state, the queued jobs
+/// no live worker can take (grouped by why) and the workers given.
+pub async fn status(queue: &dyn Queue, url: &str, workers: Vec<WorkerInfo>) -> Result<Status> {
     let mut counts = Vec::new();
     let mut queued = Vec::new();
     for state in JobState::ALL {
         let jobs = queue.list(&ListFilter { state: Some(state), queue: None, limit: 100_000, offset: 0 }).await?;
-        counts.push(format!("{} {state}", jobs.len()));
+        counts.push((state, jobs.len()));
         if state == JobState::Queued {
             queued = jobs;
         }
     }
-    out.push_str(&format!("jobs: {}\n", counts.join(", ")));
+    let tracked = queue.worker_registry().is_some();
+    let waiting = waiting_groups(&queued, &workers, tracked);
+    Ok(Status { url: redact_url(url), capabilities: queue.capabilities(), tracked, counts, workers, waiting })
+}
 
-    let now = Timestamp::now();
-    let rows: Vec<Vec<String>> = workers
-        .iter()
-        .map(|w| {
-            let ago = (now.0 - w.seen_at.0).max(0) / 1000;
-            vec![
-                w.name.clone(),
-                if w.lost { "LOST".into() } else { "ok".into() },
-                format!("{ago}s ago"),
-                w.queues.join(","),
-                w.gpus.len().to_string(),
-                w.running.iter().map(|r| r.id.to_string()).collect::<Vec<_>>().join(" "),
-            ]
-        })
-        .collect();
-    out.push('\n');
-    if rows.is_empty() {
-        out.push_str("no worker has registered\n");
-    } else {
-        out.push_str(&table(&["WORKER", "STATE", "LAST SEEN", "QUEUES", "GPUS", "RUNNING"], &rows));
-    }
-    for w in workers.iter().filter(|w| !w.gpus.is_empty()) {
-        let gpu_rows: Vec<Vec<String>> = w
-            .gpus
+/// The `gpupool status` report of [`status`].
+pub async fn status_report(queue: &dyn Queue, url: &str, workers: &[WorkerInfo]) -> Result<String> {
+    Ok(status(queue, url, workers.to_vec()).await?.report())
+}
+
+impl Status {
+    /// The report: the queue (password hidden), job counts, each worker
+    /// with its GPUs and running jobs (lost and draining ones marked), and
+    /// the queued jobs no live worker can ever run, with why.
+    pub fn report(&self) -> String {
+        let caps = self.capabilities;
+        let mut out = format!(
+            "queue: {}\npriority: {}   GPU-fitting reserve: {}   worker registry: {}\n",
+            self.url,
+            yes(caps.priority),
+            yes(caps.gpu_filter),
+            yes(self.tracked)
+        );
+        let counts: Vec<String> = self.counts.iter().map(|(state, n)| format!("{} {state}", thousands(*n))).collect();
+        out.push_str(&format!("jobs: {}\n", counts.join(", ")));
+
+        let now = Timestamp::now();
+        let rows: Vec<Vec<String>> = self
+            .workers
             .iter()
-            .map(|g| {
-                let holder: Vec<String> =
-                    w.running.iter().filter(|r| r.gpus.contains(&g.index)).map(|r| r.id.to_string()).collect();
+            .map(|w| {
+                let ago = (now.0 - w.seen_at.0).max(0) / 1000;
                 vec![
-                    g.index.to_string(),
-                    if g.name.is_empty() { "-".into() } else { g.name.clone() },
-                    if g.memory_total == 0 {
-                        "-".into()
-                    } else {
-                        format!("{}/{} GiB", gib(g.memory_used), gib(g.memory_total))
-                    },
-                    g.utilization.map_or_else(|| "-".into(), |u| format!("{u}%")),
-                    if holder.is_empty() { "-".into() } else { holder.join(" ") },
+                    w.name.clone(),
+                    if w.lost { "LOST".into() } else { worker_state(w).into() },
+                    format!("{ago}s ago"),
+                    w.queues.join(","),
+                    w.gpus.len().to_string(),
+                    w.running.iter().map(|r| r.id.to_string()).collect::<Vec<_>>().join(" "),
                 ]
             })
             .collect();
-        out.push_str(&format!(
-            "\n{}{}\n",
-            w.name,
-            if w.lost { " (lost: its jobs return when their leases expire)" } else { "" }
-        ));
-        for line in table(&["GPU", "NAME", "MEMORY", "UTIL", "JOB"], &gpu_rows).lines() {
-            out.push_str(&format!("  {line}\n"));
+        out.push('\n');
+        if rows.is_empty() {
+            out.push_str(if self.tracked {
+                "no worker has registered\n"
+            } else {
+                "workers are not tracked by this backend\n"
+            });
+        } else {
+            out.push_str(&table(&["WORKER", "STATE", "LAST SEEN", "QUEUES", "GPUS", "RUNNING"], &rows));
         }
+        for w in self.workers.iter().filter(|w| !w.gpus.is_empty()) {
+            let gpu_rows: Vec<Vec<String>> = w
+                .gpus
+                .iter()
+                .map(|g| {
+                    let holder: Vec<String> =
+                        w.running.iter().filter(|r| r.gpus.contains(&g.index)).map(|r| r.id.to_string()).collect();
+                    vec![
+                        g.index.to_string(),
+                        if g.name.is_empty() { "-".into() } else { g.name.clone() },
+                        if g.memory_total == 0 {
+                            "-".into()
+                        } else {
+                            format!("{}/{} GiB", gib(g.memory_used), gib(g.memory_total))
+                        },
+                        g.utilization.map_or_else(|| "-".into(), |u| format!("{u}%")),
+                        if holder.is_empty() { "-".into() } else { holder.join(" ") },
+                    ]
+                })
+                .collect();
+            let note = match worker_state(w) {
+                "lost" => " (lost: its jobs return when their leases expire)",
+                "draining" => " (draining: takes no new job, waits for its running ones)",
+                _ => "",
+            };
+            out.push_str(&format!("\n{}{note}\n", w.name));
+            for line in table(&["GPU", "NAME", "MEMORY", "UTIL", "JOB"], &gpu_rows).lines() {
+                out.push_str(&format!("  {line}\n"));
+            }
+        }
+        for (reason, ids) in &self.waiting {
+            out.push_str(&format!("\nwaiting: {} ({})\n", group_title(reason, ids.len()), some_ids(ids)));
+        }
+        out
     }
-    let tracked = queue.worker_registry().is_some();
-    for (reason, ids) in waiting_groups(&queued, workers, tracked) {
-        out.push_str(&format!("\nwaiting: {reason} ({})\n", some_ids(&ids)));
+
+    /// The same facts as JSON: `queue`, `capabilities`, `jobs` (a count per
+    /// state), `workers` (each with `state`: `ok`, `draining` or `lost`, its
+    /// GPUs and running jobs) and `waiting` (each group's `reason`, `count`
+    /// and every job id).
+    pub fn to_json(&self) -> serde_json::Value {
+        let jobs: serde_json::Map<String, serde_json::Value> =
+            self.counts.iter().map(|(state, n)| (state.as_str().to_owned(), (*n).into())).collect();
+        let workers: Vec<serde_json::Value> = self
+            .workers
+            .iter()
+            .map(|w| {
+                let mut v = serde_json::to_value(w).unwrap_or_default();
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert("state".into(), worker_state(w).into());
+                    obj.insert("seen_at".into(), w.seen_at.to_rfc3339().into());
+                    obj.insert("started_at".into(), w.started_at.to_rfc3339().into());
+                }
+                v
+            })
+            .collect();
+        let waiting: Vec<serde_json::Value> = self
+            .waiting
+            .iter()
+            .map(|(reason, ids)| serde_json::json!({"reason": reason, "count": ids.len(), "jobs": ids}))
+            .collect();
+        serde_json::json!({
+            "queue": self.url,
+            "capabilities": {
+                "priority": self.capabilities.priority,
+                "gpu_filter": self.capabilities.gpu_filter,
+                "worker_registry": self.tracked,
+            },
+            "jobs": jobs,
+            "workers": workers,
+            "waiting": waiting,
+        })
     }
-    Ok(out)
 }

@@ -110,6 +110,20 @@ fn status_groups_waiting_jobs_by_reason_at_any_size() {
     assert!(report.contains("waiting: 1 job: CPU jobs; no worker is live (job 2001)"), "{report}");
     assert!(report.contains("waiting: 1 job: need 2 GPUs; no worker is live (job 2002)"), "{report}");
     assert!(!report.contains("GPU(s)"), "{report}");
+
+    // The same facts as JSON, every id included.
+    let out = run(dir, &["status", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["queue"], format!("sqlite://{}/queue.db", dir.display()));
+    assert_eq!((status["jobs"]["queued"].as_u64(), status["jobs"]["running"].as_u64()), (Some(2002), Some(0)));
+    assert_eq!(status["capabilities"]["gpu_filter"], true);
+    assert_eq!(status["workers"], serde_json::json!([]));
+    let groups = status["waiting"].as_array().unwrap();
+    assert_eq!(groups.len(), 3, "{groups:?}");
+    let big = groups.iter().find(|g| g["count"] == 2000).unwrap();
+    assert_eq!(big["jobs"].as_array().unwrap().len(), 2000);
+    assert_eq!(big["reason"], "need a GPU where a worker has one, else the CPU; no worker is live");
 }
 
 #[test]
@@ -336,4 +350,214 @@ fn only_init_creates_a_queue() {
     let out = run(dir, &["--queue", &other, "worker", "--init", "--burst", "--gpus", "none", "--data-dir", "data"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(run(dir, &["--queue", &other, "jobs"]).status.success());
+}
+
+/// A server backend's URL for a test, under a fresh prefix (so init has not
+/// run there), or `None` when the service is not configured.
+fn fresh_server_queues() -> Vec<(&'static str, String)> {
+    let id = uuid_like();
+    let mut urls = Vec::new();
+    for (var, name) in [
+        ("GPUPOOL_TEST_MYSQL_URL", "MySQL"),
+        ("GPUPOOL_TEST_REDIS_URL", "Redis"),
+        ("GPUPOOL_TEST_AMQP_URL", "RabbitMQ"),
+    ] {
+        let Some(base) = gpupool_core::conformance::service_url(var, name, || None) else { continue };
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = match name {
+            "Redis" => format!("{base}{sep}prefix=gpcli:{id}:"),
+            "RabbitMQ" => format!("{base}{sep}prefix=gpcli.{id}.&ledger_max_age=1D"),
+            _ => format!("{base}{sep}prefix=cli{id}_"),
+        };
+        urls.push((name, url));
+    }
+    urls
+}
+
+fn uuid_like() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{:x}{:x}", nanos & 0xffff_ffff, std::process::id())
+}
+
+#[test]
+fn a_server_queue_that_init_never_set_up_is_named_and_nothing_is_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("job.json"), r#"{"git_ref": "main", "entrypoint": "train.py"}"#).unwrap();
+    for (name, url) in fresh_server_queues() {
+        for _ in 0..2 {
+            // Twice: the first look created nothing that the second finds.
+            for args in [&["jobs"][..], &["status"], &["push", "job.json"], &["errors"], &["cancel", "1"]] {
+                let mut all = vec!["--queue", url.as_str()];
+                all.extend_from_slice(args);
+                let out = run(dir, &all);
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(!out.status.success(), "{name} {args:?}");
+                assert!(
+                    stderr.contains("no gpupool queue at ") && stderr.contains("create it with `gpupool init --queue"),
+                    "{name} {args:?}: {stderr}"
+                );
+                assert!(!stderr.contains("1146") && !stderr.contains("doesn't exist"), "{name}: {stderr}");
+            }
+        }
+        let out = run(dir, &["--queue", &url, "init"]);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = run(dir, &["--queue", &url, "push", "job.json"]);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = run(dir, &["--queue", &url, "jobs", "--json"]);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(listed.as_array().unwrap().len(), 1, "{name}");
+        let id = listed[0]["id"].as_str().unwrap();
+        let out = run(dir, &["--queue", &url, "cancel", id]);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        remove_server_queue(name, &url);
+    }
+}
+
+/// Removes what `init` made under a test's prefix.
+fn remove_server_queue(name: &str, url: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let removed = rt.block_on(async {
+        match name {
+            "MySQL" => gpupool_mysql::MysqlQueue::connect(url).await?.drop_tables().await,
+            "Redis" => {
+                let q = gpupool_redis::RedisQueue::connect(url).await?;
+                let mut c = q.connection();
+                let keys: Vec<String> =
+                    redis::cmd("KEYS").arg(format!("{}*", q.options().prefix)).query_async(&mut c).await.unwrap();
+                let _: i64 = redis::cmd("DEL").arg(keys).query_async(&mut c).await.unwrap();
+                Ok(())
+            }
+            _ => gpupool_amqp::AmqpQueue::connect(url).await?.delete_queues().await,
+        }
+    });
+    removed.unwrap();
+}
+
+#[test]
+fn an_idempotency_key_returns_the_same_job_and_refuses_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    assert!(run(dir, &["init"]).status.success());
+    let job = r#"{"git_ref": "main", "entrypoint": "train.py", "args": {"lr": 0.1}, "idempotency_key": "run-7"}"#;
+    std::fs::write(dir.join("a.json"), job).unwrap();
+    std::fs::write(dir.join("b.json"), job.replace("0.1", "0.2")).unwrap();
+    let out = run(dir, &["push", "a.json"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "pushed 1 job(s): 1\n");
+
+    let out = run(dir, &["push", "a.json"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "job 1 was already pushed with idempotency_key `run-7`; not pushed again\n"
+    );
+    let out = run(dir, &["push", "a.json", "--json"]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!(["1"]));
+
+    let out = run(dir, &["push", "b.json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the key with another job is refused");
+    assert!(stderr.contains("idempotency_key `run-7` was already used by job 1, a different job"), "{stderr}");
+    let listed: serde_json::Value = serde_json::from_slice(&run(dir, &["jobs", "--json"]).stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "nothing was added");
+    assert_eq!(listed[0]["args"]["lr"], 0.1, "the first job is untouched");
+}
+
+/// `job.py` sleeps `--sleep S` seconds (default 0), then exits 3.
+const SLEEP_THEN_EXIT_3: &str = "import sys, time\n\
+    args = sys.argv[1:]\n\
+    time.sleep(float(args[args.index('--sleep') + 1]) if '--sleep' in args else 0)\n\
+    sys.exit(3)\n";
+
+#[test]
+fn exit_and_timeout_failures_run_once_unless_the_job_names_max_attempts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let repo = gpupool_worker::testing::job_repo(dir, SLEEP_THEN_EXIT_3);
+    assert!(run(dir, &["init"]).status.success());
+    let jobs = serde_json::json!([
+        {"git_ref": "main", "entrypoint": "job.py", "name": "plain"},
+        {"git_ref": "main", "entrypoint": "job.py", "name": "slow", "timeout": "1s", "args": {"sleep": 30}},
+        {"git_ref": "main", "entrypoint": "job.py", "name": "asked", "max_attempts": 2},
+    ]);
+    std::fs::write(dir.join("jobs.json"), jobs.to_string()).unwrap();
+    assert!(run(dir, &["push", "jobs.json"]).status.success());
+    let repo = repo.to_str().unwrap();
+    let out = run(dir, &["worker", "--repo", repo, "--gpus", "none", "--burst", "--data-dir", "data"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let listed: serde_json::Value = serde_json::from_slice(&run(dir, &["jobs", "--json"]).stdout).unwrap();
+    let by_name = |name: &str| listed.as_array().unwrap().iter().find(|j| j["name"] == name).unwrap().clone();
+    for (name, attempts) in [("plain", 1), ("slow", 1), ("asked", 2)] {
+        let job = by_name(name);
+        assert_eq!((job["state"].as_str(), job["attempt"].as_u64()), (Some("failed"), Some(attempts)), "{name}");
+    }
+    let errors: serde_json::Value = serde_json::from_slice(
+        &run(dir, &["errors", "--json", "--id", by_name("slow")["id"].as_str().unwrap()]).stdout,
+    )
+    .unwrap();
+    assert_eq!(errors[0]["kind"], "timeout");
+
+    // ATTEMPT reads as runs so far and the limit, also after a retry.
+    let table = String::from_utf8(run(dir, &["jobs", "--in", "default"]).stdout).unwrap();
+    let row = |table: &str, name: &str| table.lines().find(|l| l.contains(name)).unwrap().to_owned();
+    assert!(row(&table, "plain").contains("1 (limit 3)"), "{table}");
+    assert!(row(&table, "asked").contains("2 (limit 2)"), "{table}");
+    assert!(run(dir, &["retry", by_name("asked")["id"].as_str().unwrap()]).status.success());
+    let table = String::from_utf8(run(dir, &["jobs"]).stdout).unwrap();
+    assert!(row(&table, "asked").contains("2 (limit 4)"), "{table}");
+}
+
+/// `status --json` until `check` holds for it (up to 30 s).
+fn wait_for_status(dir: &Path, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = run(dir, &["status", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if check(&status) {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "waited 30 s for {what}: {status}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn status_shows_workers_draining_then_lost_then_drops_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let repo = gpupool_worker::testing::job_repo(dir, SLEEP_THEN_EXIT_3);
+    assert!(run(dir, &["init"]).status.success());
+    std::fs::write(dir.join("job.json"), r#"{"git_ref": "main", "entrypoint": "job.py", "args": {"sleep": 20}}"#)
+        .unwrap();
+    assert!(run(dir, &["push", "job.json"]).status.success());
+    let repo = repo.to_str().unwrap();
+    let worker =
+        gpupool(dir, &["worker", "--repo", repo, "--gpus", "none", "--heartbeat", "100ms", "--data-dir", "data"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(worker.id()).unwrap());
+    let state_of = |s: &serde_json::Value| s["workers"][0]["state"].as_str().map(str::to_owned);
+    let status = wait_for_status(dir, "the job to run", |s| s["workers"][0]["running"][0]["id"] == "1");
+    assert_eq!(state_of(&status).as_deref(), Some("ok"));
+    assert_eq!(status["jobs"]["running"], 1, "{status}");
+
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_for_status(dir, "draining", |s| state_of(s).as_deref() == Some("draining"));
+    let report = String::from_utf8(run(dir, &["status"]).stdout).unwrap();
+    assert!(report.lines().any(|l| l.contains("draining") && l.contains(" 1")), "{report}");
+
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let mut worker = worker;
+    let _ = worker.wait();
+    wait_for_status(dir, "lost", |s| state_of(s).as_deref() == Some("lost"));
+    let report = String::from_utf8(run(dir, &["status"]).stdout).unwrap();
+    assert!(report.contains("LOST"), "{report}");
+    // 100 heartbeats of 100 ms without a word: dropped from the registry.
+    let status = wait_for_status(dir, "the lost worker to be dropped", |s| s["workers"] == serde_json::json!([]));
+    assert_eq!(status["capabilities"]["worker_registry"], true);
 }

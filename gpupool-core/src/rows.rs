@@ -39,8 +39,8 @@
 use serde::de::DeserializeOwned;
 
 use crate::{
-    AttemptError, Error, Failure, FailureKind, JobId, JobRecord, JobSpec, JobState, Lease, Pushed, Result,
-    Timestamp, WorkerInfo,
+    AttemptError, Error, Failure, FailureKind, JobId, JobRecord, JobSpec, JobState, Lease, Pushed, Result, Timestamp,
+    WorkerInfo,
 };
 
 /// A job's row, decoded into plain values: what [`JobRow::into_record`]

@@ -612,11 +612,8 @@ impl Queue for MysqlQueue {
                     return Ok(Err(Error::lease_lost(id)));
                 };
                 let (attempt, limit): (i32, i32) = (row.try_get(0)?, row.try_get(1)?);
-                let requeue = failure.requeues(
-                    &spec,
-                    u32::try_from(attempt).unwrap_or(0),
-                    u32::try_from(limit).unwrap_or(0),
-                );
+                let requeue =
+                    failure.requeues(&spec, u32::try_from(attempt).unwrap_or(0), u32::try_from(limit).unwrap_or(0));
                 q(&sql.insert_error)
                     .bind(id)
                     .bind(attempt)

@@ -14,8 +14,8 @@ use std::time::Duration;
 use gpupool_core::rows::ExpiredLease;
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Connect, Error, FailOutcome, Failure, Heartbeat, JobId,
-    JobRecord, JobSpec, JobState, Lease, ListFilter, Pushed, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerRegistry,
-    async_trait,
+    JobRecord, JobSpec, JobState, Lease, ListFilter, Pushed, Queue, ReserveRequest, Result, RunInfo, Timestamp,
+    WorkerRegistry, async_trait,
 };
 use sqlx::postgres::{PgArguments, PgPool, PgPoolOptions, PgQueryResult};
 use sqlx::query::Query;
