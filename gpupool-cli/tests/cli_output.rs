@@ -561,3 +561,90 @@ fn status_shows_workers_draining_then_lost_then_drops_them() {
     let status = wait_for_status(dir, "the lost worker to be dropped", |s| s["workers"] == serde_json::json!([]));
     assert_eq!(status["capabilities"]["worker_registry"], true);
 }
+
+#[test]
+fn a_requested_cancel_shows_as_cancelling_until_the_worker_stops_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let repo = gpupool_worker::testing::job_repo(dir, SLEEP_THEN_EXIT_3);
+    assert!(run(dir, &["init"]).status.success());
+    std::fs::write(dir.join("job.json"), r#"{"git_ref": "main", "entrypoint": "job.py", "args": {"sleep": 30}}"#)
+        .unwrap();
+    assert!(run(dir, &["push", "job.json"]).status.success());
+    let repo = repo.to_str().unwrap();
+    let mut worker =
+        gpupool(dir, &["worker", "--repo", repo, "--gpus", "none", "--heartbeat", "3s", "--data-dir", "data"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+    wait_for_status(dir, "the job to run", |s| s["workers"][0]["running"][0]["id"] == "1");
+    let out = run(dir, &["cancel", "1"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cancel requested"), "{out:?}");
+    let table = String::from_utf8(run(dir, &["jobs"]).stdout).unwrap();
+    assert!(table.lines().nth(1).unwrap().split_whitespace().nth(1) == Some("cancelling"), "{table}");
+    let listed: serde_json::Value = serde_json::from_slice(&run(dir, &["jobs", "--json"]).stdout).unwrap();
+    assert_eq!((listed[0]["state"].as_str(), listed[0]["cancel_requested"].as_bool()), (Some("running"), Some(true)));
+    // At its next heartbeat the worker stops the run: `cancelled`.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let listed: serde_json::Value = serde_json::from_slice(&run(dir, &["jobs", "--json"]).stdout).unwrap();
+        if listed[0]["state"] == "cancelled" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the cancel never landed: {listed}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = worker.kill();
+    let _ = worker.wait();
+}
+
+#[test]
+fn messages_read_as_words_with_no_debug_formatting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let repo = gpupool_worker::testing::job_repo(dir, SLEEP_THEN_EXIT_3);
+    assert!(run(dir, &["init"]).status.success());
+    std::fs::write(dir.join("job.json"), r#"{"git_ref": "main", "entrypoint": "job.py"}"#).unwrap();
+    assert!(run(dir, &["push", "job.json"]).status.success());
+    let repo = repo.to_str().unwrap();
+    let worker = run(dir, &["worker", "--repo", repo, "--gpus", "none", "--burst", "--data-dir", "data"]);
+    let mut said = String::from_utf8_lossy(&worker.stderr).into_owned();
+    for args in
+        [&["jobs"][..], &["errors"], &["status"], &["--queue", "redis://", "jobs"], &["jobs", "--state", "lost"]]
+    {
+        let out = run(dir, args);
+        said.push_str(&String::from_utf8_lossy(&out.stdout));
+        said.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(said.contains("exit code 3") || said.contains("exited with code 3"), "{said}");
+    assert!(said.contains("Missing hostname"), "{said}");
+    for debug in ["Exited(", "Some(", "None", "InvalidClientConfig", "Error {", "kind:"] {
+        assert!(!said.contains(debug), "`{debug}` in:\n{said}");
+    }
+}
+
+#[test]
+fn the_readme_and_docs_link_only_inside_the_repository() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut files = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            files.push(path);
+        }
+    }
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (_, rest) in text.match_indices("](").map(|(i, _)| text.split_at(i + 2)) {
+            let target = rest.split(')').next().unwrap().split('#').next().unwrap();
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let resolved = file.parent().unwrap().join(target);
+            assert!(resolved.exists(), "{}: link to `{target}`, which is not in the repository", file.display());
+            let resolved = resolved.canonicalize().unwrap();
+            assert!(resolved.starts_with(root.canonicalize().unwrap()), "{}: `{target}` leaves it", file.display());
+        }
+    }
+}

@@ -142,7 +142,7 @@ impl RedisQueue {
             source: format!("cannot connect to Redis at {}: {cause}", opts.endpoint).into(),
         };
         let client = redis::Client::open(opts.driver_url.as_str()).map_err(|e| {
-            Error::Config(format!("`{}`: {}", opts.redacted_url, gpupool_core::redact::redact_url(&e.to_string())))
+            Error::Config(format!("`{}` is not a Redis URL: {}", opts.redacted_url, crate::error::plain(&e)))
         })?;
         // One direct connection first, so a refused AUTH or a bad database
         // number is reported as such, at once.
@@ -153,7 +153,7 @@ impl RedisQueue {
         .await;
         match probe {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(fail(gpupool_core::redact::redact_url(&e.to_string()))),
+            Ok(Err(e)) => return Err(fail(crate::error::plain(&e))),
             Err(_) => return Err(fail(format!("no answer within {} s", opts.connect_timeout.as_secs()))),
         }
         let config = ConnectionManagerConfig::new()
@@ -163,7 +163,7 @@ impl RedisQueue {
             .set_max_delay(Duration::from_secs(2));
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
-            .map_err(|e| fail(gpupool_core::redact::redact_url(&e.to_string())))?;
+            .map_err(|e| fail(crate::error::plain(&e)))?;
         let instance = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         Ok(RedisQueue {
             client,
