@@ -395,7 +395,7 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             return retry(queue.as_ref(), &ids).await;
         }
         Command::Status => status(queue.as_ref(), &s.url, json).await?,
-        Command::Logs { id } => logs(queue.as_ref(), &s.data_dir, &id).await?,
+        Command::Logs { id } => logs(queue.as_ref(), &s, &id).await?,
         Command::Config => {}
     }
     Ok(ExitCode::SUCCESS)
@@ -629,10 +629,11 @@ async fn status(queue: &dyn Queue, url: &str, json: bool) -> Result<()> {
 }
 
 /// The local log file if this host ran the job, else the stored tail.
-async fn logs(queue: &dyn Queue, data_dir: &std::path::Path, id: &str) -> Result<()> {
+async fn logs(queue: &dyn Queue, s: &Settings, id: &str) -> Result<()> {
     let id = job_id(id)?;
     let job = queue.get(&id).await?;
-    let local = data_dir.join("logs").join(format!("job-{id}.log"));
+    // Kept per queue: another queue's job with the same id is another file.
+    let local = gpupool::worker::log_path(&s.data_dir, &redact_url(&s.url), &id);
     match std::fs::read_to_string(&local) {
         Ok(text) => out(&text),
         Err(_) => {
@@ -778,6 +779,7 @@ fn worker_config(s: &Settings, args: WorkerArgs) -> Result<WorkerConfig> {
     let f = &s.file;
     let w = &f.worker;
     let mut cfg = WorkerConfig::new(&s.data_dir);
+    cfg.queue_id = redact_url(&s.url);
     cfg.repo = args.repo.or_else(|| f.repo.clone()).map(absolute_repo);
     cfg.allowed_repos = f.allowed_repos.iter().cloned().map(absolute_repo).collect();
     if let Some(q) = args.queues.or_else(|| w.queues.clone()) {

@@ -343,8 +343,12 @@ fn seed_message_json_runs_at_the_branch_tip(backend: Backend) {
     assert_eq!(run["order"], "PCI_BUS_ID");
     assert!(run["cwd"].as_str().unwrap().contains("checkouts"), "runs in its own checkout");
     // The checkout is removed afterwards.
+    // (Each worker process keeps its checkouts in a folder of its own.)
     let checkouts = w.dir.join("data/checkouts");
-    assert!(std::fs::read_dir(&checkouts).map(|d| d.count()).unwrap_or(0) == 0, "checkout removed");
+    let left: usize = std::fs::read_dir(&checkouts)
+        .map(|d| d.flatten().map(|own| std::fs::read_dir(own.path()).map(|c| c.count()).unwrap_or(0)).sum())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "checkout removed");
     // The seed's own spellings still work.
     let listing = w.gp_ok(&["message", "-id", &id]);
     assert!(listing.contains("succeeded") && listing.contains("test_name"), "{listing}");

@@ -6,8 +6,10 @@
 //! in the mirror is used as it is; for a branch or tag (which may have moved)
 //! the remote is asked where it points, without downloading, and the mirror
 //! fetches only if that commit is not there yet. Each running job gets its own checkout under
-//! `DATA_DIR/checkouts/`, written straight from the mirror's object store
-//! (no `.git` in it), and removed when the job ends.
+//! `DATA_DIR/checkouts/INSTANCE/` (the worker process's own folder, see
+//! [`crate::host`]), written straight from the mirror's object store (no
+//! `.git` in it), and removed when the job ends. Worker processes sharing
+//! the data directory take turns on a mirror through a lock file beside it.
 //!
 //! Credentials, tried in order: `GPUPOOL_GIT_TOKEN` (with `GPUPOOL_GIT_USER`,
 //! default `x-access-token`) for https; the user's git credential helper, so
@@ -135,11 +137,13 @@ impl Workspace for GitWorkspace {
             let mut locks = gpupool_core::sync::lock(&self.locks);
             Arc::clone(locks.entry(mirror.clone()).or_default())
         };
-        let dir = self.data_dir.join("checkouts").join(format!(
-            "{}-{}",
-            job.label,
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        ));
+        // This process's own folder: no other worker on the data directory
+        // picks the same path, and a crashed one's are removed at the next
+        // start (crate::host).
+        let instance = crate::host::Instance::claim(&self.data_dir)
+            .map_err(|e| PrepareError::repo(format!("cannot claim a folder in {}: {e}", self.data_dir.display())))?;
+        let dir =
+            instance.checkouts().join(format!("{}-{}", job.label, &uuid::Uuid::new_v4().simple().to_string()[..8]));
         let commit = {
             let _guard = lock.lock().await;
             let (repo, git_ref, dir, creds) =
@@ -218,6 +222,12 @@ fn prepare_blocking(
     dir: &Path,
     creds: &Credentials,
 ) -> Result<String, PrepareError> {
+    // Other worker processes on this data directory use the same mirror: one
+    // at a time creates, fetches or checks out from it. A killed holder's
+    // lock goes with its process.
+    let lock = mirror.with_extension("lock");
+    let _lock = crate::host::FileLock::acquire(&lock)
+        .map_err(|e| PrepareError::repo(format!("cannot lock {}: {e}", lock.display())))?;
     let repo = open_mirror(mirror)?;
     let local = looks_like_commit(git_ref).then(|| resolve(&repo, git_ref)).flatten();
     // A commit already here is used as it is. A branch or tag may have

@@ -35,6 +35,8 @@
 //! for git credentials gives it a [`CredentialPrompt`].
 
 mod git;
+pub mod host;
+mod journal;
 mod nvml;
 mod process;
 mod worker;
@@ -45,7 +47,7 @@ pub mod testing;
 pub use git::{CredentialPrompt, Credentials, GitWorkspace, mirror_name};
 pub use nvml::{NvmlInventory, Placement, inventory, resolve};
 pub use process::ProcessRunner;
-pub use worker::{Worker, WorkerBuilder, WorkerConfig, WorkerSummary};
+pub use worker::{Worker, WorkerBuilder, WorkerConfig, WorkerSummary, log_path};
 
 /// How a worker is told to stop ([`Worker::run`]'s argument), re-exported so
 /// that a program needs no `tokio-util` of its own.

@@ -31,6 +31,8 @@ use gpupool_core::{
 };
 
 use crate::git::{Credentials, GitWorkspace, mirror_name};
+use crate::host::{FileLock, Instance};
+use crate::journal::{Entry, Stored};
 use crate::nvml::Placement;
 use crate::process::ProcessRunner;
 
@@ -83,6 +85,22 @@ pub struct WorkerConfig {
     pub name: String,
     /// Bytes of output kept as a job's tail.
     pub tail_bytes: usize,
+    /// What names the queue on this host: its URL without a password
+    /// (`gpupool worker` sets it). Job logs are kept per queue
+    /// ([`log_path`]), and a restarted worker delivers only its own queue's
+    /// journaled results; workers of several queues can share a data
+    /// directory.
+    pub queue_id: String,
+}
+
+/// Where a job's log is kept on the host that ran it:
+/// `DATA_DIR/logs/QUEUE/job-ID.log`, with `QUEUE` a short hash of the
+/// queue's [`WorkerConfig::queue_id`], so two queues' job 1 never share a
+/// file. `gpupool logs` reads it from there.
+pub fn log_path(data_dir: &std::path::Path, queue_id: &str, job: &gpupool_core::JobId) -> PathBuf {
+    let hash =
+        git2::Oid::hash_object(git2::ObjectType::Blob, queue_id.as_bytes()).map(|o| o.to_string()).unwrap_or_default();
+    data_dir.join("logs").join(format!("q-{}", &hash[..hash.len().min(12)])).join(format!("job-{job}.log"))
 }
 
 impl WorkerConfig {
@@ -110,6 +128,7 @@ impl WorkerConfig {
             burst: false,
             name: gpupool_core::default_worker_name(),
             tail_bytes: gpupool_core::runner::DEFAULT_TAIL_BYTES,
+            queue_id: "default".to_owned(),
         }
     }
 
@@ -257,6 +276,7 @@ impl Worker {
             shutdown
         };
         let cfg = &ctx.cfg;
+        recover(&ctx).await;
         let mut slots = Slots::new(&ctx);
         let registry = tokio::spawn(register_loop(
             Arc::clone(&ctx),
@@ -630,9 +650,13 @@ async fn run_job(ctx: &Ctx, lease: &Lease, gpus: &[u32], stop_all: CancellationT
     hb.abort();
 }
 
+/// Heartbeats every `every`; after a failed one, again within a second, so
+/// that a backend outage shorter than the lease never costs the lease.
 async fn heartbeat_loop(queue: Arc<dyn Queue>, lease: Lease, every: Duration, extend: Duration, stopper: Stopper) {
+    let mut wait = every;
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(wait).await;
+        wait = every;
         match queue.heartbeat(&lease, extend).await {
             Ok(Heartbeat::CancelRequested) => stopper.stop(StopReason::Cancel),
             Ok(_) => {}
@@ -641,10 +665,16 @@ async fn heartbeat_loop(queue: Arc<dyn Queue>, lease: Lease, every: Duration, ex
                 stopper.stop(StopReason::LeaseLost);
                 return;
             }
-            Err(e) => warn!("heartbeat failed ({e}); trying again"),
+            Err(e) => {
+                wait = every.min(HEARTBEAT_RETRY);
+                warn!("heartbeat failed ({e}); trying again in {}", humantime::format_duration(wait));
+            }
         }
     }
 }
+
+/// How soon a failed heartbeat is tried again.
+const HEARTBEAT_RETRY: Duration = Duration::from_secs(1);
 
 /// What a stop asked for before the process ran.
 fn stopped_report(reason: StopReason) -> Report {
@@ -723,7 +753,7 @@ impl Attempt<'_> {
         if let Some(reason) = stopper.reason() {
             return stopped_report(reason);
         }
-        let log_path = ctx.cfg.data_dir.join("logs").join(format!("job-{}.log", lease.id()));
+        let log_path = log_path(&ctx.cfg.data_dir, &ctx.cfg.queue_id, lease.id());
         note(&log_path, &self.log_header()).await;
         let (env, env_remove) = (self.job_env(), worker_secrets_env());
         let run_spec = |argv: Vec<String>| RunSpec {
@@ -788,8 +818,16 @@ impl Attempt<'_> {
     /// this worker for this repository. `None` means go on.
     async fn run_setup(self, setup: &[String], spec: &RunSpec) -> Option<Report> {
         let Attempt { ctx, stopper, launched, repo, checkout, .. } = self;
-        // One setup at a time: two jobs installing into one environment race.
+        // One setup at a time: two jobs installing into one environment race,
+        // in this process and in every other worker on the data directory.
         let _guard = ctx.setup_lock.lock().await;
+        let _flock = match FileLock::acquire_async(ctx.cfg.data_dir.join("setup-cache").join("setup.lock")).await {
+            Ok(lock) => lock,
+            Err(e) => {
+                let message = format!("cannot lock the setup cache in {} ({e})", ctx.cfg.data_dir.display());
+                return Some(Report::Fail(Failure::new(FailureKind::Setup, message)));
+            }
+        };
         let key = setup_key(setup, &ctx.cfg.setup_inputs, checkout);
         let stamp = ctx.cfg.data_dir.join("setup-cache").join(format!("{}.ok", mirror_name(repo)));
         let shown = shell_words::join(setup);
@@ -909,40 +947,164 @@ fn setup_key(setup: &[String], inputs: &[String], checkout: &Checkout) -> String
     git2::Oid::hash_object(git2::ObjectType::Blob, text.as_bytes()).map(|o| o.to_string()).unwrap_or(text)
 }
 
+/// Sends one report about `lease`; what it did, in words.
+async fn report_once(q: &dyn Queue, lease: &Lease, report: &Report) -> Result<String> {
+    match report {
+        Report::Complete(c) => q.complete(lease, c.clone()).await.map(|()| "succeeded".to_owned()),
+        Report::Fail(f) => q.fail(lease, f.clone()).await.map(|o| format!("failed ({}): {}; {o}", f.kind, f.message)),
+        Report::Cancelled(tail) => q.report_cancelled(lease, tail.clone()).await.map(|()| "cancelled".to_owned()),
+        Report::Release => q.release(lease).await.map(|()| "released".to_owned()),
+        Report::Nothing => Ok("left as it is".to_owned()),
+    }
+}
+
+/// Writes a run's end to the journal before it is reported (see
+/// [`crate::journal`]). `None` for a report that records no result, or when
+/// the journal cannot be written (said in the log; the report goes on).
+async fn journal(ctx: &Ctx, lease: &Lease, report: &Report) -> Option<PathBuf> {
+    let stored = match report {
+        Report::Complete(c) => Stored::complete(c),
+        Report::Fail(f) => Stored::fail(f),
+        Report::Cancelled(tail) => Stored::Cancelled { output_tail: tail.clone() },
+        Report::Release | Report::Nothing => return None,
+    };
+    let entry = Entry {
+        queue: ctx.cfg.queue_id.clone(),
+        job: lease.id().to_string(),
+        attempt: lease.attempt(),
+        token: lease.token.clone(),
+        expires_at: lease.expires_at.0,
+        report: stored,
+    };
+    let data_dir = ctx.cfg.data_dir.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let instance = Instance::claim(&data_dir)?;
+        crate::journal::write(&instance.journal(), &entry)
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|r| r);
+    match written {
+        Ok(path) => Some(path),
+        Err(e) => {
+            warn!("cannot journal the result before reporting it ({e}); a crash now would lose it");
+            None
+        }
+    }
+}
+
 /// Reports a run's end, retrying while the backend is unavailable: the
-/// result is recorded once it is back, if the lease still holds.
+/// result is recorded once it is back, if the lease still holds. It is
+/// journaled first, and the entry removed once the queue has answered for
+/// good; one still unanswered when this worker gives up is delivered by the
+/// next worker on the data directory.
 async fn deliver(ctx: &Ctx, lease: &Lease, report: Report) {
-    let q = &ctx.queue;
+    if matches!(report, Report::Nothing) {
+        return;
+    }
+    let entry = journal(ctx, lease, &report).await;
+    if let (Some(_), Ok(flag)) = (&entry, std::env::var("GPUPOOL_TEST_HOLD_REPORT")) {
+        // Test hook: a worker killed after its run ended and before the
+        // queue heard of it (the journal has the result).
+        let _ = std::fs::write(flag, lease.id().to_string());
+        std::future::pending::<()>().await;
+    }
     let give_up = tokio::time::Instant::now() + (ctx.cfg.lease * 10).max(Duration::from_secs(300));
     let mut backoff = Duration::from_millis(200);
-    loop {
-        let result = match &report {
-            Report::Complete(c) => q.complete(lease, c.clone()).await.map(|()| "succeeded".to_owned()),
-            Report::Fail(f) => {
-                q.fail(lease, f.clone()).await.map(|o| format!("failed ({}): {}; {o}", f.kind, f.message))
-            }
-            Report::Cancelled(tail) => q.report_cancelled(lease, tail.clone()).await.map(|()| "cancelled".to_owned()),
-            Report::Release => q.release(lease).await.map(|()| "released".to_owned()),
-            Report::Nothing => return,
-        };
-        match result {
+    let answered = loop {
+        match report_once(ctx.queue.as_ref(), lease, &report).await {
             Ok(what) => {
                 info!("job {what}");
-                return;
+                break true;
             }
             Err(Error::LeaseLost { .. }) => {
                 warn!("lease lost before the result was recorded; another worker owns the job now");
-                return;
+                break true;
             }
             Err(e) if e.is_retryable() && tokio::time::Instant::now() < give_up => {
                 warn!("cannot record the result yet ({e}); retrying in {}", humantime::format_duration(backoff));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+            Err(e) if e.is_retryable() => {
+                warn!("cannot record the result ({e}); it stays in the journal for the next worker on this host");
+                break false;
+            }
             Err(e) => {
                 warn!("cannot record the result: {e}");
-                return;
+                break true;
             }
+        }
+    };
+    if let (true, Some(path)) = (answered, entry) {
+        let _ = tokio::fs::remove_file(path).await;
+    }
+}
+
+/// At start: what workers on this data directory left behind when they
+/// died. Their checkouts are removed, and the results their journals hold
+/// for this worker's queue are delivered, within the lease rules.
+async fn recover(ctx: &Ctx) {
+    let data_dir = ctx.cfg.data_dir.clone();
+    let Ok(dead) = tokio::task::spawn_blocking(move || crate::host::dead_instances(&data_dir)).await else { return };
+    for instance in dead {
+        let checkouts = instance.checkouts();
+        if tokio::fs::try_exists(&checkouts).await.unwrap_or(false) {
+            match tokio::fs::remove_dir_all(&checkouts).await {
+                Ok(()) => info!("removed the checkouts of worker {}, which is gone", instance.id),
+                Err(e) => warn!("cannot remove {} ({e})", checkouts.display()),
+            }
+        }
+        let journal = instance.journal();
+        let entries = tokio::task::spawn_blocking(move || {
+            crate::journal::read_all(&journal, |path, e| warn!("journal entry {} does not read ({e})", path.display()))
+        })
+        .await
+        .unwrap_or_default();
+        for (path, entry) in entries.into_iter().filter(|(_, e)| e.queue == ctx.cfg.queue_id) {
+            if deliver_journaled(ctx, &instance.id, entry).await {
+                let _ = tokio::fs::remove_file(path).await;
+            }
+        }
+        let _ = tokio::task::spawn_blocking(move || instance.forget_if_done()).await;
+    }
+}
+
+/// Delivers one journaled result of a worker that is gone. `true` once the
+/// queue has answered for good (taken or refused it).
+async fn deliver_journaled(ctx: &Ctx, from: &str, entry: Entry) -> bool {
+    let id = gpupool_core::JobId::new(entry.job.clone());
+    let job = match ctx.queue.get(&id).await {
+        Ok(job) => job,
+        Err(Error::NotFound { .. }) => {
+            warn!(job_id = %id, "dropped a journaled result: the job is not in the queue");
+            return true;
+        }
+        Err(e) => {
+            warn!(job_id = %id, "cannot deliver a journaled result yet ({e})");
+            return !e.is_retryable();
+        }
+    };
+    let lease = Lease { job, token: entry.token, expires_at: gpupool_core::Timestamp(entry.expires_at) };
+    let report = match entry.report {
+        Stored::Complete { output_tail, result } => Report::Complete(Completion { output_tail, result }),
+        Stored::Fail { kind, exit_code, signal, message, output_tail } => {
+            Report::Fail(Failure { kind, exit_code, signal, message, output_tail })
+        }
+        Stored::Cancelled { output_tail } => Report::Cancelled(output_tail),
+    };
+    match report_once(ctx.queue.as_ref(), &lease, &report).await {
+        Ok(what) => {
+            info!(job_id = %id, attempt = entry.attempt, "job {what}: delivered the result that worker {from} journaled before it stopped");
+            true
+        }
+        Err(Error::LeaseLost { .. }) => {
+            info!(job_id = %id, attempt = entry.attempt, "dropped the result that worker {from} journaled: another worker took the job over");
+            true
+        }
+        Err(e) => {
+            warn!(job_id = %id, "cannot deliver the result that worker {from} journaled ({e})");
+            !e.is_retryable()
         }
     }
 }

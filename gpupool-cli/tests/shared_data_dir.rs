@@ -1,0 +1,219 @@
+//! Several worker processes on one host share a data directory, and a
+//! finished run's result survives its worker's crash: through the real
+//! binary, with real git repositories and Python processes, on every
+//! backend whose test service is configured (`GPUPOOL_TEST_MYSQL_URL`, …).
+
+// Test code: a panic is how a check fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// `job.py`: appends its job id to the file `$RAN` names, then exits 0.
+const RECORD_RUN: &str = "import os\n\
+    with open(os.environ['RAN'], 'a') as f:\n    f.write(os.environ['GPUPOOL_JOB_ID'] + '\\n')\n";
+
+/// A queue for one test: a SQLite file in the test's folder, or a server
+/// backend under a fresh prefix, removed when dropped.
+struct TestQueue {
+    name: &'static str,
+    url: String,
+}
+
+impl TestQueue {
+    /// Every backend configured here; SQLite's file is placed by
+    /// [`TestQueue::in_dir`].
+    fn all() -> Vec<TestQueue> {
+        let id = format!(
+            "{:x}{:x}",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() & 0xffff_ffff,
+            std::process::id()
+        );
+        let mut queues = vec![TestQueue { name: "SQLite", url: String::new() }];
+        for (var, name) in [
+            ("GPUPOOL_TEST_MYSQL_URL", "MySQL"),
+            ("GPUPOOL_TEST_REDIS_URL", "Redis"),
+            ("GPUPOOL_TEST_AMQP_URL", "RabbitMQ"),
+        ] {
+            let Some(base) = gpupool_core::conformance::service_url(var, name, || None) else { continue };
+            let sep = if base.contains('?') { '&' } else { '?' };
+            let url = match name {
+                "Redis" => format!("{base}{sep}prefix=gpshare:{id}:"),
+                "RabbitMQ" => format!("{base}{sep}prefix=gpshare.{id}.&ledger_max_age=1D"),
+                _ => format!("{base}{sep}prefix=share{id}_"),
+            };
+            queues.push(TestQueue { name, url });
+        }
+        queues
+    }
+
+    /// The queue for a test in `dir` (where SQLite keeps its file).
+    fn in_dir(mut self, dir: &Path) -> Self {
+        if self.name == "SQLite" {
+            self.url = format!("sqlite://{}/queue.db", dir.display());
+        }
+        self
+    }
+}
+
+impl Drop for TestQueue {
+    fn drop(&mut self) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let url = self.url.clone();
+        let removed = rt.block_on(async {
+            match self.name {
+                "MySQL" => gpupool_mysql::MysqlQueue::connect(&url).await?.drop_tables().await,
+                "Redis" => {
+                    let q = gpupool_redis::RedisQueue::connect(&url).await?;
+                    let mut c = q.connection();
+                    let keys: Vec<String> =
+                        redis::cmd("KEYS").arg(format!("{}*", q.options().prefix)).query_async(&mut c).await.unwrap();
+                    if !keys.is_empty() {
+                        let _: i64 = redis::cmd("DEL").arg(keys).query_async(&mut c).await.unwrap();
+                    }
+                    Ok(())
+                }
+                "RabbitMQ" => gpupool_amqp::AmqpQueue::connect(&url).await?.delete_queues().await,
+                _ => Ok(()),
+            }
+        });
+        if let Err(e) = removed {
+            eprintln!("could not remove the test queue: {e}");
+        }
+    }
+}
+
+fn gpupool(dir: &Path, url: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpupool"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env("GPUPOOL_QUEUE", url)
+        .env("GPUPOOL_DATA_DIR", dir.join("data"))
+        .env_remove("GPUPOOL_LOG")
+        .env_remove("GPUPOOL_TEST_HOLD_REPORT")
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn ok(dir: &Path, url: &str, args: &[&str]) -> Output {
+    let out = gpupool(dir, url, args).output().unwrap();
+    assert!(out.status.success(), "gpupool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Pushes `n` jobs that record their runs in `ran`.
+fn push_jobs(dir: &Path, url: &str, ran: &Path, n: usize) {
+    let jobs: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            serde_json::json!({"git_ref": "main", "entrypoint": "job.py", "gpus": 0, "args": {"i": i},
+                               "env": {"RAN": ran.display().to_string()}})
+        })
+        .collect();
+    std::fs::write(dir.join("jobs.json"), serde_json::to_string(&jobs).unwrap()).unwrap();
+    ok(dir, url, &["push", "jobs.json"]);
+}
+
+fn jobs(dir: &Path, url: &str) -> Vec<serde_json::Value> {
+    let out = ok(dir, url, &["jobs", "--json", "--limit", "10000"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap().as_array().unwrap().clone()
+}
+
+fn runs(ran: &Path) -> Vec<String> {
+    std::fs::read_to_string(ran).unwrap_or_default().lines().map(str::to_owned).collect()
+}
+
+fn repo_arg(repo: &Path) -> String {
+    repo.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn eight_worker_processes_share_one_data_directory_and_an_unmirrored_repository() {
+    for q in TestQueue::all().into_iter().filter(|q| matches!(q.name, "SQLite" | "MySQL")) {
+        let tmp = tempfile::tempdir().unwrap();
+        eight_workers(tmp.path(), &q.in_dir(tmp.path()));
+    }
+}
+
+fn eight_workers(dir: &Path, q: &TestQueue) {
+    let name = q.name;
+    let repo = repo_arg(&gpupool_worker::testing::job_repo(dir, RECORD_RUN));
+    let ran = dir.join("ran.txt");
+    ok(dir, &q.url, &["init"]);
+    push_jobs(dir, &q.url, &ran, 400);
+    // All at once, on one data directory that has no mirror yet.
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            gpupool(dir, &q.url, &["worker", "--repo", &repo, "--gpus", "none", "--burst"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for worker in workers {
+        let out = worker.wait_with_output().unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let listed = jobs(dir, &q.url);
+    assert_eq!(listed.len(), 400, "{name}");
+    for job in &listed {
+        assert_eq!((job["state"].as_str(), job["attempt"].as_u64()), (Some("succeeded"), Some(1)), "{name}: {job}");
+    }
+    let mut ran = runs(&ran);
+    assert_eq!(ran.len(), 400, "{name}: every job ran once");
+    ran.sort();
+    ran.dedup();
+    assert_eq!(ran.len(), 400, "{name}: no job ran twice");
+}
+
+/// Waits up to `limit` for `f`.
+fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "waited {limit:?} for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+}
+
+#[test]
+fn a_result_journaled_before_its_worker_was_killed_is_delivered_once_on_restart() {
+    for q in TestQueue::all() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let q = q.in_dir(dir);
+        let name = q.name;
+        let repo = repo_arg(&gpupool_worker::testing::job_repo(dir, RECORD_RUN));
+        let ran = dir.join("ran.txt");
+        ok(dir, &q.url, &["init"]);
+        push_jobs(dir, &q.url, &ran, 1);
+        let held = dir.join("held");
+        let mut worker = gpupool(dir, &q.url, &["worker", "--repo", &repo, "--gpus", "none"])
+            .env("GPUPOOL_TEST_HOLD_REPORT", &held)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // The run ended and its result is journaled; the queue has not heard.
+        wait_until(Duration::from_secs(60), "the run to end", || held.exists());
+        worker.kill().unwrap(); // SIGKILL
+        worker.wait().unwrap();
+        assert_eq!(runs(&ran).len(), 1, "{name}");
+        assert_eq!(jobs(dir, &q.url)[0]["state"], "running", "{name}: not reported yet");
+        let killed: Vec<PathBuf> = entries(&dir.join("data/checkouts"));
+        assert_eq!(killed.len(), 1, "{name}: the killed worker's own folder");
+
+        // A worker started on the same data directory delivers it.
+        let out = ok(dir, &q.url, &["worker", "--repo", &repo, "--gpus", "none", "--burst"]);
+        let said = String::from_utf8_lossy(&out.stderr);
+        let job = &jobs(dir, &q.url)[0];
+        assert_eq!((job["state"].as_str(), job["attempt"].as_u64()), (Some("succeeded"), Some(1)), "{name}: {said}");
+        assert_eq!(runs(&ran).len(), 1, "{name}: no second run");
+        assert!(entries(&dir.join("data/journal")).iter().all(|j| entries(j).is_empty()), "{name}: journal emptied");
+        assert!(!killed[0].exists(), "{name}: the crashed worker's checkouts are removed");
+    }
+}
