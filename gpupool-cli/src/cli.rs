@@ -768,8 +768,14 @@ async fn worker(queue: Arc<dyn Queue>, s: &Settings, args: WorkerArgs) -> Result
         credentials = credentials.with_prompt(Arc::new(TerminalPrompt));
     }
     let workspace = Arc::new(GitWorkspace::new(&s.data_dir, credentials));
+    let burst = cfg.burst;
     let summary = Worker::builder(queue, cfg).workspace(workspace).build().run_until(shutdown, stop_now).await?;
     tracing::info!(reserved = summary.reserved, "worker stopped");
+    if let (Some(why), true) = (&summary.unhealthy, burst) {
+        // Its jobs went back uncharged for a healthy worker.
+        say(&format!("worker unhealthy: {why}; its jobs were given back without charging an attempt"));
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -420,12 +420,15 @@ pub struct Status {
     pub waiting: Vec<(String, Vec<String>)>,
 }
 
-/// A worker's state as `status` names it: `lost`, `draining` or `ok`.
+/// A worker's state as `status` names it: `lost`, `draining`,
+/// `unhealthy` (a fault of its own environment; why is in `unhealthy`) or
+/// `ok`.
 pub fn worker_state(w: &WorkerInfo) -> &'static str {
-    match (w.lost, w.draining) {
-        (true, _) => "lost",
-        (false, true) => "draining",
-        (false, false) => "ok",
+    match (w.lost, w.draining, w.unhealthy.is_some()) {
+        (true, _, _) => "lost",
+        (false, true, _) => "draining",
+        (false, false, true) => "unhealthy",
+        (false, false, false) => "ok",
     }
 }
 
@@ -521,6 +524,11 @@ impl Status {
             out.push_str(&format!("\n{}{note}\n", w.name));
             for line in table(&["GPU", "NAME", "MEMORY", "UTIL", "JOB"], &gpu_rows).lines() {
                 out.push_str(&format!("  {line}\n"));
+            }
+        }
+        for w in &self.workers {
+            if let (Some(why), false) = (&w.unhealthy, w.lost) {
+                out.push_str(&format!("\n{} is unhealthy: {why}\n", w.name));
             }
         }
         for (reason, ids) in &self.waiting {

@@ -509,7 +509,6 @@ fn bad_input_fails_clearly_and_the_worker_keeps_going(backend: Backend) {
         {"git_ref": "no-such-branch", "entrypoint": "ai_folder/train.py"},
         {"git_ref": "develop", "entrypoint": "ai_folder/train.py",
          "args": {"x": "; rm -rf ~", "y": "$(touch pwned) `id`", "z": "it's \"quoted\"", "n": 7}},
-        {"git_ref": "main", "entrypoint": "train.py", "repo": "https://127.0.0.1:9/team/model.git"},
         {"git_ref": "main", "entrypoint": "train.py", "repo": other.to_str().unwrap()},
         {"git_ref": "develop", "entrypoint": "ai_folder/missing.py"},
     ]));
@@ -535,13 +534,7 @@ fn bad_input_fails_clearly_and_the_worker_keeps_going(backend: Backend) {
     assert!(!w.dir.join("pwned").exists() && !Path::new(run["cwd"].as_str().unwrap()).join("pwned").exists());
     assert_eq!(run["token"], Value::Null, "the worker's token never reaches a job");
 
-    let unreachable = w.errors(&ids[2]);
-    assert_eq!(w.job(&ids[2])["state"], "failed");
-    assert_eq!(unreachable[0]["kind"], "repo");
-    let msg = unreachable[0]["message"].as_str().unwrap();
-    assert!(msg.contains("cannot fetch https://127.0.0.1:9/team/model.git"), "{msg}");
-
-    let refused = w.errors(&ids[3]);
+    let refused = w.errors(&ids[2]);
     assert_eq!(refused[0]["kind"], "repo");
     assert!(refused[0]["message"].as_str().unwrap().contains("not allowed"), "{}", refused[0]["message"]);
     let mirrors: Vec<String> = std::fs::read_dir(w.dir.join("data/repos"))
@@ -550,10 +543,23 @@ fn bad_input_fails_clearly_and_the_worker_keeps_going(backend: Backend) {
         .collect();
     assert!(!mirrors.iter().any(|m| m.starts_with("other-repo")), "nothing fetched for a refused repo: {mirrors:?}");
 
-    let missing = w.errors(&ids[4]);
+    let missing = w.errors(&ids[3]);
     assert!(missing[0]["message"].as_str().unwrap().contains("does not exist"), "{}", missing[0]["message"]);
 
-    let everything = format!("{stderr}{}{}", w.gp_ok(&["errors", "--json"]), w.gp_ok(&["jobs", "--json"]));
+    // A git host this worker cannot reach is this worker's fault, not the
+    // job's: the job goes back uncharged, and a burst worker stops saying why.
+    let far =
+        w.push(&json!([{"git_ref": "main", "entrypoint": "train.py", "repo": "https://127.0.0.1:9/team/model.git"}]));
+    let mut cmd = w.command(&["worker", "--repo", w.repo.to_str().unwrap(), "--gpus", "none", "--burst"]);
+    cmd.env("GPUPOOL_GIT_TOKEN", "tok-SECRET-12345");
+    let out = wait_output(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), Duration::from_secs(60));
+    let unhealthy = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{unhealthy}");
+    assert!(unhealthy.contains("worker unhealthy: cannot fetch https://127.0.0.1:9/team/model.git"), "{unhealthy}");
+    assert_eq!((w.job(&far[0])["state"].as_str(), w.job(&far[0])["attempt"].as_u64()), (Some("queued"), Some(0)));
+    assert!(w.errors(&far[0]).is_empty(), "no attempt charged");
+
+    let everything = format!("{stderr}{unhealthy}{}{}", w.gp_ok(&["errors", "--json"]), w.gp_ok(&["jobs", "--json"]));
     assert!(!everything.contains("tok-SECRET"), "a token was printed");
 }
 

@@ -421,10 +421,11 @@ pub async fn exit_and_timeout_retry_only_when_asked(q: Arc<dyn Queue>) {
     q.complete(&lease, Completion::default()).await.unwrap();
 }
 
-/// `ref`, `repo` and `setup` failures end the job at once; a signal is kept.
+/// `ref`, `repo`, `setup` and `invalid` failures end the job at once; a
+/// signal is kept.
 pub async fn failure_kinds(q: Arc<dyn Queue>) {
     let queue = unique_queue("kinds");
-    for kind in [FailureKind::Ref, FailureKind::Repo, FailureKind::Setup] {
+    for kind in [FailureKind::Ref, FailureKind::Repo, FailureKind::Setup, FailureKind::Invalid] {
         let id = q.push(job(&queue)).await.unwrap();
         let lease = reserve_one(q.as_ref(), &queue).await;
         let outcome = q.fail(&lease, Failure::new(kind, format!("{kind} failure"))).await.unwrap();
@@ -696,6 +697,7 @@ pub async fn worker_registry(q: Arc<dyn Queue>) {
         seen_at: crate::Timestamp(0),
         lost: false,
         draining: false,
+        unhealthy: None,
     };
     r.register_worker(&info).await.expect("register");
     let mine = |all: Vec<crate::WorkerInfo>| all.into_iter().find(|w| w.name == name);
@@ -712,6 +714,11 @@ pub async fn worker_registry(q: Arc<dyn Queue>) {
     info.draining = true;
     r.register_worker(&info).await.expect("refresh");
     assert!(mine(r.workers().await.unwrap()).expect("listed").draining, "a draining worker shows so");
+    info.unhealthy = Some("command /x not found".into());
+    r.register_worker(&info).await.expect("refresh");
+    let seen = mine(r.workers().await.unwrap()).expect("listed");
+    assert_eq!(seen.unhealthy.as_deref(), Some("command /x not found"), "an unhealthy worker shows why");
+    info.unhealthy = None;
     assert_eq!(r.workers().await.unwrap().iter().filter(|w| w.name == name).count(), 1);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(mine(r.workers().await.unwrap()).expect("a lost worker is still shown").lost, "silent for 3 intervals");

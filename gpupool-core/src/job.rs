@@ -175,11 +175,21 @@ pub enum FailureKind {
     LeaseLost,
     /// The process ran out of GPU memory.
     Oom,
+    /// The stored job fails the checks of push when it is read for running
+    /// (written behind push's back, by hand or by a newer gpupool). Not
+    /// retried: it is the same job next time.
+    Invalid,
+    /// A fault of the worker's environment, not of the job: its command or
+    /// setup step cannot start, it cannot write a checkout or a log, it has
+    /// no git credentials, the git host is unreachable. The worker gives the
+    /// job back without charging an attempt, so another worker runs it, and
+    /// pauses itself (`gpupool status` shows it unhealthy).
+    Worker,
 }
 
 impl FailureKind {
     /// All kinds.
-    pub const ALL: [FailureKind; 8] = [
+    pub const ALL: [FailureKind; 10] = [
         FailureKind::Exit,
         FailureKind::Signal,
         FailureKind::Timeout,
@@ -188,6 +198,8 @@ impl FailureKind {
         FailureKind::Repo,
         FailureKind::LeaseLost,
         FailureKind::Oom,
+        FailureKind::Invalid,
+        FailureKind::Worker,
     ];
 
     /// The snake-case name used in JSON, SQL and the CLI.
@@ -201,6 +213,8 @@ impl FailureKind {
             FailureKind::Repo => "repo",
             FailureKind::LeaseLost => "lease_lost",
             FailureKind::Oom => "oom",
+            FailureKind::Invalid => "invalid",
+            FailureKind::Worker => "worker",
         }
     }
 
@@ -208,7 +222,7 @@ impl FailureKind {
     /// disallowed repository and a failing setup step fail the same way
     /// every time, so they end the job at once.
     pub fn is_retryable(self) -> bool {
-        !matches!(self, FailureKind::Ref | FailureKind::Repo | FailureKind::Setup)
+        !matches!(self, FailureKind::Ref | FailureKind::Repo | FailureKind::Setup | FailureKind::Invalid)
     }
 
     /// Whether a job that names no `max_attempts` is run again after this

@@ -18,33 +18,71 @@ use crate::{Error, Result};
 /// Largest encoded job accepted at push.
 pub const MAX_JOB_BYTES: usize = 64 * 1024;
 
-/// Environment variables a job may not set: they change how programs load or
-/// which GPUs a run sees, and only the worker chooses those.
-const FORBIDDEN_ENV: [&str; 20] = [
+/// Environment variables a job may not set, besides the families in
+/// [`REFUSED_ENV_PREFIXES`]: each is read at startup by the dynamic loader,
+/// a shell, Python, pip, git, a compiler, TLS or a proxy, and so chooses
+/// what code runs (or where it comes from) on the worker; only the worker
+/// chooses that. `CUDA_*` device choices are the worker's too.
+const REFUSED_ENV: [&str; 33] = [
     "PATH",
-    "PYTHONSTARTUP",
-    "PYTHONPATH",
-    "PYTHONHOME",
-    "PYTHONUSERBASE",
-    "PYTHONPLATLIBDIR",
-    "PYTHONEXECUTABLE",
-    "PYTHONINSPECT",
-    "PYTHONWARNINGS",
-    "PYTHONBREAKPOINT",
+    "HOME",
+    "XDG_CONFIG_HOME",
+    "XDG_DATA_HOME",
     "BASH_ENV",
     "ENV",
-    "PERL5LIB",
-    "PERL5OPT",
-    "NODE_OPTIONS",
-    "RUBYOPT",
-    "CUDA_VISIBLE_DEVICES",
-    "CUDA_DEVICE_ORDER",
     "IFS",
     "SHELLOPTS",
+    "PS4",
+    "CC",
+    "CXX",
+    "CPP",
+    "LD",
+    "AR",
+    "AS",
+    "NVCC",
+    "CFLAGS",
+    "CXXFLAGS",
+    "CPPFLAGS",
+    "LDFLAGS",
+    "LDSHARED",
+    "NVCC_PREPEND_FLAGS",
+    "NVCC_APPEND_FLAGS",
+    "PKG_CONFIG_PATH",
+    "CMAKE_ARGS",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "OPENSSL_CONF",
+    "GLIBC_TUNABLES",
+    "VIRTUAL_ENV",
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "TMPDIR",
 ];
 
-/// Prefixes of forbidden environment variables.
-const FORBIDDEN_ENV_PREFIXES: [&str; 3] = ["LD_", "DYLD_", "GPUPOOL_"];
+/// Families of environment variables a job may not set: the dynamic
+/// loader (`LD_`, `DYLD_`), Python and its installers (`PYTHON`, `PIP_`,
+/// `UV_`, `CONDA_`), git (`GIT_`), other interpreters (`NODE_`, `PERL`,
+/// `RUBY`), allocator hooks (`MALLOC_`), TLS (`SSL_`) and gpupool's own.
+const REFUSED_ENV_PREFIXES: [&str; 14] = [
+    "LD_",
+    "DYLD_",
+    "GPUPOOL_",
+    "PYTHON",
+    "PIP_",
+    "UV_",
+    "CONDA_",
+    "GIT_",
+    "NODE_",
+    "PERL",
+    "RUBY",
+    "MALLOC_",
+    "SSL_",
+    "BASH_FUNC_",
+];
+
+/// Proxy settings, refused in any letter case (`https_proxy` is read as
+/// well as `HTTPS_PROXY`): they decide where pip and git download from.
+const REFUSED_ENV_ANY_CASE: [&str; 5] = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "FTP_PROXY"];
 
 /// Parses a file's text into jobs, checking each one.
 ///
@@ -249,9 +287,16 @@ pub fn validate_queue_name(q: &str) -> Result<()> {
     }
 }
 
-/// Whether a job may set this environment variable.
+/// Whether a job may set this environment variable: an ordinary variable
+/// (`WANDB_MODE`, `OMP_NUM_THREADS`, `NCCL_DEBUG`, `HF_HOME`, your own)
+/// is allowed; one read at startup by the dynamic loader, a shell, Python,
+/// pip, git, a compiler, TLS or a proxy is not (see the lists above, and
+/// docs/job-format.md). Checked at push and again before a run.
 pub fn env_var_allowed(key: &str) -> bool {
-    !FORBIDDEN_ENV.contains(&key) && !FORBIDDEN_ENV_PREFIXES.iter().any(|p| key.starts_with(p))
+    let upper = key.to_ascii_uppercase();
+    !REFUSED_ENV.contains(&key)
+        && !REFUSED_ENV_PREFIXES.iter().any(|p| key.starts_with(p))
+        && !REFUSED_ENV_ANY_CASE.contains(&upper.as_str())
 }
 
 impl JobSpec {
@@ -310,8 +355,9 @@ impl JobSpec {
             }
             if !env_var_allowed(key) {
                 return bad(format!(
-                    "env `{key}` is refused: it changes how programs load or which GPUs a run sees, \
-                     and only the worker chooses that"
+                    "env `{key}` is refused: it is read at startup by the loader, a shell, Python, pip, git, \
+                     a compiler or a proxy, or chooses GPUs, and only the worker chooses that; ordinary \
+                     variables (WANDB_MODE, OMP_NUM_THREADS, your own) are fine"
                 ));
             }
             if value.contains('\0') {
@@ -545,6 +591,15 @@ mod tests {
         assert!(err(r#"{"git_ref": "main", "entrypoint": "a/../../x.py"}"#).contains("leaves the repository"));
         assert!(err(r#"{"git_ref": "main", "entrypoint": "t.py", "env": {"LD_PRELOAD": "x"}}"#).contains("LD_PRELOAD"));
         assert!(err(r#"{"git_ref": "main", "entrypoint": "t.py", "env": {"PYTHONPATH": "x"}}"#).contains("PYTHONPATH"));
+        for key in
+            ["PIP_INDEX_URL", "https_proxy", "HTTPS_PROXY", "GIT_CONFIG_COUNT", "CC", "LDSHARED", "PYTHONSAFEPATH"]
+        {
+            let text = format!(r#"{{"git_ref": "main", "entrypoint": "t.py", "env": {{"{key}": "x"}}}}"#);
+            assert!(err(&text).contains(key), "{key} is refused");
+        }
+        for key in ["WANDB_MODE", "OMP_NUM_THREADS", "NCCL_DEBUG", "HF_HOME", "MY_FLAG", "CUDA_LAUNCH_BLOCKING"] {
+            assert!(env_var_allowed(key), "{key} is an ordinary variable");
+        }
         assert!(
             err(r#"{"git_ref": "main", "entrypoint": "t.py", "env": {"GPUPOOL_JOB_ID": "1"}}"#)
                 .contains("GPUPOOL_JOB_ID")

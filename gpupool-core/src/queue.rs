@@ -82,6 +82,11 @@ pub struct WorkerInfo {
     /// (or is killing them after a second signal).
     #[serde(default)]
     pub draining: bool,
+    /// A fault of its own environment stops it from running jobs (its
+    /// command cannot start, no git credentials, …); it gives jobs back
+    /// uncharged and retries later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy: Option<String>,
 }
 
 /// Heartbeat intervals of silence after which a worker is dropped from the

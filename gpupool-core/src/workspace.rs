@@ -13,7 +13,9 @@ use crate::FailureKind;
 use crate::redact::redact_url;
 
 /// Why the code for a job could not be prepared. `kind` is `Ref` or `Repo`
-/// (neither is retried: the same job would fail the same way).
+/// (neither is retried: the same job would fail the same way), or `Worker`:
+/// a fault of this host (disk, network, credentials), after which the
+/// worker gives the job back uncharged for another worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrepareError {
     /// `Ref` (no such ref, no entrypoint at that commit) or `Repo`
@@ -28,6 +30,13 @@ impl PrepareError {
     /// message have their passwords replaced.
     pub fn repo(message: impl Into<String>) -> Self {
         PrepareError { kind: FailureKind::Repo, message: redact_url(&message.into()) }
+    }
+
+    /// A fault of this host, not the job (kind `worker`): a checkout that
+    /// cannot be written, a git host that cannot be reached, no credentials.
+    /// URLs in the message have their passwords replaced.
+    pub fn worker(message: impl Into<String>) -> Self {
+        PrepareError { kind: FailureKind::Worker, message: redact_url(&message.into()) }
     }
 
     /// The ref or the entrypoint does not exist there (kind `ref`). URLs in

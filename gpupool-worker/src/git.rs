@@ -30,9 +30,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 
 use git2::{CredentialType, FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository};
+use gpupool_core::async_trait;
 use gpupool_core::redact::redact_url;
 use gpupool_core::workspace::{Checkout, PrepareError, PrepareRequest, Workspace};
-use gpupool_core::{FailureKind, async_trait};
 
 /// Asks a person for git credentials when nothing else has them. A library
 /// never reads a terminal: the program that has one (the `gpupool` command)
@@ -141,7 +141,7 @@ impl Workspace for GitWorkspace {
         // picks the same path, and a crashed one's are removed at the next
         // start (crate::host).
         let instance = crate::host::Instance::claim(&self.data_dir)
-            .map_err(|e| PrepareError::repo(format!("cannot claim a folder in {}: {e}", self.data_dir.display())))?;
+            .map_err(|e| PrepareError::worker(format!("cannot claim a folder in {}: {e}", self.data_dir.display())))?;
         let dir =
             instance.checkouts().join(format!("{}-{}", job.label, &uuid::Uuid::new_v4().simple().to_string()[..8]));
         let commit = {
@@ -150,13 +150,16 @@ impl Workspace for GitWorkspace {
                 (job.repo.to_owned(), job.git_ref.to_owned(), dir.clone(), self.credentials.clone());
             tokio::task::spawn_blocking(move || prepare_blocking(&mirror, &repo, &git_ref, &dir, &creds))
                 .await
-                .map_err(|e| PrepareError::repo(format!("the checkout task failed: {e}")))?
-                .map_err(|e| match e.kind {
-                    // libgit2 says "unsupported URL protocol" for a path that is not there.
-                    FailureKind::Repo if is_local_path(job.repo) && !Path::new(job.repo).exists() => {
+                .map_err(|e| PrepareError::worker(format!("the checkout task failed: {e}")))?
+                .map_err(|e| {
+                    // libgit2 says "unsupported URL protocol" (a network
+                    // error) for a path that is not there: no repository,
+                    // not a fault of this host's network.
+                    if is_local_path(job.repo) && !Path::new(job.repo).exists() {
                         PrepareError::repo(format!("no repository at {}", job.repo))
+                    } else {
+                        e
                     }
-                    _ => e,
                 })?
         };
         let checkout = Checkout { dir, commit };
@@ -227,7 +230,7 @@ fn prepare_blocking(
     // lock goes with its process.
     let lock = mirror.with_extension("lock");
     let _lock = crate::host::FileLock::acquire(&lock)
-        .map_err(|e| PrepareError::repo(format!("cannot lock {}: {e}", lock.display())))?;
+        .map_err(|e| PrepareError::worker(format!("cannot lock {}: {e}", lock.display())))?;
     let repo = open_mirror(mirror)?;
     let local = looks_like_commit(git_ref).then(|| resolve(&repo, git_ref)).flatten();
     // A commit already here is used as it is. A branch or tag may have
@@ -246,11 +249,11 @@ fn prepare_blocking(
         }
     };
     let commit = repo.find_commit(oid).map_err(|e| PrepareError::git_ref(format!("commit {oid}: {}", e.message())))?;
-    std::fs::create_dir_all(dir).map_err(|e| PrepareError::repo(format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| PrepareError::worker(format!("cannot create {}: {e}", dir.display())))?;
     let mut cb = git2::build::CheckoutBuilder::new();
     cb.target_dir(dir).force().update_index(false);
     repo.checkout_tree(commit.as_object(), Some(&mut cb))
-        .map_err(|e| PrepareError::repo(format!("cannot check out {oid}: {}", e.message())))?;
+        .map_err(|e| PrepareError::worker(format!("cannot check out {oid}: {}", e.message())))?;
     Ok(oid.to_string())
 }
 
@@ -260,7 +263,7 @@ fn open_mirror(mirror: &Path) -> Result<Repository, PrepareError> {
         Ok(r) => r,
         Err(_) => {
             std::fs::create_dir_all(mirror)
-                .map_err(|e| PrepareError::repo(format!("cannot create {}: {e}", mirror.display())))?;
+                .map_err(|e| PrepareError::worker(format!("cannot create {}: {e}", mirror.display())))?;
             Repository::init_bare(mirror).map_err(fail)?
         }
     };
@@ -292,9 +295,19 @@ fn callbacks(url: &str, creds: &Credentials) -> (RemoteCallbacks<'static>, Arc<S
     (callbacks, reason)
 }
 
+/// A remote that cannot be reached (network, TLS, ssh) or will not let
+/// this host in (no or refused credentials) is this host's fault: another
+/// worker may well get through. Anything else (no such repository) is the
+/// repository's.
 fn remote_error(url: &str, what: &str, e: &git2::Error, reason: &StdMutex<Option<String>>) -> PrepareError {
     let detail = reason.lock().ok().and_then(|r| r.clone()).unwrap_or_else(|| e.message().to_owned());
-    PrepareError::repo(format!("cannot {what} {url}: {detail}"))
+    let message = format!("cannot {what} {url}: {detail}");
+    let host_fault = e.code() == git2::ErrorCode::Auth
+        || matches!(
+            e.class(),
+            git2::ErrorClass::Net | git2::ErrorClass::Ssl | git2::ErrorClass::Ssh | git2::ErrorClass::Os
+        );
+    if host_fault { PrepareError::worker(message) } else { PrepareError::repo(message) }
 }
 
 /// Where the remote's branch or tag `git_ref` points, without downloading
@@ -444,7 +457,7 @@ mod tests {
         assert_eq!(std::fs::read_to_string(c.dir.join("train.py")).unwrap(), "v1");
         let missing = ws.prepare(&job(&url, &head, "d")).await.unwrap_err();
         assert_eq!(missing.message, format!("no repository at {url}"), "a local path says so plainly");
-        assert_eq!(missing.kind, FailureKind::Repo, "{}", missing.message);
+        assert_eq!(missing.kind, gpupool_core::FailureKind::Repo, "{}", missing.message);
         let _ = std::fs::remove_dir_all(&tmp);
     }
 }

@@ -93,6 +93,12 @@ pub struct WorkerConfig {
     pub queue_id: String,
 }
 
+/// Whether a job id is safe in a file name: 1 to 64 letters, digits, `-`
+/// and `_` (every backend's ids are numbers).
+fn plain_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// Where a job's log is kept on the host that ran it:
 /// `DATA_DIR/logs/QUEUE/job-ID.log`, with `QUEUE` a short hash of the
 /// queue's [`WorkerConfig::queue_id`], so two queues' job 1 never share a
@@ -100,6 +106,9 @@ pub struct WorkerConfig {
 pub fn log_path(data_dir: &std::path::Path, queue_id: &str, job: &gpupool_core::JobId) -> PathBuf {
     let hash =
         git2::Oid::hash_object(git2::ObjectType::Blob, queue_id.as_bytes()).map(|o| o.to_string()).unwrap_or_default();
+    // An id that is not plain never names a path outside the folder.
+    let job: String =
+        job.as_str().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
     data_dir.join("logs").join(format!("q-{}", &hash[..hash.len().min(12)])).join(format!("job-{job}.log"))
 }
 
@@ -138,10 +147,13 @@ impl WorkerConfig {
 }
 
 /// What a worker did, returned when it stops.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerSummary {
     /// Jobs it reserved.
     pub reserved: u64,
+    /// The fault of its own environment it stopped on (`burst`), or last
+    /// saw, if no run went through since.
+    pub unhealthy: Option<String>,
 }
 
 /// Runs jobs from a queue on this host: reserves what its GPUs can take,
@@ -176,6 +188,7 @@ struct Ctx {
     inventory: Arc<dyn GpuInventory>,
     allowed: Vec<String>,
     setup_lock: tokio::sync::Mutex<()>,
+    health: StdMutex<Health>,
 }
 
 /// What a job's run comes to, to be reported.
@@ -185,8 +198,25 @@ enum Report {
     Fail(Failure),
     Cancelled(String),
     Release,
+    /// A fault of this worker's environment: the job goes back uncharged
+    /// and the worker pauses.
+    WorkerFault(String),
     Nothing,
 }
+
+/// Whether this worker's environment works, as its last runs said.
+#[derive(Debug, Default)]
+struct Health {
+    /// The last worker fault, until a run goes through again.
+    fault: Option<String>,
+    /// How long the worker pauses after the next fault.
+    backoff: Duration,
+    /// No reserve before this.
+    paused_until: Option<tokio::time::Instant>,
+}
+
+/// The longest pause after repeated worker faults.
+const MAX_FAULT_BACKOFF: Duration = Duration::from_secs(300);
 
 /// Builds a [`Worker`], with the defaults for every part not set:
 /// [`GitWorkspace`] under the data directory with credentials from the
@@ -238,6 +268,7 @@ impl WorkerBuilder {
                 inventory,
                 allowed,
                 setup_lock: tokio::sync::Mutex::new(()),
+                health: StdMutex::default(),
             }),
         }
     }
@@ -291,6 +322,19 @@ impl Worker {
 
         while !shutdown.is_cancelled() {
             slots.reap();
+            // After a fault of its own environment the worker takes no job
+            // for a while (doubling up to 5 minutes); in burst mode it stops.
+            let paused = lock(&ctx.health).paused_until.filter(|t| *t > tokio::time::Instant::now());
+            if let Some(until) = paused {
+                if cfg.burst {
+                    break;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => {}
+                    () = shutdown.cancelled() => {}
+                }
+                continue;
+            }
             if slots.full() {
                 slots.wait_for_one(&shutdown).await;
                 continue;
@@ -334,6 +378,7 @@ impl Worker {
         {
             warn!("could not unregister the worker: {e}");
         }
+        summary.unhealthy = lock(&ctx.health).fault.clone();
         Ok(summary)
     }
 }
@@ -509,6 +554,7 @@ async fn register_loop(
             seen_at: gpupool_core::Timestamp::default(),
             lost: false,
             draining: shutdown.is_cancelled(),
+            unhealthy: lock(&ctx.health).fault.clone(),
         };
         if let Some(registry) = ctx.queue.worker_registry()
             && let Err(e) = registry.register_worker(&info).await
@@ -687,6 +733,24 @@ fn stopped_report(reason: StopReason) -> Report {
 
 async fn execute(ctx: &Ctx, lease: &Lease, gpus: &[u32], stopper: &Stopper, launched: &CancellationToken) -> Report {
     let spec = &lease.job.spec;
+    // Checked again as it is about to run: whoever can write to the backend
+    // must not get past the checks of push (an `LD_PRELOAD` written straight
+    // into the database runs nowhere).
+    if !plain_id(lease.id().as_str()) {
+        let message =
+            format!("job id `{}` is not a plain id (letters, digits, - and _); it would name files", lease.id());
+        return Report::Fail(Failure::new(FailureKind::Invalid, message));
+    }
+    if let Err(e) = spec.validate() {
+        let why = match e {
+            Error::InvalidJob(m) => m,
+            other => other.to_string(),
+        };
+        return Report::Fail(Failure::new(
+            FailureKind::Invalid,
+            format!("the stored job fails the checks of push: {why}"),
+        ));
+    }
     let repo = match ctx.repo_for(lease) {
         Ok(r) => r,
         Err(message) => return Report::Fail(Failure::new(FailureKind::Repo, message)),
@@ -695,6 +759,7 @@ async fn execute(ctx: &Ctx, lease: &Lease, gpus: &[u32], stopper: &Stopper, laun
     let job = PrepareRequest { repo: &repo, git_ref: &spec.git_ref, entrypoint: &spec.entrypoint, label: &label };
     let checkout = match ctx.workspace.prepare(&job).await {
         Ok(c) => c,
+        Err(e) if e.kind == FailureKind::Worker => return Report::WorkerFault(e.message),
         Err(e) => return Report::Fail(Failure::new(e.kind, e.message)),
     };
     let attempt = Attempt { ctx, lease, gpus, stopper, launched, repo: &repo, checkout: &checkout };
@@ -756,7 +821,7 @@ impl Attempt<'_> {
         let log_path = log_path(&ctx.cfg.data_dir, &ctx.cfg.queue_id, lease.id());
         note(&log_path, &self.log_header()).await;
         let (env, env_remove) = (self.job_env(), worker_secrets_env());
-        let run_spec = |argv: Vec<String>| RunSpec {
+        let run_spec = |argv: Vec<String>, env: &Vec<(String, String)>| RunSpec {
             argv,
             cwd: checkout.dir.clone(),
             env: env.clone(),
@@ -768,16 +833,20 @@ impl Attempt<'_> {
             secrets: ctx.workspace.secrets(),
         };
 
+        // The setup step installs into the worker's environment, which every
+        // later job uses: it gets none of the job's own env.
+        let setup_env = self.run_env();
         if let Some(setup) = &ctx.cfg.setup
-            && let Some(report) = self.run_setup(setup, &run_spec(setup.clone())).await
+            && let Some(report) = self.run_setup(setup, &run_spec(setup.clone(), &setup_env)).await
         {
             return report;
         }
         let argv = build_argv(&ctx.cfg.command, &spec.entrypoint, &spec.args, u32::try_from(gpus.len()).unwrap_or(0));
         note(&log_path, &format!("run: {}", shell_words::join(&argv))).await;
-        match ctx.runner.run(&run_spec(argv), stopper, launched).await {
+        match ctx.runner.run(&run_spec(argv, &env), stopper, launched).await {
             Ok(result) => report_for(spec, result.outcome, result.tail),
-            Err(message) => Report::Fail(Failure::new(FailureKind::Setup, message)),
+            // The worker's command could not start: its fault, not the job's.
+            Err(message) => Report::WorkerFault(message),
         }
     }
 
@@ -798,10 +867,19 @@ impl Attempt<'_> {
 
     /// The job's own `env` with what every run gets on top (INTERFACE.md).
     fn job_env(self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> =
+            self.lease.job.spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        env.extend(self.run_env());
+        env
+    }
+
+    /// What every run gets from the worker: its GPUs, the job's id and
+    /// attempt, its queue and commit.
+    fn run_env(self) -> Vec<(String, String)> {
         let Attempt { lease, gpus, checkout, .. } = self;
         let spec = &lease.job.spec;
         let visible = gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-        let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut env = Vec::new();
         env.extend([
             ("CUDA_VISIBLE_DEVICES".to_owned(), visible),
             ("CUDA_DEVICE_ORDER".to_owned(), "PCI_BUS_ID".to_owned()),
@@ -825,7 +903,7 @@ impl Attempt<'_> {
             Ok(lock) => lock,
             Err(e) => {
                 let message = format!("cannot lock the setup cache in {} ({e})", ctx.cfg.data_dir.display());
-                return Some(Report::Fail(Failure::new(FailureKind::Setup, message)));
+                return Some(Report::WorkerFault(message));
             }
         };
         let key = setup_key(setup, &ctx.cfg.setup_inputs, checkout);
@@ -845,9 +923,7 @@ impl Attempt<'_> {
         }
         note(&spec.log_path, &format!("setup: {shown}")).await;
         match ctx.runner.run(spec, stopper, launched).await {
-            Err(message) => {
-                Some(Report::Fail(Failure::new(FailureKind::Setup, format!("setup step `{shown}`: {message}"))))
-            }
+            Err(message) => Some(Report::WorkerFault(format!("setup step `{shown}`: {message}"))),
             Ok(r) => match r.outcome {
                 Outcome::Exited(0) => {
                     if let Some(dir) = stamp.parent() {
@@ -954,7 +1030,36 @@ async fn report_once(q: &dyn Queue, lease: &Lease, report: &Report) -> Result<St
         Report::Fail(f) => q.fail(lease, f.clone()).await.map(|o| format!("failed ({}): {}; {o}", f.kind, f.message)),
         Report::Cancelled(tail) => q.report_cancelled(lease, tail.clone()).await.map(|()| "cancelled".to_owned()),
         Report::Release => q.release(lease).await.map(|()| "released".to_owned()),
+        Report::WorkerFault(why) => {
+            q.release(lease).await.map(|()| format!("given back uncharged: this worker cannot run jobs now ({why})"))
+        }
         Report::Nothing => Ok("left as it is".to_owned()),
+    }
+}
+
+/// Notes what a run's end says of this worker's environment: a worker fault
+/// pauses it (for twice as long as last time, up to 5 minutes); a run that
+/// got as far as the job's own code clears it.
+fn note_health(ctx: &Ctx, report: &Report) {
+    let mut health = lock(&ctx.health);
+    match report {
+        Report::WorkerFault(why) => {
+            health.backoff = (health.backoff * 2).clamp(Duration::from_secs(1), MAX_FAULT_BACKOFF);
+            health.paused_until = Some(tokio::time::Instant::now() + health.backoff);
+            health.fault = Some(why.clone());
+            warn!(
+                "unhealthy: {why}; the job goes back uncharged and this worker takes no job for {}",
+                humantime::format_duration(health.backoff)
+            );
+        }
+        Report::Complete(_) | Report::Fail(_) | Report::Cancelled(_) => {
+            if health.fault.take().is_some() {
+                info!("healthy again: a run went through");
+            }
+            health.backoff = Duration::ZERO;
+            health.paused_until = None;
+        }
+        Report::Release | Report::Nothing => {}
     }
 }
 
@@ -966,7 +1071,7 @@ async fn journal(ctx: &Ctx, lease: &Lease, report: &Report) -> Option<PathBuf> {
         Report::Complete(c) => Stored::complete(c),
         Report::Fail(f) => Stored::fail(f),
         Report::Cancelled(tail) => Stored::Cancelled { output_tail: tail.clone() },
-        Report::Release | Report::Nothing => return None,
+        Report::Release | Report::WorkerFault(_) | Report::Nothing => return None,
     };
     let entry = Entry {
         queue: ctx.cfg.queue_id.clone(),
@@ -1002,6 +1107,7 @@ async fn deliver(ctx: &Ctx, lease: &Lease, report: Report) {
     if matches!(report, Report::Nothing) {
         return;
     }
+    note_health(ctx, &report);
     let entry = journal(ctx, lease, &report).await;
     if let (Some(_), Ok(flag)) = (&entry, std::env::var("GPUPOOL_TEST_HOLD_REPORT")) {
         // Test hook: a worker killed after its run ended and before the
