@@ -195,6 +195,8 @@ fn seed_args() -> Vec<String> {
 /// }
 /// ```
 pub fn main_with(registry: Registry) -> ExitCode {
+    // Started as a run's supervisor: supervise and exit (gpupool_worker::supervisor).
+    gpupool::worker::supervisor::run_if_asked();
     let cli = Cli::parse_from(seed_args());
     let default_level = if matches!(cli.command, Command::Worker(_)) { "info" } else { "warn" };
     // A program that set up tracing itself keeps its own.

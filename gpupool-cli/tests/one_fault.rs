@@ -151,3 +151,51 @@ fn a_broken_worker_gives_jobs_back_uncharged_says_why_and_a_healthy_one_runs_the
     }
     assert_eq!(ran(dir).len(), 3);
 }
+
+/// Whether a process is alive (a zombie waiting for its reaper is not).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn a_worker_killed_with_sigkill_takes_its_job_s_whole_process_tree_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // The job starts a child of its own, as a DataLoader or torchrun does.
+    let script = "import os, subprocess, time\n\
+        child = subprocess.Popen(['sleep', '300'])\n\
+        with open(os.environ['PIDS'] + '.new', 'w') as f:\n    f.write(f'{os.getpid()} {child.pid}')\n\
+        os.rename(os.environ['PIDS'] + '.new', os.environ['PIDS'])\n\
+        time.sleep(300)\n";
+    let repo = gpupool_worker::testing::job_repo(dir, script);
+    ok(dir, &["init"]);
+    let pids = dir.join("pids.txt");
+    let job = serde_json::json!({"git_ref": "main", "entrypoint": "job.py", "gpus": 0, "env": {"PIDS": pids.display().to_string()}});
+    std::fs::write(dir.join("job.json"), job.to_string()).unwrap();
+    ok(dir, &["push", "job.json"]);
+    let mut worker = gpupool(dir, &["worker", "--repo", repo.to_str().unwrap(), "--gpus", "none"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pids.exists() {
+        assert!(Instant::now() < deadline, "the job never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(&pids).unwrap();
+    let (main, grandchild) = text.split_once(' ').unwrap();
+    let (main, grandchild): (i32, i32) = (main.parse().unwrap(), grandchild.parse().unwrap());
+    assert!(alive(main) && alive(grandchild));
+
+    worker.kill().unwrap(); // SIGKILL: no drain, no cleanup of its own
+    worker.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(main) || alive(grandchild) {
+        assert!(Instant::now() < deadline, "left alive 5 s after the worker died: {main} {grandchild}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

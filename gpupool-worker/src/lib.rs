@@ -39,6 +39,7 @@ pub mod host;
 mod journal;
 mod nvml;
 mod process;
+pub mod supervisor;
 mod worker;
 
 #[cfg(feature = "testing")]

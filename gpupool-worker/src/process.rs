@@ -5,10 +5,12 @@
 //! - its own process group, so a cancel or timeout reaches every child;
 //! - stdout and stderr appended to a log file, the last bytes kept as the
 //!   output tail;
-//! - on Linux the process gets the parent-death signal (through `setpriv
-//!   --pdeathsig KILL`, from util-linux, when it is installed), so a worker
-//!   that dies takes its job's process with it and the job cannot keep a GPU
-//!   busy that the queue has already given to another run.
+//! - a worker that dies, however it dies, takes the job's whole process
+//!   tree with it, so the job cannot keep a GPU busy that the queue has
+//!   already given to another run: the run starts under a supervisor that
+//!   kills its group when the worker goes ([`crate::supervisor`]); in a
+//!   binary that does not offer one, the job's main process gets the
+//!   parent-death signal through `setpriv --pdeathsig KILL` (util-linux).
 //!
 //! Stopping (cancel, timeout, lease lost, shutdown) sends SIGTERM to the
 //! whole group, waits the grace period, then sends SIGKILL. When the main
@@ -71,14 +73,26 @@ impl ProcessRunner {
 #[async_trait]
 impl Runner for ProcessRunner {
     async fn run(&self, spec: &RunSpec, stop: &Stopper, launched: &CancellationToken) -> Result<RunResult, String> {
-        let (mut cmd, program) = command(spec)?;
+        let (mut cmd, program, status) = command(spec)?;
         let log = open_log(&spec.log_path).await?;
         let mut child = cmd.spawn().map_err(|e| format!("cannot start `{}`: {e}", program.display()))?;
         launched.cancel();
         let pid = child.id();
         let pgid = pid.and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw);
         let output = Output::capture(&mut child, log, spec.tail_bytes);
-        let outcome = wait(&mut child, pgid, spec, stop).await?;
+        let mut outcome = wait(&mut child, pgid, spec, stop).await?;
+        // Under a supervisor, how the program itself ended (a signal reads
+        // as one, not as the supervisor's exit code).
+        if let Some(status) = status {
+            if let (Outcome::Exited(_), Some((code, sig))) = (&outcome, crate::supervisor::read_status(&status)) {
+                outcome = match (code, sig) {
+                    (_, Some(sig)) => Outcome::Signaled(sig),
+                    (Some(code), None) => Outcome::Exited(code),
+                    (None, None) => outcome,
+                };
+            }
+            let _ = tokio::fs::remove_file(&status).await;
+        }
         // Whatever the main process left running in its group goes too, so
         // that nothing holds the GPU or the output pipes.
         if let Some(pgid) = pgid {
@@ -89,20 +103,31 @@ impl Runner for ProcessRunner {
     }
 }
 
-/// The process to start, in its own group, through `setpriv` where the host
-/// has it; and the program's path.
-fn command(spec: &RunSpec) -> Result<(Command, PathBuf), String> {
+/// The process to start, in its own group, under the supervisor where this
+/// binary offers one, else through `setpriv` where the host has it; the
+/// program's path; and, supervised, the file the supervisor reports the
+/// program's end in.
+fn command(spec: &RunSpec) -> Result<(Command, PathBuf, Option<PathBuf>), String> {
     let Some((program, args)) = spec.argv.split_first() else {
         return Err("the command is empty".into());
     };
     let program = find_program(program, &spec.cwd)?;
-    let mut cmd = match setpriv() {
-        Some(setpriv) => {
+    let supervisor = crate::supervisor::available().then(std::env::current_exe).and_then(Result::ok);
+    let mut status = None;
+    let mut cmd = match (supervisor, setpriv()) {
+        (Some(exe), _) => {
+            let mut c = Command::new(exe);
+            c.arg(crate::supervisor::ARG).arg(&program);
+            let dir = spec.log_path.parent().map_or_else(|| spec.cwd.clone(), Path::to_path_buf);
+            status = Some(dir.join(format!(".run-{}.status", &uuid::Uuid::new_v4().simple().to_string()[..12])));
+            c
+        }
+        (None, Some(setpriv)) => {
             let mut c = Command::new(setpriv);
             c.args(["--pdeathsig", "KILL", "--"]).arg(&program);
             c
         }
-        None => Command::new(&program),
+        (None, None) => Command::new(&program),
     };
     cmd.args(args)
         .current_dir(&spec.cwd)
@@ -115,7 +140,11 @@ fn command(spec: &RunSpec) -> Result<(Command, PathBuf), String> {
         cmd.env_remove(key);
     }
     cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
-    Ok((cmd, program))
+    if let Some(status) = &status {
+        cmd.env(crate::supervisor::PARENT_ENV, std::process::id().to_string())
+            .env(crate::supervisor::STATUS_ENV, status);
+    }
+    Ok((cmd, program, status))
 }
 
 /// The job's log, opened for appending (its folder made if needed).
