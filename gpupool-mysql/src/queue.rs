@@ -15,9 +15,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use gpupool_core::rows::{self, ErrorRow, JobRow};
 use gpupool_core::{
-    AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, Heartbeat, JobId, JobRecord,
-    JobSpec, JobState, Lease, ListFilter, Pushed, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
-    WorkerRegistry,
+    AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, FailureKind, Heartbeat, JobId,
+    JobRecord, JobSpec, JobState, Lease, ListFilter, Pushed, Queue, ReserveRequest, Result, RunInfo, Timestamp,
+    WorkerInfo, WorkerRegistry,
 };
 use sqlx::mysql::{MySql, MySqlArguments, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::query::Query;
@@ -46,6 +46,10 @@ macro_rules! ms {
         concat!("CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', ", $col, ") DIV 1000 AS SIGNED)")
     };
 }
+
+/// How many unreadable jobs one reserve marks `failed` per queue before it
+/// gives up for this call (each is looked at once; the next call goes on).
+const UNREADABLE_PER_RESERVE: usize = 8;
 
 macro_rules! job_columns {
     () => {
@@ -334,37 +338,66 @@ impl MysqlQueue {
             q(&self.sql.expire_update).bind(id).execute(&mut *tx).await?;
         }
         for queue in &req.queues {
-            let row = q(&self.sql.candidate)
-                .bind(queue)
-                .bind(i64::from(req.gpu_host))
-                .bind(i64::from(req.gpu_limit()))
-                .fetch_optional(&mut *tx)
-                .await?;
-            let Some(row) = row else { continue };
-            let id: i64 = row.try_get(0)?;
-            let token = uuid::Uuid::new_v4().simple().to_string();
-            q(&self.sql.lease)
-                .bind(&token)
-                .bind(micros(req.lease))
-                .bind(&req.worker)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            let row = q(&self.sql.select_job).bind(id).fetch_one(&mut *tx).await?;
-            let mut job = match record(&row) {
-                Ok(j) => j,
-                Err(e) => return Ok(Err(e)),
-            };
-            let expires_at = Timestamp(row.try_get::<Option<i64>, _>("expires_ms")?.unwrap_or(0));
-            if job.attempt > 1 {
-                let rows = q(&self.sql.select_errors).bind(id).fetch_all(&mut *tx).await?;
-                job.errors = match rows.iter().map(attempt_error).collect::<Result<Vec<_>>>() {
-                    Ok(e) => e,
-                    Err(e) => return Ok(Err(e)),
+            for _ in 0..UNREADABLE_PER_RESERVE {
+                let row = q(&self.sql.candidate)
+                    .bind(queue)
+                    .bind(i64::from(req.gpu_host))
+                    .bind(i64::from(req.gpu_limit()))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(row) = row else { break };
+                let id: i64 = row.try_get(0)?;
+                let token = uuid::Uuid::new_v4().simple().to_string();
+                q(&self.sql.lease)
+                    .bind(&token)
+                    .bind(micros(req.lease))
+                    .bind(&req.worker)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                let row = q(&self.sql.select_job).bind(id).fetch_one(&mut *tx).await?;
+                let mut job = match record(&row) {
+                    Ok(j) => j,
+                    // A row that does not read (written by hand, or by a newer
+                    // gpupool) ends `failed`, kind `invalid`, and the reserve
+                    // moves on: one bad row never stalls the queue.
+                    Err(e) => {
+                        let attempt: i32 = row.try_get("attempt")?;
+                        let message = format!("the stored job does not read: {e}");
+                        q(&self.sql.insert_error)
+                            .bind(id)
+                            .bind(attempt)
+                            .bind(FailureKind::Invalid.as_str())
+                            .bind(None::<i32>)
+                            .bind(None::<i32>)
+                            .bind(&message)
+                            .bind("")
+                            .execute(&mut *tx)
+                            .await?;
+                        q(&self.sql.fail_update)
+                            .bind(JobState::Failed.as_str())
+                            .bind(None::<i32>)
+                            .bind(None::<i32>)
+                            .bind("")
+                            .bind(true)
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?;
+                        tracing::warn!(job_id = id, "{message}; marked failed");
+                        continue;
+                    }
                 };
+                let expires_at = Timestamp(row.try_get::<Option<i64>, _>("expires_ms")?.unwrap_or(0));
+                if job.attempt > 1 {
+                    let rows = q(&self.sql.select_errors).bind(id).fetch_all(&mut *tx).await?;
+                    job.errors = match rows.iter().map(attempt_error).collect::<Result<Vec<_>>>() {
+                        Ok(e) => e,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                }
+                tx.commit().await?;
+                return Ok(Ok(Some(Lease { job, token, expires_at })));
             }
-            tx.commit().await?;
-            return Ok(Ok(Some(Lease { job, token, expires_at })));
         }
         tx.commit().await?;
         Ok(Ok(None))

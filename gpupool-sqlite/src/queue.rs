@@ -32,6 +32,10 @@ use crate::options::SqliteOptions;
 /// processes (pushes from this process wake it at once).
 const POLL: Duration = Duration::from_millis(25);
 
+/// How many unreadable jobs one reserve marks `failed` per queue before it
+/// gives up for this call (each is looked at once; the next call goes on).
+const UNREADABLE_PER_RESERVE: usize = 8;
+
 /// The migrations, in order; `PRAGMA user_version` records the last applied.
 const MIGRATIONS: [(i64, &str); 4] = [
     (1, include_str!("../migrations/0001_init.sql")),
@@ -162,20 +166,21 @@ impl SqliteQueue {
             expire_leases(&mut tx, now.0).await?;
         }
         for queue in &req.queues {
-            let id: Option<i64> = sqlx::query_scalar(
-                "SELECT id FROM jobs WHERE queue = ?1 AND state = 'queued' AND COALESCE(gpus, ?2) <= ?3 \
+            for _ in 0..UNREADABLE_PER_RESERVE {
+                let id: Option<i64> = sqlx::query_scalar(
+                    "SELECT id FROM jobs WHERE queue = ?1 AND state = 'queued' AND COALESCE(gpus, ?2) <= ?3 \
                  ORDER BY priority DESC, id LIMIT 1",
-            )
-            .bind(queue)
-            .bind(i64::from(req.gpu_host))
-            .bind(i64::from(req.gpu_limit()))
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map)?;
-            let Some(id) = id else { continue };
-            let token = uuid::Uuid::new_v4().simple().to_string();
-            let expires_at = now.plus(req.lease);
-            let row = sqlx::query(concat!(
+                )
+                .bind(queue)
+                .bind(i64::from(req.gpu_host))
+                .bind(i64::from(req.gpu_limit()))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map)?;
+                let Some(id) = id else { break };
+                let token = uuid::Uuid::new_v4().simple().to_string();
+                let expires_at = now.plus(req.lease);
+                let row = sqlx::query(concat!(
                 "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_token = ?1, lease_expires_at = ?2, \
                  worker = ?3, started_at = ?4, finished_at = NULL, exit_code = NULL, signal = NULL, gpu_ids = NULL \
                  WHERE id = ?5 RETURNING ",
@@ -189,13 +194,45 @@ impl SqliteQueue {
             .fetch_one(&mut *tx)
             .await
             .map_err(map)?;
-            let mut job = record(&row)?;
-            if job.attempt > 1 {
-                job.errors = errors_of(&mut tx, id).await?;
+                let mut job = match record(&row) {
+                    Ok(job) => job,
+                    // A row that does not read (edited by hand, or written by a
+                    // newer gpupool) ends `failed`, kind `invalid`, and the
+                    // reserve moves on: one bad row never stalls the queue.
+                    Err(e) => {
+                        let attempt: i64 = row.try_get("attempt").map_err(map)?;
+                        let message = format!("the stored job does not read: {e}");
+                        sqlx::query(
+                        "INSERT INTO job_errors (job_id, attempt, kind, exit_code, signal, message, output_tail, at) \
+                         VALUES (?1, ?2, 'invalid', NULL, NULL, ?3, '', ?4)",
+                    )
+                    .bind(id)
+                    .bind(attempt)
+                    .bind(&message)
+                    .bind(now.0)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map)?;
+                        sqlx::query(
+                            "UPDATE jobs SET state = 'failed', finished_at = ?1, lease_token = NULL, \
+                         lease_expires_at = NULL WHERE id = ?2",
+                        )
+                        .bind(now.0)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(map)?;
+                        tracing::warn!(job_id = id, "{message}; marked failed");
+                        continue;
+                    }
+                };
+                if job.attempt > 1 {
+                    job.errors = errors_of(&mut tx, id).await?;
+                }
+                tx.commit().await.map_err(map)?;
+                self.sweep.hot.store(true, std::sync::atomic::Ordering::Relaxed);
+                return Ok(Some(Lease { job, token, expires_at }));
             }
-            tx.commit().await.map_err(map)?;
-            self.sweep.hot.store(true, std::sync::atomic::Ordering::Relaxed);
-            return Ok(Some(Lease { job, token, expires_at }));
         }
         tx.commit().await.map_err(map)?;
         self.sweep.hot.store(false, std::sync::atomic::Ordering::Relaxed);

@@ -1,0 +1,30 @@
+//! One unreadable job does not stall the queue (MySQL/MariaDB): a row whose
+//! spec does not read ends `failed` with kind `invalid`, and the reserve
+//! moves on to the jobs behind it.
+
+// Test code: a panic is how a check fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use gpupool_core::{JobSpec, Queue, ReserveRequest};
+
+#[tokio::test]
+async fn an_unreadable_job_fails_as_invalid_and_the_reserve_moves_on() {
+    let prefix = common::random_prefix("bad");
+    let Some(q) = common::queue(&prefix).await else { return };
+    let bad = q.push(JobSpec::new("main", "a.py")).await.unwrap();
+    let good = q.push(JobSpec::new("main", "b.py")).await.unwrap();
+    let update = format!("UPDATE {prefix}jobs SET spec = '{{\"git_ref\": 7}}' WHERE id = ?");
+    sqlx::query(sqlx::AssertSqlSafe(update)).bind(bad.as_i64().unwrap()).execute(q.pool()).await.unwrap();
+
+    let lease = q.reserve(&ReserveRequest::new("default")).await.unwrap().expect("the job behind it");
+    assert_eq!(lease.id(), &good);
+    let select = format!("SELECT state FROM {prefix}jobs WHERE id = ?");
+    let (state,): (String,) =
+        sqlx::query_as(sqlx::AssertSqlSafe(select)).bind(bad.as_i64().unwrap()).fetch_one(q.pool()).await.unwrap();
+    assert_eq!(state, "failed");
+    let errors = q.errors(Some(&bad), 10).await.unwrap();
+    assert_eq!((errors.len(), errors[0].kind.as_str()), (1, "invalid"));
+    q.drop_tables().await.unwrap();
+}
