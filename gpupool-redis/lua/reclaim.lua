@@ -1,5 +1,5 @@
--- A pending entry that has sat idle for `reclaim_idle` (queue.rs lists them
--- with `XPENDING … IDLE`). If its lease has expired, the lost attempt is
+-- A pending entry that has sat idle for its lease or `reclaim_idle` (queue.rs
+-- pages through them with `XPENDING … IDLE`). If its lease has expired, the lost attempt is
 -- recorded and the entry and its job become the caller's, or the job ends
 -- `failed`/`cancelled`. Otherwise the lease stays its holder's (recorded in
 -- the job's hash if it was not yet, as `adopt` does).

@@ -39,9 +39,11 @@
 //! among many, `failed` and `cancelled`, keep theirs.
 //!
 //! `push` is one Lua script: hash, queue index and `XADD`. `reserve` first, at
-//! most once a second, lists each queue's entries idle for `reclaim_idle`
-//! (`?reclaim_idle=`, default 30 s, about 3× the heartbeat) with
-//! `XPENDING … IDLE`; a script then checks each one's lease. An expired one
+//! most once a second, pages through each queue's entries idle for a
+//! second or more with `XPENDING … IDLE` (all of them, 100 at a time), and
+//! for each one idle for its own lease (its consumer's name carries the
+//! lease; heartbeats reset the idle time) or for `reclaim_idle`
+//! (`?reclaim_idle=`, default 30 s), a script checks the lease. An expired one
 //! (its holder stopped heartbeating: the `expires` field, Redis's clock) is
 //! recorded as `lease_lost` and re-leased to the caller with `XCLAIM`, or
 //! ends `failed`/`cancelled`; one whose lease still holds stays its

@@ -24,9 +24,9 @@ pub struct RedisOptions {
     pub driver_url: String,
     /// Prefix of every key.
     pub prefix: String,
-    /// How long a stream entry must sit unheartbeated before another worker
-    /// looks at its lease (`XPENDING … IDLE`). Should be about 3× the
-    /// heartbeat; the lease itself still decides.
+    /// The longest a stream entry sits unheartbeated before another worker
+    /// looks at its lease: an entry is looked at once idle for its own
+    /// lease or for this, whichever is shorter. The lease decides.
     pub reclaim_idle: Duration,
     /// How long connecting may take before it is an error.
     pub connect_timeout: Duration,

@@ -238,42 +238,62 @@ impl RedisQueue {
     }
 
     /// Reclaims expired leases in one queue; returns a lease if one of them
-    /// is ours to run now. The entries idle for `reclaim_idle` are listed
-    /// first (`XPENDING … IDLE`); the script then decides, entry by entry,
-    /// whether its lease has expired and only then takes it.
+    /// is ours to run now. The lease decides: every pending entry idle for
+    /// a second or more is listed, page by page (`XPENDING … IDLE`, with an
+    /// exclusive start), and one idle for at least its own lease (which its
+    /// consumer's name carries; heartbeats reset the idle time) or for
+    /// `reclaim_idle` goes to the script, which decides from the job's hash
+    /// whether the lease has expired and only then takes it.
     async fn reclaim(&self, queue: &str, req: &ReserveRequest) -> Result<Option<Lease>> {
+        const PAGE: usize = 100;
         let mut c = self.conn.clone();
-        let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-            .arg(self.stream(queue))
-            .arg(GROUP)
-            .arg("IDLE")
-            .arg(ms(self.opts.reclaim_idle))
-            .arg("-")
-            .arg("+")
-            .arg(10)
-            .query_async(&mut c)
-            .await
-            .map_err(map)?;
-        for (entry, ..) in rows {
-            let token = new_token();
-            let got: Value = self
-                .scripts
-                .reclaim
-                .arg(self.p())
-                .arg(queue)
-                .arg(&entry)
-                .arg(self.consumer(req))
-                .arg(&req.worker)
-                .arg(&token)
-                .arg(ms(req.lease))
-                .invoke_async(&mut c)
+        let stream = self.stream(queue);
+        let floor = ms(self.opts.reclaim_idle).min(1000);
+        let mut start = "-".to_owned();
+        loop {
+            let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+                .arg(&stream)
+                .arg(GROUP)
+                .arg("IDLE")
+                .arg(floor)
+                .arg(&start)
+                .arg("+")
+                .arg(PAGE)
+                .query_async(&mut c)
                 .await
                 .map_err(map)?;
-            if let Some(lease) = lease_from(got, token, &req.worker)? {
-                return Ok(Some(lease));
+            let full = rows.len() == PAGE;
+            if let Some((last, ..)) = rows.last() {
+                start = format!("({last}");
+            }
+            for (entry, consumer, idle, _) in rows {
+                let lease_ms = consumer.rsplit_once('/').and_then(|(_, l)| l.parse::<u64>().ok());
+                let due = ms(self.opts.reclaim_idle).min(lease_ms.unwrap_or(u64::MAX));
+                if idle < due {
+                    continue;
+                }
+                let token = new_token();
+                let got: Value = self
+                    .scripts
+                    .reclaim
+                    .arg(self.p())
+                    .arg(queue)
+                    .arg(&entry)
+                    .arg(self.consumer(req))
+                    .arg(&req.worker)
+                    .arg(&token)
+                    .arg(ms(req.lease))
+                    .invoke_async(&mut c)
+                    .await
+                    .map_err(map)?;
+                if let Some(lease) = lease_from(got, token, &req.worker)? {
+                    return Ok(Some(lease));
+                }
+            }
+            if !full {
+                return Ok(None);
             }
         }
-        Ok(None)
     }
 
     /// Deletes the entries of a queue's stream that the group is done with
