@@ -606,7 +606,9 @@ pub trait Queue: Send + Sync + fmt::Debug {
     async fn get(&self, id: &JobId) -> Result<JobRecord>;
 
     /// Jobs, newest first, filtered and paginated. Records come without
-    /// their `errors` list.
+    /// their `errors` list. A job whose stored record does not read is left
+    /// out (with a log line), so one bad row does not hide the others;
+    /// [`get`](Queue::get) on it returns the error.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>>;
 
     /// Failed-attempt records, newest first: all of them or one job's.

@@ -7,7 +7,7 @@
 
 mod common;
 
-use gpupool_core::{JobSpec, Queue, ReserveRequest};
+use gpupool_core::{JobSpec, ListFilter, Queue, ReserveRequest};
 
 #[tokio::test]
 async fn an_unreadable_job_fails_as_invalid_and_the_reserve_moves_on() {
@@ -26,5 +26,7 @@ async fn an_unreadable_job_fails_as_invalid_and_the_reserve_moves_on() {
     assert_eq!(state, "failed");
     let errors = q.errors(Some(&bad), 10).await.unwrap();
     assert_eq!((errors.len(), errors[0].kind.as_str()), (1, "invalid"));
+    let listed = q.list(&ListFilter::default()).await.unwrap();
+    assert_eq!(listed.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), [good], "the bad row hides nothing");
     q.drop_tables().await.unwrap();
 }

@@ -5,7 +5,7 @@
 // Test code: a panic is how a check fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use gpupool_core::{JobSpec, Queue, ReserveRequest};
+use gpupool_core::{JobSpec, ListFilter, Queue, ReserveRequest};
 use gpupool_sqlite::SqliteQueue;
 
 #[tokio::test]
@@ -33,4 +33,8 @@ async fn an_unreadable_job_fails_as_invalid_and_the_reserve_moves_on() {
     assert_eq!(errors[0].kind.as_str(), "invalid");
     assert!(errors[0].message.contains("does not read"), "{}", errors[0].message);
     assert!(q.reserve(&ReserveRequest::new("default")).await.unwrap().is_none(), "nothing else queued");
+    // Listing shows every other job; `get` on the bad one says why.
+    let listed = q.list(&ListFilter::default()).await.unwrap();
+    assert_eq!(listed.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), [good]);
+    assert!(q.get(&bad).await.is_err());
 }
