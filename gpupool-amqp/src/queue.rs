@@ -254,19 +254,24 @@ impl AmqpQueue {
         Ok(q)
     }
 
+    /// A new connection to the broker, within the connect timeout; an error
+    /// names the endpoint (never the password).
+    async fn connect_broker(&self) -> Result<Connection> {
+        let opts = &self.inner.opts;
+        let fail = |cause: String| unavailable(format!("cannot connect to RabbitMQ at {}: {cause}", opts.endpoint));
+        let props = ConnectionProperties::default().with_connection_name(gpupool_core::default_worker_name().into());
+        match tokio::time::timeout(opts.connect_timeout, Connection::connect(&opts.driver_url, props)).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(fail(e.to_string())),
+            Err(_) => Err(fail(format!("no answer within {} s", opts.connect_timeout.as_secs()))),
+        }
+    }
+
     /// Whether the ledger is there: a passive declare on a connection of
     /// its own, which declares nothing (the broker answers 404 for a
     /// ledger that is not there).
     async fn ledger_declared(&self) -> Result<bool> {
-        let opts = &self.inner.opts;
-        let fail = |cause: String| unavailable(format!("cannot connect to RabbitMQ at {}: {cause}", opts.endpoint));
-        let props = ConnectionProperties::default().with_connection_name(gpupool_core::default_worker_name().into());
-        let connection =
-            match tokio::time::timeout(opts.connect_timeout, Connection::connect(&opts.driver_url, props)).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(fail(e.to_string())),
-                Err(_) => return Err(fail(format!("no answer within {} s", opts.connect_timeout.as_secs()))),
-            };
+        let connection = self.connect_broker().await?;
         let channel = connection.create_channel().await.map_err(unavailable)?;
         let passive = QueueDeclareOptions { passive: true, durable: true, ..QueueDeclareOptions::default() };
         let declared = channel.queue_declare(self.ledger_name().as_str().into(), passive, FieldTable::default()).await;
@@ -311,14 +316,7 @@ impl AmqpQueue {
             return Ok(Arc::clone(link));
         }
         let opts = &self.inner.opts;
-        let fail = |cause: String| unavailable(format!("cannot connect to RabbitMQ at {}: {cause}", opts.endpoint));
-        let props = ConnectionProperties::default().with_connection_name(gpupool_core::default_worker_name().into());
-        let connection =
-            match tokio::time::timeout(opts.connect_timeout, Connection::connect(&opts.driver_url, props)).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(fail(e.to_string())),
-                Err(_) => return Err(fail(format!("no answer within {} s", opts.connect_timeout.as_secs()))),
-            };
+        let connection = self.connect_broker().await?;
         let publish = connection.create_channel().await.map_err(unavailable)?;
         publish.confirm_select(ConfirmSelectOptions::default()).await.map_err(unavailable)?;
         let mut args = FieldTable::default();

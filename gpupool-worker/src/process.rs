@@ -84,12 +84,8 @@ impl Runner for ProcessRunner {
         // Under a supervisor, how the program itself ended (a signal reads
         // as one, not as the supervisor's exit code).
         if let Some(status) = status {
-            if let (Outcome::Exited(_), Some((code, sig))) = (&outcome, crate::supervisor::read_status(&status)) {
-                outcome = match (code, sig) {
-                    (_, Some(sig)) => Outcome::Signaled(sig),
-                    (Some(code), None) => Outcome::Exited(code),
-                    (None, None) => outcome,
-                };
+            if let (Outcome::Exited(_), Some(ended)) = (&outcome, crate::supervisor::read_status(&status)) {
+                outcome = ended;
             }
             let _ = tokio::fs::remove_file(&status).await;
         }

@@ -126,14 +126,15 @@ fn kill_group() {
     let _ = killpg(getpgrp(), Signal::SIGKILL);
 }
 
-/// How a supervised run ended, from its status file: `Some((code, signal))`.
-pub(crate) fn read_status(path: &std::path::Path) -> Option<(Option<i32>, Option<i32>)> {
+/// How a supervised run's program ended, from its status file.
+pub(crate) fn read_status(path: &std::path::Path) -> Option<gpupool_core::runner::Outcome> {
+    use gpupool_core::runner::Outcome;
     let text = std::fs::read_to_string(path).ok()?;
     let (what, n) = text.trim().split_once(' ')?;
     let n: i32 = n.parse().ok()?;
     match what {
-        "exit" => Some((Some(n), None)),
-        "signal" => Some((None, Some(n))),
+        "exit" => Some(Outcome::Exited(n)),
+        "signal" => Some(Outcome::Signaled(n)),
         _ => None,
     }
 }
