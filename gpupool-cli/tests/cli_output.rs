@@ -5,6 +5,8 @@
 // Test code: a panic is how a check fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -352,39 +354,13 @@ fn only_init_creates_a_queue() {
     assert!(run(dir, &["--queue", &other, "jobs"]).status.success());
 }
 
-/// A server backend's URL for a test, under a fresh prefix (so init has not
-/// run there), or `None` when the service is not configured.
-fn fresh_server_queues() -> Vec<(&'static str, String)> {
-    let id = uuid_like();
-    let mut urls = Vec::new();
-    for (var, name) in [
-        ("GPUPOOL_TEST_MYSQL_URL", "MySQL"),
-        ("GPUPOOL_TEST_REDIS_URL", "Redis"),
-        ("GPUPOOL_TEST_AMQP_URL", "RabbitMQ"),
-    ] {
-        let Some(base) = gpupool_core::conformance::service_url(var, name, || None) else { continue };
-        let sep = if base.contains('?') { '&' } else { '?' };
-        let url = match name {
-            "Redis" => format!("{base}{sep}prefix=gpcli:{id}:"),
-            "RabbitMQ" => format!("{base}{sep}prefix=gpcli.{id}.&ledger_max_age=1D"),
-            _ => format!("{base}{sep}prefix=cli{id}_"),
-        };
-        urls.push((name, url));
-    }
-    urls
-}
-
-fn uuid_like() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    format!("{:x}{:x}", nanos & 0xffff_ffff, std::process::id())
-}
-
 #[test]
 fn a_server_queue_that_init_never_set_up_is_named_and_nothing_is_created() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     std::fs::write(dir.join("job.json"), r#"{"git_ref": "main", "entrypoint": "train.py"}"#).unwrap();
-    for (name, url) in fresh_server_queues() {
+    for q in common::TestQueue::servers() {
+        let (name, url) = (q.name, q.url.clone());
         for _ in 0..2 {
             // Twice: the first look created nothing that the second finds.
             for args in [&["jobs"][..], &["status"], &["push", "job.json"], &["errors"], &["cancel", "1"]] {
@@ -411,28 +387,7 @@ fn a_server_queue_that_init_never_set_up_is_named_and_nothing_is_created() {
         let id = listed[0]["id"].as_str().unwrap();
         let out = run(dir, &["--queue", &url, "cancel", id]);
         assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
-        remove_server_queue(name, &url);
     }
-}
-
-/// Removes what `init` made under a test's prefix.
-fn remove_server_queue(name: &str, url: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let removed = rt.block_on(async {
-        match name {
-            "MySQL" => gpupool_mysql::MysqlQueue::connect(url).await?.drop_tables().await,
-            "Redis" => {
-                let q = gpupool_redis::RedisQueue::connect(url).await?;
-                let mut c = q.connection();
-                let keys: Vec<String> =
-                    redis::cmd("KEYS").arg(format!("{}*", q.options().prefix)).query_async(&mut c).await.unwrap();
-                let _: i64 = redis::cmd("DEL").arg(keys).query_async(&mut c).await.unwrap();
-                Ok(())
-            }
-            _ => gpupool_amqp::AmqpQueue::connect(url).await?.delete_queues().await,
-        }
-    });
-    removed.unwrap();
 }
 
 #[test]
@@ -524,22 +479,27 @@ fn wait_for_status(dir: &Path, what: &str, check: impl Fn(&serde_json::Value) ->
     }
 }
 
+/// A queue in `dir` holding one job that sleeps `sleep` seconds, and a
+/// worker that heartbeats every `heartbeat`, started on it.
+fn worker_on_a_sleeping_job(dir: &Path, sleep: u32, heartbeat: &str) -> std::process::Child {
+    let repo = gpupool_worker::testing::job_repo(dir, SLEEP_THEN_EXIT_3);
+    assert!(run(dir, &["init"]).status.success());
+    let job = serde_json::json!({"git_ref": "main", "entrypoint": "job.py", "args": {"sleep": sleep}});
+    std::fs::write(dir.join("job.json"), job.to_string()).unwrap();
+    assert!(run(dir, &["push", "job.json"]).status.success());
+    let repo = repo.to_str().unwrap();
+    gpupool(dir, &["worker", "--repo", repo, "--gpus", "none", "--heartbeat", heartbeat, "--data-dir", "data"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn status_shows_workers_draining_then_lost_then_drops_them() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let repo = gpupool_worker::testing::job_repo(dir, SLEEP_THEN_EXIT_3);
-    assert!(run(dir, &["init"]).status.success());
-    std::fs::write(dir.join("job.json"), r#"{"git_ref": "main", "entrypoint": "job.py", "args": {"sleep": 20}}"#)
-        .unwrap();
-    assert!(run(dir, &["push", "job.json"]).status.success());
-    let repo = repo.to_str().unwrap();
-    let worker =
-        gpupool(dir, &["worker", "--repo", repo, "--gpus", "none", "--heartbeat", "100ms", "--data-dir", "data"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+    let worker = worker_on_a_sleeping_job(dir, 20, "100ms");
     let pid = nix::unistd::Pid::from_raw(i32::try_from(worker.id()).unwrap());
     let state_of = |s: &serde_json::Value| s["workers"][0]["state"].as_str().map(str::to_owned);
     let status = wait_for_status(dir, "the job to run", |s| s["workers"][0]["running"][0]["id"] == "1");
@@ -566,18 +526,7 @@ fn status_shows_workers_draining_then_lost_then_drops_them() {
 fn a_requested_cancel_shows_as_cancelling_until_the_worker_stops_the_run() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let repo = gpupool_worker::testing::job_repo(dir, SLEEP_THEN_EXIT_3);
-    assert!(run(dir, &["init"]).status.success());
-    std::fs::write(dir.join("job.json"), r#"{"git_ref": "main", "entrypoint": "job.py", "args": {"sleep": 30}}"#)
-        .unwrap();
-    assert!(run(dir, &["push", "job.json"]).status.success());
-    let repo = repo.to_str().unwrap();
-    let mut worker =
-        gpupool(dir, &["worker", "--repo", repo, "--gpus", "none", "--heartbeat", "3s", "--data-dir", "data"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+    let mut worker = worker_on_a_sleeping_job(dir, 30, "3s");
     wait_for_status(dir, "the job to run", |s| s["workers"][0]["running"][0]["id"] == "1");
     let out = run(dir, &["cancel", "1"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("cancel requested"), "{out:?}");

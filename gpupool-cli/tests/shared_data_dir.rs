@@ -6,83 +6,17 @@
 // Test code: a panic is how a check fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::TestQueue;
+
 /// `job.py`: appends its job id to the file `$RAN` names, then exits 0.
 const RECORD_RUN: &str = "import os\n\
     with open(os.environ['RAN'], 'a') as f:\n    f.write(os.environ['GPUPOOL_JOB_ID'] + '\\n')\n";
-
-/// A queue for one test: a SQLite file in the test's folder, or a server
-/// backend under a fresh prefix, removed when dropped.
-struct TestQueue {
-    name: &'static str,
-    url: String,
-}
-
-impl TestQueue {
-    /// Every backend configured here; SQLite's file is placed by
-    /// [`TestQueue::in_dir`].
-    fn all() -> Vec<TestQueue> {
-        let id = format!(
-            "{:x}{:x}",
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() & 0xffff_ffff,
-            std::process::id()
-        );
-        let mut queues = vec![TestQueue { name: "SQLite", url: String::new() }];
-        for (var, name) in [
-            ("GPUPOOL_TEST_MYSQL_URL", "MySQL"),
-            ("GPUPOOL_TEST_REDIS_URL", "Redis"),
-            ("GPUPOOL_TEST_AMQP_URL", "RabbitMQ"),
-        ] {
-            let Some(base) = gpupool_core::conformance::service_url(var, name, || None) else { continue };
-            let sep = if base.contains('?') { '&' } else { '?' };
-            let url = match name {
-                "Redis" => format!("{base}{sep}prefix=gpshare:{id}:"),
-                "RabbitMQ" => format!("{base}{sep}prefix=gpshare.{id}.&ledger_max_age=1D"),
-                _ => format!("{base}{sep}prefix=share{id}_"),
-            };
-            queues.push(TestQueue { name, url });
-        }
-        queues
-    }
-
-    /// The queue for a test in `dir` (where SQLite keeps its file).
-    fn in_dir(mut self, dir: &Path) -> Self {
-        if self.name == "SQLite" {
-            self.url = format!("sqlite://{}/queue.db", dir.display());
-        }
-        self
-    }
-}
-
-impl Drop for TestQueue {
-    fn drop(&mut self) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let url = self.url.clone();
-        let removed = rt.block_on(async {
-            match self.name {
-                "MySQL" => gpupool_mysql::MysqlQueue::connect(&url).await?.drop_tables().await,
-                "Redis" => {
-                    let q = gpupool_redis::RedisQueue::connect(&url).await?;
-                    let mut c = q.connection();
-                    let keys: Vec<String> =
-                        redis::cmd("KEYS").arg(format!("{}*", q.options().prefix)).query_async(&mut c).await.unwrap();
-                    if !keys.is_empty() {
-                        let _: i64 = redis::cmd("DEL").arg(keys).query_async(&mut c).await.unwrap();
-                    }
-                    Ok(())
-                }
-                "RabbitMQ" => gpupool_amqp::AmqpQueue::connect(&url).await?.delete_queues().await,
-                _ => Ok(()),
-            }
-        });
-        if let Err(e) = removed {
-            eprintln!("could not remove the test queue: {e}");
-        }
-    }
-}
 
 fn gpupool(dir: &Path, url: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpupool"));
