@@ -54,7 +54,8 @@ const UNREADABLE_PER_RESERVE: usize = 8;
 macro_rules! job_columns {
     () => {
         concat!(
-            "id, state, attempt, attempt_limit, spec, commit_sha, worker, gpu_ids, exit_code, term_signal, output_tail, result, ",
+            "id, state, attempt, attempt_limit, spec, commit_sha, worker, gpu_ids, exit_code, term_signal, ",
+            "output_tail, result, ",
             "cancel_requested, ",
             ms!("created_at"),
             " AS created_ms, ",
@@ -362,28 +363,7 @@ impl MysqlQueue {
                     // gpupool) ends `failed`, kind `invalid`, and the reserve
                     // moves on: one bad row never stalls the queue.
                     Err(e) => {
-                        let attempt: i32 = row.try_get("attempt")?;
-                        let message = format!("the stored job does not read: {e}");
-                        q(&self.sql.insert_error)
-                            .bind(id)
-                            .bind(attempt)
-                            .bind(FailureKind::Invalid.as_str())
-                            .bind(None::<i32>)
-                            .bind(None::<i32>)
-                            .bind(&message)
-                            .bind("")
-                            .execute(&mut *tx)
-                            .await?;
-                        q(&self.sql.fail_update)
-                            .bind(JobState::Failed.as_str())
-                            .bind(None::<i32>)
-                            .bind(None::<i32>)
-                            .bind("")
-                            .bind(true)
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await?;
-                        tracing::warn!(job_id = id, "{message}; marked failed");
+                        fail_unreadable(&self.sql, &mut tx, id, row.try_get("attempt")?, &e).await?;
                         continue;
                     }
                 };
@@ -482,6 +462,40 @@ fn record(row: &MySqlRow) -> Result<JobRecord> {
         finished_at: get(row, "finished_ms")?,
     }
     .into_record(BACKEND)
+}
+
+/// Ends a job whose row does not read (written by hand, or by a newer
+/// gpupool): `failed`, with an `invalid` attempt naming why, so the reserve
+/// can go on to the jobs behind it.
+async fn fail_unreadable(
+    sql: &Sql,
+    tx: &mut sqlx::MySqlConnection,
+    id: i64,
+    attempt: i32,
+    why: &Error,
+) -> std::result::Result<(), sqlx::Error> {
+    let message = format!("the stored job does not read: {why}");
+    q(&sql.insert_error)
+        .bind(id)
+        .bind(attempt)
+        .bind(FailureKind::Invalid.as_str())
+        .bind(None::<i32>)
+        .bind(None::<i32>)
+        .bind(&message)
+        .bind("")
+        .execute(&mut *tx)
+        .await?;
+    q(&sql.fail_update)
+        .bind(JobState::Failed.as_str())
+        .bind(None::<i32>)
+        .bind(None::<i32>)
+        .bind("")
+        .bind(true)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tracing::warn!(job_id = id, "{message}; marked failed");
+    Ok(())
 }
 
 /// A row of `error_columns!()`.

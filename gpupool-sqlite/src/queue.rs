@@ -169,7 +169,7 @@ impl SqliteQueue {
             for _ in 0..UNREADABLE_PER_RESERVE {
                 let id: Option<i64> = sqlx::query_scalar(
                     "SELECT id FROM jobs WHERE queue = ?1 AND state = 'queued' AND COALESCE(gpus, ?2) <= ?3 \
-                 ORDER BY priority DESC, id LIMIT 1",
+                     ORDER BY priority DESC, id LIMIT 1",
                 )
                 .bind(queue)
                 .bind(i64::from(req.gpu_host))
@@ -181,19 +181,19 @@ impl SqliteQueue {
                 let token = uuid::Uuid::new_v4().simple().to_string();
                 let expires_at = now.plus(req.lease);
                 let row = sqlx::query(concat!(
-                "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_token = ?1, lease_expires_at = ?2, \
-                 worker = ?3, started_at = ?4, finished_at = NULL, exit_code = NULL, signal = NULL, gpu_ids = NULL \
-                 WHERE id = ?5 RETURNING ",
-                job_columns!()
-            ))
-            .bind(&token)
-            .bind(expires_at.0)
-            .bind(&req.worker)
-            .bind(now.0)
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map)?;
+                    "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_token = ?1, \
+                     lease_expires_at = ?2, worker = ?3, started_at = ?4, finished_at = NULL, exit_code = NULL, \
+                     signal = NULL, gpu_ids = NULL WHERE id = ?5 RETURNING ",
+                    job_columns!()
+                ))
+                .bind(&token)
+                .bind(expires_at.0)
+                .bind(&req.worker)
+                .bind(now.0)
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map)?;
                 let mut job = match record(&row) {
                     Ok(job) => job,
                     // A row that does not read (edited by hand, or written by a
@@ -201,28 +201,7 @@ impl SqliteQueue {
                     // reserve moves on: one bad row never stalls the queue.
                     Err(e) => {
                         let attempt: i64 = row.try_get("attempt").map_err(map)?;
-                        let message = format!("the stored job does not read: {e}");
-                        sqlx::query(
-                        "INSERT INTO job_errors (job_id, attempt, kind, exit_code, signal, message, output_tail, at) \
-                         VALUES (?1, ?2, 'invalid', NULL, NULL, ?3, '', ?4)",
-                    )
-                    .bind(id)
-                    .bind(attempt)
-                    .bind(&message)
-                    .bind(now.0)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map)?;
-                        sqlx::query(
-                            "UPDATE jobs SET state = 'failed', finished_at = ?1, lease_token = NULL, \
-                         lease_expires_at = NULL WHERE id = ?2",
-                        )
-                        .bind(now.0)
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(map)?;
-                        tracing::warn!(job_id = id, "{message}; marked failed");
+                        fail_unreadable(&mut tx, id, attempt, &e, now).await?;
                         continue;
                     }
                 };
@@ -327,6 +306,40 @@ fn record(row: &SqliteRow) -> Result<JobRecord> {
         finished_at: get(row, "finished_at")?,
     }
     .into_record(BACKEND)
+}
+
+/// Ends a job whose row does not read (edited by hand, or written by a
+/// newer gpupool): `failed`, with an `invalid` attempt naming why, so the
+/// reserve can go on to the jobs behind it.
+async fn fail_unreadable(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: i64,
+    attempt: i64,
+    why: &Error,
+    now: Timestamp,
+) -> Result<()> {
+    let message = format!("the stored job does not read: {why}");
+    sqlx::query(
+        "INSERT INTO job_errors (job_id, attempt, kind, exit_code, signal, message, output_tail, at) \
+         VALUES (?1, ?2, 'invalid', NULL, NULL, ?3, '', ?4)",
+    )
+    .bind(id)
+    .bind(attempt)
+    .bind(&message)
+    .bind(now.0)
+    .execute(&mut **tx)
+    .await
+    .map_err(map)?;
+    sqlx::query(
+        "UPDATE jobs SET state = 'failed', finished_at = ?1, lease_token = NULL, lease_expires_at = NULL WHERE id = ?2",
+    )
+    .bind(now.0)
+    .bind(id)
+    .execute(&mut **tx)
+    .await
+    .map_err(map)?;
+    tracing::warn!(job_id = id, "{message}; marked failed");
+    Ok(())
 }
 
 /// A row of `job_errors`.
