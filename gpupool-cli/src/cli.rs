@@ -360,7 +360,11 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
     if !creates {
         no_queue_is_created(&s.url)?;
     }
-    let queue = registry.connect(&s.url).await?;
+    let queue = if matches!(cli.command, Command::Worker(_)) {
+        connect_waiting(registry, &s.url).await?
+    } else {
+        registry.connect(&s.url).await?
+    };
     if creates && !matches!(cli.command, Command::Init) {
         queue.init().await?;
     }
@@ -401,6 +405,42 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
         Command::Config => {}
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A worker waits for its backend: a host that boots before its database,
+/// or a worker restarted during a backend outage, starts work when the
+/// backend is back instead of exiting. Retries with backoff (1 s doubling
+/// to 30 s) while the backend is unavailable; SIGTERM or Ctrl-C gives up.
+/// Any other error (a bad URL, a refused password) ends at once.
+async fn connect_waiting(registry: &Registry, url: &str) -> Result<Arc<dyn Queue>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut pause = std::time::Duration::from_secs(1);
+    let mut term = signal(SignalKind::terminate()).ok();
+    loop {
+        let err = match registry.connect(url).await {
+            Ok(queue) => match queue.exists().await {
+                Ok(_) => return Ok(queue),
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        if !err.is_retryable() {
+            return Err(err);
+        }
+        tracing::warn!("{}; trying again in {pause:?}", redact_url(&err.to_string()));
+        let term = async {
+            match &mut term {
+                Some(t) => drop(t.recv().await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            _ = tokio::signal::ctrl_c() => return Err(err),
+            () = term => return Err(err),
+        }
+        pause = (pause * 2).min(std::time::Duration::from_secs(30));
+    }
 }
 
 /// Which page of which queue `jobs` lists.
