@@ -3,12 +3,13 @@ local id, token, state = ARGV[2], ARGV[3], ARGV[4]
 local h = jkey(id)
 local v = redis.call('HMGET', h, 'state', 'token', 'entry', 'queue', 'attempt')
 local now = now_ms()
-if v[1] == 'queued' and token == '~' .. (v[3] or '') then
+local te, tc = string.match(token, '^~([^~]+)'), string.match(token, '^~[^~]+~[^~]+~(.+)$')
+if v[1] == 'queued' and v[3] and v[3] ~= '' and te == v[3] then
   -- A lease by a bare read that ends before its holder's first call
   -- (`adopt` in jobs.lua, inlined: complete carries no helpers it can
   -- spare). Its start is the delivery, from the pending list.
   local p = redis.call('XPENDING', skey(v[4]), GROUP, v[3], v[3], 1)[1]
-  if not p then return -1 end
+  if not p or (tc and p[2] ~= tc) then return -1 end
   redis.call('HSET', h, 'attempt', string.format('%d', tonumber(v[5]) + 1), 'consumer', p[2],
              'worker', holder_worker(p[2]) or '',
              'started', string.format('%d', tonumber(now) - p[3]))

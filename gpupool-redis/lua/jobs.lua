@@ -27,20 +27,32 @@ local function pending(s, e)
   return p[1]
 end
 
--- A lease taken by a bare `XREADGROUP` (token '~' .. entry; a first attempt,
--- see `reserve` in queue.rs) is only the entry in the group's pending list:
--- the job's hash still says `queued` with that entry. The first script its
--- holder runs records it in the hash as `start_lease` would have: attempt
--- + 1, the token, the holder, the delivery time as its start and the lease
--- counted from then. Does nothing for any other token or job; `held` then
--- decides.
+-- The entry and the consumer a bare read's token names
+-- ('~' .. entry .. '~' .. nonce .. '~' .. consumer); nil for any other
+-- token; no consumer for a token the reclaim pass made.
+local function bare_entry(token)
+  local e = string.match(token, '^~([^~]+)')
+  return e, e and string.match(token, '^~[^~]+~[^~]+~(.+)$')
+end
+
+-- A lease taken by a bare `XREADGROUP` (a first attempt, see `take` in
+-- queue.rs) is only the entry in the group's pending list: the job's hash
+-- still says `queued` with that entry. The first script its holder runs
+-- records it in the hash as `start_lease` would have: attempt + 1, the
+-- token, the holder, the delivery time as its start and the lease counted
+-- from then. When Redis handed the entry out twice (a restart that lost a
+-- delivery), only a holder it is pending under records its token, the
+-- first to call if it is pending under one consumer that got it twice
+-- (each delivery's nonce differs); the other's calls fail `held`. Does
+-- nothing for any other token or job; `held` then decides.
 local function adopt(id, token)
-  if string.sub(token, 1, 1) ~= '~' then return end
+  local e, consumer = bare_entry(token)
+  if not e then return end
   local h = jkey(id)
   local v = redis.call('HMGET', h, 'state', 'entry', 'attempt', 'queue')
-  if v[1] ~= 'queued' or '~' .. v[2] ~= token then return end
+  if v[1] ~= 'queued' or v[2] ~= e then return end
   local p = pending(skey(v[4]), v[2])
-  if not p then return end
+  if not p or (consumer and p[2] ~= consumer) then return end
   local started = tonumber(now_ms()) - p[3]
   redis.call('HSET', h, 'state', 'running', 'attempt', string.format('%d', tonumber(v[3]) + 1), 'token', token,
              'expires', string.format('%d', started + holder_lease(p[2])), 'consumer', p[2],

@@ -10,10 +10,17 @@ local found = redis.call('XRANGE', s, entry, entry)
 local id = found[1] and job_of(found[1][2])
 if not id then redis.call('XACK', s, GROUP, entry); return false end
 local h = jkey(id)
--- A lease taken by a bare read and never recorded is recorded now, as its
--- holder's first call would have done it (`adopt`): it runs from the
--- delivery, for the length its consumer's name gives.
-adopt(id, '~' .. entry)
+-- A lease taken by a bare read and never recorded runs from the delivery,
+-- for the length its consumer's name gives. Unexpired, it stays its
+-- holder's and unrecorded (the holder's first call records it with its own
+-- token). Expired, it is recorded now (`adopt`, with a token no holder
+-- has), so that the lost attempt counts, and taken over below.
+local hv = redis.call('HMGET', h, 'state', 'entry')
+if hv[1] == 'queued' and hv[2] == entry then
+  local p = pending(s, entry)
+  if not p or p[3] < holder_lease(p[2]) then return false end
+  adopt(id, '~' .. entry .. '~reclaimed')
+end
 local r = claim_fields(id)
 if r[1] ~= 'running' or r[2] ~= entry then
   -- The entry of a job that moved on (finished since it was listed, or an

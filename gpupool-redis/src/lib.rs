@@ -58,7 +58,11 @@
 //! An entry `push` wrote carries the spec and is a first attempt, and that
 //! read is its whole reserve: one command, no script. The lease is the
 //! entry pending under the reader's consumer name,
-//! `WORKER@INSTANCE/LEASE_MS`, and its token names the entry. The job's
+//! `WORKER@INSTANCE/LEASE_MS`, and its token names the entry, a nonce new
+//! for each delivery and that consumer: if a restart of Redis loses a
+//! delivery and the entry is handed out again, only the holder it is
+//! pending under (the first to call, if one consumer got it twice) can
+//! record the lease, and the other's calls are refused. The job's
 //! hash still says `queued` until the holder's first call (started,
 //! heartbeat, complete, fail, release) records the lease there: attempt,
 //! holder, the delivery time as its start. Until then, `get` and `jobs`

@@ -410,6 +410,14 @@ impl RedisQueue {
     /// `XREADGROUP` and no script, which is what brings the drain to half
     /// the floor's rate (BENCHMARKS.md). Any other entry is leased by
     /// `claim.lua`, which reads the job's earlier attempts.
+    ///
+    /// The token is `~ENTRY~NONCE~CONSUMER`, the nonce new for each
+    /// delivery. When Redis loses a delivery (a restart that rolled back the
+    /// last second of its append-only file) and hands the entry out again,
+    /// the two holders' tokens differ: only a holder the entry is pending
+    /// under can record its token (`adopt`), the first of them to call if
+    /// one consumer got it twice, and every call with the other token is
+    /// refused as a lost lease.
     async fn take(&self, (queue, entry, fields): Delivery, req: &ReserveRequest) -> Result<Option<Lease>> {
         let job = fields.get("job").cloned().unwrap_or_default();
         let spec = match fields.get("spec") {
@@ -425,7 +433,8 @@ impl RedisQueue {
         record.worker = Some(req.worker.clone());
         let started = Timestamp::now();
         record.started_at = Some(started);
-        Ok(Some(Lease { job: record, token: format!("~{entry}"), expires_at: started.plus(req.lease) }))
+        let token = format!("~{entry}~{}~{}", &new_token()[..12], self.consumer(req));
+        Ok(Some(Lease { job: record, token, expires_at: started.plus(req.lease) }))
     }
 
     async fn blocking_conn(&self) -> Result<MultiplexedConnection> {

@@ -120,3 +120,56 @@ async fn another_worker_reclaims_a_bare_lease_only_once_its_own_lease_is_over() 
     assert_eq!(other.get(&id).await.unwrap().state, JobState::Succeeded);
     common::cleanup(&holder).await;
 }
+
+/// What Redis does when it restarts and has lost the last second of its
+/// append-only file: it forgets a delivery (the entry leaves the pending
+/// list, the group's cursor moves back), so the entry is delivered again.
+async fn forget_deliveries(q: &RedisQueue, queue: &str) {
+    let stream = format!("{}stream:{queue}", q.options().prefix);
+    let mut c = q.connection();
+    let pending: redis::Value =
+        redis::cmd("XPENDING").arg(&stream).arg("gpupool").arg("-").arg("+").arg(10).query_async(&mut c).await.unwrap();
+    let redis::Value::Array(rows) = pending else { panic!("XPENDING: {pending:?}") };
+    for row in rows {
+        let redis::Value::Array(fields) = row else { continue };
+        let entry: String = redis::from_redis_value(fields[0].clone()).unwrap();
+        let _: i64 = redis::cmd("XACK").arg(&stream).arg("gpupool").arg(entry).query_async(&mut c).await.unwrap();
+    }
+    let _: () =
+        redis::cmd("XGROUP").arg("SETID").arg(&stream).arg("gpupool").arg("0").query_async(&mut c).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_delivery_redis_lost_and_handed_out_again_has_one_holder() {
+    let Some(q) = common::queue("bare-rollback").await else { return };
+    let lost = |r: gpupool_core::Result<Heartbeat>| matches!(r, Err(gpupool_core::Error::LeaseLost { .. }));
+    let info = RunInfo::default();
+
+    // Delivered to A, forgotten, delivered to B: two tokens, and the entry
+    // is pending under B only.
+    let (id, a) = push_and_lease(&q, "rb", "gpu-a").await;
+    forget_deliveries(&q, "rb").await;
+    let b = q.reserve(&req("rb", "gpu-b", Duration::from_secs(60))).await.unwrap().expect("delivered again");
+    assert_eq!((b.id(), b.attempt()), (&id, 1));
+    assert_ne!(a.token, b.token, "a token per delivery");
+    assert!(matches!(q.started(&a, &info).await, Err(gpupool_core::Error::LeaseLost { .. })), "A holds nothing");
+    assert!(lost(q.heartbeat(&a, Duration::from_secs(60)).await));
+    q.started(&b, &info).await.unwrap();
+    assert_eq!(q.heartbeat(&b, Duration::from_secs(60)).await.unwrap(), Heartbeat::Extended);
+    assert!(q.complete(&a, Completion::default()).await.is_err(), "A's result is not recorded");
+    q.complete(&b, Completion::default()).await.unwrap();
+    let rec = q.get(&id).await.unwrap();
+    assert_eq!((rec.state, rec.attempt, rec.worker.as_deref()), (JobState::Succeeded, 1, Some("gpu-b")));
+
+    // One consumer handed the entry twice: the first call decides.
+    let (id, first) = push_and_lease(&q, "rc", "gpu-c").await;
+    forget_deliveries(&q, "rc").await;
+    let second = q.reserve(&req("rc", "gpu-c", Duration::from_secs(60))).await.unwrap().expect("delivered again");
+    assert_eq!(second.id(), &id);
+    assert_ne!(first.token, second.token, "a token per delivery, even to one consumer");
+    assert_eq!(q.heartbeat(&second, Duration::from_secs(60)).await.unwrap(), Heartbeat::Extended);
+    assert!(lost(q.heartbeat(&first, Duration::from_secs(60)).await), "the other delivery holds nothing");
+    assert!(q.complete(&first, Completion::default()).await.is_err());
+    q.complete(&second, Completion::default()).await.unwrap();
+    common::cleanup(&q).await;
+}
