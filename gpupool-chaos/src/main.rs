@@ -25,6 +25,7 @@
 //! gets a fresh prefix, removed at the end unless `--keep`.
 
 mod backend;
+mod outage;
 mod procs;
 mod proxy;
 
@@ -102,6 +103,11 @@ struct Args {
     /// Keep the work folder and the server queue.
     #[arg(long)]
     keep: bool,
+    /// Instead of the chaos run: outage trials of these lengths in seconds
+    /// (`45,50,55,65`), each telling whether a running job's lease, with
+    /// the default lease and heartbeat, survived it.
+    #[arg(long, value_delimiter = ',')]
+    outage: Vec<u64>,
     /// Print the result as one JSON object on stdout as well.
     #[arg(long)]
     json: bool,
@@ -114,6 +120,21 @@ fn main() -> ExitCode {
         return gpupool_cli::main_with(gpupool::Registry::with_defaults());
     }
     let args = Args::parse();
+    if !args.outage.is_empty() {
+        let seed = args.seed.unwrap_or_else(seed_from_clock);
+        return match outage::trials(&args.queue, &args.outage, seed) {
+            Ok(trials) => {
+                let kept = trials.iter().filter(|t| t.survived).map(|t| t.outage.as_secs()).max();
+                let lost = trials.iter().filter(|t| !t.survived).map(|t| t.outage.as_secs()).min();
+                println!("longest outage survived: {kept:?} s; shortest lost: {lost:?} s");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("chaos: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&args) {
         Ok(report) => {
             println!("{}", report.table_row());
@@ -134,6 +155,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn seed_from_clock() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
 }
 
 /// A small, seedable random source (xorshift64*): the suite needs no more.
@@ -289,9 +314,7 @@ fn unfinished(dir: &Path, url: &str) -> Result<u64, String> {
 }
 
 fn run(args: &Args) -> Result<Report, String> {
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-    }) | 1;
+    let seed = args.seed.unwrap_or_else(seed_from_clock) | 1;
     let mut rng = Rng(seed);
     let work = tempfile::Builder::new().prefix("gpupool-chaos-").tempdir().map_err(|e| e.to_string())?;
     let dir = work.path().to_path_buf();

@@ -151,3 +151,50 @@ fn a_result_journaled_before_its_worker_was_killed_is_delivered_once_on_restart(
         assert!(!killed[0].exists(), "{name}: the crashed worker's checkouts are removed");
     }
 }
+
+/// Forwards every connection `listener` takes to `127.0.0.1:to`.
+fn forward(listener: std::net::TcpListener, to: u16) {
+    for client in listener.incoming().flatten() {
+        let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", to)) else { continue };
+        for (mut from, mut into) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut into);
+                let _ = into.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    }
+}
+
+#[test]
+fn a_worker_started_before_its_backend_is_up_waits_for_it() {
+    // A host that boots before its database: the worker waits, then works.
+    for q in TestQueue::servers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let name = q.name;
+        let repo = repo_arg(&gpupool_worker::testing::job_repo(dir, RECORD_RUN));
+        let ran = dir.join("ran.txt");
+        ok(dir, &q.url, &["init"]);
+        push_jobs(dir, &q.url, &ran, 1);
+        // The worker's URL names a port nothing listens on yet.
+        let real: u16 = q.url.split("127.0.0.1:").nth(1).and_then(|r| r.get(..4)).unwrap().parse().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = q.url.replacen(&format!("127.0.0.1:{real}"), &format!("127.0.0.1:{port}"), 1);
+        let worker = gpupool(dir, &url, &["worker", "--repo", &repo, "--gpus", "none", "--burst"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        // The backend comes up.
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        std::thread::spawn(move || forward(listener, real));
+        let out = worker.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {said}");
+        assert!(said.contains("trying again in"), "{name}: it said it waits: {said}");
+        let job = &jobs(dir, &q.url)[0];
+        assert_eq!((job["state"].as_str(), job["attempt"].as_u64()), (Some("succeeded"), Some(1)), "{name}: {said}");
+        assert_eq!(runs(&ran).len(), 1, "{name}");
+    }
+}
