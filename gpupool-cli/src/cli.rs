@@ -215,13 +215,17 @@ pub fn main_with(registry: Registry) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli, &registry)) {
+    let code = match runtime.block_on(run(cli, &registry)) {
         Ok(code) => code,
         Err(e) => {
             say(&redact_url(&e.to_string()));
             ExitCode::FAILURE
         }
-    }
+    };
+    // A git fetch abandoned in a silent socket (gpupool_worker::git) must
+    // not keep a stopped worker from exiting.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 /// The default log filter: gpupool's own crates at `level`, every library

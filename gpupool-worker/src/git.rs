@@ -23,11 +23,30 @@
 //! Tokens never reach the queue, a log or a job's output.
 //!
 //! git2 is blocking; every call here runs on tokio's blocking pool.
+//!
+//! # Timeouts and stops
+//!
+//! A git host that stops answering (a dead VPN, a black-holed route) would
+//! hold a checkout forever. Every callback libgit2 makes while connecting,
+//! fetching and checking out (credentials, server messages, transfer and
+//! checkout progress) counts as progress; when none comes for the stall
+//! timeout (2 minutes, [`GitWorkspace::stall_timeout`]), `prepare` gives up
+//! with a worker fault ("the git host … sent nothing for 2m"): the job goes
+//! back uncharged and the worker pauses. Dropping `prepare`'s future (the
+//! job was cancelled, the worker stops) abandons it the same way. An
+//! abandoned fetch is aborted at libgit2's next callback and its checkout
+//! folder removed. libgit2's own socket timeouts are left at their
+//! defaults: setting them is an `unsafe` global (`git2::opts`), which this
+//! workspace forbids, so a fetch thread stuck in a silent socket lingers
+//! until the OS gives up, holding its mirror's lock; later checkouts of
+//! that repository in this process time out the same way meanwhile.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
 
 use git2::{CredentialType, FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository};
 use gpupool_core::async_trait;
@@ -107,12 +126,24 @@ pub struct GitWorkspace {
     data_dir: PathBuf,
     credentials: Credentials,
     locks: Arc<StdMutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
+    stall: Duration,
 }
+
+/// How long a checkout may go without any sign of life from libgit2.
+const DEFAULT_STALL: Duration = Duration::from_secs(120);
 
 impl GitWorkspace {
     /// A workspace keeping mirrors and checkouts under `data_dir`.
     pub fn new(data_dir: impl Into<PathBuf>, credentials: Credentials) -> Self {
-        GitWorkspace { data_dir: data_dir.into(), credentials, locks: Arc::default() }
+        GitWorkspace { data_dir: data_dir.into(), credentials, locks: Arc::default(), stall: DEFAULT_STALL }
+    }
+
+    /// Gives up on a checkout (a worker fault) when connecting, fetching or
+    /// checking out shows no progress for `limit` (default 2 minutes).
+    #[must_use]
+    pub fn stall_timeout(mut self, limit: Duration) -> Self {
+        self.stall = limit;
+        self
     }
 
     /// The credentials in use.
@@ -148,19 +179,43 @@ impl Workspace for GitWorkspace {
             let _guard = lock.lock().await;
             let (repo, git_ref, dir, creds) =
                 (job.repo.to_owned(), job.git_ref.to_owned(), dir.clone(), self.credentials.clone());
-            tokio::task::spawn_blocking(move || prepare_blocking(&mirror, &repo, &git_ref, &dir, &creds))
-                .await
-                .map_err(|e| PrepareError::worker(format!("the checkout task failed: {e}")))?
-                .map_err(|e| {
-                    // libgit2 says "unsupported URL protocol" (a network
-                    // error) for a path that is not there: no repository,
-                    // not a fault of this host's network.
-                    if is_local_path(job.repo) && !Path::new(job.repo).exists() {
-                        PrepareError::repo(format!("no repository at {}", job.repo))
-                    } else {
-                        e
+            let watch = Watch::new();
+            // Dropped with this future (a cancel, a stop) or on a stall:
+            // the fetch aborts at its next callback.
+            let _abandon = Abandon(Arc::clone(&watch));
+            let seen = Arc::clone(&watch);
+            let mut task = tokio::task::spawn_blocking(move || {
+                let done = prepare_blocking(&mirror, &repo, &git_ref, &dir, &creds, &seen);
+                if seen.abandoned() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                done
+            });
+            let done = loop {
+                tokio::select! {
+                    done = &mut task => break done,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {
+                        if watch.idle() >= self.stall {
+                            watch.abandon();
+                            return Err(PrepareError::worker(format!(
+                                "the git host of {} sent nothing for {}; is it reachable from this host?",
+                                job.repo,
+                                humantime::format_duration(self.stall)
+                            )));
+                        }
                     }
-                })?
+                }
+            };
+            done.map_err(|e| PrepareError::worker(format!("the checkout task failed: {e}")))?.map_err(|e| {
+                // libgit2 says "unsupported URL protocol" (a network
+                // error) for a path that is not there: no repository,
+                // not a fault of this host's network.
+                if is_local_path(job.repo) && !Path::new(job.repo).exists() {
+                    PrepareError::repo(format!("no repository at {}", job.repo))
+                } else {
+                    e
+                }
+            })?
         };
         let checkout = Checkout { dir, commit };
         if let Err(e) = check_entrypoint(&checkout, job.entrypoint, job.git_ref) {
@@ -218,12 +273,57 @@ fn resolve(repo: &Repository, git_ref: &str) -> Option<Oid> {
     candidates.iter().find_map(|c| repo.revparse_single(c).ok()?.peel_to_commit().ok().map(|c| c.id()))
 }
 
+/// What the async side sees of a blocking checkout: when libgit2 last
+/// showed progress, and whether the checkout was given up.
+#[derive(Debug)]
+struct Watch {
+    start: std::time::Instant,
+    /// Milliseconds from `start` to the last sign of progress.
+    last: AtomicU64,
+    abandoned: AtomicBool,
+}
+
+impl Watch {
+    fn new() -> Arc<Watch> {
+        Arc::new(Watch { start: std::time::Instant::now(), last: AtomicU64::new(0), abandoned: AtomicBool::new(false) })
+    }
+
+    /// Records progress; `false` (stop, libgit2) once abandoned.
+    fn tick(&self) -> bool {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(now, Ordering::Relaxed);
+        !self.abandoned()
+    }
+
+    fn idle(&self) -> Duration {
+        self.start.elapsed().saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)))
+    }
+
+    fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Relaxed);
+    }
+
+    fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Relaxed)
+    }
+}
+
+/// Abandons a checkout when dropped, unless it ended first.
+struct Abandon(Arc<Watch>);
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        self.0.abandon();
+    }
+}
+
 fn prepare_blocking(
     mirror: &Path,
     url: &str,
     git_ref: &str,
     dir: &Path,
     creds: &Credentials,
+    watch: &Arc<Watch>,
 ) -> Result<String, PrepareError> {
     // Other worker processes on this data directory use the same mirror: one
     // at a time creates, fetches or checks out from it. A killed holder's
@@ -238,12 +338,12 @@ fn prepare_blocking(
     // when that commit is missing here.
     let tip = match local {
         Some(oid) => Some(oid),
-        None => advertised(&repo, url, git_ref, creds)?.filter(|oid| repo.find_commit(*oid).is_ok()),
+        None => advertised(&repo, url, git_ref, creds, watch)?.filter(|oid| repo.find_commit(*oid).is_ok()),
     };
     let oid = match tip {
         Some(oid) => oid,
         None => {
-            fetch(&repo, url, creds)?;
+            fetch(&repo, url, creds, watch)?;
             resolve(&repo, git_ref)
                 .ok_or_else(|| PrepareError::git_ref(format!("ref `{git_ref}` not found in {url}")))?
         }
@@ -251,7 +351,12 @@ fn prepare_blocking(
     let commit = repo.find_commit(oid).map_err(|e| PrepareError::git_ref(format!("commit {oid}: {}", e.message())))?;
     std::fs::create_dir_all(dir).map_err(|e| PrepareError::worker(format!("cannot create {}: {e}", dir.display())))?;
     let mut cb = git2::build::CheckoutBuilder::new();
+    let (seen, stop) = (Arc::clone(watch), Arc::clone(watch));
     cb.target_dir(dir).force().update_index(false);
+    cb.progress(move |_, _, _| {
+        seen.tick();
+    });
+    cb.notify_on(git2::CheckoutNotificationType::all()).notify(move |_, _, _, _, _| !stop.abandoned());
     repo.checkout_tree(commit.as_object(), Some(&mut cb))
         .map_err(|e| PrepareError::worker(format!("cannot check out {oid}: {}", e.message())))?;
     Ok(oid.to_string())
@@ -272,15 +377,29 @@ fn open_mirror(mirror: &Path) -> Result<Repository, PrepareError> {
 
 /// Callbacks that answer credential requests (see the module docs), and
 /// where the reason for a refusal is kept.
-fn callbacks(url: &str, creds: &Credentials) -> (RemoteCallbacks<'static>, Arc<StdMutex<Option<String>>>) {
+fn callbacks(
+    url: &str,
+    creds: &Credentials,
+    watch: &Arc<Watch>,
+) -> (RemoteCallbacks<'static>, Arc<StdMutex<Option<String>>>) {
     let host = host_of(url);
     let reason: Arc<StdMutex<Option<String>>> = Arc::default();
     let mut callbacks = RemoteCallbacks::new();
+    // Every callback is a sign of life; returning false aborts an
+    // abandoned fetch.
+    let (a, b, c) = (Arc::clone(watch), Arc::clone(watch), Arc::clone(watch));
+    callbacks.transfer_progress(move |_| a.tick());
+    callbacks.sideband_progress(move |_| b.tick());
+    callbacks.update_tips(move |_, _, _| c.tick());
     let mut tries = 0u32;
     let why = Arc::clone(&reason);
     let creds = creds.clone();
+    let seen = Arc::clone(watch);
     callbacks.credentials(move |cred_url, user_from_url, allowed| {
         tries += 1;
+        if !seen.tick() {
+            return Err(git2::Error::from_str("the checkout was abandoned"));
+        }
         let set = |m: String| {
             if let Ok(mut w) = why.lock() {
                 *w = Some(m.clone());
@@ -312,8 +431,14 @@ fn remote_error(url: &str, what: &str, e: &git2::Error, reason: &StdMutex<Option
 
 /// Where the remote's branch or tag `git_ref` points, without downloading
 /// anything (`git ls-remote`); `None` if it has no such branch or tag.
-fn advertised(repo: &Repository, url: &str, git_ref: &str, creds: &Credentials) -> Result<Option<Oid>, PrepareError> {
-    let (cbs, reason) = callbacks(url, creds);
+fn advertised(
+    repo: &Repository,
+    url: &str,
+    git_ref: &str,
+    creds: &Credentials,
+    watch: &Arc<Watch>,
+) -> Result<Option<Oid>, PrepareError> {
+    let (cbs, reason) = callbacks(url, creds, watch);
     let mut remote = repo.remote_anonymous(url).map_err(|e| PrepareError::repo(format!("{url}: {}", e.message())))?;
     let conn = remote
         .connect_auth(git2::Direction::Fetch, Some(cbs), None)
@@ -326,8 +451,8 @@ fn advertised(repo: &Repository, url: &str, git_ref: &str, creds: &Credentials) 
     Ok(find(&branch).or_else(|| find(&peeled)).or_else(|| find(&tag)))
 }
 
-fn fetch(repo: &Repository, url: &str, creds: &Credentials) -> Result<(), PrepareError> {
-    let (cbs, reason) = callbacks(url, creds);
+fn fetch(repo: &Repository, url: &str, creds: &Credentials, watch: &Arc<Watch>) -> Result<(), PrepareError> {
+    let (cbs, reason) = callbacks(url, creds, watch);
     let mut opts = FetchOptions::new();
     opts.remote_callbacks(cbs).download_tags(git2::AutotagOption::All);
     let mut remote = repo.remote_anonymous(url).map_err(|e| PrepareError::repo(format!("{url}: {}", e.message())))?;
@@ -430,6 +555,45 @@ mod tests {
         let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
         let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
         repo.commit(Some("HEAD"), &sig, &sig, text, &tree, &parents).unwrap()
+    }
+
+    /// A git host that takes connections and never answers.
+    fn silent_host() -> (String, std::thread::JoinHandle<()>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/team/model.git", listener.local_addr().unwrap());
+        listener.set_nonblocking(true).unwrap();
+        let held = std::thread::spawn(move || {
+            // Connections are kept open, never answered, for 4 s; then
+            // closed, so that abandoned fetch threads end (a test's runtime
+            // waits for them).
+            let mut open = Vec::new();
+            let until = std::time::Instant::now() + Duration::from_secs(4);
+            while std::time::Instant::now() < until {
+                if let Ok((conn, _)) = listener.accept() {
+                    open.push(conn);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        (url, held)
+    }
+
+    #[tokio::test]
+    async fn a_git_host_that_never_answers_is_a_worker_fault_after_the_stall_timeout() {
+        let tmp = std::env::temp_dir().join(format!("gpupool-ws-{}", uuid::Uuid::new_v4().simple()));
+        let (url, _host) = silent_host();
+        let ws = GitWorkspace::new(tmp.join("data"), Credentials::default()).stall_timeout(Duration::from_secs(2));
+        let began = std::time::Instant::now();
+        let err = ws.prepare(&job(&url, "main", "s")).await.unwrap_err();
+        assert_eq!(err.kind, gpupool_core::FailureKind::Worker, "{}", err.message);
+        assert!(err.message.contains("sent nothing for 2s"), "{}", err.message);
+        assert!(began.elapsed() < Duration::from_secs(10), "gave up in {:?}", began.elapsed());
+        // Dropping a checkout's future abandons it too, and nothing is left
+        // of its folder once libgit2 comes back.
+        let ws = ws.stall_timeout(Duration::from_secs(600));
+        let dropped = tokio::time::timeout(Duration::from_millis(500), ws.prepare(&job(&url, "main", "d"))).await;
+        assert!(dropped.is_err(), "still connecting");
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 
     #[tokio::test]

@@ -757,7 +757,13 @@ async fn execute(ctx: &Ctx, lease: &Lease, gpus: &[u32], stopper: &Stopper, laun
     };
     let label = format!("job-{}-{}", lease.id(), lease.attempt());
     let job = PrepareRequest { repo: &repo, git_ref: &spec.git_ref, entrypoint: &spec.entrypoint, label: &label };
-    let checkout = match ctx.workspace.prepare(&job).await {
+    // A cancel or a stop reaches a job still being checked out: the
+    // workspace's future is dropped, which abandons the checkout.
+    let prepared = tokio::select! {
+        prepared = ctx.workspace.prepare(&job) => prepared,
+        reason = stopper.stopped() => return stopped_report(reason),
+    };
+    let checkout = match prepared {
         Ok(c) => c,
         Err(e) if e.kind == FailureKind::Worker => return Report::WorkerFault(e.message),
         Err(e) => return Report::Fail(Failure::new(e.kind, e.message)),
