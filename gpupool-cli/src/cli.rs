@@ -75,6 +75,10 @@ enum Command {
         /// Skip this many (the page start).
         #[arg(long, default_value_t = 0)]
         offset: u64,
+        /// Order the listed jobs by a result key: `KEY` ascending, `-KEY`
+        /// descending (jobs without it last).
+        #[arg(long, value_name = "KEY", allow_hyphen_values = true)]
+        sort: Option<String>,
     },
     /// List failed attempts, newest first, with their output tails.
     #[command(alias = "error")]
@@ -391,8 +395,9 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             out(&format!("queue ready: {}\n", redact_url(&s.url)));
         }
         Command::Push { files, set, .. } => push(queue.as_ref(), files, &set, json).await?,
-        Command::Jobs { id, in_queue, state, limit, offset } => {
-            jobs(queue.as_ref(), id, state, ListPage { queue: in_queue, limit, offset }, json).await?;
+        Command::Jobs { id, in_queue, state, limit, offset, sort } => {
+            let page = ListPage { queue: in_queue, limit, offset };
+            jobs(queue.as_ref(), id, state, page, sort.as_deref(), json).await?;
         }
         Command::Errors { id, limit } => errors(queue.as_ref(), id, limit, json).await?,
         Command::Worker(args) => return worker(queue, &s, args).await,
@@ -520,8 +525,15 @@ fn config(s: &Settings, json: bool) {
     out(&format!("config file: {file}\n{}", crate::table(&["SETTING", "VALUE", "FROM"], &table_rows)));
 }
 
-async fn jobs(queue: &dyn Queue, id: Option<String>, state: Option<String>, page: ListPage, json: bool) -> Result<()> {
-    let jobs = match id {
+async fn jobs(
+    queue: &dyn Queue,
+    id: Option<String>,
+    state: Option<String>,
+    page: ListPage,
+    sort: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    let mut jobs = match id {
         Some(id) => vec![queue.get(&job_id(&id)?).await?],
         None => {
             let state = state.map(|s| s.parse::<JobState>()).transpose()?;
@@ -529,14 +541,19 @@ async fn jobs(queue: &dyn Queue, id: Option<String>, state: Option<String>, page
             queue.list(&filter).await?
         }
     };
+    if let Some(key) = sort {
+        if key.trim_start_matches('-').is_empty() {
+            return Err(Error::Config("--sort needs a result key, such as `--sort -val_acc`".to_owned()));
+        }
+        crate::sort_by_result(&mut jobs, key);
+    }
     if json {
         print_json(&serde_json::Value::Array(jobs.iter().map(|j| j.to_json()).collect()));
         return Ok(());
     }
-    let table = jobs_table(&jobs);
     match terminal_width() {
-        Some(width) => out(&crate::fit_width(&table, width)),
-        None => out(&table),
+        Some(width) => out(&crate::fit_width(&crate::jobs_table_within(&jobs, width), width)),
+        None => out(&jobs_table(&jobs)),
     }
     if let [job] = jobs.as_slice() {
         out(&format!("\nargs: {}\n", serde_json::Value::Object(job.spec.args.clone())));

@@ -217,12 +217,89 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 /// as `cancelling`; a queued job shows no exit code (its last run's is in
 /// `gpupool errors`); WORKER is the host that ran or runs it, DURATION how
 /// long its last run took (or has taken so far). ATTEMPT reads `5 (limit 6)`.
+/// After DURATION come the results the listed jobs reported, one column per
+/// key (`GPUPOOL_RESULT` lines; `-` where a job has none).
 pub fn jobs_table(jobs: &[JobRecord]) -> String {
+    jobs_table_with(jobs, &result_keys(jobs))
+}
+
+/// [`jobs_table`] as wide as `width` allows for its result columns: the
+/// keys reported last are left out until the header fits (the other
+/// columns are cut by [`fit_width`]).
+pub fn jobs_table_within(jobs: &[JobRecord], width: usize) -> String {
+    let mut keys = result_keys(jobs);
+    loop {
+        let table = jobs_table_with(jobs, &keys);
+        let header = table.lines().next().map_or(0, |l| l.chars().count());
+        if header <= width || keys.is_empty() {
+            return table;
+        }
+        keys.pop();
+    }
+}
+
+/// The result keys the jobs report, in the order first seen.
+pub fn result_keys(jobs: &[JobRecord]) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::new();
+    for job in jobs {
+        if let Some(serde_json::Value::Object(map)) = &job.result {
+            for key in map.keys() {
+                if !keys.contains(key) {
+                    keys.push(key.clone());
+                }
+            }
+        }
+    }
+    keys
+}
+
+/// A result value as a table shows it: numbers with at most 4 decimals,
+/// strings as they are, anything else as JSON.
+pub fn result_cell(value: Option<&serde_json::Value>) -> String {
+    match value {
+        None | Some(serde_json::Value::Null) => "-".to_owned(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Number(n)) if n.is_f64() => {
+            let v = n.as_f64().unwrap_or_default();
+            let text = format!("{v:.4}");
+            let text = text.trim_end_matches('0').trim_end_matches('.');
+            if text.is_empty() || text == "-" { "0".to_owned() } else { text.to_owned() }
+        }
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Orders jobs by a result key: `KEY` ascending, `-KEY` descending; jobs
+/// without it come last.
+pub fn sort_by_result(jobs: &mut [JobRecord], key: &str) {
+    let (key, descending) = match key.strip_prefix('-') {
+        Some(k) => (k, true),
+        None => (key, false),
+    };
+    let value = |j: &JobRecord| j.result.as_ref().and_then(|r| r.get(key)).cloned();
+    jobs.sort_by(|a, b| {
+        use std::cmp::Ordering;
+        match (value(a), value(b)) {
+            (None, None) => Ordering::Equal,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(_), None) => Ordering::Less,
+            (Some(x), Some(y)) => {
+                let order = match (x.as_f64(), y.as_f64()) {
+                    (Some(x), Some(y)) => x.partial_cmp(&y).unwrap_or(Ordering::Equal),
+                    _ => result_cell(Some(&x)).cmp(&result_cell(Some(&y))),
+                };
+                if descending { order.reverse() } else { order }
+            }
+        }
+    });
+}
+
+fn jobs_table_with(jobs: &[JobRecord], keys: &[String]) -> String {
     let now = Timestamp::now();
     let rows: Vec<Vec<String>> = jobs
         .iter()
         .map(|j| {
-            vec![
+            let mut row = vec![
                 j.id.to_string(),
                 if j.state == JobState::Running && j.cancel_requested {
                     "cancelling".to_owned()
@@ -247,29 +324,18 @@ pub fn jobs_table(jobs: &[JobRecord]) -> String {
                     .as_deref()
                     .map_or_else(|| "-".to_owned(), |w| w.rsplit_once(':').map_or(w, |(h, _)| h).to_owned()),
                 duration(j, now),
-                short(Some(j.created_at)),
-                j.spec.entrypoint.clone(),
-            ]
+            ];
+            row.extend(keys.iter().map(|k| result_cell(j.result.as_ref().and_then(|r| r.get(k)))));
+            row.extend([short(Some(j.created_at)), j.spec.entrypoint.clone()]);
+            row
         })
         .collect();
-    table(
-        &[
-            "ID",
-            "STATE",
-            "QUEUE",
-            "NAME",
-            "REF",
-            "COMMIT",
-            "ATTEMPT",
-            "GPUS",
-            "EXIT",
-            "WORKER",
-            "DURATION",
-            "CREATED",
-            "ENTRYPOINT",
-        ],
-        &rows,
-    )
+    let mut header =
+        vec!["ID", "STATE", "QUEUE", "NAME", "REF", "COMMIT", "ATTEMPT", "GPUS", "EXIT", "WORKER", "DURATION"];
+    let upper: Vec<String> = keys.iter().map(|k| k.to_uppercase()).collect();
+    header.extend(upper.iter().map(String::as_str));
+    header.extend(["CREATED", "ENTRYPOINT"]);
+    table(&header, &rows)
 }
 
 /// How long a job's last run took, or has taken so far: `1h02m`, `3m05s`,

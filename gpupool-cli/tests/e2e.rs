@@ -32,6 +32,22 @@ os.rename(path + ".tmp", path)
 if "--warn" in args:
     print("UserWarning: this is only a warning", file=sys.stderr)
     print("epoch 1 loss 0.5")
+if opt("--model_dir"):
+    # What a training run leaves: a model in its working directory, a file
+    # in GPUPOOL_OUTPUT_DIR, results as lines, a result file, a progress bar.
+    os.makedirs(opt("--model_dir"), exist_ok=True)
+    with open(os.path.join(opt("--model_dir"), "best.pth"), "wb") as f:
+        f.write(b"weights" * 1000)
+    with open(os.path.join(os.environ["GPUPOOL_OUTPUT_DIR"], "métriques 1.csv"), "w") as f:
+        f.write("epoch,acc\n1,0.91\n")
+    for i in range(1, 301):
+        print("\r%d/300 [%s]" % (i, "=" * (i // 30)), end="", flush=True)
+    print()
+    print('GPUPOOL_RESULT {"val_acc": 0.5, "loss": 0.2}')
+    print("GPUPOOL_RESULT {this is not json")
+    print('GPUPOOL_RESULT {"val_acc": 0.91}', flush=True)
+    with open(os.environ["GPUPOOL_RESULT_FILE"], "w") as f:
+        json.dump({"epochs": 1}, f)
 time.sleep(float(opt("--sleep", 0)))
 if rec["attempt"] == "1":
     time.sleep(float(opt("--sleep-first", 0)))
@@ -354,6 +370,36 @@ fn seed_message_json_runs_at_the_branch_tip(backend: Backend) {
     assert!(listing.contains("succeeded") && listing.contains("test_name"), "{listing}");
 }
 
+/// The seed's `model_dir`: what a run saves in its working directory is
+/// kept in its output directory, with what it wrote there itself; its
+/// `GPUPOOL_RESULT` lines and result file are the record's `result`.
+fn a_run_keeps_its_model_and_reports_results(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
+    let seed = r#"{"branch": "develop", "train_path": "./ai_folder/train.py", "model_dir": "test_model_dir"}"#;
+    std::fs::write(w.dir.join("message.json"), seed).unwrap();
+    let out = w.gp_ok(&["push"]);
+    let id = out.trim().strip_prefix("pushed 1 job(s): ").expect("the push summary").to_owned();
+    w.burst(&[]);
+    let job = w.job(&id);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"], json!({"val_acc": 0.91, "loss": 0.2, "epochs": 1}));
+    let outputs = w.dir.join("data/outputs");
+    let queue_dir = std::fs::read_dir(&outputs).unwrap().next().unwrap().unwrap().path();
+    let attempt = queue_dir.join(format!("job-{id}/attempt-1"));
+    assert_eq!(std::fs::read(attempt.join("test_model_dir/best.pth")).unwrap().len(), 7000, "the model is kept");
+    assert!(attempt.join("métriques 1.csv").is_file(), "what it wrote to GPUPOOL_OUTPUT_DIR is kept");
+    let log = w.gp_ok(&["logs", &id]);
+    assert!(log.contains("kept 2 file(s)"), "{log}");
+    assert!(log.contains("a GPUPOOL_RESULT line ignored: not JSON"), "{log}");
+    let errors = w.errors(&id);
+    assert!(errors.is_empty(), "a bad result line fails nothing: {errors:?}");
+    // The bar redrawn 300 times is one line in the tail.
+    let tail = w.gp_ok(&["jobs", "--id", &id]);
+    assert!(tail.contains("VAL_ACC") && tail.contains("0.91"), "{tail}");
+    let listed = w.json(&["jobs", "--sort", "-val_acc"]);
+    assert_eq!(listed[0]["result"]["val_acc"], 0.91);
+}
+
 fn a_pinned_commit_runs_at_that_commit(backend: Backend) {
     let Some(w) = World::new(backend) else { return };
     let ids = w.push(&json!([
@@ -643,6 +689,7 @@ macro_rules! scenarios {
 
 scenarios!(
     seed_message_json_runs_at_the_branch_tip,
+    a_run_keeps_its_model_and_reports_results,
     a_pinned_commit_runs_at_that_commit,
     exit_status_decides_failure_not_stderr,
     a_killed_worker_takes_its_job_along_and_the_job_runs_again,

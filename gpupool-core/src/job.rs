@@ -514,6 +514,7 @@ impl JobRecord {
             "signal": self.signal,
             "worker": self.worker,
             "cancel_requested": self.cancel_requested,
+            "result": self.result,
             "created_at": self.created_at.to_rfc3339(),
             "started_at": self.started_at.map(Timestamp::to_rfc3339),
             "finished_at": self.finished_at.map(Timestamp::to_rfc3339),

@@ -30,6 +30,7 @@
 //! ```
 
 pub mod argv;
+pub mod artifacts;
 mod error;
 pub mod gpu;
 mod job;

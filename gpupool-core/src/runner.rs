@@ -58,6 +58,35 @@ pub struct RunSpec {
     pub tail_bytes: usize,
     /// Strings replaced by `***` in the tail (tokens the worker holds).
     pub secrets: Vec<String>,
+    /// Where the output goes as it comes, besides the log: the worker reads
+    /// `GPUPOOL_RESULT` lines from it (and ships it to the backend). A
+    /// runner sends every chunk it writes to the log, in order; `None`:
+    /// nobody listens.
+    pub output: Option<OutputSink>,
+}
+
+/// The receiving end a runner sends its output to ([`RunSpec::output`]),
+/// chunk by chunk as read from the process.
+pub type OutputSink = tokio::sync::mpsc::Sender<Vec<u8>>;
+
+/// Output as a terminal would leave it: a line redrawn with `\r` (a tqdm or
+/// Keras progress bar) is kept as its last state, and `\r\n` ends a line.
+/// 3,000 updates of one bar are one line.
+///
+/// ```
+/// assert_eq!(gpupool_core::runner::collapse_redraws("a\r10%\r100%\nb\r\n"), "100%\nb\n");
+/// ```
+pub fn collapse_redraws(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut lines = text.split('\n').peekable();
+    while let Some(line) = lines.next() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        out.push_str(line.rsplit('\r').next().unwrap_or(line));
+        if lines.peek().is_some() {
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// How a run ended.

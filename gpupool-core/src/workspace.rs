@@ -107,6 +107,10 @@ pub struct PrepareRequest<'a> {
 ///
 ///     async fn remove(&self, _checkout: &Checkout) {} // shared: nothing to clean up
 ///
+///     async fn changed(&self, _checkout: &Checkout) -> Result<Vec<std::path::PathBuf>, String> {
+///         Ok(Vec::new()) // read-only code: runs write only to GPUPOOL_OUTPUT_DIR
+///     }
+///
 ///     fn secrets(&self) -> Vec<String> {
 ///         Vec::new()
 ///     }
@@ -145,6 +149,17 @@ pub trait Workspace: Send + Sync + fmt::Debug {
 
     /// Cleans up a checkout that `prepare` returned, once its run has ended.
     async fn remove(&self, checkout: &Checkout);
+
+    /// What the run created or changed in `checkout`, as paths relative to
+    /// its folder: every file that is not identical to the version's own
+    /// file, git-ignored ones included (`model/`, `*.pth`, `wandb/`). A
+    /// folder listed is new as a whole. A symlink is listed as itself when
+    /// the run made or changed it, never followed. The worker moves each
+    /// into the run's output directory (a rename) before
+    /// [`remove`](Workspace::remove), so a model saved in the checkout is
+    /// kept. `Err` (a message) when the folder cannot be compared; the
+    /// worker then keeps the whole checkout.
+    async fn changed(&self, checkout: &Checkout) -> Result<Vec<std::path::PathBuf>, String>;
 
     /// Strings to keep out of job output (the tokens this workspace uses).
     fn secrets(&self) -> Vec<String>;

@@ -126,6 +126,8 @@ pub struct GitWorkspace {
     data_dir: PathBuf,
     credentials: Credentials,
     locks: Arc<StdMutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
+    /// Each live checkout's mirror, for [`Workspace::changed`].
+    mirrors: Arc<StdMutex<HashMap<PathBuf, PathBuf>>>,
     stall: Duration,
 }
 
@@ -135,7 +137,13 @@ const DEFAULT_STALL: Duration = Duration::from_secs(120);
 impl GitWorkspace {
     /// A workspace keeping mirrors and checkouts under `data_dir`.
     pub fn new(data_dir: impl Into<PathBuf>, credentials: Credentials) -> Self {
-        GitWorkspace { data_dir: data_dir.into(), credentials, locks: Arc::default(), stall: DEFAULT_STALL }
+        GitWorkspace {
+            data_dir: data_dir.into(),
+            credentials,
+            locks: Arc::default(),
+            mirrors: Arc::default(),
+            stall: DEFAULT_STALL,
+        }
     }
 
     /// Gives up on a checkout (a worker fault) when connecting, fetching or
@@ -164,6 +172,7 @@ impl GitWorkspace {
 impl Workspace for GitWorkspace {
     async fn prepare(&self, job: &PrepareRequest<'_>) -> Result<Checkout, PrepareError> {
         let mirror = self.mirror_path(job.repo);
+        let mirror_of_checkout = mirror.clone();
         let lock = {
             let mut locks = gpupool_core::sync::lock(&self.locks);
             Arc::clone(locks.entry(mirror.clone()).or_default())
@@ -222,18 +231,105 @@ impl Workspace for GitWorkspace {
             self.remove(&checkout).await;
             return Err(e);
         }
+        gpupool_core::sync::lock(&self.mirrors).insert(checkout.dir.clone(), mirror_of_checkout);
         Ok(checkout)
     }
 
     async fn remove(&self, checkout: &Checkout) {
+        gpupool_core::sync::lock(&self.mirrors).remove(&checkout.dir);
         if let Err(e) = tokio::fs::remove_dir_all(&checkout.dir).await {
             tracing::warn!("cannot remove checkout {}: {e}", checkout.dir.display());
         }
     }
 
+    async fn changed(&self, checkout: &Checkout) -> Result<Vec<PathBuf>, String> {
+        let mirror = gpupool_core::sync::lock(&self.mirrors)
+            .get(&checkout.dir)
+            .cloned()
+            .ok_or_else(|| format!("{} is not a checkout of this workspace", checkout.dir.display()))?;
+        let (dir, commit) = (checkout.dir.clone(), checkout.commit.clone());
+        tokio::task::spawn_blocking(move || changed_blocking(&mirror, &commit, &dir))
+            .await
+            .map_err(|e| format!("the comparison task failed: {e}"))?
+    }
+
     fn secrets(&self) -> Vec<String> {
         self.credentials.secrets()
     }
+}
+
+/// [`Workspace::changed`] on a blocking thread: the checkout `dir` against
+/// `commit`'s tree in `mirror`. A file is compared by size first and hashed
+/// only when the sizes agree, so a new multi-GB checkpoint is never read.
+fn changed_blocking(mirror: &Path, commit: &str, dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let repo =
+        Repository::open_bare(mirror).map_err(|e| format!("cannot open {}: {}", mirror.display(), e.message()))?;
+    let tree = Oid::from_str(commit)
+        .and_then(|oid| repo.find_commit(oid))
+        .and_then(|c| c.tree())
+        .map_err(|e| format!("commit {commit}: {}", e.message()))?;
+    let odb = repo.odb().map_err(|e| format!("cannot read {}: {}", mirror.display(), e.message()))?;
+    let mut changed = Vec::new();
+    compare_dir(&repo, &odb, &tree, dir, Path::new(""), &mut changed)?;
+    Ok(changed)
+}
+
+/// Adds to `changed` what differs in the folder `root/rel` from `tree`.
+fn compare_dir(
+    repo: &Repository,
+    odb: &git2::Odb<'_>,
+    tree: &git2::Tree<'_>,
+    root: &Path,
+    rel: &Path,
+    changed: &mut Vec<PathBuf>,
+) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let here = root.join(rel);
+    let entries = std::fs::read_dir(&here).map_err(|e| format!("cannot list {}: {e}", here.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot list {}: {e}", here.display()))?;
+        let name = entry.file_name();
+        let path = rel.join(&name);
+        let kind = entry.file_type().map_err(|e| format!("{}: {e}", path.display()))?;
+        let known = tree.get_name_bytes(name.as_bytes());
+        let same = if kind.is_dir() {
+            match known.filter(|k| k.kind() == Some(ObjectType::Tree)) {
+                Some(k) => {
+                    let sub = k.to_object(repo).and_then(|o| o.peel_to_tree());
+                    // A folder of the commit that the run made unreadable
+                    // moves as a whole.
+                    let mut inside = Vec::new();
+                    let compared = sub
+                        .map_err(|e| e.message().to_owned())
+                        .and_then(|sub| compare_dir(repo, odb, &sub, root, &path, &mut inside));
+                    if compared.is_ok() {
+                        changed.append(&mut inside);
+                    }
+                    compared.is_ok()
+                }
+                None => false,
+            }
+        } else if kind.is_symlink() {
+            let target = std::fs::read_link(entry.path()).ok();
+            known.filter(|k| k.filemode() == 0o120000).is_some_and(|k| {
+                repo.find_blob(k.id())
+                    .is_ok_and(|b| target.as_ref().is_some_and(|t| b.content() == t.as_os_str().as_bytes()))
+            })
+        } else if kind.is_file() {
+            let size = entry.metadata().map(|m| m.len()).ok();
+            known.filter(|k| k.kind() == Some(ObjectType::Blob) && k.filemode() != 0o120000).is_some_and(|k| {
+                odb.read_header(k.id()).is_ok_and(|(len, _)| Some(len as u64) == size)
+                    && Oid::hash_file(ObjectType::Blob, entry.path()).is_ok_and(|oid| oid == k.id())
+            })
+        } else {
+            // Sockets and FIFOs hold nothing to keep.
+            true
+        };
+        if !same {
+            changed.push(path);
+        }
+    }
+    Ok(())
 }
 
 /// A repository named by a path on this host, not a URL (`https://…`,
@@ -623,5 +719,40 @@ mod tests {
         assert_eq!(missing.message, format!("no repository at {url}"), "a local path says so plainly");
         assert_eq!(missing.kind, gpupool_core::FailureKind::Repo, "{}", missing.message);
         let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[tokio::test]
+    async fn changed_lists_what_the_run_made_or_edited_and_nothing_it_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        let repo = Repository::init(&src).unwrap();
+        std::fs::create_dir_all(src.join("conf")).unwrap();
+        std::fs::write(src.join("conf/a.yaml"), "a: 1").unwrap();
+        std::fs::write(src.join("README"), "read me").unwrap();
+        std::os::unix::fs::symlink("README", src.join("link")).unwrap();
+        let mut index = repo.index().unwrap();
+        for p in ["conf/a.yaml", "README", "link"] {
+            index.add_path(Path::new(p)).unwrap();
+        }
+        index.write().unwrap();
+        commit(&repo, "v1");
+        let ws = GitWorkspace::new(tmp.path().join("data"), Credentials::default());
+        let url = src.to_string_lossy().into_owned();
+        let head = repo.head().unwrap().shorthand().unwrap().to_owned();
+        let co = ws.prepare(&job(&url, &head, "a")).await.unwrap();
+        assert_eq!(ws.changed(&co).await.unwrap(), Vec::<PathBuf>::new(), "a fresh checkout changed nothing");
+
+        std::fs::write(co.dir.join("conf/a.yaml"), "a: 2").unwrap(); // edited, same size
+        std::fs::write(co.dir.join("conf/new.yaml"), "b").unwrap();
+        std::fs::create_dir_all(co.dir.join("wandb/run-1")).unwrap();
+        std::fs::write(co.dir.join("wandb/run-1/log"), "x").unwrap();
+        std::fs::remove_file(co.dir.join("link")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", co.dir.join("link")).unwrap();
+        let mut changed = ws.changed(&co).await.unwrap();
+        changed.sort();
+        let expected: Vec<PathBuf> =
+            ["conf/a.yaml", "conf/new.yaml", "link", "wandb"].iter().map(PathBuf::from).collect();
+        assert_eq!(changed, expected);
+        ws.remove(&co).await;
     }
 }

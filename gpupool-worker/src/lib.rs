@@ -37,7 +37,9 @@
 mod git;
 pub mod host;
 mod journal;
+mod live;
 mod nvml;
+mod outputs;
 mod process;
 pub mod supervisor;
 mod worker;
@@ -47,6 +49,7 @@ pub mod testing;
 
 pub use git::{CredentialPrompt, Credentials, GitWorkspace, mirror_name};
 pub use nvml::{NvmlInventory, Placement, inventory, resolve};
+pub use outputs::job_outputs;
 pub use process::ProcessRunner;
 pub use worker::{Worker, WorkerBuilder, WorkerConfig, WorkerSummary, log_path};
 

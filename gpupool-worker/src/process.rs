@@ -79,7 +79,7 @@ impl Runner for ProcessRunner {
         launched.cancel();
         let pid = child.id();
         let pgid = pid.and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw);
-        let output = Output::capture(&mut child, log, spec.tail_bytes);
+        let output = Output::capture(&mut child, log, spec.tail_bytes, spec.output.clone());
         let mut outcome = wait(&mut child, pgid, spec, stop).await?;
         // Under a supervisor, how the program itself ended (a signal reads
         // as one, not as the supervisor's exit code).
@@ -196,7 +196,12 @@ struct Output {
 }
 
 impl Output {
-    fn capture(child: &mut tokio::process::Child, log: tokio::fs::File, tail_bytes: usize) -> Self {
+    fn capture(
+        child: &mut tokio::process::Child,
+        log: tokio::fs::File,
+        tail_bytes: usize,
+        sink: Option<gpupool_core::runner::OutputSink>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
         let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
@@ -207,7 +212,7 @@ impl Output {
         }
         drop(tx);
         let tail = std::sync::Arc::new(Mutex::new(Tail::new(tail_bytes)));
-        let writer = tokio::spawn(write_output(rx, log, std::sync::Arc::clone(&tail)));
+        let writer = tokio::spawn(write_output(rx, log, std::sync::Arc::clone(&tail), sink));
         Output { pumps, writer, tail }
     }
 
@@ -218,7 +223,8 @@ impl Output {
             let _ = tokio::time::timeout(Duration::from_secs(5), p).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.writer).await;
-        let mut text = self.tail.lock().await.text();
+        // A progress bar redrawn with `\r` is kept as its last state.
+        let mut text = gpupool_core::runner::collapse_redraws(&self.tail.lock().await.text());
         for secret in secrets.iter().filter(|s| s.len() >= 4) {
             text = text.replace(secret.as_str(), "***");
         }
@@ -281,12 +287,22 @@ async fn pump<R: AsyncRead + Unpin>(mut r: R, tx: mpsc::Sender<Vec<u8>>) {
     }
 }
 
-async fn write_output(mut rx: mpsc::Receiver<Vec<u8>>, mut log: tokio::fs::File, tail: std::sync::Arc<Mutex<Tail>>) {
+async fn write_output(
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut log: tokio::fs::File,
+    tail: std::sync::Arc<Mutex<Tail>>,
+    mut sink: Option<gpupool_core::runner::OutputSink>,
+) {
     while let Some(chunk) = rx.recv().await {
         if let Err(e) = log.write_all(&chunk).await {
             tracing::warn!("cannot write the job log: {e}");
         }
         tail.lock().await.push(&chunk);
+        if let Some(tx) = &sink
+            && tx.send(chunk).await.is_err()
+        {
+            sink = None;
+        }
     }
     let _ = log.flush().await;
 }
@@ -335,6 +351,7 @@ mod tests {
             grace: Duration::from_secs(2),
             tail_bytes: 1024,
             secrets: vec!["s3cr3t-token".into()],
+            output: None,
         }
     }
 

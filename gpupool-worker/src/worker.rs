@@ -104,12 +104,23 @@ fn plain_id(id: &str) -> bool {
 /// queue's [`WorkerConfig::queue_id`], so two queues' job 1 never share a
 /// file. `gpupool logs` reads it from there.
 pub fn log_path(data_dir: &std::path::Path, queue_id: &str, job: &gpupool_core::JobId) -> PathBuf {
+    data_dir.join("logs").join(queue_folder(queue_id)).join(format!("{}.log", job_file_stem(job)))
+}
+
+/// `q-` and a short hash of the queue's [`WorkerConfig::queue_id`]: the
+/// folder a queue's logs and outputs go to on this host.
+pub(crate) fn queue_folder(queue_id: &str) -> String {
     let hash =
         git2::Oid::hash_object(git2::ObjectType::Blob, queue_id.as_bytes()).map(|o| o.to_string()).unwrap_or_default();
-    // An id that is not plain never names a path outside the folder.
+    format!("q-{}", &hash[..hash.len().min(12)])
+}
+
+/// `job-ID`, with anything but letters, digits and `-` replaced: an id that
+/// is not plain never names a path outside its folder.
+pub(crate) fn job_file_stem(job: &gpupool_core::JobId) -> String {
     let job: String =
         job.as_str().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
-    data_dir.join("logs").join(format!("q-{}", &hash[..hash.len().min(12)])).join(format!("job-{job}.log"))
+    format!("job-{job}")
 }
 
 impl WorkerConfig {
@@ -756,6 +767,7 @@ async fn execute(ctx: &Ctx, lease: &Lease, gpus: &[u32], stopper: &Stopper, laun
         Err(message) => return Report::Fail(Failure::new(FailureKind::Repo, message)),
     };
     let label = format!("job-{}-{}", lease.id(), lease.attempt());
+    let lease_attempt = lease.attempt();
     let job = PrepareRequest { repo: &repo, git_ref: &spec.git_ref, entrypoint: &spec.entrypoint, label: &label };
     // A cancel or a stop reaches a job still being checked out: the
     // workspace's future is dropped, which abandons the checkout.
@@ -768,10 +780,71 @@ async fn execute(ctx: &Ctx, lease: &Lease, gpus: &[u32], stopper: &Stopper, laun
         Err(e) if e.kind == FailureKind::Worker => return Report::WorkerFault(e.message),
         Err(e) => return Report::Fail(Failure::new(e.kind, e.message)),
     };
-    let attempt = Attempt { ctx, lease, gpus, stopper, launched, repo: &repo, checkout: &checkout };
+    let job_dir = crate::outputs::job_outputs(&ctx.cfg.data_dir, &ctx.cfg.queue_id, lease.id());
+    let out = match tokio::task::spawn_blocking(move || crate::outputs::make(&job_dir, lease_attempt)).await {
+        Ok(Ok(dir)) => dir,
+        Ok(Err(e)) => {
+            ctx.workspace.remove(&checkout).await;
+            return Report::WorkerFault(format!("cannot make the run's output directory ({e})"));
+        }
+        Err(e) => {
+            ctx.workspace.remove(&checkout).await;
+            return Report::WorkerFault(format!("cannot make the run's output directory ({e})"));
+        }
+    };
+    let attempt = Attempt { ctx, lease, gpus, stopper, launched, repo: &repo, checkout: &checkout, out: &out };
     let report = attempt.run().await;
-    ctx.workspace.remove(&checkout).await;
+    if keep_outputs(ctx, lease, &checkout, &out).await {
+        ctx.workspace.remove(&checkout).await;
+    }
     report
+}
+
+/// Moves what the run created or changed in its checkout into its output
+/// directory, and says in the job's log what was kept where. `false` when
+/// something could not be moved: the checkout then stays.
+async fn keep_outputs(ctx: &Ctx, lease: &Lease, checkout: &Checkout, out: &std::path::Path) -> bool {
+    let log = log_path(&ctx.cfg.data_dir, &ctx.cfg.queue_id, lease.id());
+    let changed = match ctx.workspace.changed(checkout).await {
+        Ok(c) => c,
+        Err(e) => {
+            let why =
+                format!("cannot tell what the run changed in {} ({e}); the checkout is kept", checkout.dir.display());
+            warn!("{why}");
+            note(&log, &why).await;
+            return false;
+        }
+    };
+    let (dir, out_dir) = (checkout.dir.clone(), out.to_path_buf());
+    let kept = match tokio::task::spawn_blocking(move || crate::outputs::keep(&dir, &changed, &out_dir)).await {
+        Ok(k) => k,
+        Err(e) => {
+            warn!("keeping the run's outputs failed ({e}); the checkout {} is kept", checkout.dir.display());
+            return false;
+        }
+    };
+    for problem in &kept.problems {
+        warn!("{problem}");
+        note(&log, problem).await;
+    }
+    if kept.files.is_empty() {
+        crate::outputs::remove_if_empty(out);
+    } else {
+        let total: u64 = kept.files.iter().map(|f| f.size).sum();
+        let line = format!(
+            "kept {} file(s), {}, in {}",
+            kept.files.len(),
+            gpupool_core::artifacts::human_size(total),
+            out.display()
+        );
+        info!("{line}");
+        note(&log, &line).await;
+    }
+    if !kept.moved_all {
+        note(&log, &format!("the checkout {} is kept: not everything in it could be moved", checkout.dir.display()))
+            .await;
+    }
+    kept.moved_all
 }
 
 /// One attempt of a job on this worker, once its code is checked out: what
@@ -785,6 +858,8 @@ struct Attempt<'a> {
     launched: &'a CancellationToken,
     repo: &'a str,
     checkout: &'a Checkout,
+    /// The run's output directory (`GPUPOOL_OUTPUT_DIR`).
+    out: &'a std::path::Path,
 }
 
 impl Attempt<'_> {
@@ -827,6 +902,7 @@ impl Attempt<'_> {
         let log_path = log_path(&ctx.cfg.data_dir, &ctx.cfg.queue_id, lease.id());
         note(&log_path, &self.log_header()).await;
         let (env, env_remove) = (self.job_env(), worker_secrets_env());
+        let live = crate::live::Live::start();
         let run_spec = |argv: Vec<String>, env: &Vec<(String, String)>| RunSpec {
             argv,
             cwd: checkout.dir.clone(),
@@ -837,6 +913,7 @@ impl Attempt<'_> {
             grace: ctx.cfg.grace,
             tail_bytes: ctx.cfg.tail_bytes,
             secrets: ctx.workspace.secrets(),
+            output: Some(live.sink()),
         };
 
         // The setup step installs into the worker's environment, which every
@@ -849,11 +926,34 @@ impl Attempt<'_> {
         }
         let argv = build_argv(&ctx.cfg.command, &spec.entrypoint, &spec.args, u32::try_from(gpus.len()).unwrap_or(0));
         note(&log_path, &format!("run: {}", shell_words::join(&argv))).await;
-        match ctx.runner.run(&run_spec(argv, &env), stopper, launched).await {
+        let report = match ctx.runner.run(&run_spec(argv, &env), stopper, launched).await {
             Ok(result) => report_for(spec, result.outcome, result.tail),
             // The worker's command could not start: its fault, not the job's.
             Err(message) => Report::WorkerFault(message),
+        };
+        self.with_result(report, live, &log_path).await
+    }
+
+    /// `report` with the result the run reported (its `GPUPOOL_RESULT`
+    /// lines, then its `GPUPOOL_RESULT_FILE`), and what did not read noted
+    /// in the job's log. A bad result never fails the run.
+    async fn with_result(self, mut report: Report, live: crate::live::Live, log: &std::path::Path) -> Report {
+        let mut collected = live.finish().await;
+        let file = crate::outputs::result_file(self.out);
+        match tokio::fs::read_to_string(&file).await {
+            Ok(text) => collected.merge(&text, "GPUPOOL_RESULT_FILE"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                collected.notes.push(format!("GPUPOOL_RESULT_FILE ignored: cannot read {} ({e})", file.display()))
+            }
         }
+        for line in &collected.notes {
+            note(log, line).await;
+        }
+        if let Report::Complete(done) = &mut report {
+            done.result = collected.result();
+        }
+        report
     }
 
     /// The first line of an attempt in the job's log.
@@ -882,7 +982,7 @@ impl Attempt<'_> {
     /// What every run gets from the worker: its GPUs, the job's id and
     /// attempt, its queue and commit.
     fn run_env(self) -> Vec<(String, String)> {
-        let Attempt { lease, gpus, checkout, .. } = self;
+        let Attempt { lease, gpus, checkout, out, .. } = self;
         let spec = &lease.job.spec;
         let visible = gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
         let mut env = Vec::new();
@@ -894,6 +994,8 @@ impl Attempt<'_> {
             ("GPUPOOL_QUEUE".to_owned(), spec.queue.clone()),
             ("GPUPOOL_COMMIT".to_owned(), checkout.commit.clone()),
             ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
+            ("GPUPOOL_OUTPUT_DIR".to_owned(), out.display().to_string()),
+            ("GPUPOOL_RESULT_FILE".to_owned(), crate::outputs::result_file(out).display().to_string()),
         ]);
         env
     }

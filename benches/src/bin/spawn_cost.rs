@@ -51,6 +51,7 @@ async fn spawn(way: &str, probe: &Path, out: &Path, dir: &Path, i: usize) {
                 grace: Duration::from_secs(1),
                 tail_bytes: 1024,
                 secrets: Vec::new(),
+                output: None,
             };
             ProcessRunner::new().run(&spec, &Stopper::new(), &Default::default()).await.unwrap();
         }
