@@ -177,6 +177,10 @@ struct WorkerArgs {
     /// Command before the entrypoint (default python3); {gpus} expands.
     #[arg(long, env = "GPUPOOL_COMMAND", hide_env_values = true)]
     command: Option<String>,
+    /// Remove kept outputs (DATA_DIR/outputs) unchanged for this long, such
+    /// as 30d; by default they stay until you remove them.
+    #[arg(long, env = "GPUPOOL_OUTPUTS_MAX_AGE", hide_env_values = true)]
+    outputs_max_age: Option<String>,
     /// Exit once nothing runs here and nothing can be reserved.
     #[arg(long)]
     burst: bool,
@@ -881,6 +885,9 @@ fn worker_config(s: &Settings, args: WorkerArgs) -> Result<WorkerConfig> {
     }
     if let Some(d) = args.drain_timeout.or_else(|| w.drain_timeout.clone()) {
         cfg.drain_timeout = parse_duration(&d)?;
+    }
+    if let Some(d) = args.outputs_max_age.or_else(|| w.outputs_max_age.clone()) {
+        cfg.outputs_max_age = Some(parse_duration(&d)?);
     }
     if cfg.heartbeat >= cfg.lease {
         return Err(Error::Config(format!(

@@ -87,6 +87,8 @@ pub struct WorkerFileConfig {
     pub heartbeat: Option<String>,
     /// Drain timeout, such as `10m`.
     pub drain_timeout: Option<String>,
+    /// Kept outputs unchanged for this long are removed, such as `30d`.
+    pub outputs_max_age: Option<String>,
 }
 
 impl FileConfig {

@@ -48,6 +48,7 @@ if opt("--model_dir"):
     print('GPUPOOL_RESULT {"val_acc": 0.91}', flush=True)
     with open(os.environ["GPUPOOL_RESULT_FILE"], "w") as f:
         json.dump({"epochs": 1}, f)
+    os.symlink("/etc/passwd", "escape")
 time.sleep(float(opt("--sleep", 0)))
 if rec["attempt"] == "1":
     time.sleep(float(opt("--sleep-first", 0)))
@@ -390,6 +391,10 @@ fn a_run_keeps_its_model_and_reports_results(backend: Backend) {
     assert!(attempt.join("métriques 1.csv").is_file(), "what it wrote to GPUPOOL_OUTPUT_DIR is kept");
     let log = w.gp_ok(&["logs", &id]);
     assert!(log.contains("kept 2 file(s)"), "{log}");
+    // A link the run made to outside its checkout is kept as a link, never
+    // followed: the file it names is not among the outputs.
+    assert!(attempt.join("escape").symlink_metadata().unwrap().file_type().is_symlink());
+    assert!(log.contains("escape is a symlink (to /etc/passwd): kept as a link, never followed"), "{log}");
     assert!(log.contains("a GPUPOOL_RESULT line ignored: not JSON"), "{log}");
     let errors = w.errors(&id);
     assert!(errors.is_empty(), "a bad result line fails nothing: {errors:?}");

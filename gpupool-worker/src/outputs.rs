@@ -9,7 +9,10 @@
 //! checkouts and the outputs share the data directory, so one filesystem).
 //! If anything cannot be moved, the checkout is kept where it is and the
 //! log says so: nothing a run made is deleted unasked. An output directory
-//! that ends empty is removed. Outputs stay until the user removes them.
+//! that ends empty is removed. Outputs stay until the user removes them,
+//! or, with [`WorkerConfig::outputs_max_age`](crate::WorkerConfig::outputs_max_age)
+//! (`gpupool worker --outputs-max-age 30d`), until nothing in an attempt's
+//! folder has changed for that long ([`prune`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -122,6 +125,47 @@ pub(crate) fn remove_if_empty(out: &Path) {
     }
 }
 
+/// Removes the output folders under `DATA_DIR/outputs` in which nothing
+/// changed for `max_age` (the newest change of any file in one counts, so a
+/// running job that writes is never pruned), with their result files.
+/// Returns how many it removed. Blocking.
+pub(crate) fn prune(data_dir: &Path, max_age: std::time::Duration) -> usize {
+    let now = std::time::SystemTime::now();
+    let old = |dir: &Path| newest_change(dir).is_some_and(|t| now.duration_since(t).is_ok_and(|age| age > max_age));
+    let mut removed = 0;
+    let folders = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    for queue in folders(&data_dir.join("outputs")) {
+        for job in folders(&queue) {
+            for attempt in folders(&job) {
+                if old(&attempt) && std::fs::remove_dir_all(&attempt).is_ok() {
+                    let _ = std::fs::remove_file(result_file(&attempt));
+                    removed += 1;
+                }
+            }
+            let _ = std::fs::remove_dir(&job); // only if empty
+        }
+    }
+    removed
+}
+
+/// The latest modification time of `dir` or anything under it (links not
+/// followed).
+fn newest_change(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = dir.symlink_metadata().and_then(|m| m.modified()).ok()?;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(meta) = entry.path().symlink_metadata() else { continue };
+        let t = if meta.is_dir() { newest_change(&entry.path()) } else { meta.modified().ok() };
+        if let Some(t) = t {
+            newest = newest.max(t);
+        }
+    }
+    Some(newest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +187,18 @@ mod tests {
         assert_eq!(paths, [("_checkout/log.txt", 8), ("log.txt", 10), ("model dir/bést.pth", 7)]);
         assert!(kept.problems.iter().any(|p| p.contains("symlink")), "{:?}", kept.problems);
         assert!(!checkout.join("model dir").exists());
+    }
+
+    #[test]
+    fn prune_removes_only_folders_unchanged_for_the_max_age() {
+        let root = tempfile::tempdir().unwrap();
+        let job = root.path().join("outputs/q-1/job-1");
+        let a = make(&job, 1).unwrap();
+        std::fs::write(a.join("model.pth"), b"w").unwrap();
+        assert_eq!(prune(root.path(), std::time::Duration::from_secs(3600)), 0, "fresh outputs stay");
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert_eq!(prune(root.path(), std::time::Duration::from_millis(10)), 1);
+        assert!(!job.exists(), "the empty job folder goes too");
     }
 
     #[test]

@@ -85,6 +85,10 @@ pub struct WorkerConfig {
     pub name: String,
     /// Bytes of output kept as a job's tail.
     pub tail_bytes: usize,
+    /// Output folders (`DATA_DIR/outputs/…`) in which nothing changed for
+    /// this long are removed, checked at start and hourly. `None` (the
+    /// default): outputs stay until the user removes them.
+    pub outputs_max_age: Option<Duration>,
     /// What names the queue on this host: its URL without a password
     /// (`gpupool worker` sets it). Job logs are kept per queue
     /// ([`log_path`]), and a restarted worker delivers only its own queue's
@@ -148,6 +152,7 @@ impl WorkerConfig {
             burst: false,
             name: gpupool_core::default_worker_name(),
             tail_bytes: gpupool_core::runner::DEFAULT_TAIL_BYTES,
+            outputs_max_age: None,
             queue_id: "default".to_owned(),
         }
     }
@@ -319,6 +324,7 @@ impl Worker {
         };
         let cfg = &ctx.cfg;
         recover(&ctx).await;
+        let pruner = cfg.outputs_max_age.map(|age| tokio::spawn(prune_loop(cfg.data_dir.clone(), age)));
         let mut slots = Slots::new(&ctx);
         let registry = tokio::spawn(register_loop(
             Arc::clone(&ctx),
@@ -384,6 +390,9 @@ impl Worker {
         }
         slots.drain(cfg.drain_timeout, &stop_now).await;
         registry.abort();
+        if let Some(pruner) = pruner {
+            pruner.abort();
+        }
         if let Some(registry) = ctx.queue.worker_registry()
             && let Err(e) = registry.unregister_worker(&cfg.name).await
         {
@@ -705,6 +714,19 @@ async fn run_job(ctx: &Ctx, lease: &Lease, gpus: &[u32], stop_all: CancellationT
     shutdown_watch.abort();
     deliver(ctx, lease, report).await;
     hb.abort();
+}
+
+/// Removes outputs unchanged for `max_age`, now and then hourly.
+async fn prune_loop(data_dir: PathBuf, max_age: Duration) {
+    loop {
+        let dir = data_dir.clone();
+        match tokio::task::spawn_blocking(move || crate::outputs::prune(&dir, max_age)).await {
+            Ok(0) => {}
+            Ok(n) => info!("removed {n} output folder(s) unchanged for {}", humantime::format_duration(max_age)),
+            Err(e) => warn!("pruning old outputs failed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
 }
 
 /// Heartbeats every `every`; after a failed one, again within a second, so
