@@ -199,3 +199,59 @@ fn a_worker_killed_with_sigkill_takes_its_job_s_whole_process_tree_with_it() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A job whose git host takes the connection and never answers is cancelled
+/// within a heartbeat or two, not after the 2-minute stall timeout, and the
+/// worker stops at once afterwards.
+#[test]
+fn a_cancel_reaches_a_job_whose_checkout_hangs() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let repo = format!("http://{}/team/model.git", listener.local_addr().unwrap());
+    listener.set_nonblocking(true).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let host = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                if let Ok((conn, _)) = listener.accept() {
+                    held.push(conn);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    ok(dir, &["init"]);
+    std::fs::write(dir.join("jobs.json"), r#"[{"git_ref": "main", "entrypoint": "train.py"}]"#).unwrap();
+    let ids = json(&ok(dir, &["push", "jobs.json", "--json"]));
+    let id = ids[0].as_str().unwrap().to_owned();
+    let args = ["worker", "--repo", &repo, "--gpus", "none", "--heartbeat", "500ms", "--lease", "5s"];
+    let mut worker = gpupool(dir, &args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let state = |dir: &Path| json(&ok(dir, &["jobs", "--id", &id, "--json"]))[0]["state"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state(dir) != "running" {
+        assert!(Instant::now() < deadline, "the job never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1)); // in the hanging checkout
+    ok(dir, &["cancel", &id]);
+    let asked = Instant::now();
+    while state(dir) != "cancelled" {
+        assert!(asked.elapsed() < Duration::from_secs(20), "the cancel did not reach the hanging checkout");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(json(&ok(dir, &["errors", "--json"])), serde_json::json!([]), "a cancel is not an error");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(worker.id()).unwrap()), nix::sys::signal::SIGTERM)
+        .unwrap();
+    let stopping = Instant::now();
+    while worker.try_wait().unwrap().is_none() {
+        assert!(stopping.elapsed() < Duration::from_secs(15), "the worker did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done.store(true, Ordering::Relaxed);
+    host.join().unwrap();
+}
