@@ -111,6 +111,10 @@ enum Command {
     Logs {
         /// Job id.
         id: String,
+        /// Print output as it arrives until the job ends; exit 0 if it
+        /// succeeded, 1 otherwise.
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Show the queue, its workers with their GPUs, and jobs that cannot start.
     Status,
@@ -414,7 +418,8 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             return retry(queue.as_ref(), &ids).await;
         }
         Command::Status => status(queue.as_ref(), &s.url, json).await?,
-        Command::Logs { id } => logs(queue.as_ref(), &s, &id).await?,
+        Command::Logs { id, follow: false } => logs(queue.as_ref(), &s, &id).await?,
+        Command::Logs { id, follow: true } => return follow_log(queue.as_ref(), &id).await,
         Command::Config => {}
     }
     Ok(ExitCode::SUCCESS)
@@ -699,19 +704,79 @@ async fn status(queue: &dyn Queue, url: &str, json: bool) -> Result<()> {
 async fn logs(queue: &dyn Queue, s: &Settings, id: &str) -> Result<()> {
     let id = job_id(id)?;
     let job = queue.get(&id).await?;
-    // Kept per queue: another queue's job with the same id is another file.
+    // This host ran it: its own file is the whole log. Kept per queue:
+    // another queue's job with the same id is another file.
     let local = gpupool::worker::log_path(&s.data_dir, &redact_url(&s.url), &id);
-    match std::fs::read_to_string(&local) {
-        Ok(text) => out(&text),
-        Err(_) => {
-            let tail = job.output_tail.clone().or_else(|| job.errors.last().map(|e| e.output_tail.clone()));
-            match tail {
-                Some(t) if !t.is_empty() => out(&t),
-                _ => say(&format!("no log for job {id} on this host and no stored output yet")),
+    if let Ok(text) = std::fs::read_to_string(&local) {
+        out(&text);
+        return Ok(());
+    }
+    // Another host ran it: the log its worker shipped, where the backend
+    // keeps one.
+    if let Some(logs) = queue.run_logs() {
+        let mut from = 0;
+        let mut any = false;
+        loop {
+            let page = logs.read_log(&id, from).await?;
+            if page.dropped > 0 {
+                out(&format!(
+                    "== gpupool: {} bytes of earlier output dropped (the log keeps the last 16 MiB)\n",
+                    page.dropped
+                ));
             }
+            if page.text.is_empty() {
+                break;
+            }
+            any = true;
+            out(&page.text);
+            from = page.next;
+        }
+        if any {
+            return Ok(());
         }
     }
+    let tail = job.output_tail.clone().or_else(|| job.errors.last().map(|e| e.output_tail.clone()));
+    match tail {
+        Some(t) if !t.is_empty() => out(&t),
+        _ => say(&format!("no log for job {id} on this host and no stored output yet")),
+    }
     Ok(())
+}
+
+/// `gpupool logs -f`: the shipped log as it arrives, each line once and in
+/// order, until the job ends; exit 0 if it succeeded, 1 otherwise.
+async fn follow_log(queue: &dyn Queue, id: &str) -> Result<ExitCode> {
+    let id = job_id(id)?;
+    let Some(logs) = queue.run_logs() else {
+        return Err(Error::Config(format!(
+            "this queue's backend does not keep running jobs' output yet (SQLite does); \
+             `gpupool logs {id}` on the worker's host reads its log"
+        )));
+    };
+    let mut from = 0;
+    loop {
+        // The state first: output shipped before the end is then all in.
+        let state = queue.get(&id).await?.state;
+        loop {
+            let page = logs.read_log(&id, from).await?;
+            if page.dropped > 0 {
+                out(&format!(
+                    "== gpupool: {} bytes of earlier output dropped (the log keeps the last 16 MiB)\n",
+                    page.dropped
+                ));
+            }
+            if page.text.is_empty() {
+                break;
+            }
+            out(&page.text);
+            from = page.next;
+        }
+        if state.is_terminal() {
+            say(&format!("job {id} {state}"));
+            return Ok(if state == JobState::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 async fn push(queue: &dyn Queue, files: Vec<PathBuf>, set: &[String], json: bool) -> Result<()> {

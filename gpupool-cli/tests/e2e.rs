@@ -671,6 +671,51 @@ fn the_setup_step_runs_when_its_inputs_change_and_its_failure_fails_the_job(back
     assert!(log.contains("and requirements.txt are unchanged since its last success"), "{log}");
 }
 
+/// `gpupool logs -f` on another host (another data directory) follows a
+/// running job to its end: every line once, in order, then exit 0. SQLite
+/// keeps shipped logs; the server backends do not yet.
+#[test]
+fn logs_follow_from_another_host_follows_a_running_job_to_its_end() {
+    let Some(w) = World::new(Backend::Sqlite) else { return };
+    let ids =
+        w.push(&json!([{"git_ref": "master", "entrypoint": "ai_folder/train.py", "args": {"warn": true, "sleep": 3}}]));
+    let mut worker = w.worker(&["--heartbeat", "1s", "--lease", "10s"]);
+    let other_host = w.dir.join("other-host");
+    let follow = Command::new(env!("CARGO_BIN_EXE_gpupool"))
+        .args(["--queue", &w.url, "--data-dir", other_host.to_str().unwrap(), "logs", "-f", &ids[0]])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_output(follow, Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let header = text.find(&format!("== gpupool: job {} attempt 1 on", ids[0])).expect(&text);
+    let run = text.find("== gpupool: run: python3 ai_folder/train.py").expect(&text);
+    let line = text.find("epoch 1 loss 0.5").expect(&text);
+    assert!(header < run && run < line, "in order: {text}");
+    assert_eq!(text.matches("epoch 1 loss 0.5").count(), 1, "once: {text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("succeeded"));
+    // Plain `logs` on the other host reads the shipped log too.
+    let shipped = Command::new(env!("CARGO_BIN_EXE_gpupool"))
+        .args(["--queue", &w.url, "--data-dir", other_host.to_str().unwrap(), "logs", &ids[0]])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&shipped.stdout).contains("epoch 1 loss 0.5"));
+    // A job that fails: exit 1, with its traceback shipped.
+    let failing = w.push(&json!([{"git_ref": "master", "entrypoint": "ai_folder/train.py",
+                                  "args": {"exit": 3}, "max_attempts": 1}]));
+    let out = Command::new(env!("CARGO_BIN_EXE_gpupool"))
+        .args(["--queue", &w.url, "--data-dir", other_host.to_str().unwrap(), "logs", "--follow", &failing[0]])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ValueError: boom at epoch 1"));
+    signal(&worker, nix::sys::signal::Signal::SIGTERM);
+    worker.wait().unwrap();
+}
+
 macro_rules! scenarios {
     ($($name:ident),* $(,)?) => {
         /// Every scenario on the embedded SQLite queue.

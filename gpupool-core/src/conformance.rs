@@ -787,7 +787,7 @@ macro_rules! conformance_tests {
             failures_retry_then_fail, exit_and_timeout_retry_only_when_asked, failure_kinds, release_charges_no_attempt, cancel_queued_and_running,
             retry_failed_and_cancelled, reserve_order, list_filters_and_pages, idempotency_key,
             gpu_requirements, big_jobs_are_not_starved, parked_jobs_wait_for_a_big_enough_worker,
-            worker_registry, reserve_waits_for_push, exists_after_init);
+            worker_registry, run_logs, reserve_waits_for_push, exists_after_init);
     };
     (@each $setup:path, $teardown:path; $($name:ident),* $(,)?) => {
         $(
@@ -799,6 +799,60 @@ macro_rules! conformance_tests {
             }
         )*
     };
+}
+
+/// Shipped logs and live results ([`crate::RunLogs`]), where declared: a
+/// job's log is its pieces in order, readable from any offset and after
+/// the job ended; `result` follows the latest shipped; a stale lease ships
+/// nothing; more than [`crate::LOG_CAP_BYTES`] drops the oldest part and
+/// says how much.
+pub async fn run_logs(q: Arc<dyn Queue>) {
+    let Some(logs) = q.run_logs() else { return };
+    let queue = unique_queue("logs");
+    let id = q.push(job(&queue)).await.unwrap();
+    assert_eq!(logs.read_log(&id, 0).await.expect("an empty log"), crate::LogPage::default());
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    let first = crate::Progress { log: "epoch 1 ✓\n".into(), result: Some(serde_json::json!({"acc": 0.5})) };
+    logs.ship(&lease, &first).await.expect("ship");
+    let second = crate::Progress { log: "epoch 2\n".into(), result: None };
+    logs.ship(&lease, &second).await.expect("ship");
+    assert_eq!(q.get(&id).await.unwrap().result, Some(serde_json::json!({"acc": 0.5})), "the live result");
+    let all = logs.read_log(&id, 0).await.unwrap();
+    assert_eq!((all.text.as_str(), all.dropped), ("epoch 1 ✓\nepoch 2\n", 0));
+    assert_eq!(all.next, all.text.len() as u64);
+    let from = "epoch 1 ✓\n".len() as u64;
+    assert_eq!(logs.read_log(&id, from).await.unwrap().text, "epoch 2\n", "read from an offset");
+    let end = logs.read_log(&id, all.next).await.unwrap();
+    assert_eq!((end.text.as_str(), end.next), ("", all.next), "nothing new yet");
+    q.complete(&lease, Completion::default()).await.unwrap();
+    assert_lease_lost(logs.ship(&lease, &second).await, "ship");
+    assert_eq!(logs.read_log(&id, 0).await.unwrap().text, all.text, "kept after the end, nothing added");
+    assert!(matches!(logs.read_log(&JobId::new("999999999"), 0).await, Err(Error::NotFound { .. })));
+
+    // The cap: 17 pieces of 1 MiB keep the newest 16 MiB or less.
+    let id = q.push(job(&queue)).await.unwrap();
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    let line = format!("{}\n", "x".repeat(1023));
+    for i in 0..17 {
+        let piece = format!("piece {i:02}\n{}", line.repeat(1024));
+        logs.ship(&lease, &crate::Progress { log: piece, result: None }).await.expect("ship a MiB");
+    }
+    let page = logs.read_log(&id, 0).await.unwrap();
+    assert!(page.dropped > 0, "the oldest part went");
+    let mut kept = page.text.len() as u64;
+    let mut next = page.next;
+    loop {
+        let more = logs.read_log(&id, next).await.unwrap();
+        if more.text.is_empty() {
+            break;
+        }
+        kept += more.text.len() as u64;
+        next = more.next;
+    }
+    assert!(kept <= crate::LOG_CAP_BYTES, "at most the cap is kept: {kept}");
+    assert_eq!(page.dropped + kept, next, "dropped and kept add up to the whole log");
+    assert!(page.text.starts_with("piece ") || page.text.starts_with('x'), "whole lines are dropped");
+    q.complete(&lease, Completion::default()).await.unwrap();
 }
 
 /// Every function above, one after another (for a quick local run; backends
@@ -824,6 +878,7 @@ pub async fn run_all(q: Arc<dyn Queue>) {
     big_jobs_are_not_starved(Arc::clone(&q)).await;
     parked_jobs_wait_for_a_big_enough_worker(Arc::clone(&q)).await;
     worker_registry(Arc::clone(&q)).await;
+    run_logs(Arc::clone(&q)).await;
     reserve_waits_for_push(Arc::clone(&q)).await;
     exists_after_init(q).await;
 }

@@ -46,6 +46,9 @@ struct Entry {
     record: JobRecord,
     token: Option<String>,
     expires_at: Option<Timestamp>,
+    /// The shipped log's kept text, and the offset of its first byte.
+    log: String,
+    log_start: u64,
 }
 
 impl MemoryQueue {
@@ -120,6 +123,44 @@ impl MemoryQueue {
         let n = id.as_i64()?;
         let e = st.jobs.get_mut(&n).ok_or_else(|| Error::NotFound { id: id.to_string() })?;
         Ok((n, e))
+    }
+}
+
+#[async_trait]
+impl crate::RunLogs for MemoryQueue {
+    async fn ship(&self, lease: &Lease, progress: &crate::Progress) -> Result<()> {
+        self.with_held(lease, |e, _| {
+            if let Some(result) = &progress.result {
+                e.record.result = Some(result.clone());
+            }
+            e.log.push_str(&progress.log);
+            let cap = usize::try_from(crate::LOG_CAP_BYTES).unwrap_or(usize::MAX);
+            if e.log.len() > cap {
+                // Drop whole lines from the front.
+                let over = e.log.len() - cap;
+                let cut = e.log[over..].find('\n').map_or(e.log.len(), |i| over + i + 1);
+                e.log.drain(..cut);
+                e.log_start += cut as u64;
+            }
+        })
+    }
+
+    async fn read_log(&self, id: &JobId, from: u64) -> Result<crate::LogPage> {
+        let mut st = self.lock();
+        let (_, e) = Self::entry(&mut st, id)?;
+        let end = e.log_start + e.log.len() as u64;
+        let start = from.clamp(e.log_start, end);
+        let mut at = usize::try_from(start - e.log_start).unwrap_or(0);
+        while !e.log.is_char_boundary(at) {
+            at += 1;
+        }
+        let upto = (at + (1 << 20)).min(e.log.len());
+        let upto = (upto..=e.log.len()).find(|i| e.log.is_char_boundary(*i)).unwrap_or(e.log.len());
+        Ok(crate::LogPage {
+            text: e.log[at..upto].to_owned(),
+            next: e.log_start + upto as u64,
+            dropped: e.log_start.saturating_sub(from),
+        })
     }
 }
 
@@ -201,7 +242,7 @@ impl Queue for MemoryQueue {
                 st.idempotency.insert(key.clone(), id);
             }
             let record = JobRecord::new(JobId::from(id), spec, Timestamp::now());
-            st.jobs.insert(id, Entry { record, token: None, expires_at: None });
+            st.jobs.insert(id, Entry { record, token: None, expires_at: None, log: String::new(), log_start: 0 });
             id
         };
         self.inner.pushed.notify_waiters();
@@ -356,6 +397,10 @@ impl Queue for MemoryQueue {
     }
 
     fn worker_registry(&self) -> Option<&dyn WorkerRegistry> {
+        Some(self)
+    }
+
+    fn run_logs(&self) -> Option<&dyn crate::RunLogs> {
         Some(self)
     }
 }

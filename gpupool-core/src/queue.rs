@@ -487,6 +487,9 @@ impl Default for ListFilter {
 ///     fn worker_registry(&self) -> Option<&dyn WorkerRegistry> {
 ///         None // `gpupool status` then says workers are not tracked
 ///     }
+///     fn run_logs(&self) -> Option<&dyn RunLogs> {
+///         None // `gpupool logs` then reads the log where the job ran
+///     }
 /// }
 /// ```
 ///
@@ -618,6 +621,69 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// (`Some(self)` for a backend that implements [`WorkerRegistry`]).
     /// `None`: workers run but are not listed by `gpupool status`.
     fn worker_registry(&self) -> Option<&dyn WorkerRegistry>;
+
+    /// Where running jobs' output and live results are shipped, if this
+    /// backend keeps them (`Some(self)` for a backend that implements
+    /// [`RunLogs`]). `None`: `gpupool logs` reads the log on the host that
+    /// ran the job, and the stored tail elsewhere.
+    fn run_logs(&self) -> Option<&dyn RunLogs>;
+}
+
+/// The most bytes of a job's shipped log a backend keeps: the oldest
+/// part goes first, and [`LogPage::dropped`] says how much went.
+pub const LOG_CAP_BYTES: u64 = 16 << 20;
+
+/// What a worker ships about a running job, at most about once a second.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Progress {
+    /// New output: whole lines, as a terminal shows them (a progress bar
+    /// redrawn with `\r` is its last state), secrets replaced. Appended to
+    /// the job's log.
+    pub log: String,
+    /// The results reported so far, when they changed: the record's
+    /// `result` becomes this.
+    pub result: Option<serde_json::Value>,
+}
+
+/// A piece of a job's shipped log.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogPage {
+    /// The text from the offset asked for (or from the oldest kept byte).
+    pub text: String,
+    /// The offset to ask for next.
+    pub next: u64,
+    /// Bytes before `text` that the cap dropped (0 when none).
+    pub dropped: u64,
+}
+
+/// Running jobs' output and live results, kept by the backend so that any
+/// host can read them (`gpupool logs`, `gpupool logs -f`, `gpupool jobs`).
+/// Optional: a [`Queue`] that keeps them returns it from [`Queue::run_logs`].
+///
+/// # Implementing
+///
+/// A job's log is one append-only text across its attempts (each attempt
+/// starts with the worker's header line), addressed by byte offsets from
+/// its start. [`ship`](RunLogs::ship) appends, fenced by the lease like
+/// every call that takes one, and drops the oldest whole pieces once more
+/// than [`LOG_CAP_BYTES`] are kept. The conformance suite's `run_logs` test
+/// checks it.
+///
+/// # Cancellation safety
+///
+/// Each call is one transaction or script: dropped, it leaves the log as
+/// before or as after.
+#[async_trait]
+pub trait RunLogs: Send + Sync {
+    /// Appends `progress.log` to the job's log and sets its `result` to
+    /// `progress.result` when that is `Some`. `LeaseLost` if the lease no
+    /// longer holds; nothing is written then.
+    async fn ship(&self, lease: &Lease, progress: &Progress) -> Result<()>;
+
+    /// The job's log from byte `from` on (at most about a megabyte per
+    /// call; call again from [`LogPage::next`]). `NotFound` for an unknown
+    /// job; an empty page for a job that shipped nothing yet.
+    async fn read_log(&self, id: &JobId, from: u64) -> Result<LogPage>;
 }
 
 /// Workers that register and heartbeat, so that `gpupool status` can show
@@ -680,6 +746,7 @@ pub trait WorkerRegistry: Send + Sync {
 /// #     async fn list(&self, f: &gpupool_core::ListFilter) -> Result<Vec<gpupool_core::JobRecord>> { self.0.list(f).await }
 /// #     async fn errors(&self, j: Option<&gpupool_core::JobId>, n: u32) -> Result<Vec<gpupool_core::AttemptError>> { self.0.errors(j, n).await }
 /// #     fn worker_registry(&self) -> Option<&dyn gpupool_core::WorkerRegistry> { None }
+/// #     fn run_logs(&self) -> Option<&dyn gpupool_core::RunLogs> { None }
 /// # }
 ///
 /// impl Connect for Scratch {

@@ -293,6 +293,26 @@ impl ExpiredLease {
     }
 }
 
+/// A [`crate::LogPage`] from `from` on, out of stored log pieces
+/// (`start`, `len`, `text`) in order, the first of which ends after
+/// `from`: what every SQL backend's `read_log` returns.
+pub fn log_page(from: u64, pieces: &[(i64, i64, String)]) -> crate::LogPage {
+    let mut page = crate::LogPage { next: from, ..crate::LogPage::default() };
+    for (i, (start, len, text)) in pieces.iter().enumerate() {
+        let (start, len) = (u64::try_from(*start).unwrap_or(0), u64::try_from(*len).unwrap_or(0));
+        if i == 0 {
+            page.dropped = start.saturating_sub(from);
+        }
+        let mut skip = usize::try_from(from.saturating_sub(start)).unwrap_or(usize::MAX).min(text.len());
+        while !text.is_char_boundary(skip) {
+            skip += 1;
+        }
+        page.text.push_str(&text[skip..]);
+        page.next = start + len;
+    }
+    page
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

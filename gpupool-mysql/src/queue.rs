@@ -799,6 +799,10 @@ impl Queue for MysqlQueue {
     fn worker_registry(&self) -> Option<&dyn WorkerRegistry> {
         Some(self)
     }
+
+    fn run_logs(&self) -> Option<&dyn gpupool_core::RunLogs> {
+        None // not kept yet: `gpupool logs` reads the log where the job ran
+    }
 }
 
 #[async_trait]

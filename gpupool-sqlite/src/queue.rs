@@ -37,11 +37,12 @@ const POLL: Duration = Duration::from_millis(25);
 const UNREADABLE_PER_RESERVE: usize = 8;
 
 /// The migrations, in order; `PRAGMA user_version` records the last applied.
-const MIGRATIONS: [(i64, &str); 4] = [
+const MIGRATIONS: [(i64, &str); 5] = [
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_workers.sql")),
     (3, include_str!("../migrations/0003_drop_lease_index.sql")),
     (4, include_str!("../migrations/0004_state_index_skips_queued.sql")),
+    (5, include_str!("../migrations/0005_job_logs.sql")),
 ];
 
 /// Puts the file in WAL mode, once, before the pool opens; WAL is a property
@@ -355,6 +356,87 @@ fn attempt_error(row: &SqliteRow) -> Result<AttemptError> {
         at: get(row, "at")?,
     }
     .into_error(BACKEND)
+}
+
+/// Pieces of a log read per call: about a megabyte at the worker's batching.
+const LOG_PIECES_PER_READ: i64 = 256;
+
+#[async_trait]
+impl gpupool_core::RunLogs for SqliteQueue {
+    async fn ship(&self, lease: &Lease, progress: &gpupool_core::Progress) -> Result<()> {
+        let n = lease.id().as_i64()?;
+        let mut tx = self.pool.begin().await.map_err(map)?;
+        let result = progress.result.as_ref().map(ToString::to_string);
+        let held = sqlx::query(
+            "UPDATE jobs SET result = COALESCE(?1, result) WHERE id = ?2 AND lease_token = ?3 AND state = 'running'",
+        )
+        .bind(result)
+        .bind(n)
+        .bind(&lease.token)
+        .execute(&mut *tx)
+        .await
+        .map_err(map)?;
+        rows::fenced(held.rows_affected(), lease)?;
+        if !progress.log.is_empty() {
+            let end: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(start + len), 0) FROM job_logs WHERE job_id = ?1")
+                .bind(n)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map)?;
+            let len = i64::try_from(progress.log.len()).unwrap_or(i64::MAX);
+            sqlx::query("INSERT INTO job_logs (job_id, start, len, text) VALUES (?1, ?2, ?3, ?4)")
+                .bind(n)
+                .bind(end)
+                .bind(len)
+                .bind(&progress.log)
+                .execute(&mut *tx)
+                .await
+                .map_err(map)?;
+            // Whole pieces that start before the last 16 MiB go (never the
+            // one just shipped, so the offsets go on from it).
+            let cap = i64::try_from(gpupool_core::LOG_CAP_BYTES).unwrap_or(i64::MAX);
+            sqlx::query("DELETE FROM job_logs WHERE job_id = ?1 AND start < ?2 AND start < ?3")
+                .bind(n)
+                .bind(end + len - cap)
+                .bind(end)
+                .execute(&mut *tx)
+                .await
+                .map_err(map)?;
+        }
+        tx.commit().await.map_err(map)
+    }
+
+    async fn read_log(&self, id: &JobId, from: u64) -> Result<gpupool_core::LogPage> {
+        let n = id.as_i64()?;
+        let from_i = i64::try_from(from).unwrap_or(i64::MAX);
+        let pieces = sqlx::query(
+            "SELECT start, len, text FROM job_logs WHERE job_id = ?1 AND start + len > ?2 ORDER BY start LIMIT ?3",
+        )
+        .bind(n)
+        .bind(from_i)
+        .bind(LOG_PIECES_PER_READ)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map)?;
+        if pieces.is_empty() {
+            let known: Option<i64> = sqlx::query_scalar("SELECT id FROM jobs WHERE id = ?1")
+                .bind(n)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map)?;
+            known.ok_or_else(|| Error::NotFound { id: id.to_string() })?;
+            let end: Option<i64> = sqlx::query_scalar("SELECT MAX(start + len) FROM job_logs WHERE job_id = ?1")
+                .bind(n)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(map)?;
+            let end = end.and_then(|e| u64::try_from(e).ok()).unwrap_or(0);
+            return Ok(gpupool_core::LogPage { text: String::new(), next: from.min(end), dropped: 0 });
+        }
+        let pieces: Vec<(i64, i64, String)> =
+            pieces.iter().map(|r| (r.get("start"), r.get("len"), r.get("text"))).collect();
+        Ok(gpupool_core::rows::log_page(from, &pieces))
+    }
 }
 
 #[async_trait]
@@ -702,6 +784,10 @@ impl Queue for SqliteQueue {
     }
 
     fn worker_registry(&self) -> Option<&dyn WorkerRegistry> {
+        Some(self)
+    }
+
+    fn run_logs(&self) -> Option<&dyn gpupool_core::RunLogs> {
         Some(self)
     }
 }

@@ -1,6 +1,10 @@
 //! A run's output as it comes: the results it reports with
 //! `GPUPOOL_RESULT {…}` lines, read line by line as a terminal shows them
-//! (a line redrawn with `\r` counts as its last state).
+//! (a line redrawn with `\r` counts as its last state), and, where the
+//! backend keeps them ([`gpupool_core::RunLogs`]), shipped with the latest
+//! results at most once a second, so that any host can read them. A quiet
+//! run ships nothing; a backend that is slow or down never holds the run's
+//! output back (what waits is capped, oldest dropped first and marked).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +18,13 @@ pub(crate) const RESULT_PREFIX: &str = "GPUPOOL_RESULT";
 /// A line longer than this without a newline is taken as it is.
 const MAX_LINE: usize = 1 << 20;
 
+/// How often output is shipped, at most.
+const SHIP_EVERY: Duration = Duration::from_secs(1);
+
+/// Output waiting to be shipped, at most (a backend that is down): beyond
+/// it the oldest lines go, and the log says how many bytes.
+const MAX_PENDING: usize = 4 << 20;
+
 /// What a run's output said, so far.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Collected {
@@ -22,6 +33,13 @@ pub(crate) struct Collected {
     /// Lines the worker adds to the job's log (a result line that does not
     /// read, for example).
     pub(crate) notes: Vec<String>,
+    /// Output not shipped yet (only while shipping).
+    pending: String,
+    /// Bytes dropped from `pending` since the last ship.
+    dropped: usize,
+    /// The results changed since the last ship.
+    result_changed: bool,
+    shipping: bool,
 }
 
 impl Collected {
@@ -42,12 +60,61 @@ impl Collected {
         }
     }
 
-    fn line(&mut self, line: &str) {
+    fn line(&mut self, line: &str, secrets: &[String]) {
+        let notes = self.notes.len();
         if let Some(rest) = line.strip_prefix(RESULT_PREFIX)
             && (rest.is_empty() || rest.starts_with([' ', '\t']))
         {
+            let before = self.result.clone();
             self.merge(rest.trim(), "a GPUPOOL_RESULT line");
+            self.result_changed |= before != self.result;
         }
+        if self.shipping {
+            let mut text = line.to_owned();
+            for secret in secrets.iter().filter(|s| s.len() >= 4) {
+                text = text.replace(secret.as_str(), "***");
+            }
+            self.queue_line(&text);
+            for i in notes..self.notes.len() {
+                let note = format!("== gpupool: {}", self.notes[i]);
+                self.queue_line(&note);
+            }
+        }
+    }
+
+    fn queue_line(&mut self, line: &str) {
+        self.pending.push_str(line);
+        self.pending.push('\n');
+        if self.pending.len() > MAX_PENDING {
+            let over = self.pending.len() - MAX_PENDING / 2;
+            let cut = self.pending[over..].find('\n').map_or(self.pending.len(), |i| over + i + 1);
+            self.pending.drain(..cut);
+            self.dropped += cut;
+        }
+    }
+
+    /// What to ship now, if anything.
+    fn take(&mut self) -> Option<gpupool_core::Progress> {
+        if self.pending.is_empty() && !self.result_changed {
+            return None;
+        }
+        let mut log = std::mem::take(&mut self.pending);
+        if self.dropped > 0 {
+            log.insert_str(
+                0,
+                &format!("== gpupool: {} bytes of output dropped while the backend was unreachable\n", self.dropped),
+            );
+            self.dropped = 0;
+        }
+        let result = std::mem::take(&mut self.result_changed).then(|| self.result()).flatten();
+        Some(gpupool_core::Progress { log, result })
+    }
+
+    /// Puts back what could not be shipped, in front of what came since.
+    fn untake(&mut self, progress: gpupool_core::Progress) {
+        let newer = std::mem::replace(&mut self.pending, progress.log);
+        self.pending.push_str(&newer);
+        self.result_changed |= progress.result.is_some();
     }
 }
 
@@ -98,42 +165,108 @@ fn last_state(line: &[u8]) -> String {
     String::from_utf8_lossy(&line[start..]).into_owned()
 }
 
+/// Where a run's output is shipped: its queue (when that keeps
+/// [`gpupool_core::RunLogs`]) and its lease.
+#[derive(Debug, Clone)]
+pub(crate) struct Shipping {
+    pub(crate) queue: std::sync::Arc<dyn gpupool_core::Queue>,
+    pub(crate) lease: gpupool_core::Lease,
+    /// Strings replaced by `***` before shipping.
+    pub(crate) secrets: Vec<String>,
+}
+
 /// Reads a run's output from its [`OutputSink`] while it runs.
 #[derive(Debug)]
 pub(crate) struct Live {
-    tx: OutputSink,
-    task: tokio::task::JoinHandle<()>,
+    tx: Option<OutputSink>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    shipper: Option<tokio::task::JoinHandle<()>>,
+    /// Tells the shipper to ship what is left and stop (also when dropped).
+    done: tokio_util::sync::CancellationToken,
     collected: Arc<Mutex<Collected>>,
 }
 
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.done.cancel();
+    }
+}
+
 impl Live {
-    pub(crate) fn start() -> Live {
+    /// Starts reading; ships too when `shipping` is given and its queue keeps
+    /// run logs.
+    pub(crate) fn start(shipping: Option<Shipping>) -> Live {
+        let shipping = shipping.filter(|s| s.queue.run_logs().is_some());
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
-        let collected = Arc::new(Mutex::new(Collected::default()));
+        let collected = Arc::new(Mutex::new(Collected { shipping: shipping.is_some(), ..Collected::default() }));
         let sink = Arc::clone(&collected);
+        let secrets = shipping.as_ref().map(|s| s.secrets.clone()).unwrap_or_default();
         let task = tokio::spawn(async move {
             let mut lines = Lines::default();
             while let Some(chunk) = rx.recv().await {
                 let mut c = gpupool_core::sync::lock(&sink);
-                lines.push(&chunk, |l| c.line(l));
+                lines.push(&chunk, |l| c.line(l, &secrets));
             }
             let mut c = gpupool_core::sync::lock(&sink);
-            lines.flush(|l| c.line(l));
+            lines.flush(|l| c.line(l, &secrets));
         });
-        Live { tx, task, collected }
+        let done = tokio_util::sync::CancellationToken::new();
+        let shipper = shipping.map(|s| tokio::spawn(ship_loop(s, Arc::clone(&collected), done.clone())));
+        Live { tx: Some(tx), task: Some(task), shipper, done, collected }
     }
 
     /// Where a runner sends the output.
-    pub(crate) fn sink(&self) -> OutputSink {
+    pub(crate) fn sink(&self) -> Option<OutputSink> {
         self.tx.clone()
     }
 
+    /// Adds a `== gpupool: …` line of the worker's to the shipped log.
+    pub(crate) fn note(&self, text: &str) {
+        let mut c = gpupool_core::sync::lock(&self.collected);
+        if c.shipping {
+            c.queue_line(&format!("== gpupool: {text}"));
+        }
+    }
+
     /// What the output said, once the runner has let go of its sinks (a few
-    /// seconds at most).
-    pub(crate) async fn finish(self) -> Collected {
-        drop(self.tx);
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    /// seconds at most), with the rest shipped.
+    pub(crate) async fn finish(mut self) -> Collected {
+        drop(self.tx.take());
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        self.done.cancel();
+        if let Some(shipper) = self.shipper.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), shipper).await;
+        }
         gpupool_core::sync::lock(&self.collected).clone()
+    }
+}
+
+/// Ships what waits, every [`SHIP_EVERY`], and once more when `done`.
+async fn ship_loop(s: Shipping, collected: Arc<Mutex<Collected>>, done: tokio_util::sync::CancellationToken) {
+    loop {
+        let last = tokio::select! {
+            () = tokio::time::sleep(SHIP_EVERY) => false,
+            () = done.cancelled() => true,
+        };
+        let progress = gpupool_core::sync::lock(&collected).take();
+        if let Some(progress) = progress
+            && let Some(logs) = s.queue.run_logs()
+        {
+            match logs.ship(&s.lease, &progress).await {
+                Ok(()) => {}
+                // The heartbeat stops the run; nothing more to ship.
+                Err(gpupool_core::Error::LeaseLost { .. }) => return,
+                Err(e) => {
+                    tracing::debug!("shipping the output failed ({e}); trying again");
+                    gpupool_core::sync::lock(&collected).untake(progress);
+                }
+            }
+        }
+        if last {
+            return;
+        }
     }
 }
 
@@ -169,7 +302,7 @@ mod tests {
             "GPUPOOL_RESULT [1]",
             "GPUPOOL_RESULTS are not results",
         ] {
-            c.line(l);
+            c.line(l, &[]);
         }
         assert_eq!(c.result(), Some(serde_json::json!({"acc": 0.9, "loss": 1})));
         assert_eq!(c.notes.len(), 2, "{:?}", c.notes);

@@ -922,9 +922,15 @@ impl Attempt<'_> {
             return stopped_report(reason);
         }
         let log_path = log_path(&ctx.cfg.data_dir, &ctx.cfg.queue_id, lease.id());
-        note(&log_path, &self.log_header()).await;
+        let header = self.log_header();
+        note(&log_path, &header).await;
         let (env, env_remove) = (self.job_env(), worker_secrets_env());
-        let live = crate::live::Live::start();
+        let live = crate::live::Live::start(Some(crate::live::Shipping {
+            queue: Arc::clone(&ctx.queue),
+            lease: lease.clone(),
+            secrets: ctx.workspace.secrets(),
+        }));
+        live.note(&header);
         let run_spec = |argv: Vec<String>, env: &Vec<(String, String)>| RunSpec {
             argv,
             cwd: checkout.dir.clone(),
@@ -935,7 +941,7 @@ impl Attempt<'_> {
             grace: ctx.cfg.grace,
             tail_bytes: ctx.cfg.tail_bytes,
             secrets: ctx.workspace.secrets(),
-            output: Some(live.sink()),
+            output: live.sink(),
         };
 
         // The setup step installs into the worker's environment, which every
@@ -944,10 +950,12 @@ impl Attempt<'_> {
         if let Some(setup) = &ctx.cfg.setup
             && let Some(report) = self.run_setup(setup, &run_spec(setup.clone(), &setup_env)).await
         {
-            return report;
+            return self.with_result(report, live, &log_path).await;
         }
         let argv = build_argv(&ctx.cfg.command, &spec.entrypoint, &spec.args, u32::try_from(gpus.len()).unwrap_or(0));
-        note(&log_path, &format!("run: {}", shell_words::join(&argv))).await;
+        let run_line = format!("run: {}", shell_words::join(&argv));
+        note(&log_path, &run_line).await;
+        live.note(&run_line);
         let report = match ctx.runner.run(&run_spec(argv, &env), stopper, launched).await {
             Ok(result) => report_for(spec, result.outcome, result.tail),
             // The worker's command could not start: its fault, not the job's.

@@ -386,6 +386,10 @@ impl Queue for PgQueue {
     fn worker_registry(&self) -> Option<&dyn WorkerRegistry> {
         Some(self) // see workers.rs
     }
+
+    fn run_logs(&self) -> Option<&dyn gpupool_core::RunLogs> {
+        None // not kept yet: `gpupool logs` reads the log where the job ran
+    }
 }
 
 impl Connect for PgQueue {
