@@ -673,10 +673,9 @@ fn the_setup_step_runs_when_its_inputs_change_and_its_failure_fails_the_job(back
 
 /// `gpupool logs -f` on another host (another data directory) follows a
 /// running job to its end: every line once, in order, then exit 0. SQLite
-/// keeps shipped logs; the server backends do not yet.
-#[test]
-fn logs_follow_from_another_host_follows_a_running_job_to_its_end() {
-    let Some(w) = World::new(Backend::Sqlite) else { return };
+/// and MySQL keep shipped logs; Redis and RabbitMQ do not yet.
+fn logs_follow_from_another_host_follows_a_running_job_to_its_end(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
     let ids =
         w.push(&json!([{"git_ref": "master", "entrypoint": "ai_folder/train.py", "args": {"warn": true, "sleep": 3}}]));
     let mut worker = w.worker(&["--heartbeat", "1s", "--lease", "10s"]);
@@ -714,6 +713,18 @@ fn logs_follow_from_another_host_follows_a_running_job_to_its_end() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("ValueError: boom at epoch 1"));
     signal(&worker, nix::sys::signal::Signal::SIGTERM);
     worker.wait().unwrap();
+}
+
+/// The backends that keep shipped logs.
+mod shipped_logs {
+    #[test]
+    fn sqlite() {
+        super::logs_follow_from_another_host_follows_a_running_job_to_its_end(super::Backend::Sqlite);
+    }
+    #[test]
+    fn mysql() {
+        super::logs_follow_from_another_host_follows_a_running_job_to_its_end(super::Backend::Mysql);
+    }
 }
 
 macro_rules! scenarios {

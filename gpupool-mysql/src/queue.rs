@@ -36,8 +36,15 @@ const LOCK_RETRIES: u32 = 5;
 
 /// The migrations, in order. `{prefix}` becomes the table prefix; statements
 /// are separated by a blank line after `;`.
-const MIGRATIONS: [(i64, &str); 2] =
-    [(1, include_str!("../migrations/0001_init.sql")), (2, include_str!("../migrations/0002_workers.sql"))];
+const MIGRATIONS: [(i64, &str); 3] = [
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_workers.sql")),
+    // Running jobs' shipped output (gpupool_core::RunLogs), one row per piece.
+    (3, include_str!("../migrations/0003_job_logs.sql")),
+];
+
+/// Pieces of a log read per call: about a megabyte at the worker's batching.
+const LOG_PIECES_PER_READ: i64 = 256;
 
 /// Milliseconds since the epoch of a DATETIME(6) column, independent of the
 /// session's time zone.
@@ -106,6 +113,12 @@ struct Sql {
     worker_delete: Arc<str>,
     worker_gone: Arc<str>,
     workers: Arc<str>,
+    ship_result: Arc<str>,
+    log_end: Arc<str>,
+    log_insert: Arc<str>,
+    log_trim: Arc<str>,
+    log_read: Arc<str>,
+    job_known: Arc<str>,
 }
 
 impl Sql {
@@ -194,6 +207,13 @@ impl Sql {
                 ms!("seen_at"),
                 ms!("UTC_TIMESTAMP(6)")
             )),
+            ship_result: s("UPDATE {p}jobs SET result = ? WHERE id = ?"),
+            log_end: s("SELECT CAST(COALESCE(MAX(start + len), 0) AS SIGNED) FROM {p}job_logs WHERE job_id = ?"),
+            log_insert: s("INSERT INTO {p}job_logs (job_id, start, len, text) VALUES (?, ?, ?, ?)"),
+            log_trim: s("DELETE FROM {p}job_logs WHERE job_id = ? AND start < ? AND start < ?"),
+            log_read: s("SELECT start, len, text FROM {p}job_logs WHERE job_id = ? AND start + len > ? \
+                         ORDER BY start LIMIT ?"),
+            job_known: s("SELECT id FROM {p}jobs WHERE id = ?"),
         }
     }
 }
@@ -270,7 +290,7 @@ impl MysqlQueue {
 
     /// Drops this prefix's tables (tests clean up with it).
     pub async fn drop_tables(&self) -> Result<()> {
-        for t in ["jobs", "job_errors", "workers", "schema_version"] {
+        for t in ["jobs", "job_errors", "job_logs", "workers", "schema_version"] {
             let sql = format!("DROP TABLE IF EXISTS {}{t}", self.opts.prefix);
             sqlx::query(AssertSqlSafe(sql)).execute(&self.pool).await.map_err(map)?;
         }
@@ -511,6 +531,70 @@ fn attempt_error(row: &MySqlRow) -> Result<AttemptError> {
         at: get(row, "at_ms")?,
     }
     .into_error(BACKEND)
+}
+
+#[async_trait]
+impl gpupool_core::RunLogs for MysqlQueue {
+    async fn ship(&self, lease: &Lease, progress: &gpupool_core::Progress) -> Result<()> {
+        let n = lease.id().as_i64()?;
+        let mut tx = self.pool.begin().await.map_err(map)?;
+        // Fenced under the row's lock, as `fail` is.
+        let held = q(&self.sql.held).bind(n).bind(&lease.token).fetch_optional(&mut *tx).await.map_err(map)?;
+        if held.is_none() {
+            return Err(Error::lease_lost(lease.id()));
+        }
+        if let Some(result) = &progress.result {
+            q(&self.sql.ship_result).bind(result.to_string()).bind(n).execute(&mut *tx).await.map_err(map)?;
+        }
+        if !progress.log.is_empty() {
+            let end: i64 =
+                q(&self.sql.log_end).bind(n).fetch_one(&mut *tx).await.map_err(map)?.try_get(0).map_err(map)?;
+            let len = i64::try_from(progress.log.len()).unwrap_or(i64::MAX);
+            q(&self.sql.log_insert)
+                .bind(n)
+                .bind(end)
+                .bind(len)
+                .bind(&progress.log)
+                .execute(&mut *tx)
+                .await
+                .map_err(map)?;
+            // Whole pieces that start before the last 16 MiB go (never the
+            // one just shipped, so the offsets go on from it).
+            let cap = i64::try_from(gpupool_core::LOG_CAP_BYTES).unwrap_or(i64::MAX);
+            q(&self.sql.log_trim).bind(n).bind(end + len - cap).bind(end).execute(&mut *tx).await.map_err(map)?;
+        }
+        tx.commit().await.map_err(map)
+    }
+
+    async fn read_log(&self, id: &JobId, from: u64) -> Result<gpupool_core::LogPage> {
+        let n = id.as_i64()?;
+        let from_i = i64::try_from(from).unwrap_or(i64::MAX);
+        let pieces = q(&self.sql.log_read)
+            .bind(n)
+            .bind(from_i)
+            .bind(LOG_PIECES_PER_READ)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map)?;
+        if pieces.is_empty() {
+            q(&self.sql.job_known)
+                .bind(n)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map)?
+                .ok_or_else(|| Error::NotFound { id: id.to_string() })?;
+            let end: i64 =
+                q(&self.sql.log_end).bind(n).fetch_one(&self.pool).await.map_err(map)?.try_get(0).map_err(map)?;
+            let end = u64::try_from(end).unwrap_or(0);
+            return Ok(gpupool_core::LogPage { text: String::new(), next: from.min(end), dropped: 0 });
+        }
+        let pieces = pieces
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect::<std::result::Result<Vec<(i64, i64, String)>, sqlx::Error>>()
+            .map_err(map)?;
+        Ok(rows::log_page(from, &pieces))
+    }
 }
 
 #[async_trait]
@@ -801,7 +885,7 @@ impl Queue for MysqlQueue {
     }
 
     fn run_logs(&self) -> Option<&dyn gpupool_core::RunLogs> {
-        None // not kept yet: `gpupool logs` reads the log where the job ran
+        Some(self)
     }
 }
 
