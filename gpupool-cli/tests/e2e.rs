@@ -673,7 +673,7 @@ fn the_setup_step_runs_when_its_inputs_change_and_its_failure_fails_the_job(back
 
 /// `gpupool logs -f` on another host (another data directory) follows a
 /// running job to its end: every line once, in order, then exit 0. SQLite
-/// and MySQL keep shipped logs; Redis and RabbitMQ do not yet.
+/// MySQL and Redis keep shipped logs; RabbitMQ does not yet.
 fn logs_follow_from_another_host_follows_a_running_job_to_its_end(backend: Backend) {
     let Some(w) = World::new(backend) else { return };
     let ids =
@@ -724,6 +724,10 @@ mod shipped_logs {
     #[test]
     fn mysql() {
         super::logs_follow_from_another_host_follows_a_running_job_to_its_end(super::Backend::Mysql);
+    }
+    #[test]
+    fn redis() {
+        super::logs_follow_from_another_host_follows_a_running_job_to_its_end(super::Backend::Redis);
     }
 }
 

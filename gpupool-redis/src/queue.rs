@@ -72,6 +72,8 @@ struct Scripts {
     park: Script,
     unpark: Script,
     trim: Script,
+    ship: Script,
+    read_log: Script,
 }
 
 impl Scripts {
@@ -95,6 +97,8 @@ impl Scripts {
             park: script!("park.lua", "states", "jobs"),
             unpark: script!("unpark.lua", "states", "jobs"),
             trim: script!("trim.lua", "states", "jobs"),
+            ship: script!("ship.lua", "states", "jobs"),
+            read_log: script!("readlog.lua"),
         }
     }
 }
@@ -634,6 +638,32 @@ fn record(id: &str, h: &HashMap<String, String>) -> Result<JobRecord> {
 }
 
 #[async_trait]
+impl gpupool_core::RunLogs for RedisQueue {
+    async fn ship(&self, lease: &Lease, progress: &gpupool_core::Progress) -> Result<()> {
+        let result = progress.result.as_ref().map(ToString::to_string).unwrap_or_default();
+        let cap = gpupool_core::LOG_CAP_BYTES.to_string();
+        self.fenced(&self.scripts.ship, lease, &[result, progress.log.clone(), cap]).await.map(|_| ())
+    }
+
+    async fn read_log(&self, id: &JobId, from: u64) -> Result<gpupool_core::LogPage> {
+        id.as_i64()?;
+        let v = self.script_status(&self.scripts.read_log, &[id.to_string(), from.to_string(), "256".into()]).await?;
+        if let Value::Int(-1) = v {
+            return Err(Error::NotFound { id: id.to_string() });
+        }
+        let flat: Vec<String> = from_value(v)?;
+        let pieces: Vec<(i64, i64, String)> = flat
+            .chunks_exact(3)
+            .map(|c| (c[0].parse().unwrap_or(0), c[1].parse().unwrap_or(0), c[2].clone()))
+            .collect();
+        if pieces.is_empty() {
+            return Ok(gpupool_core::LogPage { text: String::new(), next: from, dropped: 0 });
+        }
+        Ok(gpupool_core::rows::log_page(from, &pieces))
+    }
+}
+
+#[async_trait]
 impl Queue for RedisQueue {
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
@@ -865,7 +895,7 @@ impl Queue for RedisQueue {
     }
 
     fn run_logs(&self) -> Option<&dyn gpupool_core::RunLogs> {
-        None // not kept yet: `gpupool logs` reads the log where the job ran
+        Some(self)
     }
 }
 
