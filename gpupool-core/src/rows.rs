@@ -437,4 +437,20 @@ mod tests {
         assert_eq!(ExpiredLease::new(None, true, 1, 3).state, JobState::Cancelled);
         assert_eq!(ExpiredLease::new(None, true, 3, 3).state, JobState::Cancelled);
     }
+
+    #[test]
+    fn a_log_page_starts_inside_a_piece_and_counts_what_was_dropped() {
+        let pieces = vec![(10, 6, "ab\nçd".to_owned()), (16, 3, "ef\n".to_owned())];
+        let page = log_page(12, &pieces);
+        assert_eq!((page.text.as_str(), page.next, page.dropped), ("\nçdef\n", 19, 0));
+        let page = log_page(4, &pieces);
+        assert_eq!(
+            (page.text.as_str(), page.next, page.dropped),
+            ("ab\nçdef\n", 19, 6),
+            "6 bytes before the first piece went"
+        );
+        // An offset inside a character moves on to the next one.
+        let page = log_page(14, &pieces);
+        assert_eq!(page.text, "def\n");
+    }
 }
