@@ -713,27 +713,10 @@ async fn logs(queue: &dyn Queue, s: &Settings, id: &str) -> Result<()> {
     }
     // Another host ran it: the log its worker shipped, where the backend
     // keeps one.
-    if let Some(logs) = queue.run_logs() {
-        let mut from = 0;
-        let mut any = false;
-        loop {
-            let page = logs.read_log(&id, from).await?;
-            if page.dropped > 0 {
-                out(&format!(
-                    "== gpupool: {} bytes of earlier output dropped (the log keeps the last 16 MiB)\n",
-                    page.dropped
-                ));
-            }
-            if page.text.is_empty() {
-                break;
-            }
-            any = true;
-            out(&page.text);
-            from = page.next;
-        }
-        if any {
-            return Ok(());
-        }
+    if let Some(logs) = queue.run_logs()
+        && print_shipped(logs, &id, 0).await? > 0
+    {
+        return Ok(());
     }
     let tail = job.output_tail.clone().or_else(|| job.errors.last().map(|e| e.output_tail.clone()));
     match tail {
@@ -741,6 +724,26 @@ async fn logs(queue: &dyn Queue, s: &Settings, id: &str) -> Result<()> {
         _ => say(&format!("no log for job {id} on this host and no stored output yet")),
     }
     Ok(())
+}
+
+/// Prints job `id`'s shipped log from byte `from` to its end so far, and
+/// what the cap dropped before it; returns the offset to go on from (`from`
+/// when nothing was printed).
+async fn print_shipped(logs: &dyn gpupool::RunLogs, id: &JobId, mut from: u64) -> Result<u64> {
+    loop {
+        let page = logs.read_log(id, from).await?;
+        if page.dropped > 0 {
+            out(&format!(
+                "== gpupool: {} bytes of earlier output dropped (the log keeps the last 16 MiB)\n",
+                page.dropped
+            ));
+        }
+        if page.text.is_empty() {
+            return Ok(from);
+        }
+        out(&page.text);
+        from = page.next;
+    }
 }
 
 /// `gpupool logs -f`: the shipped log as it arrives, each line once and in
@@ -757,20 +760,7 @@ async fn follow_log(queue: &dyn Queue, id: &str) -> Result<ExitCode> {
     loop {
         // The state first: output shipped before the end is then all in.
         let state = queue.get(&id).await?.state;
-        loop {
-            let page = logs.read_log(&id, from).await?;
-            if page.dropped > 0 {
-                out(&format!(
-                    "== gpupool: {} bytes of earlier output dropped (the log keeps the last 16 MiB)\n",
-                    page.dropped
-                ));
-            }
-            if page.text.is_empty() {
-                break;
-            }
-            out(&page.text);
-            from = page.next;
-        }
+        from = print_shipped(logs, &id, from).await?;
         if state.is_terminal() {
             say(&format!("job {id} {state}"));
             return Ok(if state == JobState::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE });

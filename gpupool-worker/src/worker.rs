@@ -803,12 +803,11 @@ async fn execute(ctx: &Ctx, lease: &Lease, gpus: &[u32], stopper: &Stopper, laun
         Err(e) => return Report::Fail(Failure::new(e.kind, e.message)),
     };
     let job_dir = crate::outputs::job_outputs(&ctx.cfg.data_dir, &ctx.cfg.queue_id, lease.id());
-    let out = match tokio::task::spawn_blocking(move || crate::outputs::make(&job_dir, lease_attempt)).await {
-        Ok(Ok(dir)) => dir,
-        Ok(Err(e)) => {
-            ctx.workspace.remove(&checkout).await;
-            return Report::WorkerFault(format!("cannot make the run's output directory ({e})"));
-        }
+    let made = tokio::task::spawn_blocking(move || crate::outputs::make(&job_dir, lease_attempt))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    let out = match made {
+        Ok(dir) => dir,
         Err(e) => {
             ctx.workspace.remove(&checkout).await;
             return Report::WorkerFault(format!("cannot make the run's output directory ({e})"));
