@@ -127,6 +127,11 @@ pub(crate) enum Event {
         token: String,
         gpus: u32,
     },
+    /// Where a run left its files (`Queue::record_artifacts`); not fenced.
+    Artifacts {
+        id: String,
+        artifacts: Box<gpupool_core::Artifacts>,
+    },
     /// Earlier design: a parked job's work message was sent again. A parked
     /// job is queued now (only big enough wants take it), so this does
     /// nothing.
@@ -428,6 +433,7 @@ impl State {
             Event::Retry { id, dispatch } => self.retry(&id, dispatch, when),
             Event::Reclaim { id, token, dispatch } => self.reclaim(&id, &token, dispatch, when),
             Event::Parked { id, token, gpus } => self.park(&id, &token, gpus, when),
+            Event::Artifacts { id, artifacts } => self.record_artifacts(&id, *artifacts),
             Event::Unpark { .. } => Outcome::Ok,
             Event::Worker { info } => self.register_worker(*info, when),
             Event::WorkerGone { name } => self.forget_worker(&name),
@@ -452,6 +458,15 @@ impl State {
         self.order.push(id.clone());
         self.requeue(&id, dispatch, when);
         Outcome::Pushed(id)
+    }
+
+    /// `Artifacts`: kept unless the job holds a later attempt's.
+    fn record_artifacts(&mut self, id: &str, artifacts: gpupool_core::Artifacts) -> Outcome {
+        let Some(job) = self.jobs.get_mut(id) else { return Outcome::Missing };
+        if artifacts.replaces(job.record.artifacts.as_ref()) {
+            job.record.artifacts = Some(artifacts);
+        }
+        Outcome::Ok
     }
 
     /// `Want`: leases the best queued job that fits, or keeps the want for

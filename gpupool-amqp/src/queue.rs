@@ -750,6 +750,14 @@ impl Queue for AmqpQueue {
         }
     }
 
+    async fn record_artifacts(&self, id: &JobId, artifacts: &gpupool_core::Artifacts) -> Result<()> {
+        let event = Event::Artifacts { id: id.to_string(), artifacts: Box::new(artifacts.clone()) };
+        match self.emit(event).await? {
+            Outcome::Missing => Err(Error::NotFound { id: id.to_string() }),
+            _ => Ok(()),
+        }
+    }
+
     async fn get(&self, id: &JobId) -> Result<JobRecord> {
         self.sync().await?;
         let st = self.inner.state();

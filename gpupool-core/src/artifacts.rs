@@ -44,6 +44,15 @@ impl Artifacts {
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
     }
+
+    /// Whether these replace `kept`, what a record holds now: the rule of
+    /// [`crate::Queue::record_artifacts`] for every backend. A later
+    /// attempt's files, or the same attempt's with news (uploaded, or
+    /// failed to upload), replace what is there; an earlier attempt's,
+    /// reported late, never do.
+    pub fn replaces(&self, kept: Option<&Artifacts>) -> bool {
+        kept.is_none_or(|k| self.attempt >= k.attempt)
+    }
 }
 
 /// `bytes` as people read sizes: `512 B`, `1.5 KiB`, `2.0 GiB`.

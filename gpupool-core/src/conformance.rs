@@ -787,7 +787,7 @@ macro_rules! conformance_tests {
             failures_retry_then_fail, exit_and_timeout_retry_only_when_asked, failure_kinds, release_charges_no_attempt, cancel_queued_and_running,
             retry_failed_and_cancelled, reserve_order, list_filters_and_pages, idempotency_key,
             gpu_requirements, big_jobs_are_not_starved, parked_jobs_wait_for_a_big_enough_worker,
-            worker_registry, run_logs, reserve_waits_for_push, exists_after_init);
+            worker_registry, run_logs, artifacts, reserve_waits_for_push, exists_after_init);
     };
     (@each $setup:path, $teardown:path; $($name:ident),* $(,)?) => {
         $(
@@ -855,6 +855,55 @@ pub async fn run_logs(q: Arc<dyn Queue>) {
     q.complete(&lease, Completion::default()).await.unwrap();
 }
 
+/// Where a run's files are ([`Queue::record_artifacts`]): kept on the
+/// record after its end, shown by `get` and `list`, replaced by the same
+/// or a later attempt's and never by an earlier one's; an unknown id is
+/// `NotFound`.
+pub async fn artifacts(q: Arc<dyn Queue>) {
+    let queue = unique_queue("artifacts");
+    let mut spec = job(&queue);
+    spec.max_attempts = Some(2);
+    let id = q.push(spec).await.unwrap();
+    assert_eq!(q.get(&id).await.unwrap().artifacts, None, "none before a run");
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    q.fail(&lease, Failure::new(FailureKind::Exit, "exit 1")).await.unwrap();
+    let files = vec![
+        crate::ArtifactFile { path: "model/best.pth".into(), size: 3 << 30 },
+        crate::ArtifactFile { path: "ünïcode name.txt".into(), size: 0 },
+    ];
+    let local = crate::Artifacts {
+        attempt: 1,
+        location: "gpu-7:/var/lib/gpupool/outputs/q-1/job-1/attempt-1".into(),
+        stored: false,
+        files,
+        error: None,
+    };
+    q.record_artifacts(&id, &local).await.expect("record a finished attempt's files");
+    assert_eq!(q.get(&id).await.unwrap().artifacts.as_ref(), Some(&local));
+
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    assert_eq!(lease.attempt(), 2);
+    assert_eq!(q.get(&id).await.unwrap().artifacts.as_ref(), Some(&local), "kept while the next attempt runs");
+    let second = crate::Artifacts { attempt: 2, files: Vec::new(), ..local.clone() };
+    q.complete(&lease, Completion::default()).await.unwrap();
+    q.record_artifacts(&id, &second).await.unwrap();
+    let late = crate::Artifacts { error: Some("upload failed".into()), ..local.clone() };
+    q.record_artifacts(&id, &late).await.unwrap();
+    assert_eq!(q.get(&id).await.unwrap().artifacts.as_ref(), Some(&second), "an earlier attempt's never replaces");
+    let uploaded = crate::Artifacts {
+        location: "s3://bucket/runs/q-1/job-1/attempt-2/".into(),
+        stored: true,
+        error: Some("kept locally too".into()),
+        ..second.clone()
+    };
+    q.record_artifacts(&id, &uploaded).await.unwrap();
+    assert_eq!(q.get(&id).await.unwrap().artifacts.as_ref(), Some(&uploaded), "the same attempt's news replaces");
+    let listed = q.list(&ListFilter { queue: Some(queue.clone()), ..ListFilter::default() }).await.unwrap();
+    assert_eq!(listed.iter().find(|r| r.id == id).and_then(|r| r.artifacts.as_ref()), Some(&uploaded), "list shows it");
+    assert_eq!(q.get(&id).await.unwrap().to_json()["artifacts"]["files"].as_array().map(Vec::len), Some(0));
+    assert!(matches!(q.record_artifacts(&JobId::new("987654321"), &local).await, Err(Error::NotFound { .. })));
+}
+
 /// Every function above, one after another (for a quick local run; backends
 /// call each from its own test so they run in parallel).
 pub async fn run_all(q: Arc<dyn Queue>) {
@@ -879,6 +928,7 @@ pub async fn run_all(q: Arc<dyn Queue>) {
     parked_jobs_wait_for_a_big_enough_worker(Arc::clone(&q)).await;
     worker_registry(Arc::clone(&q)).await;
     run_logs(Arc::clone(&q)).await;
+    artifacts(Arc::clone(&q)).await;
     reserve_waits_for_push(Arc::clone(&q)).await;
     exists_after_init(q).await;
 }

@@ -454,6 +454,9 @@ pub struct JobRecord {
     pub output_tail: Option<String>,
     /// Optional result a successful run reported.
     pub result: Option<serde_json::Value>,
+    /// Where the files its last run produced are, and what they are
+    /// ([`crate::Queue::record_artifacts`]); `None` until a run kept some.
+    pub artifacts: Option<crate::Artifacts>,
     /// A cancel was asked for while it ran.
     pub cancel_requested: bool,
     /// When it was pushed.
@@ -484,6 +487,7 @@ impl JobRecord {
             signal: None,
             output_tail: None,
             result: None,
+            artifacts: None,
             cancel_requested: false,
             created_at,
             started_at: None,
@@ -515,6 +519,7 @@ impl JobRecord {
             "worker": self.worker,
             "cancel_requested": self.cancel_requested,
             "result": self.result,
+            "artifacts": self.artifacts,
             "created_at": self.created_at.to_rfc3339(),
             "started_at": self.started_at.map(Timestamp::to_rfc3339),
             "finished_at": self.finished_at.map(Timestamp::to_rfc3339),

@@ -47,6 +47,7 @@ pub mod workspace;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
+pub use artifacts::{ArtifactFile, Artifacts};
 pub use error::{BoxError, Error, Result};
 pub use gpu::GpuInventory;
 pub use job::{

@@ -386,6 +386,15 @@ impl Queue for MemoryQueue {
             .collect())
     }
 
+    async fn record_artifacts(&self, id: &JobId, artifacts: &crate::Artifacts) -> Result<()> {
+        let mut st = self.lock();
+        let (_, e) = Self::entry(&mut st, id)?;
+        if artifacts.replaces(e.record.artifacts.as_ref()) {
+            e.record.artifacts = Some(artifacts.clone());
+        }
+        Ok(())
+    }
+
     async fn park(&self, lease: &Lease, _gpus: u32) -> Result<()> {
         // Reserve filters by GPUs: a smaller worker is never offered the job.
         self.release(lease).await

@@ -426,6 +426,7 @@ impl Default for ListFilter {
 /// - the user's steps: `add` (and `push`, its short form), then by id
 ///   `request_cancel` and `retry`;
 /// - reading: `get`, `list`, `errors`;
+/// - after a run, unfenced: `record_artifacts` (where its files went);
 /// - `init`, `exists` and `capabilities` for setup and for what the CLI and the
 ///   conformance suite may expect.
 ///
@@ -484,6 +485,9 @@ impl Default for ListFilter {
 ///     async fn get(&self, id: &JobId) -> Result<JobRecord> { todo!() }
 ///     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>> { todo!() }
 ///     async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> { todo!() }
+///     async fn record_artifacts(&self, id: &JobId, artifacts: &Artifacts) -> Result<()> {
+///         todo!("set the record's artifacts where artifacts.replaces() what it holds")
+///     }
 ///     fn worker_registry(&self) -> Option<&dyn WorkerRegistry> {
 ///         None // `gpupool status` then says workers are not tracked
 ///     }
@@ -617,6 +621,17 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// Failed-attempt records, newest first: all of them or one job's.
     async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>>;
 
+    /// Records where an attempt's files are and what they are: the job's
+    /// [`JobRecord::artifacts`] becomes `artifacts` if
+    /// [`Artifacts::replaces`] what it holds (the same or an earlier
+    /// attempt's), and is left alone otherwise. The worker calls it after
+    /// the run has ended, when it has kept the run's files and again once
+    /// they are uploaded, so it is not fenced by a lease: the job may have
+    /// ended or be running its next attempt. `NotFound` for an unknown id.
+    ///
+    /// [`Artifacts::replaces`]: crate::Artifacts::replaces
+    async fn record_artifacts(&self, id: &JobId, artifacts: &crate::Artifacts) -> Result<()>;
+
     /// Where workers register, if this backend keeps a registry
     /// (`Some(self)` for a backend that implements [`WorkerRegistry`]).
     /// `None`: workers run but are not listed by `gpupool status`.
@@ -745,6 +760,7 @@ pub trait WorkerRegistry: Send + Sync {
 /// #     async fn get(&self, id: &gpupool_core::JobId) -> Result<gpupool_core::JobRecord> { self.0.get(id).await }
 /// #     async fn list(&self, f: &gpupool_core::ListFilter) -> Result<Vec<gpupool_core::JobRecord>> { self.0.list(f).await }
 /// #     async fn errors(&self, j: Option<&gpupool_core::JobId>, n: u32) -> Result<Vec<gpupool_core::AttemptError>> { self.0.errors(j, n).await }
+/// #     async fn record_artifacts(&self, id: &gpupool_core::JobId, a: &gpupool_core::Artifacts) -> Result<()> { self.0.record_artifacts(id, a).await }
 /// #     fn worker_registry(&self) -> Option<&dyn gpupool_core::WorkerRegistry> { None }
 /// #     fn run_logs(&self) -> Option<&dyn gpupool_core::RunLogs> { None }
 /// # }

@@ -75,6 +75,9 @@ pub struct JobRow {
     pub output_tail: Option<String>,
     /// The result a successful run reported, as JSON.
     pub result: Option<String>,
+    /// Where the last run's files are, as the JSON of
+    /// [`crate::Artifacts`].
+    pub artifacts: Option<String>,
     /// Whether a cancel was asked for while it ran.
     pub cancel_requested: bool,
     /// When it was pushed.
@@ -109,6 +112,7 @@ impl JobRow {
         r.signal = self.signal;
         r.output_tail = self.output_tail;
         r.result = self.result.map(|text| json_column(backend, "result", &text)).transpose()?;
+        r.artifacts = self.artifacts.map(|text| json_column(backend, "artifacts", &text)).transpose()?;
         r.cancel_requested = self.cancel_requested;
         r.started_at = self.started_at.map(Timestamp);
         r.finished_at = self.finished_at.map(Timestamp);
@@ -331,6 +335,7 @@ mod tests {
             signal: None,
             output_tail: Some("boom".into()),
             result: Some(r#"{"loss":0.5}"#.into()),
+            artifacts: Some(r#"{"attempt":2,"location":"h:/o","stored":false,"files":[]}"#.into()),
             cancel_requested: true,
             created_at: 10,
             started_at: Some(20),
@@ -347,6 +352,7 @@ mod tests {
         assert_eq!(r.gpu_ids, Some(vec![1, 3]));
         assert_eq!((r.exit_code, r.signal, r.output_tail.as_deref()), (Some(1), None, Some("boom")));
         assert_eq!(r.result, Some(serde_json::json!({"loss": 0.5})));
+        assert_eq!(r.artifacts.map(|a| (a.attempt, a.location)), Some((2, "h:/o".to_owned())));
         assert!(r.cancel_requested);
         assert_eq!(
             (r.created_at, r.started_at, r.finished_at),
@@ -363,6 +369,7 @@ mod tests {
             (JobRow { attempt: -1, ..row() }, "test backend error: attempt -1 is out of range"),
             (JobRow { gpu_ids: Some("[-1]".into()), ..row() }, "test backend error: gpu_ids: "),
             (JobRow { result: Some("{".into()), ..row() }, "test backend error: result: "),
+            (JobRow { artifacts: Some("[]".into()), ..row() }, "test backend error: artifacts: "),
         ];
         for (bad, message) in cases {
             let e = bad.into_record("test").unwrap_err();

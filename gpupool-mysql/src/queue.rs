@@ -36,11 +36,13 @@ const LOCK_RETRIES: u32 = 5;
 
 /// The migrations, in order. `{prefix}` becomes the table prefix; statements
 /// are separated by a blank line after `;`.
-const MIGRATIONS: [(i64, &str); 3] = [
+const MIGRATIONS: [(i64, &str); 4] = [
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_workers.sql")),
     // Running jobs' shipped output (gpupool_core::RunLogs), one row per piece.
     (3, include_str!("../migrations/0003_job_logs.sql")),
+    // Where a job's last run left its files (gpupool_core::Artifacts, JSON).
+    (4, include_str!("../migrations/0004_artifacts.sql")),
 ];
 
 /// Pieces of a log read per call: about a megabyte at the worker's batching.
@@ -62,7 +64,7 @@ macro_rules! job_columns {
     () => {
         concat!(
             "id, state, attempt, attempt_limit, spec, commit_sha, worker, gpu_ids, exit_code, term_signal, ",
-            "output_tail, result, ",
+            "output_tail, result, artifacts, ",
             "cancel_requested, ",
             ms!("created_at"),
             " AS created_ms, ",
@@ -114,6 +116,7 @@ struct Sql {
     worker_gone: Arc<str>,
     workers: Arc<str>,
     ship_result: Arc<str>,
+    set_artifacts: Arc<str>,
     log_end: Arc<str>,
     log_insert: Arc<str>,
     log_trim: Arc<str>,
@@ -208,6 +211,11 @@ impl Sql {
                 ms!("UTC_TIMESTAMP(6)")
             )),
             ship_result: s("UPDATE {p}jobs SET result = ? WHERE id = ?"),
+            // Artifacts::replaces, in SQL; a stored value that does not
+            // read is replaced too.
+            set_artifacts: s("UPDATE {p}jobs SET artifacts = ? WHERE id = ? AND (artifacts IS NULL OR \
+                              CASE WHEN JSON_VALID(artifacts) \
+                              THEN CAST(JSON_EXTRACT(artifacts, '$.attempt') AS SIGNED) ELSE 0 END <= ?)"),
             log_end: s("SELECT CAST(COALESCE(MAX(start + len), 0) AS SIGNED) FROM {p}job_logs WHERE job_id = ?"),
             log_insert: s("INSERT INTO {p}job_logs (job_id, start, len, text) VALUES (?, ?, ?, ?)"),
             log_trim: s("DELETE FROM {p}job_logs WHERE job_id = ? AND start < ? AND start < ?"),
@@ -476,6 +484,7 @@ fn record(row: &MySqlRow) -> Result<JobRecord> {
         signal: get(row, "term_signal")?,
         output_tail: get(row, "output_tail")?,
         result: get(row, "result")?,
+        artifacts: get(row, "artifacts")?,
         cancel_requested: get::<i8>(row, "cancel_requested")? != 0,
         created_at: get(row, "created_ms")?,
         started_at: get(row, "started_ms")?,
@@ -823,6 +832,26 @@ impl Queue for MysqlQueue {
             })
         })
         .await
+    }
+
+    async fn record_artifacts(&self, id: &JobId, artifacts: &gpupool_core::Artifacts) -> Result<()> {
+        let n = id.as_i64()?;
+        let text = serde_json::to_string(artifacts).map_err(|e| Error::backend(BACKEND, e))?;
+        let done = q(&self.sql.set_artifacts)
+            .bind(text)
+            .bind(n)
+            .bind(i64::from(artifacts.attempt))
+            .execute(&self.pool)
+            .await
+            .map_err(map)?;
+        // Zero rows: an unknown job, a later attempt's files, or (MySQL
+        // counts changed rows) the same value again.
+        if done.rows_affected() == 0
+            && q(&self.sql.job_known).bind(n).fetch_optional(&self.pool).await.map_err(map)?.is_none()
+        {
+            return Err(Error::NotFound { id: id.to_string() });
+        }
+        Ok(())
     }
 
     async fn get(&self, id: &JobId) -> Result<JobRecord> {

@@ -74,6 +74,7 @@ struct Scripts {
     trim: Script,
     ship: Script,
     read_log: Script,
+    artifacts: Script,
 }
 
 impl Scripts {
@@ -99,6 +100,7 @@ impl Scripts {
             trim: script!("trim.lua", "states", "jobs"),
             ship: script!("ship.lua", "states", "jobs"),
             read_log: script!("readlog.lua"),
+            artifacts: script!("artifacts.lua"),
         }
     }
 }
@@ -631,6 +633,7 @@ fn record(id: &str, h: &HashMap<String, String>) -> Result<JobRecord> {
     r.signal = num(h, "signal");
     r.output_tail = h.get("output_tail").cloned();
     r.result = h.get("result").filter(|v| !v.is_empty()).and_then(|v| serde_json::from_str(v).ok());
+    r.artifacts = h.get("artifacts").filter(|v| !v.is_empty()).and_then(|v| serde_json::from_str(v).ok());
     r.cancel_requested = h.get("cancel").is_some_and(|v| v == "1");
     r.started_at = num(h, "started").map(Timestamp);
     r.finished_at = num(h, "finished").map(Timestamp);
@@ -824,6 +827,16 @@ impl Queue for RedisQueue {
                 id,
                 other.parse().map_err(|_| Error::backend("redis", format!("unknown state `{other}`")))?,
             )),
+        }
+    }
+
+    async fn record_artifacts(&self, id: &JobId, artifacts: &gpupool_core::Artifacts) -> Result<()> {
+        id.as_i64()?;
+        let text = serde_json::to_string(artifacts).map_err(|e| Error::backend("redis", e))?;
+        let args = [id.to_string(), artifacts.attempt.to_string(), text];
+        match self.script_status(&self.scripts.artifacts, &args).await? {
+            Value::Int(-1) => Err(Error::NotFound { id: id.to_string() }),
+            _ => Ok(()),
         }
     }
 

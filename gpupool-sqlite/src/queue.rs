@@ -37,12 +37,13 @@ const POLL: Duration = Duration::from_millis(25);
 const UNREADABLE_PER_RESERVE: usize = 8;
 
 /// The migrations, in order; `PRAGMA user_version` records the last applied.
-const MIGRATIONS: [(i64, &str); 5] = [
+const MIGRATIONS: [(i64, &str); 6] = [
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_workers.sql")),
     (3, include_str!("../migrations/0003_drop_lease_index.sql")),
     (4, include_str!("../migrations/0004_state_index_skips_queued.sql")),
     (5, include_str!("../migrations/0005_job_logs.sql")),
+    (6, include_str!("../migrations/0006_artifacts.sql")),
 ];
 
 /// Puts the file in WAL mode, once, before the pool opens; WAL is a property
@@ -71,7 +72,7 @@ async fn set_wal(connect: &SqliteConnectOptions, busy_timeout: Duration) -> std:
 macro_rules! job_columns {
     () => {
         "id, state, attempt, attempt_limit, spec, commit_sha, worker, gpu_ids, exit_code, signal, output_tail, result, \
-         cancel_requested, created_at, started_at, finished_at"
+         artifacts, cancel_requested, created_at, started_at, finished_at"
     };
 }
 
@@ -301,6 +302,7 @@ fn record(row: &SqliteRow) -> Result<JobRecord> {
         signal: get(row, "signal")?,
         output_tail: get(row, "output_tail")?,
         result: get(row, "result")?,
+        artifacts: get(row, "artifacts")?,
         cancel_requested: get(row, "cancel_requested")?,
         created_at: get(row, "created_at")?,
         started_at: get(row, "started_at")?,
@@ -675,6 +677,34 @@ impl Queue for SqliteQueue {
         .map_err(map)?;
         tx.commit().await.map_err(map)?;
         self.pushed.notify_waiters();
+        Ok(())
+    }
+
+    async fn record_artifacts(&self, id: &JobId, artifacts: &gpupool_core::Artifacts) -> Result<()> {
+        let n = id.as_i64()?;
+        let text = serde_json::to_string(artifacts).map_err(|e| Error::backend(BACKEND, e))?;
+        // Artifacts::replaces, in SQL: a stored value that does not read is
+        // replaced too.
+        let done = sqlx::query(
+            "UPDATE jobs SET artifacts = ?2 WHERE id = ?1 AND (artifacts IS NULL \
+             OR CASE WHEN json_valid(artifacts) THEN json_extract(artifacts, '$.attempt') ELSE 0 END <= ?3)",
+        )
+        .bind(n)
+        .bind(text)
+        .bind(i64::from(artifacts.attempt))
+        .execute(&self.pool)
+        .await
+        .map_err(map)?;
+        if done.rows_affected() == 0 {
+            let known: Option<i64> = sqlx::query_scalar("SELECT id FROM jobs WHERE id = ?1")
+                .bind(n)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map)?;
+            if known.is_none() {
+                return Err(Error::NotFound { id: id.to_string() });
+            }
+        }
         Ok(())
     }
 

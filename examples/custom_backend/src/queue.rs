@@ -353,6 +353,22 @@ impl Queue for PgQueue {
         }
     }
 
+    async fn record_artifacts(&self, id: &JobId, artifacts: &gpupool_core::Artifacts) -> Result<()> {
+        let n = id.as_i64()?;
+        let text = serde_json::to_string(artifacts).map_err(|e| Error::backend(BACKEND, e))?;
+        let set = q(&self.sql.artifacts)
+            .bind(n)
+            .bind(text)
+            .bind(i64::from(artifacts.attempt))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map)?;
+        if set.is_none() {
+            self.state_of(&self.pool, n).await?; // NotFound, or a later attempt's are kept
+        }
+        Ok(())
+    }
+
     async fn get(&self, id: &JobId) -> Result<JobRecord> {
         let n = id.as_i64()?;
         let row = q(&self.sql.job).bind(n).fetch_optional(&self.pool).await.map_err(map)?;

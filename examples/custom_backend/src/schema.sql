@@ -51,6 +51,10 @@ CREATE TABLE IF NOT EXISTS {p}job_errors (
     at          TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
+-- Where the last run left its files (gpupool_core::Artifacts as JSON), added
+-- after the first release: tables made before it get the column here.
+ALTER TABLE {p}jobs ADD COLUMN IF NOT EXISTS artifacts TEXT;
+
 CREATE INDEX IF NOT EXISTS {p}job_errors_job ON {p}job_errors (job_id, id);
 
 CREATE TABLE IF NOT EXISTS {p}workers (

@@ -29,7 +29,7 @@ macro_rules! ms {
 /// The columns [`record`] reads.
 const JOB: &str = concat!(
     "id, state, attempt, attempt_limit, spec, commit_sha, worker, gpu_ids, exit_code, term_signal, output_tail, result, ",
-    "cancel_requested, lease_token, ",
+    "artifacts, cancel_requested, lease_token, ",
     ms!("created_at"),
     " AS created_ms, ",
     ms!("started_at"),
@@ -74,6 +74,7 @@ pub(crate) struct Sql {
     pub(crate) worker_delete: Arc<str>,
     pub(crate) worker_gone: Arc<str>,
     pub(crate) workers: Arc<str>,
+    pub(crate) artifacts: Arc<str>,
 }
 
 impl Sql {
@@ -145,6 +146,9 @@ impl Sql {
                 ms!("now()"),
                 " AS now_ms FROM {p}workers ORDER BY name"
             )),
+            // Artifacts::replaces, in SQL.
+            artifacts: s("UPDATE {p}jobs SET artifacts = $2 WHERE id = $1 \
+                          AND (artifacts IS NULL OR (artifacts::jsonb ->> 'attempt')::BIGINT <= $3) RETURNING id"),
         }
     }
 }
@@ -183,6 +187,10 @@ pub(crate) fn record(row: &PgRow) -> Result<JobRecord> {
         .map(|text| serde_json::from_str(&text))
         .transpose()
         .map_err(|e| Error::backend(BACKEND, format!("stored result is not JSON: {e}")))?;
+    r.artifacts = get::<Option<String>>(row, "artifacts")?
+        .map(|text| serde_json::from_str(&text))
+        .transpose()
+        .map_err(|e| Error::backend(BACKEND, format!("stored artifacts do not read: {e}")))?;
     r.cancel_requested = get(row, "cancel_requested")?;
     r.started_at = get::<Option<i64>>(row, "started_ms")?.map(Timestamp);
     r.finished_at = get::<Option<i64>>(row, "finished_ms")?.map(Timestamp);

@@ -1,0 +1,1 @@
+ALTER TABLE {prefix}jobs ADD COLUMN artifacts LONGTEXT NULL
