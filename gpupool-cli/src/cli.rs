@@ -116,6 +116,22 @@ enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// List the files a job's run kept, and where they are.
+    Artifacts {
+        /// Job id.
+        id: String,
+    },
+    /// Download the files a job's run kept into DEST (default ./runs/ID/).
+    Pull {
+        /// Job id.
+        id: String,
+        /// Where to put them.
+        dest: Option<PathBuf>,
+        /// The artifact store whose options (endpoint, region, keys) apply
+        /// when it names the files' bucket (env GPUPOOL_ARTIFACTS).
+        #[arg(long, env = "GPUPOOL_ARTIFACTS", hide_env_values = true, value_name = "URL")]
+        artifacts: Option<String>,
+    },
     /// Show the queue, its workers with their GPUs, and jobs that cannot start.
     Status,
     /// Print the settings in force and where each came from.
@@ -185,6 +201,15 @@ struct WorkerArgs {
     /// as 30d; by default they stay until you remove them.
     #[arg(long, env = "GPUPOOL_OUTPUTS_MAX_AGE", hide_env_values = true)]
     outputs_max_age: Option<String>,
+    /// Upload each run's files, once it ends, to this store: file:///dir,
+    /// s3://bucket/prefix, gs://bucket/prefix or az://container/prefix
+    /// (env GPUPOOL_ARTIFACTS).
+    #[arg(long, env = "GPUPOOL_ARTIFACTS", hide_env_values = true, value_name = "URL")]
+    artifacts: Option<String>,
+    /// Keep the local copy of uploaded files too (by default it is removed
+    /// once the upload is verified).
+    #[arg(long)]
+    keep_outputs: bool,
     /// Exit once nothing runs here and nothing can be reserved.
     #[arg(long)]
     burst: bool,
@@ -418,6 +443,11 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             return retry(queue.as_ref(), &ids).await;
         }
         Command::Status => status(queue.as_ref(), &s.url, json).await?,
+        Command::Artifacts { id } => artifacts(queue.as_ref(), &id, json).await?,
+        Command::Pull { id, dest, artifacts } => {
+            let store = artifacts.or_else(|| s.file.artifacts.clone());
+            pull(queue.as_ref(), &id, dest, store.as_deref(), json).await?;
+        }
         Command::Logs { id, follow: false } => logs(queue.as_ref(), &s, &id).await?,
         Command::Logs { id, follow: true } => return follow_log(queue.as_ref(), &id).await,
         Command::Config => {}
@@ -515,6 +545,9 @@ fn config(s: &Settings, json: bool) {
         for (key, value) in map {
             match (key.as_str(), value) {
                 ("queue" | "data_dir", _) | (_, serde_json::Value::Null) => {}
+                ("artifacts", serde_json::Value::String(url)) => {
+                    rows.push((key, gpupool::worker::store::shown(&url), file.clone()));
+                }
                 ("worker", serde_json::Value::Object(worker)) => {
                     for (k, v) in worker.into_iter().filter(|(_, v)| !v.is_null()) {
                         rows.push((format!("worker.{k}"), plain(&v), file.clone()));
@@ -722,6 +755,89 @@ async fn logs(queue: &dyn Queue, s: &Settings, id: &str) -> Result<()> {
     match tail {
         Some(t) if !t.is_empty() => out(&t),
         _ => say(&format!("no log for job {id} on this host and no stored output yet")),
+    }
+    Ok(())
+}
+
+/// `gpupool artifacts ID`: the files a job's run kept and where they are.
+async fn artifacts(queue: &dyn Queue, id: &str, json: bool) -> Result<()> {
+    let id = job_id(id)?;
+    let job = queue.get(&id).await?;
+    if json {
+        print_json(&serde_json::to_value(&job.artifacts).unwrap_or_default());
+        return Ok(());
+    }
+    let Some(a) = job.artifacts else {
+        out(&format!(
+            "job {id} kept no files{}
+",
+            if job.state.is_terminal() { "" } else { " yet" }
+        ));
+        return Ok(());
+    };
+    let size = gpupool::artifacts::human_size(a.total_bytes());
+    let place = if a.stored { "in the artifact store".to_owned() } else { "on the worker's disk".to_owned() };
+    let mut text = format!(
+        "job {id} attempt {}: {} file(s), {size}, {place}
+{}
+",
+        a.attempt,
+        a.files.len(),
+        a.location
+    );
+    if let Some(e) = &a.error {
+        text.push_str(&format!(
+            "note: {e}
+"
+        ));
+    }
+    let rows: Vec<Vec<String>> =
+        a.files.iter().map(|f| vec![f.path.clone(), gpupool::artifacts::human_size(f.size)]).collect();
+    text.push_str(&crate::table(&["FILE", "SIZE"], &rows));
+    out(&text);
+    Ok(())
+}
+
+/// `gpupool pull ID [DEST]`: the files a job's run kept, from the artifact
+/// store (or this host's disk) into DEST.
+async fn pull(queue: &dyn Queue, id: &str, dest: Option<PathBuf>, store: Option<&str>, json: bool) -> Result<()> {
+    use gpupool::worker::ArtifactStore;
+    let id = job_id(id)?;
+    let job = queue.get(&id).await?;
+    let Some(a) = job.artifacts else {
+        let when = if job.state.is_terminal() { "" } else { " yet (it has not ended)" };
+        return Err(Error::Config(format!("job {id} kept no files{when}; nothing to pull")));
+    };
+    let dest = dest.unwrap_or_else(|| PathBuf::from("runs").join(id.as_str()));
+    let from = if a.stored {
+        ArtifactStore::at_location(&a.location, store).map_err(Error::Config)?
+    } else {
+        // On a worker's disk: readable here only if this is that host.
+        let (host, path) = a.location.split_once(':').unwrap_or(("", a.location.as_str()));
+        let this_host = gpupool::default_worker_name().rsplit_once(':').map(|(h, _)| h.to_owned()).unwrap_or_default();
+        let why = a.error.as_deref().map_or_else(String::new, |e| format!(" ({e})"));
+        if host != this_host || !std::path::Path::new(path).is_dir() {
+            return Err(Error::Config(format!(
+                "job {id}'s files are not in an artifact store: they are on host {host} at {path}{why}; \
+                 copy them from there, such as `scp -r {host}:{path} {}`",
+                dest.display()
+            )));
+        }
+        ArtifactStore::at_location(&format!("file://{path}"), None).map_err(Error::Config)?
+    };
+    let bytes = from.download(&a.files, &dest).await.map_err(|e| Error::Config(format!("pull of job {id}: {e}")))?;
+    if json {
+        let files: Vec<String> = a.files.iter().map(|f| f.path.clone()).collect();
+        print_json(
+            &serde_json::json!({"job": id.as_str(), "dest": dest.display().to_string(), "files": files, "bytes": bytes}),
+        );
+    } else {
+        out(&format!(
+            "pulled {} file(s), {}, of job {id} into {}\n",
+            a.files.len(),
+            gpupool::artifacts::human_size(bytes),
+            dest.display()
+        ));
     }
     Ok(())
 }
@@ -944,6 +1060,10 @@ fn worker_config(s: &Settings, args: WorkerArgs) -> Result<WorkerConfig> {
     if let Some(d) = args.outputs_max_age.or_else(|| w.outputs_max_age.clone()) {
         cfg.outputs_max_age = Some(parse_duration(&d)?);
     }
+    if let Some(url) = args.artifacts.or_else(|| f.artifacts.clone()) {
+        cfg.artifacts = Some(gpupool::worker::ArtifactStore::open(&url).map_err(Error::Config)?);
+    }
+    cfg.keep_outputs = args.keep_outputs || w.keep_outputs.unwrap_or(false);
     if cfg.heartbeat >= cfg.lease {
         return Err(Error::Config(format!(
             "the heartbeat ({}) must be shorter than the lease ({})",

@@ -61,6 +61,9 @@ pub struct FileConfig {
     pub setup: Option<Vec<String>>,
     /// Files whose hash decides whether setup runs again.
     pub setup_inputs: Option<Vec<String>>,
+    /// The artifact store runs' files are uploaded to and pulled from
+    /// (`file:///dir`, `s3://bucket/prefix`, `gs://…`, `az://…`).
+    pub artifacts: Option<String>,
     /// Worker settings.
     #[serde(default)]
     pub worker: WorkerFileConfig,
@@ -89,6 +92,8 @@ pub struct WorkerFileConfig {
     pub drain_timeout: Option<String>,
     /// Kept outputs unchanged for this long are removed, such as `30d`.
     pub outputs_max_age: Option<String>,
+    /// Keep the local copy of files uploaded to the artifact store.
+    pub keep_outputs: Option<bool>,
 }
 
 impl FileConfig {

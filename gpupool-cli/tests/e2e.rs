@@ -403,6 +403,106 @@ fn a_run_keeps_its_model_and_reports_results(backend: Backend) {
     assert!(tail.contains("VAL_ACC") && tail.contains("0.91"), "{tail}");
     let listed = w.json(&["jobs", "--sort", "-val_acc"]);
     assert_eq!(listed[0]["result"]["val_acc"], 0.91);
+    // The record says where the files are: on this worker's disk (no store).
+    let kept = &listed[0]["artifacts"];
+    assert_eq!((kept["attempt"].as_u64(), kept["stored"].as_bool()), (Some(1), Some(false)), "{kept}");
+    assert!(kept["location"].as_str().unwrap().ends_with(&format!("/job-{id}/attempt-1")), "{kept}");
+    let files: Vec<(String, u64)> = kept["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["path"].as_str().unwrap().to_owned(), f["size"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(files, [("métriques 1.csv".to_owned(), 17), ("test_model_dir/best.pth".to_owned(), 7000)]);
+    assert_eq!(w.json(&["artifacts", &id]), *kept, "gpupool artifacts --json is the record's");
+    let table = w.gp_ok(&["artifacts", &id]);
+    assert!(table.contains("2 file(s), 6.9 KiB, on the worker's disk") && table.contains("test_model_dir/best.pth"));
+    // `pull` on the host that holds them copies them.
+    w.gp_ok(&["pull", &id]);
+    let pulled = w.dir.join("runs").join(&id);
+    assert_eq!(std::fs::read(pulled.join("test_model_dir/best.pth")).unwrap(), b"weights".repeat(1000));
+    assert!(attempt.join("test_model_dir/best.pth").is_file(), "pulling from the worker's disk leaves them there");
+}
+
+/// `--artifacts`: the run's files go to the store once it ended, the record
+/// says where, the local copy goes (unless `--keep-outputs`), and `pull`
+/// fetches them on any host. A store that cannot take them loses nothing:
+/// the job's result stands and the record says where the files stayed.
+fn artifacts_go_to_the_store_and_pull_fetches_them(w: &World, store: &str, other_host_store: Option<&str>) {
+    let job = json!({"git_ref": "develop", "entrypoint": "ai_folder/train.py", "args": {"model_dir": "m"}});
+    let ids = w.push(&json!([job]));
+    w.burst(&["--artifacts", store]);
+    let record = w.job(&ids[0]);
+    assert_eq!(record["state"], "succeeded", "{record}");
+    let kept = &record["artifacts"];
+    assert_eq!(kept["stored"], true, "{kept}");
+    let base = store.split('?').next().unwrap().trim_end_matches('/');
+    let location = kept["location"].as_str().unwrap();
+    assert!(location.starts_with(base) && location.ends_with(&format!("/job-{}/attempt-1/", ids[0])), "{location}");
+    assert!(!location.contains('?'), "the store's options (secrets) are never recorded: {location}");
+    let local = w.dir.join("data/outputs");
+    let attempt =
+        std::fs::read_dir(&local).unwrap().next().unwrap().unwrap().path().join(format!("job-{}/attempt-1", ids[0]));
+    assert!(!attempt.exists(), "the local copy goes once the upload is verified");
+    let log = w.gp_ok(&["logs", &ids[0]]);
+    assert!(log.contains(&format!("uploaded 2 file(s), 6.9 KiB, to {location}")), "{log}");
+
+    // Another host: another working directory and data directory.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut pull = Command::new(env!("CARGO_BIN_EXE_gpupool"));
+    pull.args(["--queue", &w.url, "--data-dir", elsewhere.path().join("data").to_str().unwrap(), "pull", &ids[0]])
+        .current_dir(elsewhere.path())
+        .env_remove("GPUPOOL_ARTIFACTS");
+    if let Some(url) = other_host_store {
+        pull.args(["--artifacts", url]);
+    }
+    let out = pull.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pulled 2 file(s), 6.9 KiB"));
+    let pulled = elsewhere.path().join("runs").join(&ids[0]);
+    assert_eq!(std::fs::read(pulled.join("m/best.pth")).unwrap(), b"weights".repeat(1000));
+    assert_eq!(std::fs::read_to_string(pulled.join("métriques 1.csv")).unwrap(), "epoch,acc\n1,0.91\n");
+
+    // --keep-outputs: uploaded, and kept here too.
+    let ids = w.push(&json!([job]));
+    w.burst(&["--artifacts", store, "--keep-outputs"]);
+    assert_eq!(w.job(&ids[0])["artifacts"]["stored"], true);
+    let attempt = attempt.parent().unwrap().parent().unwrap().join(format!("job-{}/attempt-1", ids[0]));
+    assert!(attempt.join("m/best.pth").is_file(), "--keep-outputs keeps the local copy");
+}
+
+/// A store that cannot take the files: the job still succeeded, nothing is
+/// lost, and the record and the log say where the files are and why.
+fn a_store_that_fails_loses_nothing(w: &World, store: &str) {
+    let ids = w.push(&json!([{"git_ref": "develop", "entrypoint": "ai_folder/train.py", "args": {"model_dir": "m"}}]));
+    let stderr = w.burst(&["--artifacts", store]);
+    let record = w.job(&ids[0]);
+    assert_eq!(record["state"], "succeeded", "the run's result stands: {record}");
+    let kept = &record["artifacts"];
+    assert_eq!(kept["stored"], false, "{kept}");
+    let error = kept["error"].as_str().unwrap();
+    let base = store.split('?').next().unwrap();
+    assert!(error.starts_with(&format!("upload to {base} failed: ")), "{error}");
+    assert!(error.contains("the files stay at"), "{error}");
+    assert!(!error.contains("hush") && !stderr.contains("hush"), "no secret is shown: {error}");
+    let location = kept["location"].as_str().unwrap();
+    let (_, path) = location.split_once(':').unwrap();
+    assert!(Path::new(path).join("m/best.pth").is_file(), "the files stay where the record says");
+    assert!(w.gp_ok(&["logs", &ids[0]]).contains(&format!("upload to {base} failed")));
+    // And pull, on this host, takes them from there.
+    w.gp_ok(&["pull", &ids[0], "back"]);
+    assert!(w.dir.join("back/m/best.pth").is_file());
+}
+
+fn artifacts_in_a_folder_store(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
+    let store = format!("file://{}/store", w.dir.display());
+    artifacts_go_to_the_store_and_pull_fetches_them(&w, &store, None);
+    a_store_that_fails_loses_nothing(&w, "file:///dev/null/store");
+    // A store URL that is not one: the worker refuses to start, naming it.
+    let out = w.command(&["worker", "--burst", "--artifacts", "ftp://host/x"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scheme `ftp`"));
 }
 
 fn a_pinned_commit_runs_at_that_commit(backend: Backend) {
@@ -715,6 +815,90 @@ fn logs_follow_from_another_host_follows_a_running_job_to_its_end(backend: Backe
     worker.wait().unwrap();
 }
 
+/// An S3-compatible test server: `GPUPOOL_TEST_S3_ENDPOINT`, else moto
+/// (`pip install 'moto[server]'`) started on a free port; `None` after
+/// `skipped: …` (a failure under `GPUPOOL_REQUIRE_BACKENDS=1`).
+struct S3Server {
+    endpoint: String,
+    child: Option<Child>,
+}
+
+impl S3Server {
+    fn start() -> Option<S3Server> {
+        if let Some(endpoint) = std::env::var("GPUPOOL_TEST_S3_ENDPOINT").ok().filter(|e| !e.is_empty()) {
+            return Some(S3Server { endpoint, child: None });
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let started = child.ok().and_then(|mut child| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some(child);
+                }
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return None; // moto is not installed
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            None
+        });
+        match started {
+            Some(child) => Some(S3Server { endpoint: format!("http://127.0.0.1:{port}"), child: Some(child) }),
+            None => {
+                gpupool_core::conformance::service_url(
+                    "GPUPOOL_TEST_S3_ENDPOINT",
+                    "S3 artifact store test (moto)",
+                    || None,
+                )?;
+                None
+            }
+        }
+    }
+
+    /// Makes `bucket` (an unsigned request, which the test server takes).
+    fn make_bucket(&self, bucket: &str) {
+        use std::io::{Read, Write};
+        let hostport = self.endpoint.trim_start_matches("http://");
+        let mut conn = std::net::TcpStream::connect(hostport).unwrap();
+        write!(conn, "PUT /{bucket} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "cannot make the bucket: {answer}");
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `--artifacts s3://…` against a real S3-compatible server: uploaded,
+/// recorded without the URL's keys, pulled on another host; an unreachable
+/// endpoint retried, then recorded as failed with the files kept.
+#[test]
+fn artifacts_in_an_s3_store() {
+    let Some(s3) = S3Server::start() else { return };
+    let Some(w) = World::new(Backend::Sqlite) else { return };
+    let bucket = format!("gpupool-{}", gpupool_core::conformance::unique_suffix().to_lowercase());
+    s3.make_bucket(&bucket);
+    let keys = "access_key_id=test&secret_access_key=hush&region=us-east-1&allow_http=true";
+    let store = format!("s3://{bucket}/team/runs?endpoint={}&{keys}", s3.endpoint);
+    artifacts_go_to_the_store_and_pull_fetches_them(&w, &store, Some(&store));
+    let unreachable = format!("s3://{bucket}/runs?endpoint=http://127.0.0.1:1&{keys}&retry_timeout=1s&max_retries=1");
+    a_store_that_fails_loses_nothing(&w, &unreachable);
+}
+
 /// The backends that keep shipped logs.
 mod shipped_logs {
     #[test]
@@ -755,6 +939,7 @@ macro_rules! scenarios {
 scenarios!(
     seed_message_json_runs_at_the_branch_tip,
     a_run_keeps_its_model_and_reports_results,
+    artifacts_in_a_folder_store,
     a_pinned_commit_runs_at_that_commit,
     exit_status_decides_failure_not_stderr,
     a_killed_worker_takes_its_job_along_and_the_job_runs_again,

@@ -41,7 +41,9 @@ mod live;
 mod nvml;
 mod outputs;
 mod process;
+pub mod store;
 pub mod supervisor;
+mod uploads;
 mod worker;
 
 #[cfg(feature = "testing")]
@@ -51,6 +53,7 @@ pub use git::{CredentialPrompt, Credentials, GitWorkspace, mirror_name};
 pub use nvml::{NvmlInventory, Placement, inventory, resolve};
 pub use outputs::job_outputs;
 pub use process::ProcessRunner;
+pub use store::ArtifactStore;
 pub use worker::{Worker, WorkerBuilder, WorkerConfig, WorkerSummary, log_path};
 
 /// How a worker is told to stop ([`Worker::run`]'s argument), re-exported so

@@ -89,6 +89,13 @@ pub struct WorkerConfig {
     /// this long are removed, checked at start and hourly. `None` (the
     /// default): outputs stay until the user removes them.
     pub outputs_max_age: Option<Duration>,
+    /// Where runs' files are uploaded once they end (`--artifacts URL`).
+    /// `None`: they stay in the output directories on this host.
+    pub artifacts: Option<crate::ArtifactStore>,
+    /// Keep the local copy of files uploaded to the artifact store
+    /// (`--keep-outputs`); by default it is removed once the upload is
+    /// verified and recorded.
+    pub keep_outputs: bool,
     /// What names the queue on this host: its URL without a password
     /// (`gpupool worker` sets it). Job logs are kept per queue
     /// ([`log_path`]), and a restarted worker delivers only its own queue's
@@ -153,6 +160,8 @@ impl WorkerConfig {
             name: gpupool_core::default_worker_name(),
             tail_bytes: gpupool_core::runner::DEFAULT_TAIL_BYTES,
             outputs_max_age: None,
+            artifacts: None,
+            keep_outputs: false,
             queue_id: "default".to_owned(),
         }
     }
@@ -205,6 +214,8 @@ struct Ctx {
     allowed: Vec<String>,
     setup_lock: tokio::sync::Mutex<()>,
     health: StdMutex<Health>,
+    /// Records and uploads what runs leave in their output directories.
+    keeper: Arc<crate::uploads::Keeper>,
 }
 
 /// What a job's run comes to, to be reported.
@@ -275,6 +286,14 @@ impl WorkerBuilder {
         let runner = runner.unwrap_or_else(|| Arc::new(ProcessRunner::new()));
         let inventory = inventory.unwrap_or_else(|| cfg.inventory());
         let allowed = cfg.repo.iter().chain(&cfg.allowed_repos).map(|r| normalize_repo(r)).collect();
+        let host = cfg.name.rsplit_once(':').map_or(cfg.name.as_str(), |(h, _)| h).to_owned();
+        let keeper = Arc::new(crate::uploads::Keeper::new(
+            Arc::clone(&queue),
+            cfg.artifacts.clone(),
+            cfg.keep_outputs,
+            host,
+            cfg.data_dir.join("outputs"),
+        ));
         Worker {
             ctx: Arc::new(Ctx {
                 queue,
@@ -285,6 +304,7 @@ impl WorkerBuilder {
                 allowed,
                 setup_lock: tokio::sync::Mutex::new(()),
                 health: StdMutex::default(),
+                keeper,
             }),
         }
     }
@@ -389,6 +409,7 @@ impl Worker {
             warn!("could not withdraw this worker's open reserve ({e})");
         }
         slots.drain(cfg.drain_timeout, &stop_now).await;
+        ctx.keeper.drain(cfg.drain_timeout, &stop_now).await;
         registry.abort();
         if let Some(pruner) = pruner {
             pruner.abort();
@@ -504,9 +525,16 @@ impl Slots {
         let launched2 = launched.clone();
         self.tasks.spawn(
             async move {
-                run_job(&ctx2, &lease, &given, stop, &launched2).await;
+                let files = run_job(&ctx2, &lease, &given, stop, &launched2).await;
                 lock(&gpus).give_back(&given);
                 lock(&running).retain(|r| &r.id != lease.id());
+                // Off the GPUs and the slot: recording, then uploading, what
+                // the run left (the slot stays taken until this returns, so
+                // only the quick record waits here; the upload runs on).
+                if let Some(files) = files {
+                    let log = log_path(&ctx2.cfg.data_dir, &ctx2.cfg.queue_id, lease.id());
+                    ctx2.keeper.keep(lease.id(), files, log).await;
+                }
             }
             .instrument(span),
         );
@@ -692,7 +720,15 @@ impl Ctx {
     }
 }
 
-async fn run_job(ctx: &Ctx, lease: &Lease, gpus: &[u32], stop_all: CancellationToken, launched: &CancellationToken) {
+/// Runs one attempt and reports its end; returns the files it left in its
+/// output directory, if any.
+async fn run_job(
+    ctx: &Ctx,
+    lease: &Lease,
+    gpus: &[u32],
+    stop_all: CancellationToken,
+    launched: &CancellationToken,
+) -> Option<crate::uploads::RunFiles> {
     let stopper = Stopper::new();
     let hb = tokio::spawn(heartbeat_loop(
         Arc::clone(&ctx.queue),
@@ -709,11 +745,13 @@ async fn run_job(ctx: &Ctx, lease: &Lease, gpus: &[u32], stop_all: CancellationT
         })
     };
     info!(gpus = ?gpus, "running {} at {}", lease.job.spec.entrypoint, lease.job.spec.git_ref);
-    let report = execute(ctx, lease, gpus, &stopper, launched).await;
+    let mut files = None;
+    let report = execute(ctx, lease, gpus, &stopper, launched, &mut files).await;
     launched.cancel();
     shutdown_watch.abort();
     deliver(ctx, lease, report).await;
     hb.abort();
+    files
 }
 
 /// Removes outputs unchanged for `max_age`, now and then hourly.
@@ -764,7 +802,16 @@ fn stopped_report(reason: StopReason) -> Report {
     }
 }
 
-async fn execute(ctx: &Ctx, lease: &Lease, gpus: &[u32], stopper: &Stopper, launched: &CancellationToken) -> Report {
+/// Checks, prepares and runs one attempt; what it comes to, and (in
+/// `files`) what it left in its output directory.
+async fn execute(
+    ctx: &Ctx,
+    lease: &Lease,
+    gpus: &[u32],
+    stopper: &Stopper,
+    launched: &CancellationToken,
+    files: &mut Option<crate::uploads::RunFiles>,
+) -> Report {
     let spec = &lease.job.spec;
     // Checked again as it is about to run: whoever can write to the backend
     // must not get past the checks of push (an `LD_PRELOAD` written straight
@@ -815,16 +862,26 @@ async fn execute(ctx: &Ctx, lease: &Lease, gpus: &[u32], stopper: &Stopper, laun
     };
     let attempt = Attempt { ctx, lease, gpus, stopper, launched, repo: &repo, checkout: &checkout, out: &out };
     let report = attempt.run().await;
-    if keep_outputs(ctx, lease, &checkout, &out).await {
+    let (moved_all, kept) = keep_outputs(ctx, lease, &checkout, &out).await;
+    if moved_all {
         ctx.workspace.remove(&checkout).await;
+    }
+    if !kept.is_empty() {
+        *files = Some(crate::uploads::RunFiles { dir: out, attempt: lease_attempt, files: kept });
     }
     report
 }
 
 /// Moves what the run created or changed in its checkout into its output
-/// directory, and says in the job's log what was kept where. `false` when
-/// something could not be moved: the checkout then stays.
-async fn keep_outputs(ctx: &Ctx, lease: &Lease, checkout: &Checkout, out: &std::path::Path) -> bool {
+/// directory, and says in the job's log what was kept where. Returns
+/// whether everything was moved (if not, the checkout stays) and the files
+/// now in the output directory.
+async fn keep_outputs(
+    ctx: &Ctx,
+    lease: &Lease,
+    checkout: &Checkout,
+    out: &std::path::Path,
+) -> (bool, Vec<gpupool_core::ArtifactFile>) {
     let log = log_path(&ctx.cfg.data_dir, &ctx.cfg.queue_id, lease.id());
     let changed = match ctx.workspace.changed(checkout).await {
         Ok(c) => c,
@@ -833,7 +890,7 @@ async fn keep_outputs(ctx: &Ctx, lease: &Lease, checkout: &Checkout, out: &std::
                 format!("cannot tell what the run changed in {} ({e}); the checkout is kept", checkout.dir.display());
             warn!("{why}");
             note(&log, &why).await;
-            return false;
+            return (false, Vec::new());
         }
     };
     let (dir, out_dir) = (checkout.dir.clone(), out.to_path_buf());
@@ -841,7 +898,7 @@ async fn keep_outputs(ctx: &Ctx, lease: &Lease, checkout: &Checkout, out: &std::
         Ok(k) => k,
         Err(e) => {
             warn!("keeping the run's outputs failed ({e}); the checkout {} is kept", checkout.dir.display());
-            return false;
+            return (false, Vec::new());
         }
     };
     for problem in &kept.problems {
@@ -865,7 +922,7 @@ async fn keep_outputs(ctx: &Ctx, lease: &Lease, checkout: &Checkout, out: &std::
         note(&log, &format!("the checkout {} is kept: not everything in it could be moved", checkout.dir.display()))
             .await;
     }
-    kept.moved_all
+    (kept.moved_all, kept.files)
 }
 
 /// One attempt of a job on this worker, once its code is checked out: what
@@ -1129,7 +1186,7 @@ fn looks_like_oom(tail: &str) -> bool {
 }
 
 /// Appends a `== gpupool: …` line to a job's log.
-async fn note(log: &std::path::Path, text: &str) {
+pub(crate) async fn note(log: &std::path::Path, text: &str) {
     // One blocking task for the folder, the open and the write (tokio::fs
     // would hand each to the blocking pool in turn).
     let (path, line) = (log.to_path_buf(), format!("== gpupool: {text}\n"));
