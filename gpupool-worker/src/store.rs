@@ -257,8 +257,8 @@ impl ArtifactStore {
     }
 
     /// Uploads `files` (paths relative to `local`) to `folder`, each
-    /// checked against its size once stored. A failed file is tried again
-    /// [`FILE_TRIES`] times in all; then the upload stops with the reason.
+    /// checked against its size once stored. A file that fails is tried
+    /// three times in all; then the upload stops with the reason.
     ///
     /// # Errors
     ///
