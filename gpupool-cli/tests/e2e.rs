@@ -899,6 +899,55 @@ fn artifacts_in_an_s3_store() {
     a_store_that_fails_loses_nothing(&w, &unreachable);
 }
 
+/// A tmpfs mounted for one test (root only), unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs with `options` on `dir`, or says why not (a
+    /// `skipped:` line) and returns `None`.
+    fn mount(dir: &Path, options: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(dir).output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs(dir.to_path_buf())),
+            Ok(o) => {
+                eprintln!(
+                    "skipped: a tmpfs store ({options}): mount failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("skipped: a tmpfs store ({options}): cannot run mount: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A store on a read-only filesystem and one on a full disk: the upload
+/// fails with the system's reason, the job's result stands, the files stay.
+#[test]
+fn a_read_only_or_full_store_loses_nothing() {
+    let Some(w) = World::new(Backend::Sqlite) else { return };
+    if let Some(ro) = Tmpfs::mount(&w.dir.join("ro-store"), "ro,size=1m") {
+        a_store_that_fails_loses_nothing(&w, &format!("file://{}", ro.0.display()));
+        let error = w.json(&["jobs"])[0]["artifacts"]["error"].as_str().unwrap().to_owned();
+        assert!(error.contains("Read-only file system"), "{error}");
+    }
+    if let Some(full) = Tmpfs::mount(&w.dir.join("full-store"), "size=4k") {
+        a_store_that_fails_loses_nothing(&w, &format!("file://{}", full.0.display()));
+        let error = w.json(&["jobs"])[0]["artifacts"]["error"].as_str().unwrap().to_owned();
+        assert!(error.contains("No space left on device"), "{error}");
+    }
+}
+
 /// The backends that keep shipped logs.
 mod shipped_logs {
     #[test]
