@@ -127,6 +127,16 @@ pub(crate) enum Event {
         token: String,
         gpus: u32,
     },
+    /// A running job's output was shipped (`RunLogs::ship`): `len` bytes
+    /// of text (in the job's log stream, published after the verdict) and
+    /// the latest results. Fenced by the token.
+    Shipped {
+        id: String,
+        token: String,
+        len: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        result: Option<serde_json::Value>,
+    },
     /// Where a run left its files (`Queue::record_artifacts`); not fenced.
     Artifacts {
         id: String,
@@ -206,6 +216,8 @@ pub(crate) enum Outcome {
     State(JobState),
     /// No such job.
     Missing,
+    /// `Shipped`: the text goes at this byte offset of the job's log.
+    Shipped { start: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -218,6 +230,59 @@ pub(crate) struct Job {
     parked: Option<u32>,
     /// When this process last saw the lease renewed, and for how long.
     pub(crate) renewed: Option<(Instant, Duration)>,
+    /// Where its shipped log's pieces are in its log stream.
+    pub(crate) log: LogIndex,
+}
+
+/// What the fold knows of a job's shipped log, whose text is in a stream
+/// of its own (`PREFIXlog.ID`, one message per piece, the piece's byte
+/// offset in a header): its length, and where to start reading the stream
+/// to find a byte offset.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LogIndex {
+    /// Bytes announced so far: the next piece's byte offset.
+    pub(crate) end: u64,
+    /// Pieces announced so far: the next piece's offset in the stream.
+    count: u64,
+    /// Some pieces' byte offset and stream offset, oldest first: one at
+    /// least every [`MARK_EVERY`] pieces or [`MARK_BYTES`] bytes, only
+    /// those within two caps of the end (the rest cannot be read).
+    marks: std::collections::VecDeque<(u64, u64)>,
+}
+
+/// See [`LogIndex::marks`].
+const MARK_EVERY: u64 = 64;
+const MARK_BYTES: u64 = 256 << 10;
+
+/// Stream offsets a read starts before its mark: pieces announced whose
+/// text never reached the stream (a publish lost with its connection)
+/// shift later pieces back, by one each.
+const MARK_SLACK: u64 = 8;
+
+impl LogIndex {
+    /// Announces a piece of `len` bytes: its byte offset.
+    fn add(&mut self, len: u64) -> u64 {
+        let start = self.end;
+        let due = self.marks.back().is_none_or(|&(at, seq)| {
+            self.count.saturating_sub(seq) >= MARK_EVERY || start.saturating_sub(at) >= MARK_BYTES
+        });
+        if due {
+            self.marks.push_back((start, self.count));
+        }
+        self.end += len;
+        self.count += 1;
+        let keep_from = self.end.saturating_sub(2 * gpupool_core::LOG_CAP_BYTES);
+        while self.marks.len() > 1 && self.marks.get(1).is_some_and(|&(at, _)| at <= keep_from) {
+            self.marks.pop_front();
+        }
+        start
+    }
+
+    /// The stream offset to start reading at to find byte `from`.
+    pub(crate) fn seek(&self, from: u64) -> u64 {
+        let seq = self.marks.iter().rev().find(|&&(at, _)| at <= from).or(self.marks.front()).map_or(0, |&(_, s)| s);
+        seq.saturating_sub(MARK_SLACK)
+    }
 }
 
 impl Job {
@@ -434,6 +499,7 @@ impl State {
             Event::Reclaim { id, token, dispatch } => self.reclaim(&id, &token, dispatch, when),
             Event::Parked { id, token, gpus } => self.park(&id, &token, gpus, when),
             Event::Artifacts { id, artifacts } => self.record_artifacts(&id, *artifacts),
+            Event::Shipped { id, token, len, result } => self.ship(&id, &token, len, result),
             Event::Unpark { .. } => Outcome::Ok,
             Event::Worker { info } => self.register_worker(*info, when),
             Event::WorkerGone { name } => self.forget_worker(&name),
@@ -454,10 +520,22 @@ impl State {
             self.idempotency.insert(key.clone(), id.clone());
         }
         let record = JobRecord::new(JobId::new(id.clone()), spec, Timestamp(when.at));
-        self.jobs.insert(id.clone(), Job { record, token: None, dispatch: None, parked: None, renewed: None });
+        self.jobs.insert(
+            id.clone(),
+            Job { record, token: None, dispatch: None, parked: None, renewed: None, log: LogIndex::default() },
+        );
         self.order.push(id.clone());
         self.requeue(&id, dispatch, when);
         Outcome::Pushed(id)
+    }
+
+    /// `Shipped`: the holder's latest results, and a place for its text.
+    fn ship(&mut self, id: &str, token: &str, len: u64, result: Option<serde_json::Value>) -> Outcome {
+        let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
+        if result.is_some() {
+            job.record.result = result;
+        }
+        if len == 0 { Outcome::Ok } else { Outcome::Shipped { start: job.log.add(len) } }
     }
 
     /// `Artifacts`: kept unless the job holds a later attempt's.
@@ -849,5 +927,28 @@ mod tests {
         // New events carry no dispatch field.
         let text = serde_json::to_string(&env("f", pushed(JobSpec::new("main", "t.py")))).unwrap();
         assert!(!text.contains("dispatch"), "{text}");
+    }
+
+    #[test]
+    fn a_log_read_starts_at_or_before_the_piece_it_wants_and_marks_stay_few() {
+        let mut log = LogIndex::default();
+        let mut starts = Vec::new();
+        // 100k small pieces (a line a second for a day), then big ones.
+        for i in 0..100_000u64 {
+            starts.push(log.add(80 + i % 7));
+        }
+        for _ in 0..10 {
+            starts.push(log.add(1 << 20));
+        }
+        let bound = 100_010 / MARK_EVERY + log.end / MARK_BYTES + 1;
+        assert!(log.marks.len() as u64 <= bound, "a mark per 64 pieces or 256 KiB: {}", log.marks.len());
+        // Only the last cap's worth can be read (see read_log).
+        let readable = log.end - gpupool_core::LOG_CAP_BYTES;
+        for (seq, &start) in starts.iter().enumerate().filter(|&(_, &s)| s >= readable) {
+            let seek = log.seek(start);
+            assert!(seek <= seq as u64, "piece {seq} at {start}: seek {seek}");
+            assert!(seq as u64 - seek <= MARK_EVERY + MARK_SLACK + 2, "a read skips few pieces: {seek} for {seq}");
+        }
+        assert_eq!(LogIndex::default().seek(0), 0);
     }
 }

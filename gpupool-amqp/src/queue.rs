@@ -154,6 +154,8 @@ struct Inner {
     /// Set when a (re)connect started a replay that reads have not yet
     /// waited for.
     replaying: AtomicBool,
+    /// Jobs whose log stream this handle declared (on its first ship).
+    log_streams: StdMutex<std::collections::HashSet<String>>,
 }
 
 impl Inner {
@@ -242,6 +244,7 @@ impl AmqpQueue {
                 standing: StdMutex::default(),
                 last_reap: StdMutex::default(),
                 replaying: AtomicBool::new(false),
+                log_streams: StdMutex::default(),
             }),
         };
         // A ledger that is there is followed at once; one that is not is
@@ -297,12 +300,22 @@ impl AmqpQueue {
         vec![self.ledger_name()]
     }
 
-    /// Deletes the ledger: every job under this prefix (tests clean up with
-    /// it).
+    /// The stream that holds job `id`'s shipped log.
+    fn log_stream(&self, id: &str) -> String {
+        format!("{}log.{id}", self.inner.opts.prefix)
+    }
+
+    /// Deletes the ledger and the jobs' log streams: every job under this
+    /// prefix (tests clean up with it).
     pub async fn delete_queues(&self) -> Result<()> {
+        let _ = self.sync().await;
+        let logs: Vec<String> = {
+            let st = self.inner.state();
+            st.jobs.iter().filter(|(_, j)| j.log.end > 0).map(|(id, _)| self.log_stream(id)).collect()
+        };
         let link = self.link().await?;
         let ch = link.connection.create_channel().await.map_err(unavailable)?;
-        for name in self.declared_queues() {
+        for name in self.declared_queues().into_iter().chain(logs) {
             let _ = ch.queue_delete(name.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
         }
         let _ = ch.close(200, "bye".into()).await;
@@ -824,7 +837,153 @@ impl Queue for AmqpQueue {
     }
 
     fn run_logs(&self) -> Option<&dyn gpupool_core::RunLogs> {
-        None // not kept yet: `gpupool logs` reads the log where the job ran
+        Some(self)
+    }
+}
+
+/// Pieces of a log read per call: about a megabyte at the worker's batching.
+const LOG_PAGE_BYTES: u64 = 1 << 20;
+
+/// How long a log read waits for the stream's next message before it
+/// returns what it has.
+const LOG_READ_GAP: Duration = Duration::from_secs(2);
+
+/// Running jobs' output on RabbitMQ: the fold fences each piece and gives
+/// it its byte offset (a `Shipped` event in the ledger, with the latest
+/// results), and the text goes to a stream of the job's own,
+/// `PREFIXlog.ID`, one message per piece with its offset in a header. The
+/// ledger stays small (events of a few dozen bytes), and only a reader of
+/// that job's log reads its text. The stream keeps at most twice the cap
+/// (RabbitMQ drops whole segments); a read applies the cap exactly, from
+/// the log's length in the fold. A piece whose text was lost with its
+/// connection after its verdict leaves a gap the reader steps over.
+#[async_trait]
+impl gpupool_core::RunLogs for AmqpQueue {
+    async fn ship(&self, lease: &Lease, progress: &gpupool_core::Progress) -> Result<()> {
+        let event = Event::Shipped {
+            id: lease.id().to_string(),
+            token: lease.token.clone(),
+            len: progress.log.len() as u64,
+            result: progress.result.clone(),
+        };
+        if let Outcome::Shipped { start } = Self::fenced(lease, self.emit(event).await?)? {
+            self.publish_piece(lease.id().as_str(), start, &progress.log).await?;
+        }
+        Ok(())
+    }
+
+    async fn read_log(&self, id: &JobId, from: u64) -> Result<gpupool_core::LogPage> {
+        self.sync().await?;
+        let (end, seek) = {
+            let st = self.inner.state();
+            let job = st.jobs.get(id.as_str()).ok_or_else(|| Error::NotFound { id: id.to_string() })?;
+            let threshold = job.log.end.saturating_sub(gpupool_core::LOG_CAP_BYTES);
+            (job.log.end, job.log.seek(from.max(threshold)))
+        };
+        if from >= end {
+            return Ok(gpupool_core::LogPage { text: String::new(), next: from, dropped: 0 });
+        }
+        let pieces = self.read_pieces(id.as_str(), seek, from, end).await?;
+        if pieces.is_empty() {
+            // The stream is gone (deleted by hand) or holds none of it.
+            return Ok(gpupool_core::LogPage { text: String::new(), next: end, dropped: end - from });
+        }
+        Ok(gpupool_core::rows::log_page(from, &pieces))
+    }
+}
+
+impl AmqpQueue {
+    /// Publishes one piece of job `id`'s log at byte `start`, declaring the
+    /// job's log stream first if this handle has not yet.
+    async fn publish_piece(&self, id: &str, start: u64, text: &str) -> Result<()> {
+        let link = self.link().await?;
+        let stream = self.log_stream(id);
+        let declared = lock(&self.inner.log_streams).contains(&stream);
+        if !declared {
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+            let cap = i64::try_from(2 * gpupool_core::LOG_CAP_BYTES).unwrap_or(i64::MAX);
+            args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(cap));
+            args.insert("x-stream-max-segment-size-bytes".into(), AMQPValue::LongInt(2 << 20));
+            args.insert("x-max-age".into(), AMQPValue::LongString(self.inner.opts.ledger_max_age.as_str().into()));
+            let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+            let declared = link.publish.queue_declare(stream.as_str().into(), durable, args).await;
+            if let Err(e) = declared {
+                self.drop_link(&link);
+                return Err(unavailable(e));
+            }
+            lock(&self.inner.log_streams).insert(stream.clone());
+        }
+        let mut headers = FieldTable::default();
+        headers.insert("start".into(), AMQPValue::LongLongInt(i64::try_from(start).unwrap_or(i64::MAX)));
+        let props = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
+        let sent = link
+            .publish
+            .basic_publish("".into(), stream.as_str().into(), BasicPublishOptions::default(), text.as_bytes(), props)
+            .await;
+        match sent {
+            Ok(confirm) => match confirm.await {
+                Ok(c) if c.is_ack() => Ok(()),
+                Ok(_) => Err(unavailable("the broker refused a log piece")),
+                Err(e) => {
+                    self.drop_link(&link);
+                    Err(unavailable(e))
+                }
+            },
+            Err(e) => {
+                self.drop_link(&link);
+                Err(unavailable(e))
+            }
+        }
+    }
+
+    /// The pieces of job `id`'s log from stream offset `seek` that hold
+    /// bytes at or after `from`, within the cap of a log of `end` bytes,
+    /// up to about [`LOG_PAGE_BYTES`]. Empty when the stream is not there.
+    async fn read_pieces(&self, id: &str, seek: u64, from: u64, end: u64) -> Result<Vec<(i64, i64, String)>> {
+        let link = self.link().await?;
+        let ch = link.connection.create_channel().await.map_err(unavailable)?;
+        ch.basic_qos(64, BasicQosOptions::default()).await.map_err(unavailable)?;
+        let mut args = FieldTable::default();
+        args.insert("x-stream-offset".into(), AMQPValue::LongLongInt(i64::try_from(seek).unwrap_or(0)));
+        let stream = self.log_stream(id);
+        let consumed = ch.basic_consume(stream.as_str().into(), "".into(), BasicConsumeOptions::default(), args).await;
+        let mut consumer = match consumed {
+            Ok(c) => c,
+            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 404) => {
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let threshold = end.saturating_sub(gpupool_core::LOG_CAP_BYTES);
+        let (mut pieces, mut bytes) = (Vec::new(), 0u64);
+        while let Ok(Some(delivery)) = tokio::time::timeout(LOG_READ_GAP, consumer.next()).await {
+            let delivery = delivery.map_err(unavailable)?;
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            let start = delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| match h.inner().get("start") {
+                    Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).ok(),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            let len = delivery.data.len() as u64;
+            let after = start + len;
+            // Already read, or dropped by the cap (never the newest piece).
+            if after <= from || (start < threshold && after < end) {
+                continue;
+            }
+            let text = String::from_utf8_lossy(&delivery.data).into_owned();
+            pieces.push((i64::try_from(start).unwrap_or(i64::MAX), i64::try_from(len).unwrap_or(i64::MAX), text));
+            bytes += len;
+            if after >= end || bytes >= LOG_PAGE_BYTES {
+                break;
+            }
+        }
+        let _ = ch.close(200, "read".into()).await;
+        Ok(pieces)
     }
 }
 

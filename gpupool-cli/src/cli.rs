@@ -868,7 +868,7 @@ async fn follow_log(queue: &dyn Queue, id: &str) -> Result<ExitCode> {
     let id = job_id(id)?;
     let Some(logs) = queue.run_logs() else {
         return Err(Error::Config(format!(
-            "this queue's backend does not keep running jobs' output yet (SQLite, MySQL and Redis do); \
+            "this queue's backend does not keep running jobs' output (every in-tree backend does); \
              `gpupool logs {id}` on the worker's host reads its log"
         )));
     };

@@ -948,7 +948,7 @@ fn a_read_only_or_full_store_loses_nothing() {
     }
 }
 
-/// The backends that keep shipped logs.
+/// Every backend keeps shipped logs.
 mod shipped_logs {
     #[test]
     fn sqlite() {
@@ -961,6 +961,10 @@ mod shipped_logs {
     #[test]
     fn redis() {
         super::logs_follow_from_another_host_follows_a_running_job_to_its_end(super::Backend::Redis);
+    }
+    #[test]
+    fn amqp() {
+        super::logs_follow_from_another_host_follows_a_running_job_to_its_end(super::Backend::Amqp);
     }
 }
 
