@@ -86,9 +86,9 @@ impl Keeper {
             files: run.files,
             error: None,
         };
-        if !record(self.queue.as_ref(), id, &local).await {
-            return; // the job is gone; its files stay where they are
-        }
+        // Uploaded even if this record could not be made (the backend is
+        // away): the upload's own record may still get through.
+        record(self.queue.as_ref(), id, &local).await;
         let Some(store) = self.store.clone() else { return };
         let (keeper, id) = (Arc::clone(self), id.clone());
         let span = tracing::Span::current();
