@@ -391,6 +391,14 @@ fn a_run_keeps_its_model_and_reports_results(backend: Backend) {
     assert!(attempt.join("métriques 1.csv").is_file(), "what it wrote to GPUPOOL_OUTPUT_DIR is kept");
     let log = w.gp_ok(&["logs", &id]);
     assert!(log.contains("kept 2 file(s)"), "{log}");
+    // Another host reads the shipped log, which ends with the same line.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let shipped = Command::new(env!("CARGO_BIN_EXE_gpupool"))
+        .args(["--queue", &w.url, "--data-dir", elsewhere.path().to_str().unwrap(), "logs", &id])
+        .output()
+        .unwrap();
+    let shipped = String::from_utf8_lossy(&shipped.stdout);
+    assert!(shipped.contains("GPUPOOL_RESULT") && shipped.contains("kept 2 file(s)"), "{shipped}");
     // A link the run made to outside its checkout is kept as a link, never
     // followed: the file it names is not among the outputs.
     assert!(attempt.join("escape").symlink_metadata().unwrap().file_type().is_symlink());

@@ -901,9 +901,13 @@ async fn keep_outputs(
             return (false, Vec::new());
         }
     };
+    // Said in the local log, and shipped (the lease still holds: the end
+    // is reported after this), so `gpupool logs` on any host ends with it.
+    let mut said = Vec::new();
     for problem in &kept.problems {
         warn!("{problem}");
         note(&log, problem).await;
+        said.push(problem.clone());
     }
     if kept.files.is_empty() {
         crate::outputs::remove_if_empty(out);
@@ -917,10 +921,20 @@ async fn keep_outputs(
         );
         info!("{line}");
         note(&log, &line).await;
+        said.push(line);
     }
     if !kept.moved_all {
-        note(&log, &format!("the checkout {} is kept: not everything in it could be moved", checkout.dir.display()))
-            .await;
+        let line = format!("the checkout {} is kept: not everything in it could be moved", checkout.dir.display());
+        note(&log, &line).await;
+        said.push(line);
+    }
+    if let Some(logs) = ctx.queue.run_logs()
+        && !said.is_empty()
+    {
+        let text: String = said.iter().map(|l| format!("== gpupool: {l}\n")).collect();
+        if let Err(e) = logs.ship(lease, &gpupool_core::Progress { log: text, result: None }).await {
+            tracing::debug!("shipping what was kept failed ({e})");
+        }
     }
     (kept.moved_all, kept.files)
 }
