@@ -101,6 +101,13 @@ fn parse(url: &str) -> Result<Parsed, String> {
             if bucket.is_empty() {
                 return Err(format!("artifact store `{}` names no bucket", shown(url)));
             }
+            if bucket.contains('@') {
+                return Err(format!(
+                    "artifact store `{}`: put no credentials in the URL's bucket; use the AWS_*, GOOGLE_* or \
+                     AZURE_* variables, or the query (never recorded)",
+                    shown(url)
+                ));
+            }
             (bucket.to_owned(), path.trim_matches('/').to_owned())
         }
         other => {
@@ -314,6 +321,8 @@ impl ArtifactStore {
                 }
             }
             .await;
+            // A failed upload is aborted, so the store keeps no half of it
+            // (finish aborts itself when completing fails).
             match streamed {
                 Ok(()) => {
                     writer.finish().await.map_err(|e| first_line(&e))?;
@@ -423,6 +432,7 @@ mod tests {
             ("s3:///x", "names no bucket"),
             ("s3://b/x?colour=red&secret_access_key=hush", "unknown option `colour`"),
             ("s3://b/../x", "`..`"),
+            ("s3://KEY:hush@b/x", "no credentials in the URL"),
             ("s3://b?retry_timeout=soon", "not a duration"),
         ] {
             let e = ArtifactStore::open(bad).unwrap_err();

@@ -79,33 +79,43 @@ impl Keeper {
     /// Records `run`'s files as on this host, then starts their upload when
     /// there is a store. `log` is the job's log on this host.
     pub(crate) async fn keep(self: &Arc<Self>, id: &JobId, run: RunFiles, log: PathBuf) {
+        let dir = std::fs::canonicalize(&run.dir).unwrap_or(run.dir);
         let local = Artifacts {
             attempt: run.attempt,
-            location: format!("{}:{}", self.host, run.dir.display()),
+            location: format!("{}:{}", self.host, dir.display()),
             stored: false,
             files: run.files,
             error: None,
         };
-        // Uploaded even if this record could not be made (the backend is
-        // away): the upload's own record may still get through.
-        record(self.queue.as_ref(), id, &local).await;
+        // Uploaded even if this record could not be made because the
+        // backend is away (the upload's own record may still get through),
+        // but not for a job that is gone.
+        if let Recorded::Gone = record(self.queue.as_ref(), id, &local).await {
+            return;
+        }
         let Some(store) = self.store.clone() else { return };
         let (keeper, id) = (Arc::clone(self), id.clone());
         let span = tracing::Span::current();
         self.tracker.spawn(
             async move {
                 let Ok(_slot) = Arc::clone(&keeper.slots).acquire_owned().await else { return };
-                keeper.upload(&store, &id, run.dir, local, &log).await;
+                keeper.upload(&store, &id, dir, local, &log).await;
             }
             .instrument(span),
         );
     }
 
     async fn upload(&self, store: &ArtifactStore, id: &JobId, dir: PathBuf, local: Artifacts, log: &std::path::Path) {
+        // The output folder's path under DATA_DIR/outputs, and a suffix of
+        // its own: two runs never share a store folder, even with the same
+        // attempt number (a queue whose ids started again, a run lost with
+        // its worker and run again elsewhere).
+        let root = std::fs::canonicalize(&self.outputs_root).unwrap_or_else(|_| self.outputs_root.clone());
         let folder = dir
-            .strip_prefix(&self.outputs_root)
+            .strip_prefix(&root)
             .map(|rel| rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/"))
             .unwrap_or_else(|_| format!("job-{id}/attempt-{}", local.attempt));
+        let folder = format!("{folder}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let started = tokio::time::Instant::now();
         let total = human_size(local.total_bytes());
         match store.upload(&dir, &folder, &local.files).await {
@@ -121,7 +131,7 @@ impl Keeper {
                 crate::worker::note(log, &line).await;
                 // The local copy goes only once the record says where the
                 // files are now.
-                if record(self.queue.as_ref(), id, &stored).await && !self.keep_outputs {
+                if matches!(record(self.queue.as_ref(), id, &stored).await, Recorded::Yes) && !self.keep_outputs {
                     let gone = dir.clone();
                     match tokio::task::spawn_blocking(move || std::fs::remove_dir_all(gone)).await {
                         Ok(Ok(())) => {}
@@ -156,27 +166,35 @@ impl Keeper {
     }
 }
 
+/// What [`record`] came to.
+enum Recorded {
+    Yes,
+    /// The job is not in the queue.
+    Gone,
+    /// The backend did not take it (away too long, or an error).
+    No,
+}
+
 /// Records `artifacts` on job `id`, retrying while the backend cannot be
-/// reached. `false` when it could not (the job is gone, or the backend
-/// stayed away).
-async fn record(queue: &dyn Queue, id: &JobId, artifacts: &Artifacts) -> bool {
+/// reached.
+async fn record(queue: &dyn Queue, id: &JobId, artifacts: &Artifacts) -> Recorded {
     let give_up = tokio::time::Instant::now() + RECORD_FOR;
     let mut pause = Duration::from_millis(200);
     loop {
         match queue.record_artifacts(id, artifacts).await {
-            Ok(()) => return true,
+            Ok(()) => return Recorded::Yes,
             Err(e) if e.is_retryable() && tokio::time::Instant::now() < give_up => {
                 warn!("cannot record where the run's files are yet ({e}); retrying");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
             Err(e @ Error::NotFound { .. }) => {
-                warn!("cannot record where the run's files are: {e}");
-                return false;
+                warn!("cannot record where the run's files are: {e}; they stay at {}", artifacts.location);
+                return Recorded::Gone;
             }
             Err(e) => {
                 warn!("cannot record where the run's files are ({e}); they are at {}", artifacts.location);
-                return false;
+                return Recorded::No;
             }
         }
     }

@@ -286,7 +286,10 @@ impl WorkerBuilder {
         let runner = runner.unwrap_or_else(|| Arc::new(ProcessRunner::new()));
         let inventory = inventory.unwrap_or_else(|| cfg.inventory());
         let allowed = cfg.repo.iter().chain(&cfg.allowed_repos).map(|r| normalize_repo(r)).collect();
-        let host = cfg.name.rsplit_once(':').map_or(cfg.name.as_str(), |(h, _)| h).to_owned();
+        // The host's own name (not the worker's, which `--name` may set):
+        // `gpupool pull` on this host knows it, and so does ssh.
+        let me = gpupool_core::default_worker_name();
+        let host = me.rsplit_once(':').map_or(me.as_str(), |(h, _)| h).to_owned();
         let keeper = Arc::new(crate::uploads::Keeper::new(
             Arc::clone(&queue),
             cfg.artifacts.clone(),
@@ -747,6 +750,12 @@ async fn run_job(
     info!(gpus = ?gpus, "running {} at {}", lease.job.spec.entrypoint, lease.job.spec.git_ref);
     let mut files = None;
     let report = execute(ctx, lease, gpus, &stopper, launched, &mut files).await;
+    if matches!(report, Report::Release | Report::WorkerFault(_)) {
+        // Given back uncharged: the next run has the same attempt number,
+        // and its files are the attempt's. These stay in their output
+        // folder on this host (the job's log says where), unrecorded.
+        files = None;
+    }
     launched.cancel();
     shutdown_watch.abort();
     deliver(ctx, lease, report).await;
