@@ -127,15 +127,20 @@ pub(crate) enum Event {
         token: String,
         gpus: u32,
     },
-    /// A running job's output was shipped (`RunLogs::ship`): `len` bytes
-    /// of text (in the job's log stream, published after the verdict) and
-    /// the latest results. Fenced by the token.
+    /// Where a running job's shipped log is (`RunLogs::ship`): a piece's
+    /// byte offset and its offset in the job's log stream, now and then,
+    /// and the latest results. Fenced by the token.
     Shipped {
         id: String,
         token: String,
-        len: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mark: Option<(u64, u64)>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         result: Option<serde_json::Value>,
+    },
+    /// A job's log stream was deleted (its job ended long ago).
+    LogDropped {
+        id: String,
     },
     /// Where a run left its files (`Queue::record_artifacts`); not fenced.
     Artifacts {
@@ -216,8 +221,6 @@ pub(crate) enum Outcome {
     State(JobState),
     /// No such job.
     Missing,
-    /// `Shipped`: the text goes at this byte offset of the job's log.
-    Shipped { start: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -236,46 +239,40 @@ pub(crate) struct Job {
 
 /// What the fold knows of a job's shipped log, whose text is in a stream
 /// of its own (`PREFIXlog.ID`, one message per piece, the piece's byte
-/// offset in a header): its length, and where to start reading the stream
-/// to find a byte offset.
+/// offset in a header): marks of where some pieces are in that stream, so
+/// that a read starts near the piece it wants.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LogIndex {
-    /// Bytes announced so far: the next piece's byte offset.
+    /// The end of the last marked piece's start (the text runs on past it
+    /// until the next mark).
     pub(crate) end: u64,
-    /// Pieces announced so far: the next piece's offset in the stream.
-    count: u64,
-    /// Some pieces' byte offset and stream offset, oldest first: one at
-    /// least every [`MARK_EVERY`] pieces or [`MARK_BYTES`] bytes, only
-    /// those within two caps of the end (the rest cannot be read).
+    /// (byte offset, stream offset) of marked pieces, oldest first, within
+    /// two caps of the newest (older ones are past the cap).
     marks: std::collections::VecDeque<(u64, u64)>,
+    /// The stream was deleted: the job ended longer ago than the log is kept.
+    pub(crate) dropped: bool,
 }
 
-/// See [`LogIndex::marks`].
-const MARK_EVERY: u64 = 64;
-const MARK_BYTES: u64 = 256 << 10;
-
-/// Stream offsets a read starts before its mark: pieces announced whose
-/// text never reached the stream (a publish lost with its connection)
-/// shift later pieces back, by one each.
+/// Stream offsets a read starts before its mark: pieces whose publish was
+/// confirmed but lost, and sent again, shift later pieces on by one each.
 const MARK_SLACK: u64 = 8;
 
 impl LogIndex {
-    /// Announces a piece of `len` bytes: its byte offset.
-    fn add(&mut self, len: u64) -> u64 {
-        let start = self.end;
-        let due = self.marks.back().is_none_or(|&(at, seq)| {
-            self.count.saturating_sub(seq) >= MARK_EVERY || start.saturating_sub(at) >= MARK_BYTES
-        });
-        if due {
-            self.marks.push_back((start, self.count));
+    fn mark(&mut self, start: u64, seq: u64) {
+        if self.marks.back().is_some_and(|&(at, _)| at >= start) {
+            return; // a stale or repeated mark
         }
-        self.end += len;
-        self.count += 1;
+        self.marks.push_back((start, seq));
+        self.end = self.end.max(start);
         let keep_from = self.end.saturating_sub(2 * gpupool_core::LOG_CAP_BYTES);
         while self.marks.len() > 1 && self.marks.get(1).is_some_and(|&(at, _)| at <= keep_from) {
             self.marks.pop_front();
         }
-        start
+    }
+
+    /// Whether a piece was ever marked (so the job has a log stream).
+    pub(crate) fn marked(&self) -> bool {
+        !self.marks.is_empty()
     }
 
     /// The stream offset to start reading at to find byte `from`.
@@ -288,6 +285,11 @@ impl LogIndex {
 impl Job {
     fn held(&self, token: &str) -> bool {
         self.record.state == JobState::Running && self.token.as_deref() == Some(token)
+    }
+
+    /// Whether `token` holds the job, as this process's fold sees it now.
+    pub(crate) fn holds(&self, token: &str) -> bool {
+        self.held(token)
     }
 
     /// Whether the lease ran out, by this process's clock, with `grace` to spare.
@@ -499,7 +501,13 @@ impl State {
             Event::Reclaim { id, token, dispatch } => self.reclaim(&id, &token, dispatch, when),
             Event::Parked { id, token, gpus } => self.park(&id, &token, gpus, when),
             Event::Artifacts { id, artifacts } => self.record_artifacts(&id, *artifacts),
-            Event::Shipped { id, token, len, result } => self.ship(&id, &token, len, result),
+            Event::Shipped { id, token, mark, result } => self.ship(&id, &token, mark, result),
+            Event::LogDropped { id } => {
+                if let Some(job) = self.jobs.get_mut(&id) {
+                    job.log.dropped = true;
+                }
+                Outcome::Ok
+            }
             Event::Unpark { .. } => Outcome::Ok,
             Event::Worker { info } => self.register_worker(*info, when),
             Event::WorkerGone { name } => self.forget_worker(&name),
@@ -529,13 +537,17 @@ impl State {
         Outcome::Pushed(id)
     }
 
-    /// `Shipped`: the holder's latest results, and a place for its text.
-    fn ship(&mut self, id: &str, token: &str, len: u64, result: Option<serde_json::Value>) -> Outcome {
+    /// `Shipped`: the holder's latest results, and where a piece of its
+    /// log is.
+    fn ship(&mut self, id: &str, token: &str, mark: Option<(u64, u64)>, result: Option<serde_json::Value>) -> Outcome {
         let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
         if result.is_some() {
             job.record.result = result;
         }
-        if len == 0 { Outcome::Ok } else { Outcome::Shipped { start: job.log.add(len) } }
+        if let Some((start, seq)) = mark {
+            job.log.mark(start, seq);
+        }
+        Outcome::Ok
     }
 
     /// `Artifacts`: kept unless the job holds a later attempt's.
@@ -930,25 +942,19 @@ mod tests {
     }
 
     #[test]
-    fn a_log_read_starts_at_or_before_the_piece_it_wants_and_marks_stay_few() {
+    fn a_log_read_starts_before_the_mark_it_wants_and_old_marks_go() {
         let mut log = LogIndex::default();
-        let mut starts = Vec::new();
-        // 100k small pieces (a line a second for a day), then big ones.
-        for i in 0..100_000u64 {
-            starts.push(log.add(80 + i % 7));
+        assert_eq!((log.seek(0), log.marked()), (0, false));
+        // A mark every 100 pieces of 1 MiB.
+        for n in 0..100u64 {
+            log.mark(n * 100 << 20, n * 100);
         }
-        for _ in 0..10 {
-            starts.push(log.add(1 << 20));
-        }
-        let bound = 100_010 / MARK_EVERY + log.end / MARK_BYTES + 1;
-        assert!(log.marks.len() as u64 <= bound, "a mark per 64 pieces or 256 KiB: {}", log.marks.len());
-        // Only the last cap's worth can be read (see read_log).
-        let readable = log.end - gpupool_core::LOG_CAP_BYTES;
-        for (seq, &start) in starts.iter().enumerate().filter(|&(_, &s)| s >= readable) {
-            let seek = log.seek(start);
-            assert!(seek <= seq as u64, "piece {seq} at {start}: seek {seek}");
-            assert!(seq as u64 - seek <= MARK_EVERY + MARK_SLACK + 2, "a read skips few pieces: {seek} for {seq}");
-        }
-        assert_eq!(LogIndex::default().seek(0), 0);
+        log.mark(50 << 20, 50); // stale: ignored
+        let end = 99 * 100 << 20;
+        assert_eq!(log.end, end);
+        assert!(log.marks.len() <= 2 * (gpupool_core::LOG_CAP_BYTES >> 20) as usize / 100 + 2, "{}", log.marks.len());
+        let from = end - (150 << 20);
+        assert_eq!(log.seek(from), 9800 - MARK_SLACK, "the mark at or before it");
+        assert_eq!(log.seek(end + 5), 9900 - MARK_SLACK);
     }
 }

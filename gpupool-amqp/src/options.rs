@@ -28,6 +28,9 @@ pub struct AmqpOptions {
     pub ledger_max_age: String,
     /// The ledger stream's `x-max-length-bytes`.
     pub ledger_max_bytes: i64,
+    /// How long after its job ended a job's log stream is kept
+    /// (`log_max_age`, such as `7D`; default 7 days).
+    pub log_max_age: Duration,
     /// How long connecting may take before it is an error.
     pub connect_timeout: Duration,
     /// `host:port`, for messages.
@@ -48,8 +51,23 @@ impl fmt::Debug for AmqpOptions {
 }
 
 fn valid_age(v: &str) -> bool {
+    age(v).is_some()
+}
+
+/// An age in RabbitMQ's form (`30D`, `12h`, `90m`; `Y` is 365 days, `M` 30).
+fn age(v: &str) -> Option<Duration> {
     let (n, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
-    !n.is_empty() && matches!(unit, "Y" | "M" | "D" | "h" | "m" | "s")
+    let n: u64 = n.parse().ok()?;
+    let secs = match unit {
+        "Y" => 365 * 86_400,
+        "M" => 30 * 86_400,
+        "D" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => return None,
+    };
+    Some(Duration::from_secs(n.saturating_mul(secs)))
 }
 
 impl AmqpOptions {
@@ -64,6 +82,7 @@ impl AmqpOptions {
             prefix: DEFAULT_PREFIX.to_owned(),
             ledger_max_age: "30D".to_owned(),
             ledger_max_bytes: 1 << 30,
+            log_max_age: Duration::from_secs(7 * 86_400),
             connect_timeout: Duration::from_secs(4),
             endpoint: String::new(),
             redacted_url,
@@ -89,6 +108,11 @@ impl AmqpOptions {
                     }
                     v.clone_into(&mut opts.ledger_max_age);
                 }
+                "log_max_age" => {
+                    opts.log_max_age = age(v).ok_or_else(|| {
+                        Error::Config(format!("log_max_age `{v}` is not an age such as 7D, 12h or 90m"))
+                    })?;
+                }
                 "ledger_max_bytes" => {
                     opts.ledger_max_bytes = v
                         .parse()
@@ -105,8 +129,10 @@ impl AmqpOptions {
                 _ => {}
             }
         }
-        opts.driver_url =
-            parts.driver_url(parts.scheme, &["prefix", "ledger_max_age", "ledger_max_bytes", "connect_timeout"]);
+        opts.driver_url = parts.driver_url(
+            parts.scheme,
+            &["prefix", "ledger_max_age", "ledger_max_bytes", "log_max_age", "connect_timeout"],
+        );
         opts.endpoint = parts.endpoint(if parts.scheme == "amqps" { 5671 } else { 5672 });
         Ok(opts)
     }
@@ -133,6 +159,11 @@ mod tests {
         assert!(!format!("{o:?}").contains("s3cret"));
         assert_eq!(AmqpOptions::from_url("amqps://h/v").unwrap().endpoint, "h:5671");
         assert!(AmqpOptions::from_url("amqp://h/?ledger_max_age=forever").is_err());
+        assert_eq!(
+            AmqpOptions::from_url("amqp://h/?log_max_age=2D").unwrap().log_max_age,
+            Duration::from_secs(172_800)
+        );
+        assert!(AmqpOptions::from_url("amqp://h/?log_max_age=7").is_err());
         assert!(AmqpOptions::from_url("redis://h").is_err());
     }
 }

@@ -156,6 +156,10 @@ struct Inner {
     replaying: AtomicBool,
     /// Jobs whose log stream this handle declared (on its first ship).
     log_streams: StdMutex<std::collections::HashSet<String>>,
+    /// Where each lease this handle ships for puts its next piece.
+    cursors: StdMutex<HashMap<String, Cursor>>,
+    /// When this handle last looked for log streams to delete.
+    last_log_sweep: StdMutex<Option<Instant>>,
 }
 
 impl Inner {
@@ -245,6 +249,8 @@ impl AmqpQueue {
                 last_reap: StdMutex::default(),
                 replaying: AtomicBool::new(false),
                 log_streams: StdMutex::default(),
+                cursors: StdMutex::default(),
+                last_log_sweep: StdMutex::default(),
             }),
         };
         // A ledger that is there is followed at once; one that is not is
@@ -311,7 +317,7 @@ impl AmqpQueue {
         let _ = self.sync().await;
         let logs: Vec<String> = {
             let st = self.inner.state();
-            st.jobs.iter().filter(|(_, j)| j.log.end > 0).map(|(id, _)| self.log_stream(id)).collect()
+            st.jobs.iter().filter(|(_, j)| j.log.marked()).map(|(id, _)| self.log_stream(id)).collect()
         };
         let link = self.link().await?;
         let ch = link.connection.create_channel().await.map_err(unavailable)?;
@@ -518,6 +524,9 @@ impl AmqpQueue {
             .collect();
         for (id, token) in expired {
             self.emit(Event::Reclaim { id, token, dispatch: None }).await?;
+        }
+        if let Err(e) = self.sweep_logs().await {
+            warn!("RabbitMQ: deleting old log streams failed ({e}); trying again later");
         }
         Ok(())
     }
@@ -848,51 +857,196 @@ const LOG_PAGE_BYTES: u64 = 1 << 20;
 /// returns what it has.
 const LOG_READ_GAP: Duration = Duration::from_secs(2);
 
-/// Running jobs' output on RabbitMQ: the fold fences each piece and gives
-/// it its byte offset (a `Shipped` event in the ledger, with the latest
-/// results), and the text goes to a stream of the job's own,
-/// `PREFIXlog.ID`, one message per piece with its offset in a header. The
-/// ledger stays small (events of a few dozen bytes), and only a reader of
-/// that job's log reads its text. The stream keeps at most twice the cap
-/// (RabbitMQ drops whole segments); a read applies the cap exactly, from
-/// the log's length in the fold. A piece whose text was lost with its
-/// connection after its verdict leaves a gap the reader steps over.
+/// How long reading a log stream's last chunk waits for more of it: the
+/// chunk's messages come at once, so a pause this long means it is read.
+const TAIL_GAP: Duration = Duration::from_millis(250);
+
+/// A holder marks where its pieces are, and sends its latest results, at
+/// most this often (and after each mebibyte of text): about as often as it
+/// heartbeats, so shipping adds about as little to the ledger.
+const MARK_EVERY: Duration = Duration::from_secs(10);
+const MARK_BYTES: u64 = 1 << 20;
+
+/// Where a lease holder's next piece goes in its job's log stream.
+#[derive(Debug)]
+pub(crate) struct Cursor {
+    /// The next piece's byte offset in the job's log.
+    end: u64,
+    /// The next piece's offset in the stream (as this holder counts).
+    seq: u64,
+    /// When this holder last wrote a `Shipped` event.
+    last_event: Option<Instant>,
+    /// Bytes shipped since its last mark.
+    since_mark: u64,
+    /// Results reported since its last event, not yet sent.
+    pending: Option<serde_json::Value>,
+}
+
+/// Running jobs' output on RabbitMQ. The text goes to a stream queue of
+/// the job's own, `PREFIXlog.ID`: one message per piece, with its byte
+/// offset in the job's log in a header, so a reader of one job's log reads
+/// only that job's text and the ledger stays small. The holder places each
+/// piece after the end of what the stream holds (read from its last chunk
+/// when the lease starts shipping), and now and then (every 10 s or MiB)
+/// writes a small `Shipped` event to the ledger: where its latest piece is
+/// in the stream, so that readers start near what they want, and its
+/// latest results, so that `gpupool jobs` shows them on any host.
+///
+/// A holder checks its lease against this process's view of the ledger
+/// before each piece, and each event is fenced in the fold; a holder whose
+/// lease was reclaimed a moment ago (its process has not yet applied the
+/// reclaim) may add a line or two after the next holder's. A piece sent
+/// again after its confirm was lost is read once. The stream keeps at most
+/// twice the cap (RabbitMQ drops whole segments); reads apply the 16 MiB
+/// cap exactly, from the stream's end. A job's log stream is deleted
+/// `log_max_age` (default 7 days) after the job ended.
 #[async_trait]
 impl gpupool_core::RunLogs for AmqpQueue {
     async fn ship(&self, lease: &Lease, progress: &gpupool_core::Progress) -> Result<()> {
-        let event = Event::Shipped {
-            id: lease.id().to_string(),
-            token: lease.token.clone(),
-            len: progress.log.len() as u64,
-            result: progress.result.clone(),
+        let id = lease.id().as_str();
+        let held = self.inner.state().jobs.get(id).is_some_and(|j| j.holds(&lease.token));
+        if !held {
+            lock(&self.inner.cursors).remove(&lease.token);
+            return Err(Error::lease_lost(lease.id()));
+        }
+        let known = lock(&self.inner.cursors).contains_key(&lease.token);
+        if !known {
+            let (end, seq) = self.log_tail(id).await?.unwrap_or((0, 0));
+            let cursor = Cursor { end, seq, last_event: None, since_mark: 0, pending: None };
+            let mut cursors = lock(&self.inner.cursors);
+            // Cursors of leases this process no longer holds go.
+            let st = self.inner.state();
+            cursors.retain(|token, _| st.jobs.values().any(|j| j.holds(token)));
+            cursors.insert(lease.token.clone(), cursor);
+        }
+        let start = lock(&self.inner.cursors).get(&lease.token).map_or(0, |c| c.end);
+        let mut piece = None;
+        if !progress.log.is_empty() {
+            self.publish_piece(id, start, &progress.log).await?;
+            piece = Some(start);
+        }
+        let event = {
+            let mut cursors = lock(&self.inner.cursors);
+            let Some(c) = cursors.get_mut(&lease.token) else { return Ok(()) };
+            let mut mark = None;
+            if let Some(start) = piece {
+                mark = Some((start, c.seq));
+                c.end = start + progress.log.len() as u64;
+                c.seq += 1;
+                c.since_mark += progress.log.len() as u64;
+            }
+            if progress.result.is_some() {
+                c.pending.clone_from(&progress.result);
+            }
+            let due = c.last_event.is_none_or(|t| t.elapsed() >= MARK_EVERY);
+            let send_mark = mark.is_some() && (due || c.since_mark >= MARK_BYTES);
+            if !send_mark && !(due && c.pending.is_some()) {
+                None
+            } else {
+                c.last_event = Some(Instant::now());
+                if send_mark {
+                    c.since_mark = 0;
+                }
+                let result = c.pending.take();
+                Some(Event::Shipped {
+                    id: id.to_owned(),
+                    token: lease.token.clone(),
+                    mark: mark.filter(|_| send_mark),
+                    result,
+                })
+            }
         };
-        if let Outcome::Shipped { start } = Self::fenced(lease, self.emit(event).await?)? {
-            self.publish_piece(lease.id().as_str(), start, &progress.log).await?;
+        if let Some(event) = event
+            && let Err(e) = Self::fenced(lease, self.emit(event).await?)
+        {
+            lock(&self.inner.cursors).remove(&lease.token);
+            return Err(e);
         }
         Ok(())
     }
 
     async fn read_log(&self, id: &JobId, from: u64) -> Result<gpupool_core::LogPage> {
         self.sync().await?;
-        let (end, seek) = {
+        let index = {
             let st = self.inner.state();
             let job = st.jobs.get(id.as_str()).ok_or_else(|| Error::NotFound { id: id.to_string() })?;
-            let threshold = job.log.end.saturating_sub(gpupool_core::LOG_CAP_BYTES);
-            (job.log.end, job.log.seek(from.max(threshold)))
+            job.log.clone()
         };
-        if from >= end {
-            return Ok(gpupool_core::LogPage { text: String::new(), next: from, dropped: 0 });
+        let nothing = gpupool_core::LogPage { text: String::new(), next: from, dropped: 0 };
+        if index.dropped {
+            return Ok(nothing);
         }
-        let pieces = self.read_pieces(id.as_str(), seek, from, end).await?;
+        let Some((end, _)) = self.log_tail(id.as_str()).await? else { return Ok(nothing) };
+        if from >= end {
+            return Ok(nothing);
+        }
+        let threshold = end.saturating_sub(gpupool_core::LOG_CAP_BYTES);
+        let want = from.max(threshold);
+        let seek = index.seek(want);
+        let mut pieces = self.read_pieces(id.as_str(), seek, from, end).await?;
+        if seek > 0 && pieces.first().is_none_or(|(start, _, _)| u64::try_from(*start).unwrap_or(0) > want) {
+            // Started past what was wanted (more pieces went missing or
+            // twice than the marks allow for): from the stream's start.
+            pieces = self.read_pieces(id.as_str(), 0, from, end).await?;
+        }
         if pieces.is_empty() {
-            // The stream is gone (deleted by hand) or holds none of it.
-            return Ok(gpupool_core::LogPage { text: String::new(), next: end, dropped: end - from });
+            return Ok(nothing);
         }
         Ok(gpupool_core::rows::log_page(from, &pieces))
     }
 }
 
+/// A log stream message's byte offset (its `start` header) and, when the
+/// broker gave it, its offset in the stream.
+fn piece_offsets(props: &BasicProperties) -> (u64, Option<u64>) {
+    let start = props
+        .headers()
+        .as_ref()
+        .and_then(|h| match h.inner().get("start") {
+            Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).ok(),
+            _ => None,
+        })
+        .unwrap_or(0);
+    (start, offset_of(props).and_then(|o| u64::try_from(o).ok()))
+}
+
 impl AmqpQueue {
+    /// Consumes job `id`'s log stream from `offset`; `None` when the
+    /// stream is not there.
+    async fn log_consumer(&self, id: &str, offset: AMQPValue) -> Result<Option<(Channel, lapin::Consumer)>> {
+        let link = self.link().await?;
+        let ch = link.connection.create_channel().await.map_err(unavailable)?;
+        ch.basic_qos(64, BasicQosOptions::default()).await.map_err(unavailable)?;
+        let mut args = FieldTable::default();
+        args.insert("x-stream-offset".into(), offset);
+        let stream = self.log_stream(id);
+        match ch.basic_consume(stream.as_str().into(), "".into(), BasicConsumeOptions::default(), args).await {
+            Ok(c) => Ok(Some((ch, c))),
+            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 404) => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// The end of job `id`'s log as its stream holds it, and the stream
+    /// offset after its last message; `None` when it has no stream.
+    async fn log_tail(&self, id: &str) -> Result<Option<(u64, u64)>> {
+        let Some((ch, mut consumer)) = self.log_consumer(id, AMQPValue::LongString("last".into())).await? else {
+            return Ok(None);
+        };
+        let (mut end, mut seq) = (0u64, 0u64);
+        while let Ok(Some(delivery)) = tokio::time::timeout(TAIL_GAP, consumer.next()).await {
+            let delivery = delivery.map_err(unavailable)?;
+            let (start, offset) = piece_offsets(&delivery.properties);
+            end = end.max(start + delivery.data.len() as u64);
+            if let Some(o) = offset {
+                seq = seq.max(o + 1);
+            }
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        }
+        let _ = ch.close(200, "tail".into()).await;
+        Ok(Some((end, seq)))
+    }
+
     /// Publishes one piece of job `id`'s log at byte `start`, declaring the
     /// job's log stream first if this handle has not yet.
     async fn publish_piece(&self, id: &str, start: u64, text: &str) -> Result<()> {
@@ -905,14 +1059,17 @@ impl AmqpQueue {
             let cap = i64::try_from(2 * gpupool_core::LOG_CAP_BYTES).unwrap_or(i64::MAX);
             args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(cap));
             args.insert("x-stream-max-segment-size-bytes".into(), AMQPValue::LongInt(2 << 20));
-            args.insert("x-max-age".into(), AMQPValue::LongString(self.inner.opts.ledger_max_age.as_str().into()));
             let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
             let declared = link.publish.queue_declare(stream.as_str().into(), durable, args).await;
             if let Err(e) = declared {
                 self.drop_link(&link);
                 return Err(unavailable(e));
             }
-            lock(&self.inner.log_streams).insert(stream.clone());
+            let mut streams = lock(&self.inner.log_streams);
+            if streams.len() > 10_000 {
+                streams.clear(); // declaring again is harmless
+            }
+            streams.insert(stream.clone());
         }
         let mut headers = FieldTable::default();
         headers.insert("start".into(), AMQPValue::LongLongInt(i64::try_from(start).unwrap_or(i64::MAX)));
@@ -939,45 +1096,31 @@ impl AmqpQueue {
 
     /// The pieces of job `id`'s log from stream offset `seek` that hold
     /// bytes at or after `from`, within the cap of a log of `end` bytes,
-    /// up to about [`LOG_PAGE_BYTES`]. Empty when the stream is not there.
+    /// up to about [`LOG_PAGE_BYTES`], each once. Empty when the stream is
+    /// not there.
     async fn read_pieces(&self, id: &str, seek: u64, from: u64, end: u64) -> Result<Vec<(i64, i64, String)>> {
-        let link = self.link().await?;
-        let ch = link.connection.create_channel().await.map_err(unavailable)?;
-        ch.basic_qos(64, BasicQosOptions::default()).await.map_err(unavailable)?;
-        let mut args = FieldTable::default();
-        args.insert("x-stream-offset".into(), AMQPValue::LongLongInt(i64::try_from(seek).unwrap_or(0)));
-        let stream = self.log_stream(id);
-        let consumed = ch.basic_consume(stream.as_str().into(), "".into(), BasicConsumeOptions::default(), args).await;
-        let mut consumer = match consumed {
-            Ok(c) => c,
-            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 404) => {
-                return Ok(Vec::new());
-            }
-            Err(e) => return Err(unavailable(e)),
-        };
+        let offset = AMQPValue::LongLongInt(i64::try_from(seek).unwrap_or(0));
+        let Some((ch, mut consumer)) = self.log_consumer(id, offset).await? else { return Ok(Vec::new()) };
         let threshold = end.saturating_sub(gpupool_core::LOG_CAP_BYTES);
-        let (mut pieces, mut bytes) = (Vec::new(), 0u64);
+        let (mut pieces, mut bytes, mut read_to) = (Vec::new(), 0u64, 0u64);
         while let Ok(Some(delivery)) = tokio::time::timeout(LOG_READ_GAP, consumer.next()).await {
             let delivery = delivery.map_err(unavailable)?;
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-            let start = delivery
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(|h| match h.inner().get("start") {
-                    Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).ok(),
-                    _ => None,
-                })
-                .unwrap_or(0);
-            let len = delivery.data.len() as u64;
-            let after = start + len;
-            // Already read, or dropped by the cap (never the newest piece).
-            if after <= from || (start < threshold && after < end) {
+            let (start, _) = piece_offsets(&delivery.properties);
+            let after = start + delivery.data.len() as u64;
+            // Sent twice, already read, or dropped by the cap (never the
+            // newest piece).
+            if start < read_to || after <= from || (start < threshold && after < end) {
                 continue;
             }
+            read_to = after;
             let text = String::from_utf8_lossy(&delivery.data).into_owned();
-            pieces.push((i64::try_from(start).unwrap_or(i64::MAX), i64::try_from(len).unwrap_or(i64::MAX), text));
-            bytes += len;
+            pieces.push((
+                i64::try_from(start).unwrap_or(i64::MAX),
+                i64::try_from(after - start).unwrap_or(i64::MAX),
+                text,
+            ));
+            bytes += after - start;
             if after >= end || bytes >= LOG_PAGE_BYTES {
                 break;
             }
@@ -985,7 +1128,49 @@ impl AmqpQueue {
         let _ = ch.close(200, "read".into()).await;
         Ok(pieces)
     }
+
+    /// Deletes the log streams of jobs that ended more than `log_max_age`
+    /// ago (at most every [`LOG_SWEEP_EVERY`], from reserving processes),
+    /// and says so in the ledger, so that no process deletes them again.
+    async fn sweep_logs(&self) -> Result<()> {
+        {
+            let mut last = lock(&self.inner.last_log_sweep);
+            if last.is_some_and(|t| t.elapsed() < LOG_SWEEP_EVERY) {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
+        let cutoff =
+            now_ms().saturating_sub(i64::try_from(self.inner.opts.log_max_age.as_millis()).unwrap_or(i64::MAX));
+        let old: Vec<String> = {
+            let st = self.inner.state();
+            st.jobs
+                .iter()
+                .filter(|(_, j)| j.log.marked() && !j.log.dropped)
+                .filter(|(_, j)| j.record.state.is_terminal() && j.record.finished_at.is_some_and(|t| t.0 < cutoff))
+                .map(|(id, _)| id.clone())
+                .take(100)
+                .collect()
+        };
+        if old.is_empty() {
+            return Ok(());
+        }
+        let link = self.link().await?;
+        let ch = link.connection.create_channel().await.map_err(unavailable)?;
+        for id in old {
+            let name = self.log_stream(&id);
+            ch.queue_delete(name.as_str().into(), lapin::options::QueueDeleteOptions::default())
+                .await
+                .map_err(unavailable)?;
+            self.emit(Event::LogDropped { id }).await?;
+        }
+        let _ = ch.close(200, "swept".into()).await;
+        Ok(())
+    }
 }
+
+/// How often a reserving process looks for log streams to delete.
+const LOG_SWEEP_EVERY: Duration = Duration::from_secs(600);
 
 #[async_trait]
 impl WorkerRegistry for AmqpQueue {
