@@ -947,10 +947,10 @@ mod tests {
         assert_eq!((log.seek(0), log.marked()), (0, false));
         // A mark every 100 pieces of 1 MiB.
         for n in 0..100u64 {
-            log.mark(n * 100 << 20, n * 100);
+            log.mark((n * 100) << 20, n * 100);
         }
         log.mark(50 << 20, 50); // stale: ignored
-        let end = 99 * 100 << 20;
+        let end = (99 * 100) << 20;
         assert_eq!(log.end, end);
         assert!(log.marks.len() <= 2 * (gpupool_core::LOG_CAP_BYTES >> 20) as usize / 100 + 2, "{}", log.marks.len());
         let from = end - (150 << 20);

@@ -940,9 +940,7 @@ impl gpupool_core::RunLogs for AmqpQueue {
             }
             let due = c.last_event.is_none_or(|t| t.elapsed() >= MARK_EVERY);
             let send_mark = mark.is_some() && (due || c.since_mark >= MARK_BYTES);
-            if !send_mark && !(due && c.pending.is_some()) {
-                None
-            } else {
+            if send_mark || (due && c.pending.is_some()) {
                 c.last_event = Some(Instant::now());
                 if send_mark {
                     c.since_mark = 0;
@@ -954,6 +952,8 @@ impl gpupool_core::RunLogs for AmqpQueue {
                     mark: mark.filter(|_| send_mark),
                     result,
                 })
+            } else {
+                None
             }
         };
         if let Some(event) = event
