@@ -451,7 +451,9 @@ fn artifacts_go_to_the_store_and_pull_fetches_them(w: &World, store: &str, other
     let local = w.dir.join("data/outputs");
     let attempt =
         std::fs::read_dir(&local).unwrap().next().unwrap().unwrap().path().join(format!("job-{}/attempt-1", ids[0]));
-    assert!(!attempt.exists(), "the local copy goes once the upload is verified");
+    assert!(!attempt.join("m/best.pth").exists(), "the local copy goes once the upload is verified");
+    assert!(!attempt.join("m").exists(), "and the folders it leaves empty");
+    assert!(attempt.join("escape").symlink_metadata().is_ok(), "what was not uploaded (a symlink) stays");
     let log = w.gp_ok(&["logs", &ids[0]]);
     assert!(log.contains(&format!("uploaded 2 file(s), 6.9 KiB, to {location}")), "{log}");
 

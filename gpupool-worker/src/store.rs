@@ -274,6 +274,11 @@ impl ArtifactStore {
         for file in files {
             let key = self.key(folder, &file.path)?;
             let source = local.join(&file.path);
+            // A file that cannot be opened (gone, unreadable) will not be
+            // better in a second: said at once.
+            if let Err(e) = std::fs::File::open(&source) {
+                return Err(format!("{} could not be stored: cannot read {} ({e})", file.path, source.display()));
+            }
             let mut pause = Duration::from_secs(1);
             for tries in 1..=FILE_TRIES {
                 match self.put_file(&source, &key).await {
@@ -456,6 +461,37 @@ mod tests {
         for bad in ["../x", "/etc/passwd", "a//b", "a/./b", ""] {
             assert!(safe_join(dest, bad).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_folder_store_takes_files_and_refuses_what_cannot_be_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (out, dest) = (tmp.path().join("out"), tmp.path().join("dest"));
+        std::fs::create_dir_all(out.join("model")).unwrap();
+        std::fs::write(out.join("model/best.pth"), vec![7u8; (SMALL_FILE + 3) as usize]).unwrap();
+        std::fs::write(out.join("a b é.txt"), "hi").unwrap();
+        let files = vec![
+            ArtifactFile { path: "a b é.txt".into(), size: 2 },
+            ArtifactFile { path: "model/best.pth".into(), size: SMALL_FILE + 3 },
+        ];
+        let store = ArtifactStore::open(&format!("file://{}/store", tmp.path().display())).unwrap();
+        store.upload(&out, "q-1/job-1/attempt-1", &files).await.unwrap();
+        let stored = tmp.path().join("store/q-1/job-1/attempt-1");
+        assert_eq!(std::fs::read(stored.join("model/best.pth")).unwrap().len() as u64, SMALL_FILE + 3, "in parts");
+        assert_eq!(std::fs::read_to_string(stored.join("a b é.txt")).unwrap(), "hi", "names as written");
+        let back = ArtifactStore::at_location(&store.location("q-1/job-1/attempt-1"), None).unwrap();
+        assert_eq!(back.download(&files, &dest).await.unwrap(), SMALL_FILE + 5);
+        assert_eq!(std::fs::read(dest.join("model/best.pth")).unwrap(), vec![7u8; (SMALL_FILE + 3) as usize]);
+
+        // A file the run removed (or made unreadable) after it was listed.
+        let gone = vec![ArtifactFile { path: "gone.pth".into(), size: 1 }];
+        let e = store.upload(&out, "q-1/job-1/attempt-2", &gone).await.unwrap_err();
+        assert!(e.starts_with("gone.pth could not be stored: cannot read"), "{e}");
+        // A recorded size that does not match what the store has.
+        let wrong = vec![ArtifactFile { path: "a b é.txt".into(), size: 5 }];
+        let e = back.download(&wrong, &tmp.path().join("d2")).await.unwrap_err();
+        assert!(e.contains("got 2 bytes, 5 were recorded"), "{e}");
+        assert!(!tmp.path().join("d2/a b é.txt").exists(), "a short file is not left as if whole");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! on this host. With an artifact store, an upload starts in the
 //! background (at most [`PARALLEL_UPLOADS`] at once), so the next job does
 //! not wait for it. A verified upload is recorded with the store's
-//! location, and the local copy is removed unless `keep_outputs` is set;
+//! location, and the uploaded files are removed here unless
+//! `keep_outputs` is set (a symlink the run made, never uploaded, stays);
 //! a failed one is recorded with its reason, and the files stay here. A
 //! worker that stops waits for its uploads as it waits for its runs; one
 //! stopped at once leaves them here, recorded as such.
@@ -132,11 +133,9 @@ impl Keeper {
                 // The local copy goes only once the record says where the
                 // files are now.
                 if matches!(record(self.queue.as_ref(), id, &stored).await, Recorded::Yes) && !self.keep_outputs {
-                    let gone = dir.clone();
-                    match tokio::task::spawn_blocking(move || std::fs::remove_dir_all(gone)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => warn!("cannot remove the uploaded {} ({e})", dir.display()),
-                        Err(e) => warn!("cannot remove the uploaded {} ({e})", dir.display()),
+                    let (gone, files) = (dir.clone(), stored.files);
+                    if let Err(e) = tokio::task::spawn_blocking(move || remove_uploaded(&gone, &files)).await {
+                        warn!("cannot remove the uploaded files in {} ({e})", dir.display());
                     }
                 }
             }
@@ -164,6 +163,31 @@ impl Keeper {
             warn!(uploads = self.tracker.len(), "stopping with uploads unfinished; their files stay on this host");
         }
     }
+}
+
+/// Removes the uploaded `files` from `dir`, then the folders left empty:
+/// what was not uploaded (a symlink the run made) stays, with its folder.
+fn remove_uploaded(dir: &std::path::Path, files: &[ArtifactFile]) {
+    for file in files {
+        if let Ok(path) = crate::store::safe_join(dir, &file.path)
+            && let Err(e) = std::fs::remove_file(&path)
+        {
+            warn!("cannot remove the uploaded {} ({e})", path.display());
+        }
+    }
+    remove_empty_dirs(dir);
+}
+
+/// Removes the empty folders under `dir`, and `dir` if it ends empty.
+fn remove_empty_dirs(dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_dirs(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir); // only if empty
 }
 
 /// What [`record`] came to.
