@@ -602,6 +602,10 @@ async fn jobs(
         if !job.errors.is_empty() {
             out(&format!("failed attempts: {} (gpupool errors --id {})\n", job.errors.len(), job.id));
         }
+        if let Some(a) = &job.artifacts {
+            let size = gpupool::artifacts::human_size(a.total_bytes());
+            out(&format!("files: {} ({size}) at {} (gpupool artifacts {})\n", a.files.len(), a.location, job.id));
+        }
     }
     Ok(())
 }
