@@ -292,7 +292,7 @@ impl RedisQueue {
                     .invoke_async(&mut c)
                     .await
                     .map_err(map)?;
-                if let Some(lease) = lease_from(got, token, &req.worker)? {
+                if let Some(lease) = self.usable(lease_from(got, token, &req.worker)?).await? {
                     return Ok(Some(lease));
                 }
             }
@@ -328,7 +328,25 @@ impl RedisQueue {
             .invoke_async(&mut c)
             .await
             .map_err(map)?;
-        lease_from(got, token, &req.worker)
+        self.usable(lease_from(got, token, &req.worker)?).await
+    }
+
+    /// A lease whose stored job reads, or `None` after failing one that
+    /// does not (edited by hand, or written by a newer gpupool) as
+    /// `invalid`, so that the reserve goes on to the jobs behind it.
+    async fn usable(&self, leased: Option<Leased>) -> Result<Option<Lease>> {
+        match leased {
+            None => Ok(None),
+            Some(Leased::Ok(lease)) => Ok(Some(lease)),
+            Some(Leased::Unreadable(lease, why)) => {
+                let message = format!("the stored job does not read: {why}");
+                tracing::warn!(job_id = %lease.id(), "{message}; failing it as invalid");
+                match self.fail(&lease, Failure::new(gpupool_core::FailureKind::Invalid, message)).await {
+                    Ok(_) | Err(Error::LeaseLost { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+        }
     }
 
     /// Waits up to `block` for new entries, on a connection of its own: one
@@ -430,7 +448,10 @@ impl RedisQueue {
             Some(spec) if fields.len() == 2 && !job.is_empty() => spec,
             _ => return self.claim(&queue, &entry, &job, req).await,
         };
-        let spec = JobSpec::from_stored_json(spec)?;
+        let (spec, unreadable) = match JobSpec::from_stored_json(spec) {
+            Ok(spec) => (spec, None),
+            Err(e) => (placeholder_spec(), Some(e.to_string())),
+        };
         // The entry id starts with the server's clock at the push.
         let created = entry.split('-').next().and_then(|t| t.parse().ok()).unwrap_or(0);
         let mut record = JobRecord::new(JobId::new(job), spec, Timestamp(created));
@@ -440,7 +461,12 @@ impl RedisQueue {
         let started = Timestamp::now();
         record.started_at = Some(started);
         let token = format!("~{entry}~{}~{}", &new_token()[..12], self.consumer(req));
-        Ok(Some(Lease { job: record, token, expires_at: started.plus(req.lease) }))
+        let lease = Lease { job: record, token, expires_at: started.plus(req.lease) };
+        self.usable(Some(match unreadable {
+            None => Leased::Ok(lease),
+            Some(why) => Leased::Unreadable(lease, why),
+        }))
+        .await
     }
 
     async fn blocking_conn(&self) -> Result<MultiplexedConnection> {
@@ -523,7 +549,15 @@ impl RedisQueue {
         let mut out = Vec::with_capacity(ids.len());
         let mut entries = Vec::with_capacity(ids.len());
         for (id, h) in ids.iter().zip(hashes).filter(|(_, h)| !h.is_empty()) {
-            out.push(record(id, &h)?);
+            // A job that does not read is left out, so it hides no other
+            // (`get` on it says why).
+            match record(id, &h) {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    tracing::warn!(job_id = %id, "job left out of the list: {e}");
+                    continue;
+                }
+            }
             entries.push(h.get("entry").cloned().unwrap_or_default());
         }
         self.show_bare_leases(&mut out, &entries).await?;
@@ -575,9 +609,22 @@ fn new_token() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
+/// A lease as the backend handed it: its stored job reads, or does not
+/// (with why), and must be failed as `invalid`.
+enum Leased {
+    Ok(Lease),
+    Unreadable(Lease, String),
+}
+
+/// What stands in for a stored job that does not read, in the lease that
+/// fails it (never run: [`RedisQueue::usable`] fails it first).
+fn placeholder_spec() -> JobSpec {
+    JobSpec::new("-", "-")
+}
+
 /// The reply of `start_lease` (prelude.lua), or nil: {id, spec, created,
 /// cancel, commit, output_tail, result, attempt, started, expires, errors}.
-fn lease_from(v: Value, token: String, worker: &str) -> Result<Option<Lease>> {
+fn lease_from(v: Value, token: String, worker: &str) -> Result<Option<Leased>> {
     if matches!(v, Value::Nil) {
         return Ok(None);
     }
@@ -592,7 +639,10 @@ fn lease_from(v: Value, token: String, worker: &str) -> Result<Option<Lease>> {
         })?;
     let text = |v: Value| -> Result<Option<String>> { from_value::<Option<String>>(v) };
     let id: String = from_value(id)?;
-    let spec = JobSpec::from_stored_json(&text(spec)?.unwrap_or_default())?;
+    let (spec, unreadable) = match JobSpec::from_stored_json(&text(spec)?.unwrap_or_default()) {
+        Ok(spec) => (spec, None),
+        Err(e) => (placeholder_spec(), Some(e.to_string())),
+    };
     let created = text(created)?.and_then(|c| c.parse().ok()).unwrap_or(0);
     let mut job = JobRecord::new(JobId::new(id), spec, Timestamp(created));
     job.state = gpupool_core::JobState::Running;
@@ -606,7 +656,11 @@ fn lease_from(v: Value, token: String, worker: &str) -> Result<Option<Lease>> {
     let expires: i64 = from_value(expires)?;
     let errors: Vec<String> = from_value(errors)?;
     job.errors = errors.iter().map(|e| parse_error(e)).collect::<Result<_>>()?;
-    Ok(Some(Lease { job, token, expires_at: Timestamp(expires) }))
+    let lease = Lease { job, token, expires_at: Timestamp(expires) };
+    Ok(Some(match unreadable {
+        None => Leased::Ok(lease),
+        Some(why) => Leased::Unreadable(lease, why),
+    }))
 }
 
 fn parse_error(text: &str) -> Result<AttemptError> {
