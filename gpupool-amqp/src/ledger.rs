@@ -233,6 +233,11 @@ pub(crate) struct Job {
     parked: Option<u32>,
     /// When this process last saw the lease renewed, and for how long.
     pub(crate) renewed: Option<(Instant, Duration)>,
+    /// When the lease ends in ledger order: the last renewal's publish time
+    /// (`Envelope::at`) plus its length. A `Reclaim` published before it
+    /// is refused, so a heartbeat that reached the ledger first wins over a
+    /// reclaim built from an older view (a paused or cut-off process).
+    lease_until: Option<i64>,
     /// Where its shipped log's pieces are in its log stream.
     pub(crate) log: LogIndex,
 }
@@ -302,6 +307,7 @@ impl Job {
         self.record.state = state;
         self.token = None;
         self.renewed = None;
+        self.lease_until = None;
         if state.is_terminal() {
             self.record.finished_at = Some(Timestamp(at));
         }
@@ -462,6 +468,7 @@ impl State {
         job.token = Some(token);
         job.parked = None;
         job.renewed = Some((when.now, Duration::from_millis(lease_ms)));
+        job.lease_until = Some(when.at.saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX)));
     }
 
     /// Back to the queue (a requeue of the earlier design names its dispatch).
@@ -530,7 +537,15 @@ impl State {
         let record = JobRecord::new(JobId::new(id.clone()), spec, Timestamp(when.at));
         self.jobs.insert(
             id.clone(),
-            Job { record, token: None, dispatch: None, parked: None, renewed: None, log: LogIndex::default() },
+            Job {
+                record,
+                token: None,
+                dispatch: None,
+                parked: None,
+                renewed: None,
+                lease_until: None,
+                log: LogIndex::default(),
+            },
         );
         self.order.push(id.clone());
         self.requeue(&id, dispatch, when);
@@ -612,6 +627,7 @@ impl State {
     fn renew_lease(&mut self, id: &str, token: &str, lease_ms: u64, when: When) -> Outcome {
         let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
         job.renewed = Some((when.now, Duration::from_millis(lease_ms)));
+        job.lease_until = Some(when.at.saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX)));
         Outcome::Beat { cancel: job.record.cancel_requested }
     }
 
@@ -726,6 +742,10 @@ impl State {
     /// failed; a later one finds the lease gone and is rejected.
     fn reclaim(&mut self, id: &str, token: &str, dispatch: Option<String>, when: When) -> Outcome {
         let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
+        if job.lease_until.is_some_and(|until| when.at < until) {
+            // Renewed after the reclaimer last looked: the lease holds.
+            return Outcome::Rejected;
+        }
         let expired = gpupool_core::rows::ExpiredLease::new(
             job.record.worker.as_deref(),
             job.record.cancel_requested,
@@ -815,7 +835,7 @@ mod tests {
         assert_eq!(s.apply(9, env("c", want("t2", "y", &["default"], 1, 0)), now, 1), Outcome::Rejected);
         // The same nonce again gets the first verdict.
         assert_eq!(s.apply(10, env("b", want("t1", "x", &["default"], 1, 0)), now, 1), Outcome::Leased(id.clone()));
-        let reclaim = |n: &str| env(n, Event::Reclaim { id: id.clone(), token: "t1".into(), dispatch: None });
+        let reclaim = |n: &str| at(n, 2000, Event::Reclaim { id: id.clone(), token: "t1".into(), dispatch: None });
         assert_eq!(s.apply(11, reclaim("d"), now, 1), Outcome::Requeued);
         assert_eq!(s.apply(12, reclaim("e"), now, 1), Outcome::Rejected, "only one reclaim takes effect");
         let done = Event::Completed { id: id.clone(), token: "t1".into(), output_tail: String::new(), result: None };
@@ -956,5 +976,30 @@ mod tests {
         let from = end - (150 << 20);
         assert_eq!(log.seek(from), 9800 - MARK_SLACK, "the mark at or before it");
         assert_eq!(log.seek(end + 5), 9900 - MARK_SLACK);
+    }
+
+    #[test]
+    fn a_reclaim_from_an_older_view_loses_to_a_later_heartbeat() {
+        let now = Instant::now();
+        let mut s = State::new("me");
+        let Outcome::Pushed(id) = s.apply(0, at("a", 1000, pushed(JobSpec::new("main", "t.py"))), now, 1000) else {
+            panic!("not pushed")
+        };
+        // Leased at 1000 for 1000 ms, renewed at 1800 (until 2800).
+        assert_eq!(
+            s.apply(1, at("b", 1000, want("t1", "x", &["default"], 1, 0)), now, 1000),
+            Outcome::Leased(id.clone())
+        );
+        let beat = Event::Heartbeat { id: id.clone(), token: "t1".into(), lease_ms: 1000 };
+        assert_eq!(s.apply(2, at("c", 1800, beat), now, 1800), Outcome::Beat { cancel: false });
+        // A process that was paused saw only the lease at 1000: its reclaim
+        // at 2100 is refused, and the run goes on.
+        let reclaim = |n: &str, t: i64| at(n, t, Event::Reclaim { id: id.clone(), token: "t1".into(), dispatch: None });
+        assert_eq!(s.apply(3, reclaim("d", 2100), now, 2100), Outcome::Rejected);
+        assert_eq!(s.jobs[&id].record.state, JobState::Running);
+        assert!(s.errors_of(&id).is_empty(), "nothing charged");
+        // Past the renewed lease, a reclaim counts.
+        assert_eq!(s.apply(4, reclaim("e", 2800), now, 2800), Outcome::Requeued);
+        assert_eq!(s.errors_of(&id)[0].kind, FailureKind::LeaseLost);
     }
 }

@@ -30,11 +30,22 @@
 //! clock, when it saw the lease renewed. **A dead worker's job**: any
 //! reserving process that sees a lease unrenewed past its length publishes
 //! `Reclaim` naming the lease token; the first such event in the stream
-//! wins (records `lease_lost`, requeues or fails the job). **Complete,
+//! that comes after the lease's end in ledger order wins (records
+//! `lease_lost`, requeues or fails the job): a Reclaim published before
+//! the last renewal's time plus the lease is refused, so a process that
+//! was paused or cut off, and reclaims from its older view, never ends a
+//! lease that a later heartbeat renewed. (Upgrading across this rule:
+//! stop every process first; a ledger written before it replays the same
+//! unless its processes' clocks disagreed by more than 250 ms.)
+//! **Complete,
 //! fail, cancelled, release** are events fenced by the token. **Cancel** is
 //! an event: a queued job ends at once, a running one is flagged and its
 //! worker sees the flag in the verdict of its next heartbeat. **Retry** is
 //! an event.
+//!
+//! A reconnect closes the old connection before it opens the new one, and
+//! an old ledger consumer still delivering stops before it applies
+//! anything to the new fold (each connection has a generation).
 //!
 //! Publishes are confirmed. An event is published again with the same nonce
 //! after a lost connection, and the fold gives a repeated nonce its first
@@ -156,6 +167,10 @@ struct Inner {
     replaying: AtomicBool,
     /// Jobs whose log stream this handle declared (on its first ship).
     log_streams: StdMutex<std::collections::HashSet<String>>,
+    /// Counts this handle's connections: a ledger consumer applies events
+    /// only while its connection is the newest, so an old consumer still
+    /// delivering after a reconnect never writes into the new fold.
+    generation: std::sync::atomic::AtomicU64,
     /// Where each lease this handle ships for puts its next piece.
     cursors: StdMutex<HashMap<String, Cursor>>,
     /// When this handle last looked for log streams to delete.
@@ -250,6 +265,7 @@ impl AmqpQueue {
                 replaying: AtomicBool::new(false),
                 log_streams: StdMutex::default(),
                 cursors: StdMutex::default(),
+                generation: std::sync::atomic::AtomicU64::new(0),
                 last_log_sweep: StdMutex::default(),
             }),
         };
@@ -335,6 +351,13 @@ impl AmqpQueue {
             return Ok(Arc::clone(link));
         }
         let opts = &self.inner.opts;
+        // The old connection goes first, with its consumer (briefly: a
+        // broken one may not answer).
+        if let Some(old) = slot.take() {
+            old.alive.store(false, Ordering::Relaxed);
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), old.connection.close(200, "reconnecting".into())).await;
+        }
         let connection = self.connect_broker().await?;
         let publish = connection.create_channel().await.map_err(unavailable)?;
         publish.confirm_select(ConfirmSelectOptions::default()).await.map_err(unavailable)?;
@@ -354,7 +377,11 @@ impl AmqpQueue {
             .basic_consume(self.ledger_name().as_str().into(), "".into(), BasicConsumeOptions::default(), from)
             .await
             .map_err(unavailable)?;
-        *self.inner.state() = State::new(&self.inner.owner);
+        let generation = {
+            let mut st = self.inner.state();
+            *st = State::new(&self.inner.owner);
+            self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1
+        };
         self.inner.replaying.store(true, Ordering::Relaxed);
         let alive = Arc::new(AtomicBool::new(true));
         let (inner, still) = (Arc::clone(&self.inner), Arc::clone(&alive));
@@ -368,6 +395,9 @@ impl AmqpQueue {
                         let nonce = env.nonce.clone();
                         let (outcome, handed) = {
                             let mut st = inner.state();
+                            if inner.generation.load(Ordering::SeqCst) != generation {
+                                break; // a newer connection folds the ledger now
+                            }
                             let before = st.handed.len();
                             let outcome = st.apply(offset, env, Instant::now(), now_ms());
                             (outcome, st.handed.len() > before)
