@@ -7,6 +7,56 @@ pub fn spec_text() -> String {
     gpupool_core::JobSpec::new("main", "noop.py").arg("i", 1).to_json().expect("a fixed spec serializes")
 }
 
+/// The scheme of a queue URL (`sqlite`, `mysql`, …).
+pub fn scheme(url: &str) -> &str {
+    url.split(':').next().unwrap_or("")
+}
+
+/// A URL for a fresh, empty queue of the same backend as `url`: a new file
+/// in `dir`, or a new name prefix starting with `tag`.
+pub fn fresh(url: &str, tag: &str, dir: &std::path::Path) -> String {
+    let id = format!("{tag}{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let sep = if url.contains('?') { '&' } else { '?' };
+    match scheme(url) {
+        "sqlite" => format!("sqlite://{}/{id}.db", dir.display()),
+        "memory" => url.to_owned(),
+        "mysql" | "mariadb" => format!("{url}{sep}prefix=bench_{id}_"),
+        "redis" | "rediss" => format!("{url}{sep}prefix=bench:{id}:"),
+        _ => format!("{url}{sep}prefix=bench.{id}.&ledger_max_age=1h"),
+    }
+}
+
+/// Removes what a [`fresh`] queue left on its server (tables, keys,
+/// streams); a file goes with its folder.
+pub async fn cleanup(url: &str) {
+    match scheme(url) {
+        "mysql" | "mariadb" => {
+            if let Ok(q) = gpupool_mysql::MysqlQueue::connect(url).await {
+                let _ = q.drop_tables().await;
+            }
+        }
+        "redis" | "rediss" => {
+            if let Ok(q) = gpupool_redis::RedisQueue::connect(url).await {
+                let mut c = q.connection();
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{}*", q.options().prefix))
+                    .query_async(&mut c)
+                    .await
+                    .unwrap_or_default();
+                for chunk in keys.chunks(500) {
+                    let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(chunk).query_async(&mut c).await;
+                }
+            }
+        }
+        "amqp" | "amqps" => {
+            if let Ok(q) = gpupool_amqp::AmqpQueue::connect(url).await {
+                let _ = q.delete_queues().await;
+            }
+        }
+        _ => {}
+    }
+}
+
 /// The Redis floor: a bare stream with one consumer group, pushed to with
 /// `XADD` and drained with `XREADGROUP COUNT 1` then `XACK` (loadgen's
 /// floors and `redis_cpu` both measure it).

@@ -97,6 +97,10 @@ const BACKEND: &str = "amqp";
 /// as needed, before the call reports `Unavailable`.
 const EMIT_WITHIN: Duration = Duration::from_secs(60);
 
+/// The longest pause between tries of an event while the broker cannot be
+/// reached (see `emit`).
+const EMIT_RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// A lease is reclaimed only this long after it ran out, so a heartbeat in
 /// flight is not mistaken for a missing one.
 const RECLAIM_GRACE: Duration = Duration::from_millis(250);
@@ -503,7 +507,10 @@ impl AmqpQueue {
                 Err(e) => {
                     warn!("RabbitMQ: {e}; trying again in {pause:?}");
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
+                    // At most a second apart: a heartbeat waiting here
+                    // must get through as soon as the broker is back, or
+                    // an outage shorter than the lease costs the lease.
+                    pause = (pause * 2).min(EMIT_RETRY_MAX);
                 }
             }
         }

@@ -193,6 +193,10 @@ struct Report {
     ended: usize,
     duplicates: usize,
     duplicates_in_freeze: usize,
+    /// Jobs that ran to their end twice because a worker was killed after
+    /// its run ended and before it could journal or report that end: no
+    /// one can know of a run that its worker did not live to see end.
+    duplicates_at_kill: usize,
     leftover: usize,
     lost: usize,
     error_kinds: BTreeMap<String, usize>,
@@ -209,7 +213,7 @@ impl Report {
     /// One row of RELIABILITY.md's table.
     fn table_row(&self) -> String {
         format!(
-            "| {} | {} s, {} | {} | {} | {} ({} ended) | {} (+{} in a freeze) | {} | {} |",
+            "| {} | {} s, {} | {} | {} | {} ({} ended) | {} (+{} in a freeze{}) | {} | {} |",
             self.backend,
             self.secs,
             self.workers,
@@ -219,6 +223,11 @@ impl Report {
             self.ended,
             self.duplicates,
             self.duplicates_in_freeze,
+            if self.duplicates_at_kill > 0 {
+                format!(", +{} at a kill", self.duplicates_at_kill)
+            } else {
+                String::new()
+            },
             self.leftover,
             self.lost
         )
@@ -255,6 +264,8 @@ struct Pool<'a> {
     frozen: BTreeSet<String>,
     /// Until when each frozen worker stays frozen.
     frozen_until: BTreeMap<String, Instant>,
+    /// When each killed worker was killed.
+    killed: BTreeMap<String, std::time::SystemTime>,
 }
 
 impl Pool<'_> {
@@ -385,6 +396,7 @@ fn run(args: &Args) -> Result<Report, String> {
         live: Vec::new(),
         started: 0,
         frozen: BTreeSet::new(),
+        killed: BTreeMap::new(),
         frozen_until: BTreeMap::new(),
     };
     for _ in 0..args.workers {
@@ -409,6 +421,7 @@ fn run(args: &Args) -> Result<Report, String> {
         match fault {
             "kill" => {
                 let w = pool.live.swap_remove(target);
+                pool.killed.insert(w.name.clone(), std::time::SystemTime::now());
                 kill_checks.push(kill(w)?);
                 pool.spawn()?;
             }
@@ -475,7 +488,7 @@ fn run(args: &Args) -> Result<Report, String> {
     drop(proxy);
     let left_by_kills: BTreeSet<procs::Proc> =
         kill_checks.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
-    check(&dir, &backend.url, &pool.frozen, &left_by_kills, &mut report)?;
+    check(&dir, &backend.url, &pool.frozen, &pool.killed, &left_by_kills, &mut report)?;
     if args.keep || !report.failures.is_empty() {
         eprintln!("chaos: kept {} and the queue {}", dir.display(), gpupool::redact::redact_url(&backend.url));
         let _ = work.keep();
@@ -528,7 +541,13 @@ struct RunRecord {
     job: String,
     worker: String,
     pids: [i32; 2],
+    /// When the record was written (for an end: when the run ended).
+    at: Option<std::time::SystemTime>,
 }
+
+/// A worker killed this soon after its run ended may not have lived to
+/// see the end (the process exit, then the result journaled).
+const KILL_WINDOW: Duration = Duration::from_secs(2);
 
 fn records(dir: &Path) -> Vec<RunRecord> {
     let mut out = Vec::new();
@@ -540,6 +559,7 @@ fn records(dir: &Path) -> Vec<RunRecord> {
             job: v["job"].as_str().unwrap_or_default().to_owned(),
             worker: v["worker"].as_str().unwrap_or_default().to_owned(),
             pids: [pid("pid"), pid("child")],
+            at: entry.metadata().and_then(|m| m.modified()).ok(),
         });
     }
     out
@@ -550,6 +570,7 @@ fn check(
     dir: &Path,
     url: &str,
     frozen: &BTreeSet<String>,
+    killed: &BTreeMap<String, std::time::SystemTime>,
     left_by_kills: &BTreeSet<procs::Proc>,
     report: &mut Report,
 ) -> Result<(), String> {
@@ -577,10 +598,19 @@ fn check(
     for e in &ends {
         ended.entry(e.job.as_str()).or_default().push(e.worker.as_str());
     }
+    // A run whose worker was killed within KILL_WINDOW after it ended.
+    let died_at_end = |job: &str| {
+        ends.iter().filter(|e| e.job == job).any(|e| {
+            let (Some(end), Some(kill)) = (e.at, killed.get(&e.worker)) else { return false };
+            kill.duration_since(end).is_ok_and(|after| after <= KILL_WINDOW)
+        })
+    };
     for (job, workers) in &ended {
         if workers.len() > 1 {
             if workers.iter().any(|w| frozen.contains(*w)) {
                 report.duplicates_in_freeze += 1;
+            } else if died_at_end(job) {
+                report.duplicates_at_kill += 1;
             } else {
                 report.duplicates += 1;
                 report.failures.push(format!("job {job} ran to its end {} times, on {workers:?}", workers.len()));

@@ -437,8 +437,14 @@ fn a_run_keeps_its_model_and_reports_results(backend: Backend) {
 /// fetches them on any host. A store that cannot take them loses nothing:
 /// the job's result stands and the record says where the files stayed.
 fn artifacts_go_to_the_store_and_pull_fetches_them(w: &World, store: &str, other_host_store: Option<&str>) {
-    let job = json!({"git_ref": "develop", "entrypoint": "ai_folder/train.py", "args": {"model_dir": "m"}});
-    let ids = w.push(&json!([job]));
+    // The original tool's message.json, with its relative model_dir.
+    let seed = r#"{"branch": "develop", "train_path": "./ai_folder/train.py", "model_dir": "m"}"#;
+    std::fs::write(w.dir.join("message.json"), seed).unwrap();
+    let push_seed = || {
+        let out = w.gp_ok(&["push"]);
+        vec![out.trim().strip_prefix("pushed 1 job(s): ").expect("the push summary").to_owned()]
+    };
+    let ids = push_seed();
     w.burst(&["--artifacts", store]);
     let record = w.job(&ids[0]);
     assert_eq!(record["state"], "succeeded", "{record}");
@@ -474,7 +480,7 @@ fn artifacts_go_to_the_store_and_pull_fetches_them(w: &World, store: &str, other
     assert_eq!(std::fs::read_to_string(pulled.join("métriques 1.csv")).unwrap(), "epoch,acc\n1,0.91\n");
 
     // --keep-outputs: uploaded, and kept here too.
-    let ids = w.push(&json!([job]));
+    let ids = push_seed();
     w.burst(&["--artifacts", store, "--keep-outputs"]);
     assert_eq!(w.job(&ids[0])["artifacts"]["stored"], true);
     let attempt = attempt.parent().unwrap().parent().unwrap().join(format!("job-{}/attempt-1", ids[0]));

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use gpupool_benches::{cleanup, fresh, scheme};
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, FailOutcome, Failure, Heartbeat, JobId, JobRecord, JobSpec,
     JobState, Lease, ListFilter, LogPage, Progress, Pushed, Queue, ReserveRequest, Result, RunInfo, RunLogs,
@@ -122,10 +123,6 @@ fn now_ns() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
 }
 
-fn scheme(url: &str) -> &str {
-    url.split(':').next().unwrap_or("")
-}
-
 fn bench(backend: &str, figure: &str, value: f64, unit: &str) {
     println!("BENCH backend={backend} figure={figure} value={value:.1} unit={unit} floor=- ratio=-");
 }
@@ -174,46 +171,6 @@ fn make_repo(dir: &Path) -> PathBuf {
     let sig = git2::Signature::now("bench", "bench@example.com").unwrap();
     repo.commit(Some("refs/heads/main"), &sig, &sig, "bench", &tree, &[]).unwrap();
     path
-}
-
-fn fresh(url: &str, dir: &Path) -> String {
-    let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    let sep = if url.contains('?') { '&' } else { '?' };
-    match scheme(url) {
-        "sqlite" => format!("sqlite://{}/ship{id}.db", dir.display()),
-        "mysql" | "mariadb" => format!("{url}{sep}prefix=bship_{id}_"),
-        "redis" | "rediss" => format!("{url}{sep}prefix=bship:{id}:"),
-        _ => format!("{url}{sep}prefix=bship.{id}.&ledger_max_age=1h"),
-    }
-}
-
-async fn cleanup(url: &str) {
-    match scheme(url) {
-        "mysql" | "mariadb" => {
-            if let Ok(q) = gpupool_mysql::MysqlQueue::connect(url).await {
-                let _ = q.drop_tables().await;
-            }
-        }
-        "redis" | "rediss" => {
-            if let Ok(q) = gpupool_redis::RedisQueue::connect(url).await {
-                let mut c = q.connection();
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(format!("{}*", q.options().prefix))
-                    .query_async(&mut c)
-                    .await
-                    .unwrap_or_default();
-                for chunk in keys.chunks(500) {
-                    let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(chunk).query_async(&mut c).await;
-                }
-            }
-        }
-        "amqp" | "amqps" => {
-            if let Ok(q) = gpupool_amqp::AmqpQueue::connect(url).await {
-                let _ = q.delete_queues().await;
-            }
-        }
-        _ => {}
-    }
 }
 
 fn chatty(secs: f64) -> JobSpec {
@@ -273,7 +230,7 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         // The load: four chatty jobs of `secs` seconds, shipped.
-        let fresh_url = fresh(&url, dir);
+        let fresh_url = fresh(&url, "ship", dir);
         let inner = gpupool::connect(&fresh_url).await.unwrap();
         inner.init().await.unwrap();
         let q = Arc::new(Counted { inner, ship: true, writes: AtomicU64::new(0), bytes: AtomicU64::new(0) });
@@ -303,7 +260,7 @@ fn main() {
         let (mut on, mut off) = (Vec::new(), Vec::new());
         for round in 0..4 {
             let ship = round % 2 == 0;
-            let fresh_url = fresh(&url, dir);
+            let fresh_url = fresh(&url, "ship", dir);
             let inner = gpupool::connect(&fresh_url).await.unwrap();
             inner.init().await.unwrap();
             let q = Arc::new(Counted { inner, ship, writes: AtomicU64::new(0), bytes: AtomicU64::new(0) });

@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use gpupool_benches::{cleanup, fresh, scheme};
 use gpupool_core::workspace::{PrepareRequest, Workspace};
 use gpupool_core::{Completion, JobSpec, JobState, ListFilter, Queue, ReserveRequest};
 use gpupool_worker::{Worker, WorkerConfig};
@@ -49,58 +50,12 @@ fn now_ns() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
 }
 
-fn scheme(url: &str) -> &str {
-    url.split(':').next().unwrap_or(url)
-}
-
 fn bench(backend: &str, figure: &str, value: f64, unit: &str, floor: Option<f64>) {
     let (f, r) = match floor {
         Some(f) if f > 0.0 => (format!("{f:.1}"), format!("{:.2}", value / f)),
         _ => ("-".to_owned(), "-".to_owned()),
     };
     println!("BENCH backend={backend} figure={figure} value={value:.1} unit={unit} floor={f} ratio={r}");
-}
-
-/// A URL for a fresh, empty queue of the same backend.
-fn fresh(url: &str, tag: &str, dir: &Path) -> String {
-    let id = format!("{tag}{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let sep = if url.contains('?') { '&' } else { '?' };
-    match scheme(url) {
-        "sqlite" => format!("sqlite://{}/{id}.db", dir.display()),
-        "memory" => url.to_owned(),
-        "mysql" | "mariadb" => format!("{url}{sep}prefix=bench_{id}_"),
-        "redis" | "rediss" => format!("{url}{sep}prefix=bench:{id}:"),
-        _ => format!("{url}{sep}prefix=bench.{id}.&ledger_max_age=1h"),
-    }
-}
-
-async fn cleanup(url: &str) {
-    match scheme(url) {
-        "mysql" | "mariadb" => {
-            if let Ok(q) = gpupool_mysql::MysqlQueue::connect(url).await {
-                let _ = q.drop_tables().await;
-            }
-        }
-        "redis" | "rediss" => {
-            if let Ok(q) = gpupool_redis::RedisQueue::connect(url).await {
-                let mut c = q.connection();
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(format!("{}*", q.options().prefix))
-                    .query_async(&mut c)
-                    .await
-                    .unwrap_or_default();
-                for chunk in keys.chunks(500) {
-                    let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(chunk).query_async(&mut c).await;
-                }
-            }
-        }
-        "amqp" | "amqps" => {
-            if let Ok(q) = gpupool_amqp::AmqpQueue::connect(url).await {
-                let _ = q.delete_queues().await;
-            }
-        }
-        _ => {}
-    }
 }
 
 async fn open(url: &str) -> Arc<dyn Queue> {
