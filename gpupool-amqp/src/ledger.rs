@@ -288,13 +288,9 @@ impl LogIndex {
 }
 
 impl Job {
-    fn held(&self, token: &str) -> bool {
+    /// Whether `token` holds the job, as this fold sees it now.
+    pub(crate) fn held(&self, token: &str) -> bool {
         self.record.state == JobState::Running && self.token.as_deref() == Some(token)
-    }
-
-    /// Whether `token` holds the job, as this process's fold sees it now.
-    pub(crate) fn holds(&self, token: &str) -> bool {
-        self.held(token)
     }
 
     /// Whether the lease ran out, by this process's clock, with `grace` to spare.

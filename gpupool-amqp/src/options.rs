@@ -50,10 +50,6 @@ impl fmt::Debug for AmqpOptions {
     }
 }
 
-fn valid_age(v: &str) -> bool {
-    age(v).is_some()
-}
-
 /// An age in RabbitMQ's form (`30D`, `12h`, `90m`; `Y` is 365 days, `M` 30).
 fn age(v: &str) -> Option<Duration> {
     let (n, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
@@ -101,7 +97,7 @@ impl AmqpOptions {
                     v.clone_into(&mut opts.prefix);
                 }
                 "ledger_max_age" => {
-                    if !valid_age(v) {
+                    if age(v).is_none() {
                         return Err(Error::Config(format!(
                             "ledger_max_age `{v}` is not an age such as 30D, 12h or 90m"
                         )));

@@ -941,7 +941,7 @@ pub(crate) struct Cursor {
 impl gpupool_core::RunLogs for AmqpQueue {
     async fn ship(&self, lease: &Lease, progress: &gpupool_core::Progress) -> Result<()> {
         let id = lease.id().as_str();
-        let held = self.inner.state().jobs.get(id).is_some_and(|j| j.holds(&lease.token));
+        let held = self.inner.state().jobs.get(id).is_some_and(|j| j.held(&lease.token));
         if !held {
             lock(&self.inner.cursors).remove(&lease.token);
             return Err(Error::lease_lost(lease.id()));
@@ -953,7 +953,7 @@ impl gpupool_core::RunLogs for AmqpQueue {
             let mut cursors = lock(&self.inner.cursors);
             // Cursors of leases this process no longer holds go.
             let st = self.inner.state();
-            cursors.retain(|token, _| st.jobs.values().any(|j| j.holds(token)));
+            cursors.retain(|token, _| st.jobs.values().any(|j| j.held(token)));
             cursors.insert(lease.token.clone(), cursor);
         }
         let start = lock(&self.inner.cursors).get(&lease.token).map_or(0, |c| c.end);
