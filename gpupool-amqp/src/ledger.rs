@@ -147,6 +147,12 @@ pub(crate) enum Event {
         id: String,
         artifacts: Box<gpupool_core::Artifacts>,
     },
+    /// A snapshot of the fold after the event at `covers` is in the
+    /// snapshot stream, `bytes` long (see [`Snapshot`]).
+    Snapshot {
+        covers: i64,
+        bytes: u64,
+    },
     /// Earlier design: a parked job's work message was sent again. A parked
     /// job is queued now (only big enough wants take it), so this does
     /// nothing.
@@ -189,7 +195,7 @@ pub(crate) struct Envelope {
 }
 
 /// What applying an event did, for the publisher waiting on it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Outcome {
     /// A new job with this id.
     Pushed(String),
@@ -240,13 +246,19 @@ pub(crate) struct Job {
     lease_until: Option<i64>,
     /// Where its shipped log's pieces are in its log stream.
     pub(crate) log: LogIndex,
+    /// Its failed attempts, oldest first, each with its place among all
+    /// the fold's failed attempts (`State::error_seq`).
+    errors: Vec<(u64, AttemptError)>,
+    /// Which end of a job its last end was (`State::ends`), so that an
+    /// entry of an earlier end in `State::finished` is known as stale.
+    end_seq: u64,
 }
 
 /// What the fold knows of a job's shipped log, whose text is in a stream
 /// of its own (`PREFIXlog.ID`, one message per piece, the piece's byte
 /// offset in a header): marks of where some pieces are in that stream, so
 /// that a read starts near the piece it wants.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct LogIndex {
     /// The end of the last marked piece's start (the text runs on past it
     /// until the next mark).
@@ -314,6 +326,16 @@ impl Job {
         gpupool_core::rows::failed_attempt(failure, self.record.id.clone(), self.record.attempt, Timestamp(at))
     }
 
+    /// About how much memory its text takes (for [`KEEP_FINISHED_BYTES`]).
+    fn weight(&self) -> u64 {
+        let r = &self.record;
+        let text = r.output_tail.as_ref().map_or(0, String::len)
+            + r.result.as_ref().map_or(0, |v| v.to_string().len())
+            + r.spec.args.iter().map(|(k, v)| k.len() + v.to_string().len()).sum::<usize>()
+            + self.errors.iter().map(|(_, e)| e.output_tail.len() + e.message.len()).sum::<usize>();
+        1024 + text as u64
+    }
+
     /// Whether a want offering `limit` GPUs (on a GPU host or not) may take it.
     fn fits(&self, limit: u32, gpu_host: bool) -> bool {
         self.record.spec.gpus_needed(gpu_host).max(self.parked.unwrap_or(0)) <= limit
@@ -321,7 +343,7 @@ impl Job {
 }
 
 /// A want kept until a job comes for it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Waiting {
     token: String,
     owner: String,
@@ -338,15 +360,31 @@ fn rank(job: &Job) -> Rank {
     (Reverse(job.record.spec.priority), id.parse().unwrap_or(u64::MAX), id.to_owned())
 }
 
+/// Finished jobs the fold keeps, at most: the newest this many, and of
+/// those no more than [`KEEP_FINISHED_BYTES`] of text (outputs, errors,
+/// results). An older finished job is forgotten: `get` and `jobs` no longer
+/// know it, its idempotency key is free again, and its log stream is
+/// deleted; its artifacts stay in their store. The same numbers for every
+/// process, so that every fold forgets the same jobs at the same event.
+pub(crate) const KEEP_FINISHED: usize = 10_000;
+pub(crate) const KEEP_FINISHED_BYTES: u64 = 64 << 20;
+
+/// Nonces of events are remembered (to give a repeated publish its first
+/// verdict) for this long by the events' clocks, and at least the newest
+/// [`SEEN_KEEP`]: an event is published again only within a minute of its
+/// first publish (`EMIT_WITHIN`).
+const SEEN_FOR_MS: i64 = 120_000;
+const SEEN_KEEP: usize = 1_000;
+
 /// The fold of the ledger.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct State {
     pub(crate) jobs: HashMap<String, Job>,
-    /// Ids in push order (oldest first).
-    pub(crate) order: Vec<String>,
+    /// Ids of the kept jobs (push order is id order).
+    pub(crate) order: BTreeSet<u64>,
     idempotency: HashMap<String, String>,
-    /// Every failed attempt, oldest first.
-    pub(crate) errors: Vec<AttemptError>,
+    /// Failed attempts counted so far (orders `Job::errors` across jobs).
+    error_seq: u64,
     /// Earlier design: jobs by the dispatch nonce of their push.
     pushed: HashMap<String, String>,
     /// Registered workers, `seen_at` from the event's clock.
@@ -354,15 +392,75 @@ pub(crate) struct State {
     /// Verdicts by nonce, so that a publisher that sent an event twice (it
     /// lost its connection before seeing the first) gets the first verdict.
     seen: HashMap<String, Outcome>,
+    /// The nonces in `seen`, in ledger order, with their events' times.
+    seen_order: VecDeque<(i64, String)>,
+    /// The latest event time applied.
+    latest_at: i64,
     /// Queued jobs by queue, best first.
     queued: HashMap<String, BTreeSet<Rank>>,
     /// Wants waiting for a job, oldest first.
     waiting: VecDeque<Waiting>,
+    /// Ends of jobs so far.
+    ends: u64,
+    /// Finished jobs, oldest end first: (`Job::end_seq`, id, weight).
+    finished: VecDeque<(u64, String, u64)>,
+    /// The weight of the entries in `finished`.
+    finished_bytes: u64,
+    /// At most how many finished jobs, and how much of their text, are kept
+    /// ([`KEEP_FINISHED`]; smaller in tests).
+    keep: (usize, u64),
+    /// Forgotten jobs whose log stream is still to be deleted.
+    pub(crate) orphan_logs: VecDeque<String>,
+    /// The last offset applied (-1: none).
+    pub(crate) applied: i64,
+    /// The newest snapshot the ledger names.
+    pub(crate) last_snapshot: Option<SnapshotMark>,
+    /// Ledger bytes applied since the newest snapshot was named.
+    pub(crate) since_snapshot: u64,
     /// The handle this fold belongs to: jobs handed to its waiting wants
     /// are noted in `handed`.
     owner: String,
     /// Jobs handed to this handle's waiting wants, by lease token.
     pub(crate) handed: HashMap<String, String>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            jobs: HashMap::new(),
+            order: BTreeSet::new(),
+            idempotency: HashMap::new(),
+            error_seq: 0,
+            pushed: HashMap::new(),
+            workers: std::collections::BTreeMap::new(),
+            seen: HashMap::new(),
+            seen_order: VecDeque::new(),
+            latest_at: i64::MIN,
+            queued: HashMap::new(),
+            waiting: VecDeque::new(),
+            ends: 0,
+            finished: VecDeque::new(),
+            finished_bytes: 0,
+            keep: (KEEP_FINISHED, KEEP_FINISHED_BYTES),
+            orphan_logs: VecDeque::new(),
+            applied: -1,
+            last_snapshot: None,
+            since_snapshot: 0,
+            owner: String::new(),
+            handed: HashMap::new(),
+        }
+    }
+}
+
+/// A snapshot the ledger names (`Event::Snapshot`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SnapshotMark {
+    /// The last ledger offset it holds.
+    pub(crate) covers: i64,
+    /// Its size.
+    pub(crate) bytes: u64,
+    /// When it was named (the event's clock).
+    pub(crate) at: i64,
 }
 
 /// When an event happened, on the two clocks the fold uses.
@@ -388,14 +486,34 @@ impl State {
     /// now), so a process that replays the ledger after a worker died sees
     /// that worker's lease as old as it is, not as fresh.
     pub(crate) fn apply(&mut self, offset: i64, env: Envelope, now: Instant, wall_ms: i64) -> Outcome {
+        self.applied = self.applied.max(offset);
         if let Some(first) = self.seen.get(&env.nonce) {
             return first.clone();
         }
-        let age = Duration::from_millis(u64::try_from(wall_ms.saturating_sub(env.at)).unwrap_or(0));
-        let renewed_at = now.checked_sub(age).unwrap_or(now);
+        let renewed_at = local_instant(env.at, now, wall_ms);
         let outcome = self.apply_new(offset, env.event, When { at: env.at, now: renewed_at });
-        self.seen.insert(env.nonce, outcome.clone());
+        self.remember(env.nonce, env.at, outcome.clone());
         outcome
+    }
+
+    /// Notes a nonce's verdict, and forgets the nonces of events older than
+    /// [`SEEN_FOR_MS`] beyond the newest [`SEEN_KEEP`] (by the events'
+    /// clocks, so every fold forgets the same ones).
+    fn remember(&mut self, nonce: String, at: i64, outcome: Outcome) {
+        self.seen.insert(nonce.clone(), outcome);
+        self.seen_order.push_back((at, nonce));
+        self.latest_at = self.latest_at.max(at);
+        let horizon = self.latest_at.saturating_sub(SEEN_FOR_MS);
+        while self.seen_order.len() > SEEN_KEEP && self.seen_order.front().is_some_and(|(at, _)| *at < horizon) {
+            if let Some((_, old)) = self.seen_order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+    }
+
+    /// Counts ledger bytes applied (for when a snapshot is due).
+    pub(crate) fn grew(&mut self, bytes: usize) {
+        self.since_snapshot = self.since_snapshot.saturating_add(bytes as u64);
     }
 
     /// Whether any queued job or waiting want is left (tests).
@@ -509,6 +627,12 @@ impl State {
                 if let Some(job) = self.jobs.get_mut(&id) {
                     job.log.dropped = true;
                 }
+                self.orphan_logs.retain(|o| *o != id);
+                Outcome::Ok
+            }
+            Event::Snapshot { covers, bytes } => {
+                self.last_snapshot = Some(SnapshotMark { covers, bytes, at: when.at });
+                self.since_snapshot = 0;
                 Outcome::Ok
             }
             Event::Unpark { .. } => Outcome::Ok,
@@ -541,9 +665,11 @@ impl State {
                 renewed: None,
                 lease_until: None,
                 log: LogIndex::default(),
+                errors: Vec::new(),
+                end_seq: 0,
             },
         );
-        self.order.push(id.clone());
+        self.order.insert(u64::try_from(offset + 1).unwrap_or(0));
         self.requeue(&id, dispatch, when);
         Outcome::Pushed(id)
     }
@@ -649,6 +775,7 @@ impl State {
         job.record.exit_code = Some(0);
         job.record.output_tail = Some(output_tail);
         job.record.result = result;
+        self.finished(id);
         Outcome::Ok
     }
 
@@ -664,7 +791,8 @@ impl State {
     ) -> Outcome {
         let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
         let requeue = failure.requeues(&job.record.spec, job.record.attempt, job.record.attempt_limit);
-        self.errors.push(job.attempt_error(&failure, when.at));
+        self.error_seq += 1;
+        job.errors.push((self.error_seq, job.attempt_error(&failure, when.at)));
         job.record.exit_code = failure.exit_code;
         job.record.signal = failure.signal;
         job.record.output_tail = Some(failure.output_tail);
@@ -673,6 +801,7 @@ impl State {
             self.requeue(id, dispatch, when)
         } else {
             job.end(JobState::Failed, when.at);
+            self.finished(id);
             Outcome::Failed
         }
     }
@@ -682,6 +811,7 @@ impl State {
         let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
         job.end(JobState::Cancelled, when.at);
         job.record.output_tail = Some(output_tail);
+        self.finished(id);
         Outcome::Ok
     }
 
@@ -705,6 +835,7 @@ impl State {
                 if let Some(d) = job.dispatch.take() {
                     self.pushed.remove(&d);
                 }
+                self.finished(id);
                 Outcome::Cancelled
             }
             JobState::Running => {
@@ -748,12 +879,19 @@ impl State {
             job.record.attempt,
             job.record.attempt_limit,
         );
-        self.errors.push(job.attempt_error(&expired.failure, when.at));
+        self.error_seq += 1;
+        job.errors.push((self.error_seq, job.attempt_error(&expired.failure, when.at)));
         job.end(expired.state, when.at);
         match expired.state {
-            JobState::Cancelled => Outcome::Ok,
             JobState::Queued => self.requeue(id, dispatch, when),
-            _ => Outcome::Failed,
+            JobState::Cancelled => {
+                self.finished(id);
+                Outcome::Ok
+            }
+            _ => {
+                self.finished(id);
+                Outcome::Failed
+            }
         }
     }
 
@@ -788,8 +926,245 @@ impl State {
 
     /// A job's failed attempts, oldest first.
     pub(crate) fn errors_of(&self, id: &str) -> Vec<AttemptError> {
-        self.errors.iter().filter(|e| e.job_id.as_str() == id).cloned().collect()
+        self.jobs.get(id).map(|j| j.errors.iter().map(|(_, e)| e.clone()).collect()).unwrap_or_default()
     }
+
+    /// The newest `limit` failed attempts of kept jobs, newest first.
+    pub(crate) fn recent_errors(&self, limit: usize) -> Vec<AttemptError> {
+        let mut all: Vec<&(u64, AttemptError)> = self.jobs.values().flat_map(|j| j.errors.iter()).collect();
+        all.sort_unstable_by_key(|(seq, _)| Reverse(*seq));
+        all.into_iter().take(limit).map(|(_, e)| e.clone()).collect()
+    }
+
+    /// The job has just ended: it joins the finished window, and the
+    /// oldest finished jobs past it are forgotten ([`KEEP_FINISHED`]).
+    fn finished(&mut self, id: &str) {
+        let Some(job) = self.jobs.get_mut(id) else { return };
+        self.ends += 1;
+        job.end_seq = self.ends;
+        let weight = job.weight();
+        self.finished.push_back((self.ends, id.to_owned(), weight));
+        self.finished_bytes = self.finished_bytes.saturating_add(weight);
+        while self.finished.len() > self.keep.0 || self.finished_bytes > self.keep.1 {
+            let Some((seq, old, weight)) = self.finished.pop_front() else { break };
+            self.finished_bytes = self.finished_bytes.saturating_sub(weight);
+            // A job retried since that end is not finished (or ended again later).
+            if self.jobs.get(&old).is_some_and(|j| j.end_seq == seq && j.record.state.is_terminal()) {
+                self.forget(&old);
+            }
+        }
+    }
+
+    /// Forgets a finished job.
+    fn forget(&mut self, id: &str) {
+        let Some(job) = self.jobs.remove(id) else { return };
+        if let Ok(n) = id.parse::<u64>() {
+            self.order.remove(&n);
+        }
+        if let Some(key) = &job.record.spec.idempotency_key
+            && self.idempotency.get(key).is_some_and(|k| k == id)
+        {
+            self.idempotency.remove(key);
+        }
+        if let Some(d) = &job.dispatch {
+            self.pushed.remove(d);
+        }
+        if job.log.marked() && !job.log.dropped {
+            self.orphan_logs.push_back(id.to_owned());
+        }
+    }
+}
+
+/// The format of [`Snapshot`]; a process does not load a newer one (it
+/// replays the ledger instead).
+pub(crate) const SNAPSHOT_VERSION: u32 = 1;
+
+/// The fold written out after the event at `covers`. A process that
+/// connects loads the newest one and follows the ledger from `covers + 1`,
+/// so it needs neither the ledger's history (which retention cuts) nor the
+/// time to replay it. It holds everything a verdict depends on, so a fold
+/// loaded from it gives every later event the verdict the writer's fold
+/// gives; readings of the writer's own clock are kept as event times (a
+/// lease as its end in ledger order and its length).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Snapshot {
+    pub(crate) v: u32,
+    pub(crate) covers: i64,
+    jobs: Vec<JobSnap>,
+    error_seq: u64,
+    workers: Vec<gpupool_core::WorkerInfo>,
+    seen: Vec<(i64, String, Outcome)>,
+    latest_at: i64,
+    waiting: Vec<Waiting>,
+    ends: u64,
+    finished: Vec<(u64, String, u64)>,
+    orphan_logs: Vec<String>,
+    last_snapshot: Option<SnapshotMark>,
+}
+
+/// A job in a [`Snapshot`].
+#[derive(Debug, Serialize, Deserialize)]
+struct JobSnap {
+    id: String,
+    spec: JobSpec,
+    state: JobState,
+    attempt: u32,
+    attempt_limit: u32,
+    commit: Option<String>,
+    worker: Option<String>,
+    gpu_ids: Option<Vec<u32>>,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    output_tail: Option<String>,
+    result: Option<serde_json::Value>,
+    artifacts: Option<gpupool_core::Artifacts>,
+    cancel_requested: bool,
+    created_at: Timestamp,
+    started_at: Option<Timestamp>,
+    finished_at: Option<Timestamp>,
+    token: Option<String>,
+    dispatch: Option<String>,
+    parked: Option<u32>,
+    /// The lease's end in ledger order, and its length (ms).
+    lease: Option<(i64, u64)>,
+    log: LogIndex,
+    errors: Vec<(u64, AttemptError)>,
+    end_seq: u64,
+}
+
+impl JobSnap {
+    fn of(job: &Job) -> Self {
+        let r = &job.record;
+        JobSnap {
+            id: r.id.to_string(),
+            spec: r.spec.clone(),
+            state: r.state,
+            attempt: r.attempt,
+            attempt_limit: r.attempt_limit,
+            commit: r.commit.clone(),
+            worker: r.worker.clone(),
+            gpu_ids: r.gpu_ids.clone(),
+            exit_code: r.exit_code,
+            signal: r.signal,
+            output_tail: r.output_tail.clone(),
+            result: r.result.clone(),
+            artifacts: r.artifacts.clone(),
+            cancel_requested: r.cancel_requested,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            token: job.token.clone(),
+            dispatch: job.dispatch.clone(),
+            parked: job.parked,
+            lease: job.lease_until.zip(job.renewed.map(|(_, d)| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))),
+            log: job.log.clone(),
+            errors: job.errors.clone(),
+            end_seq: job.end_seq,
+        }
+    }
+
+    /// The job, its lease renewed (on this process's clock) when the
+    /// renewal was published.
+    fn into_job(self, now: Instant, wall_ms: i64) -> Job {
+        let mut record = JobRecord::new(JobId::new(self.id), self.spec, self.created_at);
+        record.state = self.state;
+        record.attempt = self.attempt;
+        record.attempt_limit = self.attempt_limit;
+        record.commit = self.commit;
+        record.worker = self.worker;
+        record.gpu_ids = self.gpu_ids;
+        record.exit_code = self.exit_code;
+        record.signal = self.signal;
+        record.output_tail = self.output_tail;
+        record.result = self.result;
+        record.artifacts = self.artifacts;
+        record.cancel_requested = self.cancel_requested;
+        record.started_at = self.started_at;
+        record.finished_at = self.finished_at;
+        let renewed = self.lease.map(|(until, ms)| {
+            let at = until.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX));
+            (local_instant(at, now, wall_ms), Duration::from_millis(ms))
+        });
+        Job {
+            record,
+            token: self.token,
+            dispatch: self.dispatch,
+            parked: self.parked,
+            renewed,
+            lease_until: self.lease.map(|(until, _)| until),
+            log: self.log,
+            errors: self.errors,
+            end_seq: self.end_seq,
+        }
+    }
+}
+
+impl State {
+    /// The fold as a [`Snapshot`] (covering the last event applied).
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            v: SNAPSHOT_VERSION,
+            covers: self.applied,
+            jobs: self.order.iter().filter_map(|n| self.jobs.get(&n.to_string())).map(JobSnap::of).collect(),
+            error_seq: self.error_seq,
+            workers: self.workers.values().cloned().collect(),
+            seen: self
+                .seen_order
+                .iter()
+                .filter_map(|(at, nonce)| Some((*at, nonce.clone(), self.seen.get(nonce)?.clone())))
+                .collect(),
+            latest_at: self.latest_at,
+            waiting: self.waiting.iter().cloned().collect(),
+            ends: self.ends,
+            finished: self.finished.iter().cloned().collect(),
+            orphan_logs: self.orphan_logs.iter().cloned().collect(),
+            last_snapshot: self.last_snapshot,
+        }
+    }
+
+    /// The fold a snapshot holds, for the handle `owner`; `now` and
+    /// `wall_ms` as in [`State::apply`].
+    pub(crate) fn from_snapshot(snap: Snapshot, owner: &str, now: Instant, wall_ms: i64) -> Self {
+        let mut st = State::new(owner);
+        st.applied = snap.covers;
+        st.error_seq = snap.error_seq;
+        for j in snap.jobs {
+            let job = j.into_job(now, wall_ms);
+            let id = job.record.id.to_string();
+            if let Some(key) = &job.record.spec.idempotency_key {
+                st.idempotency.insert(key.clone(), id.clone());
+            }
+            if let Some(d) = &job.dispatch {
+                st.pushed.insert(d.clone(), id.clone());
+            }
+            if job.record.state == JobState::Queued {
+                st.queued.entry(job.record.spec.queue.clone()).or_default().insert(rank(&job));
+            }
+            st.order.insert(id.parse().unwrap_or(0));
+            st.jobs.insert(id, job);
+        }
+        st.workers = snap.workers.into_iter().map(|w| (w.name.clone(), w)).collect();
+        for (at, nonce, outcome) in snap.seen {
+            st.seen.insert(nonce.clone(), outcome);
+            st.seen_order.push_back((at, nonce));
+        }
+        st.latest_at = snap.latest_at;
+        st.waiting = snap.waiting.into();
+        st.ends = snap.ends;
+        st.finished_bytes = snap.finished.iter().map(|(_, _, w)| *w).sum();
+        st.finished = snap.finished.into();
+        st.orphan_logs = snap.orphan_logs.into();
+        st.last_snapshot = snap.last_snapshot;
+        st
+    }
+}
+
+/// The moment an event published at `at` (ms, its publisher's clock) is on
+/// this process's clock, given `now` and the wall clock `wall_ms`: never
+/// later than now.
+fn local_instant(at: i64, now: Instant, wall_ms: i64) -> Instant {
+    let age = Duration::from_millis(u64::try_from(wall_ms.saturating_sub(at)).unwrap_or(0));
+    now.checked_sub(age).unwrap_or(now)
 }
 
 #[cfg(test)]
@@ -997,5 +1372,137 @@ mod tests {
         // Past the renewed lease, a reclaim counts.
         assert_eq!(s.apply(4, reclaim("e", 2800), now, 2800), Outcome::Requeued);
         assert_eq!(s.errors_of(&id)[0].kind, FailureKind::LeaseLost);
+    }
+
+    /// A varied history: pushes (one with a key), wants that wait and that
+    /// take, a lease renewed, a failure that requeues, a cancel, artifacts,
+    /// a worker; `n` names the nonces.
+    fn history(base: i64) -> Vec<Envelope> {
+        let mut keyed = JobSpec::new("main", "t.py");
+        keyed.idempotency_key = Some("k1".into());
+        let mut big = JobSpec::new("main", "t.py");
+        big.gpus = Some(4);
+        let id = |n: i64| (base + n + 1).to_string();
+        let fail = |id: String, token: &str| Event::Failed {
+            id,
+            token: token.into(),
+            kind: FailureKind::Exit,
+            exit_code: Some(1),
+            signal: None,
+            message: "exit 1".into(),
+            output_tail: "boom".into(),
+            dispatch: None,
+        };
+        let info: gpupool_core::WorkerInfo =
+            serde_json::from_value(serde_json::json!({"name": "w1", "host": "h", "gpus": [], "heartbeat_ms": 10_000,
+                "queues": ["default"], "slots": 1, "running": [], "started_at": 1000}))
+            .unwrap_or_else(|e| panic!("{e}"));
+        vec![
+            at("n0", 1000, pushed(keyed.clone())),
+            at("n1", 1000, pushed(JobSpec::new("main", "t.py"))),
+            at("n2", 1000, pushed(big)),
+            at("n3", 1100, want("t1", "me", &["default"], 1, 0)),
+            at("n4", 1100, Event::Heartbeat { id: id(0), token: "t1".into(), lease_ms: 1000 }),
+            at("n5", 1200, want("t2", "x", &["default"], 1, 0)),
+            at("n6", 1300, fail(id(1), "t2")),
+            at("n7", 1300, want("t3", "me", &["default"], 1, 60_000)),
+            at("n8", 1400, Event::Worker { info: Box::new(info) }),
+            at("n9", 1500, Event::Cancel { id: id(2) }),
+            at("n10", 1600, want("t4", "x", &["gpu"], 8, 60_000)),
+            // The snapshot is taken here in the test.
+            at("n11", 1700, pushed(JobSpec::new("main", "t.py"))),
+            at("n3", 1100, want("t1", "me", &["default"], 1, 0)),
+            at("n12", 1800, pushed(keyed)),
+            at("n13", 1900, Event::Heartbeat { id: id(0), token: "t1".into(), lease_ms: 1000 }),
+            at("n14", 2000, Event::Reclaim { id: id(0), token: "t1".into(), dispatch: None }),
+            at(
+                "n15",
+                2000,
+                Event::Completed { id: id(0), token: "t1".into(), output_tail: String::new(), result: None },
+            ),
+            at("n16", 3000, Event::Reclaim { id: id(0), token: "t1".into(), dispatch: None }),
+            at("n17", 3100, Event::Retry { id: id(2), dispatch: None }),
+            at("n18", 3200, want("t5", "y", &["default"], 8, 0)),
+            at("n19", 3300, Event::Withdraw { token: "t4".into() }),
+        ]
+    }
+
+    #[test]
+    fn a_fold_loaded_from_a_snapshot_gives_every_later_event_the_same_verdict() {
+        let now = Instant::now();
+        let events = history(40);
+        let (head, tail) = events.split_at(11);
+        let mut full = State::new("me");
+        for (i, e) in head.iter().enumerate() {
+            full.apply(40 + i as i64, e.clone(), now, 1700);
+        }
+        let text = serde_json::to_vec(&full.snapshot()).unwrap();
+        let snap: Snapshot = serde_json::from_slice(&text).unwrap();
+        assert_eq!(snap.covers, 50);
+        let mut loaded = State::from_snapshot(snap, "me", now, 1700);
+        for (i, e) in tail.iter().enumerate() {
+            let offset = 51 + i as i64;
+            let wall = e.at;
+            let want = full.apply(offset, e.clone(), now, wall);
+            assert_eq!(loaded.apply(offset, e.clone(), now, wall), want, "event {i} of the tail: {e:?}");
+        }
+        let (a, b) = (serde_json::to_value(full.snapshot()).unwrap(), serde_json::to_value(loaded.snapshot()).unwrap());
+        assert_eq!(a, b, "the two folds agree");
+        // The history did what it says: the reclaim before the renewed
+        // lease's end lost, the one after won; a retried job is queued.
+        assert_eq!(full.jobs["41"].record.state, JobState::Succeeded);
+        assert_eq!(full.jobs["43"].record.state, JobState::Running, "retried, then taken by the 8-GPU want");
+        assert_eq!(full.jobs["52"].record.state, JobState::Running, "handed to the waiting want t3");
+        assert_eq!(loaded.queued_len(), full.queued_len());
+    }
+
+    #[test]
+    fn finished_jobs_past_the_window_are_forgotten_and_live_ones_kept() {
+        let now = Instant::now();
+        let mut s = State::new("me");
+        s.keep = (50, 1 << 30);
+        let mut offset = 0i64;
+        let mut next = |s: &mut State, t: i64, e: Event| {
+            offset += 1;
+            s.apply(offset, at(&format!("n{offset}"), t, e), now, t)
+        };
+        let Outcome::Pushed(long) = next(&mut s, 0, pushed(JobSpec::new("main", "t.py"))) else { panic!() };
+        assert_eq!(next(&mut s, 0, want("long", "me", &["default"], 1, 0)), Outcome::Leased(long.clone()));
+        let mut first = None;
+        for n in 0..3000i64 {
+            let t = n * 1000;
+            let mut spec = JobSpec::new("main", "t.py");
+            spec.idempotency_key = Some(format!("key{n}"));
+            let Outcome::Pushed(id) = next(&mut s, t, pushed(spec)) else { panic!() };
+            first.get_or_insert(id.clone());
+            let token = format!("t{n}");
+            assert_eq!(next(&mut s, t, want(&token, "me", &["default"], 1, 0)), Outcome::Leased(id.clone()));
+            let tail = "x".repeat(100);
+            let done = Event::Completed { id, token, output_tail: tail, result: None };
+            assert_eq!(next(&mut s, t, done), Outcome::Ok);
+        }
+        assert_eq!(s.jobs.len(), 51, "50 finished and the running one");
+        assert_eq!(s.order.len(), 51);
+        assert_eq!(s.jobs[&long].record.state, JobState::Running);
+        let first = first.unwrap();
+        assert!(!s.jobs.contains_key(&first));
+        assert_eq!(next(&mut s, 0, Event::Retry { id: first, dispatch: None }), Outcome::Missing);
+        // A forgotten job's key is free again.
+        let mut spec = JobSpec::new("main", "t.py");
+        spec.idempotency_key = Some("key0".into());
+        assert!(matches!(next(&mut s, 3_000_000, pushed(spec)), Outcome::Pushed(_)));
+        assert!(s.seen.len() <= SEEN_KEEP && s.seen_order.len() == s.seen.len(), "{}", s.seen.len());
+        // By weight: 2 KB outputs in a 10 KB window keep a few.
+        s.keep = (10_000, 10_000);
+        for n in 0..20i64 {
+            next(&mut s, 4_000_000, pushed(JobSpec::new("main", "t.py")));
+            let token = format!("w{n}");
+            let Outcome::Leased(id) = next(&mut s, 4_000_000, want(&token, "me", &["default"], 1, 0)) else { panic!() };
+            let done = Event::Completed { id, token, output_tail: "y".repeat(2048), result: None };
+            next(&mut s, 4_000_000, done);
+        }
+        let finished = s.jobs.values().filter(|j| j.record.state.is_terminal()).count();
+        assert!((2..=4).contains(&finished), "{finished}");
+        assert!(s.finished_bytes <= 10_000);
     }
 }

@@ -18,14 +18,22 @@
 //!
 //! # What is declared
 //!
-//! One stream, `PREFIXledger` (prefix: `?prefix=`, default `gpupool.`;
-//! retention: `?ledger_max_age=`, default `30D`, and `?ledger_max_bytes=`,
-//! default 1 GiB). Nothing else: no exchange, no work queue.
+//! - `PREFIXledger`, a stream (prefix: `?prefix=`, default `gpupool.`;
+//!   retention: `?ledger_max_age=`, default `30D`, `?ledger_max_bytes=`,
+//!   default 1 GiB, and `?ledger_segment_bytes=`, RabbitMQ's 500 MB by
+//!   default);
+//! - `PREFIXsnapshots`, a stream of snapshots of the fold (the same
+//!   retention, at least 256 MiB);
+//! - `PREFIXsnapshot.writer`, a classic queue with a single active
+//!   consumer: the election of the process that writes snapshots;
+//! - `PREFIXlog.ID`, a stream per job that shipped output.
+//!
+//! No exchange, no work queue.
 //!
 //! # How a job travels
 //!
 //! - **The ledger** holds every change to every job as an event; each process
-//!   replays it from the first offset and folds it into the jobs' state.
+//!   folds it into the jobs' state, starting from the newest snapshot.
 //!   Listing, errors, ids (a job's id is the stream offset of its `Pushed`
 //!   event), idempotency keys, which worker gets which job, and the verdict
 //!   on every race come from that fold, so every process agrees on them.
@@ -51,9 +59,33 @@
 //! the clocks in the events).
 //!
 //! Reads (`get`, `list`, `errors`) first publish a `Sync` event and wait for
-//! it, so they see everything published before them. A process replays the
-//! ledger when it connects: within the retention, that is every job's whole
-//! history.
+//! it, so they see everything published before them.
+//!
+//! # Snapshots and memory
+//!
+//! A process that connects loads the newest snapshot of the fold and
+//! follows the ledger from the event after it, so it needs neither the
+//! ledger's whole history nor the time to replay it, and retention can cut
+//! the ledger under a job leased for days. A snapshot holds everything a
+//! verdict depends on: a fold loaded from it gives every later event the
+//! verdict the writer's fold gives. One process writes them: every process
+//! that reserves joins an election (a classic queue with a single active
+//! consumer, which RabbitMQ hands to another process when the writer
+//! goes), and the writer snapshots when the ledger has grown by as much as
+//! the last snapshot's size (at least 1 MiB, at most a quarter of
+//! `ledger_max_bytes`) or a quarter of `ledger_max_age` has passed. Two
+//! writers at once (a moment of failover) are harmless: every fold's
+//! snapshot at an offset is the same. Keep the ledger's retention well
+//! above what the pool writes in that time; a process that finds events
+//! cut between the snapshot and the ledger says so in its log.
+//!
+//! The fold keeps every live job (queued or running) and the newest 10,000
+//! finished ones, and of those no more than 64 MiB of outputs, errors and
+//! results. An older finished job is forgotten by every process at the
+//! same event: `get`, `jobs`, `cancel` and `retry` answer that it is not
+//! found, its idempotency key may be used again, and its log stream is
+//! deleted; the artifacts its runs stored stay in their store. Event
+//! nonces (for retried publishes) are kept 2 minutes.
 //!
 //! A want that may wait outlives the `reserve` call that made it, so a
 //! program of your own that reserves with a wait and then stops reserving

@@ -28,6 +28,11 @@ pub struct AmqpOptions {
     pub ledger_max_age: String,
     /// The ledger stream's `x-max-length-bytes`.
     pub ledger_max_bytes: i64,
+    /// The ledger's segment size (`ledger_segment_bytes`, RabbitMQ's
+    /// `x-stream-max-segment-size-bytes`; RabbitMQ's default, 500 MB, when
+    /// unset). Retention drops whole segments, so small segments make it
+    /// act sooner (tests use 1 MB).
+    pub ledger_segment_bytes: Option<i64>,
     /// How long after its job ended a job's log stream is kept
     /// (`log_max_age`, such as `7D`; default 7 days).
     pub log_max_age: Duration,
@@ -51,7 +56,7 @@ impl fmt::Debug for AmqpOptions {
 }
 
 /// An age in RabbitMQ's form (`30D`, `12h`, `90m`; `Y` is 365 days, `M` 30).
-fn age(v: &str) -> Option<Duration> {
+pub(crate) fn age(v: &str) -> Option<Duration> {
     let (n, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
     let n: u64 = n.parse().ok()?;
     let secs = match unit {
@@ -78,6 +83,7 @@ impl AmqpOptions {
             prefix: DEFAULT_PREFIX.to_owned(),
             ledger_max_age: "30D".to_owned(),
             ledger_max_bytes: 1 << 30,
+            ledger_segment_bytes: None,
             log_max_age: Duration::from_secs(7 * 86_400),
             connect_timeout: Duration::from_secs(4),
             endpoint: String::new(),
@@ -116,6 +122,11 @@ impl AmqpOptions {
                         .filter(|n| *n > 0)
                         .ok_or_else(|| Error::Config(format!("ledger_max_bytes `{v}` is not a positive number")))?;
                 }
+                "ledger_segment_bytes" => {
+                    opts.ledger_segment_bytes = Some(v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        Error::Config(format!("ledger_segment_bytes `{v}` is not a positive number"))
+                    })?);
+                }
                 "connect_timeout" => {
                     opts.connect_timeout = v
                         .parse::<u64>()
@@ -127,7 +138,7 @@ impl AmqpOptions {
         }
         opts.driver_url = parts.driver_url(
             parts.scheme,
-            &["prefix", "ledger_max_age", "ledger_max_bytes", "log_max_age", "connect_timeout"],
+            &["prefix", "ledger_max_age", "ledger_max_bytes", "ledger_segment_bytes", "log_max_age", "connect_timeout"],
         );
         opts.endpoint = parts.endpoint(if parts.scheme == "amqps" { 5671 } else { 5672 });
         Ok(opts)
@@ -160,6 +171,11 @@ mod tests {
             Duration::from_secs(172_800)
         );
         assert!(AmqpOptions::from_url("amqp://h/?log_max_age=7").is_err());
+        assert_eq!(
+            AmqpOptions::from_url("amqp://h/?ledger_segment_bytes=1000000").unwrap().ledger_segment_bytes,
+            Some(1_000_000)
+        );
+        assert!(AmqpOptions::from_url("amqp://h/?ledger_segment_bytes=0").is_err());
         assert!(AmqpOptions::from_url("redis://h").is_err());
     }
 }

@@ -3,9 +3,12 @@
 //! One thing is declared, named under the prefix (default `gpupool.`):
 //! `PREFIXledger`, a stream (`x-queue-type=stream`, with `x-max-age` and
 //! `x-max-length-bytes` retention) holding every change to every job as a
-//! JSON event. Each process consumes it from the first offset and folds it
-//! into the jobs' state (module `ledger`), which is what `jobs`, `errors`,
-//! `get` and `list` read, what hands out jobs, and what decides every race.
+//! JSON event. Each process loads the newest snapshot of the fold from
+//! `PREFIXsnapshots` and consumes the ledger from the event after it,
+//! folding it into the jobs' state (module `ledger`), which is what `jobs`,
+//! `errors`, `get` and `list` read, what hands out jobs, and what decides
+//! every race. The crate docs say who writes snapshots and what the fold
+//! keeps.
 //!
 //! **A push** is one confirmed `Pushed` event; its offset is the job's id.
 //!
@@ -69,7 +72,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -80,7 +83,7 @@ use gpupool_core::{
     JobSpec, Lease, ListFilter, Pushed, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo, WorkerRegistry,
 };
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
@@ -88,7 +91,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{Notify, oneshot};
 use tracing::warn;
 
-use crate::ledger::{Ask, Envelope, Event, Outcome, State};
+use crate::ledger::{Ask, Envelope, Event, Outcome, SNAPSHOT_VERSION, Snapshot, State};
 use crate::options::AmqpOptions;
 
 const BACKEND: &str = "amqp";
@@ -120,11 +123,32 @@ const WAIT_SLICE: Duration = Duration::from_secs(1);
 /// (its prefetch is far larger).
 const ACK_EVERY: u64 = 64;
 
+/// How long a connect waits for the newest snapshot to arrive, and then
+/// for more of the stream's last chunk (a chunk's messages come at once).
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(2);
+const SNAPSHOT_GAP: Duration = Duration::from_millis(20);
+
+/// The snapshot writer checks whether one is due this often while it holds
+/// the writer's token, and gives the token back (to take it again, unless
+/// it has lost the election) this often.
+const SNAPSHOT_CHECK_EVERY: Duration = Duration::from_secs(1);
+const WRITER_HOLDS_FOR: Duration = Duration::from_secs(10);
+
+/// A process that has not seen the writer's token for this long puts one
+/// in the election queue (it keeps at most one waiting).
+const TOKEN_AFTER: Duration = Duration::from_secs(60);
+
+/// A snapshot bigger than this is not written (RabbitMQ refuses messages
+/// over 128 MiB by default); the finished-job window keeps it far below.
+const SNAPSHOT_MAX_BYTES: usize = 120 << 20;
+
 /// One live connection with its publishing channel and ledger consumer.
 struct Link {
     connection: Connection,
     publish: Channel,
     alive: Arc<AtomicBool>,
+    /// This connection takes part in the snapshot writer's election.
+    electing: AtomicBool,
 }
 
 impl Link {
@@ -179,6 +203,11 @@ struct Inner {
     cursors: StdMutex<HashMap<String, Cursor>>,
     /// When this handle last looked for log streams to delete.
     last_log_sweep: StdMutex<Option<Instant>>,
+    /// This handle found no ledger when it opened: its first connection
+    /// declares one, and writes the empty snapshot a new ledger starts from.
+    fresh: AtomicBool,
+    /// Where the ledger's events lost to retention were already reported.
+    gap_reported: AtomicBool,
 }
 
 impl Inner {
@@ -271,6 +300,8 @@ impl AmqpQueue {
                 cursors: StdMutex::default(),
                 generation: std::sync::atomic::AtomicU64::new(0),
                 last_log_sweep: StdMutex::default(),
+                fresh: AtomicBool::new(false),
+                gap_reported: AtomicBool::new(false),
             }),
         };
         // A ledger that is there is followed at once; one that is not is
@@ -279,6 +310,8 @@ impl AmqpQueue {
         if q.ledger_declared().await? {
             q.link().await?;
             q.caught_up().await?;
+        } else {
+            q.inner.fresh.store(true, Ordering::Relaxed);
         }
         Ok(q)
     }
@@ -321,9 +354,35 @@ impl AmqpQueue {
         format!("{}ledger", self.inner.opts.prefix)
     }
 
-    /// Names of everything this queue declared: the ledger.
+    /// The stream of snapshots of the fold.
+    fn snapshots_name(&self) -> String {
+        format!("{}snapshots", self.inner.opts.prefix)
+    }
+
+    /// The queue whose single active consumer writes the snapshots.
+    fn writer_name(&self) -> String {
+        format!("{}snapshot.writer", self.inner.opts.prefix)
+    }
+
+    /// Names of everything this queue declared: the ledger, the snapshot
+    /// stream and the snapshot writer's election queue (and a log stream
+    /// per job that shipped output, `PREFIXlog.ID`).
     pub fn declared_queues(&self) -> Vec<String> {
-        vec![self.ledger_name()]
+        vec![self.ledger_name(), self.snapshots_name(), self.writer_name()]
+    }
+
+    /// The arguments of the ledger and snapshot streams: a stream with the
+    /// URL's retention.
+    fn stream_args(&self) -> FieldTable {
+        let opts = &self.inner.opts;
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+        args.insert("x-max-age".into(), AMQPValue::LongString(opts.ledger_max_age.as_str().into()));
+        args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(opts.ledger_max_bytes));
+        if let Some(n) = opts.ledger_segment_bytes {
+            args.insert("x-stream-max-segment-size-bytes".into(), AMQPValue::LongLongInt(n));
+        }
+        args
     }
 
     /// The stream that holds job `id`'s shipped log.
@@ -337,7 +396,8 @@ impl AmqpQueue {
         let _ = self.sync().await;
         let logs: Vec<String> = {
             let st = self.inner.state();
-            st.jobs.iter().filter(|(_, j)| j.log.marked()).map(|(id, _)| self.log_stream(id)).collect()
+            let kept = st.jobs.iter().filter(|(_, j)| j.log.marked()).map(|(id, _)| id);
+            kept.chain(st.orphan_logs.iter()).map(|id| self.log_stream(id)).collect()
         };
         let link = self.link().await?;
         let ch = link.connection.create_channel().await.map_err(unavailable)?;
@@ -354,7 +414,6 @@ impl AmqpQueue {
         if let Some(link) = slot.as_ref().filter(|l| l.is_alive()) {
             return Ok(Arc::clone(link));
         }
-        let opts = &self.inner.opts;
         // The old connection goes first, with its consumer (briefly: a
         // broken one may not answer).
         if let Some(old) = slot.take() {
@@ -365,25 +424,52 @@ impl AmqpQueue {
         let connection = self.connect_broker().await?;
         let publish = connection.create_channel().await.map_err(unavailable)?;
         publish.confirm_select(ConfirmSelectOptions::default()).await.map_err(unavailable)?;
-        let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
-        args.insert("x-max-age".into(), AMQPValue::LongString(opts.ledger_max_age.as_str().into()));
-        args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(opts.ledger_max_bytes));
         let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-        publish.queue_declare(self.ledger_name().as_str().into(), durable, args).await.map_err(unavailable)?;
+        let ledger = self.ledger_name();
+        publish.queue_declare(ledger.as_str().into(), durable, self.stream_args()).await.map_err(unavailable)?;
+        // Snapshots are kept as long as the ledger, in at least 256 MiB: the
+        // newest is in the stream's last segment, which retention never drops.
+        let mut args = self.stream_args();
+        let bytes = self.inner.opts.ledger_max_bytes.max(256 << 20);
+        args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(bytes));
+        let snapshots = self.snapshots_name();
+        publish.queue_declare(snapshots.as_str().into(), durable, args).await.map_err(unavailable)?;
 
-        // Replay the whole ledger into a fresh state, then follow it.
+        // Start from the newest snapshot (a new ledger's first: the empty
+        // fold), then follow the ledger from the event after it.
+        let snapshot = if self.inner.fresh.swap(false, Ordering::Relaxed) {
+            let empty = State::new(&self.inner.owner).snapshot();
+            self.publish_snapshot(&connection, &empty).await?;
+            None
+        } else {
+            self.latest_snapshot(&connection).await?
+        };
+        let start = snapshot.as_ref().map_or(0, |s| s.covers + 1);
         let ledger_ch = connection.create_channel().await.map_err(unavailable)?;
         ledger_ch.basic_qos(1000, BasicQosOptions::default()).await.map_err(unavailable)?;
         let mut from = FieldTable::default();
-        from.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
+        let offset = match &snapshot {
+            Some(s) => AMQPValue::LongLongInt(s.covers + 1),
+            None => AMQPValue::LongString("first".into()),
+        };
+        from.insert("x-stream-offset".into(), offset);
         let mut consumer = ledger_ch
             .basic_consume(self.ledger_name().as_str().into(), "".into(), BasicConsumeOptions::default(), from)
             .await
             .map_err(unavailable)?;
         let generation = {
             let mut st = self.inner.state();
-            *st = State::new(&self.inner.owner);
+            *st = match snapshot {
+                Some(snap) => State::from_snapshot(snap, &self.inner.owner, Instant::now(), now_ms()),
+                None => State::new(&self.inner.owner),
+            };
+            // Jobs handed to this handle's waiting wants before the snapshot.
+            for s in self.inner.standing().iter() {
+                if let Some(job) = st.jobs.values().find(|j| j.held(&s.token)) {
+                    let id = job.record.id.to_string();
+                    st.handed.insert(s.token.clone(), id);
+                }
+            }
             self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1
         };
         self.inner.replaying.store(true, Ordering::Relaxed);
@@ -394,6 +480,15 @@ impl AmqpQueue {
             while let Some(delivery) = consumer.next().await {
                 let Ok(delivery) = delivery else { break };
                 let offset = offset_of(&delivery.properties).unwrap_or(-1);
+                if count == 0 && offset > start && !inner.gap_reported.swap(true, Ordering::Relaxed) {
+                    warn!(
+                        "the ledger's events {start} to {} are gone (its retention cut them before a snapshot \
+                         held them): jobs they changed may be out of date; keep ledger_max_bytes and \
+                         ledger_max_age well above what the pool writes between snapshots",
+                        offset - 1
+                    );
+                }
+                inner.state().grew(delivery.data.len());
                 match serde_json::from_slice::<Envelope>(&delivery.data) {
                     Ok(env) => {
                         let nonce = env.nonce.clone();
@@ -425,9 +520,150 @@ impl AmqpQueue {
             }
             still.store(false, Ordering::Relaxed);
         });
-        let link = Arc::new(Link { connection, publish, alive });
+        let link = Arc::new(Link { connection, publish, alive, electing: AtomicBool::new(false) });
         *slot = Some(Arc::clone(&link));
         Ok(link)
+    }
+
+    /// The newest snapshot in the snapshot stream (its last chunk), if any
+    /// can be read. One that cannot (a newer format) is skipped: the ledger
+    /// is then replayed from its start.
+    async fn latest_snapshot(&self, connection: &Connection) -> Result<Option<Snapshot>> {
+        let ch = connection.create_channel().await.map_err(unavailable)?;
+        ch.basic_qos(4, BasicQosOptions::default()).await.map_err(unavailable)?;
+        let mut from = FieldTable::default();
+        from.insert("x-stream-offset".into(), AMQPValue::LongString("last".into()));
+        let mut consumer = ch
+            .basic_consume(self.snapshots_name().as_str().into(), "".into(), BasicConsumeOptions::default(), from)
+            .await
+            .map_err(unavailable)?;
+        let mut best: Option<Snapshot> = None;
+        let mut wait = SNAPSHOT_WAIT;
+        while let Ok(Some(delivery)) = tokio::time::timeout(wait, consumer.next()).await {
+            let delivery = delivery.map_err(unavailable)?;
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            match serde_json::from_slice::<Snapshot>(&delivery.data) {
+                Ok(snap) if snap.v > SNAPSHOT_VERSION => {
+                    warn!("a snapshot of the ledger is of a newer gpupool (format {}); not used", snap.v);
+                }
+                Ok(snap) => {
+                    if best.as_ref().is_none_or(|b| snap.covers > b.covers) {
+                        best = Some(snap);
+                    }
+                }
+                Err(e) => warn!("a snapshot of the ledger is not readable ({e}); not used"),
+            }
+            wait = SNAPSHOT_GAP;
+        }
+        let _ = ch.close(200, "read".into()).await;
+        Ok(best)
+    }
+
+    /// Stores a snapshot in the snapshot stream (confirmed); returns its size.
+    async fn publish_snapshot(&self, connection: &Connection, snap: &Snapshot) -> Result<u64> {
+        let bytes = serde_json::to_vec(snap).map_err(|e| Error::backend(BACKEND, e))?;
+        if bytes.len() > SNAPSHOT_MAX_BYTES {
+            return Err(Error::backend(
+                BACKEND,
+                format!("a snapshot of {} MiB is over the most a message may be; not written", bytes.len() >> 20),
+            ));
+        }
+        let ch = connection.create_channel().await.map_err(unavailable)?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(unavailable)?;
+        let props = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+        let name = self.snapshots_name();
+        let sent = ch.basic_publish("".into(), name.as_str().into(), BasicPublishOptions::default(), &bytes, props);
+        let confirm = sent.await.map_err(unavailable)?.await.map_err(unavailable)?;
+        let _ = ch.close(200, "snapshot".into()).await;
+        if !confirm.is_ack() {
+            return Err(unavailable("the broker refused a snapshot"));
+        }
+        Ok(bytes.len() as u64)
+    }
+
+    /// Whether a snapshot is due: the ledger grew by as much as the last
+    /// snapshot's size (at least 1 MiB, at most a quarter of
+    /// `ledger_max_bytes`) since it, or a quarter of `ledger_max_age`
+    /// passed with events since it; at once when the ledger names none.
+    /// So a reconnect reads at most about twice a snapshot's size, and a
+    /// snapshot is always well within the ledger's retention.
+    fn snapshot_due(&self) -> bool {
+        let opts = &self.inner.opts;
+        let st = self.inner.state();
+        let Some(last) = st.last_snapshot else { return st.applied >= 0 };
+        if last.covers >= st.applied {
+            return false;
+        }
+        let cap = u64::try_from(opts.ledger_max_bytes / 4).unwrap_or(0).max(64 << 10);
+        let grown = st.since_snapshot >= last.bytes.max(1 << 20).min(cap);
+        let quarter = crate::options::age(&opts.ledger_max_age).unwrap_or(Duration::from_secs(86_400)) / 4;
+        let aged = now_ms().saturating_sub(last.at) >= i64::try_from(quarter.as_millis()).unwrap_or(i64::MAX);
+        grown || aged
+    }
+
+    /// Writes a snapshot of this process's fold and names it in the ledger;
+    /// returns the last offset it holds. Every process that reserves takes
+    /// part in an election for this (see [`AmqpQueue::elect`]); calling it
+    /// by hand is harmless, as any process's snapshot is the same.
+    pub async fn write_snapshot(&self) -> Result<i64> {
+        let link = self.link().await?;
+        let snap = self.inner.state().snapshot();
+        let covers = snap.covers;
+        let bytes = self.publish_snapshot(&link.connection, &snap).await?;
+        drop(snap);
+        self.emit(Event::Snapshot { covers, bytes }).await?;
+        Ok(covers)
+    }
+
+    /// The last ledger offset of the newest snapshot the ledger names (none
+    /// yet: `None`).
+    pub async fn last_snapshot(&self) -> Result<Option<i64>> {
+        self.sync().await?;
+        Ok(self.inner.state().last_snapshot.map(|s| s.covers))
+    }
+
+    /// Joins the election of the snapshot writer, once per connection: a
+    /// classic queue with a single active consumer (RabbitMQ picks it, and
+    /// picks another when it goes) holding one token message. The active
+    /// consumer gets the token, writes snapshots while it holds it, and
+    /// gives it back every [`WRITER_HOLDS_FOR`] (so no delivery is held
+    /// long enough for `consumer_timeout`); the broker hands it to the same
+    /// consumer again. Two writers at once (a moment of failover) are
+    /// harmless: every fold's snapshot at an offset is the same.
+    async fn elect(&self) -> Result<()> {
+        let link = self.link().await?;
+        if link.electing.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let joined = async {
+            let ch = link.connection.create_channel().await.map_err(unavailable)?;
+            let mut args = FieldTable::default();
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+            args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+            let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+            let name = self.writer_name();
+            let declared = ch.queue_declare(name.as_str().into(), durable, args).await.map_err(unavailable)?;
+            ch.basic_qos(1, BasicQosOptions::default()).await.map_err(unavailable)?;
+            let consumer = ch
+                .basic_consume(name.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+                .await
+                .map_err(unavailable)?;
+            if declared.message_count() == 0 {
+                put_token(&ch, &name).await;
+            }
+            Ok::<_, Error>((ch, consumer, name))
+        };
+        match joined.await {
+            Ok((ch, consumer, name)) => {
+                let weak = Arc::downgrade(&self.inner);
+                tokio::spawn(serve_as_writer(weak, ch, consumer, name, Arc::clone(&link.alive)));
+                Ok(())
+            }
+            Err(e) => {
+                link.electing.store(false, Ordering::Relaxed);
+                Err(e)
+            }
+        }
     }
 
     fn drop_link(&self, link: &Link) {
@@ -670,6 +906,9 @@ impl Queue for AmqpQueue {
 
     async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
         self.reap().await?;
+        if let Err(e) = self.elect().await {
+            warn!("RabbitMQ: cannot join the snapshot writer's election ({e}); trying again at the next reserve");
+        }
         let ask = ask_of(req);
         // A job handed to a want of this handle's while no call waited on it.
         if let Some(lease) = self.take_handed(None, req.lease) {
@@ -833,7 +1072,7 @@ impl Queue for AmqpQueue {
             .order
             .iter()
             .rev()
-            .filter_map(|id| st.jobs.get(id))
+            .filter_map(|id| st.jobs.get(&id.to_string()))
             .filter(|j| filter.state.is_none_or(|s| j.record.state == s))
             .filter(|j| filter.queue.as_ref().is_none_or(|q| &j.record.spec.queue == q))
             .skip(usize::try_from(filter.offset).unwrap_or(usize::MAX))
@@ -868,14 +1107,10 @@ impl Queue for AmqpQueue {
     async fn errors(&self, job: Option<&JobId>, limit: u32) -> Result<Vec<AttemptError>> {
         self.sync().await?;
         let st = self.inner.state();
-        Ok(st
-            .errors
-            .iter()
-            .rev()
-            .filter(|e| job.is_none_or(|j| &e.job_id == j))
-            .take(limit as usize)
-            .cloned()
-            .collect())
+        Ok(match job {
+            Some(id) => st.errors_of(id.as_str()).into_iter().rev().take(limit as usize).collect(),
+            None => st.recent_errors(limit as usize),
+        })
     }
 
     fn worker_registry(&self) -> Option<&dyn WorkerRegistry> {
@@ -1181,11 +1416,19 @@ impl AmqpQueue {
             now_ms().saturating_sub(i64::try_from(self.inner.opts.log_max_age.as_millis()).unwrap_or(i64::MAX));
         let old: Vec<String> = {
             let st = self.inner.state();
-            st.jobs
+            // Logs of forgotten jobs (no one can read them) first.
+            st.orphan_logs
                 .iter()
-                .filter(|(_, j)| j.log.marked() && !j.log.dropped)
-                .filter(|(_, j)| j.record.state.is_terminal() && j.record.finished_at.is_some_and(|t| t.0 < cutoff))
-                .map(|(id, _)| id.clone())
+                .cloned()
+                .chain(
+                    st.jobs
+                        .iter()
+                        .filter(|(_, j)| j.log.marked() && !j.log.dropped)
+                        .filter(|(_, j)| {
+                            j.record.state.is_terminal() && j.record.finished_at.is_some_and(|t| t.0 < cutoff)
+                        })
+                        .map(|(id, _)| id.clone()),
+                )
                 .take(100)
                 .collect()
         };
@@ -1204,6 +1447,60 @@ impl AmqpQueue {
         let _ = ch.close(200, "swept".into()).await;
         Ok(())
     }
+}
+
+/// Puts the writer's token in the election queue (which keeps one waiting
+/// at most: `x-max-length` 1 drops the older).
+async fn put_token(ch: &Channel, queue: &str) {
+    let props = BasicProperties::default().with_delivery_mode(2);
+    let sent = ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), b"writer", props).await;
+    if let Err(e) = sent {
+        warn!("RabbitMQ: cannot put the snapshot writer's token in {queue} ({e})");
+    }
+}
+
+/// The election's consumer (see [`AmqpQueue::elect`]): while it holds the
+/// token, this process writes the snapshots that are due. Ends with its
+/// connection or its handle.
+async fn serve_as_writer(
+    inner: Weak<Inner>,
+    ch: Channel,
+    mut consumer: lapin::Consumer,
+    queue: String,
+    alive: Arc<AtomicBool>,
+) {
+    loop {
+        let delivery = match tokio::time::timeout(TOKEN_AFTER, consumer.next()).await {
+            Ok(Some(Ok(delivery))) => delivery,
+            Ok(_) => break,
+            Err(_) => {
+                // Another process holds the token, or it was lost (a
+                // queue deleted by hand): one is put in for the election.
+                if !alive.load(Ordering::Relaxed) || inner.strong_count() == 0 {
+                    break;
+                }
+                put_token(&ch, &queue).await;
+                continue;
+            }
+        };
+        let until = Instant::now() + WRITER_HOLDS_FOR;
+        while Instant::now() < until && alive.load(Ordering::Relaxed) {
+            let Some(inner) = inner.upgrade() else { break };
+            let q = AmqpQueue { inner };
+            if q.snapshot_due()
+                && let Err(e) = q.write_snapshot().await
+            {
+                warn!("RabbitMQ: writing a snapshot of the ledger failed ({e}); trying again later");
+            }
+            drop(q);
+            tokio::time::sleep(SNAPSHOT_CHECK_EVERY).await;
+        }
+        let requeue = BasicNackOptions { requeue: true, multiple: false };
+        if delivery.acker.nack(requeue).await.is_err() || !alive.load(Ordering::Relaxed) || inner.strong_count() == 0 {
+            break;
+        }
+    }
+    let _ = ch.close(200, "not electing".into()).await;
 }
 
 /// How often a reserving process looks for log streams to delete.
