@@ -162,6 +162,13 @@ pub(crate) enum Event {
         dispatch: Option<String>,
     },
     Sync,
+    /// A `pushed` event whose spec does not read (written by hand, or by a
+    /// newer gpupool): a job that ends `failed`, kind `invalid`, saying why.
+    /// Made by the reader ([`Envelope::read`]), never published.
+    #[serde(skip)]
+    Unreadable {
+        why: String,
+    },
 }
 
 /// What a want asks for (a handle reuses a waiting want for a reserve that
@@ -192,6 +199,29 @@ pub(crate) struct Envelope {
     pub(crate) at: i64,
     #[serde(flatten)]
     pub(crate) event: Event,
+}
+
+impl Envelope {
+    /// An event as stored; a `pushed` event whose spec does not read
+    /// becomes [`Event::Unreadable`], so that the job exists (and is failed)
+    /// in every fold; `None` for anything else that does not read.
+    pub(crate) fn read(data: &[u8]) -> std::result::Result<Self, serde_json::Error> {
+        serde_json::from_slice(data).or_else(|e| {
+            #[derive(Deserialize)]
+            struct Head {
+                nonce: String,
+                at: i64,
+                #[serde(rename = "type")]
+                kind: String,
+            }
+            match serde_json::from_slice::<Head>(data) {
+                Ok(head) if head.kind == "pushed" => {
+                    Ok(Envelope { nonce: head.nonce, at: head.at, event: Event::Unreadable { why: e.to_string() } })
+                }
+                _ => Err(e),
+            }
+        })
+    }
 }
 
 /// What applying an event did, for the publisher waiting on it.
@@ -639,6 +669,7 @@ impl State {
             Event::Worker { info } => self.register_worker(*info, when),
             Event::WorkerGone { name } => self.forget_worker(&name),
             Event::Sync => Outcome::Ok,
+            Event::Unreadable { why } => self.push_unreadable(offset, &why, when),
         }
     }
 
@@ -649,11 +680,18 @@ impl State {
             let same = self.jobs.get(id).is_none_or(|job| job.record.spec == spec);
             return if same { Outcome::Existing(id.clone()) } else { Outcome::Conflict(id.clone()) };
         }
-        // Ids count from 1, as every backend's do.
-        let id = (offset + 1).to_string();
         if let Some(key) = &spec.idempotency_key {
-            self.idempotency.insert(key.clone(), id.clone());
+            self.idempotency.insert(key.clone(), (offset + 1).to_string());
         }
+        let id = self.insert_job(offset, spec, when);
+        self.requeue(&id, dispatch, when);
+        Outcome::Pushed(id)
+    }
+
+    /// A new job, not yet queued: its id is its event's offset + 1 (ids
+    /// count from 1, as every backend's do).
+    fn insert_job(&mut self, offset: i64, spec: JobSpec, when: When) -> String {
+        let id = (offset + 1).to_string();
         let record = JobRecord::new(JobId::new(id.clone()), spec, Timestamp(when.at));
         self.jobs.insert(
             id.clone(),
@@ -670,8 +708,22 @@ impl State {
             },
         );
         self.order.insert(u64::try_from(offset + 1).unwrap_or(0));
-        self.requeue(&id, dispatch, when);
-        Outcome::Pushed(id)
+        id
+    }
+
+    /// A `pushed` event whose spec does not read: a job, failed `invalid`
+    /// at once. Its spec is empty, which the checks of push refuse, so a
+    /// `retry` of it fails the same way when it is leased.
+    fn push_unreadable(&mut self, offset: i64, why: &str, when: When) -> Outcome {
+        let id = self.insert_job(offset, JobSpec::new("", ""), when);
+        let Some(job) = self.jobs.get_mut(&id) else { return Outcome::Rejected };
+        job.record.attempt = 1;
+        let failure = Failure::new(FailureKind::Invalid, gpupool_core::rows::unreadable(&why));
+        self.error_seq += 1;
+        job.errors.push((self.error_seq, job.attempt_error(&failure, when.at)));
+        job.end(JobState::Failed, when.at);
+        self.finished(&id);
+        Outcome::Failed
     }
 
     /// `Shipped`: the holder's latest results, and where a piece of its

@@ -489,7 +489,7 @@ impl AmqpQueue {
                     );
                 }
                 inner.state().grew(delivery.data.len());
-                match serde_json::from_slice::<Envelope>(&delivery.data) {
+                match Envelope::read(&delivery.data) {
                     Ok(env) => {
                         let nonce = env.nonce.clone();
                         let (outcome, handed) = {
@@ -876,35 +876,9 @@ impl AmqpQueue {
     }
 }
 
-#[async_trait]
-impl Queue for AmqpQueue {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::ALL
-    }
-
-    async fn init(&self) -> Result<()> {
-        self.link().await.map(|_| ())
-    }
-
-    async fn exists(&self) -> Result<bool> {
-        if self.inner.link.lock().await.as_ref().is_some_and(|l| l.is_alive()) {
-            return Ok(true); // the link declared the ledger
-        }
-        self.ledger_declared().await
-    }
-
-    async fn add(&self, spec: JobSpec) -> Result<Pushed> {
-        spec.validate()?;
-        let key = spec.idempotency_key.clone().unwrap_or_default();
-        match self.emit(Event::Pushed { spec: Box::new(spec), dispatch: None }).await? {
-            Outcome::Pushed(id) => Ok(Pushed::New(JobId::new(id))),
-            Outcome::Existing(id) => Ok(Pushed::Existing(JobId::new(id))),
-            Outcome::Conflict(id) => Err(Error::IdempotencyConflict { key, id }),
-            other => Err(Error::backend(BACKEND, format!("push: unexpected verdict {other:?}"))),
-        }
-    }
-
-    async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
+impl AmqpQueue {
+    /// One reserve: the lease of the job the fold hands this handle, unchecked.
+    async fn reserve_next(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
         self.reap().await?;
         if let Err(e) = self.elect().await {
             warn!("RabbitMQ: cannot join the snapshot writer's election ({e}); trying again at the next reserve");
@@ -971,6 +945,49 @@ impl Queue for AmqpQueue {
             let nap = (deadline - now).min(renew_at - now).min(WAIT_SLICE);
             let _ = tokio::time::timeout(nap, notified).await;
             self.reap().await?;
+        }
+    }
+}
+
+#[async_trait]
+impl Queue for AmqpQueue {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
+
+    async fn init(&self) -> Result<()> {
+        self.link().await.map(|_| ())
+    }
+
+    async fn exists(&self) -> Result<bool> {
+        if self.inner.link.lock().await.as_ref().is_some_and(|l| l.is_alive()) {
+            return Ok(true); // the link declared the ledger
+        }
+        self.ledger_declared().await
+    }
+
+    async fn add(&self, spec: JobSpec) -> Result<Pushed> {
+        spec.validate()?;
+        let key = spec.idempotency_key.clone().unwrap_or_default();
+        match self.emit(Event::Pushed { spec: Box::new(spec), dispatch: None }).await? {
+            Outcome::Pushed(id) => Ok(Pushed::New(JobId::new(id))),
+            Outcome::Existing(id) => Ok(Pushed::Existing(JobId::new(id))),
+            Outcome::Conflict(id) => Err(Error::IdempotencyConflict { key, id }),
+            other => Err(Error::backend(BACKEND, format!("push: unexpected verdict {other:?}"))),
+        }
+    }
+
+    /// A job that fails the checks of push ([`gpupool_core::rows::unfit`])
+    /// ends `failed`, kind `invalid`, and the reserve goes on.
+    async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
+        loop {
+            let Some(lease) = self.reserve_next(req).await? else { return Ok(None) };
+            let Some(why) = gpupool_core::rows::unfit(&lease.job.spec) else { return Ok(Some(lease)) };
+            warn!(job_id = %lease.id(), "{why}; failing it as invalid");
+            match self.fail(&lease, Failure::new(gpupool_core::FailureKind::Invalid, why)).await {
+                Ok(_) | Err(Error::LeaseLost { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
 

@@ -246,6 +246,40 @@ pub async fn push_refuses_invalid_jobs(q: Arc<dyn Queue>) {
     assert!(q.list(&filter).await.unwrap().is_empty(), "nothing was stored");
 }
 
+/// Stores a job behind push's back, unchecked: in queue `.0`, its spec the
+/// JSON text `.1`; returns its id. A backend's test hook for
+/// [`stored_jobs_are_checked_again`] (a row written by hand, a field of a
+/// newer gpupool, an event published by something else).
+pub type StoreRaw = dyn Fn(String, String) -> std::pin::Pin<Box<dyn std::future::Future<Output = JobId> + Send>> + Sync;
+
+/// A stored job is checked again when it is read for running: one that
+/// does not read, and one that reads but fails the checks of push (an
+/// `LD_PRELOAD` written straight into the store), each end `failed` with
+/// kind `invalid` and a message naming the problem, and the reserve goes on
+/// to the job behind them.
+pub async fn stored_jobs_are_checked_again(q: Arc<dyn Queue>, store_raw: &StoreRaw) {
+    let queue = unique_queue("raw");
+    let unreadable = serde_json::json!({"git_ref": 7, "entrypoint": "a.py", "queue": queue, "from": "a newer gpupool"});
+    let unreadable = store_raw(queue.clone(), unreadable.to_string()).await;
+    let preload = serde_json::json!({"git_ref": "main", "entrypoint": "a.py", "queue": queue,
+        "env": {"LD_PRELOAD": "/tmp/evil.so"}});
+    let preload = store_raw(queue.clone(), preload.to_string()).await;
+    let good = q.push(job(&queue)).await.unwrap();
+    let mut req = ReserveRequest::new(&queue);
+    req.wait = Duration::from_secs(2);
+    let lease = q.reserve(&req).await.unwrap().expect("the job behind the bad ones");
+    assert_eq!(lease.id(), &good, "the bad jobs are not handed out");
+    for (bad, says) in [(&unreadable, "does not read"), (&preload, "LD_PRELOAD")] {
+        let errors = q.errors(Some(bad), 10).await.unwrap();
+        assert_eq!(errors.len(), 1, "job {bad}: {errors:?}");
+        assert_eq!(errors[0].kind, FailureKind::Invalid, "job {bad}");
+        assert!(errors[0].message.contains(says), "job {bad}: the message names the problem: {}", errors[0].message);
+    }
+    req.wait = Duration::ZERO;
+    assert!(q.reserve(&req).await.unwrap().is_none(), "nothing else is queued");
+    q.complete(&lease, Completion::default()).await.unwrap();
+}
+
 /// 16 concurrent reservers never get the same job.
 pub async fn no_double_reserve(q: Arc<dyn Queue>) {
     const JOBS: usize = 64;

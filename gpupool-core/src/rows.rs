@@ -120,6 +120,28 @@ impl JobRow {
     }
 }
 
+/// Why a job read back for running must not run: its stored spec fails
+/// the checks of push (whoever can write to the backend must not get past
+/// them: an `LD_PRELOAD` written straight into the store runs nowhere).
+/// Backends check this as they lease a job, end one that fails `failed`
+/// (kind `invalid`, with this message) and go on to the jobs behind it; the
+/// worker checks again before it runs one.
+pub fn unfit(spec: &JobSpec) -> Option<String> {
+    spec.validate().err().map(|e| {
+        let why = match e {
+            Error::InvalidJob(m) => m,
+            other => other.to_string(),
+        };
+        format!("the stored job fails the checks of push: {why}")
+    })
+}
+
+/// The message of a stored job that does not read (edited by hand, or
+/// written by a newer gpupool).
+pub fn unreadable(why: &dyn std::fmt::Display) -> String {
+    format!("the stored job does not read: {why}")
+}
+
 /// A failed attempt's row, decoded into plain values: what
 /// [`ErrorRow::into_error`] turns into an [`AttemptError`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -385,13 +385,18 @@ impl MysqlQueue {
                     .execute(&mut *tx)
                     .await?;
                 let row = q(&self.sql.select_job).bind(id).fetch_one(&mut *tx).await?;
-                let mut job = match record(&row) {
+                // A row that does not read (written by hand, or by a newer
+                // gpupool), or fails the checks of push, ends `failed`, kind
+                // `invalid`, and the reserve moves on: one bad row never
+                // stalls the queue, and none gets past the checks.
+                let checked = record(&row).map_err(|e| rows::unreadable(&e)).and_then(|j| match rows::unfit(&j.spec) {
+                    Some(why) => Err(why),
+                    None => Ok(j),
+                });
+                let mut job = match checked {
                     Ok(j) => j,
-                    // A row that does not read (written by hand, or by a newer
-                    // gpupool) ends `failed`, kind `invalid`, and the reserve
-                    // moves on: one bad row never stalls the queue.
-                    Err(e) => {
-                        fail_unreadable(&self.sql, &mut tx, id, row.try_get("attempt")?, &e).await?;
+                    Err(message) => {
+                        fail_invalid(&self.sql, &mut tx, id, row.try_get("attempt")?, &message).await?;
                         continue;
                     }
                 };
@@ -493,24 +498,23 @@ fn record(row: &MySqlRow) -> Result<JobRecord> {
     .into_record(BACKEND)
 }
 
-/// Ends a job whose row does not read (written by hand, or by a newer
-/// gpupool): `failed`, with an `invalid` attempt naming why, so the reserve
-/// can go on to the jobs behind it.
-async fn fail_unreadable(
+/// Ends a job whose row does not read or fails the checks of push
+/// ([`rows::unfit`]): `failed`, with an `invalid` attempt saying why, so the
+/// reserve can go on to the jobs behind it.
+async fn fail_invalid(
     sql: &Sql,
     tx: &mut sqlx::MySqlConnection,
     id: i64,
     attempt: i32,
-    why: &Error,
+    message: &str,
 ) -> std::result::Result<(), sqlx::Error> {
-    let message = format!("the stored job does not read: {why}");
     q(&sql.insert_error)
         .bind(id)
         .bind(attempt)
         .bind(FailureKind::Invalid.as_str())
         .bind(None::<i32>)
         .bind(None::<i32>)
-        .bind(&message)
+        .bind(message)
         .bind("")
         .execute(&mut *tx)
         .await?;

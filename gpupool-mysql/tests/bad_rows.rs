@@ -30,3 +30,26 @@ async fn an_unreadable_job_fails_as_invalid_and_the_reserve_moves_on() {
     assert_eq!(listed.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), [good], "the bad row hides nothing");
     q.drop_tables().await.unwrap();
 }
+
+/// The conformance check, with rows rewritten behind push's back.
+#[tokio::test]
+async fn stored_jobs_are_checked_again() {
+    let prefix = common::random_prefix("raw");
+    let Some(q) = common::queue(&prefix).await else { return };
+    let (raw, table) = (q.clone(), format!("{prefix}jobs"));
+    let store: &gpupool_core::conformance::StoreRaw = &move |queue: String, spec: String| {
+        let (q, update) = (raw.clone(), format!("UPDATE {table} SET spec = ? WHERE id = ?"));
+        Box::pin(async move {
+            let id = q.push(JobSpec::new("main", "x.py").with_queue(queue)).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(update))
+                .bind(spec)
+                .bind(id.as_i64().unwrap())
+                .execute(q.pool())
+                .await
+                .unwrap();
+            id
+        })
+    };
+    gpupool_core::conformance::stored_jobs_are_checked_again(std::sync::Arc::new(q.clone()), store).await;
+    q.drop_tables().await.unwrap();
+}

@@ -331,21 +331,23 @@ impl RedisQueue {
         self.usable(lease_from(got, token, &req.worker)?).await
     }
 
-    /// A lease whose stored job reads, or `None` after failing one that
-    /// does not (edited by hand, or written by a newer gpupool) as
-    /// `invalid`, so that the reserve goes on to the jobs behind it.
+    /// A lease whose stored job reads and passes the checks of push, or
+    /// `None` after failing one that does not (edited by hand, or written
+    /// by a newer gpupool) as `invalid`, so that the reserve goes on to the
+    /// jobs behind it.
     async fn usable(&self, leased: Option<Leased>) -> Result<Option<Lease>> {
-        match leased {
-            None => Ok(None),
-            Some(Leased::Ok(lease)) => Ok(Some(lease)),
-            Some(Leased::Unreadable(lease, why)) => {
-                let message = format!("the stored job does not read: {why}");
-                tracing::warn!(job_id = %lease.id(), "{message}; failing it as invalid");
-                match self.fail(&lease, Failure::new(gpupool_core::FailureKind::Invalid, message)).await {
-                    Ok(_) | Err(Error::LeaseLost { .. }) => Ok(None),
-                    Err(e) => Err(e),
-                }
-            }
+        let (lease, message) = match leased {
+            None => return Ok(None),
+            Some(Leased::Ok(lease)) => match gpupool_core::rows::unfit(&lease.job.spec) {
+                None => return Ok(Some(lease)),
+                Some(why) => (lease, why),
+            },
+            Some(Leased::Unreadable(lease, why)) => (lease, gpupool_core::rows::unreadable(&why)),
+        };
+        tracing::warn!(job_id = %lease.id(), "{message}; failing it as invalid");
+        match self.fail(&lease, Failure::new(gpupool_core::FailureKind::Invalid, message)).await {
+            Ok(_) | Err(Error::LeaseLost { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 

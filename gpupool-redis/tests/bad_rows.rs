@@ -77,3 +77,16 @@ async fn an_unreadable_retry_fails_as_invalid_and_the_reserve_moves_on() {
     assert_eq!(errors[0].kind, FailureKind::Invalid, "newest first");
     common::cleanup(&q).await;
 }
+
+/// The conformance check, with jobs pushed as `push.lua` would, unchecked.
+#[tokio::test]
+async fn stored_jobs_are_checked_again() {
+    let Some(q) = common::queue("raw").await else { return };
+    let raw = q.clone();
+    let store: &gpupool_core::conformance::StoreRaw = &move |queue: String, spec: String| {
+        let q = raw.clone();
+        Box::pin(async move { push_raw(&q, &queue, &spec).await })
+    };
+    gpupool_core::conformance::stored_jobs_are_checked_again(std::sync::Arc::new(q.clone()), store).await;
+    common::cleanup(&q).await;
+}

@@ -196,14 +196,20 @@ impl SqliteQueue {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(map)?;
-                let mut job = match record(&row) {
+                // A row that does not read (edited by hand, or written by a
+                // newer gpupool), or fails the checks of push, ends `failed`,
+                // kind `invalid`, and the reserve moves on: one bad row never
+                // stalls the queue, and none gets past the checks.
+                let checked =
+                    record(&row).map_err(|e| rows::unreadable(&e)).and_then(|job| match rows::unfit(&job.spec) {
+                        Some(why) => Err(why),
+                        None => Ok(job),
+                    });
+                let mut job = match checked {
                     Ok(job) => job,
-                    // A row that does not read (edited by hand, or written by a
-                    // newer gpupool) ends `failed`, kind `invalid`, and the
-                    // reserve moves on: one bad row never stalls the queue.
-                    Err(e) => {
+                    Err(message) => {
                         let attempt: i64 = row.try_get("attempt").map_err(map)?;
-                        fail_unreadable(&mut tx, id, attempt, &e, now).await?;
+                        fail_invalid(&mut tx, id, attempt, &message, now).await?;
                         continue;
                     }
                 };
@@ -311,24 +317,23 @@ fn record(row: &SqliteRow) -> Result<JobRecord> {
     .into_record(BACKEND)
 }
 
-/// Ends a job whose row does not read (edited by hand, or written by a
-/// newer gpupool): `failed`, with an `invalid` attempt naming why, so the
+/// Ends a job whose row does not read or fails the checks of push
+/// ([`rows::unfit`]): `failed`, with an `invalid` attempt saying why, so the
 /// reserve can go on to the jobs behind it.
-async fn fail_unreadable(
+async fn fail_invalid(
     tx: &mut Transaction<'static, Sqlite>,
     id: i64,
     attempt: i64,
-    why: &Error,
+    message: &str,
     now: Timestamp,
 ) -> Result<()> {
-    let message = format!("the stored job does not read: {why}");
     sqlx::query(
         "INSERT INTO job_errors (job_id, attempt, kind, exit_code, signal, message, output_tail, at) \
          VALUES (?1, ?2, 'invalid', NULL, NULL, ?3, '', ?4)",
     )
     .bind(id)
     .bind(attempt)
-    .bind(&message)
+    .bind(message)
     .bind(now.0)
     .execute(&mut **tx)
     .await

@@ -38,3 +38,25 @@ async fn an_unreadable_job_fails_as_invalid_and_the_reserve_moves_on() {
     assert_eq!(listed.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), [good]);
     assert!(q.get(&bad).await.is_err());
 }
+
+/// The conformance check, with rows rewritten behind push's back.
+#[tokio::test]
+async fn stored_jobs_are_checked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = SqliteQueue::connect(&format!("sqlite://{}/q.db", dir.path().display())).await.unwrap();
+    let raw = q.clone();
+    let store: &gpupool_core::conformance::StoreRaw = &move |queue: String, spec: String| {
+        let q = raw.clone();
+        Box::pin(async move {
+            let id = q.push(JobSpec::new("main", "x.py").with_queue(queue)).await.unwrap();
+            sqlx::query("UPDATE jobs SET spec = ?1 WHERE id = ?2")
+                .bind(spec)
+                .bind(id.as_i64().unwrap())
+                .execute(q.pool())
+                .await
+                .unwrap();
+            id
+        })
+    };
+    gpupool_core::conformance::stored_jobs_are_checked_again(std::sync::Arc::new(q), store).await;
+}

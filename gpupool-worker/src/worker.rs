@@ -830,15 +830,8 @@ async fn execute(
             format!("job id `{}` is not a plain id (letters, digits, - and _); it would name files", lease.id());
         return Report::Fail(Failure::new(FailureKind::Invalid, message));
     }
-    if let Err(e) = spec.validate() {
-        let why = match e {
-            Error::InvalidJob(m) => m,
-            other => other.to_string(),
-        };
-        return Report::Fail(Failure::new(
-            FailureKind::Invalid,
-            format!("the stored job fails the checks of push: {why}"),
-        ));
+    if let Some(why) = gpupool_core::rows::unfit(spec) {
+        return Report::Fail(Failure::new(FailureKind::Invalid, why));
     }
     let repo = match ctx.repo_for(lease) {
         Ok(r) => r,
