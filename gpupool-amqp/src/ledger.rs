@@ -402,9 +402,10 @@ pub(crate) const KEEP_FINISHED_BYTES: u64 = 64 << 20;
 /// Nonces of events are remembered (to give a repeated publish its first
 /// verdict) for this long by the events' clocks, and at least the newest
 /// [`SEEN_KEEP`]: an event is published again only within a minute of its
-/// first publish (`EMIT_WITHIN`).
+/// first publish (`EMIT_WITHIN`). The count keeps a publisher whose clock
+/// runs ahead from shortening the memory of a busy ledger.
 const SEEN_FOR_MS: i64 = 120_000;
-const SEEN_KEEP: usize = 1_000;
+const SEEN_KEEP: usize = 20_000;
 
 /// The fold of the ledger.
 #[derive(Debug)]
@@ -447,6 +448,9 @@ pub(crate) struct State {
     pub(crate) last_snapshot: Option<SnapshotMark>,
     /// Ledger bytes applied since the newest snapshot was named.
     pub(crate) since_snapshot: u64,
+    /// This fold found events cut from the ledger between its snapshot and
+    /// the ledger's start: it may be wrong, so it writes no snapshot.
+    pub(crate) gapped: bool,
     /// The handle this fold belongs to: jobs handed to its waiting wants
     /// are noted in `handed`.
     owner: String,
@@ -476,6 +480,7 @@ impl Default for State {
             applied: -1,
             last_snapshot: None,
             since_snapshot: 0,
+            gapped: false,
             owner: String::new(),
             handed: HashMap::new(),
         }

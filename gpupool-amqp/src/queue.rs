@@ -125,7 +125,7 @@ const ACK_EVERY: u64 = 64;
 
 /// How long a connect waits for the newest snapshot to arrive, and then
 /// for more of the stream's last chunk (a chunk's messages come at once).
-const SNAPSHOT_WAIT: Duration = Duration::from_secs(2);
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
 const SNAPSHOT_GAP: Duration = Duration::from_millis(20);
 
 /// The snapshot writer checks whether one is due this often while it holds
@@ -137,6 +137,10 @@ const WRITER_HOLDS_FOR: Duration = Duration::from_secs(10);
 /// A process that has not seen the writer's token for this long puts one
 /// in the election queue (it keeps at most one waiting).
 const TOKEN_AFTER: Duration = Duration::from_secs(60);
+
+/// After a snapshot could not be written, the writer waits this long
+/// before it tries again.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(60);
 
 /// A snapshot bigger than this is not written (RabbitMQ refuses messages
 /// over 128 MiB by default); the finished-job window keeps it far below.
@@ -208,6 +212,9 @@ struct Inner {
     fresh: AtomicBool,
     /// Where the ledger's events lost to retention were already reported.
     gap_reported: AtomicBool,
+    /// When writing a snapshot last failed (the writer waits before trying
+    /// again).
+    snapshot_failed: StdMutex<Option<Instant>>,
 }
 
 impl Inner {
@@ -302,6 +309,7 @@ impl AmqpQueue {
                 last_log_sweep: StdMutex::default(),
                 fresh: AtomicBool::new(false),
                 gap_reported: AtomicBool::new(false),
+                snapshot_failed: StdMutex::default(),
             }),
         };
         // A ledger that is there is followed at once; one that is not is
@@ -438,11 +446,16 @@ impl AmqpQueue {
         // Start from the newest snapshot (a new ledger's first: the empty
         // fold), then follow the ledger from the event after it.
         let snapshot = if self.inner.fresh.swap(false, Ordering::Relaxed) {
-            let empty = State::new(&self.inner.owner).snapshot();
-            self.publish_snapshot(&connection, &empty).await?;
-            None
+            // Another process may have made the ledger since this handle
+            // opened: its snapshot is used; else the empty one is written.
+            let found = self.latest_snapshot(&connection, SNAPSHOT_GAP * 10).await?;
+            if found.is_none() {
+                let empty = State::new(&self.inner.owner).snapshot();
+                self.publish_snapshot(&connection, &empty).await?;
+            }
+            found
         } else {
-            self.latest_snapshot(&connection).await?
+            self.latest_snapshot(&connection, SNAPSHOT_WAIT).await?
         };
         let start = snapshot.as_ref().map_or(0, |s| s.covers + 1);
         let ledger_ch = connection.create_channel().await.map_err(unavailable)?;
@@ -457,6 +470,8 @@ impl AmqpQueue {
             .basic_consume(self.ledger_name().as_str().into(), "".into(), BasicConsumeOptions::default(), from)
             .await
             .map_err(unavailable)?;
+        // Copied first: `standing` is never locked inside `state`.
+        let standing: Vec<String> = self.inner.standing().iter().map(|s| s.token.clone()).collect();
         let generation = {
             let mut st = self.inner.state();
             *st = match snapshot {
@@ -464,10 +479,10 @@ impl AmqpQueue {
                 None => State::new(&self.inner.owner),
             };
             // Jobs handed to this handle's waiting wants before the snapshot.
-            for s in self.inner.standing().iter() {
-                if let Some(job) = st.jobs.values().find(|j| j.held(&s.token)) {
+            for token in standing {
+                if let Some(job) = st.jobs.values().find(|j| j.held(&token)) {
                     let id = job.record.id.to_string();
-                    st.handed.insert(s.token.clone(), id);
+                    st.handed.insert(token, id);
                 }
             }
             self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1
@@ -480,17 +495,28 @@ impl AmqpQueue {
             while let Some(delivery) = consumer.next().await {
                 let Ok(delivery) = delivery else { break };
                 let offset = offset_of(&delivery.properties).unwrap_or(-1);
-                if count == 0 && offset > start && !inner.gap_reported.swap(true, Ordering::Relaxed) {
-                    warn!(
-                        "the ledger's events {start} to {} are gone (its retention cut them before a snapshot \
-                         held them): jobs they changed may be out of date; keep ledger_max_bytes and \
-                         ledger_max_age well above what the pool writes between snapshots",
-                        offset - 1
-                    );
+                // Held by the snapshot (a stream starts at the chunk that
+                // holds the offset asked for): acknowledged, not applied.
+                let held = (0..start).contains(&offset);
+                if !held && count == 0 && offset > start {
+                    inner.state().gapped = true;
+                    if !inner.gap_reported.swap(true, Ordering::Relaxed) {
+                        warn!(
+                            "the ledger's events {start} to {} are gone (its retention cut them before a \
+                             snapshot held them): jobs they changed may be out of date, and this process \
+                             writes no snapshot; keep ledger_max_bytes and ledger_max_age well above what the \
+                             pool writes between snapshots",
+                            offset - 1
+                        );
+                    }
                 }
-                inner.state().grew(delivery.data.len());
-                match Envelope::read(&delivery.data) {
-                    Ok(env) => {
+                if !held {
+                    inner.state().grew(delivery.data.len());
+                }
+                let read = if held { None } else { Some(Envelope::read(&delivery.data)) };
+                match read {
+                    None => {}
+                    Some(Ok(env)) => {
                         let nonce = env.nonce.clone();
                         let (outcome, handed) = {
                             let mut st = inner.state();
@@ -509,7 +535,7 @@ impl AmqpQueue {
                             let _ = tx.send(outcome);
                         }
                     }
-                    Err(e) => warn!("ledger event at offset {offset} is not readable ({e}); skipped"),
+                    Some(Err(e)) => warn!("ledger event at offset {offset} is not readable ({e}); skipped"),
                 }
                 count += 1;
                 if count.is_multiple_of(ACK_EVERY)
@@ -528,7 +554,9 @@ impl AmqpQueue {
     /// The newest snapshot in the snapshot stream (its last chunk), if any
     /// can be read. One that cannot (a newer format) is skipped: the ledger
     /// is then replayed from its start.
-    async fn latest_snapshot(&self, connection: &Connection) -> Result<Option<Snapshot>> {
+    /// `wait`: how long to wait for the first snapshot (a big one takes a
+    /// while to arrive; an empty stream sends nothing).
+    async fn latest_snapshot(&self, connection: &Connection, wait: Duration) -> Result<Option<Snapshot>> {
         let ch = connection.create_channel().await.map_err(unavailable)?;
         ch.basic_qos(4, BasicQosOptions::default()).await.map_err(unavailable)?;
         let mut from = FieldTable::default();
@@ -538,7 +566,7 @@ impl AmqpQueue {
             .await
             .map_err(unavailable)?;
         let mut best: Option<Snapshot> = None;
-        let mut wait = SNAPSHOT_WAIT;
+        let mut wait = wait;
         while let Ok(Some(delivery)) = tokio::time::timeout(wait, consumer.next()).await {
             let delivery = delivery.map_err(unavailable)?;
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
@@ -590,9 +618,12 @@ impl AmqpQueue {
     fn snapshot_due(&self) -> bool {
         let opts = &self.inner.opts;
         let st = self.inner.state();
-        let Some(last) = st.last_snapshot else { return st.applied >= 0 };
-        if last.covers >= st.applied {
+        if st.gapped {
             return false;
+        }
+        let Some(last) = st.last_snapshot else { return st.applied >= 0 };
+        if st.since_snapshot == 0 {
+            return false; // nothing since the newest snapshot was named
         }
         let cap = u64::try_from(opts.ledger_max_bytes / 4).unwrap_or(0).max(64 << 10);
         let grown = st.since_snapshot >= last.bytes.max(1 << 20).min(cap);
@@ -656,7 +687,16 @@ impl AmqpQueue {
         match joined.await {
             Ok((ch, consumer, name)) => {
                 let weak = Arc::downgrade(&self.inner);
-                tokio::spawn(serve_as_writer(weak, ch, consumer, name, Arc::clone(&link.alive)));
+                let alive = Arc::clone(&link.alive);
+                let link = Arc::downgrade(&link);
+                tokio::spawn(async move {
+                    serve_as_writer(weak, ch, consumer, name, alive).await;
+                    // Ended with the connection, or its consumer was
+                    // cancelled: the next reserve joins again.
+                    if let Some(link) = link.upgrade() {
+                        link.electing.store(false, Ordering::Relaxed);
+                    }
+                });
                 Ok(())
             }
             Err(e) => {
@@ -1504,10 +1544,18 @@ async fn serve_as_writer(
         while Instant::now() < until && alive.load(Ordering::Relaxed) {
             let Some(inner) = inner.upgrade() else { break };
             let q = AmqpQueue { inner };
-            if q.snapshot_due()
-                && let Err(e) = q.write_snapshot().await
-            {
-                warn!("RabbitMQ: writing a snapshot of the ledger failed ({e}); trying again later");
+            let failed_lately = lock(&q.inner.snapshot_failed).is_some_and(|t| t.elapsed() < SNAPSHOT_RETRY);
+            if !failed_lately && q.snapshot_due() {
+                match q.write_snapshot().await {
+                    Ok(_) => *lock(&q.inner.snapshot_failed) = None,
+                    Err(e) => {
+                        tracing::error!(
+                            "RabbitMQ: writing a snapshot of the ledger failed ({e}); trying again in {} s",
+                            SNAPSHOT_RETRY.as_secs()
+                        );
+                        *lock(&q.inner.snapshot_failed) = Some(Instant::now());
+                    }
+                }
             }
             drop(q);
             tokio::time::sleep(SNAPSHOT_CHECK_EVERY).await;
