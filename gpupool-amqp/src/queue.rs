@@ -215,6 +215,9 @@ struct Inner {
     /// When writing a snapshot last failed (the writer waits before trying
     /// again).
     snapshot_failed: StdMutex<Option<Instant>>,
+    /// Tests hold it to stop the ledger consumer between deliveries.
+    #[cfg(test)]
+    gate: tokio::sync::Mutex<()>,
 }
 
 impl Inner {
@@ -310,6 +313,8 @@ impl AmqpQueue {
                 fresh: AtomicBool::new(false),
                 gap_reported: AtomicBool::new(false),
                 snapshot_failed: StdMutex::default(),
+                #[cfg(test)]
+                gate: tokio::sync::Mutex::const_new(()),
             }),
         };
         // A ledger that is there is followed at once; one that is not is
@@ -494,6 +499,8 @@ impl AmqpQueue {
             let mut count = 0u64;
             while let Some(delivery) = consumer.next().await {
                 let Ok(delivery) = delivery else { break };
+                #[cfg(test)]
+                drop(inner.gate.lock().await);
                 let offset = offset_of(&delivery.properties).unwrap_or(-1);
                 // Held by the snapshot (a stream starts at the chunk that
                 // holds the offset asked for): acknowledged, not applied.
@@ -1613,5 +1620,72 @@ impl gpupool_core::Connect for AmqpQueue {
 
     fn connect(url: &str) -> impl std::future::Future<Output = Result<Self>> + Send {
         AmqpQueue::connect(url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use gpupool_core::ListFilter;
+
+    /// A reconnect while the old ledger consumer is far behind (its fold
+    /// busy, a backlog of deliveries in hand): the old consumer applies
+    /// nothing to the new fold, so every event is folded once, in order,
+    /// and the handle ends up agreeing with a fresh one (issue 18, RabbitMQ
+    /// item 4).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reconnect_while_the_old_consumer_lags_folds_every_event_once() {
+        let Some(base) = gpupool_core::conformance::service_url("GPUPOOL_TEST_AMQP_URL", "RabbitMQ test", || None)
+        else {
+            return;
+        };
+        let prefix = format!("gpt.slow.{}.", gpupool_core::conformance::unique_suffix());
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}prefix={prefix}&ledger_max_age=1D");
+        let watcher = AmqpQueue::connect(&url).await.unwrap();
+        let pool = AmqpQueue::connect(&url).await.unwrap();
+        watcher.sync().await.unwrap();
+
+        // The watcher's consumer is held while 300 jobs are pushed and run:
+        // it takes a backlog of deliveries and waits.
+        let gate = watcher.inner.gate.lock().await;
+        let mut now = ReserveRequest::new("default");
+        now.wait = Duration::ZERO;
+        for n in 0..300 {
+            let mut spec = JobSpec::new("main", "t.py").arg("n", n);
+            spec.max_attempts = Some(3);
+            pool.push(spec).await.unwrap();
+            let lease = pool.reserve(&now).await.unwrap().expect("the job just pushed");
+            if n % 3 == 0 {
+                pool.fail(&lease, Failure::new(gpupool_core::FailureKind::Exit, "exit 1")).await.unwrap();
+                let again = pool.reserve(&now).await.unwrap().expect("the retry");
+                pool.complete(&again, Completion::default()).await.unwrap();
+            } else {
+                pool.complete(&lease, Completion::default()).await.unwrap();
+            }
+        }
+        // The link drops and the handle reconnects while the old consumer
+        // still has its backlog; then the fold is let go.
+        let link = watcher.link().await.unwrap();
+        watcher.drop_link(&link);
+        let reconnect = {
+            let watcher = watcher.clone();
+            tokio::spawn(async move { watcher.link().await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(gate);
+        reconnect.await.unwrap().unwrap();
+
+        let fresh = AmqpQueue::connect(&url).await.unwrap();
+        let all = ListFilter { limit: 1000, ..ListFilter::default() };
+        let seen = |jobs: Vec<JobRecord>| jobs.into_iter().map(|j| (j.id, j.state, j.attempt)).collect::<Vec<_>>();
+        let (mine, theirs) = (seen(watcher.list(&all).await.unwrap()), seen(fresh.list(&all).await.unwrap()));
+        assert_eq!(mine.len(), 300);
+        assert!(mine.iter().all(|(_, state, _)| *state == gpupool_core::JobState::Succeeded), "{mine:?}");
+        assert_eq!(mine, theirs);
+        assert_eq!(watcher.errors(None, 1000).await.unwrap().len(), 100);
+        watcher.delete_queues().await.unwrap();
     }
 }

@@ -1,0 +1,108 @@
+//! A process paused for longer than a lease (SIGSTOP, a stalled VM) wakes
+//! with an old view of the ledger and reclaims the leases it sees expired;
+//! a lease its holder renewed meanwhile holds, and the run goes on
+//! (issue 18, RabbitMQ item 1). The paused process is this test binary
+//! run again as a reserving handle (`a_reserving_process`).
+
+// Test code: a panic is how a check fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use gpupool_amqp::AmqpQueue;
+use gpupool_core::{Completion, Heartbeat, JobSpec, JobState, Queue, ReserveRequest};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+const URL_VAR: &str = "GPUPOOL_PAUSED_TEST_URL";
+
+/// Run by the test below as a process of its own: reserves from a queue
+/// with no jobs, so it looks for expired leases every second, until killed.
+#[tokio::test]
+#[ignore = "run by a_lease_renewed_while_a_process_was_paused_holds_when_it_wakes"]
+async fn a_reserving_process() {
+    let url = std::env::var(URL_VAR).expect("run by the paused test");
+    let q = AmqpQueue::connect(&url).await.unwrap();
+    let mut req = ReserveRequest::new("other");
+    req.wait = Duration::from_secs(1);
+    loop {
+        let _ = q.reserve(&req).await;
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+}
+
+/// How many `reclaim` events for job `id` the ledger holds.
+async fn reclaims(q: &AmqpQueue, id: &str) -> usize {
+    let conn =
+        lapin::Connection::connect(&q.options().driver_url, lapin::ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(1000, BasicQosOptions::default()).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
+    let ledger = format!("{}ledger", q.options().prefix);
+    let mut consumer =
+        ch.basic_consume(ledger.as_str().into(), "".into(), BasicConsumeOptions::default(), args).await.unwrap();
+    let mut n = 0;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
+        let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        if v["type"] == "reclaim" && v["id"] == id {
+            n += 1;
+        }
+    }
+    let _ = conn.close(200, "".into()).await;
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_renewed_while_a_process_was_paused_holds_when_it_wakes() {
+    let prefix = common::random_prefix("paused");
+    let Some(url) = common::url(&prefix) else { return };
+    let holder = AmqpQueue::connect(&url).await.unwrap();
+    let id = holder.push(JobSpec::new("main", "train.py")).await.unwrap();
+    let mut req = ReserveRequest::new("default");
+    req.lease = Duration::from_secs(3);
+    let lease = holder.reserve(&req).await.unwrap().expect("the job");
+
+    // The holder renews its 3 s lease every second, throughout.
+    let beats = {
+        let (holder, lease) = (holder.clone(), lease.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if holder.heartbeat(&lease, Duration::from_secs(3)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut other = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_reserving_process", "--ignored", "--quiet"])
+        .env(URL_VAR, &url)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Paused for more than twice the lease, then woken.
+    signal(other.id(), "-STOP");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    signal(other.id(), "-CONT");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let record = holder.get(&id).await.unwrap();
+    assert_eq!((record.state, record.attempt), (JobState::Running, 1), "the run goes on");
+    assert!(record.errors.is_empty(), "nothing was charged: {:?}", record.errors);
+    assert_eq!(holder.heartbeat(&lease, req.lease).await.unwrap(), Heartbeat::Extended);
+    beats.abort();
+    holder.complete(&lease, Completion::default()).await.unwrap();
+    assert_eq!(holder.get(&id).await.unwrap().state, JobState::Succeeded);
+    eprintln!("reclaims the woken process published (refused): {}", reclaims(&holder, id.as_str()).await);
+    let _ = other.kill();
+    let _ = other.wait();
+    holder.delete_queues().await.unwrap();
+}
