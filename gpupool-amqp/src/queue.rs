@@ -641,7 +641,7 @@ impl AmqpQueue {
 
     /// Writes a snapshot of this process's fold and names it in the ledger;
     /// returns the last offset it holds. Every process that reserves takes
-    /// part in an election for this (see [`AmqpQueue::elect`]); calling it
+    /// part in an election for this (see the crate docs); calling it
     /// by hand is harmless, as any process's snapshot is the same.
     pub async fn write_snapshot(&self) -> Result<i64> {
         let link = self.link().await?;
