@@ -79,7 +79,26 @@ enum Command {
         /// descending (jobs without it last).
         #[arg(long, value_name = "KEY", allow_hyphen_values = true)]
         sort: Option<String>,
+        /// The runs of this sweep, best first by its metric, with their
+        /// swept args.
+        #[arg(long, value_name = "ID")]
+        sweep: Option<String>,
     },
+    /// Push the runs of a sweep: a file in W&B's sweep format (YAML or
+    /// JSON) with gpupool's job fields (git_ref, gpus, queue, …). Pushing
+    /// the same file again adds nothing.
+    Sweep {
+        /// The sweep file.
+        file: PathBuf,
+        /// Print the jobs; push nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Create the queue first if there is none (as `gpupool init`).
+        #[arg(long)]
+        init: bool,
+    },
+    /// List the sweeps: each one's progress and its best run so far.
+    Sweeps,
     /// List failed attempts, newest first, with their output tails.
     #[command(alias = "error")]
     Errors {
@@ -290,7 +309,7 @@ fn own_logs(level: &str) -> String {
 /// head`) ends the command quietly with status 141 (128 + SIGPIPE), as a
 /// shell reports for `ls | head`; any other write error ends it with one
 /// line on stderr. Never panics, unlike `print!`.
-fn out(text: &str) {
+pub(crate) fn out(text: &str) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
@@ -315,7 +334,7 @@ fn terminal_width() -> Option<usize> {
 }
 
 /// One line to stderr, prefixed `gpupool: `; a closed stderr is ignored.
-fn say(text: &str) {
+pub(crate) fn say(text: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr().lock(), "gpupool: {text}");
 }
@@ -382,7 +401,7 @@ fn job_id(s: &str) -> Result<JobId> {
     s.parse()
 }
 
-fn print_json(v: &serde_json::Value) {
+pub(crate) fn print_json(v: &serde_json::Value) {
     out(&(serde_json::to_string_pretty(v).unwrap_or_else(|_| "[]".to_owned()) + "\n"));
 }
 
@@ -392,9 +411,13 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
         config(&s, cli.json);
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::Sweep { file, dry_run: true, .. } = &cli.command {
+        crate::sweeps::dry_run(file, cli.json)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let creates = match &cli.command {
         Command::Init => true,
-        Command::Push { init, .. } => *init,
+        Command::Push { init, .. } | Command::Sweep { init, .. } => *init,
         Command::Worker(args) => args.init,
         _ => false,
     };
@@ -416,8 +439,10 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
         return Err(no_queue(&s.url));
     }
     let json = cli.json;
-    let reads =
-        matches!(cli.command, Command::Jobs { .. } | Command::Errors { .. } | Command::Status | Command::Logs { .. });
+    let reads = matches!(
+        cli.command,
+        Command::Jobs { .. } | Command::Errors { .. } | Command::Status | Command::Logs { .. } | Command::Sweeps
+    );
     if reads && !json && !cli.quiet {
         // Which queue a table came from, so that an empty one is not a mystery.
         say(&format!("reading {}", redact_url(&s.url)));
@@ -428,10 +453,13 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             out(&format!("queue ready: {}\n", redact_url(&s.url)));
         }
         Command::Push { files, set, .. } => push(queue.as_ref(), files, &set, json).await?,
-        Command::Jobs { id, in_queue, state, limit, offset, sort } => {
+        Command::Jobs { sweep: Some(sweep), .. } => crate::sweeps::runs(queue.as_ref(), &sweep, json).await?,
+        Command::Jobs { id, in_queue, state, limit, offset, sort, sweep: None } => {
             let page = ListPage { queue: in_queue, limit, offset };
             jobs(queue.as_ref(), id, state, page, sort.as_deref(), json).await?;
         }
+        Command::Sweep { file, .. } => crate::sweeps::push(queue.as_ref(), &file, json).await?,
+        Command::Sweeps => crate::sweeps::list(queue.as_ref(), json).await?,
         Command::Errors { id, limit } => errors(queue.as_ref(), id, limit, json).await?,
         Command::Worker(args) => return worker(queue, &s, args).await,
         Command::Cancel { ids, select } => {

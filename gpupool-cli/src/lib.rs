@@ -33,6 +33,7 @@ use gpupool::{AttemptError, Error, JobRecord, JobState, ListFilter, Queue, Resul
 use serde::Deserialize;
 
 mod cli;
+mod sweeps;
 
 pub use cli::main_with;
 

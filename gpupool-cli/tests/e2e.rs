@@ -49,6 +49,9 @@ if opt("--model_dir"):
     with open(os.environ["GPUPOOL_RESULT_FILE"], "w") as f:
         json.dump({"epochs": 1}, f)
     os.symlink("/etc/passwd", "escape")
+if opt("--bs"):
+    # A sweep's run: its metric from its point.
+    print('GPUPOOL_RESULT {"score": %s}' % (float(opt("--lr")) * int(opt("--bs"))), flush=True)
 time.sleep(float(opt("--sleep", 0)))
 if rec["attempt"] == "1":
     time.sleep(float(opt("--sleep-first", 0)))
@@ -831,6 +834,80 @@ fn logs_follow_from_another_host_follows_a_running_job_to_its_end(backend: Backe
     worker.wait().unwrap();
 }
 
+/// `gpupool sweep`: a 2 × 3 grid runs every point exactly once and is
+/// ranked by its metric; pushing it again adds nothing; a random sweep
+/// with `run_cap: 5` draws 5 points within their bounds; `gpupool sweeps`
+/// shows the progress and the best run; a bad file is refused naming the
+/// field, and pushes nothing.
+fn a_sweep_runs_every_point_once_ranked_by_its_metric(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
+    let grid = "method: grid\nprogram: ai_folder/train.py\ngit_ref: master\nname: lr-bs\n\
+                metric: {name: score, goal: maximize}\n\
+                parameters:\n  lr: {values: [0.1, 0.01]}\n  bs: {values: [16, 32, 64]}\n";
+    std::fs::write(w.dir.join("grid.yaml"), grid).unwrap();
+    let pushed = w.json(&["sweep", "grid.yaml"]);
+    let sweep = pushed["sweep"].as_str().unwrap().to_owned();
+    let jobs = strings(&pushed["jobs"]);
+    assert_eq!(jobs.len(), 6);
+    assert_eq!(w.json(&["sweep", "grid.yaml"]), pushed, "pushing it again adds nothing");
+    w.burst(&[]);
+    let opt = |argv: &Value, name: &str| {
+        let argv = strings(argv);
+        argv[argv.iter().position(|a| a == name).unwrap() + 1].clone()
+    };
+    let mut points: Vec<(String, String)> = jobs
+        .iter()
+        .map(|j| {
+            let argv = &w.run_record(j, 1)["argv"];
+            (opt(argv, "--lr"), opt(argv, "--bs"))
+        })
+        .collect();
+    points.sort();
+    let want: Vec<(String, String)> = ["0.01", "0.1"]
+        .iter()
+        .flat_map(|lr| ["16", "32", "64"].iter().map(move |bs| ((*lr).to_owned(), (*bs).to_owned())))
+        .collect();
+    assert_eq!(points, want, "every point once");
+    let runs = std::fs::read_dir(&w.out).unwrap().filter(|e| {
+        let name = e.as_ref().unwrap().file_name().into_string().unwrap();
+        name.starts_with("run-") && name.ends_with(".json")
+    });
+    assert_eq!(runs.count(), 6, "no point ran twice");
+    let ranked = w.json(&["jobs", "--sweep", &sweep]);
+    let scores: Vec<f64> = ranked.as_array().unwrap().iter().map(|j| j["result"]["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|p| p[0] >= p[1]), "best first: {scores:?}");
+    assert!((scores[0] - 6.4).abs() < 1e-9, "{scores:?}");
+    let table = w.gp_ok(&["jobs", "--sweep", &sweep]);
+    assert!(table.contains("lr=0.1 bs=64") && table.contains("ranked by score (highest first)"), "{table}");
+    let sweeps = w.json(&["sweeps"]);
+    let listed = sweeps.as_array().unwrap().iter().find(|s| s["sweep"] == sweep.as_str()).unwrap();
+    assert_eq!((listed["runs"].as_u64(), listed["succeeded"].as_u64()), (Some(6), Some(6)), "{listed}");
+    assert_eq!(listed["best"]["job"], ranked[0]["id"], "{listed}");
+    assert!(w.gp_ok(&["sweeps"]).contains("score=6.4"));
+
+    let random = json!({"method": "random", "program": "ai_folder/train.py", "git_ref": "master", "run_cap": 5,
+        "parameters": {"lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.1},
+                       "bs": {"distribution": "int_uniform", "min": 8, "max": 12}}});
+    std::fs::write(w.dir.join("random.json"), random.to_string()).unwrap();
+    let dry = w.json(&["sweep", "random.json", "--dry-run"]);
+    assert_eq!(dry["jobs"].as_array().unwrap().len(), 5);
+    let ids = strings(&w.json(&["sweep", "random.json"])["jobs"]);
+    assert_eq!(ids.len(), 5);
+    w.burst(&[]);
+    for id in &ids {
+        let argv = &w.run_record(id, 1)["argv"];
+        let lr: f64 = opt(argv, "--lr").parse().unwrap();
+        let bs: i64 = opt(argv, "--bs").parse().unwrap();
+        assert!((0.001..=0.1).contains(&lr) && (8..=12).contains(&bs), "{argv}");
+    }
+
+    std::fs::write(w.dir.join("bad.yaml"), grid.replace("values: [0.1, 0.01]", "distribution: normal")).unwrap();
+    let bad = w.gp(&["sweep", "bad.yaml"]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && stderr.contains("parameters.lr.distribution"), "{stderr}");
+    assert_eq!(w.json(&["jobs"]).as_array().unwrap().len(), 11, "nothing more was pushed");
+}
+
 /// An S3-compatible test server: `GPUPOOL_TEST_S3_ENDPOINT`, else moto
 /// (`pip install 'moto[server]'`) started on a free port; `None` after
 /// `skipped: …` (a failure under `GPUPOOL_REQUIRE_BACKENDS=1`).
@@ -1018,4 +1095,5 @@ scenarios!(
     bad_input_fails_clearly_and_the_worker_keeps_going,
     bad_jobs_are_refused_at_push_and_nothing_is_pushed,
     the_setup_step_runs_when_its_inputs_change_and_its_failure_fails_the_job,
+    a_sweep_runs_every_point_once_ranked_by_its_metric,
 );

@@ -821,7 +821,7 @@ macro_rules! conformance_tests {
             failures_retry_then_fail, exit_and_timeout_retry_only_when_asked, failure_kinds, release_charges_no_attempt, cancel_queued_and_running,
             retry_failed_and_cancelled, reserve_order, list_filters_and_pages, idempotency_key,
             gpu_requirements, big_jobs_are_not_starved, parked_jobs_wait_for_a_big_enough_worker,
-            worker_registry, run_logs, artifacts, reserve_waits_for_push, exists_after_init);
+            worker_registry, run_logs, artifacts, reserve_waits_for_push, exists_after_init, sweep_runs);
     };
     (@each $setup:path, $teardown:path; $($name:ident),* $(,)?) => {
         $(
@@ -964,5 +964,38 @@ pub async fn run_all(q: Arc<dyn Queue>) {
     run_logs(Arc::clone(&q)).await;
     artifacts(Arc::clone(&q)).await;
     reserve_waits_for_push(Arc::clone(&q)).await;
+    sweep_runs(Arc::clone(&q)).await;
     exists_after_init(q).await;
+}
+
+/// A sweep's runs (`gpupool sweep`): each job keeps its sweep through
+/// push, `get`, `list` and a lease; pushing the sweep again adds nothing
+/// (its runs' idempotency keys).
+pub async fn sweep_runs(q: Arc<dyn Queue>) {
+    let queue = unique_queue("sweep");
+    let config = serde_json::json!({
+        "method": "grid", "program": "train.py", "git_ref": "main", "queue": queue,
+        "metric": {"name": "loss", "goal": "minimize"},
+        "parameters": {"lr": {"values": [0.1, 0.01]}, "bs": {"values": [16, 32, 64]}}
+    });
+    let sweep = crate::sweep::Sweep::from_value(&config).unwrap();
+    let jobs = sweep.jobs().unwrap();
+    let mut ids = Vec::new();
+    for job in jobs.clone() {
+        ids.push(q.push(job).await.unwrap());
+    }
+    for job in jobs.clone() {
+        assert!(matches!(q.add(job).await.unwrap(), crate::Pushed::Existing(_)), "pushed again: nothing added");
+    }
+    let record = q.get(&ids[4]).await.unwrap();
+    assert_eq!(record.spec, jobs[4], "the job reads back as pushed");
+    let sweep_ref = record.spec.sweep.expect("its sweep");
+    assert_eq!((sweep_ref.id.as_str(), sweep_ref.index), (sweep.id.as_str(), 4));
+    let filter = ListFilter { queue: Some(queue.clone()), ..ListFilter::default() };
+    let listed = q.list(&filter).await.unwrap();
+    assert_eq!(listed.len(), 6);
+    assert!(listed.iter().all(|j| j.spec.sweep.as_ref().is_some_and(|s| s.id == sweep.id)));
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    assert_eq!(lease.job.spec.sweep.as_ref().map(|s| s.index), Some(0), "the first point first");
+    q.complete(&lease, Completion::default()).await.unwrap();
 }

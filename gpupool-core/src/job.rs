@@ -300,6 +300,9 @@ pub struct JobSpec {
     /// A second push with the same key returns the first job's id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The sweep this job is a run of (`gpupool sweep`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<crate::sweep::SweepRef>,
 }
 
 fn default_queue() -> String {
@@ -323,6 +326,7 @@ impl JobSpec {
             env: BTreeMap::new(),
             name: None,
             idempotency_key: None,
+            sweep: None,
         }
     }
 
@@ -520,6 +524,7 @@ impl JobRecord {
             "cancel_requested": self.cancel_requested,
             "result": self.result,
             "artifacts": self.artifacts,
+            "sweep": self.spec.sweep,
             "created_at": self.created_at.to_rfc3339(),
             "started_at": self.started_at.map(Timestamp::to_rfc3339),
             "finished_at": self.finished_at.map(Timestamp::to_rfc3339),

@@ -40,6 +40,7 @@ mod queue;
 pub mod redact;
 pub mod rows;
 pub mod runner;
+pub mod sweep;
 pub mod sync;
 pub mod url;
 pub mod workspace;
