@@ -80,8 +80,8 @@ enum Command {
         #[arg(long, value_name = "KEY", allow_hyphen_values = true)]
         sort: Option<String>,
         /// The runs of this sweep, best first by its metric, with their
-        /// swept args.
-        #[arg(long, value_name = "ID")]
+        /// swept args (all of them: not with --id, --in, --state, --sort).
+        #[arg(long, value_name = "ID", conflicts_with_all = ["id", "in_queue", "state", "sort"])]
         sweep: Option<String>,
     },
     /// Push the runs of a sweep: a file in W&B's sweep format (YAML or

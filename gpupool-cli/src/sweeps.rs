@@ -44,13 +44,25 @@ pub(crate) fn dry_run(file: &Path, json: bool) -> Result<()> {
 /// pushed is not pushed again).
 pub(crate) async fn push(queue: &dyn Queue, file: &Path, json: bool) -> Result<()> {
     let (sweep, jobs) = read(file)?;
+    if !queue.capabilities().priority && jobs.iter().any(|j| j.priority != 0) {
+        crate::cli::say("warning: this backend runs jobs first in, first out and ignores `priority`");
+    }
     let (mut ids, mut new) = (Vec::new(), 0usize);
     for job in jobs {
-        match queue.add(job).await? {
-            Pushed::Existing(id) => ids.push(id),
-            pushed => {
+        match queue.add(job).await {
+            Ok(Pushed::Existing(id)) => ids.push(id),
+            Ok(pushed) => {
                 new += 1;
                 ids.push(pushed.into_id());
+            }
+            // What was pushed before the refusal stays, and is said.
+            Err(e) => {
+                crate::cli::say(&format!(
+                    "sweep {}: {new} run(s) pushed, {} already there, before this error",
+                    sweep.id,
+                    ids.len() - new
+                ));
+                return Err(e);
             }
         }
     }
@@ -166,6 +178,7 @@ pub(crate) async fn list(queue: &dyn Queue, json: bool) -> Result<()> {
             JobState::Queued => "queued",
             JobState::Running => "running",
             JobState::Succeeded => "succeeded",
+            JobState::Cancelled => "cancelled",
             _ => "failed",
         };
         *p.counts.entry(state).or_default() += 1;
@@ -191,6 +204,7 @@ pub(crate) async fn list(queue: &dyn Queue, json: bool) -> Result<()> {
                     "sweep": id, "name": p.name, "runs": p.total,
                     "queued": count(p, "queued"), "running": count(p, "running"),
                     "succeeded": count(p, "succeeded"), "failed": count(p, "failed"),
+                    "cancelled": count(p, "cancelled"),
                     "metric": p.metric,
                     "best": p.best.as_ref().map(|(job, v)| json!({"job": job, "value": v})),
                 })
@@ -216,10 +230,12 @@ pub(crate) async fn list(queue: &dyn Queue, json: bool) -> Result<()> {
                 count(p, "running").to_string(),
                 count(p, "succeeded").to_string(),
                 count(p, "failed").to_string(),
+                count(p, "cancelled").to_string(),
                 best,
             ]
         })
         .collect();
-    out(&crate::table(&["SWEEP", "NAME", "RUNS", "QUEUED", "RUNNING", "DONE", "FAILED", "BEST"], &rows));
+    let header = ["SWEEP", "NAME", "RUNS", "QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "BEST"];
+    out(&crate::table(&header, &rows));
     Ok(())
 }

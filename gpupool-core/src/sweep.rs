@@ -140,6 +140,7 @@ const KEYS: &[&str] = &[
     "priority",
     "timeout",
     "max_attempts",
+    "retry",
     "env",
 ];
 
@@ -183,8 +184,8 @@ impl Sweep {
             Some(v) => Some(
                 v.as_u64()
                     .and_then(|n| u32::try_from(n).ok())
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| bad("run_cap", format!("{v} is not a positive whole number")))?,
+                    .filter(|n| (1..=MAX_RUNS as u32).contains(n))
+                    .ok_or_else(|| bad("run_cap", format!("{v} is not a whole number from 1 to {MAX_RUNS}")))?,
             ),
         };
         if method == Method::Random && run_cap.is_none() {
@@ -322,21 +323,25 @@ fn metric(v: &Value) -> Result<Metric> {
 /// The job every run starts from: `program` and gpupool's own fields,
 /// read as the job JSON reads them.
 fn base_job(map: &Map<String, Value>) -> Result<JobSpec> {
-    let Some(program) = map.get("program").and_then(Value::as_str) else {
-        return Err(bad("program", "missing (the script each run starts, as in the repository)"));
+    let text = |key: &str, what: &str| match map.get(key) {
+        None => Err(bad(key, format!("missing ({what})"))),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(bad(key, format!("{other} is not text ({what})"))),
     };
-    let Some(git_ref) = map.get("git_ref").and_then(Value::as_str) else {
-        return Err(bad("git_ref", "missing (the branch, tag or commit the runs check out)"));
-    };
+    let program = text("program", "the script each run starts, as in the repository")?;
+    let git_ref = text("git_ref", "the branch, tag or commit the runs check out")?;
     let mut job = Map::new();
     job.insert("git_ref".into(), git_ref.into());
     job.insert("entrypoint".into(), program.into());
-    for key in ["repo", "gpus", "queue", "priority", "timeout", "max_attempts", "env"] {
+    for key in ["repo", "gpus", "queue", "priority", "timeout", "max_attempts", "retry", "env"] {
         if let Some(v) = map.get(key) {
             job.insert(key.into(), v.clone());
         }
     }
-    serde_json::from_value(Value::Object(job)).map_err(|e| Error::InvalidJob(format!("sweep: {e}")))
+    serde_path_to_error::deserialize::<_, JobSpec>(Value::Object(job)).map_err(|e| {
+        let field = e.path().to_string();
+        bad(if field == "entrypoint" { "program" } else { &field }, e.into_inner())
+    })
 }
 
 fn number(field: &str, v: Option<&Value>) -> Result<Option<f64>> {
@@ -358,10 +363,18 @@ fn param(name: &str, v: &Value, method: Method) -> Result<Param> {
             return Err(bad(&field(k), why));
         }
     }
+    let argument = |k: &str, v: &Value| match v {
+        Value::Object(_) => Err(bad(&field(k), format!("{v}: an object cannot be an argument"))),
+        Value::Array(items) if items.iter().any(|i| i.is_object() || i.is_array()) => {
+            Err(bad(&field(k), format!("{v}: a list argument holds only plain values")))
+        }
+        _ => Ok(()),
+    };
     if let Some(v) = spec.get("value") {
         if spec.len() > 1 {
             return Err(bad(&format!("parameters.{name}"), "`value` goes alone"));
         }
+        argument("value", v)?;
         return Ok(Param::Value(v.clone()));
     }
     let dist = spec.get("distribution").map(|d| d.as_str().unwrap_or("?"));
@@ -371,6 +384,12 @@ fn param(name: &str, v: &Value, method: Method) -> Result<Param> {
         };
         if !matches!(dist, None | Some("categorical")) {
             return Err(bad(&field("distribution"), "goes with min and max, not with values"));
+        }
+        if let Some(k) = ["min", "max", "q"].into_iter().find(|k| spec.contains_key(*k)) {
+            return Err(bad(&field(k), "goes with a distribution, not with values"));
+        }
+        for v in values {
+            argument("values", v)?;
         }
         return Ok(Param::Values(values.clone()));
     }
@@ -393,14 +412,24 @@ fn param(name: &str, v: &Value, method: Method) -> Result<Param> {
         let missing = if min.is_none() { "min" } else { "max" };
         return Err(bad(&field(missing), "missing (a distribution needs min and max)"));
     };
-    if !(min.is_finite() && max.is_finite()) || min > max || (min == max && dist != Dist::IntUniform) {
+    if !(min.is_finite() && max.is_finite() && (max - min).is_finite())
+        || min > max
+        || (min == max && dist != Dist::IntUniform)
+    {
         return Err(bad(&format!("parameters.{name}"), format!("min {min} must be below max {max}")));
+    }
+    let whole = |k: &str| spec.get(k).and_then(Value::as_i64).is_some_and(|n| n.abs() < 1 << 53);
+    if dist == Dist::IntUniform && !(whole("min") && whole("max")) {
+        return Err(bad(&format!("parameters.{name}"), "int_uniform needs whole numbers for min and max"));
+    }
+    if spec.contains_key("q") && !matches!(dist, Dist::QUniform | Dist::QLogUniformValues) {
+        return Err(bad(&field("q"), "goes with q_uniform or q_log_uniform_values"));
     }
     if matches!(dist, Dist::LogUniformValues | Dist::QLogUniformValues) && min <= 0.0 {
         return Err(bad(&field("min"), format!("{min}: a log distribution needs min above 0")));
     }
     let q = number(&field("q"), spec.get("q"))?.unwrap_or(1.0);
-    if !(q.is_finite() && q > 0.0) {
+    if !(q.is_finite() && q > 0.0 && q >= (max - min).abs() * 1e-12) {
         return Err(bad(&field("q"), format!("{q} must be above 0")));
     }
     if method == Method::Grid {
@@ -421,19 +450,25 @@ fn param(name: &str, v: &Value, method: Method) -> Result<Param> {
 #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
 fn sample(dist: Dist, min: f64, max: f64, q: f64, rng: &mut SplitMix64) -> Value {
     let u = rng.unit();
-    let quantize = |x: f64| {
-        let v = (x / q).round() * q;
-        // 0.1 * 3 is 0.30000000000000004: keep 12 decimals.
-        Value::from((v * 1e12).round() / 1e12)
+    // 12 significant digits: 0.1 * 3 reads 0.3, not 0.30000000000000004,
+    // and a platform's `ln`/`exp` differing in the last bit draws the same.
+    let round = |x: f64| -> Value {
+        if x == 0.0 || !x.is_finite() {
+            return Value::from(x);
+        }
+        let scale = 10f64.powi(11 - x.abs().log10().floor() as i32);
+        let v = (x * scale).round() / scale;
+        Value::from(if v.is_finite() { v } else { x })
     };
+    let quantize = |x: f64| round((x / q).round() * q);
     match dist {
-        Dist::Uniform => Value::from(min + u * (max - min)),
+        Dist::Uniform => round(min + u * (max - min)),
         Dist::IntUniform => {
             let (lo, hi) = (min.ceil() as i64, max.floor() as i64);
             let span = u64::try_from(hi.saturating_sub(lo)).unwrap_or(0).saturating_add(1);
             Value::from(lo.saturating_add(i64::try_from(rng.next() % span).unwrap_or(0)))
         }
-        Dist::LogUniformValues => Value::from((min.ln() + u * (max.ln() - min.ln())).exp()),
+        Dist::LogUniformValues => round((min.ln() + u * (max.ln() - min.ln())).exp()),
         Dist::QUniform => quantize(min + u * (max - min)),
         Dist::QLogUniformValues => quantize((min.ln() + u * (max.ln() - min.ln())).exp()),
     }
@@ -473,11 +508,17 @@ pub fn metric_value(record: &JobRecord, metric: &str) -> Option<f64> {
     record.result.as_ref()?.get(metric)?.as_f64()
 }
 
-/// Sorts a sweep's runs best first by `metric`; runs without a value last,
-/// in id order.
+/// Sorts a sweep's runs best first by `metric`: succeeded runs that report
+/// it, then other runs that report it, then the rest in id order.
 pub fn rank(records: &mut [JobRecord], metric: &Metric) {
+    let value = |r: &JobRecord| metric_value(r, &metric.name);
+    // Succeeded runs first: a failed run's last reported value is not a result.
+    let done = |r: &JobRecord| r.state == crate::JobState::Succeeded && value(r).is_some();
     records.sort_by(|a, b| {
-        let (x, y) = (metric_value(a, &metric.name), metric_value(b, &metric.name));
+        if done(a) != done(b) {
+            return done(b).cmp(&done(a));
+        }
+        let (x, y) = (value(a), value(b));
         match (x, y) {
             (Some(x), Some(y)) => {
                 let order = x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal);
@@ -617,5 +658,13 @@ mod tests {
         refused(&|v| v["env"] = json!({"LD_PRELOAD": "/x.so"}), "LD_PRELOAD");
         refused(&|v| v["program"] = json!("../x.py"), "run 0");
         refused(&|v| v["command"] = json!(["python", "x.py"]), "`command`");
+        refused(&|v| v["run_cap"] = json!(4_000_000_000u64), "run_cap");
+        refused(&|v| v["parameters"]["lr"] = json!({"distribution": "int_uniform", "min": 0.5, "max": 3}), "whole");
+        refused(&|v| v["parameters"]["lr"] = json!({"min": 0.1, "max": 1.0, "q": 0.1}), "parameters.lr.q");
+        refused(&|v| v["parameters"]["lr"] = json!({"values": [1, {"a": 2}]}), "an object cannot be an argument");
+        refused(&|v| v["parameters"]["lr"] = json!({"values": [1, 2], "min": 0}), "parameters.lr.min");
+        refused(&|v| v["parameters"]["lr"] = json!({"min": -1e308, "max": 1e308}), "must be below max");
+        refused(&|v| v["program"] = json!(7), "`program`: 7 is not text");
+        refused(&|v| v["gpus"] = json!("two"), "`gpus`");
     }
 }
