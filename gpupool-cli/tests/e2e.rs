@@ -55,6 +55,9 @@ if opt("--bs"):
 time.sleep(float(opt("--sleep", 0)))
 if rec["attempt"] == "1":
     time.sleep(float(opt("--sleep-first", 0)))
+    if "--oom-first" in args:
+        print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB", file=sys.stderr)
+        sys.exit(1)
 if opt("--exit"):
     try:
         raise ValueError("boom at epoch 1")
@@ -908,6 +911,27 @@ fn a_sweep_runs_every_point_once_ranked_by_its_metric(backend: Backend) {
     assert_eq!(w.json(&["jobs"]).as_array().unwrap().len(), 11, "nothing more was pushed");
 }
 
+/// A job's `retry` policy: a run that ran out of GPU memory is run again,
+/// while one with a Python error is not.
+fn an_oom_run_is_retried_and_a_python_error_is_not(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
+    let policy = json!({"on": ["oom"], "max": 1});
+    let ids = w.push(&json!([
+        {"git_ref": "master", "entrypoint": "ai_folder/train.py", "args": {"oom-first": true}, "retry": policy},
+        {"git_ref": "master", "entrypoint": "ai_folder/train.py", "args": {"exit": 3}, "retry": policy}
+    ]));
+    w.burst(&[]);
+    let oom = w.job(&ids[0]);
+    assert_eq!((oom["state"].as_str(), oom["attempt"].as_u64()), (Some("succeeded"), Some(2)), "{oom}");
+    let errors = w.errors(&ids[0]);
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0]["kind"], "oom", "{errors:?}");
+    let python = w.job(&ids[1]);
+    assert_eq!((python["state"].as_str(), python["attempt"].as_u64()), (Some("failed"), Some(1)), "{python}");
+    assert_eq!(w.errors(&ids[1])[0]["kind"], "exit");
+    assert!(!w.out.join(format!("run-{}-2.json", ids[1])).exists(), "not run again");
+}
+
 /// An S3-compatible test server: `GPUPOOL_TEST_S3_ENDPOINT`, else moto
 /// (`pip install 'moto[server]'`) started on a free port; `None` after
 /// `skipped: …` (a failure under `GPUPOOL_REQUIRE_BACKENDS=1`).
@@ -1096,4 +1120,5 @@ scenarios!(
     bad_jobs_are_refused_at_push_and_nothing_is_pushed,
     the_setup_step_runs_when_its_inputs_change_and_its_failure_fails_the_job,
     a_sweep_runs_every_point_once_ranked_by_its_metric,
+    an_oom_run_is_retried_and_a_python_error_is_not,
 );

@@ -821,7 +821,8 @@ macro_rules! conformance_tests {
             failures_retry_then_fail, exit_and_timeout_retry_only_when_asked, failure_kinds, release_charges_no_attempt, cancel_queued_and_running,
             retry_failed_and_cancelled, reserve_order, list_filters_and_pages, idempotency_key,
             gpu_requirements, big_jobs_are_not_starved, parked_jobs_wait_for_a_big_enough_worker,
-            worker_registry, run_logs, artifacts, reserve_waits_for_push, exists_after_init, sweep_runs);
+            worker_registry, run_logs, artifacts, reserve_waits_for_push, exists_after_init, sweep_runs,
+            retry_policy);
     };
     (@each $setup:path, $teardown:path; $($name:ident),* $(,)?) => {
         $(
@@ -965,7 +966,40 @@ pub async fn run_all(q: Arc<dyn Queue>) {
     artifacts(Arc::clone(&q)).await;
     reserve_waits_for_push(Arc::clone(&q)).await;
     sweep_runs(Arc::clone(&q)).await;
+    retry_policy(Arc::clone(&q)).await;
     exists_after_init(q).await;
+}
+
+/// A job's `retry` policy: the kinds it names are retried up to `max`
+/// retries; others fail the job at once; a lost lease is always retried.
+pub async fn retry_policy(q: Arc<dyn Queue>) {
+    let queue = unique_queue("retrypol");
+    let mut spec = job(&queue);
+    spec.retry = Some(crate::RetryPolicy { on: vec![FailureKind::Oom], max: 2, backoff: None, factor: None });
+    // A Python error is not among the kinds: failed at once.
+    let python = q.push(spec.clone()).await.unwrap();
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    assert_eq!(lease.id(), &python);
+    let outcome = q.fail(&lease, Failure::new(FailureKind::Exit, "ValueError")).await.unwrap();
+    assert_eq!(outcome, FailOutcome::Failed, "exit is not retried when retry.on leaves it out");
+    // OOM is: twice retried, then failed (3 attempts).
+    let oom = q.push(spec).await.unwrap();
+    for attempt in 1..=3u32 {
+        let lease = reserve_one(q.as_ref(), &queue).await;
+        assert_eq!((lease.id(), lease.attempt()), (&oom, attempt));
+        let outcome = q.fail(&lease, Failure::new(FailureKind::Oom, "CUDA out of memory")).await.unwrap();
+        let want = if attempt < 3 { FailOutcome::Requeued } else { FailOutcome::Failed };
+        assert_eq!(outcome, want, "attempt {attempt}");
+    }
+    let record = q.get(&oom).await.unwrap();
+    assert_eq!((record.state, record.attempt, record.errors.len()), (JobState::Failed, 3, 3));
+    // Refused at push: a kind that cannot be retried, and both limits at once.
+    let mut bad = job(&queue);
+    bad.retry = Some(crate::RetryPolicy { on: vec![FailureKind::Setup], max: 1, backoff: None, factor: None });
+    assert!(matches!(q.push(bad).await, Err(Error::InvalidJob(m)) if m.contains("retry.on")));
+    let mut both = job(&queue).with_max_attempts(3);
+    both.retry = Some(crate::RetryPolicy { on: vec![], max: 1, backoff: None, factor: None });
+    assert!(matches!(q.push(both).await, Err(Error::InvalidJob(m)) if m.contains("not both")));
 }
 
 /// A sweep's runs (`gpupool sweep`): each job keeps its sweep through

@@ -303,6 +303,46 @@ pub struct JobSpec {
     /// The sweep this job is a run of (`gpupool sweep`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sweep: Option<crate::sweep::SweepRef>,
+    /// Which failures are run again, and how often ([`RetryPolicy`]);
+    /// instead of `max_attempts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+}
+
+/// Which failed attempts are run again (`retry` in the job JSON):
+/// `{"on": ["oom", "signal"], "max": 2}`. A lost lease (the worker died)
+/// is always retried while retries are left, and a fault of the worker's
+/// own environment never costs one. Failures that fail the same way every
+/// time (`setup`, `ref`, `repo`, `invalid`) are never retried.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// The kinds retried, of `exit`, `oom`, `signal`, `timeout` and
+    /// `lease_lost`; by default `oom`, `signal` and `lease_lost` (a
+    /// Python error, `exit`, is not retried unless named).
+    #[serde(default = "RetryPolicy::default_on")]
+    pub on: Vec<FailureKind>,
+    /// Retries after the first attempt (so `max + 1` attempts); default 2.
+    #[serde(default = "RetryPolicy::default_max")]
+    pub max: u32,
+    /// Pinned for the next attempt's earliest start (`"30s"`); not
+    /// supported yet: a job that names it is refused.
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Duration>,
+    /// Pinned with `backoff` (each wait this many times the last); not
+    /// supported yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+}
+
+impl RetryPolicy {
+    fn default_on() -> Vec<FailureKind> {
+        vec![FailureKind::Oom, FailureKind::Signal, FailureKind::LeaseLost]
+    }
+
+    fn default_max() -> u32 {
+        2
+    }
 }
 
 fn default_queue() -> String {
@@ -327,6 +367,7 @@ impl JobSpec {
             name: None,
             idempotency_key: None,
             sweep: None,
+            retry: None,
         }
     }
 
@@ -340,14 +381,21 @@ impl JobSpec {
     /// Attempts this job gets before it is `failed`: `max_attempts`, or
     /// [`DEFAULT_MAX_ATTEMPTS`].
     pub fn attempts(&self) -> u32 {
-        self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS)
+        match &self.retry {
+            Some(policy) => policy.max.saturating_add(1),
+            None => self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+        }
     }
 
     /// Whether a failure of `kind` may be run again (attempts left aside):
     /// every retryable kind when the job names `max_attempts`, else only
     /// those [`FailureKind::retried_by_default`].
     pub fn retries(&self, kind: FailureKind) -> bool {
-        if self.max_attempts.is_some() { kind.is_retryable() } else { kind.retried_by_default() }
+        match &self.retry {
+            Some(policy) => kind.is_retryable() && (kind == FailureKind::LeaseLost || policy.on.contains(&kind)),
+            None if self.max_attempts.is_some() => kind.is_retryable(),
+            None => kind.retried_by_default(),
+        }
     }
 
     /// The same job on another queue.

@@ -53,7 +53,7 @@ pub use error::{BoxError, Error, Result};
 pub use gpu::GpuInventory;
 pub use job::{
     Args, AttemptError, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, FailureKind, JobId, JobRecord, JobSpec, JobState,
-    Timestamp,
+    RetryPolicy, Timestamp,
 };
 pub use memory::MemoryQueue;
 pub use queue::{

@@ -367,6 +367,23 @@ impl JobSpec {
         if let Some(n) = self.max_attempts.filter(|n| *n == 0 || *n > 1000) {
             return bad(format!("max_attempts {n} is out of range; use 1 to 1000"));
         }
+        if let Some(policy) = &self.retry {
+            if self.max_attempts.is_some() {
+                return bad("give max_attempts or retry, not both (retry.max counts the retries)".into());
+            }
+            if policy.max > 999 {
+                return bad(format!("retry.max {} is out of range; use 0 to 999", policy.max));
+            }
+            if let Some(kind) = policy.on.iter().find(|k| !k.is_retryable() || **k == crate::FailureKind::Worker) {
+                return bad(format!(
+                    "retry.on: `{kind}` cannot be retried (it fails the same way every time, or is never the job's \
+                     fault); use exit, oom, signal, timeout, lease_lost"
+                ));
+            }
+            if policy.backoff.is_some() || policy.factor.is_some() {
+                return bad("retry.backoff and retry.factor are not supported yet; leave them out".into());
+            }
+        }
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return bad("timeout 0 would stop every run at once; leave it out for no timeout".into());
         }
