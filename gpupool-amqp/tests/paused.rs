@@ -12,11 +12,8 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use gpupool_amqp::AmqpQueue;
 use gpupool_core::{Completion, Heartbeat, JobSpec, JobState, Queue, ReserveRequest};
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
 
 const URL_VAR: &str = "GPUPOOL_PAUSED_TEST_URL";
 
@@ -40,24 +37,8 @@ fn signal(pid: u32, sig: &str) {
 
 /// How many `reclaim` events for job `id` the ledger holds.
 async fn reclaims(q: &AmqpQueue, id: &str) -> usize {
-    let conn =
-        lapin::Connection::connect(&q.options().driver_url, lapin::ConnectionProperties::default()).await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.basic_qos(1000, BasicQosOptions::default()).await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
-    let ledger = format!("{}ledger", q.options().prefix);
-    let mut consumer =
-        ch.basic_consume(ledger.as_str().into(), "".into(), BasicConsumeOptions::default(), args).await.unwrap();
-    let mut n = 0;
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
-        let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
-        if v["type"] == "reclaim" && v["id"] == id {
-            n += 1;
-        }
-    }
-    let _ = conn.close(200, "".into()).await;
-    n
+    let events = common::ledger_events(q, Duration::from_millis(500)).await;
+    events.iter().filter(|(_, v)| v["type"] == "reclaim" && v["id"] == id).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,30 +10,8 @@ mod common;
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use gpupool_amqp::AmqpQueue;
 use gpupool_core::{Completion, Heartbeat, JobSpec, JobState, ListFilter, Queue, ReserveRequest};
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
-
-/// The offset of the first event the ledger still holds.
-async fn first_offset(q: &AmqpQueue, ledger: &str) -> i64 {
-    let conn =
-        lapin::Connection::connect(&q.options().driver_url, lapin::ConnectionProperties::default()).await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
-    let mut consumer = ch.basic_consume(ledger.into(), "".into(), BasicConsumeOptions::default(), args).await.unwrap();
-    let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
-    let headers = delivery.properties.headers().clone().unwrap();
-    let offset = match headers.inner().get("x-stream-offset") {
-        Some(AMQPValue::LongLongInt(n)) => *n,
-        other => panic!("no offset: {other:?}"),
-    };
-    let _ = conn.close(200, "".into()).await;
-    offset
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_leased_across_a_retention_cut_keeps_its_lease_on_a_process_that_joins_later() {
@@ -64,7 +42,7 @@ async fn a_job_leased_across_a_retention_cut_keeps_its_lease_on_a_process_that_j
         assert_eq!(worker.heartbeat(&lease, req.lease).await.unwrap(), Heartbeat::Extended);
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
-    let cut = first_offset(&worker, &format!("{prefix}ledger")).await;
+    let cut = common::ledger_events(&worker, Duration::from_secs(2)).await.first().expect("events").0;
     let job_offset: i64 = id.as_str().parse::<i64>().unwrap() - 1;
     assert!(
         cut > job_offset + 100,

@@ -46,3 +46,30 @@ fn container_url() -> Option<String> {
 fn container_url() -> Option<String> {
     None
 }
+
+/// The ledger's events from its first offset, read on a connection of the
+/// test's own until none comes for `gap`: (offset, event as JSON).
+pub(crate) async fn ledger_events(q: &AmqpQueue, gap: std::time::Duration) -> Vec<(i64, serde_json::Value)> {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let conn =
+        lapin::Connection::connect(&q.options().driver_url, lapin::ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(1000, BasicQosOptions::default()).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
+    let ledger = format!("{}ledger", q.options().prefix);
+    let mut consumer =
+        ch.basic_consume(ledger.as_str().into(), "".into(), BasicConsumeOptions::default(), args).await.unwrap();
+    let mut events = Vec::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(gap, consumer.next()).await {
+        let offset = match d.properties.headers().as_ref().and_then(|h| h.inner().get("x-stream-offset").cloned()) {
+            Some(AMQPValue::LongLongInt(n)) => n,
+            other => panic!("no offset: {other:?}"),
+        };
+        events.push((offset, serde_json::from_slice(&d.data).unwrap_or(serde_json::Value::Null)));
+    }
+    let _ = conn.close(200, "".into()).await;
+    events
+}
