@@ -402,7 +402,7 @@ fn run(args: &Args) -> Result<Report, String> {
     for _ in 0..args.workers {
         pool.spawn()?;
     }
-    let mut kill_checks: Vec<std::thread::JoinHandle<Vec<procs::Proc>>> = Vec::new();
+    let mut kill_checks: Vec<KillCheck> = Vec::new();
     let start = Instant::now();
     let mut last_check = Instant::now();
     while start.elapsed() < Duration::from_secs(args.secs) {
@@ -421,8 +421,10 @@ fn run(args: &Args) -> Result<Report, String> {
         match fault {
             "kill" => {
                 let w = pool.live.swap_remove(target);
-                pool.killed.insert(w.name.clone(), std::time::SystemTime::now());
-                kill_checks.push(kill(w)?);
+                let name = w.name.clone();
+                let (at, check) = kill(w)?;
+                pool.killed.insert(name, at);
+                kill_checks.push(check);
                 pool.spawn()?;
             }
             "freeze" => {
@@ -499,17 +501,24 @@ fn run(args: &Args) -> Result<Report, String> {
     Ok(report)
 }
 
-/// Kills a worker with SIGKILL. Every process under it must be dead
-/// within 5 s: the returned thread answers those still alive then.
-fn kill(mut w: Worker) -> Result<std::thread::JoinHandle<Vec<procs::Proc>>, String> {
+/// Answers, 5 s after a kill, the killed worker's processes still alive.
+type KillCheck = std::thread::JoinHandle<Vec<procs::Proc>>;
+
+/// Kills a worker with SIGKILL; returns when (taken after the signal: the
+/// scan of its process tree before it can take a while on a busy host).
+/// Every process under it must be dead within 5 s: the returned thread
+/// answers those still alive then.
+fn kill(mut w: Worker) -> Result<(std::time::SystemTime, KillCheck), String> {
     let tree = procs::descendants(procs::pid_of(&w.child).as_raw());
     w.child.kill().map_err(|e| format!("cannot kill {}: {e}", w.name))?;
+    let at = std::time::SystemTime::now();
     let _ = w.child.wait();
     eprintln!("chaos: killed {} ({} processes under it)", w.name, tree.len());
-    Ok(std::thread::spawn(move || {
+    let check = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(5));
         tree.into_iter().filter(|p| p.alive()).collect()
-    }))
+    });
+    Ok((at, check))
 }
 
 /// Stops a worker and every process under it with SIGSTOP, and continues
@@ -548,6 +557,13 @@ struct RunRecord {
 /// A worker killed this soon after its run ended may not have lived to
 /// see the end (the process exit, then the result journaled).
 const KILL_WINDOW: Duration = Duration::from_secs(2);
+
+/// A run may also end just after its worker was killed: its process tree
+/// dies within about a second (the supervisor's parent-death signal, then
+/// the group's kill), and a run in its last moment finishes first. Seen in
+/// CI: a run's end file written 0.3 s after its worker's last log line,
+/// the worker killed in between.
+const TEARDOWN: Duration = Duration::from_secs(1);
 
 fn records(dir: &Path) -> Vec<RunRecord> {
     let mut out = Vec::new();
@@ -598,11 +614,15 @@ fn check(
     for e in &ends {
         ended.entry(e.job.as_str()).or_default().push(e.worker.as_str());
     }
-    // A run whose worker was killed within KILL_WINDOW after it ended.
+    // A run whose worker was killed within KILL_WINDOW after it ended, or
+    // within TEARDOWN before.
     let died_at_end = |job: &str| {
         ends.iter().filter(|e| e.job == job).any(|e| {
             let (Some(end), Some(kill)) = (e.at, killed.get(&e.worker)) else { return false };
-            kill.duration_since(end).is_ok_and(|after| after <= KILL_WINDOW)
+            match kill.duration_since(end) {
+                Ok(after) => after <= KILL_WINDOW,
+                Err(before) => before.duration() <= TEARDOWN,
+            }
         })
     };
     for (job, workers) in &ended {
@@ -613,7 +633,24 @@ fn check(
                 report.duplicates_at_kill += 1;
             } else {
                 report.duplicates += 1;
-                report.failures.push(format!("job {job} ran to its end {} times, on {workers:?}", workers.len()));
+                // When each run ended against when its worker was killed,
+                // to tell a race at a kill from a real duplicate.
+                let timing: Vec<String> = ends
+                    .iter()
+                    .filter(|e| e.job == *job)
+                    .map(|e| match (e.at, killed.get(&e.worker)) {
+                        (Some(end), Some(kill)) => match kill.duration_since(end) {
+                            Ok(d) => format!("{}: killed {d:?} after its end", e.worker),
+                            Err(d) => format!("{}: killed {:?} before its end", e.worker, d.duration()),
+                        },
+                        _ => format!("{}: not killed", e.worker),
+                    })
+                    .collect();
+                report.failures.push(format!(
+                    "job {job} ran to its end {} times, on {workers:?} ({})",
+                    workers.len(),
+                    timing.join("; ")
+                ));
             }
         }
     }
