@@ -437,125 +437,82 @@ impl AmqpQueue {
         let connection = self.connect_broker().await?;
         let publish = connection.create_channel().await.map_err(unavailable)?;
         publish.confirm_select(ConfirmSelectOptions::default()).await.map_err(unavailable)?;
+        self.declare_streams(&publish).await?;
+        // Start from the newest snapshot (a new ledger's first: the empty
+        // fold), then follow the ledger from the event after it.
+        let snapshot = self.starting_snapshot(&connection).await?;
+        let start = snapshot.as_ref().map_or(0, |s| s.covers + 1);
+        let consumer = self.ledger_consumer(&connection, snapshot.is_some().then_some(start)).await?;
+        let generation = self.install_fold(snapshot);
+        self.inner.replaying.store(true, Ordering::Relaxed);
+        let alive = Arc::new(AtomicBool::new(true));
+        tokio::spawn(follow_ledger(Arc::clone(&self.inner), consumer, generation, start, Arc::clone(&alive)));
+        let link = Arc::new(Link { connection, publish, alive, electing: AtomicBool::new(false) });
+        *slot = Some(Arc::clone(&link));
+        Ok(link)
+    }
+
+    /// Declares the ledger and the snapshot stream. Snapshots are kept as
+    /// long as the ledger, in at least 256 MiB: the newest is in the
+    /// stream's last segment, which retention never drops.
+    async fn declare_streams(&self, publish: &Channel) -> Result<()> {
         let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
         let ledger = self.ledger_name();
         publish.queue_declare(ledger.as_str().into(), durable, self.stream_args()).await.map_err(unavailable)?;
-        // Snapshots are kept as long as the ledger, in at least 256 MiB: the
-        // newest is in the stream's last segment, which retention never drops.
         let mut args = self.stream_args();
         let bytes = self.inner.opts.ledger_max_bytes.max(256 << 20);
         args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(bytes));
         let snapshots = self.snapshots_name();
         publish.queue_declare(snapshots.as_str().into(), durable, args).await.map_err(unavailable)?;
+        Ok(())
+    }
 
-        // Start from the newest snapshot (a new ledger's first: the empty
-        // fold), then follow the ledger from the event after it.
-        let snapshot = if self.inner.fresh.swap(false, Ordering::Relaxed) {
-            // Another process may have made the ledger since this handle
-            // opened: its snapshot is used; else the empty one is written.
-            let found = self.latest_snapshot(&connection, SNAPSHOT_GAP * 10).await?;
-            if found.is_none() {
-                let empty = State::new(&self.inner.owner).snapshot();
-                self.publish_snapshot(&connection, &empty).await?;
-            }
-            found
-        } else {
-            self.latest_snapshot(&connection, SNAPSHOT_WAIT).await?
-        };
-        let start = snapshot.as_ref().map_or(0, |s| s.covers + 1);
-        let ledger_ch = connection.create_channel().await.map_err(unavailable)?;
-        ledger_ch.basic_qos(1000, BasicQosOptions::default()).await.map_err(unavailable)?;
-        let mut from = FieldTable::default();
-        let offset = match &snapshot {
-            Some(s) => AMQPValue::LongLongInt(s.covers + 1),
-            None => AMQPValue::LongString("first".into()),
-        };
-        from.insert("x-stream-offset".into(), offset);
-        let mut consumer = ledger_ch
-            .basic_consume(self.ledger_name().as_str().into(), "".into(), BasicConsumeOptions::default(), from)
+    /// The snapshot a new connection starts from: the newest in the
+    /// stream. A handle that found no ledger when it opened uses one
+    /// another process wrote since, or else writes the empty one a new
+    /// ledger starts from (and starts from the ledger's first event).
+    async fn starting_snapshot(&self, connection: &Connection) -> Result<Option<Snapshot>> {
+        if !self.inner.fresh.swap(false, Ordering::Relaxed) {
+            return self.latest_snapshot(connection, SNAPSHOT_WAIT).await;
+        }
+        let found = self.latest_snapshot(connection, SNAPSHOT_GAP * 10).await?;
+        if found.is_none() {
+            let empty = State::new(&self.inner.owner).snapshot();
+            self.publish_snapshot(connection, &empty).await?;
+        }
+        Ok(found)
+    }
+
+    /// A consumer of the ledger from offset `from`, or from its first event.
+    async fn ledger_consumer(&self, connection: &Connection, from: Option<i64>) -> Result<lapin::Consumer> {
+        let ch = connection.create_channel().await.map_err(unavailable)?;
+        ch.basic_qos(1000, BasicQosOptions::default()).await.map_err(unavailable)?;
+        let mut args = FieldTable::default();
+        let offset = from.map_or_else(|| AMQPValue::LongString("first".into()), AMQPValue::LongLongInt);
+        args.insert("x-stream-offset".into(), offset);
+        ch.basic_consume(self.ledger_name().as_str().into(), "".into(), BasicConsumeOptions::default(), args)
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable)
+    }
+
+    /// Puts in place the fold a new connection starts from (the snapshot's,
+    /// or an empty one) and returns the connection's generation.
+    fn install_fold(&self, snapshot: Option<Snapshot>) -> u64 {
         // Copied first: `standing` is never locked inside `state`.
         let standing: Vec<String> = self.inner.standing().iter().map(|s| s.token.clone()).collect();
-        let generation = {
-            let mut st = self.inner.state();
-            *st = match snapshot {
-                Some(snap) => State::from_snapshot(snap, &self.inner.owner, Instant::now(), now_ms()),
-                None => State::new(&self.inner.owner),
-            };
-            // Jobs handed to this handle's waiting wants before the snapshot.
-            for token in standing {
-                if let Some(job) = st.jobs.values().find(|j| j.held(&token)) {
-                    let id = job.record.id.to_string();
-                    st.handed.insert(token, id);
-                }
-            }
-            self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1
+        let mut st = self.inner.state();
+        *st = match snapshot {
+            Some(snap) => State::from_snapshot(snap, &self.inner.owner, Instant::now(), now_ms()),
+            None => State::new(&self.inner.owner),
         };
-        self.inner.replaying.store(true, Ordering::Relaxed);
-        let alive = Arc::new(AtomicBool::new(true));
-        let (inner, still) = (Arc::clone(&self.inner), Arc::clone(&alive));
-        tokio::spawn(async move {
-            let mut count = 0u64;
-            while let Some(delivery) = consumer.next().await {
-                let Ok(delivery) = delivery else { break };
-                #[cfg(test)]
-                drop(inner.gate.lock().await);
-                let offset = offset_of(&delivery.properties).unwrap_or(-1);
-                // Held by the snapshot (a stream starts at the chunk that
-                // holds the offset asked for): acknowledged, not applied.
-                let held = (0..start).contains(&offset);
-                if !held && count == 0 && offset > start {
-                    inner.state().gapped = true;
-                    if !inner.gap_reported.swap(true, Ordering::Relaxed) {
-                        warn!(
-                            "the ledger's events {start} to {} are gone (its retention cut them before a \
-                             snapshot held them): jobs they changed may be out of date, and this process \
-                             writes no snapshot; keep ledger_max_bytes and ledger_max_age well above what the \
-                             pool writes between snapshots",
-                            offset - 1
-                        );
-                    }
-                }
-                if !held {
-                    inner.state().grew(delivery.data.len());
-                }
-                let read = if held { None } else { Some(Envelope::read(&delivery.data)) };
-                match read {
-                    None => {}
-                    Some(Ok(env)) => {
-                        let nonce = env.nonce.clone();
-                        let (outcome, handed) = {
-                            let mut st = inner.state();
-                            if inner.generation.load(Ordering::SeqCst) != generation {
-                                break; // a newer connection folds the ledger now
-                            }
-                            let before = st.handed.len();
-                            let outcome = st.apply(offset, env, Instant::now(), now_ms());
-                            (outcome, st.handed.len() > before)
-                        };
-                        if handed {
-                            inner.handed.notify_waiters();
-                        }
-                        let waiter = lock(&inner.waiters).remove(&nonce);
-                        if let Some(tx) = waiter {
-                            let _ = tx.send(outcome);
-                        }
-                    }
-                    Some(Err(e)) => warn!("ledger event at offset {offset} is not readable ({e}); skipped"),
-                }
-                count += 1;
-                if count.is_multiple_of(ACK_EVERY)
-                    && !matches!(delivery.acker.ack(BasicAckOptions { multiple: true }).await, Ok(true))
-                {
-                    break;
-                }
+        // Jobs handed to this handle's waiting wants before the snapshot.
+        for token in standing {
+            if let Some(job) = st.jobs.values().find(|j| j.held(&token)) {
+                let id = job.record.id.to_string();
+                st.handed.insert(token, id);
             }
-            still.store(false, Ordering::Relaxed);
-        });
-        let link = Arc::new(Link { connection, publish, alive, electing: AtomicBool::new(false) });
-        *slot = Some(Arc::clone(&link));
-        Ok(link)
+        }
+        self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     /// The newest snapshot in the snapshot stream (its last chunk), if any
@@ -1511,6 +1468,83 @@ impl AmqpQueue {
         let _ = ch.close(200, "swept".into()).await;
         Ok(())
     }
+}
+
+/// The ledger consumer of connection `generation`, which started at
+/// offset `start`: folds each event into the handle's fold and answers its
+/// publisher, until the connection ends or a newer one folds the ledger.
+/// Deliveries before `start` are held by the snapshot (a stream starts at
+/// the chunk that holds the offset asked for): acknowledged, not applied.
+async fn follow_ledger(
+    inner: Arc<Inner>,
+    mut consumer: lapin::Consumer,
+    generation: u64,
+    start: i64,
+    alive: Arc<AtomicBool>,
+) {
+    let mut count = 0u64;
+    while let Some(Ok(delivery)) = consumer.next().await {
+        #[cfg(test)]
+        drop(inner.gate.lock().await);
+        let offset = offset_of(&delivery.properties).unwrap_or(-1);
+        let held = (0..start).contains(&offset);
+        let gap = (count == 0 && offset > start).then_some(start);
+        if !held && !fold_event(&inner, generation, offset, gap, &delivery.data) {
+            break; // a newer connection folds the ledger now
+        }
+        count += 1;
+        if count.is_multiple_of(ACK_EVERY)
+            && !matches!(delivery.acker.ack(BasicAckOptions { multiple: true }).await, Ok(true))
+        {
+            break;
+        }
+    }
+    alive.store(false, Ordering::Relaxed);
+}
+
+/// Folds the event at `offset` under one lock of the fold, then wakes
+/// whoever waits on it. `gap`: it is the first this connection got, and
+/// the events from this offset up to it are gone. `false`: a newer
+/// connection folds the ledger now, and nothing was applied.
+fn fold_event(inner: &Inner, generation: u64, offset: i64, gap: Option<i64>, data: &[u8]) -> bool {
+    let read = Envelope::read(data);
+    let (outcome, handed, nonce) = {
+        let mut st = inner.state();
+        if inner.generation.load(Ordering::SeqCst) != generation {
+            return false;
+        }
+        if let Some(start) = gap {
+            st.gapped = true;
+            if !inner.gap_reported.swap(true, Ordering::Relaxed) {
+                warn!(
+                    "the ledger's events {start} to {} are gone (its retention cut them before a snapshot held \
+                     them): jobs they changed may be out of date, and this process writes no snapshot; keep \
+                     ledger_max_bytes and ledger_max_age well above what the pool writes between snapshots",
+                    offset - 1
+                );
+            }
+        }
+        st.grew(data.len());
+        let env = match read {
+            Ok(env) => env,
+            Err(e) => {
+                warn!("ledger event at offset {offset} is not readable ({e}); skipped");
+                return true;
+            }
+        };
+        let nonce = env.nonce.clone();
+        let before = st.handed.len();
+        let outcome = st.apply(offset, env, Instant::now(), now_ms());
+        (outcome, st.handed.len() > before, nonce)
+    };
+    if handed {
+        inner.handed.notify_waiters();
+    }
+    let waiter = lock(&inner.waiters).remove(&nonce);
+    if let Some(tx) = waiter {
+        let _ = tx.send(outcome);
+    }
+    true
 }
 
 /// Puts the writer's token in the election queue (which keeps one waiting
