@@ -659,20 +659,11 @@ async fn selected(queue: &dyn Queue, mut ids: Vec<String>, select: &Select, verb
     let by_filter = select.state.is_some() || select.in_queue.is_some() || select.name.is_some();
     if by_filter {
         let state = select.state.as_deref().map(str::parse::<JobState>).transpose()?;
-        let mut offset = 0;
-        loop {
-            let filter = ListFilter { state, queue: select.in_queue.clone(), limit: 1000, offset };
-            let page = queue.list(&filter).await?;
-            for job in &page {
-                let named = select.name.as_deref().is_none_or(|g| job.spec.name.as_deref().is_some_and(|n| glob(g, n)));
-                if named && !ids.contains(&job.id.to_string()) {
-                    ids.push(job.id.to_string());
-                }
+        for job in all_jobs(queue, state, select.in_queue.clone()).await? {
+            let named = select.name.as_deref().is_none_or(|g| job.spec.name.as_deref().is_some_and(|n| glob(g, n)));
+            if named && !ids.contains(&job.id.to_string()) {
+                ids.push(job.id.to_string());
             }
-            if page.len() < 1000 {
-                break;
-            }
-            offset += 1000;
         }
     }
     if ids.is_empty() {
@@ -692,6 +683,25 @@ async fn selected(queue: &dyn Queue, mut ids: Vec<String>, select: &Select, verb
         say(&format!("{verb}: {} job(s)", ids.len()));
     }
     Ok(ids)
+}
+
+/// Every job in `state` and queue `in_queue` (each when given), newest
+/// first, read page by page.
+pub(crate) async fn all_jobs(
+    queue: &dyn Queue,
+    state: Option<JobState>,
+    in_queue: Option<String>,
+) -> Result<Vec<gpupool::JobRecord>> {
+    let (mut jobs, mut offset) = (Vec::new(), 0u64);
+    loop {
+        let page = queue.list(&ListFilter { state, queue: in_queue.clone(), limit: 1000, offset }).await?;
+        let last = page.len() < 1000;
+        jobs.extend(page);
+        if last {
+            return Ok(jobs);
+        }
+        offset += 1000;
+    }
 }
 
 /// Whether `text` matches `pattern`, where `*` is any run of characters and

@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use gpupool::sweep::{Metric, Sweep, metric_value, rank};
-use gpupool::{Error, JobRecord, JobSpec, JobState, ListFilter, Pushed, Queue, Result};
+use gpupool::{Error, JobRecord, JobSpec, JobState, Pushed, Queue, Result};
 use serde_json::{Value, json};
 
-use crate::cli::{out, print_json};
+use crate::cli::{all_jobs, out, print_json};
 
 /// Reads and checks a sweep file and makes its jobs.
 fn read(file: &Path) -> Result<(Sweep, Vec<JobSpec>)> {
@@ -76,20 +76,6 @@ pub(crate) async fn push(queue: &dyn Queue, file: &Path, json: bool) -> Result<(
     Ok(())
 }
 
-/// Every job in the queue, page by page.
-async fn all_jobs(queue: &dyn Queue) -> Result<Vec<JobRecord>> {
-    let (mut jobs, mut offset) = (Vec::new(), 0u64);
-    loop {
-        let page = queue.list(&ListFilter { limit: 1000, offset, ..ListFilter::default() }).await?;
-        let last = page.len() < 1000;
-        jobs.extend(page);
-        if last {
-            return Ok(jobs);
-        }
-        offset += 1000;
-    }
-}
-
 /// The sweep's metric, as its runs carry it.
 fn metric_of(runs: &[JobRecord]) -> Option<Metric> {
     runs.iter().find_map(|r| r.spec.sweep.as_ref()?.metric.clone())
@@ -110,8 +96,11 @@ fn args_cell(job: &JobRecord) -> String {
 
 /// `gpupool jobs --sweep ID`: its runs, best first by its metric.
 pub(crate) async fn runs(queue: &dyn Queue, id: &str, json: bool) -> Result<()> {
-    let mut runs: Vec<JobRecord> =
-        all_jobs(queue).await?.into_iter().filter(|j| j.spec.sweep.as_ref().is_some_and(|s| s.id == id)).collect();
+    let mut runs: Vec<JobRecord> = all_jobs(queue, None, None)
+        .await?
+        .into_iter()
+        .filter(|j| j.spec.sweep.as_ref().is_some_and(|s| s.id == id))
+        .collect();
     if runs.is_empty() {
         return Err(Error::NotFound { id: format!("sweep {id}") });
     }
@@ -163,7 +152,7 @@ struct Progress {
 pub(crate) async fn list(queue: &dyn Queue, json: bool) -> Result<()> {
     let mut sweeps: BTreeMap<String, Progress> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
-    for job in all_jobs(queue).await? {
+    for job in all_jobs(queue, None, None).await? {
         let Some(s) = &job.spec.sweep else { continue };
         if !sweeps.contains_key(&s.id) {
             order.push(s.id.clone());

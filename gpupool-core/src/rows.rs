@@ -136,6 +136,18 @@ pub fn unfit(spec: &JobSpec) -> Option<String> {
     })
 }
 
+/// A job read back for running, checked: its record, or why it must not
+/// run (it does not read: [`unreadable`]; it fails the checks of push:
+/// [`unfit`]). The SQL backends end such a job `failed`, kind `invalid`,
+/// with this message, and go on to the jobs behind it.
+pub fn runnable(read: Result<JobRecord>) -> std::result::Result<JobRecord, String> {
+    let job = read.map_err(|e| unreadable(&e))?;
+    match unfit(&job.spec) {
+        Some(why) => Err(why),
+        None => Ok(job),
+    }
+}
+
 /// The message of a stored job that does not read (edited by hand, or
 /// written by a newer gpupool).
 pub fn unreadable(why: &dyn std::fmt::Display) -> String {

@@ -389,11 +389,7 @@ impl MysqlQueue {
                 // gpupool), or fails the checks of push, ends `failed`, kind
                 // `invalid`, and the reserve moves on: one bad row never
                 // stalls the queue, and none gets past the checks.
-                let checked = record(&row).map_err(|e| rows::unreadable(&e)).and_then(|j| match rows::unfit(&j.spec) {
-                    Some(why) => Err(why),
-                    None => Ok(j),
-                });
-                let mut job = match checked {
+                let mut job = match rows::runnable(record(&row)) {
                     Ok(j) => j,
                     Err(message) => {
                         fail_invalid(&self.sql, &mut tx, id, row.try_get("attempt")?, &message).await?;

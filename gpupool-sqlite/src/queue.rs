@@ -200,12 +200,7 @@ impl SqliteQueue {
                 // newer gpupool), or fails the checks of push, ends `failed`,
                 // kind `invalid`, and the reserve moves on: one bad row never
                 // stalls the queue, and none gets past the checks.
-                let checked =
-                    record(&row).map_err(|e| rows::unreadable(&e)).and_then(|job| match rows::unfit(&job.spec) {
-                        Some(why) => Err(why),
-                        None => Ok(job),
-                    });
-                let mut job = match checked {
+                let mut job = match rows::runnable(record(&row)) {
                     Ok(job) => job,
                     Err(message) => {
                         let attempt: i64 = row.try_get("attempt").map_err(map)?;
