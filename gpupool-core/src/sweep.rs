@@ -351,7 +351,7 @@ fn number(field: &str, v: Option<&Value>) -> Result<Option<f64>> {
     }
 }
 
-/// One parameter's specification.
+/// One parameter's specification: a value, values, or a distribution.
 fn param(name: &str, v: &Value, method: Method) -> Result<Param> {
     let field = |k: &str| format!("parameters.{name}.{k}");
     let Some(spec) = v.as_object() else {
@@ -393,6 +393,13 @@ fn param(name: &str, v: &Value, method: Method) -> Result<Param> {
         }
         return Ok(Param::Values(values.clone()));
     }
+    distribution(name, spec, dist, method)
+}
+
+/// A parameter drawn from a distribution (`min`, `max`, and `q` for the
+/// quantized ones); `dist` as written, if it is.
+fn distribution(name: &str, spec: &Map<String, Value>, dist: Option<&str>, method: Method) -> Result<Param> {
+    let field = |k: &str| format!("parameters.{name}.{k}");
     let (min, max) = (number(&field("min"), spec.get("min"))?, number(&field("max"), spec.get("max"))?);
     let ints = spec.get("min").is_some_and(Value::is_i64) && spec.get("max").is_some_and(Value::is_i64);
     let dist = match dist {
