@@ -581,6 +581,19 @@ fn records(dir: &Path) -> Vec<RunRecord> {
     out
 }
 
+/// When each run of `job` ended against when its worker was killed, to
+/// tell a race at a kill from a real duplicate.
+fn kill_timing(ends: &[RunRecord], killed: &BTreeMap<String, std::time::SystemTime>, job: &str) -> String {
+    let each = ends.iter().filter(|e| e.job == job).map(|e| match (e.at, killed.get(&e.worker)) {
+        (Some(end), Some(kill)) => match kill.duration_since(end) {
+            Ok(d) => format!("{}: killed {d:?} after its end", e.worker),
+            Err(d) => format!("{}: killed {:?} before its end", e.worker, d.duration()),
+        },
+        _ => format!("{}: not killed", e.worker),
+    });
+    each.collect::<Vec<_>>().join("; ")
+}
+
 /// The checks, once the pool has stopped.
 fn check(
     dir: &Path,
@@ -633,23 +646,10 @@ fn check(
                 report.duplicates_at_kill += 1;
             } else {
                 report.duplicates += 1;
-                // When each run ended against when its worker was killed,
-                // to tell a race at a kill from a real duplicate.
-                let timing: Vec<String> = ends
-                    .iter()
-                    .filter(|e| e.job == *job)
-                    .map(|e| match (e.at, killed.get(&e.worker)) {
-                        (Some(end), Some(kill)) => match kill.duration_since(end) {
-                            Ok(d) => format!("{}: killed {d:?} after its end", e.worker),
-                            Err(d) => format!("{}: killed {:?} before its end", e.worker, d.duration()),
-                        },
-                        _ => format!("{}: not killed", e.worker),
-                    })
-                    .collect();
                 report.failures.push(format!(
                     "job {job} ran to its end {} times, on {workers:?} ({})",
                     workers.len(),
-                    timing.join("; ")
+                    kill_timing(&ends, killed, job)
                 ));
             }
         }
