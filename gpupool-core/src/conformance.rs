@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::{
     CancelOutcome, Completion, Error, FailOutcome, Failure, FailureKind, Heartbeat, JobId, JobSpec, JobState, Lease,
-    ListFilter, Queue, ReserveRequest, RunInfo,
+    ListFilter, Queue, ReserveRequest, RunInfo, Timestamp,
 };
 
 /// The lease used by the expiry tests.
@@ -822,7 +822,7 @@ macro_rules! conformance_tests {
             retry_failed_and_cancelled, reserve_order, list_filters_and_pages, idempotency_key,
             gpu_requirements, big_jobs_are_not_starved, parked_jobs_wait_for_a_big_enough_worker,
             worker_registry, run_logs, artifacts, reserve_waits_for_push, exists_after_init, sweep_runs,
-            retry_policy);
+            retry_policy, delayed_start, retry_backoff, defer_holds_a_job_back, after_waits_for_its_jobs);
     };
     (@each $setup:path, $teardown:path; $($name:ident),* $(,)?) => {
         $(
@@ -967,6 +967,10 @@ pub async fn run_all(q: Arc<dyn Queue>) {
     reserve_waits_for_push(Arc::clone(&q)).await;
     sweep_runs(Arc::clone(&q)).await;
     retry_policy(Arc::clone(&q)).await;
+    delayed_start(Arc::clone(&q)).await;
+    retry_backoff(Arc::clone(&q)).await;
+    defer_holds_a_job_back(Arc::clone(&q)).await;
+    after_waits_for_its_jobs(Arc::clone(&q)).await;
     exists_after_init(q).await;
 }
 
@@ -1032,4 +1036,159 @@ pub async fn sweep_runs(q: Arc<dyn Queue>) {
     let lease = reserve_one(q.as_ref(), &queue).await;
     assert_eq!(lease.job.spec.sweep.as_ref().map(|s| s.index), Some(0), "the first point first");
     q.complete(&lease, Completion::default()).await.unwrap();
+}
+
+/// How far apart this process's clock and a backend's (a server on this
+/// host) may be in the timing checks below.
+const CLOCK_SLACK_MS: i64 = 250;
+
+/// Reserves from `queue`, waiting up to `wait`, and checks the job came no
+/// earlier than its `not_before`.
+async fn reserve_when_due(q: &dyn Queue, queue: &str, wait: Duration, not_before: Timestamp) -> Lease {
+    let lease = q.reserve(&req(queue).wait(wait)).await.unwrap().expect("the job, once due, within the wait");
+    let now = Timestamp::now();
+    assert!(now.0 >= not_before.0 - CLOCK_SLACK_MS, "reserved {} ms before its start", not_before.0 - now.0);
+    lease
+}
+
+/// `not_before`: a job pushed for later is not reserved before then (a
+/// job pushed after it, for now, is), reads back with its start, and comes
+/// to a reserve that was already waiting when its time comes.
+pub async fn delayed_start(q: Arc<dyn Queue>) {
+    if !q.capabilities().delays {
+        return;
+    }
+    let queue = unique_queue("later");
+    let mut later = job(&queue);
+    let start = Timestamp::now().plus(Duration::from_millis(1500));
+    later.not_before = Some(start);
+    let later_id = q.push(later.clone()).await.unwrap();
+    let now_id = q.push(job(&queue)).await.unwrap();
+    let record = q.get(&later_id).await.unwrap();
+    assert_eq!(record.spec, later, "not_before reads back as pushed");
+    assert_eq!(record.waits_until(), Some(start));
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    assert_eq!(lease.id(), &now_id, "the job for now first, though pushed later");
+    q.complete(&lease, Completion::default()).await.unwrap();
+    assert_empty(q.as_ref(), &queue).await;
+    let lease = reserve_when_due(q.as_ref(), &queue, Duration::from_secs(10), start).await;
+    assert_eq!(lease.id(), &later_id);
+    q.complete(&lease, Completion::default()).await.unwrap();
+}
+
+/// `retry.backoff` and `retry.factor`: a failure the policy retries holds
+/// the job back for `backoff × factor^(attempt − 1)`, which the record
+/// shows; a lost lease is retried at once.
+pub async fn retry_backoff(q: Arc<dyn Queue>) {
+    if !q.capabilities().delays {
+        return;
+    }
+    let queue = unique_queue("backoff");
+    let mut spec = job(&queue);
+    spec.retry = Some(crate::RetryPolicy {
+        on: vec![FailureKind::Oom],
+        max: 3,
+        backoff: Some(Duration::from_millis(600)),
+        factor: Some(2.0),
+    });
+    let id = q.push(spec).await.unwrap();
+    for (attempt, wait_ms) in [(1u32, 600i64), (2, 1200)] {
+        let lease = q.reserve(&req(&queue).wait(Duration::from_secs(10))).await.unwrap().expect("the job");
+        assert_eq!((lease.id(), lease.attempt()), (&id, attempt));
+        let failed_at = Timestamp::now();
+        assert_eq!(q.fail(&lease, Failure::new(FailureKind::Oom, "CUDA out of memory")).await.unwrap(), FailOutcome::Requeued);
+        let start = q.get(&id).await.unwrap().waits_until().expect("a queued job held back by its backoff");
+        let held = start.0 - failed_at.0;
+        assert!(
+            (wait_ms - CLOCK_SLACK_MS..=wait_ms + 2 * CLOCK_SLACK_MS).contains(&held),
+            "attempt {attempt}: held back {held} ms, not about {wait_ms} ms"
+        );
+        assert_empty(q.as_ref(), &queue).await;
+        let lease = reserve_when_due(q.as_ref(), &queue, Duration::from_secs(10), start).await;
+        assert_eq!(lease.attempt(), attempt + 1);
+        q.release(&lease).await.unwrap();
+    }
+    // A lost lease is not the job's doing: no backoff.
+    let lease = q.reserve(&req(&queue).lease(SHORT_LEASE)).await.unwrap().expect("the job");
+    tokio::time::sleep(SHORT_LEASE + Duration::from_millis(300)).await;
+    let again = q.reserve(&req(&queue).wait(Duration::from_secs(5))).await.unwrap().expect("the job, at once");
+    assert_eq!((again.id(), again.attempt()), (&id, lease.attempt() + 1));
+    q.complete(&again, Completion::default()).await.unwrap();
+}
+
+/// `defer`: the job goes back uncharged and no reserve returns it before
+/// the time given, which its record shows; a stale lease cannot defer.
+pub async fn defer_holds_a_job_back(q: Arc<dyn Queue>) {
+    if !q.capabilities().delays {
+        return;
+    }
+    let queue = unique_queue("defer");
+    let id = q.push(job(&queue)).await.unwrap();
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    let until = Timestamp::now().plus(Duration::from_millis(1200));
+    q.defer(&lease, until).await.unwrap();
+    let record = q.get(&id).await.unwrap();
+    assert_eq!((record.state, record.attempt, record.waits_until()), (JobState::Queued, 0, Some(until)));
+    assert_lease_lost(q.defer(&lease, until).await, "defer");
+    assert_empty(q.as_ref(), &queue).await;
+    let lease = reserve_when_due(q.as_ref(), &queue, Duration::from_secs(10), until).await;
+    assert_eq!((lease.id(), lease.attempt()), (&id, 1), "deferring charged no attempt");
+    q.complete(&lease, Completion::default()).await.unwrap();
+}
+
+/// `after` ([`crate::after`]): the ids must exist at push; a job waits
+/// while one it runs after is queued or running, runs once all have
+/// succeeded, and is cancelled, saying why, when one failed (unless
+/// `after_any`). The sweep form names every run of the sweep.
+pub async fn after_waits_for_its_jobs(q: Arc<dyn Queue>) {
+    use crate::after::{Gate, gate, resolve};
+    let queue = unique_queue("after");
+    let missing = crate::After::Jobs(vec![JobId::new("999999999")]);
+    assert!(matches!(resolve(q.as_ref(), &missing).await, Err(Error::InvalidJob(m)) if m.contains("999999999")));
+    let parent = q.push(job(&queue)).await.unwrap();
+    let doomed = q.push(job(&queue).with_max_attempts(1)).await.unwrap();
+    let after = |ids: &[&JobId], any: bool| {
+        let mut spec = job(&queue);
+        spec.after = Some(crate::After::Jobs(ids.iter().map(|id| (*id).clone()).collect()));
+        spec.after_any = any;
+        spec
+    };
+    let child = q.push(after(&[&parent], false)).await.unwrap();
+    let strict = q.push(after(&[&parent, &doomed], false)).await.unwrap();
+    let lenient = q.push(after(&[&parent, &doomed], true)).await.unwrap();
+    let look = |id: JobId| {
+        let q = Arc::clone(&q);
+        async move {
+            let record = q.get(&id).await.unwrap();
+            assert!(record.spec.after.is_some(), "after reads back");
+            gate(q.as_ref(), &record, Timestamp::now()).await.unwrap()
+        }
+    };
+    assert!(matches!(look(child.clone()).await, Gate::Wait(_)), "the parent is queued");
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    assert_eq!(lease.id(), &parent);
+    assert!(matches!(look(child.clone()).await, Gate::Wait(_)), "the parent is running");
+    q.complete(&lease, Completion::default()).await.unwrap();
+    assert_eq!(look(child.clone()).await, Gate::Run, "the parent succeeded");
+    assert!(matches!(look(strict.clone()).await, Gate::Wait(_)), "one parent is still queued");
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    assert_eq!(lease.id(), &doomed);
+    q.fail(&lease, Failure::new(FailureKind::Exit, "ValueError")).await.unwrap();
+    match look(strict).await {
+        Gate::Cancel(why) => assert!(why.contains(doomed.as_str()) && why.contains("failed"), "{why}"),
+        other => panic!("a parent failed: expected a cancel, got {other:?}"),
+    }
+    assert_eq!(look(lenient).await, Gate::Run, "after_any runs once all have ended");
+    // The sweep form: every run of the sweep, by id.
+    let config = serde_json::json!({
+        "method": "grid", "program": "train.py", "git_ref": "main", "queue": queue,
+        "parameters": {"lr": {"values": [0.1, 0.01]}}
+    });
+    let sweep = crate::sweep::Sweep::from_value(&config).unwrap();
+    let mut runs = Vec::new();
+    for job in sweep.jobs().unwrap() {
+        runs.push(q.push(job).await.unwrap());
+    }
+    let resolved = resolve(q.as_ref(), &crate::After::Sweep { sweep: sweep.id.clone() }).await.unwrap();
+    assert_eq!(resolved, crate::After::Jobs(runs));
 }

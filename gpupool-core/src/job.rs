@@ -95,6 +95,30 @@ impl Timestamp {
     pub fn plus(self, d: Duration) -> Self {
         Timestamp(self.0.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
     }
+
+    /// Reads RFC 3339: `2026-12-01T18:00:00Z`, with or without fractions
+    /// of a second, in UTC (`Z`) or at an offset (`+09:00`, `-05:00`).
+    pub fn parse_rfc3339(text: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            format!("`{text}` is not an RFC 3339 time ({why}); write it like 2026-12-01T18:00:00Z or 2026-12-02T03:00:00+09:00")
+        };
+        let (utc, offset_min) = match text.len().checked_sub(6).map(|i| text.split_at(i)) {
+            Some((head, tail)) if (tail.starts_with('+') || tail.starts_with('-')) && tail.as_bytes()[3] == b':' => {
+                let hours: i64 = tail[1..3].parse().map_err(|_| bad("the offset is not ±HH:MM"))?;
+                let minutes: i64 = tail[4..].parse().map_err(|_| bad("the offset is not ±HH:MM"))?;
+                let sign = if tail.starts_with('-') { -1 } else { 1 };
+                (format!("{head}Z"), sign * (hours * 60 + minutes))
+            }
+            _ => (text.to_owned(), 0),
+        };
+        let t = humantime::parse_rfc3339_weak(&utc).map_err(|e| bad(&e.to_string()))?;
+        if !utc.ends_with('Z') {
+            return Err(bad("it names no zone: end it with Z or an offset"));
+        }
+        let ms = t.duration_since(UNIX_EPOCH).map_err(|_| bad("it is before 1970"))?.as_millis();
+        let ms = i64::try_from(ms).map_err(|_| bad("it is too far ahead"))?;
+        Ok(Timestamp(ms - offset_min * 60_000))
+    }
 }
 
 /// Where a job is in its life.
@@ -307,6 +331,57 @@ pub struct JobSpec {
     /// instead of `max_attempts`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
+    /// The earliest time the job may start (`not_before`, RFC 3339 in
+    /// JSON, as `2026-12-01T18:00:00Z` or with an offset, `+09:00`).
+    #[serde(default, with = "opt_rfc3339", skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<Timestamp>,
+    /// Jobs that must succeed before this one starts ([`After`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<After>,
+    /// Start once every job in `after` has ended, however it ended (by
+    /// default one that fails or is cancelled cancels this job).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub after_any: bool,
+}
+
+/// The jobs a job waits for (`after` in the job JSON): a list of ids,
+/// `["12", "13"]`, or every run of a sweep, `{"sweep": "ID"}`. `gpupool
+/// push` turns the sweep form into the list of its runs, so the stored job
+/// names exactly the jobs it waits for. The wait itself is
+/// [`crate::after::gate`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum After {
+    /// These jobs.
+    Jobs(Vec<JobId>),
+    /// Every run of this sweep.
+    Sweep {
+        /// The sweep's id.
+        sweep: String,
+    },
+}
+
+impl<'de> Deserialize<'de> for After {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let shape = || D::Error::custom("after must be a list of job ids, [\"12\", \"13\"], or {\"sweep\": \"ID\"}");
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Array(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    serde_json::Value::String(s) => Ok(JobId::new(s)),
+                    serde_json::Value::Number(n) if n.is_u64() => Ok(JobId::new(n.to_string())),
+                    _ => Err(shape()),
+                })
+                .collect::<Result<_, _>>()
+                .map(After::Jobs),
+            serde_json::Value::Object(map) => match (map.len(), map.get("sweep")) {
+                (1, Some(serde_json::Value::String(s))) => Ok(After::Sweep { sweep: s.clone() }),
+                _ => Err(shape()),
+            },
+            _ => Err(shape()),
+        }
+    }
 }
 
 /// Which failed attempts are run again (`retry` in the job JSON):
@@ -325,15 +400,18 @@ pub struct RetryPolicy {
     /// Retries after the first attempt (so `max + 1` attempts); default 2.
     #[serde(default = "RetryPolicy::default_max")]
     pub max: u32,
-    /// Pinned for the next attempt's earliest start (`"30s"`); not
-    /// supported yet: a job that names it is refused.
+    /// How long after a failed attempt the next may start (`"30s"`);
+    /// none: at once. `gpupool jobs` shows the earliest start.
     #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
     pub backoff: Option<Duration>,
-    /// Pinned with `backoff` (each wait this many times the last); not
-    /// supported yet.
+    /// Each wait is this many times the last (default 1): `backoff: 30s,
+    /// factor: 2` waits 30 s, 60 s, 120 s, … up to [`MAX_BACKOFF`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub factor: Option<f64>,
 }
+
+/// The longest a retry's backoff waits, however many attempts came before.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
 
 impl RetryPolicy {
     fn default_on() -> Vec<FailureKind> {
@@ -368,6 +446,9 @@ impl JobSpec {
             idempotency_key: None,
             sweep: None,
             retry: None,
+            not_before: None,
+            after: None,
+            after_any: false,
         }
     }
 
@@ -396,6 +477,22 @@ impl JobSpec {
             None if self.max_attempts.is_some() => kind.is_retryable(),
             None => kind.retried_by_default(),
         }
+    }
+
+    /// How long after its failed attempt number `attempt` (1 for the first
+    /// run) the job waits before it may run again: `backoff ×
+    /// factor^(attempt − 1)`, at most [`MAX_BACKOFF`]; `None` for no wait.
+    /// A lost lease and a fault of the worker are never the job's doing,
+    /// so they are retried at once.
+    pub fn retry_delay(&self, kind: FailureKind, attempt: u32) -> Option<Duration> {
+        if matches!(kind, FailureKind::LeaseLost | FailureKind::Worker) {
+            return None;
+        }
+        let policy = self.retry.as_ref()?;
+        let base = policy.backoff?.as_secs_f64();
+        let times = policy.factor.unwrap_or(1.0).powi(i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX));
+        let secs = (base * times).min(MAX_BACKOFF.as_secs_f64());
+        (secs > 0.0).then(|| Duration::from_secs_f64(secs))
     }
 
     /// The same job on another queue.
@@ -452,6 +549,26 @@ mod opt_duration {
             })
         })
         .transpose()
+    }
+}
+
+/// `Option<Timestamp>` as RFC 3339 text: written in UTC with
+/// milliseconds; read with `Z` or an offset such as `+09:00`.
+mod opt_rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Timestamp;
+
+    pub(super) fn serialize<S: Serializer>(t: &Option<Timestamp>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_str(&t.to_rfc3339()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Timestamp>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| Timestamp::parse_rfc3339(&t).map_err(serde::de::Error::custom)).transpose()
     }
 }
 
@@ -517,6 +634,10 @@ pub struct JobRecord {
     pub started_at: Option<Timestamp>,
     /// When it ended.
     pub finished_at: Option<Timestamp>,
+    /// While it is queued: the earliest time a worker may take it, if
+    /// later than its push: its `not_before`, a retry's backoff, or the
+    /// next look at the jobs it waits for (`after`).
+    pub not_before: Option<Timestamp>,
     /// Every failed attempt, oldest first. Filled by [`crate::Queue::get`];
     /// [`crate::Queue::list`] leaves it empty (use [`crate::Queue::errors`]).
     pub errors: Vec<AttemptError>,
@@ -526,6 +647,7 @@ impl JobRecord {
     /// A freshly pushed record, as every backend stores it.
     pub fn new(id: JobId, spec: JobSpec, created_at: Timestamp) -> Self {
         let attempt_limit = spec.attempts();
+        let spec_not_before = spec.not_before;
         JobRecord {
             id,
             spec,
@@ -544,6 +666,7 @@ impl JobRecord {
             created_at,
             started_at: None,
             finished_at: None,
+            not_before: spec_not_before,
             errors: Vec::new(),
         }
     }
@@ -576,7 +699,15 @@ impl JobRecord {
             "created_at": self.created_at.to_rfc3339(),
             "started_at": self.started_at.map(Timestamp::to_rfc3339),
             "finished_at": self.finished_at.map(Timestamp::to_rfc3339),
+            "not_before": self.waits_until().map(Timestamp::to_rfc3339),
+            "after": self.spec.after,
         })
+    }
+
+    /// The earliest start of a queued job held back (by `not_before`, a
+    /// backoff or a wait for `after`); `None` for any other.
+    pub fn waits_until(&self) -> Option<Timestamp> {
+        self.not_before.filter(|_| self.state == JobState::Queued)
     }
 }
 

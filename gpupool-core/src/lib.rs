@@ -29,6 +29,7 @@
 //! # }
 //! ```
 
+pub mod after;
 pub mod argv;
 pub mod artifacts;
 mod error;
@@ -52,8 +53,8 @@ pub use artifacts::{ArtifactFile, Artifacts};
 pub use error::{BoxError, Error, Result};
 pub use gpu::GpuInventory;
 pub use job::{
-    Args, AttemptError, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, FailureKind, JobId, JobRecord, JobSpec, JobState,
-    RetryPolicy, Timestamp,
+    After, Args, AttemptError, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, FailureKind, JobId, JobRecord, JobSpec, JobState,
+    MAX_BACKOFF, RetryPolicy, Timestamp,
 };
 pub use memory::MemoryQueue;
 pub use queue::{

@@ -74,7 +74,10 @@ impl MemoryQueue {
                 .jobs
                 .iter()
                 .filter(|(_, e)| {
-                    e.record.state == JobState::Queued && &e.record.spec.queue == queue && req.fits(&e.record.spec)
+                    e.record.state == JobState::Queued
+                        && &e.record.spec.queue == queue
+                        && req.fits(&e.record.spec)
+                        && e.record.not_before.is_none_or(|t| t <= now)
                 })
                 // Highest priority, then the oldest (smallest id).
                 .min_by_key(|(id, e)| (std::cmp::Reverse(e.record.spec.priority), **id))
@@ -214,7 +217,7 @@ impl State {
 #[async_trait]
 impl Queue for MemoryQueue {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default().with_priority(true).with_gpu_filter(true)
+        Capabilities::ALL
     }
 
     async fn init(&self) -> Result<()> {
@@ -290,7 +293,11 @@ impl Queue for MemoryQueue {
     async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome> {
         let outcome = self.with_held(lease, |e, errors| {
             let requeue = failure.requeues(&e.record.spec, e.record.attempt, e.record.attempt_limit);
-            errors.push(failed_attempt(&failure, e.record.id.clone(), e.record.attempt, Timestamp::now()));
+            let now = Timestamp::now();
+            errors.push(failed_attempt(&failure, e.record.id.clone(), e.record.attempt, now));
+            if requeue {
+                e.record.not_before = failure.retry_at(&e.record.spec, e.record.attempt, now);
+            }
             e.finish(if requeue { JobState::Queued } else { JobState::Failed }, Some(failure.output_tail));
             e.record.exit_code = failure.exit_code;
             e.record.signal = failure.signal;
@@ -313,6 +320,14 @@ impl Queue for MemoryQueue {
         })?;
         self.inner.pushed.notify_waiters();
         Ok(())
+    }
+
+    async fn defer(&self, lease: &Lease, until: Timestamp) -> Result<()> {
+        self.with_held(lease, |e, _| {
+            e.finish(JobState::Queued, None);
+            e.record.attempt = e.record.attempt.saturating_sub(1);
+            e.record.not_before = Some(until);
+        })
     }
 
     async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome> {
@@ -341,6 +356,7 @@ impl Queue for MemoryQueue {
                     e.record.state = JobState::Queued;
                     e.record.cancel_requested = false;
                     e.record.finished_at = None;
+                    e.record.not_before = None;
                     e.record.attempt_limit = e.record.attempt.saturating_add(e.record.spec.attempts());
                 }
                 state => {

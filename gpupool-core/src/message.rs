@@ -380,10 +380,19 @@ impl JobSpec {
                      fault); use exit, oom, signal, timeout, lease_lost"
                 ));
             }
-            if policy.backoff.is_some() || policy.factor.is_some() {
-                return bad("retry.backoff and retry.factor are not supported yet; leave them out".into());
+            if policy.backoff.is_some_and(|b| b.is_zero() || b > crate::job::MAX_BACKOFF) {
+                return bad("retry.backoff must be more than 0 and at most 24h".into());
+            }
+            if let Some(f) = policy.factor {
+                if policy.backoff.is_none() {
+                    return bad("retry.factor needs retry.backoff (the first wait it multiplies)".into());
+                }
+                if !(1.0..=10.0).contains(&f) {
+                    return bad(format!("retry.factor {f} is out of range; use 1 to 10"));
+                }
             }
         }
+        self.check_after()?;
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return bad("timeout 0 would stop every run at once; leave it out for no timeout".into());
         }
@@ -395,6 +404,39 @@ impl JobSpec {
         }
         Ok(())
     }
+
+    /// `after` names 1 to [`MAX_AFTER`] well-formed ids or a sweep;
+    /// `after_any` needs it. (That the ids exist is checked by `gpupool
+    /// push`, which holds the queue; the wait reads them again.)
+    fn check_after(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidJob(m));
+        match &self.after {
+            None if self.after_any => bad("after_any needs after (the jobs to wait for)".into()),
+            None => Ok(()),
+            Some(crate::After::Jobs(ids)) if ids.is_empty() => {
+                bad("after is empty; name the jobs to wait for, or leave it out".into())
+            }
+            Some(crate::After::Jobs(ids)) if ids.len() > MAX_AFTER => {
+                bad(format!("after names {} jobs; the limit is {MAX_AFTER}", ids.len()))
+            }
+            Some(crate::After::Jobs(ids)) => match ids.iter().find(|id| !plain_token(id.as_str())) {
+                Some(id) => bad(format!("after: `{id}` is not a job id")),
+                None => Ok(()),
+            },
+            Some(crate::After::Sweep { sweep }) if !plain_token(sweep) => {
+                bad(format!("after: sweep `{sweep}` is not a sweep id"))
+            }
+            Some(crate::After::Sweep { .. }) => Ok(()),
+        }
+    }
+}
+
+/// The most jobs one job may wait for (`after`).
+pub const MAX_AFTER: usize = 1000;
+
+/// An id as typed: 1 to 100 letters, digits, `-`, `_`, `.` or `:`.
+fn plain_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 100 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
 /// An entrypoint must be a relative path that stays inside the repository.

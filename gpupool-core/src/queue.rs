@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::Result;
+use crate::{Error, Result};
 use crate::job::{AttemptError, FailureKind, JobId, JobRecord, JobSpec, JobState, Timestamp};
 
 /// What a backend can do, for the conformance suite (which checks what is
@@ -23,11 +23,15 @@ pub struct Capabilities {
     /// `reserve` returns only jobs that fit the GPUs offered. Without it,
     /// the worker [`park`](Queue::park)s a job too big for it.
     pub gpu_filter: bool,
+    /// Jobs can be held back until a time: `not_before`, a retry's
+    /// `backoff`, and the wait of `after` ([`Queue::defer`]). Without it,
+    /// `gpupool push` refuses jobs that name them.
+    pub delays: bool,
 }
 
 impl Capabilities {
     /// Every capability declared.
-    pub const ALL: Capabilities = Capabilities { priority: true, gpu_filter: true };
+    pub const ALL: Capabilities = Capabilities { priority: true, gpu_filter: true, delays: true };
 
     /// Builder: set `priority`.
     pub fn with_priority(mut self, v: bool) -> Self {
@@ -38,6 +42,12 @@ impl Capabilities {
     /// Builder: set `gpu_filter`.
     pub fn with_gpu_filter(mut self, v: bool) -> Self {
         self.gpu_filter = v;
+        self
+    }
+
+    /// Builder: set `delays`.
+    pub fn with_delays(mut self, v: bool) -> Self {
+        self.delays = v;
         self
     }
 }
@@ -301,6 +311,13 @@ impl Failure {
     /// [`retries`](JobSpec::retries) this kind and has attempts left.
     pub fn requeues(&self, spec: &JobSpec, attempt: u32, limit: u32) -> bool {
         spec.retries(self.kind) && attempt < limit
+    }
+
+    /// When the job, queued again after this failure of its attempt
+    /// `attempt`, may run: `now` plus its retry backoff
+    /// ([`JobSpec::retry_delay`]); `None`: at once.
+    pub fn retry_at(&self, spec: &JobSpec, attempt: u32, now: Timestamp) -> Option<Timestamp> {
+        spec.retry_delay(self.kind, attempt).map(|d| now.plus(d))
     }
 }
 
@@ -589,6 +606,22 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// `gpu_filter` never hands such a job to a smaller worker, and may
     /// implement this as [`release`](Queue::release).
     async fn park(&self, lease: &Lease, gpus: u32) -> Result<()>;
+
+    /// Gives the job back without charging an attempt, as
+    /// [`release`](Queue::release) does, but no reserve returns it before
+    /// `until` ([`JobRecord::not_before`](crate::JobRecord::not_before)
+    /// reads `until` meanwhile). The wait of `after` is made of these
+    /// ([`crate::after`]). Fenced by the lease.
+    ///
+    /// Required with the `delays` capability, which also asks that `add`
+    /// hold a job back until its spec's `not_before` and that `fail`, when
+    /// it queues the job again, hold it back for
+    /// [`JobSpec::retry_delay`](crate::JobSpec::retry_delay). The default
+    /// refuses.
+    async fn defer(&self, lease: &Lease, until: Timestamp) -> Result<()> {
+        let _ = until;
+        Err(Error::Config(format!("this queue cannot hold job {} back until a time", lease.id())))
+    }
 
     /// The worker `worker` will not reserve again (it is stopping; its
     /// running jobs may still run). A backend that keeps a waiting
