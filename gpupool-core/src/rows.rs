@@ -86,6 +86,9 @@ pub struct JobRow {
     pub started_at: Option<i64>,
     /// When it ended.
     pub finished_at: Option<i64>,
+    /// The earliest start while it is held back (`not_before`, a retry's
+    /// backoff, a wait for `after`); `None`: none.
+    pub not_before: Option<i64>,
 }
 
 impl JobRow {
@@ -116,6 +119,7 @@ impl JobRow {
         r.cancel_requested = self.cancel_requested;
         r.started_at = self.started_at.map(Timestamp);
         r.finished_at = self.finished_at.map(Timestamp);
+        r.not_before = self.not_before.map(Timestamp);
         Ok(r)
     }
 }
@@ -374,6 +378,7 @@ mod tests {
             created_at: 10,
             started_at: Some(20),
             finished_at: Some(30),
+            not_before: None,
         }
     }
 

@@ -37,13 +37,14 @@ const POLL: Duration = Duration::from_millis(25);
 const UNREADABLE_PER_RESERVE: usize = 8;
 
 /// The migrations, in order; `PRAGMA user_version` records the last applied.
-const MIGRATIONS: [(i64, &str); 6] = [
+const MIGRATIONS: [(i64, &str); 7] = [
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_workers.sql")),
     (3, include_str!("../migrations/0003_drop_lease_index.sql")),
     (4, include_str!("../migrations/0004_state_index_skips_queued.sql")),
     (5, include_str!("../migrations/0005_job_logs.sql")),
     (6, include_str!("../migrations/0006_artifacts.sql")),
+    (7, include_str!("../migrations/0007_not_before.sql")),
 ];
 
 /// Puts the file in WAL mode, once, before the pool opens; WAL is a property
@@ -72,7 +73,7 @@ async fn set_wal(connect: &SqliteConnectOptions, busy_timeout: Duration) -> std:
 macro_rules! job_columns {
     () => {
         "id, state, attempt, attempt_limit, spec, commit_sha, worker, gpu_ids, exit_code, signal, output_tail, result, \
-         artifacts, cancel_requested, created_at, started_at, finished_at"
+         artifacts, cancel_requested, created_at, started_at, finished_at, not_before"
     };
 }
 
@@ -138,7 +139,8 @@ impl SqliteQueue {
         let queues = serde_json::to_string(&req.queues).map_err(|e| Error::backend("sqlite", e))?;
         sqlx::query_as::<_, (bool, bool)>(
             "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued' \
-                 AND queue IN (SELECT value FROM json_each(?1)) AND COALESCE(gpus, ?2) <= ?3), \
+                 AND queue IN (SELECT value FROM json_each(?1)) AND COALESCE(gpus, ?2) <= ?3 \
+                 AND (not_before IS NULL OR not_before <= ?4)), \
              EXISTS (SELECT 1 FROM jobs WHERE state = 'running' AND state <> 'queued' AND lease_expires_at < ?4)",
         )
         .bind(queues)
@@ -171,11 +173,12 @@ impl SqliteQueue {
             for _ in 0..UNREADABLE_PER_RESERVE {
                 let id: Option<i64> = sqlx::query_scalar(
                     "SELECT id FROM jobs WHERE queue = ?1 AND state = 'queued' AND COALESCE(gpus, ?2) <= ?3 \
-                     ORDER BY priority DESC, id LIMIT 1",
+                     AND (not_before IS NULL OR not_before <= ?4) ORDER BY priority DESC, id LIMIT 1",
                 )
                 .bind(queue)
                 .bind(i64::from(req.gpu_host))
                 .bind(i64::from(req.gpu_limit()))
+                .bind(now.0)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(map)?;
@@ -308,6 +311,7 @@ fn record(row: &SqliteRow) -> Result<JobRecord> {
         created_at: get(row, "created_at")?,
         started_at: get(row, "started_at")?,
         finished_at: get(row, "finished_at")?,
+        not_before: get(row, "not_before")?,
     }
     .into_record(BACKEND)
 }
@@ -444,7 +448,7 @@ impl gpupool_core::RunLogs for SqliteQueue {
 #[async_trait]
 impl Queue for SqliteQueue {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default().with_priority(true).with_gpu_filter(true)
+        Capabilities::ALL
     }
 
     async fn init(&self) -> Result<()> {
@@ -478,7 +482,7 @@ impl Queue for SqliteQueue {
         let text = spec.validated_json()?;
         let id: Option<i64> = sqlx::query_scalar(
             "INSERT INTO jobs (queue, state, priority, gpus, spec, idempotency_key, max_attempts, attempt_limit, \
-             created_at) VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?6, ?7) \
+             created_at, not_before) VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8) \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
         )
         .bind(&spec.queue)
@@ -488,6 +492,7 @@ impl Queue for SqliteQueue {
         .bind(&spec.idempotency_key)
         .bind(i64::from(spec.attempts()))
         .bind(Timestamp::now().0)
+        .bind(spec.not_before.map(|t| t.0))
         .fetch_optional(&self.pool)
         .await
         .map_err(map)?;
@@ -571,11 +576,10 @@ impl Queue for SqliteQueue {
         .await
         .map_err(map)?;
         let (attempt, limit) = held.ok_or_else(|| Error::lease_lost(lease.id()))?;
-        let requeue = failure.requeues(
-            &lease.job.spec,
-            rows::u32_column(BACKEND, "attempt", attempt)?,
-            rows::u32_column(BACKEND, "attempt_limit", limit)?,
-        );
+        let attempt_n = rows::u32_column(BACKEND, "attempt", attempt)?;
+        let requeue =
+            failure.requeues(&lease.job.spec, attempt_n, rows::u32_column(BACKEND, "attempt_limit", limit)?);
+        let not_before = if requeue { failure.retry_at(&lease.job.spec, attempt_n, Timestamp(now)) } else { None };
         sqlx::query(
             "INSERT INTO job_errors (job_id, attempt, kind, exit_code, signal, message, output_tail, at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -594,7 +598,7 @@ impl Queue for SqliteQueue {
         let state = if requeue { JobState::Queued } else { JobState::Failed };
         sqlx::query(
             "UPDATE jobs SET state = ?1, exit_code = ?2, signal = ?3, output_tail = ?4, finished_at = ?5, \
-             lease_token = NULL, lease_expires_at = NULL WHERE id = ?6",
+             lease_token = NULL, lease_expires_at = NULL, not_before = ?7 WHERE id = ?6",
         )
         .bind(state.as_str())
         .bind(failure.exit_code)
@@ -602,6 +606,7 @@ impl Queue for SqliteQueue {
         .bind(&failure.output_tail)
         .bind(if requeue { None } else { Some(now) })
         .bind(id)
+        .bind(not_before.map(|t| t.0))
         .execute(&mut *tx)
         .await
         .map_err(map)?;
@@ -632,6 +637,15 @@ impl Queue for SqliteQueue {
         self.fenced(update, lease).await?;
         self.pushed.notify_waiters();
         Ok(())
+    }
+
+    async fn defer(&self, lease: &Lease, until: Timestamp) -> Result<()> {
+        let update = sqlx::query(
+            "UPDATE jobs SET state = 'queued', attempt = attempt - 1, lease_token = NULL, lease_expires_at = NULL, \
+             not_before = ?1 WHERE id = ?2 AND lease_token = ?3 AND state = 'running'",
+        )
+        .bind(until.0);
+        self.fenced(update, lease).await
     }
 
     async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome> {
@@ -668,7 +682,7 @@ impl Queue for SqliteQueue {
             return Err(Error::not_retryable(id, state));
         }
         sqlx::query(
-            "UPDATE jobs SET state = 'queued', cancel_requested = 0, finished_at = NULL, \
+            "UPDATE jobs SET state = 'queued', cancel_requested = 0, finished_at = NULL, not_before = NULL, \
              attempt_limit = attempt + max_attempts WHERE id = ?1",
         )
         .bind(n)
