@@ -36,13 +36,16 @@ const LOCK_RETRIES: u32 = 5;
 
 /// The migrations, in order. `{prefix}` becomes the table prefix; statements
 /// are separated by a blank line after `;`.
-const MIGRATIONS: [(i64, &str); 4] = [
+const MIGRATIONS: [(i64, &str); 5] = [
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_workers.sql")),
     // Running jobs' shipped output (gpupool_core::RunLogs), one row per piece.
     (3, include_str!("../migrations/0003_job_logs.sql")),
     // Where a job's last run left its files (gpupool_core::Artifacts, JSON).
     (4, include_str!("../migrations/0004_artifacts.sql")),
+    // A queued job's earliest start (not_before, a retry's backoff, the
+    // wait of `after`); NULL: at once.
+    (5, include_str!("../migrations/0005_not_before.sql")),
 ];
 
 /// Pieces of a log read per call: about a megabyte at the worker's batching.
@@ -71,7 +74,9 @@ macro_rules! job_columns {
             ms!("started_at"),
             " AS started_ms, ",
             ms!("finished_at"),
-            " AS finished_ms"
+            " AS finished_ms, ",
+            ms!("not_before"),
+            " AS not_before_ms"
         )
     };
 }
@@ -104,6 +109,7 @@ struct Sql {
     fail_update: Arc<str>,
     cancelled: Arc<str>,
     release: Arc<str>,
+    defer: Arc<str>,
     state_of: Arc<str>,
     cancel_queued: Arc<str>,
     cancel_running: Arc<str>,
@@ -132,7 +138,7 @@ impl Sql {
         };
         Sql {
             has_work: s("SELECT EXISTS (SELECT 1 FROM {p}jobs WHERE queue = ? AND state = 'queued' \
-                         AND COALESCE(gpus, ?) <= ?), \
+                         AND COALESCE(gpus, ?) <= ? AND (not_before IS NULL OR not_before <= UTC_TIMESTAMP(6))), \
                          EXISTS (SELECT 1 FROM {p}jobs WHERE state = 'running' \
                          AND lease_expires_at < UTC_TIMESTAMP(6))"),
             expired: s("SELECT id FROM {p}jobs WHERE state = 'running' AND lease_expires_at < UTC_TIMESTAMP(6) \
@@ -150,7 +156,7 @@ impl Sql {
                                             THEN UTC_TIMESTAMP(6) END, \
                               lease_token = NULL, lease_expires_at = NULL WHERE id = ?"),
             candidate: s("SELECT id FROM {p}jobs WHERE queue = ? AND state = 'queued' AND COALESCE(gpus, ?) <= ? \
-                          ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED"),
+                          AND (not_before IS NULL OR not_before <= UTC_TIMESTAMP(6)) ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED"),
             lease: s("UPDATE {p}jobs SET state = 'running', attempt = attempt + 1, lease_token = ?, \
                       lease_expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, worker = ?, \
                       started_at = UTC_TIMESTAMP(6), finished_at = NULL, exit_code = NULL, term_signal = NULL, \
@@ -162,7 +168,8 @@ impl Sql {
             )),
             select_errors: s(&format!("SELECT {} FROM {{p}}job_errors WHERE job_id = ? ORDER BY id", error_columns!())),
             insert: s("INSERT INTO {p}jobs (queue, state, priority, gpus, spec, idempotency_key, max_attempts, \
-                       attempt_limit, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6))"),
+                       attempt_limit, created_at, not_before) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6), \
+                       TIMESTAMPADD(MICROSECOND, ?, '1970-01-01 00:00:00'))"),
             by_key: s("SELECT id, spec FROM {p}jobs WHERE idempotency_key = ?"),
             heartbeat: s("UPDATE {p}jobs SET lease_expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
                           WHERE id = ? AND lease_token = ? AND state = 'running'"),
@@ -179,17 +186,21 @@ impl Sql {
                              output_tail, at) VALUES (?, ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6))"),
             fail_update: s("UPDATE {p}jobs SET state = ?, exit_code = ?, term_signal = ?, output_tail = ?, \
                             finished_at = IF(? , UTC_TIMESTAMP(6), NULL), lease_token = NULL, \
-                            lease_expires_at = NULL WHERE id = ?"),
+                            lease_expires_at = NULL, not_before = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
+                            WHERE id = ?"),
             cancelled: s("UPDATE {p}jobs SET state = 'cancelled', output_tail = ?, finished_at = UTC_TIMESTAMP(6), \
                           lease_token = NULL, lease_expires_at = NULL \
                           WHERE id = ? AND lease_token = ? AND state = 'running'"),
             release: s("UPDATE {p}jobs SET state = 'queued', attempt = attempt - 1, lease_token = NULL, \
                         lease_expires_at = NULL WHERE id = ? AND lease_token = ? AND state = 'running'"),
+            defer: s("UPDATE {p}jobs SET state = 'queued', attempt = attempt - 1, lease_token = NULL, \
+                      lease_expires_at = NULL, not_before = TIMESTAMPADD(MICROSECOND, ?, '1970-01-01 00:00:00') \
+                      WHERE id = ? AND lease_token = ? AND state = 'running'"),
             state_of: s("SELECT state FROM {p}jobs WHERE id = ? FOR UPDATE"),
             cancel_queued: s("UPDATE {p}jobs SET state = 'cancelled', finished_at = UTC_TIMESTAMP(6) WHERE id = ?"),
             cancel_running: s("UPDATE {p}jobs SET cancel_requested = 1 WHERE id = ?"),
             retry: s("UPDATE {p}jobs SET state = 'queued', cancel_requested = 0, finished_at = NULL, \
-                      attempt_limit = attempt + max_attempts WHERE id = ?"),
+                      not_before = NULL, attempt_limit = attempt + max_attempts WHERE id = ?"),
             list: [
                 list("WHERE ? IS NULL AND ? IS NULL"),
                 list("WHERE state = ? AND ? IS NULL"),
@@ -490,6 +501,7 @@ fn record(row: &MySqlRow) -> Result<JobRecord> {
         created_at: get(row, "created_ms")?,
         started_at: get(row, "started_ms")?,
         finished_at: get(row, "finished_ms")?,
+        not_before: get(row, "not_before_ms")?,
     }
     .into_record(BACKEND)
 }
@@ -520,6 +532,7 @@ async fn fail_invalid(
         .bind(None::<i32>)
         .bind("")
         .bind(true)
+        .bind(None::<i64>)
         .bind(id)
         .execute(&mut *tx)
         .await?;
@@ -609,7 +622,7 @@ impl gpupool_core::RunLogs for MysqlQueue {
 #[async_trait]
 impl Queue for MysqlQueue {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default().with_priority(true).with_gpu_filter(true)
+        Capabilities::ALL
     }
 
     async fn init(&self) -> Result<()> {
@@ -686,6 +699,7 @@ impl Queue for MysqlQueue {
             .bind(&spec.idempotency_key)
             .bind(i64::from(spec.attempts()))
             .bind(i64::from(spec.attempts()))
+            .bind(spec.not_before.map(|t| t.0.saturating_mul(1000)))
             .execute(&self.pool)
             .await;
         match inserted {
@@ -752,8 +766,9 @@ impl Queue for MysqlQueue {
                     return Ok(Err(Error::lease_lost(id)));
                 };
                 let (attempt, limit): (i32, i32) = (row.try_get(0)?, row.try_get(1)?);
-                let requeue =
-                    failure.requeues(&spec, u32::try_from(attempt).unwrap_or(0), u32::try_from(limit).unwrap_or(0));
+                let attempt_n = u32::try_from(attempt).unwrap_or(0);
+                let requeue = failure.requeues(&spec, attempt_n, u32::try_from(limit).unwrap_or(0));
+                let backoff = if requeue { spec.retry_delay(failure.kind, attempt_n) } else { None };
                 q(&sql.insert_error)
                     .bind(id)
                     .bind(attempt)
@@ -771,6 +786,7 @@ impl Queue for MysqlQueue {
                     .bind(failure.signal)
                     .bind(&failure.output_tail)
                     .bind(!requeue)
+                    .bind(backoff.map(micros))
                     .bind(id)
                     .execute(&mut **tx)
                     .await?;
@@ -786,6 +802,10 @@ impl Queue for MysqlQueue {
 
     async fn release(&self, lease: &Lease) -> Result<()> {
         self.fenced(q(&self.sql.release), lease).await
+    }
+
+    async fn defer(&self, lease: &Lease, until: Timestamp) -> Result<()> {
+        self.fenced(q(&self.sql.defer).bind(until.0.saturating_mul(1000)), lease).await
     }
 
     async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome> {
