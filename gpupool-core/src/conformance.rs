@@ -1067,6 +1067,9 @@ pub async fn delayed_start(q: Arc<dyn Queue>) {
     let record = q.get(&later_id).await.unwrap();
     assert_eq!(record.spec, later, "not_before reads back as pushed");
     assert_eq!(record.waits_until(), Some(start));
+    let queued = ListFilter { state: Some(JobState::Queued), queue: Some(queue.clone()), ..ListFilter::default() };
+    let listed: Vec<JobId> = q.list(&queued).await.unwrap().into_iter().map(|j| j.id).collect();
+    assert!(listed.contains(&later_id), "a job held back lists as queued: {listed:?}");
     let lease = reserve_one(q.as_ref(), &queue).await;
     assert_eq!(lease.id(), &now_id, "the job for now first, though pushed later");
     q.complete(&lease, Completion::default()).await.unwrap();

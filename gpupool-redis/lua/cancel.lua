@@ -12,6 +12,7 @@ end
 if state == 'queued' then
   drop_entry(id)
   redis.call('ZREM', P .. 'parked:' .. v[3], id)
+  redis.call('ZREM', P .. 'delayed', id)
   set_state(id, 'cancelled')
   redis.call('HSET', h, 'finished', now_ms())
   return 'cancelled'

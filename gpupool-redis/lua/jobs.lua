@@ -16,6 +16,13 @@ local function enqueue(id)
   redis.call('HSET', h, 'entry', e)
 end
 
+-- Holds a queued job back until `at` (ms, a decimal string): no stream
+-- entry until `promote.lua` finds it due in `PREFIXdelayed` (by time).
+local function hold(id, at)
+  redis.call('HSET', jkey(id), 'not_before', at, 'entry', '')
+  redis.call('ZADD', P .. 'delayed', at, id)
+end
+
 -- The lease a consumer's name gives (`holder_worker` in states.lua).
 local function holder_lease(consumer) return tonumber(string.match(consumer, '/(%d+)$') or '0') end
 

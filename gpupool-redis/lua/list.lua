@@ -132,6 +132,11 @@ elseif state == 'queued' then
         if state_is(id, 'queued') then parked[#parked + 1] = tonumber(id) end
       end
     end
+    -- Jobs held back until a time are listed with the parked ones.
+    for _, id in ipairs(redis.call('ZRANGE', P .. 'delayed', 0, -1)) do
+      local v = redis.call('HMGET', jkey(id), 'state', 'queue')
+      if v[1] == 'queued' and (queue == '' or v[2] == queue) then parked[#parked + 1] = tonumber(id) end
+    end
     table.sort(parked, function(a, b) return a > b end)
     for _, id in ipairs(parked) do
       if take(string.format('%d', id)) then break end

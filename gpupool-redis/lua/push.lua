@@ -1,13 +1,25 @@
--- ARGV: prefix, spec, queue, max_attempts, idempotency key ('' = none).
+-- ARGV: prefix, spec, queue, max_attempts, idempotency key ('' = none),
+-- not_before (ms; '' = none: at once).
 -- Returns the new job's id, or {id, spec} of the job the key names.
 -- Priority and GPUs are read from the spec; the hash keeps what scripts use.
-local spec, queue, max_attempts, idem = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local spec, queue, max_attempts, idem, not_before = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6] or ''
 if idem ~= '' then
   local existing = redis.call('GET', P .. 'idem:' .. idem)
   -- The caller compares the stored job with its own.
   if existing then return {existing, redis.call('HGET', jkey(existing), 'spec') or ''} end
 end
 local id = string.format('%d', redis.call('INCR', P .. 'seq'))
+if not_before ~= '' then
+  -- Held back until its start: no entry until `promote.lua` makes one.
+  redis.call('HSET', jkey(id), 'spec', spec, 'queue', queue, 'attempt', '0',
+             'max_attempts', max_attempts, 'attempt_limit', max_attempts, 'cancel', '0',
+             'created', now_ms(), 'entry', '', 'state', 'queued', 'not_before', not_before)
+  redis.call('ZADD', P .. 'delayed', not_before, id)
+  redis.call('ZADD', P .. 'queue:' .. queue, id, id)
+  redis.call('SADD', P .. 'queues', queue)
+  if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, id) end
+  return id
+end
 -- The entry carries the spec, so a reserve that reads it has all a first
 -- attempt's lease needs and runs no script (`take` in queue.rs); it also
 -- makes entries big enough that a stream node holds tens, not a hundred,

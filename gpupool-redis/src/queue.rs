@@ -64,6 +64,8 @@ struct Scripts {
     finish: Script,
     fail: Script,
     release: Script,
+    defer: Script,
+    promote: Script,
     cancel: Script,
     retry: Script,
     list: Script,
@@ -90,6 +92,8 @@ impl Scripts {
             finish: script!("finish.lua", "states"),
             fail: script!("fail.lua", "states", "jobs"),
             release: script!("release.lua", "states", "jobs"),
+            defer: script!("defer.lua", "states", "jobs"),
+            promote: script!("promote.lua", "states", "jobs"),
             cancel: script!("cancel.lua", "states", "jobs"),
             retry: script!("retry.lua", "states", "jobs"),
             list: script!("list.lua", "states", "jobs"),
@@ -493,6 +497,10 @@ impl RedisQueue {
         // entries must sit idle for `reclaim_idle` anyway), not on every
         // reserve of a busy worker.
         let sweep = self.sweep.due();
+        if sweep {
+            // Jobs held back whose time has come go in line.
+            self.script_status(&self.scripts.promote, &[]).await?;
+        }
         for queue in &req.queues {
             self.ensure_group(queue).await?;
             if sweep {
@@ -693,6 +701,7 @@ fn record(id: &str, h: &HashMap<String, String>) -> Result<JobRecord> {
     r.cancel_requested = h.get("cancel").is_some_and(|v| v == "1");
     r.started_at = num(h, "started").map(Timestamp);
     r.finished_at = num(h, "finished").map(Timestamp);
+    r.not_before = num(h, "not_before").map(Timestamp);
     Ok(r)
 }
 
@@ -725,7 +734,7 @@ impl gpupool_core::RunLogs for RedisQueue {
 #[async_trait]
 impl Queue for RedisQueue {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
+        Capabilities::default().with_delays(true)
     }
 
     async fn init(&self) -> Result<()> {
@@ -772,6 +781,7 @@ impl Queue for RedisQueue {
                     spec.queue.clone(),
                     spec.attempts().to_string(),
                     spec.idempotency_key.clone().unwrap_or_default(),
+                    spec.not_before.map(|t| t.0.to_string()).unwrap_or_default(),
                 ],
             )
             .await?;
@@ -830,6 +840,7 @@ impl Queue for RedisQueue {
     }
 
     async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome> {
+        let backoff = lease.job.spec.retry_delay(failure.kind, lease.attempt());
         let n = self
             .fenced(
                 &self.scripts.fail,
@@ -841,6 +852,7 @@ impl Queue for RedisQueue {
                     failure.signal.map(|s| s.to_string()).unwrap_or_default(),
                     failure.message,
                     failure.output_tail,
+                    backoff.map(|d| ms(d).to_string()).unwrap_or_default(),
                 ],
             )
             .await?;
@@ -855,6 +867,10 @@ impl Queue for RedisQueue {
 
     async fn release(&self, lease: &Lease) -> Result<()> {
         self.fenced(&self.scripts.release, lease, &[]).await.map(|_| ())
+    }
+
+    async fn defer(&self, lease: &Lease, until: Timestamp) -> Result<()> {
+        self.fenced(&self.scripts.defer, lease, &[until.0.to_string()]).await.map(|_| ())
     }
 
     async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome> {

@@ -1,0 +1,1 @@
+ALTER TABLE {prefix}jobs ADD COLUMN not_before DATETIME(6) NULL
