@@ -102,6 +102,13 @@ pub(crate) enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dispatch: Option<String>,
     },
+    /// The holder gives the job back uncharged, not to be handed out
+    /// before `until` (ms since the epoch): the wait of `after`.
+    Deferred {
+        id: String,
+        token: String,
+        until: i64,
+    },
     Cancel {
         id: String,
     },
@@ -429,6 +436,10 @@ pub(crate) struct State {
     latest_at: i64,
     /// Queued jobs by queue, best first.
     queued: HashMap<String, BTreeSet<Rank>>,
+    /// Queued jobs held back until a time (`not_before`, a retry's
+    /// backoff, a deferral), by that time: the first event at or after it
+    /// puts them in their queue ([`State::promote`]).
+    delayed: BTreeSet<(i64, String)>,
     /// Wants waiting for a job, oldest first.
     waiting: VecDeque<Waiting>,
     /// Ends of jobs so far.
@@ -471,6 +482,7 @@ impl Default for State {
             seen_order: VecDeque::new(),
             latest_at: i64::MIN,
             queued: HashMap::new(),
+            delayed: BTreeSet::new(),
             waiting: VecDeque::new(),
             ends: 0,
             finished: VecDeque::new(),
@@ -561,6 +573,10 @@ impl State {
     /// or into its queue.
     fn enqueue(&mut self, id: &str, when: When) {
         let Some(job) = self.jobs.get(id) else { return };
+        if let Some(start) = job.record.not_before.filter(|t| t.0 > when.at) {
+            self.delayed.insert((start.0, id.to_owned()));
+            return;
+        }
         self.waiting.retain(|w| w.until >= when.at);
         let taker = self.waiting.iter().position(|w| w.ask.takes(job));
         if let Some(w) = taker.and_then(|i| self.waiting.remove(i)) {
@@ -572,6 +588,31 @@ impl State {
         }
         let r = rank(job);
         self.queued.entry(job.record.spec.queue.clone()).or_default().insert(r);
+    }
+
+    /// Puts in their queue the jobs held back until `when.at` or before (by
+    /// the event's clock, so every process promotes them at the same
+    /// event). An entry whose job has left `queued`, or has been held
+    /// back to another time since, is dropped.
+    fn promote(&mut self, when: When) {
+        while let Some((at, id)) = self.delayed.first().cloned() {
+            if at > when.at {
+                return;
+            }
+            self.delayed.pop_first();
+            let current = self
+                .jobs
+                .get(&id)
+                .is_some_and(|j| j.record.state == JobState::Queued && j.record.not_before == Some(Timestamp(at)));
+            if current {
+                self.enqueue(&id, when);
+            }
+        }
+    }
+
+    /// When the first job held back is due (ms since the epoch), if any.
+    pub(crate) fn next_due(&self) -> Option<i64> {
+        self.delayed.first().map(|(at, _)| *at)
     }
 
     /// The job leaves its queue (leased or cancelled).
@@ -634,6 +675,7 @@ impl State {
 
     /// Applies an event not seen before: one step per kind of event.
     fn apply_new(&mut self, offset: i64, event: Event, when: When) -> Outcome {
+        self.promote(when);
         match event {
             Event::Pushed { spec, dispatch } => self.push_job(offset, *spec, dispatch, when),
             Event::Want { token, owner, ask, wait_ms } => self.serve_want(token, owner, ask, wait_ms, when),
@@ -652,6 +694,7 @@ impl State {
             }
             Event::Cancelled { id, token, output_tail } => self.end_cancelled(&id, &token, output_tail, when),
             Event::Released { id, token, dispatch } => self.release(&id, &token, dispatch, when),
+            Event::Deferred { id, token, until } => self.defer(&id, &token, until, when),
             Event::Cancel { id } => self.cancel(&id, when),
             Event::Retry { id, dispatch } => self.retry(&id, dispatch, when),
             Event::Reclaim { id, token, dispatch } => self.reclaim(&id, &token, dispatch, when),
@@ -848,12 +891,14 @@ impl State {
     ) -> Outcome {
         let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
         let requeue = failure.requeues(&job.record.spec, job.record.attempt, job.record.attempt_limit);
+        let retry_at = failure.retry_at(&job.record.spec, job.record.attempt, Timestamp(when.at));
         self.error_seq += 1;
         job.errors.push((self.error_seq, job.attempt_error(&failure, when.at)));
         job.record.exit_code = failure.exit_code;
         job.record.signal = failure.signal;
         job.record.output_tail = Some(failure.output_tail);
         if requeue {
+            job.record.not_before = retry_at;
             job.end(JobState::Queued, when.at);
             self.requeue(id, dispatch, when)
         } else {
@@ -878,6 +923,15 @@ impl State {
         job.end(JobState::Queued, when.at);
         job.record.attempt = job.record.attempt.saturating_sub(1);
         self.requeue(id, dispatch, when)
+    }
+
+    /// `Deferred`: as `Released`, held back until `until`.
+    fn defer(&mut self, id: &str, token: &str, until: i64, when: When) -> Outcome {
+        let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
+        job.end(JobState::Queued, when.at);
+        job.record.attempt = job.record.attempt.saturating_sub(1);
+        job.record.not_before = Some(Timestamp(until));
+        self.requeue(id, None, when)
     }
 
     /// `Cancel`: a queued job is cancelled at once; a running one is asked
@@ -914,6 +968,7 @@ impl State {
                 job.record.state = JobState::Queued;
                 job.record.cancel_requested = false;
                 job.record.finished_at = None;
+                job.record.not_before = None;
                 job.record.attempt_limit = job.record.attempt.saturating_add(job.record.spec.attempts());
                 self.requeue(id, dispatch, when)
             }
@@ -1079,6 +1134,8 @@ struct JobSnap {
     created_at: Timestamp,
     started_at: Option<Timestamp>,
     finished_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    not_before: Option<Timestamp>,
     token: Option<String>,
     dispatch: Option<String>,
     parked: Option<u32>,
@@ -1110,6 +1167,7 @@ impl JobSnap {
             created_at: r.created_at,
             started_at: r.started_at,
             finished_at: r.finished_at,
+            not_before: r.not_before,
             token: job.token.clone(),
             dispatch: job.dispatch.clone(),
             parked: job.parked,
@@ -1138,6 +1196,7 @@ impl JobSnap {
         record.cancel_requested = self.cancel_requested;
         record.started_at = self.started_at;
         record.finished_at = self.finished_at;
+        record.not_before = self.not_before;
         let renewed = self.lease.map(|(until, ms)| {
             let at = until.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX));
             (local_instant(at, now, wall_ms), Duration::from_millis(ms))
@@ -1195,7 +1254,14 @@ impl State {
                 st.pushed.insert(d.clone(), id.clone());
             }
             if job.record.state == JobState::Queued {
-                st.queued.entry(job.record.spec.queue.clone()).or_default().insert(rank(&job));
+                match job.record.not_before.filter(|t| t.0 > snap.latest_at) {
+                    Some(start) => {
+                        st.delayed.insert((start.0, id.clone()));
+                    }
+                    None => {
+                        st.queued.entry(job.record.spec.queue.clone()).or_default().insert(rank(&job));
+                    }
+                }
             }
             st.order.insert(id.parse().unwrap_or(0));
             st.jobs.insert(id, job);
@@ -1511,6 +1577,34 @@ mod tests {
         assert_eq!(full.jobs["43"].record.state, JobState::Running, "retried, then taken by the 8-GPU want");
         assert_eq!(full.jobs["52"].record.state, JobState::Running, "handed to the waiting want t3");
         assert_eq!(loaded.queued_len(), full.queued_len());
+    }
+
+    /// A job held back goes to the waiting want at the first event at or
+    /// after its start, in a fold loaded from a snapshot as in the one that
+    /// wrote it; a deferral holds it back again, uncharged.
+    #[test]
+    fn a_job_held_back_is_handed_out_at_the_first_event_after_its_start() {
+        let now = Instant::now();
+        let mut spec = JobSpec::new("main", "train.py");
+        spec.not_before = Some(Timestamp(5000));
+        let mut s = State::new("me");
+        assert_eq!(s.apply(0, at("n0", 1000, pushed(spec)), now, 1000), Outcome::Pushed("1".into()));
+        assert_eq!(s.apply(1, at("n1", 1100, want("t1", "me", &["default"], 1, 10_000)), now, 1100), Outcome::Waiting);
+        let snap: Snapshot = serde_json::from_slice(&serde_json::to_vec(&s.snapshot()).unwrap()).unwrap();
+        let mut loaded = State::from_snapshot(snap, "me", now, 1100);
+        for fold in [&mut s, &mut loaded] {
+            assert_eq!(fold.next_due(), Some(5000));
+            fold.apply(2, at("n2", 4999, Event::Sync), now, 4999);
+            assert_eq!(fold.jobs["1"].record.state, JobState::Queued, "not before its start");
+            fold.apply(3, at("n3", 5000, Event::Sync), now, 5000);
+            assert_eq!(fold.jobs["1"].record.state, JobState::Running, "handed to the waiting want");
+            assert_eq!(fold.handed.get("t1").map(String::as_str), Some("1"));
+            let defer = Event::Deferred { id: "1".into(), token: "t1".into(), until: 9000 };
+            assert_eq!(fold.apply(4, at("n4", 5100, defer), now, 5100), Outcome::Requeued);
+            let job = &fold.jobs["1"].record;
+            assert_eq!((job.state, job.attempt, job.not_before), (JobState::Queued, 0, Some(Timestamp(9000))));
+            assert_eq!(fold.next_due(), Some(9000));
+        }
     }
 
     #[test]

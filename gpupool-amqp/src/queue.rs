@@ -923,6 +923,7 @@ impl AmqpQueue {
             },
         };
         let mut busy = Busy { inner: &self.inner, token };
+        let mut ticked: Option<i64> = None;
         loop {
             let notified = self.inner.handed.notified();
             tokio::pin!(notified);
@@ -946,7 +947,18 @@ impl AmqpQueue {
             if now >= deadline {
                 return Ok(None);
             }
-            let nap = (deadline - now).min(renew_at - now).min(WAIT_SLICE);
+            // A job held back whose time has come is put in line by the
+            // first event after that time; with nothing else happening,
+            // this waiting want's owner makes one (once per due time).
+            let due = self.inner.state().next_due();
+            let wall = Timestamp::now().0;
+            if let Some(at) = due.filter(|at| *at <= wall && ticked != Some(*at)) {
+                ticked = Some(at);
+                self.sync().await?;
+                continue;
+            }
+            let until_due = due.map_or(WAIT_SLICE, |at| Duration::from_millis(u64::try_from(at - wall).unwrap_or(0)));
+            let nap = (deadline - now).min(renew_at - now).min(WAIT_SLICE).min(until_due);
             let _ = tokio::time::timeout(nap, notified).await;
             self.reap().await?;
         }
@@ -1047,6 +1059,11 @@ impl Queue for AmqpQueue {
 
     async fn release(&self, lease: &Lease) -> Result<()> {
         let event = Event::Released { id: lease.id().to_string(), token: lease.token.clone(), dispatch: None };
+        Self::fenced(lease, self.emit(event).await?).map(|_| ())
+    }
+
+    async fn defer(&self, lease: &Lease, until: Timestamp) -> Result<()> {
+        let event = Event::Deferred { id: lease.id().to_string(), token: lease.token.clone(), until: until.0 };
         Self::fenced(lease, self.emit(event).await?).map(|_| ())
     }
 
