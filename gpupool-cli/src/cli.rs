@@ -692,16 +692,7 @@ pub(crate) async fn all_jobs(
     state: Option<JobState>,
     in_queue: Option<String>,
 ) -> Result<Vec<gpupool::JobRecord>> {
-    let (mut jobs, mut offset) = (Vec::new(), 0u64);
-    loop {
-        let page = queue.list(&ListFilter { state, queue: in_queue.clone(), limit: 1000, offset }).await?;
-        let last = page.len() < 1000;
-        jobs.extend(page);
-        if last {
-            return Ok(jobs);
-        }
-        offset += 1000;
-    }
+    gpupool::all_jobs(queue, &ListFilter { state, queue: in_queue, ..ListFilter::default() }).await
 }
 
 /// Whether `text` matches `pattern`, where `*` is any run of characters and
@@ -927,6 +918,23 @@ async fn follow_log(queue: &dyn Queue, id: &str) -> Result<ExitCode> {
     }
 }
 
+/// The checks of a job that is held back (`not_before`, `after`,
+/// `retry.backoff`) that need the queue: the backend must be able to hold
+/// a job back, and the jobs `after` names must exist (the sweep form
+/// becomes the list of the sweep's runs).
+pub(crate) async fn held_back_here(queue: &dyn Queue, job: &mut JobSpec) -> Result<()> {
+    let backoff = job.retry.as_ref().is_some_and(|r| r.backoff.is_some());
+    if (job.not_before.is_some() || job.after.is_some() || backoff) && !queue.capabilities().delays {
+        return Err(Error::InvalidJob(
+            "this backend cannot hold a job back, which not_before, after and retry.backoff need".to_owned(),
+        ));
+    }
+    if let Some(after) = &job.after {
+        job.after = Some(gpupool::after::resolve(queue, after).await?);
+    }
+    Ok(())
+}
+
 async fn push(queue: &dyn Queue, files: Vec<PathBuf>, set: &[String], json: bool) -> Result<()> {
     let files = if files.is_empty() { vec![PathBuf::from("message.json")] } else { files };
     let mut overrides = Vec::new();
@@ -962,6 +970,14 @@ async fn push(queue: &dyn Queue, files: Vec<PathBuf>, set: &[String], json: bool
         say(
             "warning: this backend runs jobs first in, first out and ignores `priority`; use queues for urgency (worker --queues urgent,default)",
         );
+    }
+    for (file, jobs) in &mut batches {
+        for job in jobs {
+            held_back_here(queue, job).await.map_err(|e| match e {
+                Error::InvalidJob(m) => Error::InvalidJob(format!("{}: {m}", file.display())),
+                other => other,
+            })?;
+        }
     }
     let mut ids = Vec::new();
     let mut new = Vec::new();

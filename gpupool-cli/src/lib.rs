@@ -309,11 +309,7 @@ fn jobs_table_with(jobs: &[JobRecord], keys: &[String]) -> String {
         .map(|j| {
             let mut row = vec![
                 j.id.to_string(),
-                if j.state == JobState::Running && j.cancel_requested {
-                    "cancelling".to_owned()
-                } else {
-                    j.state.to_string()
-                },
+                state_cell(j, now),
                 j.spec.queue.clone(),
                 j.spec.name.clone().unwrap_or_else(|| "-".into()),
                 j.spec.git_ref.clone(),
@@ -344,6 +340,21 @@ fn jobs_table_with(jobs: &[JobRecord], keys: &[String]) -> String {
     header.extend(upper.iter().map(String::as_str));
     header.extend(["CREATED", "ENTRYPOINT"]);
     table(&header, &rows)
+}
+
+/// A job's state as the table shows it: a running job asked to stop is
+/// `cancelling`; a queued one held back says what for.
+fn state_cell(j: &JobRecord, now: Timestamp) -> String {
+    match (j.state, &j.spec.after, j.waits_until().filter(|t| *t > now)) {
+        (JobState::Running, _, _) if j.cancel_requested => "cancelling".to_owned(),
+        (JobState::Queued, Some(gpupool::After::Jobs(ids)), _) if ids.len() <= 3 => {
+            format!("queued after {}", ids.iter().map(gpupool::JobId::as_str).collect::<Vec<_>>().join(","))
+        }
+        (JobState::Queued, Some(gpupool::After::Jobs(ids)), _) => format!("queued after {} jobs", ids.len()),
+        (JobState::Queued, Some(gpupool::After::Sweep { sweep }), _) => format!("queued after sweep {sweep}"),
+        (JobState::Queued, None, Some(start)) => format!("queued until {}", short(Some(start))),
+        (state, _, _) => state.to_string(),
+    }
 }
 
 /// How long a job's last run took, or has taken so far: `1h02m`, `3m05s`,

@@ -932,6 +932,72 @@ fn an_oom_run_is_retried_and_a_python_error_is_not(backend: Backend) {
     assert!(!w.out.join(format!("run-{}-2.json", ids[1])).exists(), "not run again");
 }
 
+/// `after` and `not_before` through the CLI with a real worker. A job
+/// after another waits while it runs, without holding one of the worker's
+/// two slots (a third job runs meanwhile), and runs once it succeeded; a
+/// job after a failing one is cancelled and its log says why; with
+/// `after_any` it runs anyway; a job pushed for later starts no earlier.
+/// `after` naming a job that does not exist, or a `not_before` that is not
+/// a time, is refused at push, naming the field.
+fn a_dependent_job_waits_for_its_parent_and_is_cancelled_when_it_fails(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
+    let refused = |job: Value, words: &[&str]| {
+        let file = w.dir.join("refused.json");
+        std::fs::write(&file, job.to_string()).unwrap();
+        let out = w.gp(&["push", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && words.iter().all(|word| stderr.contains(word)), "{stderr}");
+    };
+    let train = |extra: Value| {
+        let mut job = json!({"git_ref": "master", "entrypoint": "ai_folder/train.py"});
+        job.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        job
+    };
+    refused(train(json!({"after": ["999999"]})), &["after", "999999", "does not exist"]);
+    refused(train(json!({"not_before": "tomorrow"})), &["not_before", "tomorrow"]);
+    assert_eq!(w.json(&["jobs"]), json!([]), "nothing was pushed");
+
+    let parent = w.push(&json!([train(json!({"args": {"sleep": 4}}))]))[0].clone();
+    let child = w.push(&json!([train(json!({"after": [parent]}))]))[0].clone();
+    let failing = w.push(&json!([train(json!({"args": {"exit": 3}}))]))[0].clone();
+    let start = gpupool_core::Timestamp::now().plus(Duration::from_secs(6));
+    let ids = w.push(&json!([
+        train(json!({"after": [failing]})),
+        train(json!({"after": [parent, failing], "after_any": true})),
+        train(json!({"not_before": start.to_rfc3339()})),
+    ]));
+    let (orphan, lenient, later) = (&ids[0], &ids[1], &ids[2]);
+    let queued = w.gp_ok(&["jobs"]);
+    assert!(queued.contains(&format!("queued after {parent}")) && queued.contains("queued until"), "{queued}");
+    let mut worker = w.worker(&["--slots", "2"]);
+    let all = [&parent, &child, &failing, orphan, lenient, later];
+    wait_until(Duration::from_secs(60), || {
+        all.iter().all(|id| matches!(w.job(id)["state"].as_str(), Some("succeeded" | "failed" | "cancelled")))
+    });
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let state = |id: &str| w.job(id)["state"].as_str().unwrap().to_owned();
+    assert_eq!(
+        [&parent, &child, &failing, orphan, lenient, later].map(|id| state(id)),
+        ["succeeded", "succeeded", "failed", "cancelled", "succeeded", "succeeded"]
+    );
+    let ended = |id: &str| -> f64 {
+        let end: Value =
+            serde_json::from_str(&std::fs::read_to_string(w.out.join(format!("run-{id}-1.json.end"))).unwrap())
+                .unwrap();
+        end["end"].as_f64().unwrap()
+    };
+    let began = |id: &str| w.run_record(id, 1)["start"].as_f64().unwrap();
+    assert!(began(&child) >= ended(&parent), "the child ran after its parent ended");
+    assert!(began(lenient) >= ended(&parent), "after_any waits for every job to end");
+    assert!(began(&failing) < ended(&parent), "the waiting child held no slot: the next job ran meanwhile");
+    assert!(began(later) * 1000.0 >= start.0 as f64, "not before its start");
+    assert_eq!(w.job(&child)["attempt"], 1, "waiting charged no attempt");
+    assert!(!w.out.join(format!("run-{orphan}-1.json")).exists(), "the orphan never ran");
+    let why = w.gp_ok(&["logs", orphan]);
+    assert!(why.contains(&format!("job {failing}")) && why.contains("ended failed"), "{why}");
+}
+
 /// An S3-compatible test server: `GPUPOOL_TEST_S3_ENDPOINT`, else moto
 /// (`pip install 'moto[server]'`) started on a free port; `None` after
 /// `skipped: …` (a failure under `GPUPOOL_REQUIRE_BACKENDS=1`).
@@ -1121,4 +1187,5 @@ scenarios!(
     the_setup_step_runs_when_its_inputs_change_and_its_failure_fails_the_job,
     a_sweep_runs_every_point_once_ranked_by_its_metric,
     an_oom_run_is_retried_and_a_python_error_is_not,
+    a_dependent_job_waits_for_its_parent_and_is_cancelled_when_it_fails,
 );

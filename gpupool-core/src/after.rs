@@ -29,7 +29,6 @@ pub const RECHECK_MAX: Duration = Duration::from_secs(30);
 
 /// What to do with a leased job that names `after`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Gate {
     /// Every job it waits for has succeeded (or ended, with `after_any`),
     /// or it waits for none: run it.
@@ -89,34 +88,21 @@ async fn parents(queue: &dyn Queue, after: &After) -> Result<Vec<(JobId, Option<
             }
             Ok(out)
         }
-        After::Sweep { sweep } => Ok(sweep_runs(queue, sweep).await?.into_iter().map(|j| (j.id, Some(j.state))).collect()),
+        After::Sweep { sweep } => {
+            Ok(sweep_runs(queue, sweep).await?.into_iter().map(|j| (j.id, Some(j.state))).collect())
+        }
     }
 }
 
 /// The runs of a sweep, oldest first.
 pub async fn sweep_runs(queue: &dyn Queue, sweep: &str) -> Result<Vec<JobRecord>> {
-    let mut runs: Vec<JobRecord> = all_jobs(queue, &ListFilter::default())
+    let mut runs: Vec<JobRecord> = crate::queue::all_jobs(queue, &ListFilter::default())
         .await?
         .into_iter()
         .filter(|j| j.spec.sweep.as_ref().is_some_and(|s| s.id == sweep))
         .collect();
     runs.reverse();
     Ok(runs)
-}
-
-/// Every job `filter` selects (its `limit` and `offset` aside), newest
-/// first, read a page of 1,000 at a time.
-pub async fn all_jobs(queue: &dyn Queue, filter: &ListFilter) -> Result<Vec<JobRecord>> {
-    let (mut jobs, mut offset) = (Vec::new(), 0u64);
-    loop {
-        let page = queue.list(&ListFilter { limit: 1000, offset, ..filter.clone() }).await?;
-        let last = page.len() < 1000;
-        jobs.extend(page);
-        if last {
-            return Ok(jobs);
-        }
-        offset += 1000;
-    }
 }
 
 /// `after: {"sweep": ID}` made into the list of the sweep's runs, and every

@@ -1099,7 +1099,10 @@ pub async fn retry_backoff(q: Arc<dyn Queue>) {
         let lease = q.reserve(&req(&queue).wait(Duration::from_secs(10))).await.unwrap().expect("the job");
         assert_eq!((lease.id(), lease.attempt()), (&id, attempt));
         let failed_at = Timestamp::now();
-        assert_eq!(q.fail(&lease, Failure::new(FailureKind::Oom, "CUDA out of memory")).await.unwrap(), FailOutcome::Requeued);
+        assert_eq!(
+            q.fail(&lease, Failure::new(FailureKind::Oom, "CUDA out of memory")).await.unwrap(),
+            FailOutcome::Requeued
+        );
         let start = q.get(&id).await.unwrap().waits_until().expect("a queued job held back by its backoff");
         let held = start.0 - failed_at.0;
         assert!(

@@ -100,7 +100,9 @@ impl Timestamp {
     /// of a second, in UTC (`Z`) or at an offset (`+09:00`, `-05:00`).
     pub fn parse_rfc3339(text: &str) -> Result<Self, String> {
         let bad = |why: &str| {
-            format!("`{text}` is not an RFC 3339 time ({why}); write it like 2026-12-01T18:00:00Z or 2026-12-02T03:00:00+09:00")
+            format!(
+                "`{text}` is not an RFC 3339 time ({why}); write it like 2026-12-01T18:00:00Z or 2026-12-02T03:00:00+09:00"
+            )
         };
         let (utc, offset_min) = match text.len().checked_sub(6).map(|i| text.split_at(i)) {
             Some((head, tail)) if (tail.starts_with('+') || tail.starts_with('-')) && tail.as_bytes()[3] == b':' => {

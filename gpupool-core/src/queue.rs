@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{Error, Result};
 use crate::job::{AttemptError, FailureKind, JobId, JobRecord, JobSpec, JobState, Timestamp};
+use crate::{Error, Result};
 
 /// What a backend can do, for the conformance suite (which checks what is
 /// declared and skips the rest) and the CLI (which says what is not).
@@ -675,6 +675,21 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// [`RunLogs`]). `None`: `gpupool logs` reads the log on the host that
     /// ran the job, and the stored tail elsewhere.
     fn run_logs(&self) -> Option<&dyn RunLogs>;
+}
+
+/// Every job `filter` selects (its `limit` and `offset` aside), newest
+/// first, read a page of 1,000 at a time.
+pub async fn all_jobs(queue: &dyn Queue, filter: &ListFilter) -> Result<Vec<JobRecord>> {
+    let (mut jobs, mut offset) = (Vec::new(), 0u64);
+    loop {
+        let page = queue.list(&ListFilter { limit: 1000, offset, ..filter.clone() }).await?;
+        let last = page.len() < 1000;
+        jobs.extend(page);
+        if last {
+            return Ok(jobs);
+        }
+        offset += 1000;
+    }
 }
 
 /// The most bytes of a job's shipped log a backend keeps: the oldest

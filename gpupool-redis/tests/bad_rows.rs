@@ -18,8 +18,16 @@ const BAD: &str = r#"{"git_ref": 7, "from": "a newer gpupool"}"#;
 async fn push_raw(q: &RedisQueue, queue: &str, spec: &str) -> JobId {
     let script = redis::Script::new(concat!(include_str!("../lua/prelude.lua"), "\n", include_str!("../lua/push.lua")));
     let mut c = q.connection();
-    let id: String =
-        script.arg(&q.options().prefix).arg(spec).arg(queue).arg("3").arg("").arg("").invoke_async(&mut c).await.unwrap();
+    let id: String = script
+        .arg(&q.options().prefix)
+        .arg(spec)
+        .arg(queue)
+        .arg("3")
+        .arg("")
+        .arg("")
+        .invoke_async(&mut c)
+        .await
+        .unwrap();
     JobId::new(id)
 }
 

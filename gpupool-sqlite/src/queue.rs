@@ -577,8 +577,7 @@ impl Queue for SqliteQueue {
         .map_err(map)?;
         let (attempt, limit) = held.ok_or_else(|| Error::lease_lost(lease.id()))?;
         let attempt_n = rows::u32_column(BACKEND, "attempt", attempt)?;
-        let requeue =
-            failure.requeues(&lease.job.spec, attempt_n, rows::u32_column(BACKEND, "attempt_limit", limit)?);
+        let requeue = failure.requeues(&lease.job.spec, attempt_n, rows::u32_column(BACKEND, "attempt_limit", limit)?);
         let not_before = if requeue { failure.retry_at(&lease.job.spec, attempt_n, Timestamp(now)) } else { None };
         sqlx::query(
             "INSERT INTO job_errors (job_id, attempt, kind, exit_code, signal, message, output_tail, at) \

@@ -383,6 +383,11 @@ impl Worker {
                 // A reserve that was waiting when the stop came: a stopping
                 // worker starts nothing new, so the job goes back, uncharged.
                 Ok(Some(lease)) if shutdown.is_cancelled() => give_back(&ctx, &lease).await,
+                // A job that runs after others, not yet free to run: given
+                // back until its next look (or ended), holding no slot.
+                Ok(Some(lease)) if lease.job.spec.after.is_some() && !free_to_run(&ctx, &lease).await => {
+                    backoff = Duration::ZERO;
+                }
                 Ok(Some(lease)) => {
                     backoff = Duration::ZERO;
                     summary.reserved += 1;
@@ -425,6 +430,35 @@ impl Worker {
         summary.unhealthy = lock(&ctx.health).fault.clone();
         Ok(summary)
     }
+}
+
+/// Whether a job that names `after` may run now ([`gpupool_core::after`]).
+/// If not, it is given back until its next look, or ends `cancelled`
+/// saying why (a job it runs after failed); either way it holds no slot.
+async fn free_to_run(ctx: &Ctx, lease: &Lease) -> bool {
+    use gpupool_core::after::{Gate, gate};
+    let now = gpupool_core::Timestamp::now();
+    let verdict = if ctx.queue.capabilities().delays {
+        gate(ctx.queue.as_ref(), &lease.job, now).await
+    } else {
+        Ok(Gate::Cancel("this queue cannot hold a job back, which waiting for other jobs needs".to_owned()))
+    };
+    let done = match verdict {
+        Ok(Gate::Run) => return true,
+        Ok(Gate::Wait(until)) => ctx.queue.defer(lease, until).await,
+        Ok(Gate::Cancel(why)) => {
+            info!(job_id = %lease.id(), "not run, cancelled: {why}");
+            ctx.queue.report_cancelled(lease, format!("gpupool: cancelled before it ran: {why}\n")).await
+        }
+        Err(e) => {
+            warn!(job_id = %lease.id(), "cannot read the jobs it runs after ({e}); looking again later");
+            ctx.queue.defer(lease, now.plus(gpupool_core::after::RECHECK_MAX)).await
+        }
+    };
+    if let Err(e) = done {
+        warn!(job_id = %lease.id(), "could not give back a job that waits for others ({e}); it returns when its lease ends");
+    }
+    false
 }
 
 /// Gives back, uncharged, a job reserved as the stop came.
