@@ -3,7 +3,7 @@
 //! `cancelled` because a job it waits for failed.
 //!
 //! A waiting job holds no worker and no GPU: the worker that leased it
-//! gives it back with [`Queue::defer`](crate::Queue::defer), to be looked
+//! gives it back with [`Queue::defer`], to be looked
 //! at again after a pause that grows with the wait ([`recheck`]: 2 s at
 //! first, then a quarter of the time waited, at most 30 s). So the wait
 //! costs the pool one reserve per waiting job per pause, works on every
