@@ -92,6 +92,8 @@ use tokio::sync::{Notify, oneshot};
 use tracing::warn;
 
 use crate::ledger::{Ask, Envelope, Event, Outcome, SNAPSHOT_VERSION, Snapshot, State};
+
+mod blobs;
 use crate::options::AmqpOptions;
 
 const BACKEND: &str = "amqp";
@@ -199,6 +201,8 @@ struct Inner {
     replaying: AtomicBool,
     /// Jobs whose log stream this handle declared (on its first ship).
     log_streams: StdMutex<std::collections::HashSet<String>>,
+    /// Blob streams this handle declared.
+    blob_streams: StdMutex<std::collections::HashSet<String>>,
     /// Counts this handle's connections: a ledger consumer applies events
     /// only while its connection is the newest, so an old consumer still
     /// delivering after a reconnect never writes into the new fold.
@@ -307,6 +311,7 @@ impl AmqpQueue {
                 last_reap: StdMutex::default(),
                 replaying: AtomicBool::new(false),
                 log_streams: StdMutex::default(),
+                blob_streams: StdMutex::default(),
                 cursors: StdMutex::default(),
                 generation: std::sync::atomic::AtomicU64::new(0),
                 last_log_sweep: StdMutex::default(),
@@ -414,7 +419,7 @@ impl AmqpQueue {
         };
         let link = self.link().await?;
         let ch = link.connection.create_channel().await.map_err(unavailable)?;
-        for name in self.declared_queues().into_iter().chain(logs) {
+        for name in self.declared_queues().into_iter().chain(logs).chain(self.blob_streams()) {
             let _ = ch.queue_delete(name.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
         }
         let _ = ch.close(200, "bye".into()).await;
@@ -1156,6 +1161,10 @@ impl Queue for AmqpQueue {
     }
 
     fn run_logs(&self) -> Option<&dyn gpupool_core::RunLogs> {
+        Some(self)
+    }
+
+    fn blobs(&self) -> Option<&dyn gpupool_core::Blobs> {
         Some(self)
     }
 }

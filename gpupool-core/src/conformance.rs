@@ -822,7 +822,8 @@ macro_rules! conformance_tests {
             retry_failed_and_cancelled, reserve_order, list_filters_and_pages, idempotency_key,
             gpu_requirements, big_jobs_are_not_starved, parked_jobs_wait_for_a_big_enough_worker,
             worker_registry, run_logs, artifacts, reserve_waits_for_push, exists_after_init, sweep_runs,
-            retry_policy, delayed_start, retry_backoff, defer_holds_a_job_back, after_waits_for_its_jobs);
+            retry_policy, delayed_start, retry_backoff, defer_holds_a_job_back, after_waits_for_its_jobs,
+            blobs_round_trip);
     };
     (@each $setup:path, $teardown:path; $($name:ident),* $(,)?) => {
         $(
@@ -971,6 +972,7 @@ pub async fn run_all(q: Arc<dyn Queue>) {
     retry_backoff(Arc::clone(&q)).await;
     defer_holds_a_job_back(Arc::clone(&q)).await;
     after_waits_for_its_jobs(Arc::clone(&q)).await;
+    blobs_round_trip(Arc::clone(&q)).await;
     exists_after_init(q).await;
 }
 
@@ -1197,4 +1199,29 @@ pub async fn after_waits_for_its_jobs(q: Arc<dyn Queue>) {
     }
     let resolved = resolve(q.as_ref(), &crate::After::Sweep { sweep: sweep.id.clone() }).await.unwrap();
     assert_eq!(resolved, crate::After::Jobs(runs));
+}
+
+/// [`crate::Blobs`], where the backend has it: bytes of every value, in
+/// several pieces' worth, read back exactly; an unknown hash reads `None`;
+/// storing a hash again changes nothing. A job naming a snapshot keeps it.
+pub async fn blobs_round_trip(q: Arc<dyn Queue>) {
+    let Some(blobs) = q.blobs() else { return };
+    let hash = format!("{:0>40}", unique_suffix());
+    let bytes: Vec<u8> = (0..(crate::BLOB_PIECE_BYTES * 2 + 12_345)).map(|i| (i * 7 % 256) as u8).collect();
+    assert_eq!(blobs.get_blob(&hash).await.unwrap(), None, "nothing stored yet");
+    blobs.put_blob(&hash, &bytes).await.unwrap();
+    blobs.put_blob(&hash, &bytes).await.unwrap();
+    assert!(blobs.get_blob(&hash).await.unwrap() == Some(bytes), "read back byte for byte");
+    let small = format!("{:0>40}", unique_suffix());
+    blobs.put_blob(&small, b"\0\x01\xff").await.unwrap();
+    assert_eq!(blobs.get_blob(&small).await.unwrap().as_deref(), Some(&b"\0\x01\xff"[..]));
+    let empty = format!("{:0>40}", unique_suffix());
+    blobs.put_blob(&empty, b"").await.unwrap();
+    assert_eq!(blobs.get_blob(&empty).await.unwrap(), Some(Vec::new()), "an empty blob is stored too");
+    let base = "0123456789abcdef0123456789abcdef01234567".to_owned();
+    let queue = unique_queue("snap");
+    let mut spec = JobSpec::new(base.clone(), "train.py").with_queue(&queue);
+    spec.snapshot = Some(crate::SnapshotRef { base, hash: hash.clone(), bytes: 2 });
+    let id = q.push(spec.clone()).await.unwrap();
+    assert_eq!(q.get(&id).await.unwrap().spec, spec, "the job keeps its snapshot");
 }

@@ -344,7 +344,31 @@ pub struct JobSpec {
     /// default one that fails or is cancelled cancels this job).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub after_any: bool,
+    /// Uncommitted code to run (`gpupool push --snapshot`): applied on top
+    /// of `git_ref`, which is its base commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotRef>,
 }
+
+/// A snapshot of a working tree that a job runs (`snapshot` in the job
+/// JSON): the files that differ from its base commit, stored once in the
+/// queue ([`crate::Blobs`]) under their hash. The job's `git_ref` is the
+/// base.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRef {
+    /// The commit it applies to (full sha): the newest commit the remote
+    /// had when it was taken.
+    pub base: String,
+    /// The stored snapshot's id: git's blob hash of its bytes (40 hex).
+    pub hash: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
+/// The largest snapshot a job may name (`gpupool push --snapshot` stops at
+/// 16 MiB unless told otherwise).
+pub const MAX_SNAPSHOT_BYTES: u64 = 256 << 20;
 
 /// The jobs a job waits for (`after` in the job JSON): a list of ids,
 /// `["12", "13"]`, or every run of a sweep, `{"sweep": "ID"}`. `gpupool
@@ -451,6 +475,7 @@ impl JobSpec {
             not_before: None,
             after: None,
             after_any: false,
+            snapshot: None,
         }
     }
 

@@ -54,13 +54,13 @@ pub use error::{BoxError, Error, Result};
 pub use gpu::GpuInventory;
 pub use job::{
     After, Args, AttemptError, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, FailureKind, JobId, JobRecord, JobSpec, JobState,
-    MAX_BACKOFF, RetryPolicy, Timestamp,
+    MAX_BACKOFF, MAX_SNAPSHOT_BYTES, RetryPolicy, SnapshotRef, Timestamp,
 };
 pub use memory::MemoryQueue;
 pub use queue::{
-    CancelOutcome, Capabilities, Completion, Connect, FailOutcome, Failure, GONE_AFTER_HEARTBEATS, Heartbeat,
-    LOG_CAP_BYTES, Lease, ListFilter, LogPage, Progress, Pushed, Queue, ReserveRequest, RunInfo, RunLogs, RunningJob,
-    Sweep, WorkerInfo, WorkerRegistry, all_jobs, default_worker_name,
+    BLOB_PIECE_BYTES, Blobs, CancelOutcome, Capabilities, Completion, Connect, FailOutcome, Failure,
+    GONE_AFTER_HEARTBEATS, Heartbeat, LOG_CAP_BYTES, Lease, ListFilter, LogPage, Progress, Pushed, Queue,
+    ReserveRequest, RunInfo, RunLogs, RunningJob, Sweep, WorkerInfo, WorkerRegistry, all_jobs, default_worker_name,
 };
 pub use runner::Runner;
 pub use workspace::Workspace;

@@ -39,6 +39,7 @@ struct State {
     errors: Vec<AttemptError>,
     idempotency: HashMap<String, i64>,
     workers: BTreeMap<String, WorkerInfo>,
+    blobs: HashMap<String, Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -427,6 +428,22 @@ impl Queue for MemoryQueue {
 
     fn run_logs(&self) -> Option<&dyn crate::RunLogs> {
         Some(self)
+    }
+
+    fn blobs(&self) -> Option<&dyn crate::Blobs> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl crate::Blobs for MemoryQueue {
+    async fn put_blob(&self, hash: &str, bytes: &[u8]) -> Result<()> {
+        self.lock().blobs.entry(hash.to_owned()).or_insert_with(|| bytes.to_vec());
+        Ok(())
+    }
+
+    async fn get_blob(&self, hash: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.lock().blobs.get(hash).cloned())
     }
 }
 

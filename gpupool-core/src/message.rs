@@ -393,6 +393,22 @@ impl JobSpec {
             }
         }
         self.check_after()?;
+        if let Some(snap) = &self.snapshot {
+            let sha = |v: &str| v.len() == 40 && v.bytes().all(|b| b.is_ascii_hexdigit());
+            if !sha(&snap.base) || !sha(&snap.hash) {
+                return bad("snapshot.base and snapshot.hash must be full 40-hex ids".into());
+            }
+            if snap.base != self.git_ref {
+                return bad(format!("snapshot.base {} is not the job's git_ref {}", snap.base, self.git_ref));
+            }
+            if snap.bytes > crate::job::MAX_SNAPSHOT_BYTES {
+                return bad(format!(
+                    "snapshot is {} bytes; the limit is {}",
+                    snap.bytes,
+                    crate::job::MAX_SNAPSHOT_BYTES
+                ));
+            }
+        }
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return bad("timeout 0 would stop every run at once; leave it out for no timeout".into());
         }

@@ -675,6 +675,13 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// [`RunLogs`]). `None`: `gpupool logs` reads the log on the host that
     /// ran the job, and the stored tail elsewhere.
     fn run_logs(&self) -> Option<&dyn RunLogs>;
+
+    /// Where the backend stores snapshots of uncommitted code (`Some(self)`
+    /// for a backend that implements [`Blobs`]). `None` (the default):
+    /// `gpupool push --snapshot` says this backend cannot.
+    fn blobs(&self) -> Option<&dyn Blobs> {
+        None
+    }
 }
 
 /// Every job `filter` selects (its `limit` and `offset` aside), newest
@@ -748,6 +755,25 @@ pub trait RunLogs: Send + Sync {
     /// job; an empty page for a job that shipped nothing yet.
     async fn read_log(&self, id: &JobId, from: u64) -> Result<LogPage>;
 }
+
+/// Byte strings stored by their hash: the snapshots of uncommitted code
+/// that jobs run ([`crate::SnapshotRef`]). Binary-safe, up to
+/// [`crate::MAX_SNAPSHOT_BYTES`] each; a backend may store one in pieces.
+/// Nothing is deleted: a snapshot lives as long as the backend keeps its
+/// data (RabbitMQ: a stream per snapshot, kept 30 days).
+#[async_trait]
+pub trait Blobs: Send + Sync {
+    /// Stores `bytes` under `hash` (which the caller computed from them).
+    /// Storing the same hash again is harmless.
+    async fn put_blob(&self, hash: &str, bytes: &[u8]) -> Result<()>;
+
+    /// The bytes stored under `hash`; `None` if none are.
+    async fn get_blob(&self, hash: &str) -> Result<Option<Vec<u8>>>;
+}
+
+/// The piece size backends that store a blob in pieces use (1 MiB: under
+/// MySQL's default packet limit, and a RabbitMQ message of ordinary size).
+pub const BLOB_PIECE_BYTES: usize = 1 << 20;
 
 /// Workers that register and heartbeat, so that `gpupool status` can show
 /// each host, its GPUs and what it runs. Optional: a [`Queue`] that keeps

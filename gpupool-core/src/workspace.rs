@@ -76,6 +76,11 @@ pub struct PrepareRequest<'a> {
     /// A name for the checkout that no other running job has, such as
     /// `job-42-1` (job 42, attempt 1).
     pub label: &'a str,
+    /// Uncommitted code to apply on top of `git_ref` (the bytes of a
+    /// snapshot that `gpupool push --snapshot` took; the worker has checked
+    /// them against their hash). Only a workspace that
+    /// [`applies_snapshots`](Workspace::applies_snapshots) is given one.
+    pub snapshot: Option<&'a [u8]>,
 }
 
 /// Prepares the code a job runs: a directory at one exact version.
@@ -163,4 +168,14 @@ pub trait Workspace: Send + Sync + fmt::Debug {
 
     /// Strings to keep out of job output (the tokens this workspace uses).
     fn secrets(&self) -> Vec<String>;
+
+    /// Whether [`prepare`](Workspace::prepare) applies a request's
+    /// `snapshot` (the files it holds written over the checkout, those it
+    /// deletes removed, before the entrypoint is checked; files it wrote
+    /// are not reported by [`changed`](Workspace::changed)). `false` (the
+    /// default): the worker fails a job that has one, kind `ref`, saying
+    /// this worker cannot run uncommitted code.
+    fn applies_snapshots(&self) -> bool {
+        false
+    }
 }

@@ -36,7 +36,7 @@ const LOCK_RETRIES: u32 = 5;
 
 /// The migrations, in order. `{prefix}` becomes the table prefix; statements
 /// are separated by a blank line after `;`.
-const MIGRATIONS: [(i64, &str); 5] = [
+const MIGRATIONS: [(i64, &str); 6] = [
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_workers.sql")),
     // Running jobs' shipped output (gpupool_core::RunLogs), one row per piece.
@@ -46,6 +46,8 @@ const MIGRATIONS: [(i64, &str); 5] = [
     // A queued job's earliest start (not_before, a retry's backoff, the
     // wait of `after`); NULL: at once.
     (5, include_str!("../migrations/0005_not_before.sql")),
+    // Snapshots of uncommitted code (gpupool_core::Blobs), in pieces.
+    (6, include_str!("../migrations/0006_blobs.sql")),
 ];
 
 /// Pieces of a log read per call: about a megabyte at the worker's batching.
@@ -128,6 +130,8 @@ struct Sql {
     log_trim: Arc<str>,
     log_read: Arc<str>,
     job_known: Arc<str>,
+    blob_put: Arc<str>,
+    blob_get: Arc<str>,
 }
 
 impl Sql {
@@ -233,6 +237,8 @@ impl Sql {
             log_read: s("SELECT start, len, text FROM {p}job_logs WHERE job_id = ? AND start + len > ? \
                          ORDER BY start LIMIT ?"),
             job_known: s("SELECT id FROM {p}jobs WHERE id = ?"),
+            blob_put: s("INSERT IGNORE INTO {p}blobs (hash, piece, data) VALUES (?, ?, ?)"),
+            blob_get: s("SELECT data FROM {p}blobs WHERE hash = ? ORDER BY piece"),
         }
     }
 }
@@ -935,6 +941,38 @@ impl Queue for MysqlQueue {
 
     fn run_logs(&self) -> Option<&dyn gpupool_core::RunLogs> {
         Some(self)
+    }
+
+    fn blobs(&self) -> Option<&dyn gpupool_core::Blobs> {
+        Some(self)
+    }
+}
+
+/// Pieces of [`gpupool_core::BLOB_PIECE_BYTES`] (under the default
+/// `max_allowed_packet`), written in one transaction.
+#[async_trait]
+impl gpupool_core::Blobs for MysqlQueue {
+    async fn put_blob(&self, hash: &str, bytes: &[u8]) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map)?;
+        let pieces: Vec<&[u8]> =
+            if bytes.is_empty() { vec![bytes] } else { bytes.chunks(gpupool_core::BLOB_PIECE_BYTES).collect() };
+        for (n, piece) in pieces.into_iter().enumerate() {
+            q(&self.sql.blob_put)
+                .bind(hash)
+                .bind(i64::try_from(n).unwrap_or(i64::MAX))
+                .bind(piece)
+                .execute(&mut *tx)
+                .await
+                .map_err(map)?;
+        }
+        tx.commit().await.map_err(map)
+    }
+
+    async fn get_blob(&self, hash: &str) -> Result<Option<Vec<u8>>> {
+        let rows = q(&self.sql.blob_get).bind(hash).fetch_all(&self.pool).await.map_err(map)?;
+        let pieces = rows.iter().map(|r| r.try_get::<Vec<u8>, _>(0)).collect::<std::result::Result<Vec<_>, _>>();
+        let pieces = pieces.map_err(map)?;
+        Ok((!pieces.is_empty()).then(|| pieces.concat()))
     }
 }
 

@@ -982,6 +982,27 @@ impl Queue for RedisQueue {
     fn run_logs(&self) -> Option<&dyn gpupool_core::RunLogs> {
         Some(self)
     }
+
+    fn blobs(&self) -> Option<&dyn gpupool_core::Blobs> {
+        Some(self)
+    }
+}
+
+/// One string key per blob, `PREFIXblob:HASH` (a Redis string holds up to
+/// 512 MB, binary-safe), set only if absent.
+#[async_trait]
+impl gpupool_core::Blobs for RedisQueue {
+    async fn put_blob(&self, hash: &str, bytes: &[u8]) -> Result<()> {
+        let key = format!("{}blob:{hash}", self.p());
+        let _: Value =
+            redis::cmd("SET").arg(key).arg(bytes).arg("NX").query_async(&mut self.conn.clone()).await.map_err(map)?;
+        Ok(())
+    }
+
+    async fn get_blob(&self, hash: &str) -> Result<Option<Vec<u8>>> {
+        let key = format!("{}blob:{hash}", self.p());
+        redis::cmd("GET").arg(key).query_async(&mut self.conn.clone()).await.map_err(map)
+    }
 }
 
 #[async_trait]

@@ -37,7 +37,7 @@ const POLL: Duration = Duration::from_millis(25);
 const UNREADABLE_PER_RESERVE: usize = 8;
 
 /// The migrations, in order; `PRAGMA user_version` records the last applied.
-const MIGRATIONS: [(i64, &str); 7] = [
+const MIGRATIONS: [(i64, &str); 8] = [
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_workers.sql")),
     (3, include_str!("../migrations/0003_drop_lease_index.sql")),
@@ -45,6 +45,7 @@ const MIGRATIONS: [(i64, &str); 7] = [
     (5, include_str!("../migrations/0005_job_logs.sql")),
     (6, include_str!("../migrations/0006_artifacts.sql")),
     (7, include_str!("../migrations/0007_not_before.sql")),
+    (8, include_str!("../migrations/0008_blobs.sql")),
 ];
 
 /// Puts the file in WAL mode, once, before the pool opens; WAL is a property
@@ -832,6 +833,40 @@ impl Queue for SqliteQueue {
 
     fn run_logs(&self) -> Option<&dyn gpupool_core::RunLogs> {
         Some(self)
+    }
+
+    fn blobs(&self) -> Option<&dyn gpupool_core::Blobs> {
+        Some(self)
+    }
+}
+
+/// Pieces of [`gpupool_core::BLOB_PIECE_BYTES`], written in one
+/// transaction, so a reader sees all of a blob or none.
+#[async_trait]
+impl gpupool_core::Blobs for SqliteQueue {
+    async fn put_blob(&self, hash: &str, bytes: &[u8]) -> Result<()> {
+        let mut tx = self.begin_immediate().await?;
+        let pieces: Vec<&[u8]> =
+            if bytes.is_empty() { vec![bytes] } else { bytes.chunks(gpupool_core::BLOB_PIECE_BYTES).collect() };
+        for (n, piece) in pieces.into_iter().enumerate() {
+            sqlx::query("INSERT OR IGNORE INTO blobs (hash, piece, data) VALUES (?1, ?2, ?3)")
+                .bind(hash)
+                .bind(i64::try_from(n).unwrap_or(i64::MAX))
+                .bind(piece)
+                .execute(&mut *tx)
+                .await
+                .map_err(map)?;
+        }
+        tx.commit().await.map_err(map)
+    }
+
+    async fn get_blob(&self, hash: &str) -> Result<Option<Vec<u8>>> {
+        let pieces: Vec<Vec<u8>> = sqlx::query_scalar("SELECT data FROM blobs WHERE hash = ?1 ORDER BY piece")
+            .bind(hash)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map)?;
+        Ok((!pieces.is_empty()).then(|| pieces.concat()))
     }
 }
 

@@ -60,7 +60,7 @@ async fn an_older_file_gets_the_index_without_queued_jobs() {
         let id = q.push(JobSpec::new("main", "train.py")).await.unwrap();
         sqlx::raw_sql(
             "DROP INDEX jobs_state; CREATE INDEX jobs_state ON jobs (state, id); DROP TABLE job_logs; \
-             ALTER TABLE jobs DROP COLUMN artifacts; ALTER TABLE jobs DROP COLUMN not_before; PRAGMA user_version = 3",
+             ALTER TABLE jobs DROP COLUMN artifacts; ALTER TABLE jobs DROP COLUMN not_before; DROP TABLE blobs; PRAGMA user_version = 3",
         )
         .execute(q.pool())
         .await
@@ -70,7 +70,7 @@ async fn an_older_file_gets_the_index_without_queued_jobs() {
     };
     let q = SqliteQueue::connect(&url).await.unwrap();
     let version: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(q.pool()).await.unwrap();
-    assert_eq!(version, 7, "every migration since ran");
+    assert_eq!(version, 8, "every migration since ran");
     let sql: String = sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE name = 'jobs_state'")
         .fetch_one(q.pool())
         .await

@@ -638,7 +638,7 @@ mod tests {
     use super::*;
 
     fn job<'a>(repo: &'a str, git_ref: &'a str, label: &'a str) -> PrepareRequest<'a> {
-        PrepareRequest { repo, git_ref, entrypoint: "train.py", label }
+        PrepareRequest { repo, git_ref, entrypoint: "train.py", label, snapshot: None }
     }
 
     fn commit(repo: &Repository, text: &str) -> Oid {

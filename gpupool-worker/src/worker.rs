@@ -873,7 +873,13 @@ async fn execute(
     };
     let label = format!("job-{}-{}", lease.id(), lease.attempt());
     let lease_attempt = lease.attempt();
-    let job = PrepareRequest { repo: &repo, git_ref: &spec.git_ref, entrypoint: &spec.entrypoint, label: &label };
+    let job = PrepareRequest {
+        repo: &repo,
+        git_ref: &spec.git_ref,
+        entrypoint: &spec.entrypoint,
+        label: &label,
+        snapshot: None,
+    };
     // A cancel or a stop reaches a job still being checked out: the
     // workspace's future is dropped, which abandons the checkout.
     let prepared = tokio::select! {

@@ -282,6 +282,7 @@ fn checkout_figure(backend: &str, dir: &Path, quick: bool) {
                 git_ref: &sha,
                 entrypoint: "noop.py",
                 label: &format!("b{i}"),
+                snapshot: None,
             }))
             .unwrap();
         ours.push(t.elapsed().as_secs_f64() * 1000.0);
