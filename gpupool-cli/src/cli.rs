@@ -56,6 +56,15 @@ enum Command {
         /// Create the queue first if there is none (as `gpupool init`).
         #[arg(long)]
         init: bool,
+        /// Run the code of this git working tree as it is now: what differs
+        /// from the newest commit the remote has (unpushed commits, staged
+        /// and unstaged changes, untracked files that are not ignored) is
+        /// stored with the jobs and applied over that commit.
+        #[arg(long)]
+        snapshot: bool,
+        /// The largest snapshot, in MiB.
+        #[arg(long, value_name = "MIB", default_value_t = 16, requires = "snapshot")]
+        snapshot_limit: u64,
     },
     /// List jobs, newest first, or show one.
     #[command(alias = "message")]
@@ -452,7 +461,10 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             queue.init().await?;
             out(&format!("queue ready: {}\n", redact_url(&s.url)));
         }
-        Command::Push { files, set, .. } => push(queue.as_ref(), files, &set, json).await?,
+        Command::Push { files, set, snapshot, snapshot_limit, .. } => {
+            let snapshot = snapshot.then(|| snapshot_limit.saturating_mul(1 << 20));
+            push(queue.as_ref(), files, &set, snapshot, json).await?;
+        }
         Command::Jobs { sweep: Some(sweep), .. } => crate::sweeps::runs(queue.as_ref(), &sweep, json).await?,
         Command::Jobs { id, in_queue, state, limit, offset, sort, sweep: None } => {
             let page = ListPage { queue: in_queue, limit, offset };
@@ -935,7 +947,36 @@ pub(crate) async fn held_back_here(queue: &dyn Queue, job: &mut JobSpec) -> Resu
     Ok(())
 }
 
-async fn push(queue: &dyn Queue, files: Vec<PathBuf>, set: &[String], json: bool) -> Result<()> {
+/// A snapshot of the working tree around the current directory, checked
+/// against `limit` bytes and stored in the queue; what jobs name it by.
+async fn take_snapshot(queue: &dyn Queue, limit: u64) -> Result<gpupool::SnapshotRef> {
+    use gpupool::worker::snapshot;
+    let here = std::env::current_dir().map_err(|e| Error::Config(format!("cannot read the current directory: {e}")))?;
+    let taken = tokio::task::spawn_blocking(move || snapshot::take(&here))
+        .await
+        .map_err(|e| Error::Config(format!("the snapshot task failed: {e}")))?
+        .map_err(Error::Config)?;
+    let bytes = taken.bundle.encode();
+    snapshot::check_size(&taken.bundle, bytes.len(), limit).map_err(Error::Config)?;
+    let blobs = queue.blobs().ok_or_else(|| Error::Config("this backend cannot store a snapshot".to_owned()))?;
+    let hash = snapshot::hash(&bytes);
+    blobs.put_blob(&hash, &bytes).await?;
+    say(&format!(
+        "snapshot {} ({} file(s), {} bytes) over {} ({})",
+        &hash[..12],
+        taken.bundle.entries.len(),
+        bytes.len(),
+        &taken.base[..12],
+        taken.base_from
+    ));
+    Ok(gpupool::SnapshotRef { base: taken.base, hash, bytes: bytes.len() as u64 })
+}
+
+async fn push(queue: &dyn Queue, files: Vec<PathBuf>, set: &[String], snapshot: Option<u64>, json: bool) -> Result<()> {
+    let snapshot = match snapshot {
+        Some(limit) => Some(take_snapshot(queue, limit).await?),
+        None => None,
+    };
     let files = if files.is_empty() { vec![PathBuf::from("message.json")] } else { files };
     let mut overrides = Vec::new();
     for pair in set {
@@ -963,6 +1004,12 @@ async fn push(queue: &dyn Queue, files: Vec<PathBuf>, set: &[String], json: bool
                 job.args.insert(k.clone(), v.clone());
             }
             job.validate().map_err(|e| Error::Config(format!("{}: --set makes a job invalid: {e}", file.display())))?;
+            if let Some(snap) = &snapshot {
+                // The snapshot's base is the code it applies to.
+                job.git_ref.clone_from(&snap.base);
+                job.snapshot = Some(snap.clone());
+                job.validate()?;
+            }
         }
         batches.push((file, jobs));
     }

@@ -998,6 +998,86 @@ fn a_dependent_job_waits_for_its_parent_and_is_cancelled_when_it_fails(backend: 
     assert!(why.contains(&format!("job {failing}")) && why.contains("ended failed"), "{why}");
 }
 
+/// `push --snapshot` in a clone of the worker's repository runs the code
+/// as it is in that working tree: an unpushed commit, a staged and an
+/// unstaged change, a new untracked module and a binary file, a deleted
+/// file, and not an ignored one. The job records its base commit and the
+/// snapshot's hash; the working tree is left as it was. Outside a git
+/// tree, `--snapshot` is refused.
+fn a_snapshot_runs_the_edited_code(backend: Backend) {
+    let Some(w) = World::new(backend) else { return };
+    let outside = w.command(&["push", "--snapshot"]).current_dir(w.out.as_path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&outside.stderr);
+    assert!(!outside.status.success() && stderr.contains("snapshot outside a git tree"), "{stderr}");
+
+    let work = w.dir.join("work");
+    let clone = git2::Repository::clone(w.repo.to_str().unwrap(), &work).unwrap();
+    let head = clone.head().unwrap().peel_to_commit().unwrap();
+    commit_files(&clone, &[("ai_folder/lib_a.py", "A = 'committed, not pushed'\n".to_owned())], "master", Some(&head));
+    let write = |path: &str, bytes: &[u8]| std::fs::write(work.join(path), bytes).unwrap();
+    write("requirements.txt", b"torch\n");
+    let mut index = clone.index().unwrap();
+    index.add_path(Path::new("requirements.txt")).unwrap();
+    index.write().unwrap();
+    let train = std::fs::read_to_string(work.join("ai_folder/train.py")).unwrap();
+    write("ai_folder/train.py", train.replace("VERSION = 1\n", "VERSION = 99\n").as_bytes());
+    write("ai_folder/lib_b.py", b"B = 'untracked'\n");
+    write("ai_folder/blob.bin", &[0, 1, 2, 255, 0, 10]);
+    write(".gitignore", b"*.log\n");
+    write("secret.log", b"not for the queue");
+    std::fs::remove_file(work.join("setup_step.py")).unwrap();
+    write(
+        "ai_folder/snap.py",
+        br#"import json, os
+from lib_a import A
+from lib_b import B
+rec = {"A": A, "B": B, "req": open("requirements.txt").read(), "blob": open("ai_folder/blob.bin", "rb").read().hex(),
+       "setup_step": os.path.exists("setup_step.py"), "log": os.path.exists("secret.log")}
+with open(os.path.join(os.environ["E2E_OUT"], "snap-%s.json" % os.environ["GPUPOOL_JOB_ID"]), "w") as f:
+    json.dump(rec, f)
+"#,
+    );
+    let status = |repo: &git2::Repository| {
+        let mut opts = git2::StatusOptions::new();
+        opts.include_untracked(true);
+        let statuses = repo.statuses(Some(&mut opts)).unwrap();
+        statuses.iter().map(|e| (e.path().unwrap().to_owned(), e.status().bits())).collect::<Vec<_>>()
+    };
+    let jobs = json!([
+        {"git_ref": "master", "entrypoint": "ai_folder/snap.py"},
+        {"git_ref": "master", "entrypoint": "ai_folder/train.py"}
+    ]);
+    std::fs::write(work.join("jobs.json"), jobs.to_string()).unwrap();
+    let before = (status(&clone), clone.head().unwrap().target());
+    let big =
+        w.command(&["push", "--snapshot", "--snapshot-limit", "0", "jobs.json"]).current_dir(&work).output().unwrap();
+    let stderr = String::from_utf8_lossy(&big.stderr);
+    assert!(!big.status.success() && stderr.contains("over the 0.0 MiB limit"), "{stderr}");
+    assert!(stderr.contains("the biggest files: ai_folder/train.py"), "{stderr}");
+    let pushed = w.command(&["push", "--snapshot", "--json", "jobs.json"]).current_dir(&work).output().unwrap();
+    assert!(pushed.status.success(), "{}", String::from_utf8_lossy(&pushed.stderr));
+    assert!(String::from_utf8_lossy(&pushed.stderr).contains("merge-base of HEAD and origin/master"));
+    let ids: Vec<String> = serde_json::from_slice::<Vec<String>>(&pushed.stdout).unwrap();
+    w.burst(&[]);
+    let job = w.job(&ids[0]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!((job["git_ref"].as_str(), job["commit"].as_str()), (Some(w.first.as_str()), Some(w.first.as_str())));
+    assert_eq!(job["snapshot"]["base"], w.first.as_str(), "the record shows the base commit");
+    assert_eq!(job["snapshot"]["hash"].as_str().map(str::len), Some(40), "and the snapshot's hash");
+    let rec: Value =
+        serde_json::from_str(&std::fs::read_to_string(w.out.join(format!("snap-{}.json", ids[0]))).unwrap()).unwrap();
+    assert_eq!(
+        rec,
+        json!({"A": "committed, not pushed", "B": "untracked", "req": "torch\n", "blob": "000102ff000a",
+               "setup_step": false, "log": false})
+    );
+    assert_eq!(w.run_record(&ids[1], 1)["version"], 99, "the unstaged edit ran");
+    let kept = job["artifacts"]["files"].as_array().cloned().unwrap_or_default();
+    assert!(kept.is_empty(), "the snapshot's files are code, not what the run made: {kept:?}");
+    assert_eq!((status(&clone), clone.head().unwrap().target()), before, "the working tree is as it was");
+    assert!(work.join("secret.log").exists() && !work.join("setup_step.py").exists());
+}
+
 /// An S3-compatible test server: `GPUPOOL_TEST_S3_ENDPOINT`, else moto
 /// (`pip install 'moto[server]'`) started on a free port; `None` after
 /// `skipped: …` (a failure under `GPUPOOL_REQUIRE_BACKENDS=1`).
@@ -1188,4 +1268,5 @@ scenarios!(
     a_sweep_runs_every_point_once_ranked_by_its_metric,
     an_oom_run_is_retried_and_a_python_error_is_not,
     a_dependent_job_waits_for_its_parent_and_is_cancelled_when_it_fails,
+    a_snapshot_runs_the_edited_code,
 );

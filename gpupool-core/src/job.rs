@@ -728,6 +728,7 @@ impl JobRecord {
             "finished_at": self.finished_at.map(Timestamp::to_rfc3339),
             "not_before": self.waits_until().map(Timestamp::to_rfc3339),
             "after": self.spec.after,
+            "snapshot": self.spec.snapshot,
         })
     }
 

@@ -127,7 +127,9 @@ pub struct GitWorkspace {
     credentials: Credentials,
     locks: Arc<StdMutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
     /// Each live checkout's mirror, for [`Workspace::changed`].
-    mirrors: Arc<StdMutex<HashMap<PathBuf, PathBuf>>>,
+    /// Each checkout's mirror, and the commit its files are compared with
+    /// (its own, or the one with its snapshot applied).
+    mirrors: Arc<StdMutex<HashMap<PathBuf, (PathBuf, String)>>>,
     stall: Duration,
 }
 
@@ -188,13 +190,15 @@ impl Workspace for GitWorkspace {
             let _guard = lock.lock().await;
             let (repo, git_ref, dir, creds) =
                 (job.repo.to_owned(), job.git_ref.to_owned(), dir.clone(), self.credentials.clone());
+            let snapshot = job.snapshot.map(<[u8]>::to_vec);
             let watch = Watch::new();
             // Dropped with this future (a cancel, a stop) or on a stall:
             // the fetch aborts at its next callback.
             let _abandon = Abandon(Arc::clone(&watch));
             let seen = Arc::clone(&watch);
             let mut task = tokio::task::spawn_blocking(move || {
-                let done = prepare_blocking(&mirror, &repo, &git_ref, &dir, &creds, &seen);
+                let done = prepare_blocking(&mirror, &repo, &git_ref, &dir, &creds, &seen)
+                    .and_then(|commit| with_snapshot(&mirror, &dir, commit, snapshot.as_deref()));
                 if seen.abandoned() {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
@@ -226,12 +230,13 @@ impl Workspace for GitWorkspace {
                 }
             })?
         };
+        let (commit, compared) = commit;
         let checkout = Checkout { dir, commit };
         if let Err(e) = check_entrypoint(&checkout, job.entrypoint, job.git_ref) {
             self.remove(&checkout).await;
             return Err(e);
         }
-        gpupool_core::sync::lock(&self.mirrors).insert(checkout.dir.clone(), mirror_of_checkout);
+        gpupool_core::sync::lock(&self.mirrors).insert(checkout.dir.clone(), (mirror_of_checkout, compared));
         Ok(checkout)
     }
 
@@ -243,11 +248,11 @@ impl Workspace for GitWorkspace {
     }
 
     async fn changed(&self, checkout: &Checkout) -> Result<Vec<PathBuf>, String> {
-        let mirror = gpupool_core::sync::lock(&self.mirrors)
+        let (mirror, commit) = gpupool_core::sync::lock(&self.mirrors)
             .get(&checkout.dir)
             .cloned()
             .ok_or_else(|| format!("{} is not a checkout of this workspace", checkout.dir.display()))?;
-        let (dir, commit) = (checkout.dir.clone(), checkout.commit.clone());
+        let dir = checkout.dir.clone();
         tokio::task::spawn_blocking(move || changed_blocking(&mirror, &commit, &dir))
             .await
             .map_err(|e| format!("the comparison task failed: {e}"))?
@@ -256,6 +261,35 @@ impl Workspace for GitWorkspace {
     fn secrets(&self) -> Vec<String> {
         self.credentials.secrets()
     }
+
+    fn applies_snapshots(&self) -> bool {
+        true
+    }
+}
+
+/// Applies a snapshot (if any) over the checkout `dir` of `commit`, and
+/// writes into the mirror the commit its files are compared with: the
+/// checkout's commit, and the one to compare with.
+fn with_snapshot(
+    mirror: &Path,
+    dir: &Path,
+    commit: String,
+    snapshot: Option<&[u8]>,
+) -> Result<(String, String), PrepareError> {
+    let Some(bytes) = snapshot else { return Ok((commit.clone(), commit)) };
+    let bundle = crate::snapshot::Bundle::decode(bytes)
+        .map_err(|e| PrepareError::git_ref(format!("the job's snapshot does not read: {e}")))?;
+    crate::snapshot::apply(&bundle, dir)
+        .map_err(|e| PrepareError::worker(format!("cannot apply the snapshot: {e}")))?;
+    let lock = mirror.with_extension("lock");
+    let _lock = crate::host::FileLock::acquire(&lock)
+        .map_err(|e| PrepareError::worker(format!("cannot lock {}: {e}", lock.display())))?;
+    let repo = open_mirror(mirror)?;
+    let base = Oid::from_str(&commit).map_err(|e| PrepareError::git_ref(e.message().to_owned()))?;
+    let over = crate::snapshot::commit_over(&repo, base, &bundle).map_err(|e| {
+        PrepareError::worker(format!("cannot record the snapshot in {}: {}", mirror.display(), e.message()))
+    })?;
+    Ok((commit, over.to_string()))
 }
 
 /// [`Workspace::changed`] on a blocking thread: the checkout `dir` against

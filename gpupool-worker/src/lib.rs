@@ -41,6 +41,7 @@ mod live;
 mod nvml;
 mod outputs;
 mod process;
+pub mod snapshot;
 pub mod store;
 pub mod supervisor;
 mod uploads;

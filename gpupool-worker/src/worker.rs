@@ -847,6 +847,28 @@ fn stopped_report(reason: StopReason) -> Report {
 
 /// Checks, prepares and runs one attempt; what it comes to, and (in
 /// `files`) what it left in its output directory.
+/// The bytes of the job's snapshot of uncommitted code, read from the
+/// queue and checked against their hash; `None` for a job without one.
+async fn fetch_snapshot(ctx: &Ctx, spec: &gpupool_core::JobSpec) -> std::result::Result<Option<Vec<u8>>, Report> {
+    let Some(snap) = &spec.snapshot else { return Ok(None) };
+    let fail = |message: String| Err(Report::Fail(Failure::new(FailureKind::Ref, message)));
+    if !ctx.workspace.applies_snapshots() {
+        return fail("this worker's workspace cannot apply a snapshot of uncommitted code".to_owned());
+    }
+    let Some(blobs) = ctx.queue.blobs() else {
+        return fail("this queue stores no snapshots of uncommitted code".to_owned());
+    };
+    match blobs.get_blob(&snap.hash).await {
+        Ok(Some(bytes)) if crate::snapshot::hash(&bytes) == snap.hash => Ok(Some(bytes)),
+        Ok(Some(_)) => fail(format!("snapshot {} in the queue does not match its hash; push it again", snap.hash)),
+        Ok(None) => fail(format!(
+            "snapshot {} is not in the queue (it was never stored, or it expired); push it again",
+            snap.hash
+        )),
+        Err(e) => Err(Report::WorkerFault(format!("cannot read snapshot {} from the queue ({e})", snap.hash))),
+    }
+}
+
 async fn execute(
     ctx: &Ctx,
     lease: &Lease,
@@ -871,6 +893,10 @@ async fn execute(
         Ok(r) => r,
         Err(message) => return Report::Fail(Failure::new(FailureKind::Repo, message)),
     };
+    let snapshot = match fetch_snapshot(ctx, spec).await {
+        Ok(s) => s,
+        Err(report) => return report,
+    };
     let label = format!("job-{}-{}", lease.id(), lease.attempt());
     let lease_attempt = lease.attempt();
     let job = PrepareRequest {
@@ -878,7 +904,7 @@ async fn execute(
         git_ref: &spec.git_ref,
         entrypoint: &spec.entrypoint,
         label: &label,
-        snapshot: None,
+        snapshot: snapshot.as_deref(),
     };
     // A cancel or a stop reaches a job still being checked out: the
     // workspace's future is dropped, which abandons the checkout.

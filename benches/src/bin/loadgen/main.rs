@@ -267,7 +267,13 @@ fn checkout_figure(backend: &str, dir: &Path, quick: bool) {
     let sha = git2::Repository::open(&repo).unwrap().revparse_single("main").unwrap().id().to_string();
     // Cache the mirror (one fetch), then time checkouts of the commit.
     let first = rt
-        .block_on(ws.prepare(&PrepareRequest { repo: &url, git_ref: "main", entrypoint: "noop.py", label: "warm" }))
+        .block_on(ws.prepare(&PrepareRequest {
+            repo: &url,
+            git_ref: "main",
+            entrypoint: "noop.py",
+            label: "warm",
+            snapshot: None,
+        }))
         .unwrap();
     rt.block_on(ws.remove(&first));
     // Ours and the git CLI's alternate, so that a slow stretch of the
