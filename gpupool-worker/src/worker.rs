@@ -1127,8 +1127,9 @@ impl Attempt<'_> {
     /// The first line of an attempt in the job's log.
     fn log_header(self) -> String {
         let Attempt { ctx, lease, gpus, repo, checkout, .. } = self;
+        let snapshot = lease.job.spec.snapshot.as_ref().map_or_else(String::new, |s| format!(" + snapshot {}", s.hash));
         format!(
-            "job {} attempt {} on {}: {} at {} ({}), GPUs [{}]",
+            "job {} attempt {} on {}: {} at {} ({}{snapshot}), GPUs [{}]",
             lease.id(),
             lease.attempt(),
             ctx.cfg.name,
