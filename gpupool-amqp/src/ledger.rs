@@ -1089,7 +1089,7 @@ impl State {
 
 /// The format of [`Snapshot`]; a process does not load a newer one (it
 /// replays the ledger instead).
-pub(crate) const SNAPSHOT_VERSION: u32 = 1;
+pub(crate) const SNAPSHOT_VERSION: u32 = 2;
 
 /// The fold written out after the event at `covers`. A process that
 /// connects loads the newest one and follows the ledger from `covers + 1`,
@@ -1112,6 +1112,10 @@ pub(crate) struct Snapshot {
     finished: Vec<(u64, String, u64)>,
     orphan_logs: Vec<String>,
     last_snapshot: Option<SnapshotMark>,
+    /// The jobs held back, by time: kept as they are (whether one is due
+    /// depends on the events to come, whose clocks may lag `latest_at`).
+    #[serde(default)]
+    delayed: Vec<(i64, String)>,
 }
 
 /// A job in a [`Snapshot`].
@@ -1235,6 +1239,7 @@ impl State {
             finished: self.finished.iter().cloned().collect(),
             orphan_logs: self.orphan_logs.iter().cloned().collect(),
             last_snapshot: self.last_snapshot,
+            delayed: self.delayed.iter().cloned().collect(),
         }
     }
 
@@ -1242,6 +1247,7 @@ impl State {
     /// `wall_ms` as in [`State::apply`].
     pub(crate) fn from_snapshot(snap: Snapshot, owner: &str, now: Instant, wall_ms: i64) -> Self {
         let mut st = State::new(owner);
+        let delayed: BTreeSet<(i64, String)> = snap.delayed.into_iter().collect();
         st.applied = snap.covers;
         st.error_seq = snap.error_seq;
         for j in snap.jobs {
@@ -1253,15 +1259,9 @@ impl State {
             if let Some(d) = &job.dispatch {
                 st.pushed.insert(d.clone(), id.clone());
             }
-            if job.record.state == JobState::Queued {
-                match job.record.not_before.filter(|t| t.0 > snap.latest_at) {
-                    Some(start) => {
-                        st.delayed.insert((start.0, id.clone()));
-                    }
-                    None => {
-                        st.queued.entry(job.record.spec.queue.clone()).or_default().insert(rank(&job));
-                    }
-                }
+            let held = job.record.not_before.is_some_and(|t| delayed.contains(&(t.0, id.clone())));
+            if job.record.state == JobState::Queued && !held {
+                st.queued.entry(job.record.spec.queue.clone()).or_default().insert(rank(&job));
             }
             st.order.insert(id.parse().unwrap_or(0));
             st.jobs.insert(id, job);
@@ -1278,6 +1278,7 @@ impl State {
         st.finished = snap.finished.into();
         st.orphan_logs = snap.orphan_logs.into();
         st.last_snapshot = snap.last_snapshot;
+        st.delayed = delayed;
         st
     }
 }
@@ -1605,6 +1606,30 @@ mod tests {
             assert_eq!((job.state, job.attempt, job.not_before), (JobState::Queued, 0, Some(Timestamp(9000))));
             assert_eq!(fold.next_due(), Some(9000));
         }
+    }
+
+    /// A job held back stays held in a fold loaded from a snapshot even
+    /// when an event from a fast clock came before it: whether it is due
+    /// depends on the events to come, and both folds give them the same
+    /// verdict.
+    #[test]
+    fn a_snapshot_keeps_a_job_held_back_past_a_fast_clock() {
+        let now = Instant::now();
+        let mut s = State::new("me");
+        s.apply(0, at("n0", 1000, pushed(JobSpec::new("main", "train.py"))), now, 1000);
+        assert_eq!(
+            s.apply(1, at("n1", 1100, want("t1", "me", &["default"], 1, 0)), now, 1100),
+            Outcome::Leased("1".into())
+        );
+        s.apply(2, at("n2", 9000, Event::Sync), now, 9000);
+        let defer = Event::Deferred { id: "1".into(), token: "t1".into(), until: 7000 };
+        assert_eq!(s.apply(3, at("n3", 5100, defer), now, 5100), Outcome::Requeued);
+        let snap: Snapshot = serde_json::from_slice(&serde_json::to_vec(&s.snapshot()).unwrap()).unwrap();
+        let mut loaded = State::from_snapshot(snap, "me", now, 5100);
+        let slow = at("n4", 6000, want("t2", "me", &["default"], 1, 0));
+        assert_eq!(loaded.apply(4, slow.clone(), now, 6000), s.apply(4, slow, now, 6000));
+        assert_eq!(s.jobs["1"].record.state, JobState::Queued, "not before 7000 by the events' clocks");
+        assert_eq!(loaded.jobs["1"].record.state, JobState::Queued);
     }
 
     #[test]

@@ -1067,8 +1067,11 @@ impl Queue for AmqpQueue {
         Self::fenced(lease, self.emit(event).await?).map(|_| ())
     }
 
-    async fn defer(&self, lease: &Lease, until: Timestamp) -> Result<()> {
-        let event = Event::Deferred { id: lease.id().to_string(), token: lease.token.clone(), until: until.0 };
+    async fn defer(&self, lease: &Lease, pause: Duration) -> Result<()> {
+        // On the clock of the events (this process's, as the event's own
+        // time is), which promotions compare with.
+        let until = Timestamp::now().plus(pause).0;
+        let event = Event::Deferred { id: lease.id().to_string(), token: lease.token.clone(), until };
         Self::fenced(lease, self.emit(event).await?).map(|_| ())
     }
 

@@ -943,6 +943,8 @@ pub(crate) async fn held_back_here(queue: &dyn Queue, job: &mut JobSpec) -> Resu
     }
     if let Some(after) = &job.after {
         job.after = Some(gpupool::after::resolve(queue, after).await?);
+        // A sweep may have more runs than one job may wait for.
+        job.validate()?;
     }
     Ok(())
 }

@@ -33,8 +33,8 @@ pub enum Gate {
     /// Every job it waits for has succeeded (or ended, with `after_any`),
     /// or it waits for none: run it.
     Run,
-    /// Some are still queued or running: give it back until then.
-    Wait(Timestamp),
+    /// Some are still queued or running: give it back for this long.
+    Wait(Duration),
     /// One failed or was cancelled (or no longer exists): it ends
     /// `cancelled`, and this says why.
     Cancel(String),
@@ -60,7 +60,12 @@ pub async fn gate(queue: &dyn Queue, job: &JobRecord, now: Timestamp) -> Result<
             Some(ended) => {
                 return Ok(Gate::Cancel(format!("job {id}, which this job runs after, ended {ended}")));
             }
-            None => return Ok(Gate::Cancel(format!("job {id}, which this job runs after, does not exist"))),
+            None => {
+                return Ok(Gate::Cancel(format!(
+                    "job {id}, which this job runs after, is not in the queue (deleted, or forgotten: RabbitMQ \
+                     keeps the newest 10,000 finished jobs)"
+                )));
+            }
         }
     }
     if parents.is_empty() {
@@ -70,7 +75,7 @@ pub async fn gate(queue: &dyn Queue, job: &JobRecord, now: Timestamp) -> Result<
         return Ok(Gate::Run);
     }
     let waited = Duration::from_millis(u64::try_from(now.0.saturating_sub(job.created_at.0)).unwrap_or(0));
-    Ok(Gate::Wait(now.plus(recheck(waited))))
+    Ok(Gate::Wait(recheck(waited)))
 }
 
 /// The jobs `after` names, each with its state (`None`: no such job).

@@ -104,7 +104,8 @@ impl Timestamp {
                 "`{text}` is not an RFC 3339 time ({why}); write it like 2026-12-01T18:00:00Z or 2026-12-02T03:00:00+09:00"
             )
         };
-        let (utc, offset_min) = match text.len().checked_sub(6).map(|i| text.split_at(i)) {
+        let split = text.len().checked_sub(6).filter(|i| text.is_char_boundary(*i)).map(|i| text.split_at(i));
+        let (utc, offset_min) = match split {
             Some((head, tail)) if (tail.starts_with('+') || tail.starts_with('-')) && tail.as_bytes()[3] == b':' => {
                 let hours: i64 = tail[1..3].parse().map_err(|_| bad("the offset is not ±HH:MM"))?;
                 let minutes: i64 = tail[4..].parse().map_err(|_| bad("the offset is not ±HH:MM"))?;

@@ -323,7 +323,8 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 
-    async fn defer(&self, lease: &Lease, until: Timestamp) -> Result<()> {
+    async fn defer(&self, lease: &Lease, pause: Duration) -> Result<()> {
+        let until = Timestamp::now().plus(pause);
         self.with_held(lease, |e, _| {
             e.finish(JobState::Queued, None);
             e.record.attempt = e.record.attempt.saturating_sub(1);

@@ -608,9 +608,11 @@ pub trait Queue: Send + Sync + fmt::Debug {
     async fn park(&self, lease: &Lease, gpus: u32) -> Result<()>;
 
     /// Gives the job back without charging an attempt, as
-    /// [`release`](Queue::release) does, but no reserve returns it before
-    /// `until` ([`JobRecord::not_before`](crate::JobRecord::not_before)
-    /// reads `until` meanwhile). The wait of `after` is made of these
+    /// [`release`](Queue::release) does, but no reserve returns it for
+    /// `pause`, counted on the backend's clock (the one its reserve
+    /// compares with: a caller's clock that lags cannot make the job due at
+    /// once); [`JobRecord::not_before`](crate::JobRecord::not_before) reads
+    /// that time meanwhile. The wait of `after` is made of these
     /// ([`crate::after`]). Fenced by the lease.
     ///
     /// Required with the `delays` capability, which also asks that `add`
@@ -618,8 +620,8 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// it queues the job again, hold it back for
     /// [`JobSpec::retry_delay`](crate::JobSpec::retry_delay). The default
     /// refuses.
-    async fn defer(&self, lease: &Lease, until: Timestamp) -> Result<()> {
-        let _ = until;
+    async fn defer(&self, lease: &Lease, pause: Duration) -> Result<()> {
+        let _ = pause;
         Err(Error::Config(format!("this queue cannot hold job {} back until a time", lease.id())))
     }
 

@@ -198,7 +198,7 @@ impl Sql {
             release: s("UPDATE {p}jobs SET state = 'queued', attempt = attempt - 1, lease_token = NULL, \
                         lease_expires_at = NULL WHERE id = ? AND lease_token = ? AND state = 'running'"),
             defer: s("UPDATE {p}jobs SET state = 'queued', attempt = attempt - 1, lease_token = NULL, \
-                      lease_expires_at = NULL, not_before = TIMESTAMPADD(MICROSECOND, ?, '1970-01-01 00:00:00') \
+                      lease_expires_at = NULL, not_before = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
                       WHERE id = ? AND lease_token = ? AND state = 'running'"),
             state_of: s("SELECT state FROM {p}jobs WHERE id = ? FOR UPDATE"),
             cancel_queued: s("UPDATE {p}jobs SET state = 'cancelled', finished_at = UTC_TIMESTAMP(6) WHERE id = ?"),
@@ -810,8 +810,8 @@ impl Queue for MysqlQueue {
         self.fenced(q(&self.sql.release), lease).await
     }
 
-    async fn defer(&self, lease: &Lease, until: Timestamp) -> Result<()> {
-        self.fenced(q(&self.sql.defer).bind(until.0.saturating_mul(1000)), lease).await
+    async fn defer(&self, lease: &Lease, pause: Duration) -> Result<()> {
+        self.fenced(q(&self.sql.defer).bind(micros(pause)), lease).await
     }
 
     async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome> {

@@ -1,11 +1,11 @@
--- ARGV: prefix, id, token, until (ms). Gives the job back uncharged, held
--- back until `until` (`hold` in jobs.lua).
-local id, token, at = ARGV[2], ARGV[3], ARGV[4]
+-- ARGV: prefix, id, token, pause (ms). Gives the job back uncharged, held
+-- back for `pause` by the server's clock (`hold` in jobs.lua).
+local id, token, pause = ARGV[2], ARGV[3], ARGV[4]
 adopt(id, token)
 if not held(id, token) then return -1 end
 drop_entry(id)
 redis.call('HSET', jkey(id), 'token', '')
 redis.call('HINCRBY', jkey(id), 'attempt', -1)
 set_state(id, 'queued')
-hold(id, at)
+hold(id, string.format('%d', tonumber(now_ms()) + tonumber(pause)))
 return 1

@@ -869,8 +869,8 @@ impl Queue for RedisQueue {
         self.fenced(&self.scripts.release, lease, &[]).await.map(|_| ())
     }
 
-    async fn defer(&self, lease: &Lease, until: Timestamp) -> Result<()> {
-        self.fenced(&self.scripts.defer, lease, &[until.0.to_string()]).await.map(|_| ())
+    async fn defer(&self, lease: &Lease, pause: Duration) -> Result<()> {
+        self.fenced(&self.scripts.defer, lease, &[ms(pause).to_string()]).await.map(|_| ())
     }
 
     async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome> {

@@ -639,7 +639,8 @@ impl Queue for SqliteQueue {
         Ok(())
     }
 
-    async fn defer(&self, lease: &Lease, until: Timestamp) -> Result<()> {
+    async fn defer(&self, lease: &Lease, pause: Duration) -> Result<()> {
+        let until = Timestamp::now().plus(pause);
         let update = sqlx::query(
             "UPDATE jobs SET state = 'queued', attempt = attempt - 1, lease_token = NULL, lease_expires_at = NULL, \
              not_before = ?1 WHERE id = ?2 AND lease_token = ?3 AND state = 'running'",

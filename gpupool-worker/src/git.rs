@@ -287,7 +287,7 @@ fn with_snapshot(
     let repo = open_mirror(mirror)?;
     let base = Oid::from_str(&commit).map_err(|e| PrepareError::git_ref(e.message().to_owned()))?;
     let over = crate::snapshot::commit_over(&repo, base, &bundle).map_err(|e| {
-        PrepareError::worker(format!("cannot record the snapshot in {}: {}", mirror.display(), e.message()))
+        PrepareError::git_ref(format!("the job's snapshot does not apply over {commit}: {}", e.message()))
     })?;
     Ok((commit, over.to_string()))
 }

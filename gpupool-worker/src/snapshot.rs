@@ -270,19 +270,22 @@ pub fn apply(bundle: &Bundle, dir: &Path) -> Result<(), String> {
     for e in &bundle.entries {
         let path = dir.join(e.path());
         let io = |what: &str, err: std::io::Error| format!("cannot {what} {}: {err}", e.path());
+        // Nothing is written or deleted through a link: every folder on the
+        // way is made a real one (a deletion under a link or a file has
+        // nothing to delete in the checkout).
+        let clear = match e {
+            Entry::Deleted { .. } => way_is_real(dir, Path::new(e.path())),
+            _ => make_way(dir, Path::new(e.path())).map(|()| true).map_err(|err| io("make the folders of", err))?,
+        };
+        if !clear {
+            continue;
+        }
         // Whatever is there goes first (a file may replace a folder, a
         // link a file).
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path).map_err(|err| io("replace", err))?,
             Ok(_) => std::fs::remove_file(&path).map_err(|err| io("replace", err))?,
             Err(_) => {}
-        }
-        if let Some(parent) = path.parent().filter(|_| !matches!(e, Entry::Deleted { .. })) {
-            // A file in the way of a folder goes too.
-            if parent.is_file() || parent.is_symlink() {
-                std::fs::remove_file(parent).map_err(|err| io("replace", err))?;
-            }
-            std::fs::create_dir_all(parent).map_err(|err| io("create the folder of", err))?;
         }
         match e {
             Entry::File { data, executable, .. } => {
@@ -299,6 +302,36 @@ pub fn apply(bundle: &Bundle, dir: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The folders on the way to `rel` under `dir`, each a real folder: a
+/// link or a file in the way is removed, a missing folder made.
+fn make_way(dir: &Path, rel: &Path) -> std::io::Result<()> {
+    let mut at = dir.to_path_buf();
+    let parts: Vec<Component<'_>> = rel.components().collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                std::fs::remove_file(&at)?;
+                std::fs::create_dir(&at)?;
+            }
+            Err(_) => std::fs::create_dir(&at)?,
+        }
+    }
+    Ok(())
+}
+
+/// Whether every folder on the way to `rel` under `dir` is a real folder
+/// (not a link, which could lead out of the checkout).
+fn way_is_real(dir: &Path, rel: &Path) -> bool {
+    let mut at = dir.to_path_buf();
+    let parts: Vec<Component<'_>> = rel.components().collect();
+    parts[..parts.len().saturating_sub(1)].iter().all(|part| {
+        at.push(part);
+        std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir())
+    })
 }
 
 /// The commit (written into `repo`, referenced by nothing) whose tree is
@@ -349,5 +382,29 @@ mod tests {
         }
         assert!(Bundle::decode(b"not a snapshot").is_err());
         assert!(Bundle::decode(&bytes[..bytes.len() - 1]).is_err(), "cut short");
+    }
+
+    /// A link the snapshot (or the base commit) puts in the checkout never
+    /// leads a later entry out of it: a folder on the way is made a real
+    /// one, and a deletion under a link deletes nothing.
+    #[test]
+    fn applying_never_writes_or_deletes_through_a_link() {
+        let outside = tempfile::tempdir().unwrap();
+        let checkout = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep.txt"), "mine").unwrap();
+        std::os::unix::fs::symlink(outside.path(), checkout.path().join("data")).unwrap();
+        let target = outside.path().to_str().unwrap().as_bytes().to_vec();
+        let bundle = Bundle {
+            entries: vec![
+                Entry::Deleted { path: "data/keep.txt".into() },
+                Entry::Link { path: "out".into(), target },
+                Entry::File { path: "out/deep/x.py".into(), data: b"x".to_vec(), executable: false },
+            ],
+        };
+        apply(&bundle, checkout.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(outside.path().join("keep.txt")).unwrap(), "mine", "not deleted");
+        assert!(!outside.path().join("deep").exists(), "nothing written outside");
+        assert!(checkout.path().join("out").symlink_metadata().unwrap().is_dir(), "a real folder now");
+        assert_eq!(std::fs::read(checkout.path().join("out/deep/x.py")).unwrap(), b"x");
     }
 }

@@ -445,14 +445,22 @@ async fn free_to_run(ctx: &Ctx, lease: &Lease) -> bool {
     };
     let done = match verdict {
         Ok(Gate::Run) => return true,
-        Ok(Gate::Wait(until)) => ctx.queue.defer(lease, until).await,
+        Ok(Gate::Wait(pause)) => match ctx.queue.heartbeat(lease, ctx.cfg.lease).await {
+            // A cancel asked for while it was leased here ends it now,
+            // rather than at its first heartbeat once it runs.
+            Ok(Heartbeat::CancelRequested) => {
+                let why = "gpupool: cancelled while it waited for the jobs it runs after\n".to_owned();
+                ctx.queue.report_cancelled(lease, why).await
+            }
+            _ => ctx.queue.defer(lease, pause).await,
+        },
         Ok(Gate::Cancel(why)) => {
             info!(job_id = %lease.id(), "not run, cancelled: {why}");
             ctx.queue.report_cancelled(lease, format!("gpupool: cancelled before it ran: {why}\n")).await
         }
         Err(e) => {
             warn!(job_id = %lease.id(), "cannot read the jobs it runs after ({e}); looking again later");
-            ctx.queue.defer(lease, now.plus(gpupool_core::after::RECHECK_MAX)).await
+            ctx.queue.defer(lease, gpupool_core::after::RECHECK_MAX).await
         }
     };
     if let Err(e) = done {

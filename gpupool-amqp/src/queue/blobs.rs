@@ -2,14 +2,15 @@
 //! `PREFIXblob.HASH`, holding it in pieces of
 //! [`gpupool_core::BLOB_PIECE_BYTES`], each with its index and the count
 //! in its headers. A stream keeps its pieces [`BLOB_MAX_AGE`]; a blob put
-//! twice holds its pieces twice, and a read keeps the first of each.
+//! again (after a put cut short) holds some pieces twice, and a read keeps
+//! the first of each: all pieces of one hash hold the same bytes.
 
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
+use gpupool_core::Result;
 use gpupool_core::sync::lock;
-use gpupool_core::{Error, Result};
 use lapin::BasicProperties;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -130,15 +131,15 @@ impl gpupool_core::Blobs for AmqpQueue {
         }
         let _ = ch.close(200, "read".into()).await;
         match count {
-            None => Ok(None),
             Some(n) if pieces.len() == n => Ok(Some(pieces.into_values().flatten().collect())),
-            Some(n) => Err(Error::backend(
-                "amqp",
-                format!(
-                    "snapshot {hash} has {} of its {n} pieces in its stream (some expired or were never stored)",
-                    pieces.len()
-                ),
-            )),
+            // Part of it only (a put cut short, or pieces past their age):
+            // not there, so a put stores it again.
+            Some(n) => {
+                let have = pieces.len();
+                tracing::warn!("snapshot {hash} has {have} of its {n} pieces in its stream; taking it as missing");
+                Ok(None)
+            }
+            None => Ok(None),
         }
     }
 }
