@@ -108,6 +108,17 @@ enum Command {
     },
     /// List the sweeps: each one's progress and its best run so far.
     Sweeps,
+    /// Serve the dashboard: jobs, one job with its live log, workers and
+    /// sweeps, in a browser.
+    Ui {
+        /// Where to listen (loopback by default).
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        listen: std::net::SocketAddr,
+        /// The token actions (cancel, retry) need; made and printed at
+        /// start when not given.
+        #[arg(long, env = "GPUPOOL_UI_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// List failed attempts, newest first, with their output tails.
     #[command(alias = "error")]
     Errors {
@@ -472,6 +483,9 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
         }
         Command::Sweep { file, .. } => crate::sweeps::push(queue.as_ref(), &file, json).await?,
         Command::Sweeps => crate::sweeps::list(queue.as_ref(), json).await?,
+        Command::Ui { listen, token } => {
+            crate::ui::serve(Arc::clone(&queue), redact_url(&s.url), listen, token).await?
+        }
         Command::Errors { id, limit } => errors(queue.as_ref(), id, limit, json).await?,
         Command::Worker(args) => return worker(queue, &s, args).await,
         Command::Cancel { ids, select } => {

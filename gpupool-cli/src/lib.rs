@@ -34,6 +34,7 @@ use serde::Deserialize;
 
 mod cli;
 mod sweeps;
+mod ui;
 
 pub use cli::main_with;
 
