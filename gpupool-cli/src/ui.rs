@@ -101,12 +101,17 @@ fn router(ui: Arc<Ui>) -> Router {
         .route("/poller", get(poller))
         .route("/assets/app.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript")], APP_JS) }))
         .route("/assets/style.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], STYLE_CSS) }))
+        .route("/assets/uplot.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript")], UPLOT_JS) }))
+        .route("/assets/uplot.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], UPLOT_CSS) }))
         .fallback(|| async { page_error(StatusCode::NOT_FOUND, "no such page") })
         .with_state(ui)
 }
 
 const APP_JS: &str = include_str!("ui/app.js");
 const STYLE_CSS: &str = include_str!("ui/style.css");
+/// uPlot (MIT), vendored from npm by `scripts/vendor-ui.sh`.
+const UPLOT_JS: &str = include_str!("ui/vendor/uplot/uPlot.iife.min.js");
+const UPLOT_CSS: &str = include_str!("ui/vendor/uplot/uPlot.min.css");
 
 /// The poller: reads the queue every [`POLL_EVERY`] and publishes a new
 /// view when it changed.
@@ -422,6 +427,19 @@ fn backend_error(e: &Error) -> Response {
     }
 }
 
+/// A job's state line: live on its page (from the shared view).
+fn job_status(job: &JobRecord) -> String {
+    format!(
+        "<p>{} · attempt {} (limit {}) · worker {} · commit {} · created {}</p>",
+        state_cell(job.state),
+        job.attempt,
+        job.attempt_limit,
+        esc(job.worker.as_deref().unwrap_or("-")),
+        esc(job.commit.as_deref().unwrap_or("-")),
+        esc(&job.created_at.to_rfc3339())
+    )
+}
+
 async fn job_page(State(ui): State<Arc<Ui>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     let Some(id) = job_id(&id) else { return no_job(&id) };
     let job = match ui.queue.get(&id).await {
@@ -429,7 +447,7 @@ async fn job_page(State(ui): State<Arc<Ui>>, headers: HeaderMap, Path(id): Path<
         Err(e) => return backend_error(&e),
     };
     let spec = serde_json::to_string_pretty(&job.spec).unwrap_or_default();
-    let mut body = format!("<h1>Job {} {}</h1>", esc(id.as_str()), state_cell(job.state));
+    let mut body = format!("<h1>Job {0}</h1><div id=status>{1}</div>", esc(id.as_str()), job_status(&job));
     if authed(&ui, &headers) {
         let csrf = esc(&ui.csrf);
         let _ = write!(
@@ -440,16 +458,7 @@ async fn job_page(State(ui): State<Arc<Ui>>, headers: HeaderMap, Path(id): Path<
             id = esc(id.as_str())
         );
     }
-    let _ = write!(
-        body,
-        "<p>attempt {} (limit {}) · worker {} · commit {} · created {}</p><h2>Spec</h2><pre>{}</pre>",
-        job.attempt,
-        job.attempt_limit,
-        esc(job.worker.as_deref().unwrap_or("-")),
-        esc(job.commit.as_deref().unwrap_or("-")),
-        esc(&job.created_at.to_rfc3339()),
-        esc(&spec)
-    );
+    let _ = write!(body, "<h2>Spec</h2><pre>{}</pre>", esc(&spec));
     if let Some(result) = &job.result {
         let _ = write!(
             body,
@@ -488,40 +497,48 @@ async fn job_page(State(ui): State<Arc<Ui>>, headers: HeaderMap, Path(id): Path<
 }
 
 /// The job's shipped log as an event stream: `log` events (JSON strings)
-/// as it grows, then `end` with the job's state once it has ended.
+/// as it grows, `status` events (its state line) as its state changes,
+/// then `end` once it has ended. One stream per page: a browser opens at
+/// most six connections to one host over HTTP/1.1, and each open event
+/// stream holds one.
 async fn job_log(State(ui): State<Arc<Ui>>, Path(id): Path<String>) -> Response {
     let Some(id) = job_id(&id) else { return no_job(&id) };
-    let stream = stream::unfold((ui, id, 0u64, false), |(ui, id, from, done)| async move {
+    let stream = stream::unfold((ui, id, 0u64, false, String::new()), |(ui, id, from, done, shown)| async move {
         if done {
             return None;
         }
-        let mut from = from;
+        let (mut from, mut shown) = (from, shown);
         loop {
             let Some(logs) = ui.queue.run_logs() else {
                 let end = Event::default().event("end").data("this backend keeps no logs");
-                return Some((Ok::<_, std::convert::Infallible>(end), (ui, id, from, true)));
+                return Some((Ok::<_, std::convert::Infallible>(end), (ui, id, from, true, shown)));
             };
             let page = match logs.read_log(&id, from).await {
                 Ok(p) => p,
                 Err(e) => {
                     let end = Event::default().event("end").data(format!("cannot read the log: {e}"));
-                    return Some((Ok(end), (ui, id, from, true)));
+                    return Some((Ok(end), (ui, id, from, true, shown)));
                 }
             };
             if !page.text.is_empty() {
                 from = page.next;
                 let data = serde_json::to_string(&page.text).unwrap_or_default();
-                return Some((Ok(Event::default().event("log").data(data)), (ui, id, from, false)));
+                return Some((Ok(Event::default().event("log").data(data)), (ui, id, from, false, shown)));
             }
             match ui.queue.get(&id).await {
+                Ok(job) if job_status(&job) != shown => {
+                    shown = job_status(&job);
+                    let status = Event::default().event("status").data(shown.clone());
+                    return Some((Ok(status), (ui, id, from, false, shown)));
+                }
                 Ok(job) if job.state.is_terminal() => {
                     let end = Event::default().event("end").data(format!("({})", job.state));
-                    return Some((Ok(end), (ui, id, from, true)));
+                    return Some((Ok(end), (ui, id, from, true, shown)));
                 }
                 Ok(_) => tokio::time::sleep(POLL_EVERY).await,
                 Err(e) => {
                     let end = Event::default().event("end").data(format!("cannot read the job: {e}"));
-                    return Some((Ok(end), (ui, id, from, true)));
+                    return Some((Ok(end), (ui, id, from, true, shown)));
                 }
             }
         }
@@ -720,12 +737,43 @@ fn sweep_runs(view: &View, id: &str) -> Option<String> {
     Some(s)
 }
 
+/// What the sweep chart plots: for each numeric swept argument, the
+/// sweep's metric of each succeeded run against that argument's value.
+fn chart_data(view: &View, id: &str) -> serde_json::Value {
+    let runs: Vec<&JobRecord> = view
+        .jobs
+        .iter()
+        .filter(|j| j.spec.sweep.as_ref().is_some_and(|s| s.id == id) && j.state == JobState::Succeeded)
+        .collect();
+    let Some(metric) = runs.iter().find_map(|j| j.spec.sweep.as_ref().and_then(|s| s.metric.clone())) else {
+        return serde_json::json!({"metric": null, "params": {}});
+    };
+    let mut params: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for run in &runs {
+        let Some(y) = metric_value(run, &metric.name) else { continue };
+        for (name, value) in &run.spec.args {
+            if let Some(x) = value.as_f64() {
+                params.entry(name.clone()).or_default().push((x, y));
+            }
+        }
+    }
+    for points in params.values_mut() {
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    // An argument with one value over all runs says nothing.
+    params.retain(|_, points| points.windows(2).any(|w| w[0].0 != w[1].0));
+    serde_json::json!({"metric": metric.name, "params": params})
+}
+
 async fn sweep_page(State(ui): State<Arc<Ui>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     let Some(table) = sweep_runs(&ui.view.borrow(), &id) else {
         return page_error(StatusCode::NOT_FOUND, &format!("no sweep `{id}` among the newest {VIEW_JOBS} jobs"));
     };
+    let data = chart_data(&ui.view.borrow(), &id).to_string().replace('<', "\\u003c");
     let body = format!(
-        "<h1>Sweep {0}</h1><div id=runs data-events=\"/events/sweep?sweep={1}\">{table}</div>",
+        "<link rel=stylesheet href=/assets/uplot.css><script src=/assets/uplot.js></script>\
+         <h1>Sweep {0}</h1><div id=charts></div><script type=application/json id=sweep-data>{data}</script>\
+         <div id=runs data-events=\"/events/sweep?sweep={1}\">{table}</div>",
         esc(&id),
         esc(&enc(&id))
     );
