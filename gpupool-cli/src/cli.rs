@@ -484,7 +484,8 @@ async fn run(cli: Cli, registry: &Registry) -> Result<ExitCode> {
         Command::Sweep { file, .. } => crate::sweeps::push(queue.as_ref(), &file, json).await?,
         Command::Sweeps => crate::sweeps::list(queue.as_ref(), json).await?,
         Command::Ui { listen, token } => {
-            crate::ui::serve(Arc::clone(&queue), redact_url(&s.url), listen, token).await?
+            let store = s.file.artifacts.clone();
+            crate::ui::serve(Arc::clone(&queue), redact_url(&s.url), listen, token, store).await?;
         }
         Command::Errors { id, limit } => errors(queue.as_ref(), id, limit, json).await?,
         Command::Worker(args) => return worker(queue, &s, args).await,

@@ -55,6 +55,8 @@ struct View {
 
 struct Ui {
     queue: Arc<dyn Queue>,
+    /// The artifact store URL configured here (credentials for downloads).
+    artifacts: Option<String>,
     url: String,
     token: String,
     csrf: String,
@@ -63,7 +65,13 @@ struct Ui {
 
 /// Runs the dashboard until the process ends. `token`: the one given, or
 /// `None` to make one (printed once to stderr).
-pub(crate) async fn serve(queue: Arc<dyn Queue>, url: String, listen: SocketAddr, token: Option<String>) -> Result<()> {
+pub(crate) async fn serve(
+    queue: Arc<dyn Queue>,
+    url: String,
+    listen: SocketAddr,
+    token: Option<String>,
+    artifacts: Option<String>,
+) -> Result<()> {
     let made = token.is_none();
     let token = token.unwrap_or_else(|| random_hex(16));
     if token.len() < 8 {
@@ -71,7 +79,7 @@ pub(crate) async fn serve(queue: Arc<dyn Queue>, url: String, listen: SocketAddr
     }
     let (tx, rx) = watch::channel(Arc::new(View::default()));
     tokio::spawn(poll(Arc::clone(&queue), tx));
-    let ui = Arc::new(Ui { queue, url, token: token.clone(), csrf: random_hex(16), view: rx });
+    let ui = Arc::new(Ui { queue, artifacts, url, token: token.clone(), csrf: random_hex(16), view: rx });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Error::Config(format!("cannot listen on {listen}: {e}")))?;
@@ -93,6 +101,8 @@ fn router(ui: Arc<Ui>) -> Router {
         .route("/jobs/{id}/log", get(job_log))
         .route("/jobs/{id}/cancel", post(cancel))
         .route("/jobs/{id}/retry", post(retry))
+        .route("/jobs/{id}/copy", post(copy))
+        .route("/jobs/{id}/files/{*path}", get(download))
         .route("/workers", get(workers_page))
         .route("/sweeps", get(sweeps_page))
         .route("/sweeps/{id}", get(sweep_page))
@@ -454,8 +464,12 @@ async fn job_page(State(ui): State<Arc<Ui>>, headers: HeaderMap, Path(id): Path<
             body,
             "<form class=inline method=post action=/jobs/{id}/cancel><input type=hidden name=csrf value={csrf}>\
              <button>Cancel</button></form> <form class=inline method=post action=/jobs/{id}/retry>\
-             <input type=hidden name=csrf value={csrf}><button>Retry</button></form>",
-            id = esc(id.as_str())
+             <input type=hidden name=csrf value={csrf}><button>Retry</button></form>\
+             <details><summary>Push a copy with edited args</summary><form method=post action=/jobs/{id}/copy>\
+             <input type=hidden name=csrf value={csrf}><textarea name=args rows=6 cols=60>{args}</textarea><br>\
+             <button>Push the copy</button></form></details>",
+            id = esc(id.as_str()),
+            args = esc(&serde_json::to_string_pretty(&job.spec.args).unwrap_or_default())
         );
     }
     let _ = write!(body, "<h2>Spec</h2><pre>{}</pre>", esc(&spec));
@@ -484,7 +498,13 @@ async fn job_page(State(ui): State<Arc<Ui>>, headers: HeaderMap, Path(id): Path<
     if let Some(a) = &job.artifacts {
         let _ = write!(body, "<h2>Artifacts</h2><p>attempt {}: {}</p><ul>", a.attempt, esc(&a.location));
         for f in &a.files {
-            let _ = write!(body, "<li>{} ({} bytes)</li>", esc(&f.path), f.size);
+            let name = esc(&f.path);
+            let link = if a.stored {
+                format!("<a href=\"/jobs/{}/files/{}\">{name}</a>", esc(id.as_str()), esc(&enc_path(&f.path)))
+            } else {
+                name
+            };
+            let _ = write!(body, "<li>{link} ({})</li>", gpupool::artifacts::human_size(f.size));
         }
         body.push_str("</ul>");
     }
@@ -549,6 +569,123 @@ async fn job_log(State(ui): State<Arc<Ui>>, Path(id): Path<String>) -> Response 
 /// The `csrf` field of an action's form body (`csrf=HEX`).
 fn csrf_field(body: &[u8]) -> Option<&str> {
     std::str::from_utf8(body).ok()?.split('&').find_map(|kv| kv.strip_prefix("csrf="))
+}
+
+/// A form field's value, decoded (`+` is a space, `%XX` a byte).
+fn form_field(body: &[u8], name: &str) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    let raw = text.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?;
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bytes = raw.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex: String = [bytes.next()?, bytes.next()?].iter().map(|b| *b as char).collect();
+                out.push(u8::from_str_radix(&hex, 16).ok()?);
+            }
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A path in a URL: each segment encoded, the slashes kept.
+fn enc_path(path: &str) -> String {
+    path.split('/').map(enc).collect::<Vec<_>>().join("/")
+}
+
+/// "Push a copy with edited args": the job again, with the args the form
+/// gives (a JSON object), as a new job outside any sweep.
+async fn copy(
+    State(ui): State<Arc<Ui>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = refused(&ui, &headers, csrf_field(&body)) {
+        return r;
+    }
+    let Some(id) = job_id(&id) else { return no_job(&id) };
+    let job = match ui.queue.get(&id).await {
+        Ok(job) => job,
+        Err(e) => return backend_error(&e),
+    };
+    let text = form_field(&body, "args").unwrap_or_default();
+    let args = match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(serde_json::Value::Object(args)) => args,
+        Ok(_) => return page_error(StatusCode::BAD_REQUEST, "args must be a JSON object, such as {\"lr\": 0.01}"),
+        Err(e) => return page_error(StatusCode::BAD_REQUEST, &format!("args are not JSON: {e}")),
+    };
+    let mut spec = job.spec;
+    spec.args = args;
+    spec.idempotency_key = None;
+    spec.sweep = None;
+    match ui.queue.add(spec).await {
+        Ok(pushed) => Redirect::to(&format!("/jobs/{}", pushed.id())).into_response(),
+        Err(Error::InvalidJob(m)) => page_error(StatusCode::BAD_REQUEST, &format!("the copy is not a valid job: {m}")),
+        Err(e) => backend_error(&e),
+    }
+}
+
+/// The most a download from the dashboard reads into memory; larger files
+/// are fetched with `gpupool pull`.
+const DOWNLOAD_MAX_BYTES: u64 = 512 << 20;
+
+/// One file a job's run kept in the artifact store.
+async fn download(State(ui): State<Arc<Ui>>, Path((id, path)): Path<(String, String)>) -> Response {
+    use gpupool::worker::ArtifactStore;
+    let Some(id) = job_id(&id) else { return no_job(&id) };
+    let job = match ui.queue.get(&id).await {
+        Ok(job) => job,
+        Err(e) => return backend_error(&e),
+    };
+    let Some(a) = job.artifacts.filter(|a| a.stored) else {
+        return page_error(StatusCode::NOT_FOUND, &format!("job {id} has no files in an artifact store"));
+    };
+    let Some(file) = a.files.iter().find(|f| f.path == path) else {
+        return page_error(StatusCode::NOT_FOUND, &format!("job {id} kept no file `{path}`"));
+    };
+    if file.size > DOWNLOAD_MAX_BYTES {
+        let why =
+            format!("`{path}` is {}; fetch it with `gpupool pull {id}`", gpupool::artifacts::human_size(file.size));
+        return page_error(StatusCode::PAYLOAD_TOO_LARGE, &why);
+    }
+    let store = match ArtifactStore::at_location(&a.location, ui.artifacts.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return page_error(StatusCode::SERVICE_UNAVAILABLE, &format!("cannot open the artifact store: {e}")),
+    };
+    let Ok(tmp) = tempfile_dir() else {
+        return page_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot make a temporary folder");
+    };
+    let fetched = store.download(std::slice::from_ref(file), &tmp).await;
+    let bytes = match fetched.and_then(|_| gpupool::worker::store::safe_join(&tmp, &file.path)) {
+        Ok(local) => tokio::fs::read(local).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    let _ = tokio::fs::remove_dir_all(&tmp).await;
+    match bytes {
+        Ok(bytes) => {
+            let name = file.path.rsplit('/').next().unwrap_or("file").replace(['"', '\\'], "_");
+            let disposition = format!("attachment; filename=\"{name}\"");
+            (
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                    (header::CONTENT_DISPOSITION, disposition),
+                ],
+                bytes,
+            )
+                .into_response()
+        }
+        Err(e) => page_error(StatusCode::SERVICE_UNAVAILABLE, &format!("cannot fetch `{path}`: {e}")),
+    }
+}
+
+/// A fresh folder under the system's temporary directory.
+fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("gpupool-ui-{}", random_hex(8)));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 async fn cancel(

@@ -30,6 +30,9 @@ for i in range(int(opt("--lines", 0))):
     time.sleep(0.4)
 if opt("--lr"):
     print('GPUPOOL_RESULT {"loss": %s}' % (abs(float(opt("--lr")) - 0.2) + 0.1), flush=True)
+    import os
+    with open(os.path.join(os.environ["GPUPOOL_OUTPUT_DIR"], "model.txt"), "w") as f:
+        f.write("weights for lr %s" % opt("--lr"))
 "#;
 
 struct Killed(Child);
@@ -301,8 +304,10 @@ fn the_dashboard_in_a_browser_with_a_worker_running() {
     std::fs::write(dir.join("jobs.json"), jobs.to_string()).unwrap();
     let ids: Vec<String> = serde_json::from_value(gp_json(dir, &["push", "jobs.json"])).unwrap();
     let (long, doomed) = (&ids[0], &ids[1]);
-    let _worker =
-        Killed(spawn(dir, &["worker", "--repo", repo.to_str().unwrap(), "--gpus", "0,1", "--heartbeat", "1s"]));
+    let store = format!("file://{}", dir.join("store").display());
+    let worker =
+        ["worker", "--repo", repo.to_str().unwrap(), "--gpus", "0,1", "--heartbeat", "1s", "--artifacts", &store];
+    let _worker = Killed(spawn(dir, &worker));
     let mut ui = spawn(dir, &["ui", "--listen", "127.0.0.1:0"]);
     let mut line = String::new();
     BufReader::new(ui.stderr.take().unwrap()).read_line(&mut line).unwrap();
@@ -358,6 +363,22 @@ fn the_dashboard_in_a_browser_with_a_worker_running() {
     }
     browser.loaded_only_from(&origin);
     browser.screenshot("ui-sweep.png");
+    // A run's kept file downloads from its page (a file:// artifact store).
+    let first = gp_json(dir, &["jobs", "--sweep", &sweep_id])[0]["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let link = loop {
+        browser.open(&format!("{origin}/jobs/{first}"));
+        let link = browser.js("var a = document.querySelector(\"a[href*='/files/']\"); return a ? a.href : null");
+        if let Some(link) = link.as_str() {
+            break link.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no download link: {}", browser.text());
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let fetch =
+        format!("var x = new XMLHttpRequest(); x.open('GET', {}, false); x.send(); return x.responseText", json!(link));
+    let text = browser.js(&fetch);
+    assert!(text.as_str().unwrap().starts_with("weights for lr"), "the kept file: {text}");
     // Log in with the token, then cancel from the job's page.
     browser.open(&format!("{origin}/login"));
     let typed = format!(

@@ -166,6 +166,29 @@ fn pages_show_the_pool_actions_need_the_token_and_nothing_loads_from_outside() {
     let (code, _, conflict) =
         http(&ui, "POST", &format!("/jobs/{a}/retry"), &["Authorization: Bearer the-test-token"], "");
     assert!(code == 409 && conflict.contains("queued"), "{conflict}");
+
+    // Push a copy with edited args: a new job, the same but its args.
+    let bearer = ["Authorization: Bearer the-test-token", form[0]];
+    let (code, head, _) = http(&ui, "POST", &format!("/jobs/{a}/copy"), &bearer, "args=%7B%22lr%22%3A+0.5%7D");
+    assert_eq!(code, 303, "{head}");
+    let copy =
+        head.split("location: /jobs/").nth(1).and_then(|r| r.lines().next()).expect("the copy's page").to_owned();
+    let out = gp(ui.dir.path(), &["jobs", "--id", &copy, "--json"]);
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (job[0]["args"].clone(), job[0]["name"].clone()),
+        (serde_json::json!({"lr": 0.5}), "baseline <b>".into())
+    );
+    let (code, _, bad) = http(&ui, "POST", &format!("/jobs/{a}/copy"), &bearer, "args=%5B1%5D");
+    assert!(code == 400 && bad.contains("args must be a JSON object"), "{bad}");
+    let (code, _, bad) = http(&ui, "POST", &format!("/jobs/{a}/copy"), &bearer, "args=%7Blr");
+    assert!(code == 400 && bad.contains("args are not JSON"), "{bad}");
+    let (code, _, bad) = http(&ui, "POST", &format!("/jobs/{a}/copy"), &bearer, "args=%7B%22bad+key%22%3A1%7D");
+    assert!(code == 400 && bad.contains("the copy is not a valid job"), "{bad}");
+    let (code, _, _) = http(&ui, "POST", &format!("/jobs/{a}/copy"), &[form[0]], "args=%7B%7D");
+    assert_eq!(code, 403, "a copy needs the token too");
+    let (code, _, none) = http(&ui, "GET", &format!("/jobs/{a}/files/model.pt"), &[], "");
+    assert!(code == 404 && none.contains("no files in an artifact store"), "{none}");
 }
 
 #[test]
@@ -190,4 +213,76 @@ fn the_jobs_table_streams_as_jobs_arrive() {
     assert!(seen.contains("event: update") && seen.contains(&format!("/jobs/{id}")), "{seen}");
     let (code, _, _) = http(&ui, "GET", "/events/nope", &[], "");
     assert_eq!(code, 404);
+}
+
+/// A backend that has gone away (its tables dropped under a running
+/// dashboard, on MariaDB): the pages stay up and say so, a job's page is a
+/// clear 503, nothing panics.
+#[test]
+fn a_backend_that_went_away_is_said_not_a_crash() {
+    let Some(base) = std::env::var("GPUPOOL_TEST_MYSQL_URL").ok().filter(|u| !u.is_empty()) else {
+        assert!(std::env::var("GPUPOOL_REQUIRE_BACKENDS").as_deref() != Ok("1"), "GPUPOOL_TEST_MYSQL_URL is not set");
+        eprintln!("skipped: GPUPOOL_TEST_MYSQL_URL is not set");
+        return;
+    };
+    let prefix = format!("uigone_{}_", gpupool_core::conformance::unique_suffix());
+    let url = format!("{base}{}prefix={prefix}", if base.contains('?') { '&' } else { '?' });
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_gpupool"))
+            .arg("--queue")
+            .arg(&url)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["init"]).status.success());
+    std::fs::write(dir.path().join("job.json"), r#"{"git_ref": "main", "entrypoint": "train.py"}"#).unwrap();
+    assert!(run(&["push", "job.json"]).status.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gpupool"))
+        .arg("--queue")
+        .arg(&url)
+        .args(["ui", "--listen", "127.0.0.1:0", "--token", "the-test-token"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.split("http://").nth(1).and_then(|r| r.split('/').next()).expect("the address").to_owned();
+    let ui = Ui { child, addr, dir: tempfile::tempdir().unwrap() };
+    wait_for_view(&ui, "train.py");
+    // The tables go.
+    let u = base.trim_start_matches("mysql://");
+    let (auth, rest) = u.split_once('@').unwrap();
+    let (user, pass) = auth.split_once(':').unwrap_or((auth, ""));
+    let (hostport, db) = rest.split_once('/').unwrap();
+    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "3306"));
+    let db = db.split('?').next().unwrap();
+    let list = format!(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = '{db}' AND table_name LIKE '{prefix}%'"
+    );
+    let sql = |q: &str| {
+        let out = Command::new("mariadb")
+            .args(["-h", host, "-P", port, "-u", user, &format!("-p{pass}"), db, "-N", "-e", q])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let tables: Vec<String> = sql(&list).lines().map(str::to_owned).collect();
+    assert!(!tables.is_empty());
+    sql(&format!("DROP TABLE {}", tables.join(", ")));
+    let page = (0..50)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(200));
+            let (code, _, page) = http(&ui, "GET", "/", &[], "");
+            (code == 200 && page.contains("cannot read the queue")).then_some(page)
+        })
+        .expect("the jobs page says the queue cannot be read");
+    assert!(page.contains("train.py"), "and shows what it last read: {page}");
+    let (code, _, one) = http(&ui, "GET", "/jobs/1", &[], "");
+    assert!(code == 503 && one.contains("the queue did not answer"), "{code}: {one}");
+    let (code, _, _) = http(&ui, "GET", "/workers", &[], "");
+    assert_eq!(code, 200, "still serving");
 }
