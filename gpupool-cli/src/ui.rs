@@ -31,7 +31,7 @@ use axum::routing::{get, post};
 use axum::{Form, Router};
 use futures_util::stream::{self, Stream};
 use gpupool::sweep::{Goal, metric_value, rank};
-use gpupool::{CancelOutcome, Error, JobId, JobRecord, JobState, ListFilter, Queue, Result, WorkerInfo};
+use gpupool::{Error, JobId, JobRecord, JobState, ListFilter, Queue, Result, WorkerInfo};
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -61,6 +61,13 @@ struct Ui {
     token: String,
     csrf: String,
     view: watch::Receiver<Arc<View>>,
+    /// Turns for downloads ([`DOWNLOADS_AT_ONCE`]).
+    downloads: tokio::sync::Semaphore,
+    /// Turns for open log streams ([`LOG_STREAMS_AT_ONCE`]).
+    log_streams: Arc<tokio::sync::Semaphore>,
+    /// The `Host` values a request may name: on loopback, only the
+    /// loopback names (no other site's name rebound to 127.0.0.1).
+    hosts: Option<Vec<String>>,
 }
 
 /// Runs the dashboard until the process ends. `token`: the one given, or
@@ -73,17 +80,35 @@ pub(crate) async fn serve(
     artifacts: Option<String>,
 ) -> Result<()> {
     let made = token.is_none();
-    let token = token.unwrap_or_else(|| random_hex(16));
+    let token = match token {
+        Some(t) => t,
+        None => random_hex(16)?,
+    };
     if token.len() < 8 {
         return Err(Error::Config("--token must be at least 8 characters".to_owned()));
     }
     let (tx, rx) = watch::channel(Arc::new(View::default()));
     tokio::spawn(poll(Arc::clone(&queue), tx));
-    let ui = Arc::new(Ui { queue, artifacts, url, token: token.clone(), csrf: random_hex(16), view: rx });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Error::Config(format!("cannot listen on {listen}: {e}")))?;
     let addr = listener.local_addr().map_err(|e| Error::Config(e.to_string()))?;
+    let port = addr.port();
+    let hosts = addr
+        .ip()
+        .is_loopback()
+        .then(|| ["localhost", "127.0.0.1", "[::1]"].iter().map(|h| format!("{h}:{port}")).collect());
+    let ui = Arc::new(Ui {
+        queue,
+        artifacts,
+        url,
+        token: token.clone(),
+        csrf: random_hex(16)?,
+        view: rx,
+        downloads: tokio::sync::Semaphore::new(DOWNLOADS_AT_ONCE),
+        log_streams: Arc::new(tokio::sync::Semaphore::new(LOG_STREAMS_AT_ONCE)),
+        hosts,
+    });
     if !addr.ip().is_loopback() {
         crate::cli::say(&format!(
             "warning: listening on {addr}, reachable from other hosts; anyone can read the pages"
@@ -114,7 +139,25 @@ fn router(ui: Arc<Ui>) -> Router {
         .route("/assets/uplot.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript")], UPLOT_JS) }))
         .route("/assets/uplot.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], UPLOT_CSS) }))
         .fallback(|| async { page_error(StatusCode::NOT_FOUND, "no such page") })
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&ui), known_host))
         .with_state(ui)
+}
+
+/// Refuses a request whose `Host` is not this server's loopback name when
+/// it listens on loopback: a page of another site whose name was made to
+/// point at 127.0.0.1 (DNS rebinding) reads nothing.
+async fn known_host(
+    State(ui): State<Arc<Ui>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    match &ui.hosts {
+        Some(hosts) if !hosts.iter().any(|h| h == host) => {
+            page_error(StatusCode::MISDIRECTED_REQUEST, "this dashboard answers to its loopback address only")
+        }
+        _ => next.run(request).await,
+    }
 }
 
 const APP_JS: &str = include_str!("ui/app.js");
@@ -178,27 +221,32 @@ fn fingerprint(v: &View) -> String {
     s
 }
 
-fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes from the system, in hex (the token and the CSRF
+/// secret: nothing guessable stands in when the system has none).
+fn random_hex(bytes: usize) -> Result<String> {
     use std::io::Read as _;
     let mut buf = vec![0u8; bytes];
-    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf));
-    if read.is_err() {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        buf = (0..bytes).map(|i| ((nanos >> ((i % 16) * 8)) as u8) ^ (std::process::id() as u8)).collect();
-    }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(|e| Error::Config(format!("cannot read /dev/urandom for the dashboard's secrets: {e}")))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 // ---- authentication -----------------------------------------------------
 
-/// Whether the request carries the token (bearer header or login cookie).
-fn authed(ui: &Ui, headers: &HeaderMap) -> bool {
-    let bearer = headers
+/// Whether the request carries the token in an `Authorization: Bearer`
+/// header (a script's: no browser sends one on its own, so no CSRF).
+fn bearer(ui: &Ui, headers: &HeaderMap) -> bool {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| same(t, &ui.token));
-    bearer || cookie(headers).is_some_and(|t| same(&t, &ui.token))
+        .is_some_and(|t| same(t, &ui.token))
+}
+
+/// Whether the request carries the token (bearer header or login cookie).
+fn authed(ui: &Ui, headers: &HeaderMap) -> bool {
+    bearer(ui, headers) || cookie(headers).is_some_and(|t| same(&t, &ui.token))
 }
 
 fn cookie(headers: &HeaderMap) -> Option<String> {
@@ -232,7 +280,7 @@ fn refused(ui: &Ui, headers: &HeaderMap, csrf: Option<&str>) -> Option<Response>
             "actions need the token: log in with it (the pages are read-only without it)",
         ));
     }
-    let by_script = headers.get(header::AUTHORIZATION).is_some();
+    let by_script = bearer(ui, headers);
     if cross_site(headers) || (!by_script && !csrf.is_some_and(|c| same(c, &ui.csrf))) {
         return Some(page_error(StatusCode::FORBIDDEN, "this action did not come from a gpupool page"));
     }
@@ -372,7 +420,7 @@ fn jobs_table(view: &View, query: &JobsQuery) -> String {
     for j in &jobs {
         let _ = write!(
             s,
-            "<tr><td><a href=/jobs/{id}>{id}</a><td>{}<td>{}<td>{}<td>{}<td>{}<td>{}<td>{}",
+            "<tr><td><a href=\"/jobs/{id}\">{id}</a><td>{}<td>{}<td>{}<td>{}<td>{}<td>{}<td>{}",
             state_cell(j.state),
             esc(&j.spec.queue),
             esc(j.spec.name.as_deref().unwrap_or("")),
@@ -417,6 +465,11 @@ async fn jobs_page(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(query): 
         esc(&query.to_query()),
     );
     page(&ui, &headers, "Jobs", &body)
+}
+
+/// A link to a job's page, its id escaped and quoted.
+fn job_link(id: &str, text: &str) -> String {
+    format!("<a href=\"/jobs/{}\">{}</a>", esc(&enc(id)), esc(text))
 }
 
 /// A job id as the pages take one (letters, digits, `-`, `_`).
@@ -523,6 +576,10 @@ async fn job_page(State(ui): State<Arc<Ui>>, headers: HeaderMap, Path(id): Path<
 /// stream holds one.
 async fn job_log(State(ui): State<Arc<Ui>>, Path(id): Path<String>) -> Response {
     let Some(id) = job_id(&id) else { return no_job(&id) };
+    let Ok(turn) = Arc::clone(&ui.log_streams).try_acquire_owned() else {
+        let busy = Event::default().event("end").data("too many logs open on this dashboard; reload later");
+        return Sse::new(stream::iter([Ok::<_, std::convert::Infallible>(busy)])).into_response();
+    };
     let stream = stream::unfold((ui, id, 0u64, false, String::new()), |(ui, id, from, done, shown)| async move {
         if done {
             return None;
@@ -562,6 +619,11 @@ async fn job_log(State(ui): State<Arc<Ui>>, Path(id): Path<String>) -> Response 
                 }
             }
         }
+    });
+    // The turn goes with the stream, when the page closes it.
+    let stream = futures_util::StreamExt::map(stream, move |e| {
+        let _held = &turn;
+        e
     });
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
@@ -603,10 +665,10 @@ async fn copy(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = refused(&ui, &headers, csrf_field(&body)) {
-        return r;
-    }
-    let Some(id) = job_id(&id) else { return no_job(&id) };
+    let id = match action_target(&ui, &headers, &id, &body) {
+        Ok(id) => id,
+        Err(page) => return *page,
+    };
     let job = match ui.queue.get(&id).await {
         Ok(job) => job,
         Err(e) => return backend_error(&e),
@@ -629,8 +691,13 @@ async fn copy(
 }
 
 /// The most a download from the dashboard reads into memory; larger files
-/// are fetched with `gpupool pull`.
-const DOWNLOAD_MAX_BYTES: u64 = 512 << 20;
+/// are fetched with `gpupool pull`. At most [`DOWNLOADS_AT_ONCE`] run at
+/// once, so downloads hold at most 128 MiB.
+const DOWNLOAD_MAX_BYTES: u64 = 64 << 20;
+const DOWNLOADS_AT_ONCE: usize = 2;
+
+/// Open job logs streamed at once (each reads the backend once a second).
+const LOG_STREAMS_AT_ONCE: usize = 64;
 
 /// One file a job's run kept in the artifact store.
 async fn download(State(ui): State<Arc<Ui>>, Path((id, path)): Path<(String, String)>) -> Response {
@@ -655,19 +722,24 @@ async fn download(State(ui): State<Arc<Ui>>, Path((id, path)): Path<(String, Str
         Ok(s) => s,
         Err(e) => return page_error(StatusCode::SERVICE_UNAVAILABLE, &format!("cannot open the artifact store: {e}")),
     };
-    let Ok(tmp) = tempfile_dir() else {
+    let Ok(_turn) = ui.downloads.acquire().await else {
+        return page_error(StatusCode::SERVICE_UNAVAILABLE, "the dashboard is stopping");
+    };
+    let Ok(tmp) = TempDir::new() else {
         return page_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot make a temporary folder");
     };
-    let fetched = store.download(std::slice::from_ref(file), &tmp).await;
-    let bytes = match fetched.and_then(|_| gpupool::worker::store::safe_join(&tmp, &file.path)) {
+    let fetched = store.download(std::slice::from_ref(file), &tmp.0).await;
+    let bytes = match fetched.and_then(|_| gpupool::worker::store::safe_join(&tmp.0, &file.path)) {
         Ok(local) => tokio::fs::read(local).await.map_err(|e| e.to_string()),
         Err(e) => Err(e),
     };
-    let _ = tokio::fs::remove_dir_all(&tmp).await;
+    drop(tmp);
     match bytes {
         Ok(bytes) => {
-            let name = file.path.rsplit('/').next().unwrap_or("file").replace(['"', '\\'], "_");
-            let disposition = format!("attachment; filename=\"{name}\"");
+            let name = file.path.rsplit('/').next().unwrap_or("file");
+            let ascii: String =
+                name.chars().map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' { c } else { '_' }).collect();
+            let disposition = format!("attachment; filename=\"{ascii}\"; filename*=UTF-8''{}", enc(name));
             (
                 [
                     (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
@@ -681,11 +753,34 @@ async fn download(State(ui): State<Arc<Ui>>, Path((id, path)): Path<(String, Str
     }
 }
 
-/// A fresh folder under the system's temporary directory.
-fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("gpupool-ui-{}", random_hex(8)));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// A fresh folder of this user's only (mode 700) under the system's
+/// temporary directory, removed when dropped (also when the request is
+/// dropped half way).
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let name = random_hex(8).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let dir = std::env::temp_dir().join(format!("gpupool-ui-{name}"));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The job an action names, once the action is allowed (the token, and a
+/// page's CSRF secret for a browser); else the page that says why not.
+fn action_target(ui: &Ui, headers: &HeaderMap, id: &str, body: &[u8]) -> std::result::Result<JobId, Box<Response>> {
+    if let Some(r) = refused(ui, headers, csrf_field(body)) {
+        return Err(Box::new(r));
+    }
+    job_id(id).ok_or_else(|| Box::new(no_job(id)))
 }
 
 async fn cancel(
@@ -694,14 +789,13 @@ async fn cancel(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = refused(&ui, &headers, csrf_field(&body)) {
-        return r;
-    }
-    let Some(id) = job_id(&id) else { return no_job(&id) };
+    let id = match action_target(&ui, &headers, &id, &body) {
+        Ok(id) => id,
+        Err(page) => return *page,
+    };
+    // Cancelled, asked to stop, or already ended: the job's page says which.
     match ui.queue.request_cancel(&id).await {
-        Ok(CancelOutcome::Cancelled | CancelOutcome::Requested | CancelOutcome::AlreadyEnded(_)) | Ok(_) => {
-            Redirect::to(&format!("/jobs/{id}")).into_response()
-        }
+        Ok(_) => Redirect::to(&format!("/jobs/{id}")).into_response(),
         Err(e) => backend_error(&e),
     }
 }
@@ -712,10 +806,10 @@ async fn retry(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = refused(&ui, &headers, csrf_field(&body)) {
-        return r;
-    }
-    let Some(id) = job_id(&id) else { return no_job(&id) };
+    let id = match action_target(&ui, &headers, &id, &body) {
+        Ok(id) => id,
+        Err(page) => return *page,
+    };
     match ui.queue.retry(&id).await {
         Ok(()) => Redirect::to(&format!("/jobs/{id}")).into_response(),
         Err(e @ Error::InvalidState { .. }) => page_error(StatusCode::CONFLICT, &e.to_string()),
@@ -742,15 +836,14 @@ fn workers_table(view: &View) -> String {
             (None, _, true) => "draining".to_owned(),
             _ => "ok".to_owned(),
         };
-        let running: Vec<String> =
-            w.running.iter().map(|r| format!("<a href=/jobs/{0}>{0}</a>", esc(r.id.as_str()))).collect();
+        let running: Vec<String> = w.running.iter().map(|r| job_link(r.id.as_str(), r.id.as_str())).collect();
         let gpus: Vec<String> = w
             .gpus
             .iter()
             .map(|g| {
                 let job = holder
                     .get(&(w.name.clone(), g.index))
-                    .map_or_else(|| "free".to_owned(), |j| format!("<a href=/jobs/{0}>job {0}</a>", esc(j)));
+                    .map_or_else(|| "free".to_owned(), |j| job_link(j, &format!("job {j}")));
                 let memory = if g.memory_total > 0 {
                     format!("{:.1}/{:.1} GiB", gib(g.memory_used), gib(g.memory_total))
                 } else {
@@ -810,18 +903,19 @@ fn sweeps_table(view: &View) -> String {
                     Goal::Maximize if b.1 > a.1 => b,
                     _ => a,
                 })
-                .map(|(j, v)| format!("<a href=/jobs/{0}>{0}</a>: {1} {2}", esc(j.id.as_str()), esc(&m.name), v))
+                .map(|(j, v)| format!("{}: {} {v}", job_link(j.id.as_str(), j.id.as_str()), esc(&m.name)))
         });
         let _ = write!(
             s,
-            "<tr><td><a href=/sweeps/{id}>{id}</a><td>{}<td>{}<td>{}<td>{}<td>{}<td>{}</tr>",
+            "<tr><td><a href=\"/sweeps/{link}\">{id}</a><td>{}<td>{}<td>{}<td>{}<td>{}<td>{}</tr>",
             esc(&name),
             runs.len(),
             count(JobState::Queued),
             count(JobState::Running),
             runs.iter().filter(|j| j.state.is_terminal()).count(),
             best.unwrap_or_else(|| "-".to_owned()),
-            id = esc(id)
+            id = esc(id),
+            link = esc(&enc(id))
         );
     }
     s.push_str("</table>");
@@ -858,7 +952,7 @@ fn sweep_runs(view: &View, id: &str) -> Option<String> {
         let args = serde_json::to_string(&r.spec.args).unwrap_or_default();
         let _ = write!(
             s,
-            "<tr><td><a href=/jobs/{0}>{0}</a><td>{1}<td>#{2}<td>{3}",
+            "<tr><td><a href=\"/jobs/{0}\">{0}</a><td>{1}<td>#{2}<td>{3}",
             esc(r.id.as_str()),
             state_cell(r.state),
             r.spec.sweep.as_ref().map_or(0, |s| s.index),

@@ -229,18 +229,22 @@ fn base64(text: &str) -> Vec<u8> {
         .collect()
 }
 
-fn gp(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_gpupool"))
-        .arg("--queue")
+/// `gpupool` on the test's SQLite queue and data directory.
+fn command(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpupool"));
+    cmd.arg("--queue")
         .arg(format!("sqlite://{}/q.db", dir.display()))
         .arg("--data-dir")
         .arg(dir.join("data"))
         .args(args)
         .current_dir(dir)
         .env_remove("GPUPOOL_QUEUE")
-        .env_remove("GPUPOOL_UI_TOKEN")
-        .output()
-        .unwrap()
+        .env_remove("GPUPOOL_UI_TOKEN");
+    cmd
+}
+
+fn gp(dir: &Path, args: &[&str]) -> std::process::Output {
+    command(dir, args).output().unwrap()
 }
 
 fn gp_json(dir: &Path, args: &[&str]) -> Value {
@@ -252,19 +256,7 @@ fn gp_json(dir: &Path, args: &[&str]) -> Value {
 }
 
 fn spawn(dir: &Path, args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_gpupool"))
-        .arg("--queue")
-        .arg(format!("sqlite://{}/q.db", dir.display()))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("GPUPOOL_QUEUE")
-        .env_remove("GPUPOOL_UI_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    command(dir, args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
 /// A repository holding `train.py`, at its first commit on `main`.

@@ -133,6 +133,11 @@ fn pages_show_the_pool_actions_need_the_token_and_nothing_loads_from_outside() {
     assert_eq!(code, 404);
     let (code, _, _) = http(&ui, "GET", "/sweeps/nope", &[], "");
     assert_eq!(code, 404);
+    let mut rebound = TcpStream::connect(&ui.addr).unwrap();
+    write!(rebound, "GET / HTTP/1.1\r\nHost: evil.example:80\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    rebound.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 421"), "another site's name is refused: {answer}");
     let (code, _, js) = http(&ui, "GET", "/assets/app.js", &[], "");
     assert!(code == 200 && js.contains("EventSource"));
 

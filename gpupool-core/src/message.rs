@@ -393,6 +393,9 @@ impl JobSpec {
             }
         }
         self.check_after()?;
+        if let Some(sweep) = self.sweep.as_ref().filter(|s| !plain_token(&s.id)) {
+            return bad(format!("sweep.id `{}` is not a sweep id", sweep.id));
+        }
         if let Some(snap) = &self.snapshot {
             let sha = |v: &str| v.len() == 40 && v.bytes().all(|b| b.is_ascii_hexdigit());
             if !sha(&snap.base) || !sha(&snap.hash) {

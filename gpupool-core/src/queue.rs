@@ -777,6 +777,12 @@ pub trait Blobs: Send + Sync {
 /// MySQL's default packet limit, and a RabbitMQ message of ordinary size).
 pub const BLOB_PIECE_BYTES: usize = 1 << 20;
 
+/// A blob's pieces of at most [`BLOB_PIECE_BYTES`], in order; an empty blob
+/// is one empty piece (so that it is stored, and reads back as there).
+pub fn blob_pieces(bytes: &[u8]) -> Vec<&[u8]> {
+    if bytes.is_empty() { vec![bytes] } else { bytes.chunks(BLOB_PIECE_BYTES).collect() }
+}
+
 /// Workers that register and heartbeat, so that `gpupool status` can show
 /// each host, its GPUs and what it runs. Optional: a [`Queue`] that keeps
 /// one returns it from [`Queue::worker_registry`].

@@ -954,8 +954,7 @@ impl Queue for MysqlQueue {
 impl gpupool_core::Blobs for MysqlQueue {
     async fn put_blob(&self, hash: &str, bytes: &[u8]) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(map)?;
-        let pieces: Vec<&[u8]> =
-            if bytes.is_empty() { vec![bytes] } else { bytes.chunks(gpupool_core::BLOB_PIECE_BYTES).collect() };
+        let pieces = gpupool_core::blob_pieces(bytes);
         for (n, piece) in pieces.into_iter().enumerate() {
             q(&self.sql.blob_put)
                 .bind(hash)

@@ -3,9 +3,6 @@
 local id, token, pause = ARGV[2], ARGV[3], ARGV[4]
 adopt(id, token)
 if not held(id, token) then return -1 end
-drop_entry(id)
-redis.call('HSET', jkey(id), 'token', '')
-redis.call('HINCRBY', jkey(id), 'attempt', -1)
-set_state(id, 'queued')
+unlease(id)
 hold(id, string.format('%d', tonumber(now_ms()) + tonumber(pause)))
 return 1

@@ -78,6 +78,16 @@ local function drop_entry(id)
   redis.call('HSET', h, 'entry', '')
 end
 
+-- Gives a held job back uncharged: its entry goes, its attempt is as
+-- before the lease, it is `queued` (the caller puts it in line or holds it
+-- back).
+local function unlease(id)
+  drop_entry(id)
+  redis.call('HSET', jkey(id), 'token', '')
+  redis.call('HINCRBY', jkey(id), 'attempt', -1)
+  set_state(id, 'queued')
+end
+
 -- The job id in a stream entry's fields ({'job', id, ...}), or nil.
 local function job_of(fields)
   for i = 1, #fields, 2 do if fields[i] == 'job' then return fields[i + 1] end end

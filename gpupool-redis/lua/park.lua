@@ -4,9 +4,6 @@ local id, token, gpus = ARGV[2], ARGV[3], ARGV[4]
 adopt(id, token)
 if not held(id, token) then return -1 end
 local h = jkey(id)
-drop_entry(id)
-redis.call('HSET', h, 'token', '')
-redis.call('HINCRBY', h, 'attempt', -1)
-set_state(id, 'queued')
+unlease(id)
 redis.call('ZADD', P .. 'parked:' .. redis.call('HGET', h, 'queue'), tonumber(gpus), id)
 return 1

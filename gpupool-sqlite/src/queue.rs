@@ -847,8 +847,7 @@ impl Queue for SqliteQueue {
 impl gpupool_core::Blobs for SqliteQueue {
     async fn put_blob(&self, hash: &str, bytes: &[u8]) -> Result<()> {
         let mut tx = self.begin_immediate().await?;
-        let pieces: Vec<&[u8]> =
-            if bytes.is_empty() { vec![bytes] } else { bytes.chunks(gpupool_core::BLOB_PIECE_BYTES).collect() };
+        let pieces = gpupool_core::blob_pieces(bytes);
         for (n, piece) in pieces.into_iter().enumerate() {
             sqlx::query("INSERT OR IGNORE INTO blobs (hash, piece, data) VALUES (?1, ?2, ?3)")
                 .bind(hash)

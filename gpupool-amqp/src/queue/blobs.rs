@@ -67,8 +67,7 @@ impl gpupool_core::Blobs for AmqpQueue {
             return Err(unavailable(e));
         }
         lock(&self.inner.blob_streams).insert(stream.clone());
-        let pieces: Vec<&[u8]> =
-            if bytes.is_empty() { vec![bytes] } else { bytes.chunks(gpupool_core::BLOB_PIECE_BYTES).collect() };
+        let pieces = gpupool_core::blob_pieces(bytes);
         let count = i64::try_from(pieces.len()).unwrap_or(i64::MAX);
         let mut confirms = Vec::with_capacity(pieces.len());
         for (n, piece) in pieces.into_iter().enumerate() {
