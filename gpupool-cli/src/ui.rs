@@ -124,9 +124,7 @@ fn router(ui: Arc<Ui>) -> Router {
         .route("/", get(jobs_page))
         .route("/jobs/{id}", get(job_page))
         .route("/jobs/{id}/log", get(job_log))
-        .route("/jobs/{id}/cancel", post(cancel))
-        .route("/jobs/{id}/retry", post(retry))
-        .route("/jobs/{id}/copy", post(copy))
+        .route("/jobs/{id}/{action}", post(act))
         .route("/jobs/{id}/files/{*path}", get(download))
         .route("/workers", get(workers_page))
         .route("/sweeps", get(sweeps_page))
@@ -659,34 +657,26 @@ fn enc_path(path: &str) -> String {
 
 /// "Push a copy with edited args": the job again, with the args the form
 /// gives (a JSON object), as a new job outside any sweep.
-async fn copy(
-    State(ui): State<Arc<Ui>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: axum::body::Bytes,
-) -> Response {
-    let id = match action_target(&ui, &headers, &id, &body) {
-        Ok(id) => id,
-        Err(page) => return *page,
-    };
-    let job = match ui.queue.get(&id).await {
+async fn copy(ui: &Ui, id: &JobId, body: &[u8]) -> std::result::Result<Result<JobId>, Box<Response>> {
+    let job = match ui.queue.get(id).await {
         Ok(job) => job,
-        Err(e) => return backend_error(&e),
+        Err(e) => return Ok(Err(e)),
     };
-    let text = form_field(&body, "args").unwrap_or_default();
+    let text = form_field(body, "args").unwrap_or_default();
+    let bad = |m: String| Err(Box::new(page_error(StatusCode::BAD_REQUEST, &m)));
     let args = match serde_json::from_str::<serde_json::Value>(&text) {
         Ok(serde_json::Value::Object(args)) => args,
-        Ok(_) => return page_error(StatusCode::BAD_REQUEST, "args must be a JSON object, such as {\"lr\": 0.01}"),
-        Err(e) => return page_error(StatusCode::BAD_REQUEST, &format!("args are not JSON: {e}")),
+        Ok(_) => return bad("args must be a JSON object, such as {\"lr\": 0.01}".to_owned()),
+        Err(e) => return bad(format!("args are not JSON: {e}")),
     };
     let mut spec = job.spec;
     spec.args = args;
     spec.idempotency_key = None;
     spec.sweep = None;
     match ui.queue.add(spec).await {
-        Ok(pushed) => Redirect::to(&format!("/jobs/{}", pushed.id())).into_response(),
-        Err(Error::InvalidJob(m)) => page_error(StatusCode::BAD_REQUEST, &format!("the copy is not a valid job: {m}")),
-        Err(e) => backend_error(&e),
+        Ok(pushed) => Ok(Ok(pushed.into_id())),
+        Err(Error::InvalidJob(m)) => bad(format!("the copy is not a valid job: {m}")),
+        Err(e) => Ok(Err(e)),
     }
 }
 
@@ -783,36 +773,34 @@ fn action_target(ui: &Ui, headers: &HeaderMap, id: &str, body: &[u8]) -> std::re
     job_id(id).ok_or_else(|| Box::new(no_job(id)))
 }
 
-async fn cancel(
+/// `POST /jobs/{id}/cancel`, `/retry` or `/copy`, once allowed
+/// ([`action_target`]); each ends on the job's page (the copy's, for a
+/// copy).
+async fn act(
     State(ui): State<Arc<Ui>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    Path((id, action)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> Response {
     let id = match action_target(&ui, &headers, &id, &body) {
         Ok(id) => id,
         Err(page) => return *page,
     };
-    // Cancelled, asked to stop, or already ended: the job's page says which.
-    match ui.queue.request_cancel(&id).await {
-        Ok(_) => Redirect::to(&format!("/jobs/{id}")).into_response(),
-        Err(e) => backend_error(&e),
-    }
-}
-
-async fn retry(
-    State(ui): State<Arc<Ui>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: axum::body::Bytes,
-) -> Response {
-    let id = match action_target(&ui, &headers, &id, &body) {
-        Ok(id) => id,
-        Err(page) => return *page,
+    let done = match action.as_str() {
+        // Cancelled, asked to stop, or already ended: the job's page says which.
+        "cancel" => ui.queue.request_cancel(&id).await.map(|_| id),
+        "retry" => match ui.queue.retry(&id).await {
+            Err(e @ Error::InvalidState { .. }) => return page_error(StatusCode::CONFLICT, &e.to_string()),
+            other => other.map(|()| id),
+        },
+        "copy" => match copy(&ui, &id, &body).await {
+            Ok(copied) => copied,
+            Err(page) => return *page,
+        },
+        _ => return page_error(StatusCode::NOT_FOUND, &format!("no action `{action}`")),
     };
-    match ui.queue.retry(&id).await {
-        Ok(()) => Redirect::to(&format!("/jobs/{id}")).into_response(),
-        Err(e @ Error::InvalidState { .. }) => page_error(StatusCode::CONFLICT, &e.to_string()),
+    match done {
+        Ok(id) => Redirect::to(&format!("/jobs/{id}")).into_response(),
         Err(e) => backend_error(&e),
     }
 }
