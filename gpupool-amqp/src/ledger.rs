@@ -448,6 +448,13 @@ pub(crate) struct State {
     finished: VecDeque<(u64, String, u64)>,
     /// The weight of the entries in `finished`.
     finished_bytes: u64,
+    /// For each job that a job not yet ended waits for (`after`), how many
+    /// such jobs: a finished job named here is not forgotten, so the wait
+    /// can read how it ended. Rebuilt from the jobs when a snapshot loads.
+    pins: HashMap<String, u32>,
+    /// Finished jobs past the window kept for a pin; forgotten when their
+    /// last pin goes.
+    pinned_past: std::collections::HashSet<String>,
     /// At most how many finished jobs, and how much of their text, are kept
     /// ([`KEEP_FINISHED`]; smaller in tests).
     keep: (usize, u64),
@@ -487,6 +494,8 @@ impl Default for State {
             ends: 0,
             finished: VecDeque::new(),
             finished_bytes: 0,
+            pins: HashMap::new(),
+            pinned_past: std::collections::HashSet::new(),
             keep: (KEEP_FINISHED, KEEP_FINISHED_BYTES),
             orphan_logs: VecDeque::new(),
             applied: -1,
@@ -732,6 +741,7 @@ impl State {
             self.idempotency.insert(key.clone(), (offset + 1).to_string());
         }
         let id = self.insert_job(offset, spec, when);
+        self.pin(&id, true);
         self.requeue(&id, dispatch, when);
         Outcome::Pushed(id)
     }
@@ -970,6 +980,7 @@ impl State {
                 job.record.finished_at = None;
                 job.record.not_before = None;
                 job.record.attempt_limit = job.record.attempt.saturating_add(job.record.spec.attempts());
+                self.pin(id, true);
                 self.requeue(id, dispatch, when)
             }
             Some(job) => Outcome::State(job.record.state),
@@ -1051,6 +1062,7 @@ impl State {
     /// The job has just ended: it joins the finished window, and the
     /// oldest finished jobs past it are forgotten ([`KEEP_FINISHED`]).
     fn finished(&mut self, id: &str) {
+        self.pin(id, false);
         let Some(job) = self.jobs.get_mut(id) else { return };
         self.ends += 1;
         job.end_seq = self.ends;
@@ -1062,12 +1074,37 @@ impl State {
             self.finished_bytes = self.finished_bytes.saturating_sub(weight);
             // A job retried since that end is not finished (or ended again later).
             if self.jobs.get(&old).is_some_and(|j| j.end_seq == seq && j.record.state.is_terminal()) {
-                self.forget(&old);
+                if self.pins.get(&old).is_some_and(|n| *n > 0) {
+                    self.pinned_past.insert(old);
+                } else {
+                    self.forget(&old);
+                }
             }
         }
     }
 
     /// Forgets a finished job.
+    /// Pins (`true`: the job `id` is waiting again) or unpins (it ended)
+    /// the jobs its `after` names; a finished job past the window whose last
+    /// pin goes is forgotten then.
+    fn pin(&mut self, id: &str, on: bool) {
+        let Some(gpupool_core::After::Jobs(parents)) = self.jobs.get(id).and_then(|j| j.record.spec.after.clone())
+        else {
+            return;
+        };
+        for parent in parents {
+            let parent = parent.as_str().to_owned();
+            let n = self.pins.entry(parent.clone()).or_default();
+            *n = if on { n.saturating_add(1) } else { n.saturating_sub(1) };
+            if *n == 0 {
+                self.pins.remove(&parent);
+                if self.pinned_past.remove(&parent) {
+                    self.forget(&parent);
+                }
+            }
+        }
+    }
+
     fn forget(&mut self, id: &str) {
         let Some(job) = self.jobs.remove(id) else { return };
         if let Ok(n) = id.parse::<u64>() {
@@ -1279,6 +1316,20 @@ impl State {
         st.orphan_logs = snap.orphan_logs.into();
         st.last_snapshot = snap.last_snapshot;
         st.delayed = delayed;
+        // Pins, from the jobs not yet ended; finished jobs outside the window
+        // are there for a pin.
+        let waiting: Vec<String> =
+            st.jobs.iter().filter(|(_, j)| !j.record.state.is_terminal()).map(|(id, _)| id.clone()).collect();
+        for id in waiting {
+            st.pin(&id, true);
+        }
+        let in_window: std::collections::HashSet<&String> = st.finished.iter().map(|(_, id, _)| id).collect();
+        st.pinned_past = st
+            .jobs
+            .iter()
+            .filter(|(id, j)| j.record.state.is_terminal() && !in_window.contains(id))
+            .map(|(id, _)| id.clone())
+            .collect();
         st
     }
 }
@@ -1630,6 +1681,48 @@ mod tests {
         assert_eq!(loaded.apply(4, slow.clone(), now, 6000), s.apply(4, slow, now, 6000));
         assert_eq!(s.jobs["1"].record.state, JobState::Queued, "not before 7000 by the events' clocks");
         assert_eq!(loaded.jobs["1"].record.state, JobState::Queued);
+    }
+
+    /// A finished job that a waiting job runs `after` is kept past the
+    /// window (the wait must read how it ended), in a fold loaded from a
+    /// snapshot too, and forgotten once the waiting job has ended.
+    #[test]
+    fn a_finished_job_another_waits_for_is_kept_until_that_one_ends() {
+        let now = Instant::now();
+        let mut s = State::new("me");
+        s.keep = (2, 1 << 30);
+        let mut offset = 0i64;
+        let mut next = |s: &mut State, e: Event| {
+            offset += 1;
+            s.apply(offset, at(&format!("n{offset}"), 1000 + offset, e), now, 1000 + offset)
+        };
+        let run = |s: &mut State, next: &mut dyn FnMut(&mut State, Event) -> Outcome, n: usize| {
+            let token = format!("t{n}");
+            let Outcome::Leased(id) = next(s, want(&token, "me", &["default"], 1, 0)) else { panic!("a job to lease") };
+            let done = Event::Completed { id: id.clone(), token, output_tail: String::new(), result: None };
+            assert_eq!(next(s, done), Outcome::Ok);
+            id
+        };
+        let Outcome::Pushed(parent) = next(&mut s, pushed(JobSpec::new("main", "train.py"))) else { panic!() };
+        assert_eq!(run(&mut s, &mut next, 0), parent);
+        let mut child = JobSpec::new("main", "eval.py").with_queue("later");
+        child.after = Some(gpupool_core::After::Jobs(vec![JobId::new(parent.clone())]));
+        let Outcome::Pushed(child) = next(&mut s, pushed(child)) else { panic!() };
+        for n in 1..=3 {
+            next(&mut s, pushed(JobSpec::new("main", "other.py")));
+            run(&mut s, &mut next, n);
+        }
+        assert!(s.jobs.contains_key(&parent), "kept past the window while its child waits");
+        let snap: Snapshot = serde_json::from_slice(&serde_json::to_vec(&s.snapshot()).unwrap()).unwrap();
+        let mut loaded = State::from_snapshot(snap, "me", now, 2000);
+        assert!(loaded.jobs.contains_key(&parent), "and in a fold loaded from a snapshot");
+        for fold in [&mut s, &mut loaded] {
+            assert_eq!(
+                fold.apply(100, at("n100", 3000, Event::Cancel { id: child.clone() }), now, 3000),
+                Outcome::Cancelled
+            );
+            assert!(!fold.jobs.contains_key(&parent), "forgotten once the child ended");
+        }
     }
 
     #[test]

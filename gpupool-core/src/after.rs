@@ -61,10 +61,7 @@ pub async fn gate(queue: &dyn Queue, job: &JobRecord, now: Timestamp) -> Result<
                 return Ok(Gate::Cancel(format!("job {id}, which this job runs after, ended {ended}")));
             }
             None => {
-                return Ok(Gate::Cancel(format!(
-                    "job {id}, which this job runs after, is not in the queue (deleted, or forgotten: RabbitMQ \
-                     keeps the newest 10,000 finished jobs)"
-                )));
+                return Ok(Gate::Cancel(format!("job {id}, which this job runs after, is not in the queue")));
             }
         }
     }
