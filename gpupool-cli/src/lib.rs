@@ -248,7 +248,7 @@ pub fn jobs_table_within(jobs: &[JobRecord], width: usize) -> String {
 }
 
 /// The result keys the jobs report, in the order first seen.
-pub fn result_keys(jobs: &[JobRecord]) -> Vec<String> {
+pub fn result_keys<'a>(jobs: impl IntoIterator<Item = &'a JobRecord>) -> Vec<String> {
     let mut keys: Vec<String> = Vec::new();
     for job in jobs {
         if let Some(serde_json::Value::Object(map)) = &job.result {

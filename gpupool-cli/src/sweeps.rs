@@ -96,11 +96,7 @@ fn args_cell(job: &JobRecord) -> String {
 
 /// `gpupool jobs --sweep ID`: its runs, best first by its metric.
 pub(crate) async fn runs(queue: &dyn Queue, id: &str, json: bool) -> Result<()> {
-    let mut runs: Vec<JobRecord> = all_jobs(queue, None, None)
-        .await?
-        .into_iter()
-        .filter(|j| j.spec.sweep.as_ref().is_some_and(|s| s.id == id))
-        .collect();
+    let mut runs = gpupool::after::sweep_runs(queue, id).await?;
     if runs.is_empty() {
         return Err(Error::NotFound { id: format!("sweep {id}") });
     }

@@ -409,7 +409,7 @@ fn state_cell(state: JobState) -> String {
 /// The jobs table: what the view holds that `query` keeps.
 fn jobs_table(view: &View, query: &JobsQuery) -> String {
     let jobs: Vec<&JobRecord> = view.jobs.iter().filter(|j| query.keeps(j)).collect();
-    let keys = crate::result_keys(&jobs.iter().map(|j| (*j).clone()).collect::<Vec<_>>());
+    let keys = crate::result_keys(jobs.iter().copied());
     let mut s = String::from("<table><tr><th>ID<th>State<th>Queue<th>Name<th>Ref<th>Entrypoint<th>Attempt<th>Worker");
     for k in &keys {
         let _ = write!(s, "<th>{}", esc(k));
@@ -429,8 +429,7 @@ fn jobs_table(view: &View, query: &JobsQuery) -> String {
             id = esc(j.id.as_str()),
         );
         for k in &keys {
-            let v = j.result.as_ref().and_then(|r| r.get(k)).map(ToString::to_string).unwrap_or_default();
-            let _ = write!(s, "<td>{}", esc(&v));
+            let _ = write!(s, "<td>{}", esc(&crate::result_cell(j.result.as_ref().and_then(|r| r.get(k)))));
         }
         let _ = write!(s, "<td>{}</tr>", esc(&j.created_at.to_rfc3339()));
     }
@@ -582,7 +581,7 @@ async fn job_log(State(ui): State<Arc<Ui>>, Path(id): Path<String>) -> Response 
         if done {
             return None;
         }
-        let (mut from, mut shown) = (from, shown);
+        let mut from = from;
         loop {
             let Some(logs) = ui.queue.run_logs() else {
                 let end = Event::default().event("end").data("this backend keeps no logs");
@@ -601,16 +600,19 @@ async fn job_log(State(ui): State<Arc<Ui>>, Path(id): Path<String>) -> Response 
                 return Some((Ok(Event::default().event("log").data(data)), (ui, id, from, false, shown)));
             }
             match ui.queue.get(&id).await {
-                Ok(job) if job_status(&job) != shown => {
-                    shown = job_status(&job);
-                    let status = Event::default().event("status").data(shown.clone());
-                    return Some((Ok(status), (ui, id, from, false, shown)));
-                }
-                Ok(job) if job.state.is_terminal() => {
+                Ok(job) => {
+                    let status = job_status(&job);
+                    if status != shown {
+                        let event = Event::default().event("status").data(status.clone());
+                        return Some((Ok(event), (ui, id, from, false, status)));
+                    }
+                    if !job.state.is_terminal() {
+                        tokio::time::sleep(POLL_EVERY).await;
+                        continue;
+                    }
                     let end = Event::default().event("end").data(format!("({})", job.state));
                     return Some((Ok(end), (ui, id, from, true, shown)));
                 }
-                Ok(_) => tokio::time::sleep(POLL_EVERY).await,
                 Err(e) => {
                     let end = Event::default().event("end").data(format!("cannot read the job: {e}"));
                     return Some((Ok(end), (ui, id, from, true, shown)));
@@ -947,8 +949,7 @@ fn sweep_runs(view: &View, id: &str) -> Option<String> {
             esc(&args)
         );
         for k in &keys {
-            let v = r.result.as_ref().and_then(|res| res.get(k)).map(ToString::to_string).unwrap_or_default();
-            let _ = write!(s, "<td>{}", esc(&v));
+            let _ = write!(s, "<td>{}", esc(&crate::result_cell(r.result.as_ref().and_then(|res| res.get(k)))));
         }
         s.push_str("</tr>");
     }
