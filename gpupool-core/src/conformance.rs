@@ -317,6 +317,75 @@ pub async fn no_double_reserve(q: Arc<dyn Queue>) {
     assert_eq!(q.list(&done).await.unwrap().len(), JOBS);
 }
 
+/// [`Queue::reserve_many`]: concurrent callers asking for several jobs at
+/// once still get each job once, each lease its own token and at most what
+/// they asked for; a batch keeps queue order and stays within the GPUs
+/// offered (the first job as `reserve` would pick it, then only what fits
+/// in `free_gpus` with it, never skipping a job).
+pub async fn reserve_many_leases_several(q: Arc<dyn Queue>) {
+    const JOBS: usize = 48;
+    let queue = unique_queue("many");
+    let mut pushed = HashSet::new();
+    for i in 0..JOBS {
+        pushed.insert(q.push(job(&queue).arg("i", i)).await.expect("push"));
+    }
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let (q, queue) = (Arc::clone(&q), queue.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let batch = q.reserve_many(&req(&queue), 5).await.expect("reserve_many");
+                assert!(batch.len() <= 5, "asked for 5, got {}", batch.len());
+                if batch.is_empty() {
+                    return got;
+                }
+                got.extend(batch);
+            }
+        }));
+    }
+    let (mut seen, mut tokens) = (HashSet::new(), HashSet::new());
+    let mut leases = Vec::new();
+    for t in tasks {
+        for lease in t.await.expect("reserver task") {
+            assert!(seen.insert(lease.id().clone()), "job {} was reserved twice", lease.id());
+            assert!(tokens.insert(lease.token.clone()), "two leases share a token");
+            assert_eq!((lease.job.state, lease.attempt()), (JobState::Running, 1));
+            leases.push(lease);
+        }
+    }
+    assert_eq!(seen, pushed, "every job was reserved exactly once");
+    for lease in &leases {
+        q.complete(lease, Completion::default()).await.expect("each lease completes with its own token");
+    }
+    let done = ListFilter { queue: Some(queue.clone()), state: Some(JobState::Succeeded), limit: 1000, offset: 0 };
+    assert_eq!(q.list(&done).await.unwrap().len(), JOBS);
+
+    if !q.capabilities().gpu_filter {
+        return;
+    }
+    let queue = unique_queue("manygpu");
+    let mut ids = Vec::new();
+    for gpus in [2, 1, 1, 3] {
+        let mut spec = job(&queue);
+        spec.gpus = Some(gpus);
+        ids.push(q.push(spec).await.unwrap());
+    }
+    let offer = req(&queue).gpus(3, true).max_gpus(4);
+    let mut order = Vec::new();
+    while order.len() < ids.len() {
+        let batch = q.reserve_many(&offer, 8).await.unwrap();
+        assert!(!batch.is_empty(), "a job is left: {:?}", &ids[order.len()..]);
+        let needs: Vec<u32> = batch.iter().map(|l| l.job.spec.gpus_needed(true)).collect();
+        assert!(batch.len() == 1 || needs.iter().sum::<u32>() <= 3, "a batch of {needs:?} GPUs offered 3");
+        for lease in batch {
+            order.push(lease.job.id.clone());
+            q.complete(&lease, Completion::default()).await.unwrap();
+        }
+    }
+    assert_eq!(order, ids, "batches keep queue order and skip no job");
+}
+
 /// A lease that is not heartbeated expires: the job is reserved again with
 /// attempt + 1 and the lost attempt is recorded with kind `lease_lost`.
 pub async fn lease_expires(q: Arc<dyn Queue>) {
@@ -823,7 +892,7 @@ macro_rules! conformance_tests {
             gpu_requirements, big_jobs_are_not_starved, parked_jobs_wait_for_a_big_enough_worker,
             worker_registry, run_logs, artifacts, reserve_waits_for_push, exists_after_init, sweep_runs,
             retry_policy, delayed_start, retry_backoff, defer_holds_a_job_back, after_waits_for_its_jobs,
-            blobs_round_trip);
+            blobs_round_trip, reserve_many_leases_several);
     };
     (@each $setup:path, $teardown:path; $($name:ident),* $(,)?) => {
         $(
@@ -973,6 +1042,7 @@ pub async fn run_all(q: Arc<dyn Queue>) {
     defer_holds_a_job_back(Arc::clone(&q)).await;
     after_waits_for_its_jobs(Arc::clone(&q)).await;
     blobs_round_trip(Arc::clone(&q)).await;
+    reserve_many_leases_several(Arc::clone(&q)).await;
     exists_after_init(q).await;
 }
 

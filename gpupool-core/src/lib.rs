@@ -58,7 +58,7 @@ pub use job::{
 };
 pub use memory::MemoryQueue;
 pub use queue::{
-    BLOB_PIECE_BYTES, Blobs, CancelOutcome, Capabilities, Completion, Connect, FailOutcome, Failure,
+    BLOB_PIECE_BYTES, Batch, Blobs, CancelOutcome, Capabilities, Completion, Connect, FailOutcome, Failure,
     GONE_AFTER_HEARTBEATS, Heartbeat, LOG_CAP_BYTES, Lease, ListFilter, LogPage, Progress, Pushed, Queue,
     ReserveRequest, RunInfo, RunLogs, RunningJob, Sweep, WorkerInfo, WorkerRegistry, all_jobs, blob_pieces,
     default_worker_name,

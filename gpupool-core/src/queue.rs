@@ -211,6 +211,58 @@ impl ReserveRequest {
     }
 }
 
+/// Which candidates one [`reserve_many`](Queue::reserve_many) leases,
+/// offered in queue order: the first always (as `reserve` would), then each
+/// next one while the GPUs taken together stay within `free_gpus`, up to
+/// `max`. Once one is refused, every later one is: a batch never skips over
+/// a job, so queue order holds (a big job waits first in line, as it would
+/// for `reserve`).
+#[derive(Debug, Clone, Copy)]
+pub struct Batch {
+    free: u32,
+    used: u32,
+    taken: usize,
+    max: usize,
+    closed: bool,
+}
+
+impl Batch {
+    /// A batch for `req`, of at most `max` (at least 1) leases.
+    pub fn new(req: &ReserveRequest, max: usize) -> Self {
+        Batch { free: req.free_gpus, used: 0, taken: 0, max: max.max(1), closed: false }
+    }
+
+    /// Whether the next candidate, needing `need` GPUs, is leased too.
+    pub fn admit(&mut self, need: u32) -> bool {
+        let used = self.used.saturating_add(need);
+        if self.full() || (self.taken > 0 && used > self.free) {
+            self.closed = true;
+            return false;
+        }
+        self.used = used;
+        self.taken += 1;
+        true
+    }
+
+    /// A candidate admitted that could not be leased after all (its row did
+    /// not read and was failed): its place and GPUs are free again.
+    pub fn unadmit(&mut self, need: u32) {
+        self.taken = self.taken.saturating_sub(1);
+        self.used = self.used.saturating_sub(need);
+        self.closed = false;
+    }
+
+    /// Whether no further candidate can be admitted.
+    pub fn full(&self) -> bool {
+        self.closed || self.taken >= self.max
+    }
+
+    /// How many more it could take at most.
+    pub fn room(&self) -> usize {
+        if self.closed { 0 } else { self.max - self.taken }
+    }
+}
+
 /// `host:pid` of this process.
 pub fn default_worker_name() -> String {
     let host = std::env::var("HOSTNAME")
@@ -572,6 +624,22 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// fits within `wait`.
     async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>>;
 
+    /// Up to `max` leases at once, for a worker with `max` free slots: the
+    /// first is the job [`reserve`](Queue::reserve) would return (waiting
+    /// for it as `reserve` does); each one after it is the next in the same
+    /// order, taken only while the GPUs the leases need together stay within
+    /// `free_gpus` ([`Batch`]), so the worker can start them all at once.
+    /// Empty if nothing fits within `wait`.
+    ///
+    /// The default is one [`reserve`](Queue::reserve). A backend whose
+    /// reserve costs round trips overrides it to lease several jobs in one
+    /// (MySQL: one transaction), so a worker with many slots drains
+    /// short jobs faster than one reserve per job allows.
+    async fn reserve_many(&self, req: &ReserveRequest, max: usize) -> Result<Vec<Lease>> {
+        let _ = max;
+        Ok(self.reserve(req).await?.into_iter().collect())
+    }
+
     /// Extends the lease to `lease` from now. Reports a cancel request.
     /// `LeaseLost` if the lease no longer holds.
     async fn heartbeat(&self, lease: &Lease, extend: std::time::Duration) -> Result<Heartbeat>;
@@ -886,5 +954,32 @@ impl Sweep {
         }
         *last = Some(now);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_takes_the_first_then_what_fits_in_order() {
+        let req = ReserveRequest { free_gpus: 3, gpu_host: true, ..ReserveRequest::new("default") };
+        let mut b = Batch::new(&req, 8);
+        assert!(b.admit(2));
+        assert!(b.admit(1));
+        assert!(!b.admit(1), "over the free GPUs");
+        assert!(!b.admit(0), "never skips over a refused job");
+        assert_eq!(b.room(), 0);
+
+        // The first is taken even when it needs more than is free (held, as
+        // for reserve), and nothing after it.
+        let mut b = Batch::new(&req, 8);
+        assert!(b.admit(4));
+        assert!(!b.admit(0));
+
+        // Jobs without GPUs: up to max.
+        let mut b = Batch::new(&ReserveRequest::new("default"), 2);
+        assert!(b.admit(0) && b.admit(0));
+        assert!(b.full() && !b.admit(0));
     }
 }

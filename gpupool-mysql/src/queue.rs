@@ -15,8 +15,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use gpupool_core::rows::{self, ErrorRow, JobRow};
 use gpupool_core::{
-    AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, FailureKind, Heartbeat, JobId,
-    JobRecord, JobSpec, JobState, Lease, ListFilter, Pushed, Queue, ReserveRequest, Result, RunInfo, Timestamp,
+    AttemptError, Batch, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, FailureKind, Heartbeat,
+    JobId, JobRecord, JobSpec, JobState, Lease, ListFilter, Pushed, Queue, ReserveRequest, Result, RunInfo, Timestamp,
     WorkerInfo, WorkerRegistry,
 };
 use sqlx::mysql::{MySql, MySqlArguments, MySqlPool, MySqlPoolOptions, MySqlRow};
@@ -65,6 +65,9 @@ macro_rules! ms {
 /// gives up for this call (each is looked at once; the next call goes on).
 const UNREADABLE_PER_RESERVE: usize = 8;
 
+/// The most jobs one reserve transaction leases ([`Queue::reserve_many`]).
+const MAX_BATCH: usize = 16;
+
 macro_rules! job_columns {
     () => {
         concat!(
@@ -96,8 +99,10 @@ struct Sql {
     expired: Arc<str>,
     expire_error: Arc<str>,
     expire_update: Arc<str>,
-    candidate: Arc<str>,
-    lease: Arc<str>,
+    candidates: Arc<str>,
+    /// `lease_many[k - 1]` leases k jobs; `select_many[k - 1]` reads them.
+    lease_many: Vec<Arc<str>>,
+    select_many: Vec<Arc<str>>,
     select_job: Arc<str>,
     select_errors: Arc<str>,
     insert: Arc<str>,
@@ -126,6 +131,7 @@ struct Sql {
     ship_result: Arc<str>,
     set_artifacts: Arc<str>,
     log_end: Arc<str>,
+    ship_held: Arc<str>,
     log_insert: Arc<str>,
     log_trim: Arc<str>,
     log_read: Arc<str>,
@@ -159,12 +165,31 @@ impl Sql {
                               finished_at = CASE WHEN cancel_requested OR attempt >= attempt_limit \
                                             THEN UTC_TIMESTAMP(6) END, \
                               lease_token = NULL, lease_expires_at = NULL WHERE id = ?"),
-            candidate: s("SELECT id FROM {p}jobs WHERE queue = ? AND state = 'queued' AND COALESCE(gpus, ?) <= ? \
-                          AND (not_before IS NULL OR not_before <= UTC_TIMESTAMP(6)) ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED"),
-            lease: s("UPDATE {p}jobs SET state = 'running', attempt = attempt + 1, lease_token = ?, \
-                      lease_expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, worker = ?, \
-                      started_at = UTC_TIMESTAMP(6), finished_at = NULL, exit_code = NULL, term_signal = NULL, \
-                      gpu_ids = NULL WHERE id = ?"),
+            candidates: s("SELECT id, COALESCE(gpus, ?) FROM {p}jobs WHERE queue = ? AND state = 'queued' \
+                           AND COALESCE(gpus, ?) <= ? AND (not_before IS NULL OR not_before <= UTC_TIMESTAMP(6)) \
+                           ORDER BY priority DESC, id LIMIT ? FOR UPDATE SKIP LOCKED"),
+            lease_many: (1..=MAX_BATCH)
+                .map(|k| {
+                    s(&format!(
+                        "UPDATE {{p}}jobs SET state = 'running', attempt = attempt + 1, lease_token = CASE id {} END, \
+                         lease_expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, worker = ?, \
+                         started_at = UTC_TIMESTAMP(6), finished_at = NULL, exit_code = NULL, term_signal = NULL, \
+                         gpu_ids = NULL WHERE id IN ({})",
+                        vec!["WHEN ? THEN ?"; k].join(" "),
+                        vec!["?"; k].join(", ")
+                    ))
+                })
+                .collect(),
+            select_many: (1..=MAX_BATCH)
+                .map(|k| {
+                    s(&format!(
+                        "SELECT {}, {} AS expires_ms FROM {{p}}jobs WHERE id IN ({}) ORDER BY priority DESC, id",
+                        job_columns!(),
+                        ms!("lease_expires_at"),
+                        vec!["?"; k].join(", ")
+                    ))
+                })
+                .collect(),
             select_job: s(&format!(
                 "SELECT {}, {} AS expires_ms FROM {{p}}jobs WHERE id = ?",
                 job_columns!(),
@@ -232,6 +257,13 @@ impl Sql {
                               CASE WHEN JSON_VALID(artifacts) \
                               THEN CAST(JSON_EXTRACT(artifacts, '$.attempt') AS SIGNED) ELSE 0 END <= ?)"),
             log_end: s("SELECT CAST(COALESCE(MAX(start + len), 0) AS SIGNED) FROM {p}job_logs WHERE job_id = ?"),
+            // `held` and `log_end` in one round trip: a row (the log's end)
+            // only while the lease holds, the job's row locked. The inner
+            // read locks too, so it reads the newest pieces, not the
+            // statement's snapshot.
+            ship_held: s("SELECT (SELECT CAST(COALESCE(MAX(start + len), 0) AS SIGNED) FROM {p}job_logs \
+                          WHERE job_id = ? FOR UPDATE) FROM {p}jobs WHERE id = ? AND lease_token = ? \
+                          AND state = 'running' FOR UPDATE"),
             log_insert: s("INSERT INTO {p}job_logs (job_id, start, len, text) VALUES (?, ?, ?, ?)"),
             log_trim: s("DELETE FROM {p}job_logs WHERE job_id = ? AND start < ? AND start < ?"),
             log_read: s("SELECT start, len, text FROM {p}job_logs WHERE job_id = ? AND start + len > ? \
@@ -343,7 +375,7 @@ impl MysqlQueue {
         Ok((false, expired))
     }
 
-    async fn try_reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
+    async fn try_reserve(&self, req: &ReserveRequest, max: usize) -> Result<Vec<Lease>> {
         // While reserves keep finding work, skip the lock-free look and
         // sweep expired leases at most once a second.
         let hot = self.sweep.hot.load(Ordering::Relaxed);
@@ -352,27 +384,31 @@ impl MysqlQueue {
         } else {
             let (work, expired) = self.might_have_work(req).await?;
             if !work && !expired {
-                return Ok(None);
+                return Ok(Vec::new());
             }
             expired
         };
         let mut tries = 0;
         let got = loop {
-            match self.reserve_tx(req, sweep).await {
+            match self.reserve_tx(req, sweep, max).await {
                 Err(e) if is_lock_conflict(&e) && tries < LOCK_RETRIES => tries += 1,
                 other => break other.map_err(map)??,
             }
         };
-        self.sweep.hot.store(got.is_some(), Ordering::Relaxed);
+        self.sweep.hot.store(!got.is_empty(), Ordering::Relaxed);
         Ok(got)
     }
 
-    /// One reserve transaction. Inner `Result` is ours, outer is the driver's.
+    /// One reserve transaction, leasing up to `max` jobs as one [`Batch`]:
+    /// the candidates are locked and read in one statement, leased in one
+    /// and read back in one, so a batch costs the round trips of one job.
+    /// Inner `Result` is ours, outer is the driver's.
     async fn reserve_tx(
         &self,
         req: &ReserveRequest,
         sweep: bool,
-    ) -> std::result::Result<Result<Option<Lease>>, sqlx::Error> {
+        max: usize,
+    ) -> std::result::Result<Result<Vec<Lease>>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let expired: Vec<i64> = if sweep {
             q(&self.sql.expired).fetch_all(&mut *tx).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?
@@ -383,50 +419,81 @@ impl MysqlQueue {
             q(&self.sql.expire_error).bind(id).execute(&mut *tx).await?;
             q(&self.sql.expire_update).bind(id).execute(&mut *tx).await?;
         }
+        let mut batch = Batch::new(req, max.min(MAX_BATCH));
+        let mut leases = Vec::new();
         for queue in &req.queues {
-            for _ in 0..UNREADABLE_PER_RESERVE {
-                let row = q(&self.sql.candidate)
+            let mut unreadable = 0;
+            while !batch.full() && unreadable < UNREADABLE_PER_RESERVE {
+                let room = batch.room();
+                let rows = q(&self.sql.candidates)
+                    .bind(i64::from(req.gpu_host))
                     .bind(queue)
                     .bind(i64::from(req.gpu_host))
                     .bind(i64::from(req.gpu_limit()))
-                    .fetch_optional(&mut *tx)
+                    .bind(i64::try_from(room).unwrap_or(1))
+                    .fetch_all(&mut *tx)
                     .await?;
-                let Some(row) = row else { break };
-                let id: i64 = row.try_get(0)?;
-                let token = uuid::Uuid::new_v4().simple().to_string();
-                q(&self.sql.lease)
-                    .bind(&token)
-                    .bind(micros(req.lease))
-                    .bind(&req.worker)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-                let row = q(&self.sql.select_job).bind(id).fetch_one(&mut *tx).await?;
-                // A row that does not read (written by hand, or by a newer
-                // gpupool), or fails the checks of push, ends `failed`, kind
-                // `invalid`, and the reserve moves on: one bad row never
-                // stalls the queue, and none gets past the checks.
-                let mut job = match rows::runnable(record(&row)) {
-                    Ok(j) => j,
-                    Err(message) => {
-                        fail_invalid(&self.sql, &mut tx, id, row.try_get("attempt")?, &message).await?;
-                        continue;
+                let (mut ids, mut needs) = (Vec::new(), Vec::new());
+                for row in &rows {
+                    let need = u32::try_from(row.try_get::<i64, _>(1)?).unwrap_or(u32::MAX);
+                    if !batch.admit(need) {
+                        break;
                     }
-                };
-                let expires_at = Timestamp(row.try_get::<Option<i64>, _>("expires_ms")?.unwrap_or(0));
-                if job.attempt > 1 {
-                    let rows = q(&self.sql.select_errors).bind(id).fetch_all(&mut *tx).await?;
-                    job.errors = match rows.iter().map(attempt_error).collect::<Result<Vec<_>>>() {
-                        Ok(e) => e,
-                        Err(e) => return Ok(Err(e)),
-                    };
+                    ids.push(row.try_get::<i64, _>(0)?);
+                    needs.push(need);
                 }
-                tx.commit().await?;
-                return Ok(Ok(Some(Lease { job, token, expires_at })));
+                if ids.is_empty() {
+                    break;
+                }
+                let tokens: Vec<String> = ids.iter().map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
+                let mut lease = q(&self.sql.lease_many[ids.len() - 1]);
+                for (id, token) in ids.iter().zip(&tokens) {
+                    lease = lease.bind(*id).bind(token);
+                }
+                lease = lease.bind(micros(req.lease)).bind(&req.worker);
+                for id in &ids {
+                    lease = lease.bind(*id);
+                }
+                lease.execute(&mut *tx).await?;
+                let mut select = q(&self.sql.select_many[ids.len() - 1]);
+                for id in &ids {
+                    select = select.bind(*id);
+                }
+                for row in select.fetch_all(&mut *tx).await? {
+                    let id: i64 = row.try_get("id")?;
+                    let Some(at) = ids.iter().position(|i| *i == id) else { continue };
+                    let token = tokens[at].clone();
+                    // A row that does not read (written by hand, or by a
+                    // newer gpupool), or fails the checks of push, ends
+                    // `failed`, kind `invalid`, and the reserve moves on:
+                    // one bad row never stalls the queue, and none gets past
+                    // the checks.
+                    let mut job = match rows::runnable(record(&row)) {
+                        Ok(j) => j,
+                        Err(message) => {
+                            fail_invalid(&self.sql, &mut tx, id, row.try_get("attempt")?, &message).await?;
+                            batch.unadmit(needs[at]);
+                            unreadable += 1;
+                            continue;
+                        }
+                    };
+                    let expires_at = Timestamp(row.try_get::<Option<i64>, _>("expires_ms")?.unwrap_or(0));
+                    if job.attempt > 1 {
+                        let rows = q(&self.sql.select_errors).bind(id).fetch_all(&mut *tx).await?;
+                        job.errors = match rows.iter().map(attempt_error).collect::<Result<Vec<_>>>() {
+                            Ok(e) => e,
+                            Err(e) => return Ok(Err(e)),
+                        };
+                    }
+                    leases.push(Lease { job, token, expires_at });
+                }
+                if rows.len() < room {
+                    break; // this queue has no more that fit
+                }
             }
         }
         tx.commit().await?;
-        Ok(Ok(None))
+        Ok(Ok(leases))
     }
 
     /// Runs one of the statements fenced by `lease` (`… WHERE id = ? AND
@@ -567,16 +634,15 @@ impl gpupool_core::RunLogs for MysqlQueue {
         let n = lease.id().as_i64()?;
         let mut tx = self.pool.begin().await.map_err(map)?;
         // Fenced under the row's lock, as `fail` is.
-        let held = q(&self.sql.held).bind(n).bind(&lease.token).fetch_optional(&mut *tx).await.map_err(map)?;
-        if held.is_none() {
+        let held = q(&self.sql.ship_held).bind(n).bind(n).bind(&lease.token).fetch_optional(&mut *tx).await;
+        let Some(held) = held.map_err(map)? else {
             return Err(Error::lease_lost(lease.id()));
-        }
+        };
         if let Some(result) = &progress.result {
             q(&self.sql.ship_result).bind(result.to_string()).bind(n).execute(&mut *tx).await.map_err(map)?;
         }
         if !progress.log.is_empty() {
-            let end: i64 =
-                q(&self.sql.log_end).bind(n).fetch_one(&mut *tx).await.map_err(map)?.try_get(0).map_err(map)?;
+            let end: i64 = held.try_get(0).map_err(map)?;
             let len = i64::try_from(progress.log.len()).unwrap_or(i64::MAX);
             q(&self.sql.log_insert)
                 .bind(n)
@@ -588,8 +654,11 @@ impl gpupool_core::RunLogs for MysqlQueue {
                 .map_err(map)?;
             // Whole pieces that start before the last 16 MiB go (never the
             // one just shipped, so the offsets go on from it).
+            // Under the cap nothing starts before the cut: no statement.
             let cap = i64::try_from(gpupool_core::LOG_CAP_BYTES).unwrap_or(i64::MAX);
-            q(&self.sql.log_trim).bind(n).bind(end + len - cap).bind(end).execute(&mut *tx).await.map_err(map)?;
+            if end + len > cap {
+                q(&self.sql.log_trim).bind(n).bind(end + len - cap).bind(end).execute(&mut *tx).await.map_err(map)?;
+            }
         }
         tx.commit().await.map_err(map)
     }
@@ -720,15 +789,20 @@ impl Queue for MysqlQueue {
     }
 
     async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
+        Ok(self.reserve_many(req, 1).await?.pop())
+    }
+
+    async fn reserve_many(&self, req: &ReserveRequest, max: usize) -> Result<Vec<Lease>> {
         let deadline = tokio::time::Instant::now() + req.wait;
         loop {
-            if let Some(lease) = self.try_reserve(req).await? {
+            let leases = self.try_reserve(req, max).await?;
+            if !leases.is_empty() {
                 self.idle_polls.store(0, Ordering::Relaxed);
-                return Ok(Some(lease));
+                return Ok(leases);
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                return Ok(None);
+                return Ok(Vec::new());
             }
             let idle = self.idle_polls.fetch_add(1, Ordering::Relaxed).min(8);
             let pause = (POLL_MIN * 2u32.pow(idle)).min(POLL_MAX).min(deadline - now);
@@ -1053,7 +1127,7 @@ mod tests {
             ids.push(id);
         }
         let nothing_queued = ReserveRequest::new(conformance::unique_queue("expiry"));
-        assert!(q.reserve_tx(&nothing_queued, true).await.unwrap().unwrap().is_none());
+        assert!(q.reserve_tx(&nothing_queued, true, 1).await.unwrap().unwrap().is_empty());
         for ((worker, cancel, attempt, limit), id) in cases.into_iter().zip(&ids) {
             let want = ExpiredLease::new(worker, cancel, attempt, limit);
             let rec = q.get(id).await.unwrap();

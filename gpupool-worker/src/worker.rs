@@ -379,21 +379,30 @@ impl Worker {
                 slots.wait_for_one(&shutdown).await;
                 continue;
             }
-            match ctx.queue.reserve(&slots.request(cfg)).await {
-                // A reserve that was waiting when the stop came: a stopping
-                // worker starts nothing new, so the job goes back, uncharged.
-                Ok(Some(lease)) if shutdown.is_cancelled() => give_back(&ctx, &lease).await,
-                // A job that runs after others, not yet free to run: given
-                // back until its next look (or ended), holding no slot.
-                Ok(Some(lease)) if lease.job.spec.after.is_some() && !free_to_run(&ctx, &lease).await => {
+            // As many jobs as there are free slots, in one request where the
+            // backend can (Queue::reserve_many): each fits the GPUs free now.
+            match ctx.queue.reserve_many(&slots.request(cfg), slots.free()).await {
+                Ok(leases) if !leases.is_empty() => {
                     backoff = Duration::ZERO;
+                    for (i, lease) in leases.into_iter().enumerate() {
+                        if shutdown.is_cancelled() {
+                            // A reserve that was waiting when the stop came: a
+                            // stopping worker starts nothing new, so the job
+                            // goes back, uncharged.
+                            give_back(&ctx, &lease).await;
+                        } else if lease.job.spec.after.is_some() && !free_to_run(&ctx, &lease).await {
+                            // A job that runs after others, not yet free to
+                            // run: given back until its next look (or ended),
+                            // holding no slot.
+                        } else {
+                            summary.reserved += 1;
+                            // Only the first may wait here for its GPUs; one
+                            // after it that no longer fits goes back.
+                            slots.launch(&ctx, lease, &shutdown, i == 0).await;
+                        }
+                    }
                 }
-                Ok(Some(lease)) => {
-                    backoff = Duration::ZERO;
-                    summary.reserved += 1;
-                    slots.launch(&ctx, lease, &shutdown).await;
-                }
-                Ok(None) => {
+                Ok(_) => {
                     backoff = Duration::ZERO;
                     if cfg.burst {
                         if slots.idle() {
@@ -516,6 +525,11 @@ impl Slots {
         self.tasks.len() >= self.total
     }
 
+    /// How many slots are free.
+    fn free(&self) -> usize {
+        self.total.saturating_sub(self.tasks.len())
+    }
+
     fn idle(&self) -> bool {
         self.tasks.is_empty()
     }
@@ -547,9 +561,10 @@ impl Slots {
         }
     }
 
-    /// Gives the job its GPUs (holding it until they are free) and starts
-    /// its run, then waits a moment for it to start.
-    async fn launch(&mut self, ctx: &Arc<Ctx>, lease: Lease, shutdown: &CancellationToken) {
+    /// Gives the job its GPUs (holding it until they are free when
+    /// `may_hold`, else giving it back) and starts its run, then waits a
+    /// moment for it to start.
+    async fn launch(&mut self, ctx: &Arc<Ctx>, lease: Lease, shutdown: &CancellationToken, may_hold: bool) {
         let (need, taken) = {
             let mut gpus = lock(&self.gpus);
             let need = lease.job.spec.gpus_needed(gpus.is_gpu_host());
@@ -557,6 +572,12 @@ impl Slots {
         };
         let given = match taken {
             Some(given) => given,
+            None if !may_hold => {
+                // Taken with others, it no longer fits (a GPU's memory in
+                // use changed): back to the queue, uncharged.
+                give_back(ctx, &lease).await;
+                return;
+            }
             None => match hold_until_fits(ctx, &lease, need, &self.gpus, &mut self.tasks, shutdown).await {
                 Some(given) => given,
                 None => return,
