@@ -18,8 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gpupool_benches::{cleanup, fresh, scheme};
-use gpupool_core::workspace::{PrepareRequest, Workspace};
-use gpupool_core::{Completion, JobSpec, JobState, ListFilter, Queue, ReserveRequest};
+use gpupool_core::runner::{Outcome, RunResult, RunSpec, Runner, Stopper};
+use gpupool_core::workspace::{Checkout, PrepareError, PrepareRequest, Workspace};
+use gpupool_core::{Completion, JobSpec, JobState, ListFilter, Queue, ReserveRequest, async_trait};
 use gpupool_worker::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -34,10 +35,16 @@ struct Args {
     consumers: usize,
     quick: bool,
     scale: bool,
-    /// Figure groups to run (`push`, `drain`, `worker`, `checkout`); empty: all.
+    /// Figure groups to run (`push`, `drain` (1 and C consumers, 1 worker
+    /// with C slots), `drainc` (C consumers only), `drain1w` (the worker
+    /// only), `worker`, `checkout`); empty: all.
     only: Vec<String>,
     /// Where the worker figures put the worker's files (default: a RAM disk).
     worker_dir: Option<PathBuf>,
+    /// How many times each push and drain figure, and its floor, is measured.
+    rounds: usize,
+    /// Skip the floors (`scripts/bench-peers.sh`: the peers are the comparison).
+    no_floors: bool,
 }
 
 impl Args {
@@ -104,6 +111,71 @@ async fn drain_rate(url: &str, q: &Arc<dyn Queue>, n: usize, consumers: usize) -
     }
     assert_eq!(total, n, "every job drained once");
     n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Code that is already there: the no-op job's "checkout" is an empty folder.
+#[derive(Debug)]
+struct NoCode(PathBuf);
+
+#[async_trait]
+impl Workspace for NoCode {
+    async fn prepare(&self, job: &PrepareRequest<'_>) -> Result<Checkout, PrepareError> {
+        Ok(Checkout { dir: self.0.clone(), commit: job.git_ref.to_owned() })
+    }
+
+    async fn remove(&self, _checkout: &Checkout) {}
+
+    async fn changed(&self, _checkout: &Checkout) -> Result<Vec<PathBuf>, String> {
+        Ok(Vec::new())
+    }
+
+    fn secrets(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// A run that ends at once, successfully.
+#[derive(Debug)]
+struct NoRun;
+
+#[async_trait]
+impl Runner for NoRun {
+    async fn run(&self, _spec: &RunSpec, _stop: &Stopper, launched: &CancellationToken) -> Result<RunResult, String> {
+        launched.cancel();
+        Ok(RunResult { outcome: Outcome::Exited(0), tail: String::new(), pid: None })
+    }
+}
+
+/// `drain_per_s_1wN`: pre-pushed no-op jobs drained by one real [`Worker`]
+/// with `slots` slots (heartbeats, result journal with its fsync, the
+/// outputs folder, the record of each run), with a workspace and runner
+/// that do nothing, so no git and no process. Its files go in `dir` (see
+/// [`worker_files`]).
+async fn worker_drain_rate(url: &str, q: &Arc<dyn Queue>, n: usize, slots: usize, dir: &Path) -> f64 {
+    for i in 0..n {
+        q.push(noop(i)).await.unwrap();
+    }
+    let wq = if scheme(url) == "memory" { Arc::clone(q) } else { open(url).await };
+    let data = tempfile::tempdir_in(dir).unwrap();
+    let code = data.path().join("code");
+    std::fs::create_dir(&code).unwrap();
+    let mut cfg = WorkerConfig::new(data.path().join("data"));
+    cfg.slots = slots;
+    cfg.burst = true;
+    // The workspace ignores it, but the worker asks every job for a repo.
+    cfg.repo = Some(code.display().to_string());
+    let worker = Worker::builder(wq, cfg).workspace(Arc::new(NoCode(code))).runner(Arc::new(NoRun)).build();
+    let t = Instant::now();
+    let summary = worker.run(CancellationToken::new()).await.unwrap();
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(summary.reserved, n as u64, "every job reserved once");
+    let jobs = gpupool_core::all_jobs(q.as_ref(), &ListFilter::default()).await.unwrap();
+    if let Some(bad) = jobs.iter().find(|j| j.state != JobState::Succeeded) {
+        let full = q.get(&bad.id).await.unwrap();
+        panic!("job {} ended {:?}: {:?}", bad.id, bad.state, full.errors);
+    }
+    assert_eq!(jobs.len(), n, "every job succeeded");
+    rate
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -369,6 +441,19 @@ fn probe_command() -> Vec<String> {
     }
 }
 
+/// Where a worker's files go in the worker figures: a RAM disk where there
+/// is one (`--worker-dir DIR` chooses). This VM's shared disk has stretches
+/// where creating 13 small files takes 10 ms instead of 0.2 ms, and every
+/// file or folder created there takes 0.6–0.9 ms (strace), which would make
+/// these figures the disk's, not the queue's.
+fn worker_files(args: &Args) -> tempfile::TempDir {
+    match &args.worker_dir {
+        Some(d) => tempfile::tempdir_in(d).unwrap(),
+        None if Path::new("/dev/shm").is_dir() => tempfile::tempdir_in("/dev/shm").unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    }
+}
+
 fn parse_args() -> Args {
     let mut a = Args {
         queue: String::new(),
@@ -378,6 +463,8 @@ fn parse_args() -> Args {
         scale: false,
         only: Vec::new(),
         worker_dir: None,
+        rounds: ROUNDS,
+        no_floors: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -387,11 +474,13 @@ fn parse_args() -> Args {
             "--consumers" => a.consumers = it.next().and_then(|v| v.parse().ok()).expect("--consumers C"),
             "--quick" => a.quick = true,
             "--scale" => a.scale = true,
+            "--rounds" => a.rounds = it.next().and_then(|v| v.parse().ok()).expect("--rounds N"),
+            "--no-floors" => a.no_floors = true,
             "--worker-dir" => a.worker_dir = Some(it.next().expect("--worker-dir DIR").into()),
             "--only" => a.only = it.next().expect("--only GROUP,…").split(',').map(str::to_owned).collect(),
             other => panic!(
                 "unknown argument {other}; use --queue URL [--jobs N] [--consumers C] [--quick] [--scale] \
-                 [--only push,drain,worker,checkout] [--worker-dir DIR]"
+                 [--only push,drain,drainc,drain1w,worker,checkout] [--worker-dir DIR] [--rounds N] [--no-floors]"
             ),
         }
     }
@@ -452,43 +541,66 @@ fn main() {
         // Each figure and its floor run ROUNDS times, interleaved, and the
         // best of each is kept: this machine is shared and noisy.
         let (mut push, mut push_floor) = (0f64, None::<f64>);
-        for _ in 0..if args.runs("push") { ROUNDS } else { 0 } {
+        for _ in 0..if args.runs("push") { args.rounds } else { 0 } {
             let url = fresh(&args.queue, "push", dir);
             let q = open(&url).await;
             push = push.max(push_rate(q.as_ref(), args.jobs).await);
             cleanup(&url).await;
-            let f = floors::push(&args.queue, args.jobs, dir).await;
-            push_floor = f.map(|f| push_floor.map_or(f, |p| p.max(f)));
+            if !args.no_floors {
+                let f = floors::push(&args.queue, args.jobs, dir).await;
+                push_floor = f.map(|f| push_floor.map_or(f, |p| p.max(f)));
+            }
         }
         if args.runs("push") {
             bench(&backend, "push_per_s", push, "jobs/s", push_floor);
         }
 
-        for consumers in if args.runs("drain") { vec![1, args.consumers] } else { Vec::new() } {
+        let mut drain_floor_c = None;
+        let counts = match (args.runs("drain"), args.runs("drainc")) {
+            (true, _) => vec![1, args.consumers],
+            (false, true) => vec![args.consumers],
+            (false, false) => Vec::new(),
+        };
+        for consumers in counts {
             let (mut drain, mut drain_floor) = (0f64, None::<f64>);
-            for _ in 0..ROUNDS {
+            for _ in 0..args.rounds {
                 let url = fresh(&args.queue, "drain", dir);
                 let q = open(&url).await;
                 drain = drain.max(drain_rate(&url, &q, args.jobs, consumers).await);
                 cleanup(&url).await;
-                let f = floors::drain(&args.queue, args.jobs, consumers, dir).await;
-                drain_floor = f.map(|f| drain_floor.map_or(f, |p| p.max(f)));
+                if !args.no_floors {
+                    let f = floors::drain(&args.queue, args.jobs, consumers, dir).await;
+                    drain_floor = f.map(|f| drain_floor.map_or(f, |p| p.max(f)));
+                }
             }
             bench(&backend, &format!("drain_per_s_{consumers}c"), drain, "jobs/s", drain_floor);
+            drain_floor_c = drain_floor;
+        }
+        // One worker process with C slots, beside C consumers: the shape
+        // of a peer's single worker running C jobs at a time. Its floor is
+        // the C-consumer floor, when that ran.
+        if args.runs("drain") || args.runs("drain1w") {
+            // RabbitMQ: the worker ships each run's log to a stream of its
+            // own (its header lines at least), and creating thousands of
+            // streams in seconds wedged RabbitMQ 3.10's stream coordinator
+            // here (BENCHMARKS.md, peers): at most 200 jobs.
+            let jobs = if matches!(backend.as_str(), "amqp" | "amqps") { args.jobs.min(200) } else { args.jobs };
+            let mut drain = 0f64;
+            for _ in 0..args.rounds {
+                let url = fresh(&args.queue, "drain1w", dir);
+                let q = open(&url).await;
+                let wdir = worker_files(&args);
+                drain = drain.max(worker_drain_rate(&url, &q, jobs, args.consumers, wdir.path()).await);
+                cleanup(&url).await;
+            }
+            bench(&backend, &format!("drain_per_s_1w{}", args.consumers), drain, "jobs/s", drain_floor_c);
         }
         if backend != "memory" && args.runs("worker") {
             let url = fresh(&args.queue, "worker", dir);
             // The worker's repository, mirror, checkouts and logs go on a
-            // RAM disk where there is one (--worker-dir DIR chooses): this
-            // VM's shared disk has stretches where creating 13 small files
-            // takes 10 ms instead of 0.2 ms, which would make the dispatch
-            // figure the disk's, not the queue's. checkout_ms stays on the
-            // disk, beside the git CLI on the same disk.
-            let wdir = match &args.worker_dir {
-                Some(d) => tempfile::tempdir_in(d).unwrap(),
-                None if Path::new("/dev/shm").is_dir() => tempfile::tempdir_in("/dev/shm").unwrap(),
-                None => tempfile::tempdir().unwrap(),
-            };
+            // RAM disk (worker_files). checkout_ms stays on the disk, beside
+            // the git CLI on the same disk.
+            let wdir = worker_files(&args);
             eprintln!("loadgen: worker figures with the worker's files in {}", wdir.path().display());
             worker_figures(&backend, &url, &args, wdir.path()).await;
             cleanup(&url).await;
