@@ -132,6 +132,7 @@ struct Sql {
     set_artifacts: Arc<str>,
     log_end: Arc<str>,
     ship_held: Arc<str>,
+    ship_log: Arc<str>,
     log_insert: Arc<str>,
     log_trim: Arc<str>,
     log_read: Arc<str>,
@@ -265,6 +266,13 @@ impl Sql {
                           WHERE job_id = ? FOR UPDATE) FROM {p}jobs WHERE id = ? AND lease_token = ? \
                           AND state = 'running' FOR UPDATE"),
             log_insert: s("INSERT INTO {p}job_logs (job_id, start, len, text) VALUES (?, ?, ?, ?)"),
+            // A piece appended in one statement: fenced by the lease (no row,
+            // nothing inserted), at the log's end read under lock, which
+            // comes back as the statement's insert id (LAST_INSERT_ID(expr)).
+            ship_log: s("INSERT INTO {p}job_logs (job_id, start, len, text) SELECT ?, LAST_INSERT_ID(\
+                         (SELECT CAST(COALESCE(MAX(start + len), 0) AS SIGNED) FROM {p}job_logs WHERE job_id = ? \
+                         FOR UPDATE)), ?, ? FROM {p}jobs WHERE id = ? AND lease_token = ? AND state = 'running' \
+                         FOR UPDATE"),
             log_trim: s("DELETE FROM {p}job_logs WHERE job_id = ? AND start < ? AND start < ?"),
             log_read: s("SELECT start, len, text FROM {p}job_logs WHERE job_id = ? AND start + len > ? \
                          ORDER BY start LIMIT ?"),
@@ -632,6 +640,37 @@ fn attempt_error(row: &MySqlRow) -> Result<AttemptError> {
 impl gpupool_core::RunLogs for MysqlQueue {
     async fn ship(&self, lease: &Lease, progress: &gpupool_core::Progress) -> Result<()> {
         let n = lease.id().as_i64()?;
+        let cap = i64::try_from(gpupool_core::LOG_CAP_BYTES).unwrap_or(i64::MAX);
+        if progress.result.is_none() && !progress.log.is_empty() {
+            // Output alone (most ships): one statement, not a transaction
+            // of four. Past the cap, the trim follows; dropped between the
+            // two, the next ship trims.
+            let len = i64::try_from(progress.log.len()).unwrap_or(i64::MAX);
+            let done = q(&self.sql.ship_log)
+                .bind(n)
+                .bind(n)
+                .bind(len)
+                .bind(&progress.log)
+                .bind(n)
+                .bind(&lease.token)
+                .execute(&self.pool)
+                .await
+                .map_err(map)?;
+            if done.rows_affected() == 0 {
+                return Err(Error::lease_lost(lease.id()));
+            }
+            let start = i64::try_from(done.last_insert_id()).unwrap_or(0);
+            if start + len > cap {
+                q(&self.sql.log_trim)
+                    .bind(n)
+                    .bind(start + len - cap)
+                    .bind(start)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(map)?;
+            }
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await.map_err(map)?;
         // Fenced under the row's lock, as `fail` is.
         let held = q(&self.sql.ship_held).bind(n).bind(n).bind(&lease.token).fetch_optional(&mut *tx).await;
@@ -655,7 +694,6 @@ impl gpupool_core::RunLogs for MysqlQueue {
             // Whole pieces that start before the last 16 MiB go (never the
             // one just shipped, so the offsets go on from it).
             // Under the cap nothing starts before the cut: no statement.
-            let cap = i64::try_from(gpupool_core::LOG_CAP_BYTES).unwrap_or(i64::MAX);
             if end + len > cap {
                 q(&self.sql.log_trim).bind(n).bind(end + len - cap).bind(end).execute(&mut *tx).await.map_err(map)?;
             }

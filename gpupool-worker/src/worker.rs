@@ -384,6 +384,7 @@ impl Worker {
             match ctx.queue.reserve_many(&slots.request(cfg), slots.free()).await {
                 Ok(leases) if !leases.is_empty() => {
                     backoff = Duration::ZERO;
+                    let mut launched = Vec::new();
                     for (i, lease) in leases.into_iter().enumerate() {
                         if shutdown.is_cancelled() {
                             // A reserve that was waiting when the stop came: a
@@ -398,9 +399,10 @@ impl Worker {
                             summary.reserved += 1;
                             // Only the first may wait here for its GPUs; one
                             // after it that no longer fits goes back.
-                            slots.launch(&ctx, lease, &shutdown, i == 0).await;
+                            launched.extend(slots.launch(&ctx, lease, &shutdown, i == 0).await);
                         }
                     }
+                    head_start(&launched, &shutdown).await;
                 }
                 Ok(_) => {
                     backoff = Duration::ZERO;
@@ -562,9 +564,16 @@ impl Slots {
     }
 
     /// Gives the job its GPUs (holding it until they are free when
-    /// `may_hold`, else giving it back) and starts its run, then waits a
-    /// moment for it to start.
-    async fn launch(&mut self, ctx: &Arc<Ctx>, lease: Lease, shutdown: &CancellationToken, may_hold: bool) {
+    /// `may_hold`, else giving it back) and starts its run. Returns the
+    /// token its start cancels ([`head_start`]); `None` when it did not
+    /// start.
+    async fn launch(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        lease: Lease,
+        shutdown: &CancellationToken,
+        may_hold: bool,
+    ) -> Option<CancellationToken> {
         let (need, taken) = {
             let mut gpus = lock(&self.gpus);
             let need = lease.job.spec.gpus_needed(gpus.is_gpu_host());
@@ -576,11 +585,11 @@ impl Slots {
                 // Taken with others, it no longer fits (a GPU's memory in
                 // use changed): back to the queue, uncharged.
                 give_back(ctx, &lease).await;
-                return;
+                return None;
             }
             None => match hold_until_fits(ctx, &lease, need, &self.gpus, &mut self.tasks, shutdown).await {
                 Some(given) => given,
-                None => return,
+                None => return None,
             },
         };
         let span = info_span!("job", job_id = %lease.id(), attempt = lease.attempt(), worker = %ctx.cfg.name);
@@ -604,15 +613,7 @@ impl Slots {
             }
             .instrument(span),
         );
-        // The job starts first: asking for the next one (a queue write on
-        // some backends) would compete with its checkout and spawn for the
-        // CPU. A slow checkout holds the next request back no longer than
-        // LAUNCH_HEAD_START.
-        tokio::select! {
-            () = launched.cancelled() => {}
-            () = tokio::time::sleep(LAUNCH_HEAD_START) => {}
-            () = shutdown.cancelled() => {}
-        }
+        Some(launched)
     }
 
     /// Waits up to `timeout` (or until `stop_now`) for the running jobs,
@@ -737,6 +738,24 @@ async fn hold_until_fits(
             Err(Error::LeaseLost { .. }) => return None,
             Err(e) => warn!(job_id = %lease.id(), "heartbeat failed ({e}); trying again"),
         }
+    }
+}
+
+/// The jobs just launched start first: asking for the next ones (a queue
+/// write on some backends) would compete with their checkouts and spawns
+/// for the CPU. A slow checkout holds the next request back no longer than
+/// [`LAUNCH_HEAD_START`]. The jobs of one batch are launched together, and
+/// waited for together.
+async fn head_start(launched: &[CancellationToken], shutdown: &CancellationToken) {
+    let all = async {
+        for token in launched {
+            token.cancelled().await;
+        }
+    };
+    tokio::select! {
+        () = all => {}
+        () = tokio::time::sleep(LAUNCH_HEAD_START) => {}
+        () = shutdown.cancelled() => {}
     }
 }
 
