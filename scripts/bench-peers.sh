@@ -12,7 +12,10 @@
 # workspace (benches/peers), Celery in a venv this script makes
 # (benches/peers/.venv). Neither slows `cargo build` of gpupool.
 # URLs: GPUPOOL_TEST_MYSQL_URL, GPUPOOL_TEST_REDIS_URL, GPUPOOL_TEST_AMQP_URL
-# (defaults: the loopback services of this project's machines).
+# (defaults: the loopback services of this project's machines). apalis keeps
+# its unprefixed tables in a database of its own, PEERS_MYSQL_URL (default:
+# the MySQL URL with the database gpupool_peers, which it creates: the user
+# needs CREATE on it). Needs python3 with venv (Debian: python3-venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MYSQL=${GPUPOOL_TEST_MYSQL_URL:-mysql://gpupool:gpupool@127.0.0.1:3306/gpupool_test}
@@ -35,19 +38,22 @@ cargo build --release -q -p gpupool-benches --bin loadgen
 cargo build --release -q --manifest-path benches/peers/Cargo.toml
 VENV=benches/peers/.venv
 if [ ! -x "$VENV/bin/celery" ]; then
-  python3 -m venv "$VENV"
+  python3 -m venv "$VENV" || { echo "bench-peers: python3 -m venv failed (Debian: apt-get install python3-venv)" >&2; exit 1; }
   "$VENV/bin/pip" install -q 'celery[redis]>=5.3,<6'
 fi
-APALIS=benches/peers/target/release/apalis_bench
+LOADGEN=${CARGO_TARGET_DIR:-target}/release/loadgen
+APALIS=${CARGO_TARGET_DIR:-benches/peers/target}/release/apalis_bench
 CELERY="$VENV/bin/python benches/peers/celery_bench.py"
-# Celery and kombu spell the default vhost `//`, not `/%2f`.
-CELERY_AMQP=${AMQP%/%2f}//
-# apalis keeps its tables in a database of its own (see benches/peers).
-APALIS_MYSQL="${MYSQL%/*}/gpupool_peers"
+# Celery and kombu spell the default vhost `//`, not `/%2f`; a Redis URL
+# names its database.
+CELERY_AMQP=$(printf '%s' "$AMQP" | sed -E 's#/%2[fF]$#//#')
+case "$REDIS" in *://*/*) CELERY_REDIS=$REDIS ;; *) CELERY_REDIS=$REDIS/0 ;; esac
+APALIS_MYSQL=${PEERS_MYSQL_URL:-$(printf '%s' "$MYSQL" | sed -E 's#/[^/?]*(\?.*)?$#/gpupool_peers\1#')}
 
 OUT=$(mktemp)
-trap 'rm -f "$OUT"' EXIT
-gp() { ./target/release/loadgen --queue "$2" --jobs "$JOBS" --consumers "$C" --rounds 1 --no-floors --only push,drainc,drain1w |
+# What ran so far is kept if a run fails.
+trap 'echo "bench-peers: failed; the runs so far are in $OUT" >&2' ERR
+gp() { "$LOADGEN" --queue "$2" --jobs "$JOBS" --consumers "$C" --rounds 1 --no-floors --only push,drainc,drain1w |
   sed "s/^BENCH /BENCH broker=$1 /" | tee -a "$OUT" >&2; }
 peer() { local broker=$1; shift; "$@" | sed "s/^PEER /PEER broker_name=$broker /" | tee -a "$OUT" >&2; }
 # apalis polls its backend on a timer (default 100 ms, which caps a drain
@@ -60,7 +66,7 @@ for r in $(seq "$ROUNDS"); do
   for ms in 10 1; do
     peer redis "$APALIS" --backend redis --url "$REDIS" --jobs "$JOBS" --concurrency "$C" --poll-ms $ms
   done
-  peer redis $CELERY --broker "$REDIS/0" --jobs "$JOBS" --concurrency "$C"
+  peer redis $CELERY --broker "$CELERY_REDIS" --jobs "$JOBS" --concurrency "$C"
   gp mysql "$MYSQL"
   for ms in 10 1; do
     peer mysql "$APALIS" --backend mysql --url "$APALIS_MYSQL" --jobs "$JOBS" --concurrency "$C" --poll-ms $ms
@@ -121,3 +127,4 @@ text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: start + "\n" 
 open(path, "w").write(text)
 print(table)
 PY
+rm -f "$OUT"

@@ -214,3 +214,58 @@ async fn a_job_bigger_than_any_worker_stays_queued_and_status_says_why() {
         "a worker that stops cleanly unregisters"
     );
 }
+
+/// A batch (MySQL leases several jobs in one transaction) whose first job
+/// waits for GPU memory: the jobs leased with it go back at once,
+/// uncharged, and are not left leased without a heartbeat while it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_leased_with_one_that_waits_for_its_gpus_go_back_uncharged() {
+    let Some(base) = gpupool_core::conformance::service_url("GPUPOOL_TEST_MYSQL_URL", "MySQL", || None) else {
+        return;
+    };
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}prefix=batch{}_", gpupool_core::conformance::unique_suffix());
+    let s = setup().await;
+    let mysql = Arc::new(gpupool_mysql::MysqlQueue::connect(&url).await.unwrap());
+    let queue: Arc<dyn Queue> = mysql.clone();
+    queue.init().await.unwrap();
+    const GIB: u64 = 1 << 30;
+    let busy = |index| GpuStatus { index, memory_total: 80 * GIB, memory_used: 70 * GIB, ..GpuStatus::default() };
+    let inventory: Arc<dyn GpuInventory> = Arc::new(StaticInventory::with_status(vec![busy(0), busy(1)]));
+    let mut ids = Vec::new();
+    for memory in [Some(40 * 1024), None, None] {
+        let mut spec = JobSpec::new("main", "job.py");
+        spec.gpus = Some(1);
+        spec.gpu_memory = memory;
+        spec.env.insert("PLACEMENT_OUT".into(), s.out.to_string_lossy().into_owned());
+        ids.push(queue.push(spec).await.unwrap());
+    }
+    let mut cfg = s.config(inventory);
+    cfg.burst = false;
+    cfg.gpu_busy_fraction = 1.0; // memory in use, not "busy": the job with 40 GiB waits
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(Worker::new(Arc::clone(&queue), cfg).run(stop.clone()));
+    // The first job is held (running, heartbeated); the one leased with it
+    // is back in the queue, uncharged, well before its lease could end.
+    let mut held = false;
+    for _ in 0..100 {
+        let (first, second) = (queue.get(&ids[0]).await.unwrap(), queue.get(&ids[1]).await.unwrap());
+        if first.state == JobState::Running && second.state == JobState::Queued {
+            assert_eq!(second.attempt, 0, "given back uncharged");
+            assert!(second.errors.is_empty(), "{:?}", second.errors);
+            held = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(held, "the first job holds, the one leased with it goes back");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for id in &ids[1..] {
+        let job = queue.get(id).await.unwrap();
+        assert_eq!((job.state, job.attempt), (JobState::Queued, 0), "nothing else reserved while it waits");
+    }
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+    assert_eq!(queue.get(&ids[0]).await.unwrap().attempt, 0, "released at the stop, uncharged");
+    mysql.drop_tables().await.unwrap();
+}

@@ -227,7 +227,7 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// A batch for `req`, of at most `max` (at least 1) leases.
+    /// A batch for `req`, of at most `max` leases (0 counts as 1).
     pub fn new(req: &ReserveRequest, max: usize) -> Self {
         Batch { free: req.free_gpus, used: 0, taken: 0, max: max.max(1), closed: false }
     }
@@ -624,12 +624,12 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// fits within `wait`.
     async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>>;
 
-    /// Up to `max` leases at once, for a worker with `max` free slots: the
-    /// first is the job [`reserve`](Queue::reserve) would return (waiting
-    /// for it as `reserve` does); each one after it is the next in the same
-    /// order, taken only while the GPUs the leases need together stay within
-    /// `free_gpus` ([`Batch`]), so the worker can start them all at once.
-    /// Empty if nothing fits within `wait`.
+    /// Up to `max` leases at once (0 counts as 1), for a worker with `max`
+    /// free slots: the first is the job [`reserve`](Queue::reserve) would
+    /// return (waiting for it as `reserve` does); each one after it is the
+    /// next in the same order, taken only while the GPUs the leases need
+    /// together stay within `free_gpus` ([`Batch`]), so the worker can
+    /// start them all at once. Empty if nothing fits within `wait`.
     ///
     /// The default is one [`reserve`](Queue::reserve). A backend whose
     /// reserve costs round trips overrides it to lease several jobs in one
@@ -812,7 +812,9 @@ pub struct LogPage {
 /// # Cancellation safety
 ///
 /// Each call is one transaction or script: dropped, it leaves the log as
-/// before or as after.
+/// before or as after. (MySQL appends output in one statement and trims
+/// past the cap in a second: dropped between the two, the log holds more
+/// than the cap until the next ship trims it.)
 #[async_trait]
 pub trait RunLogs: Send + Sync {
     /// Appends `progress.log` to the job's log and sets its `result` to

@@ -53,3 +53,33 @@ async fn stored_jobs_are_checked_again() {
     gpupool_core::conformance::stored_jobs_are_checked_again(std::sync::Arc::new(q.clone()), store).await;
     q.drop_tables().await.unwrap();
 }
+
+/// An unreadable row inside a batch ([`Queue::reserve_many`]) is failed and
+/// frees its place, and the batch goes on in order: the job it had refused
+/// for lack of GPUs is taken before anything from the next queue.
+#[tokio::test]
+async fn an_unreadable_row_in_a_batch_skips_no_job() {
+    let prefix = common::random_prefix("badb");
+    let Some(q) = common::queue(&prefix).await else { return };
+    let push = |queue: &'static str, gpus: u32| {
+        let q = q.clone();
+        async move {
+            let mut spec = JobSpec::new("main", "a.py").with_queue(queue);
+            spec.gpus = Some(gpus);
+            q.push(spec).await.unwrap()
+        }
+    };
+    let a = push("first", 1).await;
+    let bad = push("first", 1).await;
+    let c = push("first", 2).await;
+    let _d = push("second", 2).await;
+    let update = format!("UPDATE {prefix}jobs SET spec = '{{\"git_ref\": 7}}' WHERE id = ?");
+    sqlx::query(sqlx::AssertSqlSafe(update)).bind(bad.as_i64().unwrap()).execute(q.pool()).await.unwrap();
+
+    let req =
+        ReserveRequest { queues: vec!["first".into(), "second".into()], ..ReserveRequest::new("first") }.gpus(3, true);
+    let leases = q.reserve_many(&req, 8).await.unwrap();
+    let ids: Vec<_> = leases.iter().map(|l| l.id().clone()).collect();
+    assert_eq!(ids, [a, c], "the 2-GPU job of the first queue, not the second queue's");
+    q.drop_tables().await.unwrap();
+}

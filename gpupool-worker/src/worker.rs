@@ -385,21 +385,20 @@ impl Worker {
                 Ok(leases) if !leases.is_empty() => {
                     backoff = Duration::ZERO;
                     let mut launched = Vec::new();
-                    for (i, lease) in leases.into_iter().enumerate() {
+                    let mut batch = leases.into_iter();
+                    while let Some(lease) = batch.next() {
                         if shutdown.is_cancelled() {
                             // A reserve that was waiting when the stop came: a
                             // stopping worker starts nothing new, so the job
                             // goes back, uncharged.
-                            give_back(&ctx, &lease).await;
+                            give_back(&ctx, &lease, "stopping: giving back a job reserved as the stop came").await;
                         } else if lease.job.spec.after.is_some() && !free_to_run(&ctx, &lease).await {
                             // A job that runs after others, not yet free to
                             // run: given back until its next look (or ended),
                             // holding no slot.
-                        } else {
+                        } else if let Some(started) = slots.launch(&ctx, lease, &shutdown, &mut batch).await {
                             summary.reserved += 1;
-                            // Only the first may wait here for its GPUs; one
-                            // after it that no longer fits goes back.
-                            launched.extend(slots.launch(&ctx, lease, &shutdown, i == 0).await);
+                            launched.push(started);
                         }
                     }
                     head_start(&launched, &shutdown).await;
@@ -481,8 +480,9 @@ async fn free_to_run(ctx: &Ctx, lease: &Lease) -> bool {
 }
 
 /// Gives back, uncharged, a job reserved as the stop came.
-async fn give_back(ctx: &Ctx, lease: &Lease) {
-    info!(job_id = %lease.id(), "stopping: giving back a job reserved as the stop came");
+/// Gives a leased job back, uncharged, saying `why` in the log.
+async fn give_back(ctx: &Ctx, lease: &Lease, why: &str) {
+    info!(job_id = %lease.id(), "{why}");
     if let Err(e) = ctx.queue.release(lease).await {
         warn!(job_id = %lease.id(), "could not give the job back ({e}); it returns when its lease ends");
     }
@@ -563,16 +563,19 @@ impl Slots {
         }
     }
 
-    /// Gives the job its GPUs (holding it until they are free when
-    /// `may_hold`, else giving it back) and starts its run. Returns the
-    /// token its start cancels ([`head_start`]); `None` when it did not
-    /// start.
+    /// Gives the job its GPUs and starts its run. Returns the token its
+    /// start cancels ([`head_start`]); `None` when it did not start.
+    ///
+    /// When its GPUs are not free it holds the job until they are,
+    /// heartbeating it; the jobs leased with it that wait in `rest` go back
+    /// first, uncharged, so that none waits here unheartbeated (a batch is
+    /// leased to fit the free GPUs, but a GPU's memory in use can change).
     async fn launch(
         &mut self,
         ctx: &Arc<Ctx>,
         lease: Lease,
         shutdown: &CancellationToken,
-        may_hold: bool,
+        rest: &mut std::vec::IntoIter<Lease>,
     ) -> Option<CancellationToken> {
         let (need, taken) = {
             let mut gpus = lock(&self.gpus);
@@ -581,16 +584,12 @@ impl Slots {
         };
         let given = match taken {
             Some(given) => given,
-            None if !may_hold => {
-                // Taken with others, it no longer fits (a GPU's memory in
-                // use changed): back to the queue, uncharged.
-                give_back(ctx, &lease).await;
-                return None;
+            None => {
+                for other in rest.by_ref() {
+                    give_back(ctx, &other, "giving back a job leased with one that waits for its GPUs").await;
+                }
+                hold_until_fits(ctx, &lease, need, &self.gpus, &mut self.tasks, shutdown).await?
             }
-            None => match hold_until_fits(ctx, &lease, need, &self.gpus, &mut self.tasks, shutdown).await {
-                Some(given) => given,
-                None => return None,
-            },
         };
         let span = info_span!("job", job_id = %lease.id(), attempt = lease.attempt(), worker = %ctx.cfg.name);
         let (ctx2, gpus, stop) = (Arc::clone(ctx), Arc::clone(&self.gpus), self.stop_all.clone());

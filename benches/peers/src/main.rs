@@ -417,18 +417,7 @@ async fn run_redis(args: &Args) -> Result<Outcome, BoxError> {
         // which moves a job to the done set) run after the handlers.
         let wait_acks = wait_done_set(cleanup_conn.clone(), &done_set, args.jobs, ACK_WAIT);
         let drain = drive(monitor().register(worker), &shared, args.timeout, wait_acks).await?;
-        report_drain(args, &drain);
-        let (done, ack_wait) = drain.extra?;
-        eprintln!(
-            "apalis_bench: {done} of {} jobs in the done set {:.3} s after the last handler returned",
-            args.jobs,
-            ack_wait.as_secs_f64()
-        );
-        Ok::<_, BoxError>(Outcome {
-            push_per_s,
-            drain_per_s: per_second(args.jobs, drain.elapsed + ack_wait),
-            done_rows: Some(done),
-        })
+        recorded(args, push_per_s, drain, "jobs in the done set")
     }
     .await;
 
@@ -521,11 +510,13 @@ const APALIS_MYSQL_TABLES: &[&str] = &[
 /// A pool on `url`'s database, made first if it does not exist (apalis'
 /// tables are unprefixed, so they get a database of their own).
 async fn connect_mysql(url: &str) -> Result<MySqlPool, BoxError> {
-    let (server, db) = url.rsplit_once('/').ok_or("mysql URL without a database")?;
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let (server, db) = base.rsplit_once('/').ok_or("mysql URL without a database")?;
     if !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || db.is_empty() {
         return Err(format!("mysql database name {db:?}: letters, digits and _ only").into());
     }
-    let admin = MySqlPool::connect(server).await?;
+    let admin_url = if query.is_empty() { server.to_owned() } else { format!("{server}?{query}") };
+    let admin = MySqlPool::connect(&admin_url).await?;
     sqlx::query(&format!("CREATE DATABASE IF NOT EXISTS `{db}`")).execute(&admin).await?;
     admin.close().await;
     Ok(MySqlPool::connect(url).await?)
@@ -561,21 +552,7 @@ async fn run_mysql(args: &Args) -> Result<Outcome, BoxError> {
         // would drop acks still queued and undercount `done_rows`.
         let wait_acks = wait_done_rows(&pool, &namespace, args.jobs, ACK_WAIT);
         let drain = drive(monitor().register(built), &shared, args.timeout, wait_acks).await?;
-        report_drain(args, &drain);
-        let (done_rows, ack_wait) = drain.extra?;
-        eprintln!(
-            "apalis_bench: {done_rows} of {} rows Done {:.3} s after the last handler returned",
-            args.jobs,
-            ack_wait.as_secs_f64()
-        );
-        // Drained means recorded: the clock stops when the last `Done` is
-        // written (within the 5 ms poll of `wait_done_rows`), not when the
-        // last handler returned.
-        Ok::<_, BoxError>(Outcome {
-            push_per_s,
-            drain_per_s: per_second(args.jobs, drain.elapsed + ack_wait),
-            done_rows: Some(done_rows),
-        })
+        recorded(args, push_per_s, drain, "rows Done")
     }
     .await;
 
@@ -620,6 +597,26 @@ fn per_second(jobs: usize, elapsed: Duration) -> f64 {
 }
 
 /// Extra timings on stderr, for reading the result line.
+/// The outcome of a drain that ended when the backend had recorded every
+/// job done: `drain.extra` holds how many it recorded and how long after
+/// the last handler returned. Drained means recorded, so that wait counts
+/// (within the 5 ms poll of `wait_done_rows`/`wait_done_set`).
+fn recorded<E: Into<BoxError>>(
+    args: &Args,
+    push_per_s: f64,
+    drain: Drain<Result<(i64, Duration), E>>,
+    what: &str,
+) -> Result<Outcome, BoxError> {
+    report_drain(args, &drain);
+    let (done, ack_wait) = drain.extra.map_err(Into::into)?;
+    eprintln!(
+        "apalis_bench: {done} of {} {what} {:.3} s after the last handler returned",
+        args.jobs,
+        ack_wait.as_secs_f64()
+    );
+    Ok(Outcome { push_per_s, drain_per_s: per_second(args.jobs, drain.elapsed + ack_wait), done_rows: Some(done) })
+}
+
 fn report_drain<T>(args: &Args, drain: &Drain<T>) {
     let first =
         drain.from_first_start.map(|d| format!("{:.1}", per_second(args.jobs, d))).unwrap_or_else(|| "n/a".into());

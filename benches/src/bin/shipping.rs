@@ -56,6 +56,9 @@ impl Queue for Counted {
     async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
         self.inner.reserve(req).await
     }
+    async fn reserve_many(&self, req: &ReserveRequest, max: usize) -> Result<Vec<Lease>> {
+        self.inner.reserve_many(req, max).await
+    }
     async fn heartbeat(&self, lease: &Lease, extend: Duration) -> Result<Heartbeat> {
         self.inner.heartbeat(lease, extend).await
     }
