@@ -113,7 +113,7 @@ for broker, peer, version in (("redis", "apalis@10", "apalis 0.7, poll 10 ms"),
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
 spread = "; ".join(f"{b}/{w}/{f}: {', '.join(f'{v:,.0f}' for v in vs)}" for (b, w, f), vs in sorted(runs.items()))
 table = (f"Machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}. "
-         f"Date: {datetime.date.today()}. Command: `scripts/bench-peers.sh {sys.argv[2]}` "
+         f"Date: {datetime.date.today()}. Command: `{' '.join(['scripts/bench-peers.sh'] + sys.argv[2].split())}` "
          f"({sys.argv[3]} no-op jobs, concurrency 8, median of {sys.argv[4]} interleaved rounds).\n\n"
          "| broker | peer | peer push | gpupool push | push × | peer drain | gpupool drain, 1 worker × 8 slots | × | "
          "gpupool drain, 8 consumers | × |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
