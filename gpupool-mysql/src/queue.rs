@@ -131,9 +131,7 @@ struct Sql {
     ship_result: Arc<str>,
     set_artifacts: Arc<str>,
     log_end: Arc<str>,
-    ship_held: Arc<str>,
     ship_log: Arc<str>,
-    log_insert: Arc<str>,
     log_trim: Arc<str>,
     log_read: Arc<str>,
     job_known: Arc<str>,
@@ -260,14 +258,6 @@ impl Sql {
                               CASE WHEN JSON_VALID(artifacts) \
                               THEN CAST(JSON_EXTRACT(artifacts, '$.attempt') AS SIGNED) ELSE 0 END <= ?)"),
             log_end: s("SELECT CAST(COALESCE(MAX(start + len), 0) AS SIGNED) FROM {p}job_logs WHERE job_id = ?"),
-            // `held` and `log_end` in one round trip: a row (the log's end)
-            // only while the lease holds, the job's row locked. The inner
-            // read locks too, so it reads the newest pieces, not the
-            // statement's snapshot.
-            ship_held: s("SELECT (SELECT CAST(COALESCE(MAX(start + len), 0) AS SIGNED) FROM {p}job_logs \
-                          WHERE job_id = ? FOR UPDATE) FROM {p}jobs WHERE id = ? AND lease_token = ? \
-                          AND state = 'running' FOR UPDATE"),
-            log_insert: s("INSERT INTO {p}job_logs (job_id, start, len, text) VALUES (?, ?, ?, ?)"),
             // A piece appended in one statement: fenced by the lease (no row,
             // nothing inserted), at the log's end read under lock, which
             // comes back as the statement's insert id (LAST_INSERT_ID(expr)).
@@ -459,21 +449,8 @@ impl MysqlQueue {
                 if ids.is_empty() {
                     break;
                 }
-                let tokens: Vec<String> = ids.iter().map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
-                let mut lease = q(&self.sql.lease_many[ids.len() - 1]);
-                for (id, token) in ids.iter().zip(&tokens) {
-                    lease = lease.bind(*id).bind(token);
-                }
-                lease = lease.bind(micros(req.lease)).bind(&req.worker);
-                for id in &ids {
-                    lease = lease.bind(*id);
-                }
-                lease.execute(&mut *tx).await?;
-                let mut select = q(&self.sql.select_many[ids.len() - 1]);
-                for id in &ids {
-                    select = select.bind(*id);
-                }
-                for row in select.fetch_all(&mut *tx).await? {
+                let (tokens, leased) = self.lease_ids(&mut tx, req, &ids).await?;
+                for row in leased {
                     let id: i64 = row.try_get("id")?;
                     let Some(at) = ids.iter().position(|i| *i == id) else { continue };
                     let token = tokens[at].clone();
@@ -508,6 +485,32 @@ impl MysqlQueue {
         }
         tx.commit().await?;
         Ok(Ok(leases))
+    }
+
+    /// Leases the locked rows `ids` (at most [`MAX_BATCH`]) in one
+    /// statement, each with a token of its own, and reads them back in one:
+    /// the tokens, in the order of `ids`, and the rows, in queue order.
+    async fn lease_ids(
+        &self,
+        tx: &mut Transaction<'static, MySql>,
+        req: &ReserveRequest,
+        ids: &[i64],
+    ) -> std::result::Result<(Vec<String>, Vec<MySqlRow>), sqlx::Error> {
+        let tokens: Vec<String> = ids.iter().map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
+        let mut lease = q(&self.sql.lease_many[ids.len() - 1]);
+        for (id, token) in ids.iter().zip(&tokens) {
+            lease = lease.bind(*id).bind(token.clone());
+        }
+        lease = lease.bind(micros(req.lease)).bind(req.worker.clone());
+        for id in ids {
+            lease = lease.bind(*id);
+        }
+        lease.execute(&mut **tx).await?;
+        let mut select = q(&self.sql.select_many[ids.len() - 1]);
+        for id in ids {
+            select = select.bind(*id);
+        }
+        Ok((tokens, select.fetch_all(&mut **tx).await?))
     }
 
     /// Runs one of the statements fenced by `lease` (`… WHERE id = ? AND
@@ -642,69 +645,75 @@ fn attempt_error(row: &MySqlRow) -> Result<AttemptError> {
     .into_error(BACKEND)
 }
 
+impl MysqlQueue {
+    /// Appends `log` to the lease's job's log in one statement (`ship_log`),
+    /// fenced by the lease: `None` when it no longer holds (nothing
+    /// written), else the trim the log now needs, if it passed the cap
+    /// (whole pieces that start before the last 16 MiB go, never the one
+    /// just shipped, so the offsets go on from it).
+    async fn append_log<'e>(
+        &self,
+        on: impl Executor<'e, Database = MySql>,
+        lease: &Lease,
+        log: &str,
+    ) -> Result<Option<Option<Query<'static, MySql, MySqlArguments>>>> {
+        let n = lease.id().as_i64()?;
+        let len = i64::try_from(log.len()).unwrap_or(i64::MAX);
+        let done = q(&self.sql.ship_log)
+            .bind(n)
+            .bind(n)
+            .bind(len)
+            .bind(log.to_owned())
+            .bind(n)
+            .bind(lease.token.clone())
+            .execute(on)
+            .await
+            .map_err(map)?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        // The piece's start, from LAST_INSERT_ID(expr). (The session's
+        // LAST_INSERT_ID() holds it too: nothing on this pool reads that;
+        // `add` takes its id from the OK packet.)
+        let start = i64::try_from(done.last_insert_id()).unwrap_or(0);
+        let cap = i64::try_from(gpupool_core::LOG_CAP_BYTES).unwrap_or(i64::MAX);
+        // Under the cap nothing starts before the cut: no statement.
+        Ok(Some((start + len > cap).then(|| q(&self.sql.log_trim).bind(n).bind(start + len - cap).bind(start))))
+    }
+}
+
 #[async_trait]
 impl gpupool_core::RunLogs for MysqlQueue {
     async fn ship(&self, lease: &Lease, progress: &gpupool_core::Progress) -> Result<()> {
         let n = lease.id().as_i64()?;
-        let cap = i64::try_from(gpupool_core::LOG_CAP_BYTES).unwrap_or(i64::MAX);
         if progress.result.is_none() && !progress.log.is_empty() {
-            // Output alone (most ships): one statement, not a transaction
-            // of four. Past the cap, the trim follows; dropped between the
-            // two, the next ship trims.
-            let len = i64::try_from(progress.log.len()).unwrap_or(i64::MAX);
-            let done = q(&self.sql.ship_log)
-                .bind(n)
-                .bind(n)
-                .bind(len)
-                .bind(&progress.log)
-                .bind(n)
-                .bind(&lease.token)
-                .execute(&self.pool)
-                .await
-                .map_err(map)?;
-            if done.rows_affected() == 0 {
+            // Output alone (most ships): one statement, not a transaction.
+            // Past the cap, the trim follows; a trim that fails is not the
+            // ship's failure (shipped again, the piece would be there
+            // twice), and the next ship trims.
+            let Some(trim) = self.append_log(&self.pool, lease, &progress.log).await? else {
                 return Err(Error::lease_lost(lease.id()));
-            }
-            // (The session's LAST_INSERT_ID() now holds it too: nothing on
-            // this pool reads that; `add` takes its id from the OK packet.)
-            let start = i64::try_from(done.last_insert_id()).unwrap_or(0);
-            if start + len > cap {
-                // The piece is in: a trim that fails is not the ship's
-                // failure (shipped again, the piece would be there twice).
-                // The next ship trims.
-                let trim = q(&self.sql.log_trim).bind(n).bind(start + len - cap).bind(start);
-                if let Err(e) = trim.execute(&self.pool).await {
-                    tracing::debug!("trimming job {n}'s log failed ({e}); the next ship trims it");
-                }
+            };
+            if let Some(trim) = trim
+                && let Err(e) = trim.execute(&self.pool).await
+            {
+                tracing::debug!("trimming job {n}'s log failed ({e}); the next ship trims it");
             }
             return Ok(());
         }
         let mut tx = self.pool.begin().await.map_err(map)?;
         // Fenced under the row's lock, as `fail` is.
-        let held = q(&self.sql.ship_held).bind(n).bind(n).bind(&lease.token).fetch_optional(&mut *tx).await;
-        let Some(held) = held.map_err(map)? else {
+        let held = q(&self.sql.held).bind(n).bind(&lease.token).fetch_optional(&mut *tx).await.map_err(map)?;
+        if held.is_none() {
             return Err(Error::lease_lost(lease.id()));
-        };
+        }
         if let Some(result) = &progress.result {
             q(&self.sql.ship_result).bind(result.to_string()).bind(n).execute(&mut *tx).await.map_err(map)?;
         }
-        if !progress.log.is_empty() {
-            let end: i64 = held.try_get(0).map_err(map)?;
-            let len = i64::try_from(progress.log.len()).unwrap_or(i64::MAX);
-            q(&self.sql.log_insert)
-                .bind(n)
-                .bind(end)
-                .bind(len)
-                .bind(&progress.log)
-                .execute(&mut *tx)
-                .await
-                .map_err(map)?;
-            // Whole pieces that start before the last 16 MiB go (never the
-            // one just shipped, so the offsets go on from it).
-            // Under the cap nothing starts before the cut: no statement.
-            if end + len > cap {
-                q(&self.sql.log_trim).bind(n).bind(end + len - cap).bind(end).execute(&mut *tx).await.map_err(map)?;
-            }
+        if !progress.log.is_empty()
+            && let Some(Some(trim)) = self.append_log(&mut *tx, lease, &progress.log).await?
+        {
+            trim.execute(&mut *tx).await.map_err(map)?;
         }
         tx.commit().await.map_err(map)
     }

@@ -384,24 +384,7 @@ impl Worker {
             match ctx.queue.reserve_many(&slots.request(cfg), slots.free()).await {
                 Ok(leases) if !leases.is_empty() => {
                     backoff = Duration::ZERO;
-                    let mut launched = Vec::new();
-                    let mut batch = leases.into_iter();
-                    while let Some(lease) = batch.next() {
-                        if shutdown.is_cancelled() {
-                            // A reserve that was waiting when the stop came: a
-                            // stopping worker starts nothing new, so the job
-                            // goes back, uncharged.
-                            give_back(&ctx, &lease, "stopping: giving back a job reserved as the stop came").await;
-                        } else if lease.job.spec.after.is_some() && !free_to_run(&ctx, &lease).await {
-                            // A job that runs after others, not yet free to
-                            // run: given back until its next look (or ended),
-                            // holding no slot.
-                        } else if let Some(started) = slots.launch(&ctx, lease, &shutdown, &mut batch).await {
-                            summary.reserved += 1;
-                            launched.push(started);
-                        }
-                    }
-                    head_start(&launched, &shutdown).await;
+                    summary.reserved += slots.start_batch(&ctx, leases, &shutdown).await;
                 }
                 Ok(_) => {
                     backoff = Duration::ZERO;
@@ -479,7 +462,6 @@ async fn free_to_run(ctx: &Ctx, lease: &Lease) -> bool {
     false
 }
 
-/// Gives back, uncharged, a job reserved as the stop came.
 /// Gives a leased job back, uncharged, saying `why` in the log.
 async fn give_back(ctx: &Ctx, lease: &Lease, why: &str) {
     info!(job_id = %lease.id(), "{why}");
@@ -524,7 +506,7 @@ impl Slots {
     }
 
     fn full(&self) -> bool {
-        self.tasks.len() >= self.total
+        self.free() == 0
     }
 
     /// How many slots are free.
@@ -561,6 +543,27 @@ impl Slots {
             wait: if cfg.burst { Duration::ZERO } else { Duration::from_secs(1) },
             worker: cfg.name.clone(),
         }
+    }
+
+    /// Starts the jobs of one reserve, then gives them their head start
+    /// ([`head_start`]). Returns how many started.
+    async fn start_batch(&mut self, ctx: &Arc<Ctx>, leases: Vec<Lease>, shutdown: &CancellationToken) -> u64 {
+        let mut launched = Vec::new();
+        let mut batch = leases.into_iter();
+        while let Some(lease) = batch.next() {
+            if shutdown.is_cancelled() {
+                // A reserve that was waiting when the stop came: a stopping
+                // worker starts nothing new, so the job goes back, uncharged.
+                give_back(ctx, &lease, "stopping: giving back a job reserved as the stop came").await;
+            } else if lease.job.spec.after.is_some() && !free_to_run(ctx, &lease).await {
+                // A job that runs after others, not yet free to run: given
+                // back until its next look (or ended), holding no slot.
+            } else if let Some(started) = self.launch(ctx, lease, shutdown, &mut batch).await {
+                launched.push(started);
+            }
+        }
+        head_start(&launched, shutdown).await;
+        launched.len() as u64
     }
 
     /// Gives the job its GPUs and starts its run. Returns the token its

@@ -441,6 +441,53 @@ fn probe_command() -> Vec<String> {
     }
 }
 
+/// The drain figures: `drain_per_s_1c` and `_Cc` (the `drain` group, or
+/// only `_Cc` for `drainc`), each beside its floor unless `--no-floors`,
+/// and `drain_per_s_1wC` (`drain` or `drain1w`).
+async fn drain_figures(args: &Args, backend: &str, dir: &Path) {
+    let mut drain_floor_c = None;
+    let counts = match (args.runs("drain"), args.runs("drainc")) {
+        (true, _) => vec![1, args.consumers],
+        (false, true) => vec![args.consumers],
+        (false, false) => Vec::new(),
+    };
+    for consumers in counts {
+        let (mut drain, mut drain_floor) = (0f64, None::<f64>);
+        for _ in 0..args.rounds {
+            let url = fresh(&args.queue, "drain", dir);
+            let q = open(&url).await;
+            drain = drain.max(drain_rate(&url, &q, args.jobs, consumers).await);
+            cleanup(&url).await;
+            if !args.no_floors {
+                let f = floors::drain(&args.queue, args.jobs, consumers, dir).await;
+                drain_floor = f.map(|f| drain_floor.map_or(f, |p| p.max(f)));
+            }
+        }
+        bench(backend, &format!("drain_per_s_{consumers}c"), drain, "jobs/s", drain_floor);
+        drain_floor_c = drain_floor;
+    }
+    // One worker process with C slots, beside C consumers: the shape
+    // of a peer's single worker running C jobs at a time. Its floor is
+    // the C-consumer floor, when that ran.
+    if args.runs("drain") || args.runs("drain1w") {
+        // RabbitMQ: the worker ships each run's log to a stream of its
+        // own (its header lines at least), each holding files open on the
+        // broker; about 490 made in two seconds exhausted a 1,024-file
+        // limit and crashed the node here (BENCHMARKS.md, peers): at most
+        // 200 jobs.
+        let jobs = if matches!(backend, "amqp" | "amqps") { args.jobs.min(200) } else { args.jobs };
+        let mut drain = 0f64;
+        for _ in 0..args.rounds {
+            let url = fresh(&args.queue, "drain1w", dir);
+            let q = open(&url).await;
+            let wdir = worker_files(args);
+            drain = drain.max(worker_drain_rate(&url, &q, jobs, args.consumers, wdir.path()).await);
+            cleanup(&url).await;
+        }
+        bench(backend, &format!("drain_per_s_1w{}", args.consumers), drain, "jobs/s", drain_floor_c);
+    }
+}
+
 /// Where a worker's files go in the worker figures: a RAM disk where there
 /// is one (`--worker-dir DIR` chooses). This VM's shared disk has stretches
 /// where creating 13 small files takes 10 ms instead of 0.2 ms, and every
@@ -555,46 +602,7 @@ fn main() {
             bench(&backend, "push_per_s", push, "jobs/s", push_floor);
         }
 
-        let mut drain_floor_c = None;
-        let counts = match (args.runs("drain"), args.runs("drainc")) {
-            (true, _) => vec![1, args.consumers],
-            (false, true) => vec![args.consumers],
-            (false, false) => Vec::new(),
-        };
-        for consumers in counts {
-            let (mut drain, mut drain_floor) = (0f64, None::<f64>);
-            for _ in 0..args.rounds {
-                let url = fresh(&args.queue, "drain", dir);
-                let q = open(&url).await;
-                drain = drain.max(drain_rate(&url, &q, args.jobs, consumers).await);
-                cleanup(&url).await;
-                if !args.no_floors {
-                    let f = floors::drain(&args.queue, args.jobs, consumers, dir).await;
-                    drain_floor = f.map(|f| drain_floor.map_or(f, |p| p.max(f)));
-                }
-            }
-            bench(&backend, &format!("drain_per_s_{consumers}c"), drain, "jobs/s", drain_floor);
-            drain_floor_c = drain_floor;
-        }
-        // One worker process with C slots, beside C consumers: the shape
-        // of a peer's single worker running C jobs at a time. Its floor is
-        // the C-consumer floor, when that ran.
-        if args.runs("drain") || args.runs("drain1w") {
-            // RabbitMQ: the worker ships each run's log to a stream of its
-            // own (its header lines at least), and creating thousands of
-            // streams in seconds wedged RabbitMQ 3.10's stream coordinator
-            // here (BENCHMARKS.md, peers): at most 200 jobs.
-            let jobs = if matches!(backend.as_str(), "amqp" | "amqps") { args.jobs.min(200) } else { args.jobs };
-            let mut drain = 0f64;
-            for _ in 0..args.rounds {
-                let url = fresh(&args.queue, "drain1w", dir);
-                let q = open(&url).await;
-                let wdir = worker_files(&args);
-                drain = drain.max(worker_drain_rate(&url, &q, jobs, args.consumers, wdir.path()).await);
-                cleanup(&url).await;
-            }
-            bench(&backend, &format!("drain_per_s_1w{}", args.consumers), drain, "jobs/s", drain_floor_c);
-        }
+        drain_figures(&args, &backend, dir).await;
         if backend != "memory" && args.runs("worker") {
             let url = fresh(&args.queue, "worker", dir);
             // The worker's repository, mirror, checkouts and logs go on a
