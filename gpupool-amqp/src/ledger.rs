@@ -79,6 +79,9 @@ pub(crate) enum Event {
         token: String,
         output_tail: String,
         result: Option<serde_json::Value>,
+        /// Where the holder's shipped log ends (it shipped some).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        log_end: Option<u64>,
     },
     Failed {
         id: String,
@@ -90,17 +93,26 @@ pub(crate) enum Event {
         output_tail: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dispatch: Option<String>,
+        /// Where the holder's shipped log ends (it shipped some).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        log_end: Option<u64>,
     },
     Cancelled {
         id: String,
         token: String,
         output_tail: String,
+        /// Where the holder's shipped log ends (it shipped some).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        log_end: Option<u64>,
     },
     Released {
         id: String,
         token: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dispatch: Option<String>,
+        /// Where the holder's shipped log ends (it shipped some).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        log_end: Option<u64>,
     },
     /// The holder gives the job back uncharged, not to be handed out
     /// before `until` (ms since the epoch): the wait of `after`.
@@ -108,6 +120,9 @@ pub(crate) enum Event {
         id: String,
         token: String,
         until: i64,
+        /// Where the holder's shipped log ends (it shipped some).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        log_end: Option<u64>,
     },
     Cancel {
         id: String,
@@ -135,17 +150,18 @@ pub(crate) enum Event {
         gpus: u32,
     },
     /// Where a running job's shipped log is (`RunLogs::ship`): a piece's
-    /// byte offset and its offset in the job's log stream, now and then,
-    /// and the latest results. Fenced by the token.
+    /// byte offset and when it was sent (ms since the epoch, the holder's
+    /// clock), now and then, and the latest results. Fenced by the token.
     Shipped {
         id: String,
         token: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        mark: Option<(u64, u64)>,
+        mark: Option<(u64, i64)>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         result: Option<serde_json::Value>,
     },
-    /// A job's log stream was deleted (its job ended long ago).
+    /// Earlier design: a job's own log stream was deleted. Its log reads
+    /// empty.
     LogDropped {
         id: String,
     },
@@ -176,6 +192,21 @@ pub(crate) enum Event {
     Unreadable {
         why: String,
     },
+}
+
+impl Event {
+    /// A lease's end that says where its holder's shipped log ends: (job,
+    /// token, end).
+    fn log_end(&self) -> Option<(&str, &str, u64)> {
+        match self {
+            Event::Completed { id, token, log_end, .. }
+            | Event::Failed { id, token, log_end, .. }
+            | Event::Cancelled { id, token, log_end, .. }
+            | Event::Released { id, token, log_end, .. }
+            | Event::Deferred { id, token, log_end, .. } => log_end.map(|end| (id.as_str(), token.as_str(), end)),
+            _ => None,
+        }
+    }
 }
 
 /// What a want asks for (a handle reuses a waiting want for a reserve that
@@ -291,48 +322,67 @@ pub(crate) struct Job {
     end_seq: u64,
 }
 
-/// What the fold knows of a job's shipped log, whose text is in a stream
-/// of its own (`PREFIXlog.ID`, one message per piece, the piece's byte
-/// offset in a header): marks of where some pieces are in that stream, so
-/// that a read starts near the piece it wants.
+/// What the fold knows of a job's shipped log, whose text is in the
+/// queue's log stream (`PREFIXlogs`, one message per piece, tagged with its
+/// job and byte offset): marks of when some pieces were sent, so that a read
+/// starts near the piece it wants, and where the log ends.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct LogIndex {
-    /// The end of the last marked piece's start (the text runs on past it
-    /// until the next mark).
+    /// Where the log ends: exactly when it is not `open`; else at least
+    /// the start of its last marked piece.
     pub(crate) end: u64,
-    /// (byte offset, stream offset) of marked pieces, oldest first, within
-    /// two caps of the newest (older ones are past the cap).
-    marks: std::collections::VecDeque<(u64, u64)>,
-    /// The stream was deleted: the job ended longer ago than the log is kept.
+    /// (byte offset, ms since the epoch it was sent) of marked pieces,
+    /// oldest first, within two caps of the newest (older ones are past
+    /// the cap).
+    marks: std::collections::VecDeque<(u64, i64)>,
+    /// A holder shipped pieces since the end was last settled: it may end
+    /// past `end`.
+    #[serde(default)]
+    pub(crate) open: bool,
+    /// When (ms since the epoch, its holder's clock) the end was settled:
+    /// no piece of the job was sent later.
+    #[serde(default)]
+    pub(crate) settled_at: i64,
+    /// Earlier design: the job's own log stream was deleted.
     pub(crate) dropped: bool,
 }
 
-/// Stream offsets a read starts before its mark: pieces whose publish was
-/// confirmed but lost, and sent again, shift later pieces on by one each.
-const MARK_SLACK: u64 = 8;
-
 impl LogIndex {
-    fn mark(&mut self, start: u64, seq: u64) {
-        if self.marks.back().is_some_and(|&(at, _)| at >= start) {
+    fn mark(&mut self, start: u64, at: i64) {
+        self.open = true;
+        if self.marks.back().is_some_and(|&(s, _)| s >= start) {
             return; // a stale or repeated mark
         }
-        self.marks.push_back((start, seq));
+        self.marks.push_back((start, at));
         self.end = self.end.max(start);
         let keep_from = self.end.saturating_sub(2 * gpupool_core::LOG_CAP_BYTES);
-        while self.marks.len() > 1 && self.marks.get(1).is_some_and(|&(at, _)| at <= keep_from) {
+        while self.marks.len() > 1 && self.marks.get(1).is_some_and(|&(s, _)| s <= keep_from) {
             self.marks.pop_front();
         }
     }
 
-    /// Whether a piece was ever marked (so the job has a log stream).
+    /// The holder that shipped last ended its lease with its log ending at
+    /// `end`, at `at`.
+    fn settle(&mut self, end: u64, at: i64) {
+        self.end = self.end.max(end);
+        self.open = false;
+        self.settled_at = at;
+    }
+
+    /// Whether a piece was ever marked (so the job has shipped a log).
     pub(crate) fn marked(&self) -> bool {
         !self.marks.is_empty()
     }
 
-    /// The stream offset to start reading at to find byte `from`.
-    pub(crate) fn seek(&self, from: u64) -> u64 {
-        let seq = self.marks.iter().rev().find(|&&(at, _)| at <= from).or(self.marks.front()).map_or(0, |&(_, s)| s);
-        seq.saturating_sub(MARK_SLACK)
+    /// When the piece with byte `from` was sent, or before: the time of the
+    /// mark at or before it (ms since the epoch; 0 without marks).
+    pub(crate) fn seek(&self, from: u64) -> i64 {
+        self.marks.iter().rev().find(|&&(s, _)| s <= from).or(self.marks.front()).map_or(0, |&(_, at)| at)
+    }
+
+    /// The newest mark: (its byte offset, when it was sent).
+    pub(crate) fn last(&self) -> Option<(u64, i64)> {
+        self.marks.back().copied()
     }
 }
 
@@ -458,8 +508,6 @@ pub(crate) struct State {
     /// At most how many finished jobs, and how much of their text, are kept
     /// ([`KEEP_FINISHED`]; smaller in tests).
     keep: (usize, u64),
-    /// Forgotten jobs whose log stream is still to be deleted.
-    pub(crate) orphan_logs: VecDeque<String>,
     /// The last offset applied (-1: none).
     pub(crate) applied: i64,
     /// The newest snapshot the ledger names.
@@ -497,7 +545,6 @@ impl Default for State {
             pins: HashMap::new(),
             pinned_past: std::collections::HashSet::new(),
             keep: (KEEP_FINISHED, KEEP_FINISHED_BYTES),
-            orphan_logs: VecDeque::new(),
             applied: -1,
             last_snapshot: None,
             since_snapshot: 0,
@@ -685,6 +732,11 @@ impl State {
     /// Applies an event not seen before: one step per kind of event.
     fn apply_new(&mut self, offset: i64, event: Event, when: When) -> Outcome {
         self.promote(when);
+        if let Some((id, token, end)) = event.log_end()
+            && let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token))
+        {
+            job.log.settle(end, when.at);
+        }
         match event {
             Event::Pushed { spec, dispatch } => self.push_job(offset, *spec, dispatch, when),
             Event::Want { token, owner, ask, wait_ms } => self.serve_want(token, owner, ask, wait_ms, when),
@@ -694,16 +746,16 @@ impl State {
             }
             Event::Heartbeat { id, token, lease_ms } => self.renew_lease(&id, &token, lease_ms, when),
             Event::Started { id, token, commit, gpu_ids } => self.record_start(&id, &token, commit, gpu_ids),
-            Event::Completed { id, token, output_tail, result } => {
+            Event::Completed { id, token, output_tail, result, .. } => {
                 self.end_succeeded(&id, &token, output_tail, result, when)
             }
-            Event::Failed { id, token, kind, exit_code, signal, message, output_tail, dispatch } => {
+            Event::Failed { id, token, kind, exit_code, signal, message, output_tail, dispatch, .. } => {
                 let failure = Failure { kind, exit_code, signal, message, output_tail };
                 self.fail_attempt(&id, &token, failure, dispatch, when)
             }
-            Event::Cancelled { id, token, output_tail } => self.end_cancelled(&id, &token, output_tail, when),
-            Event::Released { id, token, dispatch } => self.release(&id, &token, dispatch, when),
-            Event::Deferred { id, token, until } => self.defer(&id, &token, until, when),
+            Event::Cancelled { id, token, output_tail, .. } => self.end_cancelled(&id, &token, output_tail, when),
+            Event::Released { id, token, dispatch, .. } => self.release(&id, &token, dispatch, when),
+            Event::Deferred { id, token, until, .. } => self.defer(&id, &token, until, when),
             Event::Cancel { id } => self.cancel(&id, when),
             Event::Retry { id, dispatch } => self.retry(&id, dispatch, when),
             Event::Reclaim { id, token, dispatch } => self.reclaim(&id, &token, dispatch, when),
@@ -714,7 +766,6 @@ impl State {
                 if let Some(job) = self.jobs.get_mut(&id) {
                     job.log.dropped = true;
                 }
-                self.orphan_logs.retain(|o| *o != id);
                 Outcome::Ok
             }
             Event::Snapshot { covers, bytes } => {
@@ -786,13 +837,13 @@ impl State {
 
     /// `Shipped`: the holder's latest results, and where a piece of its
     /// log is.
-    fn ship(&mut self, id: &str, token: &str, mark: Option<(u64, u64)>, result: Option<serde_json::Value>) -> Outcome {
+    fn ship(&mut self, id: &str, token: &str, mark: Option<(u64, i64)>, result: Option<serde_json::Value>) -> Outcome {
         let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token)) else { return Outcome::Rejected };
         if result.is_some() {
             job.record.result = result;
         }
-        if let Some((start, seq)) = mark {
-            job.log.mark(start, seq);
+        if let Some((start, at)) = mark {
+            job.log.mark(start, at);
         }
         Outcome::Ok
     }
@@ -1118,9 +1169,6 @@ impl State {
         if let Some(d) = &job.dispatch {
             self.pushed.remove(d);
         }
-        if job.log.marked() && !job.log.dropped {
-            self.orphan_logs.push_back(id.to_owned());
-        }
     }
 }
 
@@ -1147,7 +1195,6 @@ pub(crate) struct Snapshot {
     waiting: Vec<Waiting>,
     ends: u64,
     finished: Vec<(u64, String, u64)>,
-    orphan_logs: Vec<String>,
     last_snapshot: Option<SnapshotMark>,
     /// The jobs held back, by time: kept as they are (whether one is due
     /// depends on the events to come, whose clocks may lag `latest_at`).
@@ -1274,7 +1321,6 @@ impl State {
             waiting: self.waiting.iter().cloned().collect(),
             ends: self.ends,
             finished: self.finished.iter().cloned().collect(),
-            orphan_logs: self.orphan_logs.iter().cloned().collect(),
             last_snapshot: self.last_snapshot,
             delayed: self.delayed.iter().cloned().collect(),
         }
@@ -1313,7 +1359,6 @@ impl State {
         st.ends = snap.ends;
         st.finished_bytes = snap.finished.iter().map(|(_, _, w)| *w).sum();
         st.finished = snap.finished.into();
-        st.orphan_logs = snap.orphan_logs.into();
         st.last_snapshot = snap.last_snapshot;
         st.delayed = delayed;
         // Pins, from the jobs not yet ended; finished jobs outside the window
@@ -1384,7 +1429,13 @@ mod tests {
         let reclaim = |n: &str| at(n, 2000, Event::Reclaim { id: id.clone(), token: "t1".into(), dispatch: None });
         assert_eq!(s.apply(11, reclaim("d"), now, 1), Outcome::Requeued);
         assert_eq!(s.apply(12, reclaim("e"), now, 1), Outcome::Rejected, "only one reclaim takes effect");
-        let done = Event::Completed { id: id.clone(), token: "t1".into(), output_tail: String::new(), result: None };
+        let done = Event::Completed {
+            id: id.clone(),
+            token: "t1".into(),
+            output_tail: String::new(),
+            result: None,
+            log_end: None,
+        };
         assert_eq!(s.apply(13, env("f", done), now, 1), Outcome::Rejected, "the old holder is fenced");
         assert_eq!(s.apply(14, env("g", want("t3", "y", &["default"], 1, 0)), now, 1), Outcome::Leased(id.clone()));
         assert_eq!(s.jobs[&id].record.attempt, 2);
@@ -1508,20 +1559,48 @@ mod tests {
     }
 
     #[test]
-    fn a_log_read_starts_before_the_mark_it_wants_and_old_marks_go() {
+    fn a_log_read_starts_at_the_mark_it_wants_and_old_marks_go() {
         let mut log = LogIndex::default();
-        assert_eq!((log.seek(0), log.marked()), (0, false));
-        // A mark every 100 pieces of 1 MiB.
+        assert_eq!((log.seek(0), log.marked(), log.open), (0, false, false));
+        // A mark every 100 pieces of 1 MiB, one a second.
         for n in 0..100u64 {
-            log.mark((n * 100) << 20, n * 100);
+            log.mark((n * 100) << 20, 1_000 * i64::try_from(n).unwrap());
         }
         log.mark(50 << 20, 50); // stale: ignored
         let end = (99 * 100) << 20;
-        assert_eq!(log.end, end);
+        assert_eq!((log.end, log.open), (end, true));
         assert!(log.marks.len() <= 2 * (gpupool_core::LOG_CAP_BYTES >> 20) as usize / 100 + 2, "{}", log.marks.len());
         let from = end - (150 << 20);
-        assert_eq!(log.seek(from), 9800 - MARK_SLACK, "the mark at or before it");
-        assert_eq!(log.seek(end + 5), 9900 - MARK_SLACK);
+        assert_eq!(log.seek(from), 98_000, "the mark at or before it");
+        assert_eq!(log.seek(end + 5), 99_000);
+        assert_eq!(log.last(), Some((end, 99_000)));
+        log.settle(end + 7, 120_000);
+        assert_eq!((log.end, log.open, log.settled_at), (end + 7, false, 120_000));
+    }
+
+    #[test]
+    fn a_holders_end_settles_its_log_and_a_stale_one_does_not() {
+        let now = Instant::now();
+        let mut s = State::new("me");
+        assert!(matches!(s.apply(0, env("a", pushed(JobSpec::new("main", "t.py"))), now, 1), Outcome::Pushed(_)));
+        let id = "1".to_owned();
+        assert_eq!(s.apply(1, env("b", want("t1", "w", &["default"], 1, 0)), now, 1), Outcome::Leased(id.clone()));
+        let ship = Event::Shipped { id: id.clone(), token: "t1".into(), mark: Some((0, 1000)), result: None };
+        assert_eq!(s.apply(2, env("c", ship), now, 1), Outcome::Ok);
+        assert!(s.jobs[&id].log.open, "a holder shipped: the end may be past the mark");
+        let stale = Event::Released { id: id.clone(), token: "t0".into(), dispatch: None, log_end: Some(99) };
+        s.apply(3, env("d", stale), now, 1);
+        assert!(s.jobs[&id].log.open, "a stale lease's end settles nothing");
+        let done = Event::Completed {
+            id: id.clone(),
+            token: "t1".into(),
+            output_tail: String::new(),
+            result: None,
+            log_end: Some(42),
+        };
+        s.apply(4, env("e", done), now, 1);
+        let log = &s.jobs[&id].log;
+        assert_eq!((log.end, log.open), (42, false));
     }
 
     #[test]
@@ -1567,6 +1646,7 @@ mod tests {
             message: "exit 1".into(),
             output_tail: "boom".into(),
             dispatch: None,
+            log_end: None,
         };
         let info: gpupool_core::WorkerInfo =
             serde_json::from_value(serde_json::json!({"name": "w1", "host": "h", "gpus": [], "heartbeat_ms": 10_000,
@@ -1593,7 +1673,13 @@ mod tests {
             at(
                 "n15",
                 2000,
-                Event::Completed { id: id(0), token: "t1".into(), output_tail: String::new(), result: None },
+                Event::Completed {
+                    id: id(0),
+                    token: "t1".into(),
+                    output_tail: String::new(),
+                    result: None,
+                    log_end: None,
+                },
             ),
             at("n16", 3000, Event::Reclaim { id: id(0), token: "t1".into(), dispatch: None }),
             at("n17", 3100, Event::Retry { id: id(2), dispatch: None }),
@@ -1651,7 +1737,7 @@ mod tests {
             fold.apply(3, at("n3", 5000, Event::Sync), now, 5000);
             assert_eq!(fold.jobs["1"].record.state, JobState::Running, "handed to the waiting want");
             assert_eq!(fold.handed.get("t1").map(String::as_str), Some("1"));
-            let defer = Event::Deferred { id: "1".into(), token: "t1".into(), until: 9000 };
+            let defer = Event::Deferred { id: "1".into(), token: "t1".into(), until: 9000, log_end: None };
             assert_eq!(fold.apply(4, at("n4", 5100, defer), now, 5100), Outcome::Requeued);
             let job = &fold.jobs["1"].record;
             assert_eq!((job.state, job.attempt, job.not_before), (JobState::Queued, 0, Some(Timestamp(9000))));
@@ -1673,7 +1759,7 @@ mod tests {
             Outcome::Leased("1".into())
         );
         s.apply(2, at("n2", 9000, Event::Sync), now, 9000);
-        let defer = Event::Deferred { id: "1".into(), token: "t1".into(), until: 7000 };
+        let defer = Event::Deferred { id: "1".into(), token: "t1".into(), until: 7000, log_end: None };
         assert_eq!(s.apply(3, at("n3", 5100, defer), now, 5100), Outcome::Requeued);
         let snap: Snapshot = serde_json::from_slice(&serde_json::to_vec(&s.snapshot()).unwrap()).unwrap();
         let mut loaded = State::from_snapshot(snap, "me", now, 5100);
@@ -1699,7 +1785,8 @@ mod tests {
         let run = |s: &mut State, next: &mut dyn FnMut(&mut State, Event) -> Outcome, n: usize| {
             let token = format!("t{n}");
             let Outcome::Leased(id) = next(s, want(&token, "me", &["default"], 1, 0)) else { panic!("a job to lease") };
-            let done = Event::Completed { id: id.clone(), token, output_tail: String::new(), result: None };
+            let done =
+                Event::Completed { id: id.clone(), token, output_tail: String::new(), result: None, log_end: None };
             assert_eq!(next(s, done), Outcome::Ok);
             id
         };
@@ -1747,7 +1834,7 @@ mod tests {
             let token = format!("t{n}");
             assert_eq!(next(&mut s, t, want(&token, "me", &["default"], 1, 0)), Outcome::Leased(id.clone()));
             let tail = "x".repeat(100);
-            let done = Event::Completed { id, token, output_tail: tail, result: None };
+            let done = Event::Completed { id, token, output_tail: tail, result: None, log_end: None };
             assert_eq!(next(&mut s, t, done), Outcome::Ok);
         }
         assert_eq!(s.jobs.len(), 51, "50 finished and the running one");
@@ -1767,7 +1854,7 @@ mod tests {
             next(&mut s, 4_000_000, pushed(JobSpec::new("main", "t.py")));
             let token = format!("w{n}");
             let Outcome::Leased(id) = next(&mut s, 4_000_000, want(&token, "me", &["default"], 1, 0)) else { panic!() };
-            let done = Event::Completed { id, token, output_tail: "y".repeat(2048), result: None };
+            let done = Event::Completed { id, token, output_tail: "y".repeat(2048), result: None, log_end: None };
             next(&mut s, 4_000_000, done);
         }
         let finished = s.jobs.values().filter(|j| j.record.state.is_terminal()).count();

@@ -26,7 +26,11 @@
 //!   retention, at least 256 MiB);
 //! - `PREFIXsnapshot.writer`, a classic queue with a single active
 //!   consumer: the election of the process that writes snapshots;
-//! - `PREFIXlog.ID`, a stream per job that shipped output.
+//! - `PREFIXlogs`, a stream of every job's shipped output, pieces tagged
+//!   by job (retention: `?log_max_age=`, default `7D`, and
+//!   `?log_max_bytes=`, default 8 GiB). One stream, not one a job: a stream
+//!   holds files open on the broker while it exists, so a stream a run
+//!   would run a broker out of files after a few hundred short runs.
 //!
 //! No exchange, no work queue.
 //!
@@ -83,8 +87,9 @@
 //! finished ones, and of those no more than 64 MiB of outputs, errors and
 //! results. An older finished job is forgotten by every process at the
 //! same event: `get`, `jobs`, `cancel` and `retry` answer that it is not
-//! found, its idempotency key may be used again, and its log stream is
-//! deleted; the artifacts its runs stored stay in their store. Event
+//! found, and its idempotency key may be used again; its shipped log goes
+//! with the log stream's retention, and the artifacts its runs stored stay
+//! in their store. Event
 //! nonces (for retried publishes) are kept 2 minutes.
 //!
 //! A want that may wait outlives the `reserve` call that made it, so a

@@ -33,9 +33,14 @@ pub struct AmqpOptions {
     /// unset). Retention drops whole segments, so small segments make it
     /// act sooner (tests use 1 MB).
     pub ledger_segment_bytes: Option<i64>,
-    /// How long after its job ended a job's log stream is kept
-    /// (`log_max_age`, such as `7D`; default 7 days).
+    /// How long a piece of a shipped log is kept after it was sent
+    /// (`log_max_age`, such as `7D`; default 7 days): the log stream's
+    /// `x-max-age`.
     pub log_max_age: Duration,
+    /// At most how many bytes of shipped logs the pool keeps
+    /// (`log_max_bytes`; default 8 GiB): the log stream's
+    /// `x-max-length-bytes`.
+    pub log_max_bytes: i64,
     /// How long connecting may take before it is an error.
     pub connect_timeout: Duration,
     /// `host:port`, for messages.
@@ -85,6 +90,7 @@ impl AmqpOptions {
             ledger_max_bytes: 1 << 30,
             ledger_segment_bytes: None,
             log_max_age: Duration::from_secs(7 * 86_400),
+            log_max_bytes: 8 << 30,
             connect_timeout: Duration::from_secs(4),
             endpoint: String::new(),
             redacted_url,
@@ -122,6 +128,13 @@ impl AmqpOptions {
                         .filter(|n| *n > 0)
                         .ok_or_else(|| Error::Config(format!("ledger_max_bytes `{v}` is not a positive number")))?;
                 }
+                "log_max_bytes" => {
+                    opts.log_max_bytes = v
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| Error::Config(format!("log_max_bytes `{v}` is not a positive number")))?;
+                }
                 "ledger_segment_bytes" => {
                     opts.ledger_segment_bytes = Some(v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
                         Error::Config(format!("ledger_segment_bytes `{v}` is not a positive number"))
@@ -138,7 +151,15 @@ impl AmqpOptions {
         }
         opts.driver_url = parts.driver_url(
             parts.scheme,
-            &["prefix", "ledger_max_age", "ledger_max_bytes", "ledger_segment_bytes", "log_max_age", "connect_timeout"],
+            &[
+                "prefix",
+                "ledger_max_age",
+                "ledger_max_bytes",
+                "ledger_segment_bytes",
+                "log_max_age",
+                "log_max_bytes",
+                "connect_timeout",
+            ],
         );
         opts.endpoint = parts.endpoint(if parts.scheme == "amqps" { 5671 } else { 5672 });
         Ok(opts)
@@ -171,6 +192,8 @@ mod tests {
             Duration::from_secs(172_800)
         );
         assert!(AmqpOptions::from_url("amqp://h/?log_max_age=7").is_err());
+        assert_eq!(AmqpOptions::from_url("amqp://h/?log_max_bytes=1000").unwrap().log_max_bytes, 1000);
+        assert!(AmqpOptions::from_url("amqp://h/?log_max_bytes=-1").is_err());
         assert_eq!(
             AmqpOptions::from_url("amqp://h/?ledger_segment_bytes=1000000").unwrap().ledger_segment_bytes,
             Some(1_000_000)

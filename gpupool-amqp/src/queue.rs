@@ -89,9 +89,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{Notify, oneshot};
-use tracing::warn;
+use tracing::{debug, warn};
 
-use crate::ledger::{Ask, Envelope, Event, Outcome, SNAPSHOT_VERSION, Snapshot, State};
+use crate::ledger::{Ask, Envelope, Event, LogIndex, Outcome, SNAPSHOT_VERSION, Snapshot, State};
 
 mod blobs;
 use crate::options::AmqpOptions;
@@ -199,8 +199,6 @@ struct Inner {
     /// Set when a (re)connect started a replay that reads have not yet
     /// waited for.
     replaying: AtomicBool,
-    /// Jobs whose log stream this handle declared (on its first ship).
-    log_streams: StdMutex<std::collections::HashSet<String>>,
     /// Blob streams this handle declared.
     blob_streams: StdMutex<std::collections::HashSet<String>>,
     /// Counts this handle's connections: a ledger consumer applies events
@@ -209,8 +207,6 @@ struct Inner {
     generation: std::sync::atomic::AtomicU64,
     /// Where each lease this handle ships for puts its next piece.
     cursors: StdMutex<HashMap<String, Cursor>>,
-    /// When this handle last looked for log streams to delete.
-    last_log_sweep: StdMutex<Option<Instant>>,
     /// This handle found no ledger when it opened: its first connection
     /// declares one, and writes the empty snapshot a new ledger starts from.
     fresh: AtomicBool,
@@ -310,11 +306,9 @@ impl AmqpQueue {
                 standing: StdMutex::default(),
                 last_reap: StdMutex::default(),
                 replaying: AtomicBool::new(false),
-                log_streams: StdMutex::default(),
                 blob_streams: StdMutex::default(),
                 cursors: StdMutex::default(),
                 generation: std::sync::atomic::AtomicU64::new(0),
-                last_log_sweep: StdMutex::default(),
                 fresh: AtomicBool::new(false),
                 gap_reported: AtomicBool::new(false),
                 snapshot_failed: StdMutex::default(),
@@ -383,10 +377,9 @@ impl AmqpQueue {
     }
 
     /// Names of everything this queue declared: the ledger, the snapshot
-    /// stream and the snapshot writer's election queue (and a log stream
-    /// per job that shipped output, `PREFIXlog.ID`).
+    /// stream, the snapshot writer's election queue and the log stream.
     pub fn declared_queues(&self) -> Vec<String> {
-        vec![self.ledger_name(), self.snapshots_name(), self.writer_name()]
+        vec![self.ledger_name(), self.snapshots_name(), self.writer_name(), self.logs_name()]
     }
 
     /// The arguments of the ledger and snapshot streams: a stream with the
@@ -403,23 +396,18 @@ impl AmqpQueue {
         args
     }
 
-    /// The stream that holds job `id`'s shipped log.
-    fn log_stream(&self, id: &str) -> String {
-        format!("{}log.{id}", self.inner.opts.prefix)
+    /// The stream that holds every job's shipped log.
+    fn logs_name(&self) -> String {
+        format!("{}logs", self.inner.opts.prefix)
     }
 
-    /// Deletes the ledger and the jobs' log streams: every job under this
-    /// prefix (tests clean up with it).
+    /// Deletes the ledger and the log stream: every job under this prefix
+    /// (tests clean up with it).
     pub async fn delete_queues(&self) -> Result<()> {
         let _ = self.sync().await;
-        let logs: Vec<String> = {
-            let st = self.inner.state();
-            let kept = st.jobs.iter().filter(|(_, j)| j.log.marked()).map(|(id, _)| id);
-            kept.chain(st.orphan_logs.iter()).map(|id| self.log_stream(id)).collect()
-        };
         let link = self.link().await?;
         let ch = link.connection.create_channel().await.map_err(unavailable)?;
-        for name in self.declared_queues().into_iter().chain(logs).chain(self.blob_streams()) {
+        for name in self.declared_queues().into_iter().chain(self.blob_streams()) {
             let _ = ch.queue_delete(name.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
         }
         let _ = ch.close(200, "bye".into()).await;
@@ -442,7 +430,7 @@ impl AmqpQueue {
         let connection = self.connect_broker().await?;
         let publish = connection.create_channel().await.map_err(unavailable)?;
         publish.confirm_select(ConfirmSelectOptions::default()).await.map_err(unavailable)?;
-        self.declare_streams(&publish).await?;
+        self.declare_streams(&connection, &publish).await?;
         // Start from the newest snapshot (a new ledger's first: the empty
         // fold), then follow the ledger from the event after it.
         let snapshot = self.starting_snapshot(&connection).await?;
@@ -460,7 +448,7 @@ impl AmqpQueue {
     /// Declares the ledger and the snapshot stream. Snapshots are kept as
     /// long as the ledger, in at least 256 MiB: the newest is in the
     /// stream's last segment, which retention never drops.
-    async fn declare_streams(&self, publish: &Channel) -> Result<()> {
+    async fn declare_streams(&self, connection: &Connection, publish: &Channel) -> Result<()> {
         let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
         let ledger = self.ledger_name();
         publish.queue_declare(ledger.as_str().into(), durable, self.stream_args()).await.map_err(unavailable)?;
@@ -469,7 +457,35 @@ impl AmqpQueue {
         args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(bytes));
         let snapshots = self.snapshots_name();
         publish.queue_declare(snapshots.as_str().into(), durable, args).await.map_err(unavailable)?;
-        Ok(())
+        self.declare_logs(connection).await
+    }
+
+    /// Declares the log stream with the URL's retention, on a channel of its
+    /// own: a stream another process declared with other retention is used
+    /// as it is (the broker refuses the declare, and closes that channel).
+    async fn declare_logs(&self, connection: &Connection) -> Result<()> {
+        let opts = &self.inner.opts;
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+        args.insert(
+            "x-max-age".into(),
+            AMQPValue::LongString(format!("{}s", opts.log_max_age.as_secs().max(1)).into()),
+        );
+        args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(opts.log_max_bytes));
+        args.insert("x-stream-max-segment-size-bytes".into(), AMQPValue::LongLongInt(LOG_SEGMENT_BYTES));
+        let ch = connection.create_channel().await.map_err(unavailable)?;
+        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        match ch.queue_declare(self.logs_name().as_str().into(), durable, args).await {
+            Ok(_) => {
+                let _ = ch.close(200, "declared".into()).await;
+                Ok(())
+            }
+            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 406) => {
+                debug!("RabbitMQ: the log stream is there with other retention; using it as it is");
+                Ok(())
+            }
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     /// The snapshot a new connection starts from: the newest in the
@@ -807,9 +823,6 @@ impl AmqpQueue {
         for (id, token) in expired {
             self.emit(Event::Reclaim { id, token, dispatch: None }).await?;
         }
-        if let Err(e) = self.sweep_logs().await {
-            warn!("RabbitMQ: deleting old log streams failed ({e}); trying again later");
-        }
         Ok(())
     }
 
@@ -1036,6 +1049,7 @@ impl Queue for AmqpQueue {
             token: lease.token.clone(),
             output_tail: done.output_tail,
             result: done.result,
+            log_end: self.log_end(lease),
         };
         Self::fenced(lease, self.emit(event).await?).map(|_| ())
     }
@@ -1050,6 +1064,7 @@ impl Queue for AmqpQueue {
             message: failure.message,
             output_tail: failure.output_tail,
             dispatch: None,
+            log_end: self.log_end(lease),
         };
         match Self::fenced(lease, self.emit(event).await?)? {
             Outcome::Requeued => Ok(FailOutcome::Requeued),
@@ -1058,12 +1073,22 @@ impl Queue for AmqpQueue {
     }
 
     async fn report_cancelled(&self, lease: &Lease, output_tail: String) -> Result<()> {
-        let event = Event::Cancelled { id: lease.id().to_string(), token: lease.token.clone(), output_tail };
+        let event = Event::Cancelled {
+            id: lease.id().to_string(),
+            token: lease.token.clone(),
+            output_tail,
+            log_end: self.log_end(lease),
+        };
         Self::fenced(lease, self.emit(event).await?).map(|_| ())
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        let event = Event::Released { id: lease.id().to_string(), token: lease.token.clone(), dispatch: None };
+        let event = Event::Released {
+            id: lease.id().to_string(),
+            token: lease.token.clone(),
+            dispatch: None,
+            log_end: self.log_end(lease),
+        };
         Self::fenced(lease, self.emit(event).await?).map(|_| ())
     }
 
@@ -1071,7 +1096,12 @@ impl Queue for AmqpQueue {
         // On the clock of the events (this process's, as the event's own
         // time is), which promotions compare with.
         let until = Timestamp::now().plus(pause).0;
-        let event = Event::Deferred { id: lease.id().to_string(), token: lease.token.clone(), until };
+        let event = Event::Deferred {
+            id: lease.id().to_string(),
+            token: lease.token.clone(),
+            until,
+            log_end: self.log_end(lease),
+        };
         Self::fenced(lease, self.emit(event).await?).map(|_| ())
     }
 
@@ -1176,12 +1206,17 @@ impl Queue for AmqpQueue {
 const LOG_PAGE_BYTES: u64 = 1 << 20;
 
 /// How long a log read waits for the stream's next message before it
-/// returns what it has.
+/// returns what it has (only when its own end marker went missing).
 const LOG_READ_GAP: Duration = Duration::from_secs(2);
 
-/// How long reading a log stream's last chunk waits for more of it: the
-/// chunk's messages come at once, so a pause this long means it is read.
-const TAIL_GAP: Duration = Duration::from_millis(250);
+/// How far apart the hosts' clocks and the broker's may be: a read starts
+/// this much before the mark it seeks (the stream seeks by the broker's
+/// clock, marks are the holders'), and a finished log's read stops at a
+/// message sent this much after its end.
+const CLOCK_SLACK_MS: i64 = 10_000;
+
+/// The log stream's segment size: retention drops whole segments.
+const LOG_SEGMENT_BYTES: i64 = 64 << 20;
 
 /// A holder marks where its pieces are, and sends its latest results, at
 /// most this often (and after each mebibyte of text): about as often as it
@@ -1189,13 +1224,11 @@ const TAIL_GAP: Duration = Duration::from_millis(250);
 const MARK_EVERY: Duration = Duration::from_secs(10);
 const MARK_BYTES: u64 = 1 << 20;
 
-/// Where a lease holder's next piece goes in its job's log stream.
+/// Where a lease holder's next piece goes in its job's log.
 #[derive(Debug)]
 pub(crate) struct Cursor {
     /// The next piece's byte offset in the job's log.
     end: u64,
-    /// The next piece's offset in the stream (as this holder counts).
-    seq: u64,
     /// When this holder last wrote a `Shipped` event.
     last_event: Option<Instant>,
     /// Bytes shipped since its last mark.
@@ -1204,85 +1237,92 @@ pub(crate) struct Cursor {
     pending: Option<serde_json::Value>,
 }
 
-/// Running jobs' output on RabbitMQ. The text goes to a stream queue of
-/// the job's own, `PREFIXlog.ID`: one message per piece, with its byte
-/// offset in the job's log in a header, so a reader of one job's log reads
-/// only that job's text and the ledger stays small. The holder places each
-/// piece after the end of what the stream holds (read from its last chunk
-/// when the lease starts shipping), and now and then (every 10 s or MiB)
-/// writes a small `Shipped` event to the ledger: where its latest piece is
-/// in the stream, so that readers start near what they want, and its
-/// latest results, so that `gpupool jobs` shows them on any host.
+/// Running jobs' output on RabbitMQ. The text goes to one stream for the
+/// whole pool, `PREFIXlogs`: one message per piece, with its job, its byte
+/// offset in the job's log and when it was sent in headers. One stream, not
+/// one a job: a stream holds files open on the broker for as long as it
+/// exists, and a stream a run exhausted a broker's file limit after a few
+/// hundred short runs. Now and then (every 10 s or MiB) the holder writes a
+/// small `Shipped` event to the ledger before a piece: when that piece was
+/// sent, so that a reader seeks the stream near what it wants (streams
+/// seek by time), and its latest results, so that `gpupool jobs` shows
+/// them on any host. The lease's end says where the log ends, so a reader
+/// of a finished job's log stops there, and the next attempt appends after
+/// it; after a lost lease, the next holder reads the stream from the last
+/// mark to find the end.
+///
+/// A read of a running job's log publishes an end marker to the stream and
+/// reads up to it, so it sees every piece shipped before it. A read skips
+/// other jobs' pieces: a read starts at most 10 s (or a MiB) of this job's
+/// output, and 10 s of the clocks' slack, before what it wants.
 ///
 /// A holder checks its lease against this process's view of the ledger
 /// before each piece, and each event is fenced in the fold; a holder whose
 /// lease was reclaimed a moment ago (its process has not yet applied the
 /// reclaim) may add a line or two after the next holder's. A piece sent
-/// again after its confirm was lost is read once. The stream keeps at most
-/// twice the cap (RabbitMQ drops whole segments); reads apply the 16 MiB
-/// cap exactly, from the stream's end. A job's log stream is deleted
-/// `log_max_age` (default 7 days) after the job ended.
+/// again after its confirm was lost is read once. Reads apply the 16 MiB
+/// cap from the log's end. The stream keeps pieces `log_max_age` (default
+/// 7 days) after they were sent, and at most `log_max_bytes` (default
+/// 8 GiB) for the whole pool; RabbitMQ drops whole 64 MiB segments.
 #[async_trait]
 impl gpupool_core::RunLogs for AmqpQueue {
     async fn ship(&self, lease: &Lease, progress: &gpupool_core::Progress) -> Result<()> {
         let id = lease.id().as_str();
-        let held = self.inner.state().jobs.get(id).is_some_and(|j| j.held(&lease.token));
-        if !held {
+        let index = self.inner.state().jobs.get(id).filter(|j| j.held(&lease.token)).map(|j| j.log.clone());
+        let Some(index) = index else {
             lock(&self.inner.cursors).remove(&lease.token);
             return Err(Error::lease_lost(lease.id()));
-        }
+        };
         let known = lock(&self.inner.cursors).contains_key(&lease.token);
         if !known {
-            let (end, seq) = self.log_tail(id).await?.unwrap_or((0, 0));
-            let cursor = Cursor { end, seq, last_event: None, since_mark: 0, pending: None };
+            let end = if index.open { self.scan_end(id, &index).await? } else { index.end };
+            let cursor = Cursor { end, last_event: None, since_mark: 0, pending: None };
             let mut cursors = lock(&self.inner.cursors);
             // Cursors of leases this process no longer holds go.
             let st = self.inner.state();
             cursors.retain(|token, _| st.jobs.values().any(|j| j.held(token)));
             cursors.insert(lease.token.clone(), cursor);
         }
-        let start = lock(&self.inner.cursors).get(&lease.token).map_or(0, |c| c.end);
-        let mut piece = None;
-        if !progress.log.is_empty() {
-            self.publish_piece(id, start, &progress.log).await?;
-            piece = Some(start);
-        }
-        let event = {
+        let sent_at = now_ms();
+        // The mark goes to the ledger before its piece to the stream: a
+        // holder that dies between the two leaves a log that is known to
+        // be open.
+        let (start, event) = {
             let mut cursors = lock(&self.inner.cursors);
             let Some(c) = cursors.get_mut(&lease.token) else { return Ok(()) };
-            let mut mark = None;
-            if let Some(start) = piece {
-                mark = Some((start, c.seq));
-                c.end = start + progress.log.len() as u64;
-                c.seq += 1;
-                c.since_mark += progress.log.len() as u64;
-            }
+            let piece = !progress.log.is_empty();
             if progress.result.is_some() {
                 c.pending.clone_from(&progress.result);
             }
             let due = c.last_event.is_none_or(|t| t.elapsed() >= MARK_EVERY);
-            let send_mark = mark.is_some() && (due || c.since_mark >= MARK_BYTES);
-            if send_mark || (due && c.pending.is_some()) {
+            let send_mark = piece && (due || c.since_mark + progress.log.len() as u64 >= MARK_BYTES);
+            let event = (send_mark || (due && c.pending.is_some())).then(|| Event::Shipped {
+                id: id.to_owned(),
+                token: lease.token.clone(),
+                mark: send_mark.then_some((c.end, sent_at)),
+                result: c.pending.clone(),
+            });
+            (c.end, event.map(|e| (e, send_mark)))
+        };
+        if let Some((event, send_mark)) = event {
+            if let Err(e) = Self::fenced(lease, self.emit(event).await?) {
+                lock(&self.inner.cursors).remove(&lease.token);
+                return Err(e);
+            }
+            if let Some(c) = lock(&self.inner.cursors).get_mut(&lease.token) {
                 c.last_event = Some(Instant::now());
+                c.pending = None;
                 if send_mark {
                     c.since_mark = 0;
                 }
-                let result = c.pending.take();
-                Some(Event::Shipped {
-                    id: id.to_owned(),
-                    token: lease.token.clone(),
-                    mark: mark.filter(|_| send_mark),
-                    result,
-                })
-            } else {
-                None
             }
-        };
-        if let Some(event) = event
-            && let Err(e) = Self::fenced(lease, self.emit(event).await?)
-        {
-            lock(&self.inner.cursors).remove(&lease.token);
-            return Err(e);
+        }
+        if !progress.log.is_empty() {
+            self.publish_piece(id, start, sent_at, &progress.log).await?;
+            if let Some(c) = lock(&self.inner.cursors).get_mut(&lease.token) {
+                c.end = start + progress.log.len() as u64;
+                c.since_mark += progress.log.len() as u64;
+            }
         }
         Ok(())
     }
@@ -1295,110 +1335,227 @@ impl gpupool_core::RunLogs for AmqpQueue {
             job.log.clone()
         };
         let nothing = gpupool_core::LogPage { text: String::new(), next: from, dropped: 0 };
-        if index.dropped {
+        if index.dropped || !index.marked() {
             return Ok(nothing);
         }
-        let Some((end, _)) = self.log_tail(id.as_str()).await? else { return Ok(nothing) };
+        let id = id.as_str();
+        // A running job's log: its end, read from its last mark up to an
+        // end marker, with the pieces on the way.
+        let (end, tail, marker) = if index.open {
+            let (end, tail, marker) = self.scan_tail(id, &index, from).await?;
+            (end, tail, Some(marker))
+        } else {
+            (index.end, Vec::new(), None)
+        };
         if from >= end {
             return Ok(nothing);
         }
-        let threshold = end.saturating_sub(gpupool_core::LOG_CAP_BYTES);
-        let want = from.max(threshold);
-        let seek = index.seek(want);
-        let mut pieces = self.read_pieces(id.as_str(), seek, from, end).await?;
-        if seek > 0 && pieces.first().is_none_or(|(start, _, _)| u64::try_from(*start).unwrap_or(0) > want) {
-            // Started past what was wanted (more pieces went missing or
-            // twice than the marks allow for): from the stream's start.
-            pieces = self.read_pieces(id.as_str(), 0, from, end).await?;
-        }
-        if pieces.is_empty() {
-            return Ok(nothing);
-        }
-        Ok(gpupool_core::rows::log_page(from, &pieces))
+        let want = from.max(end.saturating_sub(gpupool_core::LOG_CAP_BYTES));
+        let mut page = Page::new(from, end);
+        let pieces = match index.last() {
+            Some((last, _)) if index.open && want >= last => tail,
+            _ => {
+                let stop = Stop {
+                    marker: marker.as_deref(),
+                    not_after: (!index.open).then_some(index.settled_at.saturating_add(CLOCK_SLACK_MS)),
+                };
+                let mut pieces = Vec::new();
+                self.scan_log(id, index.seek(want), &stop, |start, text| {
+                    page.take(start, text.len() as u64).then(|| pieces.push((start, text.to_vec())));
+                    !page.done()
+                })
+                .await?;
+                page = Page::new(from, end);
+                pieces
+            }
+        };
+        Ok(page.finish(pieces))
     }
 }
 
-/// A log stream message's byte offset (its `start` header) and, when the
-/// broker gave it, its offset in the stream.
-fn piece_offsets(props: &BasicProperties) -> (u64, Option<u64>) {
-    let start = props
-        .headers()
-        .as_ref()
-        .and_then(|h| match h.inner().get("start") {
-            Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).ok(),
-            _ => None,
-        })
-        .unwrap_or(0);
-    (start, offset_of(props).and_then(|o| u64::try_from(o).ok()))
+/// One page of a log of `end` bytes from byte `from` on: each piece once,
+/// up to about [`LOG_PAGE_BYTES`]; pieces that start more than the cap
+/// before the end are dropped whole (the newest never).
+struct Page {
+    from: u64,
+    end: u64,
+    threshold: u64,
+    read_to: u64,
+    bytes: u64,
+}
+
+impl Page {
+    fn new(from: u64, end: u64) -> Self {
+        let threshold = end.saturating_sub(gpupool_core::LOG_CAP_BYTES);
+        Page { from, end, threshold, read_to: 0, bytes: 0 }
+    }
+
+    /// Whether the page takes a piece of `len` bytes at byte `start` (not
+    /// one sent twice, already read, before the page or past the end).
+    fn take(&mut self, start: u64, len: u64) -> bool {
+        let after = start + len;
+        let wanted = start >= self.read_to
+            && after > self.from
+            && start < self.end
+            && (start >= self.threshold || after >= self.end);
+        if wanted {
+            self.read_to = after;
+            self.bytes += len;
+        }
+        wanted
+    }
+
+    /// Whether the page is full or read to the log's end.
+    fn done(&self) -> bool {
+        self.read_to >= self.end || self.bytes >= LOG_PAGE_BYTES
+    }
+
+    /// The page out of the pieces read, in the stream's order.
+    fn finish(mut self, pieces: Vec<(u64, Vec<u8>)>) -> gpupool_core::LogPage {
+        let mut rows = Vec::new();
+        for (start, text) in pieces {
+            if self.done() {
+                break;
+            }
+            if self.take(start, text.len() as u64) {
+                let len = i64::try_from(text.len()).unwrap_or(i64::MAX);
+                rows.push((i64::try_from(start).unwrap_or(i64::MAX), len, String::from_utf8_lossy(&text).into_owned()));
+            }
+        }
+        if rows.is_empty() {
+            return gpupool_core::LogPage { text: String::new(), next: self.from, dropped: 0 };
+        }
+        gpupool_core::rows::log_page(self.from, &rows)
+    }
+}
+
+/// What ends a read of the log stream besides its reader.
+#[derive(Debug, Default)]
+struct Stop<'a> {
+    /// The reader's end marker: everything shipped before it is read.
+    marker: Option<&'a str>,
+    /// A message sent after this (ms since the epoch) ends the read.
+    not_after: Option<i64>,
+}
+
+/// A log stream message's headers: its job, its byte offset in the job's
+/// log, when it was sent, and a reader's end marker's nonce.
+#[derive(Debug, Default)]
+struct PieceHeaders {
+    job: Option<String>,
+    start: u64,
+    at: i64,
+    marker: Option<String>,
+}
+
+impl PieceHeaders {
+    fn of(props: &BasicProperties) -> Self {
+        let mut h = PieceHeaders::default();
+        let Some(headers) = props.headers().as_ref() else { return h };
+        for (key, value) in headers.inner() {
+            match (key.as_str(), value) {
+                ("job", AMQPValue::LongString(v)) => h.job = Some(v.to_string()),
+                ("start", AMQPValue::LongLongInt(n)) => h.start = u64::try_from(*n).unwrap_or(0),
+                ("at", AMQPValue::LongLongInt(n)) => h.at = *n,
+                ("marker", AMQPValue::LongString(v)) => h.marker = Some(v.to_string()),
+                _ => {}
+            }
+        }
+        h
+    }
 }
 
 impl AmqpQueue {
-    /// Consumes job `id`'s log stream from `offset`; `None` when the
-    /// stream is not there.
-    async fn log_consumer(&self, id: &str, offset: AMQPValue) -> Result<Option<(Channel, lapin::Consumer)>> {
+    /// Reads the log stream from about `since` (ms since the epoch, less
+    /// the clocks' slack), handing each piece of job `id` to `each` (its
+    /// byte offset and text) until `each` says stop, `stop` does, or no
+    /// message comes for [`LOG_READ_GAP`].
+    async fn scan_log(
+        &self,
+        id: &str,
+        since: i64,
+        stop: &Stop<'_>,
+        mut each: impl FnMut(u64, &[u8]) -> bool,
+    ) -> Result<()> {
+        let seconds = since.saturating_sub(CLOCK_SLACK_MS).max(0) / 1000;
+        let offset = AMQPValue::Timestamp(u64::try_from(seconds).unwrap_or(0));
         let link = self.link().await?;
         let ch = link.connection.create_channel().await.map_err(unavailable)?;
-        ch.basic_qos(64, BasicQosOptions::default()).await.map_err(unavailable)?;
+        ch.basic_qos(512, BasicQosOptions::default()).await.map_err(unavailable)?;
         let mut args = FieldTable::default();
         args.insert("x-stream-offset".into(), offset);
-        let stream = self.log_stream(id);
-        match ch.basic_consume(stream.as_str().into(), "".into(), BasicConsumeOptions::default(), args).await {
-            Ok(c) => Ok(Some((ch, c))),
-            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 404) => Ok(None),
-            Err(e) => Err(unavailable(e)),
-        }
-    }
-
-    /// The end of job `id`'s log as its stream holds it, and the stream
-    /// offset after its last message; `None` when it has no stream.
-    async fn log_tail(&self, id: &str) -> Result<Option<(u64, u64)>> {
-        let Some((ch, mut consumer)) = self.log_consumer(id, AMQPValue::LongString("last".into())).await? else {
-            return Ok(None);
+        let stream = self.logs_name();
+        let consumed = ch.basic_consume(stream.as_str().into(), "".into(), BasicConsumeOptions::default(), args).await;
+        let mut consumer = match consumed {
+            Ok(c) => c,
+            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 404) => return Ok(()),
+            Err(e) => return Err(unavailable(e)),
         };
-        let (mut end, mut seq) = (0u64, 0u64);
-        while let Ok(Some(delivery)) = tokio::time::timeout(TAIL_GAP, consumer.next()).await {
+        while let Ok(Some(delivery)) = tokio::time::timeout(LOG_READ_GAP, consumer.next()).await {
             let delivery = delivery.map_err(unavailable)?;
-            let (start, offset) = piece_offsets(&delivery.properties);
-            end = end.max(start + delivery.data.len() as u64);
-            if let Some(o) = offset {
-                seq = seq.max(o + 1);
-            }
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            let h = PieceHeaders::of(&delivery.properties);
+            if h.marker.is_some() && h.marker.as_deref() == stop.marker {
+                break;
+            }
+            if stop.not_after.is_some_and(|t| h.at > t) {
+                break;
+            }
+            if h.job.as_deref() == Some(id) && !each(h.start, &delivery.data) {
+                break;
+            }
         }
-        let _ = ch.close(200, "tail".into()).await;
-        Ok(Some((end, seq)))
+        let _ = ch.close(200, "read".into()).await;
+        Ok(())
     }
 
-    /// Publishes one piece of job `id`'s log at byte `start`, declaring the
-    /// job's log stream first if this handle has not yet.
-    async fn publish_piece(&self, id: &str, start: u64, text: &str) -> Result<()> {
-        let link = self.link().await?;
-        let stream = self.log_stream(id);
-        let declared = lock(&self.inner.log_streams).contains(&stream);
-        if !declared {
-            let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
-            let cap = i64::try_from(2 * gpupool_core::LOG_CAP_BYTES).unwrap_or(i64::MAX);
-            args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(cap));
-            args.insert("x-stream-max-segment-size-bytes".into(), AMQPValue::LongInt(2 << 20));
-            let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-            let declared = link.publish.queue_declare(stream.as_str().into(), durable, args).await;
-            if let Err(e) = declared {
-                self.drop_link(&link);
-                return Err(unavailable(e));
-            }
-            let mut streams = lock(&self.inner.log_streams);
-            if streams.len() > 10_000 {
-                streams.clear(); // declaring again is harmless
-            }
-            streams.insert(stream.clone());
-        }
+    /// Where job `id`'s open log ends: read from its last mark up to an end
+    /// marker this publishes. With the marker's nonce.
+    async fn scan_end(&self, id: &str, index: &LogIndex) -> Result<u64> {
+        Ok(self.scan_tail(id, index, u64::MAX).await?.0)
+    }
+
+    /// Reads job `id`'s open log from its last mark up to an end marker this
+    /// publishes: its end, the pieces on the way that end after `from`, and
+    /// the marker's nonce.
+    async fn scan_tail(&self, id: &str, index: &LogIndex, from: u64) -> Result<(u64, Vec<(u64, Vec<u8>)>, String)> {
+        let marker = nonce();
         let mut headers = FieldTable::default();
+        headers.insert("marker".into(), AMQPValue::LongString(marker.as_str().into()));
+        headers.insert("at".into(), AMQPValue::LongLongInt(now_ms()));
+        self.publish_log_message(headers, b"").await?;
+        let (mut end, mut pieces) = (index.end, Vec::new());
+        let since = index.last().map_or(0, |(_, at)| at);
+        let stop = Stop { marker: Some(&marker), not_after: None };
+        self.scan_log(id, since, &stop, |start, text| {
+            let after = start + text.len() as u64;
+            end = end.max(after);
+            if after > from {
+                pieces.push((start, text.to_vec()));
+            }
+            true
+        })
+        .await?;
+        Ok((end, pieces, marker))
+    }
+
+    /// Publishes one piece of job `id`'s log at byte `start`, sent at `at`.
+    async fn publish_piece(&self, id: &str, start: u64, at: i64, text: &str) -> Result<()> {
+        let mut headers = FieldTable::default();
+        headers.insert("job".into(), AMQPValue::LongString(id.into()));
         headers.insert("start".into(), AMQPValue::LongLongInt(i64::try_from(start).unwrap_or(i64::MAX)));
+        headers.insert("at".into(), AMQPValue::LongLongInt(at));
+        self.publish_log_message(headers, text.as_bytes()).await
+    }
+
+    /// Publishes a message to the log stream, confirmed.
+    async fn publish_log_message(&self, headers: FieldTable, body: &[u8]) -> Result<()> {
+        let link = self.link().await?;
+        let stream = self.logs_name();
         let props = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
         let sent = link
             .publish
-            .basic_publish("".into(), stream.as_str().into(), BasicPublishOptions::default(), text.as_bytes(), props)
+            .basic_publish("".into(), stream.as_str().into(), BasicPublishOptions::default(), body, props)
             .await;
         match sent {
             Ok(confirm) => match confirm.await {
@@ -1416,86 +1573,10 @@ impl AmqpQueue {
         }
     }
 
-    /// The pieces of job `id`'s log from stream offset `seek` that hold
-    /// bytes at or after `from`, within the cap of a log of `end` bytes,
-    /// up to about [`LOG_PAGE_BYTES`], each once. Empty when the stream is
-    /// not there.
-    async fn read_pieces(&self, id: &str, seek: u64, from: u64, end: u64) -> Result<Vec<(i64, i64, String)>> {
-        let offset = AMQPValue::LongLongInt(i64::try_from(seek).unwrap_or(0));
-        let Some((ch, mut consumer)) = self.log_consumer(id, offset).await? else { return Ok(Vec::new()) };
-        let threshold = end.saturating_sub(gpupool_core::LOG_CAP_BYTES);
-        let (mut pieces, mut bytes, mut read_to) = (Vec::new(), 0u64, 0u64);
-        while let Ok(Some(delivery)) = tokio::time::timeout(LOG_READ_GAP, consumer.next()).await {
-            let delivery = delivery.map_err(unavailable)?;
-            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-            let (start, _) = piece_offsets(&delivery.properties);
-            let after = start + delivery.data.len() as u64;
-            // Sent twice, already read, or dropped by the cap (never the
-            // newest piece).
-            if start < read_to || after <= from || (start < threshold && after < end) {
-                continue;
-            }
-            read_to = after;
-            let text = String::from_utf8_lossy(&delivery.data).into_owned();
-            pieces.push((
-                i64::try_from(start).unwrap_or(i64::MAX),
-                i64::try_from(after - start).unwrap_or(i64::MAX),
-                text,
-            ));
-            bytes += after - start;
-            if after >= end || bytes >= LOG_PAGE_BYTES {
-                break;
-            }
-        }
-        let _ = ch.close(200, "read".into()).await;
-        Ok(pieces)
-    }
-
-    /// Deletes the log streams of jobs that ended more than `log_max_age`
-    /// ago (at most every [`LOG_SWEEP_EVERY`], from reserving processes),
-    /// and says so in the ledger, so that no process deletes them again.
-    async fn sweep_logs(&self) -> Result<()> {
-        {
-            let mut last = lock(&self.inner.last_log_sweep);
-            if last.is_some_and(|t| t.elapsed() < LOG_SWEEP_EVERY) {
-                return Ok(());
-            }
-            *last = Some(Instant::now());
-        }
-        let cutoff =
-            now_ms().saturating_sub(i64::try_from(self.inner.opts.log_max_age.as_millis()).unwrap_or(i64::MAX));
-        let old: Vec<String> = {
-            let st = self.inner.state();
-            // Logs of forgotten jobs (no one can read them) first.
-            st.orphan_logs
-                .iter()
-                .cloned()
-                .chain(
-                    st.jobs
-                        .iter()
-                        .filter(|(_, j)| j.log.marked() && !j.log.dropped)
-                        .filter(|(_, j)| {
-                            j.record.state.is_terminal() && j.record.finished_at.is_some_and(|t| t.0 < cutoff)
-                        })
-                        .map(|(id, _)| id.clone()),
-                )
-                .take(100)
-                .collect()
-        };
-        if old.is_empty() {
-            return Ok(());
-        }
-        let link = self.link().await?;
-        let ch = link.connection.create_channel().await.map_err(unavailable)?;
-        for id in old {
-            let name = self.log_stream(&id);
-            ch.queue_delete(name.as_str().into(), lapin::options::QueueDeleteOptions::default())
-                .await
-                .map_err(unavailable)?;
-            self.emit(Event::LogDropped { id }).await?;
-        }
-        let _ = ch.close(200, "swept".into()).await;
-        Ok(())
+    /// Where the log of the lease this handle ships for ends, for the
+    /// lease's end event (None when it shipped nothing); its cursor goes.
+    fn log_end(&self, lease: &Lease) -> Option<u64> {
+        lock(&self.inner.cursors).remove(&lease.token).map(|c| c.end)
     }
 }
 
@@ -1637,9 +1718,6 @@ async fn serve_as_writer(
     }
     let _ = ch.close(200, "not electing".into()).await;
 }
-
-/// How often a reserving process looks for log streams to delete.
-const LOG_SWEEP_EVERY: Duration = Duration::from_secs(600);
 
 #[async_trait]
 impl WorkerRegistry for AmqpQueue {

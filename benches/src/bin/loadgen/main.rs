@@ -470,12 +470,7 @@ async fn drain_figures(args: &Args, backend: &str, dir: &Path) {
     // of a peer's single worker running C jobs at a time. Its floor is
     // the C-consumer floor, when that ran.
     if args.runs("drain") || args.runs("drain1w") {
-        // RabbitMQ: the worker ships each run's log to a stream of its
-        // own (its header lines at least), each holding files open on the
-        // broker; about 490 made in two seconds exhausted a 1,024-file
-        // limit and crashed the node here (BENCHMARKS.md, peers): at most
-        // 200 jobs.
-        let jobs = if matches!(backend, "amqp" | "amqps") { args.jobs.min(200) } else { args.jobs };
+        let jobs = args.jobs;
         let mut drain = 0f64;
         for _ in 0..args.rounds {
             let url = fresh(&args.queue, "drain1w", dir);
