@@ -1043,7 +1043,8 @@ impl Queue for AmqpQueue {
         Self::fenced(lease, self.emit(event).await?).map(|_| ())
     }
 
-    async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
+    async fn complete(&self, lease: &Lease, mut done: Completion) -> Result<()> {
+        done.record_first(self, lease).await?;
         let event = Event::Completed {
             id: lease.id().to_string(),
             token: lease.token.clone(),

@@ -211,7 +211,8 @@ pub async fn push_reserve_complete(q: Arc<dyn Queue>) {
     q.started(&lease, &info).await.expect("started");
     assert_empty(q.as_ref(), &queue).await;
 
-    q.complete(&lease, Completion { output_tail: "loss 0.1\n".into(), result: None }).await.expect("complete");
+    let done = Completion { output_tail: "loss 0.1\n".into(), ..Completion::default() };
+    q.complete(&lease, done).await.expect("complete");
     let rec = q.get(&id).await.unwrap();
     assert_eq!(rec.state, JobState::Succeeded);
     assert_eq!(rec.attempt, 1);
@@ -225,6 +226,15 @@ pub async fn push_reserve_complete(q: Arc<dyn Queue>) {
 
     assert_lease_lost(q.complete(&lease, Completion::default()).await, "a second complete");
     assert!(matches!(q.get(&JobId::new("987654321")).await, Err(Error::NotFound { .. })));
+
+    // A run that ended before its start was recorded: its facts come with
+    // its end.
+    let id = q.push(job(&queue)).await.unwrap();
+    let lease = reserve_one(q.as_ref(), &queue).await;
+    let done = Completion { run: Some(info.clone()), ..Completion::default() };
+    q.complete(&lease, done).await.expect("complete with the run's facts");
+    let rec = q.get(&id).await.unwrap();
+    assert_eq!((rec.state, rec.commit, rec.gpu_ids), (JobState::Succeeded, info.commit, Some(vec![1, 3])));
 }
 
 /// Invalid jobs are refused at push and nothing is stored.
@@ -929,9 +939,13 @@ pub async fn run_logs(q: Arc<dyn Queue>) {
     assert_eq!(logs.read_log(&id, from).await.unwrap().text, "epoch 2\n", "read from an offset");
     let end = logs.read_log(&id, all.next).await.unwrap();
     assert_eq!((end.text.as_str(), end.next), ("", all.next), "nothing new yet");
-    q.complete(&lease, Completion::default()).await.unwrap();
+    // The last output comes with the end.
+    let done = Completion { log: "epoch 3\n".into(), ..Completion::default() };
+    q.complete(&lease, done).await.unwrap();
     assert_lease_lost(logs.ship(&lease, &second).await, "ship");
-    assert_eq!(logs.read_log(&id, 0).await.unwrap().text, all.text, "kept after the end, nothing added");
+    let ended = logs.read_log(&id, 0).await.unwrap();
+    assert_eq!(ended.text, format!("{}epoch 3\n", all.text), "the completion's log, appended");
+    assert_eq!(logs.read_log(&id, 0).await.unwrap(), ended, "kept after the end, nothing added");
     assert!(matches!(logs.read_log(&JobId::new("999999999"), 0).await, Err(Error::NotFound { .. })));
 
     // The cap: 17 pieces of 1 MiB keep the newest 16 MiB or less.

@@ -283,7 +283,8 @@ impl Queue for MemoryQueue {
         })
     }
 
-    async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
+    async fn complete(&self, lease: &Lease, mut done: Completion) -> Result<()> {
+        done.record_first(self, lease).await?;
         self.with_held(lease, |e, _| {
             e.finish(JobState::Succeeded, Some(done.output_tail));
             e.record.exit_code = Some(0);

@@ -335,6 +335,35 @@ pub struct Completion {
     pub output_tail: String,
     /// An optional result the run reported.
     pub result: Option<serde_json::Value>,
+    /// Output not shipped yet ([`crate::RunLogs::ship`]): appended to the
+    /// job's shipped log as it ends. Empty: nothing to add.
+    pub log: String,
+    /// The run's facts, when [`Queue::started`] did not record them (a run
+    /// that ended before the worker recorded its start): recorded with
+    /// the end.
+    pub run: Option<RunInfo>,
+}
+
+impl Completion {
+    /// Records what the completion carries besides the end, `run` by
+    /// [`Queue::started`] and `log` by [`crate::RunLogs::ship`], and takes
+    /// them out: what a backend's `complete` calls first when it cannot
+    /// record them in the same step as the end. A backend that keeps no
+    /// run logs drops `log` (the worker's own log file keeps it).
+    ///
+    /// # Errors
+    ///
+    /// Those of `started` and `ship` (`LeaseLost` for a stale lease).
+    pub async fn record_first(&mut self, q: &dyn Queue, lease: &Lease) -> Result<()> {
+        if let Some(info) = self.run.take() {
+            q.started(lease, &info).await?;
+        }
+        let log = std::mem::take(&mut self.log);
+        if let Some(logs) = q.run_logs().filter(|_| !log.is_empty()) {
+            logs.ship(lease, &crate::Progress { log, result: None }).await?;
+        }
+        Ok(())
+    }
 }
 
 /// A failed attempt.
@@ -649,7 +678,19 @@ pub trait Queue: Send + Sync + fmt::Debug {
     async fn started(&self, lease: &Lease, info: &RunInfo) -> Result<()>;
 
     /// The run succeeded: the job becomes `succeeded`. Fenced by the lease.
+    /// The completion's `run` and `log`, when it carries them, are recorded
+    /// too (by [`Completion::record_first`] where the backend cannot record
+    /// them in the same step).
     async fn complete(&self, lease: &Lease, done: Completion) -> Result<()>;
+
+    /// Whether [`complete`](Queue::complete) records a completion's `run`
+    /// and `log` in the same step as the end (MySQL: one transaction).
+    /// The worker then sends a short run's facts and last output with its
+    /// end: one commit where `started`, the last `ship` and `complete` were
+    /// three. The default, `false`, has the worker record them first.
+    fn completes_with_run(&self) -> bool {
+        false
+    }
 
     /// The run failed: the attempt is recorded in `errors`, and the job goes
     /// back to `queued` if [`Failure::requeues`] says so, else `failed`.

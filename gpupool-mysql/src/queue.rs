@@ -208,6 +208,7 @@ impl Sql {
             started: s("UPDATE {p}jobs SET commit_sha = ?, gpu_ids = ? \
                         WHERE id = ? AND lease_token = ? AND state = 'running'"),
             complete: s("UPDATE {p}jobs SET state = 'succeeded', exit_code = 0, output_tail = ?, result = ?, \
+                         commit_sha = COALESCE(?, commit_sha), gpu_ids = COALESCE(?, gpu_ids), \
                          finished_at = UTC_TIMESTAMP(6), lease_token = NULL, lease_expires_at = NULL \
                          WHERE id = ? AND lease_token = ? AND state = 'running'"),
             held: s("SELECT attempt, attempt_limit FROM {p}jobs WHERE id = ? AND lease_token = ? \
@@ -884,9 +885,36 @@ impl Queue for MysqlQueue {
         self.fenced(q(&self.sql.started).bind(&info.commit).bind(gpu_ids), lease).await
     }
 
+    /// The run's facts (`done.run`) go in the same statement; the output
+    /// it carries (`done.log`) in the same transaction: a short run's end
+    /// is one commit.
     async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
-        let update = q(&self.sql.complete).bind(done.output_tail).bind(done.result.map(|v| v.to_string()));
-        self.fenced(update, lease).await
+        let gpu_ids = match &done.run {
+            Some(run) => Some(serde_json::to_string(&run.gpu_ids).map_err(|e| Error::backend("mysql", e))?),
+            None => None,
+        };
+        let update = q(&self.sql.complete)
+            .bind(done.output_tail)
+            .bind(done.result.map(|v| v.to_string()))
+            .bind(done.run.and_then(|r| r.commit))
+            .bind(gpu_ids);
+        if done.log.is_empty() {
+            return self.fenced(update, lease).await;
+        }
+        let mut tx = self.pool.begin().await.map_err(map)?;
+        let Some(trim) = self.append_log(&mut *tx, lease, &done.log).await? else {
+            return Err(Error::lease_lost(lease.id()));
+        };
+        if let Some(trim) = trim {
+            trim.execute(&mut *tx).await.map_err(map)?;
+        }
+        let ended = update.bind(lease.id().as_i64()?).bind(&lease.token).execute(&mut *tx).await.map_err(map)?;
+        rows::fenced(ended.rows_affected(), lease)?;
+        tx.commit().await.map_err(map)
+    }
+
+    fn completes_with_run(&self) -> bool {
+        true
     }
 
     async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome> {

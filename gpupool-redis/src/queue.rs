@@ -832,7 +832,8 @@ impl Queue for RedisQueue {
         self.fenced(&self.scripts.started, lease, &[info.commit.clone().unwrap_or_default(), gpu_ids]).await.map(|_| ())
     }
 
-    async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
+    async fn complete(&self, lease: &Lease, mut done: Completion) -> Result<()> {
+        done.record_first(self, lease).await?;
         let result = done.result.map(|v| v.to_string()).unwrap_or_default();
         self.fenced(&self.scripts.finish, lease, &["succeeded".into(), done.output_tail, result, "0".into()])
             .await

@@ -68,7 +68,7 @@ async fn a_bare_lease_reads_as_running_and_its_holder_records_it() {
 async fn a_bare_lease_completed_at_once_is_recorded_whole() {
     let Some(q) = common::queue("bare-done").await else { return };
     let (id, lease) = push_and_lease(&q, "bd", "gpu-1").await;
-    q.complete(&lease, Completion { output_tail: "ok\n".into(), result: None }).await.unwrap();
+    q.complete(&lease, Completion { output_tail: "ok\n".into(), ..Completion::default() }).await.unwrap();
     let rec = q.get(&id).await.unwrap();
     assert_eq!((rec.state, rec.attempt, rec.worker.as_deref()), (JobState::Succeeded, 1, Some("gpu-1")));
     assert!(rec.started_at.is_some() && rec.finished_at.is_some());

@@ -552,7 +552,8 @@ impl Queue for SqliteQueue {
         self.fenced(update, lease).await
     }
 
-    async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
+    async fn complete(&self, lease: &Lease, mut done: Completion) -> Result<()> {
+        done.record_first(self, lease).await?;
         let result = done.result.map(|v| v.to_string());
         let update = sqlx::query(
             "UPDATE jobs SET state = 'succeeded', exit_code = 0, output_tail = ?1, result = ?2, finished_at = ?3, \

@@ -34,14 +34,36 @@ pub(crate) struct Entry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Stored {
-    Complete { output_tail: String, result: Option<serde_json::Value> },
-    Fail { kind: FailureKind, exit_code: Option<i32>, signal: Option<i32>, message: String, output_tail: String },
-    Cancelled { output_tail: String },
+    Complete {
+        output_tail: String,
+        result: Option<serde_json::Value>,
+        /// Output the completion carries, not shipped yet.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        log: String,
+        /// The run's commit and GPUs, not recorded yet.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run: Option<(Option<String>, Vec<u32>)>,
+    },
+    Fail {
+        kind: FailureKind,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        message: String,
+        output_tail: String,
+    },
+    Cancelled {
+        output_tail: String,
+    },
 }
 
 impl Stored {
     pub(crate) fn complete(c: &Completion) -> Self {
-        Stored::Complete { output_tail: c.output_tail.clone(), result: c.result.clone() }
+        Stored::Complete {
+            output_tail: c.output_tail.clone(),
+            result: c.result.clone(),
+            log: c.log.clone(),
+            run: c.run.as_ref().map(|r| (r.commit.clone(), r.gpu_ids.clone())),
+        }
     }
 
     pub(crate) fn fail(f: &Failure) -> Self {

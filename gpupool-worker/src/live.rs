@@ -183,6 +183,9 @@ pub(crate) struct Live {
     shipper: Option<tokio::task::JoinHandle<()>>,
     /// Tells the shipper to ship what is left and stop (also when dropped).
     done: tokio_util::sync::CancellationToken,
+    /// Tells the shipper to stop without shipping what is left (the run's
+    /// end carries it).
+    hold: Arc<std::sync::atomic::AtomicBool>,
     collected: Arc<Mutex<Collected>>,
 }
 
@@ -211,8 +214,10 @@ impl Live {
             lines.flush(|l| c.line(l, &secrets));
         });
         let done = tokio_util::sync::CancellationToken::new();
-        let shipper = shipping.map(|s| tokio::spawn(ship_loop(s, Arc::clone(&collected), done.clone())));
-        Live { tx: Some(tx), task: Some(task), shipper, done, collected }
+        let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shipper =
+            shipping.map(|s| tokio::spawn(ship_loop(s, Arc::clone(&collected), done.clone(), Arc::clone(&hold))));
+        Live { tx: Some(tx), task: Some(task), shipper, done, hold, collected }
     }
 
     /// Where a runner sends the output.
@@ -229,27 +234,40 @@ impl Live {
     }
 
     /// What the output said, once the runner has let go of its sinks (a few
-    /// seconds at most), with the rest shipped.
-    pub(crate) async fn finish(mut self) -> Collected {
+    /// seconds at most), with the rest shipped, or, when `hold`, returned
+    /// unshipped (for the run's end to carry).
+    pub(crate) async fn finish(mut self, hold: bool) -> (Collected, String) {
         drop(self.tx.take());
         if let Some(task) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
+        self.hold.store(hold, std::sync::atomic::Ordering::Relaxed);
         self.done.cancel();
         if let Some(shipper) = self.shipper.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), shipper).await;
         }
-        gpupool_core::sync::lock(&self.collected).clone()
+        let mut collected = gpupool_core::sync::lock(&self.collected);
+        let rest = if hold { collected.take().map(|p| p.log).unwrap_or_default() } else { String::new() };
+        (collected.clone(), rest)
     }
 }
 
-/// Ships what waits, every [`SHIP_EVERY`], and once more when `done`.
-async fn ship_loop(s: Shipping, collected: Arc<Mutex<Collected>>, done: tokio_util::sync::CancellationToken) {
+/// Ships what waits, every [`SHIP_EVERY`], and once more when `done`
+/// unless `hold`.
+async fn ship_loop(
+    s: Shipping,
+    collected: Arc<Mutex<Collected>>,
+    done: tokio_util::sync::CancellationToken,
+    hold: Arc<std::sync::atomic::AtomicBool>,
+) {
     loop {
         let last = tokio::select! {
             () = tokio::time::sleep(SHIP_EVERY) => false,
             () = done.cancelled() => true,
         };
+        if last && hold.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let progress = gpupool_core::sync::lock(&collected).take();
         if let Some(progress) = progress
             && let Some(logs) = s.queue.run_logs()

@@ -40,6 +40,12 @@ use crate::process::ProcessRunner;
 /// before it asks for the next one, at most.
 const LAUNCH_HEAD_START: Duration = Duration::from_millis(50);
 
+/// How long after its start a run's facts (commit, GPUs) wait to be
+/// recorded where the queue can record them with the run's end instead
+/// ([`Queue::completes_with_run`]): a run that ends sooner costs one commit
+/// less.
+const RECORD_START_AFTER: Duration = Duration::from_secs(1);
+
 /// How a worker runs. [`WorkerConfig::new`] gives INTERFACE.md's defaults.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -221,7 +227,7 @@ struct Ctx {
 /// What a job's run comes to, to be reported.
 #[derive(Debug)]
 enum Report {
-    Complete(Completion),
+    Complete(Box<Completion>),
     Fail(Failure),
     Cancelled(String),
     Release,
@@ -979,8 +985,8 @@ async fn execute(
         }
     };
     let attempt = Attempt { ctx, lease, gpus, stopper, launched, repo: &repo, checkout: &checkout, out: &out };
-    let report = attempt.run().await;
-    let (moved_all, kept) = keep_outputs(ctx, lease, &checkout, &out).await;
+    let mut report = attempt.run().await;
+    let (moved_all, kept) = keep_outputs(ctx, lease, &checkout, &out, &mut report).await;
     if moved_all {
         ctx.workspace.remove(&checkout).await;
     }
@@ -991,14 +997,16 @@ async fn execute(
 }
 
 /// Moves what the run created or changed in its checkout into its output
-/// directory, and says in the job's log what was kept where. Returns
-/// whether everything was moved (if not, the checkout stays) and the files
-/// now in the output directory.
+/// directory, and says in the job's log what was kept where (shipped, or
+/// added to the output a completion carries). Returns whether everything
+/// was moved (if not, the checkout stays) and the files now in the output
+/// directory.
 async fn keep_outputs(
     ctx: &Ctx,
     lease: &Lease,
     checkout: &Checkout,
     out: &std::path::Path,
+    report: &mut Report,
 ) -> (bool, Vec<gpupool_core::ArtifactFile>) {
     let log = log_path(&ctx.cfg.data_dir, &ctx.cfg.queue_id, lease.id());
     let changed = match ctx.workspace.changed(checkout).await {
@@ -1050,8 +1058,14 @@ async fn keep_outputs(
         && !said.is_empty()
     {
         let text: String = said.iter().map(|l| format!("== gpupool: {l}\n")).collect();
-        if let Err(e) = logs.ship(lease, &gpupool_core::Progress { log: text, result: None }).await {
-            tracing::debug!("shipping what was kept failed ({e})");
+        match report {
+            // After the output the completion carries.
+            Report::Complete(done) if ctx.queue.completes_with_run() => done.log.push_str(&text),
+            _ => {
+                if let Err(e) = logs.ship(lease, &gpupool_core::Progress { log: text, result: None }).await {
+                    tracing::debug!("shipping what was kept failed ({e})");
+                }
+            }
         }
     }
     (kept.moved_all, kept.files)
@@ -1082,22 +1096,45 @@ impl Attempt<'_> {
         // its start for the CPU. A lost lease stops the run as a heartbeat
         // would; the outcome is reported only after the record is in, so the
         // completion never overtakes it.
+        //
+        // Where the queue records a completion's facts with its end
+        // (`completes_with_run`), a run that ends within
+        // [`RECORD_START_AFTER`] of its start has them recorded with its
+        // end, in the same commit.
+        let ended = CancellationToken::new();
         let recorder = {
             let info = RunInfo { commit: Some(checkout.commit.clone()), gpu_ids: gpus.to_vec() };
             let (queue, lease, stopper) = (Arc::clone(&ctx.queue), lease.clone(), stopper.clone());
-            let launched = launched.clone();
+            let (launched, ended) = (launched.clone(), ended.clone());
             tokio::spawn(async move {
                 launched.cancelled().await;
+                if queue.completes_with_run() {
+                    tokio::select! {
+                        () = tokio::time::sleep(RECORD_START_AFTER) => {}
+                        () = ended.cancelled() => return Some(info),
+                    }
+                }
                 match queue.started(&lease, &info).await {
                     Err(Error::LeaseLost { .. }) => stopper.stop(StopReason::LeaseLost),
                     Err(e) => warn!("could not record the commit ({e})"),
                     Ok(()) => {}
                 }
+                None
             })
         };
-        let report = self.run_recorded().await;
+        let mut report = self.run_recorded().await;
         launched.cancel();
-        let _ = recorder.await;
+        ended.cancel();
+        if let Ok(Some(info)) = recorder.await {
+            match &mut report {
+                Report::Complete(done) => done.run = Some(info),
+                _ => {
+                    if let Err(e) = ctx.queue.started(lease, &info).await {
+                        tracing::debug!("could not record the commit ({e})");
+                    }
+                }
+            }
+        }
         report
     }
 
@@ -1156,7 +1193,10 @@ impl Attempt<'_> {
     /// lines, then its `GPUPOOL_RESULT_FILE`), and what did not read noted
     /// in the job's log. A bad result never fails the run.
     async fn with_result(self, mut report: Report, live: crate::live::Live, log: &std::path::Path) -> Report {
-        let mut collected = live.finish().await;
+        // A completion carries the output not yet shipped where the queue
+        // records it with the end: one commit, not two.
+        let hold = matches!(report, Report::Complete(_)) && self.ctx.queue.completes_with_run();
+        let (mut collected, rest) = live.finish(hold).await;
         let file = crate::outputs::result_file(self.out);
         match tokio::fs::read_to_string(&file).await {
             Ok(text) => collected.merge(&text, "GPUPOOL_RESULT_FILE"),
@@ -1170,6 +1210,7 @@ impl Attempt<'_> {
         }
         if let Report::Complete(done) = &mut report {
             done.result = collected.result();
+            done.log = rest;
         }
         report
     }
@@ -1286,7 +1327,7 @@ fn report_for(spec: &gpupool_core::JobSpec, outcome: Outcome, tail: String) -> R
         Report::Fail(Failure { kind, exit_code, signal, message, output_tail: tail.clone() })
     };
     match outcome {
-        Outcome::Exited(0) => Report::Complete(Completion { output_tail: tail, result: None }),
+        Outcome::Exited(0) => Report::Complete(Box::new(Completion { output_tail: tail, ..Completion::default() })),
         Outcome::Exited(code) => {
             let kind = if looks_like_oom(&tail) { FailureKind::Oom } else { FailureKind::Exit };
             let what = if kind == FailureKind::Oom { "ran out of GPU memory and exited" } else { "exited" };
@@ -1353,7 +1394,7 @@ fn setup_key(setup: &[String], inputs: &[String], checkout: &Checkout) -> String
 /// Sends one report about `lease`; what it did, in words.
 async fn report_once(q: &dyn Queue, lease: &Lease, report: &Report) -> Result<String> {
     match report {
-        Report::Complete(c) => q.complete(lease, c.clone()).await.map(|()| "succeeded".to_owned()),
+        Report::Complete(c) => q.complete(lease, (**c).clone()).await.map(|()| "succeeded".to_owned()),
         Report::Fail(f) => q.fail(lease, f.clone()).await.map(|o| format!("failed ({}): {}; {o}", f.kind, f.message)),
         Report::Cancelled(tail) => q.report_cancelled(lease, tail.clone()).await.map(|()| "cancelled".to_owned()),
         Report::Release => q.release(lease).await.map(|()| "released".to_owned()),
@@ -1520,7 +1561,10 @@ async fn deliver_journaled(ctx: &Ctx, from: &str, entry: Entry) -> bool {
     };
     let lease = Lease { job, token: entry.token, expires_at: gpupool_core::Timestamp(entry.expires_at) };
     let report = match entry.report {
-        Stored::Complete { output_tail, result } => Report::Complete(Completion { output_tail, result }),
+        Stored::Complete { output_tail, result, log, run } => {
+            let run = run.map(|(commit, gpu_ids)| RunInfo { commit, gpu_ids });
+            Report::Complete(Box::new(Completion { output_tail, result, log, run }))
+        }
         Stored::Fail { kind, exit_code, signal, message, output_tail } => {
             Report::Fail(Failure { kind, exit_code, signal, message, output_tail })
         }

@@ -68,6 +68,9 @@ impl Queue for Counted {
     async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
         self.inner.complete(lease, done).await
     }
+    fn completes_with_run(&self) -> bool {
+        self.inner.completes_with_run()
+    }
     async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome> {
         self.inner.fail(lease, failure).await
     }

@@ -279,7 +279,8 @@ impl Queue for PgQueue {
         one_row(done.map_err(map)?, lease)
     }
 
-    async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
+    async fn complete(&self, lease: &Lease, mut done: Completion) -> Result<()> {
+        done.record_first(self, lease).await?;
         let result = done.result.map(|v| v.to_string());
         let done = fenced(&self.sql.complete, lease)?.bind(done.output_tail).bind(result).execute(&self.pool).await;
         one_row(done.map_err(map)?, lease)
