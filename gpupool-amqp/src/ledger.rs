@@ -82,6 +82,12 @@ pub(crate) enum Event {
         /// Where the holder's shipped log ends (it shipped some).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         log_end: Option<u64>,
+        /// Where its last piece is, when the end carries it (a mark).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mark: Option<(u64, i64)>,
+        /// The run's facts, when no `Started` recorded them: (commit, GPUs).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run: Option<(Option<String>, Vec<u32>)>,
     },
     Failed {
         id: String,
@@ -194,16 +200,22 @@ pub(crate) enum Event {
     },
 }
 
+/// A mark of a shipped piece: its byte offset in its job's log and when it
+/// was sent (ms since the epoch, its holder's clock).
+pub(crate) type Mark = (u64, i64);
+
 impl Event {
     /// A lease's end that says where its holder's shipped log ends: (job,
-    /// token, end).
-    fn log_end(&self) -> Option<(&str, &str, u64)> {
+    /// token, end, and a mark of its last piece when the end carries one).
+    fn log_end(&self) -> Option<(&str, &str, u64, Option<Mark>)> {
         match self {
-            Event::Completed { id, token, log_end, .. }
-            | Event::Failed { id, token, log_end, .. }
+            Event::Completed { id, token, log_end, mark, .. } => {
+                log_end.map(|end| (id.as_str(), token.as_str(), end, *mark))
+            }
+            Event::Failed { id, token, log_end, .. }
             | Event::Cancelled { id, token, log_end, .. }
             | Event::Released { id, token, log_end, .. }
-            | Event::Deferred { id, token, log_end, .. } => log_end.map(|end| (id.as_str(), token.as_str(), end)),
+            | Event::Deferred { id, token, log_end, .. } => log_end.map(|end| (id.as_str(), token.as_str(), end, None)),
             _ => None,
         }
     }
@@ -732,9 +744,12 @@ impl State {
     /// Applies an event not seen before: one step per kind of event.
     fn apply_new(&mut self, offset: i64, event: Event, when: When) -> Outcome {
         self.promote(when);
-        if let Some((id, token, end)) = event.log_end()
+        if let Some((id, token, end, mark)) = event.log_end()
             && let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token))
         {
+            if let Some((start, at)) = mark {
+                job.log.mark(start, at);
+            }
             job.log.settle(end, when.at);
         }
         match event {
@@ -746,7 +761,10 @@ impl State {
             }
             Event::Heartbeat { id, token, lease_ms } => self.renew_lease(&id, &token, lease_ms, when),
             Event::Started { id, token, commit, gpu_ids } => self.record_start(&id, &token, commit, gpu_ids),
-            Event::Completed { id, token, output_tail, result, .. } => {
+            Event::Completed { id, token, output_tail, result, run, .. } => {
+                if let Some((commit, gpu_ids)) = run {
+                    self.record_start(&id, &token, commit, gpu_ids);
+                }
                 self.end_succeeded(&id, &token, output_tail, result, when)
             }
             Event::Failed { id, token, kind, exit_code, signal, message, output_tail, dispatch, .. } => {
@@ -1435,6 +1453,8 @@ mod tests {
             output_tail: String::new(),
             result: None,
             log_end: None,
+            mark: None,
+            run: None,
         };
         assert_eq!(s.apply(13, env("f", done), now, 1), Outcome::Rejected, "the old holder is fenced");
         assert_eq!(s.apply(14, env("g", want("t3", "y", &["default"], 1, 0)), now, 1), Outcome::Leased(id.clone()));
@@ -1597,10 +1617,13 @@ mod tests {
             output_tail: String::new(),
             result: None,
             log_end: Some(42),
+            mark: Some((40, 2000)),
+            run: Some((Some("abc".into()), vec![3])),
         };
         s.apply(4, env("e", done), now, 1);
         let log = &s.jobs[&id].log;
-        assert_eq!((log.end, log.open), (42, false));
+        assert_eq!((log.end, log.open, log.last()), (42, false, Some((40, 2000))), "its last piece marked, settled");
+        assert_eq!(s.jobs[&id].record.commit.as_deref(), Some("abc"), "the run's facts, with its end");
     }
 
     #[test]
@@ -1679,6 +1702,8 @@ mod tests {
                     output_tail: String::new(),
                     result: None,
                     log_end: None,
+                    mark: None,
+                    run: None,
                 },
             ),
             at("n16", 3000, Event::Reclaim { id: id(0), token: "t1".into(), dispatch: None }),
@@ -1785,8 +1810,15 @@ mod tests {
         let run = |s: &mut State, next: &mut dyn FnMut(&mut State, Event) -> Outcome, n: usize| {
             let token = format!("t{n}");
             let Outcome::Leased(id) = next(s, want(&token, "me", &["default"], 1, 0)) else { panic!("a job to lease") };
-            let done =
-                Event::Completed { id: id.clone(), token, output_tail: String::new(), result: None, log_end: None };
+            let done = Event::Completed {
+                id: id.clone(),
+                token,
+                output_tail: String::new(),
+                result: None,
+                log_end: None,
+                mark: None,
+                run: None,
+            };
             assert_eq!(next(s, done), Outcome::Ok);
             id
         };
@@ -1834,7 +1866,8 @@ mod tests {
             let token = format!("t{n}");
             assert_eq!(next(&mut s, t, want(&token, "me", &["default"], 1, 0)), Outcome::Leased(id.clone()));
             let tail = "x".repeat(100);
-            let done = Event::Completed { id, token, output_tail: tail, result: None, log_end: None };
+            let done =
+                Event::Completed { id, token, output_tail: tail, result: None, log_end: None, mark: None, run: None };
             assert_eq!(next(&mut s, t, done), Outcome::Ok);
         }
         assert_eq!(s.jobs.len(), 51, "50 finished and the running one");
@@ -1854,7 +1887,15 @@ mod tests {
             next(&mut s, 4_000_000, pushed(JobSpec::new("main", "t.py")));
             let token = format!("w{n}");
             let Outcome::Leased(id) = next(&mut s, 4_000_000, want(&token, "me", &["default"], 1, 0)) else { panic!() };
-            let done = Event::Completed { id, token, output_tail: "y".repeat(2048), result: None, log_end: None };
+            let done = Event::Completed {
+                id,
+                token,
+                output_tail: "y".repeat(2048),
+                result: None,
+                log_end: None,
+                mark: None,
+                run: None,
+            };
             next(&mut s, 4_000_000, done);
         }
         let finished = s.jobs.values().filter(|j| j.record.state.is_terminal()).count();

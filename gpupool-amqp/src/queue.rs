@@ -1043,16 +1043,46 @@ impl Queue for AmqpQueue {
         Self::fenced(lease, self.emit(event).await?).map(|_| ())
     }
 
-    async fn complete(&self, lease: &Lease, mut done: Completion) -> Result<()> {
-        done.record_first(self, lease).await?;
+    /// The run's facts and its last output, when the completion carries
+    /// them, come in the `Completed` event (with a mark of the output, which
+    /// goes to the log stream right after it): a short run costs two ledger
+    /// events, its want and its end.
+    async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
+        let id = lease.id().as_str();
+        let (piece, log_end) = if done.log.is_empty() {
+            (None, self.log_end(lease))
+        } else {
+            let start = match self.log_end(lease) {
+                Some(end) => end,
+                None => {
+                    let index = self.inner.state().jobs.get(id).map(|j| j.log.clone()).unwrap_or_default();
+                    if index.open { self.scan_end(id, &index).await? } else { index.end }
+                }
+            };
+            (Some((start, now_ms())), Some(start + done.log.len() as u64))
+        };
         let event = Event::Completed {
-            id: lease.id().to_string(),
+            id: id.to_owned(),
             token: lease.token.clone(),
             output_tail: done.output_tail,
             result: done.result,
-            log_end: self.log_end(lease),
+            log_end,
+            mark: piece,
+            run: done.run.map(|r| (r.commit, r.gpu_ids)),
         };
-        Self::fenced(lease, self.emit(event).await?).map(|_| ())
+        Self::fenced(lease, self.emit(event).await?)?;
+        // After the end: a holder that dies between the two leaves no
+        // piece past the log's known end (only the piece missing).
+        if let Some((start, at)) = piece
+            && let Err(e) = self.publish_piece(id, start, at, &done.log).await
+        {
+            warn!("RabbitMQ: job {id} ended, but its last output did not reach the log stream ({e})");
+        }
+        Ok(())
+    }
+
+    fn completes_with_run(&self) -> bool {
+        true
     }
 
     async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome> {
