@@ -205,17 +205,17 @@ pub(crate) enum Event {
 pub(crate) type Mark = (u64, i64);
 
 impl Event {
-    /// A lease's end that says where its holder's shipped log ends: (job,
-    /// token, end, and a mark of its last piece when the end carries one).
-    fn log_end(&self) -> Option<(&str, &str, u64, Option<Mark>)> {
+    /// A lease's end by its holder: (job, token, where its shipped log
+    /// ends when it says, and a mark of its last piece when the end carries
+    /// one).
+    fn lease_end(&self) -> Option<(&str, &str, Option<u64>, Option<Mark>)> {
         match self {
-            Event::Completed { id, token, log_end, mark, .. } => {
-                log_end.map(|end| (id.as_str(), token.as_str(), end, *mark))
-            }
+            Event::Completed { id, token, log_end, mark, .. } => Some((id, token, *log_end, *mark)),
             Event::Failed { id, token, log_end, .. }
             | Event::Cancelled { id, token, log_end, .. }
             | Event::Released { id, token, log_end, .. }
-            | Event::Deferred { id, token, log_end, .. } => log_end.map(|end| (id.as_str(), token.as_str(), end, None)),
+            | Event::Deferred { id, token, log_end, .. } => Some((id, token, *log_end, None)),
+            Event::Parked { id, token, .. } => Some((id, token, None, None)),
             _ => None,
         }
     }
@@ -340,8 +340,9 @@ pub(crate) struct Job {
 /// starts near the piece it wants, and where the log ends.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct LogIndex {
-    /// Where the log ends: exactly when it is not `open`; else at least
-    /// the start of its last marked piece.
+    /// Where the log ends: exactly when it is not `open` (but for a piece
+    /// that never reached the stream); else at least the start of its last
+    /// marked piece.
     pub(crate) end: u64,
     /// (byte offset, ms since the epoch it was sent) of marked pieces,
     /// oldest first, within two caps of the newest (older ones are past
@@ -351,17 +352,28 @@ pub(crate) struct LogIndex {
     /// past `end`.
     #[serde(default)]
     pub(crate) open: bool,
-    /// When (ms since the epoch, its holder's clock) the end was settled:
-    /// no piece of the job was sent later.
+    /// When (ms since the epoch, its holder's clock) the end was settled,
+    /// or the holder of an open log went (its lease ended or was
+    /// reclaimed): no piece of the job was sent later, but for a line or
+    /// two of a reclaimed holder. 0 while a holder ships.
     #[serde(default)]
     pub(crate) settled_at: i64,
     /// Earlier design: the job's own log stream was deleted.
     pub(crate) dropped: bool,
 }
 
+/// Marks before this (ms since the epoch, 2001) are an earlier design's:
+/// stream offsets in a stream a job, which this version does not read.
+const LEGACY_MARK: i64 = 1_000_000_000_000;
+
 impl LogIndex {
     fn mark(&mut self, start: u64, at: i64) {
+        if at < LEGACY_MARK {
+            self.dropped = true;
+            return;
+        }
         self.open = true;
+        self.settled_at = 0;
         if self.marks.back().is_some_and(|&(s, _)| s >= start) {
             return; // a stale or repeated mark
         }
@@ -379,6 +391,33 @@ impl LogIndex {
         self.end = self.end.max(end);
         self.open = false;
         self.settled_at = at;
+    }
+
+    /// This index as this version reads it: an earlier design's marks
+    /// (stream offsets in a stream a job) make a log this version does not
+    /// read.
+    fn upgraded(mut self) -> Self {
+        if self.marks.iter().any(|&(_, at)| at < LEGACY_MARK) {
+            self.marks.clear();
+            self.open = false;
+            self.dropped = true;
+        }
+        self
+    }
+
+    /// The holder of an open log went at `at` without saying where the log
+    /// ends (a reclaim, or an end from a process that lost its cursor).
+    fn close(&mut self, at: i64) {
+        if self.open {
+            self.settled_at = at;
+        }
+    }
+
+    /// When a read of this log may stop: no piece of it was sent after
+    /// this (ms since the epoch, within the clocks' slack); `None` while a
+    /// holder may still ship.
+    pub(crate) fn sent_by(&self) -> Option<i64> {
+        (self.settled_at > 0).then_some(self.settled_at)
     }
 
     /// Whether a piece was ever marked (so the job has shipped a log).
@@ -744,13 +783,16 @@ impl State {
     /// Applies an event not seen before: one step per kind of event.
     fn apply_new(&mut self, offset: i64, event: Event, when: When) -> Outcome {
         self.promote(when);
-        if let Some((id, token, end, mark)) = event.log_end()
+        if let Some((id, token, end, mark)) = event.lease_end()
             && let Some(job) = self.jobs.get_mut(id).filter(|j| j.held(token))
         {
             if let Some((start, at)) = mark {
                 job.log.mark(start, at);
             }
-            job.log.settle(end, when.at);
+            match end {
+                Some(end) => job.log.settle(end, when.at),
+                None => job.log.close(when.at),
+            }
         }
         match event {
             Event::Pushed { spec, dispatch } => self.push_job(offset, *spec, dispatch, when),
@@ -1074,6 +1116,7 @@ impl State {
         self.error_seq += 1;
         job.errors.push((self.error_seq, job.attempt_error(&expired.failure, when.at)));
         job.end(expired.state, when.at);
+        job.log.close(when.at);
         match expired.state {
             JobState::Queued => self.requeue(id, dispatch, when),
             JobState::Cancelled => {
@@ -1213,6 +1256,10 @@ pub(crate) struct Snapshot {
     waiting: Vec<Waiting>,
     ends: u64,
     finished: Vec<(u64, String, u64)>,
+    /// Earlier design: forgotten jobs whose log stream was to be deleted.
+    /// Always empty; written for processes of that version, which need it.
+    #[serde(default)]
+    orphan_logs: Vec<String>,
     last_snapshot: Option<SnapshotMark>,
     /// The jobs held back, by time: kept as they are (whether one is due
     /// depends on the events to come, whose clocks may lag `latest_at`).
@@ -1314,7 +1361,7 @@ impl JobSnap {
             parked: self.parked,
             renewed,
             lease_until: self.lease.map(|(until, _)| until),
-            log: self.log,
+            log: self.log.upgraded(),
             errors: self.errors,
             end_seq: self.end_seq,
         }
@@ -1339,6 +1386,7 @@ impl State {
             waiting: self.waiting.iter().cloned().collect(),
             ends: self.ends,
             finished: self.finished.iter().cloned().collect(),
+            orphan_logs: Vec::new(),
             last_snapshot: self.last_snapshot,
             delayed: self.delayed.iter().cloned().collect(),
         }
@@ -1583,19 +1631,28 @@ mod tests {
         let mut log = LogIndex::default();
         assert_eq!((log.seek(0), log.marked(), log.open), (0, false, false));
         // A mark every 100 pieces of 1 MiB, one a second.
+        let t0 = 1_800_000_000_000;
         for n in 0..100u64 {
-            log.mark((n * 100) << 20, 1_000 * i64::try_from(n).unwrap());
+            log.mark((n * 100) << 20, t0 + 1_000 * i64::try_from(n).unwrap());
         }
-        log.mark(50 << 20, 50); // stale: ignored
+        log.mark(50 << 20, t0 + 50); // stale: ignored
         let end = (99 * 100) << 20;
-        assert_eq!((log.end, log.open), (end, true));
+        assert_eq!((log.end, log.open, log.sent_by()), (end, true, None));
         assert!(log.marks.len() <= 2 * (gpupool_core::LOG_CAP_BYTES >> 20) as usize / 100 + 2, "{}", log.marks.len());
         let from = end - (150 << 20);
-        assert_eq!(log.seek(from), 98_000, "the mark at or before it");
-        assert_eq!(log.seek(end + 5), 99_000);
-        assert_eq!(log.last(), Some((end, 99_000)));
-        log.settle(end + 7, 120_000);
-        assert_eq!((log.end, log.open, log.settled_at), (end + 7, false, 120_000));
+        assert_eq!(log.seek(from), t0 + 98_000, "the mark at or before it");
+        assert_eq!(log.seek(end + 5), t0 + 99_000);
+        assert_eq!(log.last(), Some((end, t0 + 99_000)));
+        log.settle(end + 7, t0 + 120_000);
+        assert_eq!((log.end, log.open, log.sent_by()), (end + 7, false, Some(t0 + 120_000)));
+        // An earlier design's mark (a stream offset): a log this version
+        // does not read.
+        let mut old = LogIndex::default();
+        old.mark(0, 17);
+        assert!(old.dropped && !old.marked());
+        let mut snap = LogIndex::default();
+        snap.marks.push_back((0, 17));
+        assert!(snap.upgraded().dropped);
     }
 
     #[test]
@@ -1605,7 +1662,8 @@ mod tests {
         assert!(matches!(s.apply(0, env("a", pushed(JobSpec::new("main", "t.py"))), now, 1), Outcome::Pushed(_)));
         let id = "1".to_owned();
         assert_eq!(s.apply(1, env("b", want("t1", "w", &["default"], 1, 0)), now, 1), Outcome::Leased(id.clone()));
-        let ship = Event::Shipped { id: id.clone(), token: "t1".into(), mark: Some((0, 1000)), result: None };
+        let ship =
+            Event::Shipped { id: id.clone(), token: "t1".into(), mark: Some((0, 1_800_000_000_000)), result: None };
         assert_eq!(s.apply(2, env("c", ship), now, 1), Outcome::Ok);
         assert!(s.jobs[&id].log.open, "a holder shipped: the end may be past the mark");
         let stale = Event::Released { id: id.clone(), token: "t0".into(), dispatch: None, log_end: Some(99) };
@@ -1617,13 +1675,34 @@ mod tests {
             output_tail: String::new(),
             result: None,
             log_end: Some(42),
-            mark: Some((40, 2000)),
+            mark: Some((40, 1_800_000_002_000)),
             run: Some((Some("abc".into()), vec![3])),
         };
         s.apply(4, env("e", done), now, 1);
         let log = &s.jobs[&id].log;
-        assert_eq!((log.end, log.open, log.last()), (42, false, Some((40, 2000))), "its last piece marked, settled");
+        assert_eq!(
+            (log.end, log.open, log.last()),
+            (42, false, Some((40, 1_800_000_002_000))),
+            "its last piece marked, settled"
+        );
         assert_eq!(s.jobs[&id].record.commit.as_deref(), Some("abc"), "the run's facts, with its end");
+    }
+
+    #[test]
+    fn a_reclaimed_holders_log_stays_open_but_a_read_of_it_is_bounded() {
+        let now = Instant::now();
+        let mut s = State::new("me");
+        assert!(matches!(s.apply(0, env("a", pushed(JobSpec::new("main", "t.py"))), now, 1), Outcome::Pushed(_)));
+        let id = "1".to_owned();
+        assert_eq!(s.apply(1, env("b", want("t1", "w", &["default"], 1, 0)), now, 1), Outcome::Leased(id.clone()));
+        let ship =
+            Event::Shipped { id: id.clone(), token: "t1".into(), mark: Some((0, 1_800_000_000_000)), result: None };
+        assert_eq!(s.apply(2, env("c", ship), now, 1), Outcome::Ok);
+        let gone = 1_800_000_060_000;
+        let reclaim = Event::Reclaim { id: id.clone(), token: "t1".into(), dispatch: None };
+        assert_eq!(s.apply(3, at("d", gone, reclaim), now, 1), Outcome::Requeued);
+        let log = &s.jobs[&id].log;
+        assert_eq!((log.open, log.sent_by()), (true, Some(gone)), "its end unknown, but nothing sent after it went");
     }
 
     #[test]

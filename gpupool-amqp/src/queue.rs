@@ -80,7 +80,8 @@ use futures_util::StreamExt;
 use gpupool_core::sync::lock;
 use gpupool_core::{
     AttemptError, CancelOutcome, Capabilities, Completion, Error, FailOutcome, Failure, Heartbeat, JobId, JobRecord,
-    JobSpec, Lease, ListFilter, Pushed, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo, WorkerRegistry,
+    JobSpec, JobState, Lease, ListFilter, Pushed, Queue, ReserveRequest, Result, RunInfo, Timestamp, WorkerInfo,
+    WorkerRegistry,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
@@ -1070,7 +1071,13 @@ impl Queue for AmqpQueue {
             mark: piece,
             run: done.run.map(|r| (r.commit, r.gpu_ids)),
         };
-        Self::fenced(lease, self.emit(event).await?)?;
+        match self.end_lease(lease, event).await {
+            Ok(_) => {}
+            // An earlier try of this end was applied, its answer lost: the
+            // job ended with this piece last.
+            Err(Error::LeaseLost { .. }) if piece.is_some_and(|(start, _)| self.ended_with(id, start, log_end)) => {}
+            Err(e) => return Err(e),
+        }
         // After the end: a holder that dies between the two leaves no
         // piece past the log's known end (only the piece missing).
         if let Some((start, at)) = piece
@@ -1097,7 +1104,7 @@ impl Queue for AmqpQueue {
             dispatch: None,
             log_end: self.log_end(lease),
         };
-        match Self::fenced(lease, self.emit(event).await?)? {
+        match self.end_lease(lease, event).await? {
             Outcome::Requeued => Ok(FailOutcome::Requeued),
             _ => Ok(FailOutcome::Failed),
         }
@@ -1110,7 +1117,7 @@ impl Queue for AmqpQueue {
             output_tail,
             log_end: self.log_end(lease),
         };
-        Self::fenced(lease, self.emit(event).await?).map(|_| ())
+        self.end_lease(lease, event).await.map(|_| ())
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
@@ -1120,7 +1127,7 @@ impl Queue for AmqpQueue {
             dispatch: None,
             log_end: self.log_end(lease),
         };
-        Self::fenced(lease, self.emit(event).await?).map(|_| ())
+        self.end_lease(lease, event).await.map(|_| ())
     }
 
     async fn defer(&self, lease: &Lease, pause: Duration) -> Result<()> {
@@ -1133,7 +1140,7 @@ impl Queue for AmqpQueue {
             until,
             log_end: self.log_end(lease),
         };
-        Self::fenced(lease, self.emit(event).await?).map(|_| ())
+        self.end_lease(lease, event).await.map(|_| ())
     }
 
     async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome> {
@@ -1190,7 +1197,7 @@ impl Queue for AmqpQueue {
 
     async fn park(&self, lease: &Lease, gpus: u32) -> Result<()> {
         let event = Event::Parked { id: lease.id().to_string(), token: lease.token.clone(), gpus };
-        Self::fenced(lease, self.emit(event).await?).map(|_| ())
+        self.end_lease(lease, event).await.map(|_| ())
     }
 
     /// Withdraws the worker's waiting wants, and gives back (charging no
@@ -1237,7 +1244,9 @@ impl Queue for AmqpQueue {
 const LOG_PAGE_BYTES: u64 = 1 << 20;
 
 /// How long a log read waits for the stream's next message before it
-/// returns what it has (only when its own end marker went missing).
+/// returns what it has: a quiet stream whose last message is before the
+/// read's end (a piece that never reached it, or an end marker gone
+/// missing).
 const LOG_READ_GAP: Duration = Duration::from_secs(2);
 
 /// How far apart the hosts' clocks and the broker's may be: a read starts
@@ -1285,7 +1294,11 @@ pub(crate) struct Cursor {
 /// A read of a running job's log publishes an end marker to the stream and
 /// reads up to it, so it sees every piece shipped before it. A read skips
 /// other jobs' pieces: a read starts at most 10 s (or a MiB) of this job's
-/// output, and 10 s of the clocks' slack, before what it wants.
+/// output, and 10 s of the clocks' slack, before what it wants, and never
+/// reads past 10 s after the log's last piece could have been sent (its
+/// end, the reclaim of a holder that died, or now). A read from the start
+/// of a log whose attempts are hours apart reads the pool's output between
+/// them.
 ///
 /// A holder checks its lease against this process's view of the ledger
 /// before each piece, and each event is fenced in the fold; a holder whose
@@ -1333,29 +1346,44 @@ impl gpupool_core::RunLogs for AmqpQueue {
                 mark: send_mark.then_some((c.end, sent_at)),
                 result: c.pending.clone(),
             });
-            (c.end, event.map(|e| (e, send_mark)))
+            // The piece's bytes are this call's from now on: an end while
+            // it is on its way goes after them.
+            let start = c.end;
+            c.end += progress.log.len() as u64;
+            c.since_mark += progress.log.len() as u64;
+            (start, event.map(|e| (e, send_mark)))
         };
-        if let Some((event, send_mark)) = event {
-            if let Err(e) = Self::fenced(lease, self.emit(event).await?) {
-                lock(&self.inner.cursors).remove(&lease.token);
-                return Err(e);
-            }
-            if let Some(c) = lock(&self.inner.cursors).get_mut(&lease.token) {
-                c.last_event = Some(Instant::now());
-                c.pending = None;
-                if send_mark {
-                    c.since_mark = 0;
+        let len = progress.log.len() as u64;
+        let sent = async {
+            if let Some((event, send_mark)) = event {
+                if let Err(e) = Self::fenced(lease, self.emit(event).await?) {
+                    lock(&self.inner.cursors).remove(&lease.token);
+                    return Err(e);
+                }
+                if let Some(c) = lock(&self.inner.cursors).get_mut(&lease.token) {
+                    c.last_event = Some(Instant::now());
+                    c.pending = None;
+                    if send_mark {
+                        c.since_mark = len;
+                    }
                 }
             }
-        }
-        if !progress.log.is_empty() {
-            self.publish_piece(id, start, sent_at, &progress.log).await?;
-            if let Some(c) = lock(&self.inner.cursors).get_mut(&lease.token) {
-                c.end = start + progress.log.len() as u64;
-                c.since_mark += progress.log.len() as u64;
+            if len > 0 {
+                self.publish_piece(id, start, sent_at, &progress.log).await?;
             }
+            Ok(())
+        };
+        let sent = sent.await;
+        if sent.is_err()
+            && let Some(c) = lock(&self.inner.cursors).get_mut(&lease.token)
+            && c.end == start + len
+        {
+            // Shipped again from the same byte (nothing reserved since): a
+            // piece that did reach the stream is read once.
+            c.end = start;
+            c.since_mark = c.since_mark.saturating_sub(len);
         }
-        Ok(())
+        sent
     }
 
     async fn read_log(&self, id: &JobId, from: u64) -> Result<gpupool_core::LogPage> {
@@ -1370,10 +1398,12 @@ impl gpupool_core::RunLogs for AmqpQueue {
             return Ok(nothing);
         }
         let id = id.as_str();
-        // A running job's log: its end, read from its last mark up to an
-        // end marker, with the pieces on the way.
+        // No piece of it was sent after this.
+        let bound = read_bound(&index);
+        // An open log (a running job's): its end, read from its last mark up
+        // to an end marker, with the pieces on the way.
         let (end, tail, marker) = if index.open {
-            let (end, tail, marker) = self.scan_tail(id, &index, from).await?;
+            let (end, tail, marker) = self.scan_tail(id, &index, from, bound).await?;
             (end, tail, Some(marker))
         } else {
             (index.end, Vec::new(), None)
@@ -1386,13 +1416,12 @@ impl gpupool_core::RunLogs for AmqpQueue {
         let pieces = match index.last() {
             Some((last, _)) if index.open && want >= last => tail,
             _ => {
-                let stop = Stop {
-                    marker: marker.as_deref(),
-                    not_after: (!index.open).then_some(index.settled_at.saturating_add(CLOCK_SLACK_MS)),
-                };
+                let stop = Stop { marker: marker.as_deref(), not_after: bound };
                 let mut pieces = Vec::new();
                 self.scan_log(id, index.seek(want), &stop, |start, text| {
-                    page.take(start, text.len() as u64).then(|| pieces.push((start, text.to_vec())));
+                    if page.take(start, text.len() as u64).is_some() {
+                        pieces.push((start, text.to_vec()));
+                    }
                     !page.done()
                 })
                 .await?;
@@ -1422,18 +1451,22 @@ impl Page {
     }
 
     /// Whether the page takes a piece of `len` bytes at byte `start` (not
-    /// one sent twice, already read, before the page or past the end).
-    fn take(&mut self, start: u64, len: u64) -> bool {
+    /// one sent twice or already read, before the page or past the end):
+    /// how many of its first bytes it already has (a piece sent again after
+    /// a lost confirm, with newer output added).
+    fn take(&mut self, start: u64, len: u64) -> Option<u64> {
         let after = start + len;
-        let wanted = start >= self.read_to
+        let wanted = after > self.read_to
             && after > self.from
             && start < self.end
             && (start >= self.threshold || after >= self.end);
-        if wanted {
-            self.read_to = after;
-            self.bytes += len;
+        if !wanted {
+            return None;
         }
-        wanted
+        let skip = self.read_to.saturating_sub(start);
+        self.read_to = after;
+        self.bytes += len - skip;
+        Some(skip)
     }
 
     /// Whether the page is full or read to the log's end.
@@ -1448,9 +1481,11 @@ impl Page {
             if self.done() {
                 break;
             }
-            if self.take(start, text.len() as u64) {
+            if let Some(skip) = self.take(start, text.len() as u64) {
+                let text = text.get(usize::try_from(skip).unwrap_or(usize::MAX)..).unwrap_or_default();
                 let len = i64::try_from(text.len()).unwrap_or(i64::MAX);
-                rows.push((i64::try_from(start).unwrap_or(i64::MAX), len, String::from_utf8_lossy(&text).into_owned()));
+                let start = i64::try_from(start + skip).unwrap_or(i64::MAX);
+                rows.push((start, len, String::from_utf8_lossy(text).into_owned()));
             }
         }
         if rows.is_empty() {
@@ -1461,12 +1496,18 @@ impl Page {
 }
 
 /// What ends a read of the log stream besides its reader.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Stop<'a> {
     /// The reader's end marker: everything shipped before it is read.
     marker: Option<&'a str>,
     /// A message sent after this (ms since the epoch) ends the read.
-    not_after: Option<i64>,
+    not_after: i64,
+}
+
+/// When a read of a log may stop: a message sent this long after the log's
+/// last piece could have been (its end, or now while a holder ships).
+fn read_bound(index: &LogIndex) -> i64 {
+    index.sent_by().unwrap_or_else(now_ms).saturating_add(CLOCK_SLACK_MS)
 }
 
 /// A log stream message's headers: its job, its byte offset in the job's
@@ -1529,7 +1570,7 @@ impl AmqpQueue {
             if h.marker.is_some() && h.marker.as_deref() == stop.marker {
                 break;
             }
-            if stop.not_after.is_some_and(|t| h.at > t) {
+            if h.at > stop.not_after {
                 break;
             }
             if h.job.as_deref() == Some(id) && !each(h.start, &delivery.data) {
@@ -1541,15 +1582,21 @@ impl AmqpQueue {
     }
 
     /// Where job `id`'s open log ends: read from its last mark up to an end
-    /// marker this publishes. With the marker's nonce.
+    /// marker this publishes.
     async fn scan_end(&self, id: &str, index: &LogIndex) -> Result<u64> {
-        Ok(self.scan_tail(id, index, u64::MAX).await?.0)
+        Ok(self.scan_tail(id, index, u64::MAX, read_bound(index)).await?.0)
     }
 
     /// Reads job `id`'s open log from its last mark up to an end marker this
-    /// publishes: its end, the pieces on the way that end after `from`, and
-    /// the marker's nonce.
-    async fn scan_tail(&self, id: &str, index: &LogIndex, from: u64) -> Result<(u64, Vec<(u64, Vec<u8>)>, String)> {
+    /// publishes, or a message sent after `not_after`: its end, the pieces
+    /// on the way that end after `from`, and the marker's nonce.
+    async fn scan_tail(
+        &self,
+        id: &str,
+        index: &LogIndex,
+        from: u64,
+        not_after: i64,
+    ) -> Result<(u64, Vec<(u64, Vec<u8>)>, String)> {
         let marker = nonce();
         let mut headers = FieldTable::default();
         headers.insert("marker".into(), AMQPValue::LongString(marker.as_str().into()));
@@ -1557,7 +1604,7 @@ impl AmqpQueue {
         self.publish_log_message(headers, b"").await?;
         let (mut end, mut pieces) = (index.end, Vec::new());
         let since = index.last().map_or(0, |(_, at)| at);
-        let stop = Stop { marker: Some(&marker), not_after: None };
+        let stop = Stop { marker: Some(&marker), not_after };
         self.scan_log(id, since, &stop, |start, text| {
             let after = start + text.len() as u64;
             end = end.max(after);
@@ -1605,9 +1652,30 @@ impl AmqpQueue {
     }
 
     /// Where the log of the lease this handle ships for ends, for the
-    /// lease's end event (None when it shipped nothing); its cursor goes.
+    /// lease's end event (None when it shipped nothing).
     fn log_end(&self, lease: &Lease) -> Option<u64> {
-        lock(&self.inner.cursors).remove(&lease.token).map(|c| c.end)
+        lock(&self.inner.cursors).get(&lease.token).map(|c| c.end)
+    }
+
+    /// Publishes a lease's end event; once the ledger has answered (the end
+    /// taken or refused) the lease's cursor goes. A publish that failed
+    /// keeps it, for the end sent again.
+    async fn end_lease(&self, lease: &Lease, event: Event) -> Result<Outcome> {
+        let outcome = self.emit(event).await?;
+        lock(&self.inner.cursors).remove(&lease.token);
+        Self::fenced(lease, outcome)
+    }
+
+    /// Whether job `id` ended succeeded with its log ending at `end` and its
+    /// last mark at byte `start`: what a `Completed` with that piece left.
+    fn ended_with(&self, id: &str, start: u64, end: Option<u64>) -> bool {
+        let st = self.inner.state();
+        st.jobs.get(id).is_some_and(|j| {
+            j.record.state == JobState::Succeeded
+                && !j.log.open
+                && Some(j.log.end) == end
+                && j.log.last().map(|(s, _)| s) == Some(start)
+        })
     }
 }
 
@@ -1801,6 +1869,25 @@ mod tests {
 
     use super::*;
     use gpupool_core::ListFilter;
+
+    #[test]
+    fn a_log_page_has_each_byte_once_and_drops_whole_pieces_past_the_cap() {
+        let piece = |start: u64, text: &str| (start, text.as_bytes().to_vec());
+        // A piece sent again after a lost confirm, with newer output added:
+        // only its new bytes.
+        let got = Page::new(0, 10).finish(vec![piece(0, "abc"), piece(0, "abcdef"), piece(6, "ghij")]);
+        assert_eq!((got.text.as_str(), got.next, got.dropped), ("abcdefghij", 10, 0));
+        // From the middle of a piece; a piece past the end is not the log's.
+        let got = Page::new(4, 10).finish(vec![piece(0, "abcdef"), piece(6, "ghij"), piece(10, "k")]);
+        assert_eq!((got.text.as_str(), got.next), ("efghij", 10));
+        // Past the cap the older whole pieces go, never the newest.
+        let end = gpupool_core::LOG_CAP_BYTES + 10;
+        let newest = "y".repeat(usize::try_from(end - 20).unwrap());
+        let got = Page::new(0, end).finish(vec![piece(0, &"x".repeat(20)), piece(20, &newest)]);
+        assert_eq!((got.dropped, got.text.len() as u64, got.next), (20, end - 20, end));
+        let got = Page::new(0, 30).finish(vec![piece(0, &"x".repeat(30))]);
+        assert_eq!(got.text.len(), 30, "the newest piece is kept whole");
+    }
 
     /// A reconnect while the old ledger consumer is far behind (its fold
     /// busy, a backlog of deliveries in hand): the old consumer applies

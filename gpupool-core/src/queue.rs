@@ -685,9 +685,11 @@ pub trait Queue: Send + Sync + fmt::Debug {
 
     /// Whether [`complete`](Queue::complete) records a completion's `run`
     /// and `log` in the same step as the end (MySQL: one transaction).
-    /// The worker then sends a short run's facts and last output with its
-    /// end: one commit where `started`, the last `ship` and `complete` were
-    /// three. The default, `false`, has the worker record them first.
+    /// The worker then sends a successful run's last output with its end,
+    /// and the facts of a run that ends within a second of its start: for
+    /// a short run, one commit where `started`, the last `ship` and
+    /// `complete` were three. The default, `false`, has the worker record
+    /// them first.
     fn completes_with_run(&self) -> bool {
         false
     }
