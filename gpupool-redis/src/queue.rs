@@ -62,6 +62,7 @@ struct Scripts {
     heartbeat: Script,
     started: Script,
     finish: Script,
+    complete: Script,
     fail: Script,
     release: Script,
     defer: Script,
@@ -90,6 +91,7 @@ impl Scripts {
             heartbeat: script!("heartbeat.lua", "states", "jobs"),
             started: script!("started.lua", "states", "jobs"),
             finish: script!("finish.lua", "states"),
+            complete: script!("complete.lua", "states", "jobs", "logappend"),
             fail: script!("fail.lua", "states", "jobs"),
             release: script!("release.lua", "states", "jobs"),
             defer: script!("defer.lua", "states", "jobs"),
@@ -102,7 +104,7 @@ impl Scripts {
             park: script!("park.lua", "states", "jobs"),
             unpark: script!("unpark.lua", "states", "jobs"),
             trim: script!("trim.lua", "states", "jobs"),
-            ship: script!("ship.lua", "states", "jobs"),
+            ship: script!("ship.lua", "states", "jobs", "logappend"),
             read_log: script!("readlog.lua"),
             artifacts: script!("artifacts.lua"),
         }
@@ -832,12 +834,29 @@ impl Queue for RedisQueue {
         self.fenced(&self.scripts.started, lease, &[info.commit.clone().unwrap_or_default(), gpu_ids]).await.map(|_| ())
     }
 
-    async fn complete(&self, lease: &Lease, mut done: Completion) -> Result<()> {
-        done.record_first(self, lease).await?;
+    /// With the run's facts or its last output, one script records them
+    /// and the end (`complete.lua`); without, the end alone (`finish.lua`).
+    async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
         let result = done.result.map(|v| v.to_string()).unwrap_or_default();
+        if done.run.is_some() || !done.log.is_empty() {
+            let (commit, gpu_ids) = match done.run {
+                Some(run) => (
+                    run.commit.unwrap_or_default(),
+                    serde_json::to_string(&run.gpu_ids).map_err(|e| Error::backend("redis", e))?,
+                ),
+                None => (String::new(), String::new()),
+            };
+            let cap = gpupool_core::LOG_CAP_BYTES.to_string();
+            let args = [done.output_tail, result, commit, gpu_ids, done.log, cap];
+            return self.fenced(&self.scripts.complete, lease, &args).await.map(|_| ());
+        }
         self.fenced(&self.scripts.finish, lease, &["succeeded".into(), done.output_tail, result, "0".into()])
             .await
             .map(|_| ())
+    }
+
+    fn completes_with_run(&self) -> bool {
+        true
     }
 
     async fn fail(&self, lease: &Lease, failure: Failure) -> Result<FailOutcome> {

@@ -79,6 +79,24 @@ async fn a_bare_lease_completed_at_once_is_recorded_whole() {
 }
 
 #[tokio::test]
+async fn a_bare_lease_completed_with_its_facts_and_last_output_is_recorded_whole() {
+    let Some(q) = common::queue("bare-with").await else { return };
+    let (id, lease) = push_and_lease(&q, "bw", "gpu-2").await;
+    let run = RunInfo { commit: Some("c0ffee".into()), gpu_ids: vec![0, 1] };
+    let done = Completion { log: "epoch 1\n".into(), run: Some(run), ..Completion::default() };
+    q.complete(&lease, done).await.unwrap();
+    let rec = q.get(&id).await.unwrap();
+    assert_eq!((rec.state, rec.attempt, rec.worker.as_deref()), (JobState::Succeeded, 1, Some("gpu-2")));
+    assert_eq!((rec.commit.as_deref(), rec.gpu_ids), (Some("c0ffee"), Some(vec![0, 1])));
+    assert_eq!(q.run_logs().unwrap().read_log(&id, 0).await.unwrap().text, "epoch 1\n");
+    assert!(ids(&q, "bw", JobState::Running).await.is_empty());
+    let again = Completion { log: "more\n".into(), ..Completion::default() };
+    assert!(q.complete(&lease, again).await.is_err(), "a second complete is refused, and adds nothing");
+    assert_eq!(q.run_logs().unwrap().read_log(&id, 0).await.unwrap().text, "epoch 1\n");
+    common::cleanup(&q).await;
+}
+
+#[tokio::test]
 async fn cancelling_a_bare_lease_asks_its_holder() {
     let Some(q) = common::queue("bare-cancel").await else { return };
     let (id, lease) = push_and_lease(&q, "bc", "w").await;
