@@ -1148,7 +1148,14 @@ impl Attempt<'_> {
         }
         let log_path = log_path(&ctx.cfg.data_dir, &ctx.cfg.queue_id, lease.id());
         let header = self.log_header();
-        note(&log_path, &header).await;
+        let argv = build_argv(&ctx.cfg.command, &spec.entrypoint, &spec.args, u32::try_from(gpus.len()).unwrap_or(0));
+        let run_line = format!("run: {}", shell_words::join(&argv));
+        // Without a setup step the run line follows the header at once: one
+        // write, one trip to the blocking pool less before the launch.
+        match ctx.cfg.setup {
+            None => notes(&log_path, &[&header, &run_line]).await,
+            Some(_) => note(&log_path, &header).await,
+        }
         let (env, env_remove) = (self.job_env(), worker_secrets_env());
         let live = crate::live::Live::start(Some(crate::live::Shipping {
             queue: Arc::clone(&ctx.queue),
@@ -1177,9 +1184,9 @@ impl Attempt<'_> {
         {
             return self.with_result(report, live, &log_path).await;
         }
-        let argv = build_argv(&ctx.cfg.command, &spec.entrypoint, &spec.args, u32::try_from(gpus.len()).unwrap_or(0));
-        let run_line = format!("run: {}", shell_words::join(&argv));
-        note(&log_path, &run_line).await;
+        if ctx.cfg.setup.is_some() {
+            note(&log_path, &run_line).await;
+        }
         live.note(&run_line);
         let report = match ctx.runner.run(&run_spec(argv, &env), stopper, launched).await {
             Ok(result) => report_for(spec, result.outcome, result.tail),
@@ -1361,9 +1368,15 @@ fn looks_like_oom(tail: &str) -> bool {
 
 /// Appends a `== gpupool: …` line to a job's log.
 pub(crate) async fn note(log: &std::path::Path, text: &str) {
+    notes(log, &[text]).await;
+}
+
+/// Appends `== gpupool: …` lines to a job's log, in one write.
+async fn notes(log: &std::path::Path, texts: &[&str]) {
     // One blocking task for the folder, the open and the write (tokio::fs
     // would hand each to the blocking pool in turn).
-    let (path, line) = (log.to_path_buf(), format!("== gpupool: {text}\n"));
+    let line: String = texts.iter().map(|t| format!("== gpupool: {t}\n")).collect();
+    let path = log.to_path_buf();
     let written = tokio::task::spawn_blocking(move || {
         use std::io::Write;
         if let Some(dir) = path.parent() {
