@@ -26,6 +26,8 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, Row, Transaction
 use crate::error::{BACKEND, is_duplicate, is_lock_conflict, map};
 use crate::options::MysqlOptions;
 
+mod ends;
+
 /// Fastest and slowest poll of a waiting `reserve`. An idle worker settles
 /// at the slowest: two cheap indexed reads a second.
 const POLL_MIN: Duration = Duration::from_millis(50);
@@ -133,6 +135,13 @@ struct Sql {
     log_end: Arc<str>,
     ship_log: Arc<str>,
     log_trim: Arc<str>,
+    /// `held_many[k - 1]` locks k running jobs' rows and reads their
+    /// tokens; `log_ends`, `log_insert_many` and `complete_many` likewise
+    /// for k logs or ends ([`ends`]).
+    held_many: Vec<Arc<str>>,
+    log_ends: Vec<Arc<str>>,
+    log_insert_many: Vec<Arc<str>>,
+    complete_many: Vec<Arc<str>>,
     log_read: Arc<str>,
     job_known: Arc<str>,
     blob_put: Arc<str>,
@@ -267,6 +276,44 @@ impl Sql {
                          FOR UPDATE)), ?, ? FROM {p}jobs WHERE id = ? AND lease_token = ? AND state = 'running' \
                          FOR UPDATE"),
             log_trim: s("DELETE FROM {p}job_logs WHERE job_id = ? AND start < ? AND start < ?"),
+            held_many: (1..=MAX_BATCH)
+                .map(|k| {
+                    s(&format!(
+                        "SELECT id, lease_token FROM {{p}}jobs WHERE id IN ({}) AND state = 'running' \
+                         ORDER BY id FOR UPDATE",
+                        vec!["?"; k].join(", ")
+                    ))
+                })
+                .collect(),
+            log_ends: (1..=MAX_BATCH)
+                .map(|k| {
+                    s(&format!(
+                        "SELECT job_id, CAST(COALESCE(MAX(start + len), 0) AS SIGNED) FROM {{p}}job_logs \
+                         WHERE job_id IN ({}) GROUP BY job_id FOR UPDATE",
+                        vec!["?"; k].join(", ")
+                    ))
+                })
+                .collect(),
+            log_insert_many: (1..=MAX_BATCH)
+                .map(|k| {
+                    s(&format!(
+                        "INSERT INTO {{p}}job_logs (job_id, start, len, text) VALUES {}",
+                        vec!["(?, ?, ?, ?)"; k].join(", ")
+                    ))
+                })
+                .collect(),
+            complete_many: (1..=MAX_BATCH)
+                .map(|k| {
+                    let case = vec!["WHEN ? THEN ?"; k].join(" ");
+                    s(&format!(
+                        "UPDATE {{p}}jobs SET state = 'succeeded', exit_code = 0, output_tail = CASE id {case} END, \
+                         result = CASE id {case} END, commit_sha = COALESCE(CASE id {case} END, commit_sha), \
+                         gpu_ids = COALESCE(CASE id {case} END, gpu_ids), finished_at = UTC_TIMESTAMP(6), \
+                         lease_token = NULL, lease_expires_at = NULL WHERE id IN ({})",
+                        vec!["?"; k].join(", ")
+                    ))
+                })
+                .collect(),
             log_read: s("SELECT start, len, text FROM {p}job_logs WHERE job_id = ? AND start + len > ? \
                          ORDER BY start LIMIT ?"),
             job_known: s("SELECT id FROM {p}jobs WHERE id = ?"),
@@ -293,6 +340,10 @@ pub struct MysqlQueue {
     sql: Arc<Sql>,
     idle_polls: Arc<AtomicU32>,
     sweep: Arc<gpupool_core::Sweep>,
+    /// Where ends that carry output wait for their transaction ([`ends`]):
+    /// the task that writes them, started on the first (again if its
+    /// runtime went).
+    ends: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<ends::End>>>>,
 }
 
 impl MysqlQueue {
@@ -333,7 +384,14 @@ impl MysqlQueue {
             });
         }
         let sql = Arc::new(Sql::new(&opts.prefix));
-        Ok(MysqlQueue { pool, opts: Arc::new(opts), sql, idle_polls: Arc::default(), sweep: Arc::default() })
+        Ok(MysqlQueue {
+            pool,
+            opts: Arc::new(opts),
+            sql,
+            idle_polls: Arc::default(),
+            sweep: Arc::default(),
+            ends: Arc::default(),
+        })
     }
 
     /// The options in use.
@@ -886,31 +944,29 @@ impl Queue for MysqlQueue {
     }
 
     /// The run's facts (`done.run`) go in the same statement; the output
-    /// it carries (`done.log`) in the same transaction: a short run's end
-    /// is one commit.
+    /// it carries (`done.log`) in the same transaction, which ends that
+    /// finish together share ([`ends`]): a short run's end is one commit.
     async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
-        let gpu_ids = match &done.run {
-            Some(run) => Some(serde_json::to_string(&run.gpu_ids).map_err(|e| Error::backend("mysql", e))?),
-            None => None,
-        };
-        let update = q(&self.sql.complete)
-            .bind(done.output_tail)
-            .bind(done.result.map(|v| v.to_string()))
-            .bind(done.run.and_then(|r| r.commit))
-            .bind(gpu_ids);
         if done.log.is_empty() {
+            let gpu_ids = done.run.as_ref().map(|r| serde_json::to_string(&r.gpu_ids).unwrap_or_default());
+            let update = q(&self.sql.complete)
+                .bind(done.output_tail)
+                .bind(done.result.map(|v| v.to_string()))
+                .bind(done.run.and_then(|r| r.commit))
+                .bind(gpu_ids);
             return self.fenced(update, lease).await;
         }
-        let mut tx = self.pool.begin().await.map_err(map)?;
-        let Some(trim) = self.append_log(&mut *tx, lease, &done.log).await? else {
-            return Err(Error::lease_lost(lease.id()));
+        let ends = {
+            let mut slot = gpupool_core::sync::lock(&self.ends);
+            match slot.as_ref().filter(|tx| !tx.is_closed()) {
+                Some(tx) => tx.clone(),
+                None => slot.insert(ends::start(self.pool.clone(), Arc::clone(&self.sql))).clone(),
+            }
         };
-        if let Some(trim) = trim {
-            trim.execute(&mut *tx).await.map_err(map)?;
-        }
-        let ended = update.bind(lease.id().as_i64()?).bind(&lease.token).execute(&mut *tx).await.map_err(map)?;
-        rows::fenced(ended.rows_affected(), lease)?;
-        tx.commit().await.map_err(map)
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let stopped = || Error::Unavailable { backend: BACKEND, source: "the task that writes ends stopped".into() };
+        ends.send(ends::End { lease: lease.clone(), done, reply }).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     fn completes_with_run(&self) -> bool {
