@@ -222,6 +222,10 @@ struct Ctx {
     health: StdMutex<Health>,
     /// Records and uploads what runs leave in their output directories.
     keeper: Arc<crate::uploads::Keeper>,
+    /// Ends being reported: a run's slot and GPUs are free once its end is
+    /// journaled, and its report goes on here (the next reserve need not
+    /// wait for it).
+    reports: tokio_util::task::TaskTracker,
 }
 
 /// What a job's run comes to, to be reported.
@@ -314,6 +318,7 @@ impl WorkerBuilder {
                 setup_lock: tokio::sync::Mutex::new(()),
                 health: StdMutex::default(),
                 keeper,
+                reports: tokio_util::task::TaskTracker::new(),
             }),
         }
     }
@@ -395,7 +400,7 @@ impl Worker {
                 Ok(_) => {
                     backoff = Duration::ZERO;
                     if cfg.burst {
-                        if slots.idle() {
+                        if slots.idle(&ctx) {
                             info!("burst: nothing to run; exiting");
                             break;
                         }
@@ -416,6 +421,12 @@ impl Worker {
             warn!("could not withdraw this worker's open reserve ({e})");
         }
         slots.drain(cfg.drain_timeout, &stop_now).await;
+        // The ends still being reported, a second signal or not: the jobs it
+        // stopped are given back by these reports (each end is journaled: one
+        // this worker gives up on is reported by the next on this data
+        // directory).
+        ctx.reports.close();
+        let _ = tokio::time::timeout(cfg.drain_timeout, ctx.reports.wait()).await;
         ctx.keeper.drain(cfg.drain_timeout, &stop_now).await;
         registry.abort();
         if let Some(pruner) = pruner {
@@ -520,12 +531,19 @@ impl Slots {
         self.total.saturating_sub(self.tasks.len())
     }
 
-    fn idle(&self) -> bool {
-        self.tasks.is_empty()
+    /// Nothing runs and no end waits to be reported (a run that failed may
+    /// be queued again).
+    fn idle(&self, ctx: &Ctx) -> bool {
+        self.tasks.is_empty() && ctx.reports.is_empty()
     }
 
-    /// Waits until a run ends or the worker stops.
+    /// Waits until a run ends (or, with none running, a moment for the
+    /// reports) or the worker stops.
     async fn wait_for_one(&mut self, shutdown: &CancellationToken) {
+        if self.tasks.is_empty() {
+            sleep_or(shutdown, Duration::from_millis(20)).await;
+            return;
+        }
         tokio::select! {
             _ = self.tasks.join_next() => {}
             () = shutdown.cancelled() => {}
@@ -608,16 +626,21 @@ impl Slots {
         let launched2 = launched.clone();
         self.tasks.spawn(
             async move {
-                let files = run_job(&ctx2, &lease, &given, stop, &launched2).await;
+                let (files, ended) = run_job(&ctx2, &lease, &given, stop, &launched2).await;
                 lock(&gpus).give_back(&given);
                 lock(&running).retain(|r| &r.id != lease.id());
-                // Off the GPUs and the slot: recording, then uploading, what
-                // the run left (the slot stays taken until this returns, so
-                // only the quick record waits here; the upload runs on).
-                if let Some(files) = files {
-                    let log = log_path(&ctx2.cfg.data_dir, &ctx2.cfg.queue_id, lease.id());
-                    ctx2.keeper.keep(lease.id(), files, log).await;
-                }
+                // Off the GPUs and the slot, the end journaled: its report,
+                // then recording, then uploading, what the run left (the
+                // upload runs on).
+                let ctx3 = Arc::clone(&ctx2);
+                let report = async move {
+                    ended.deliver(&ctx3, &lease).await;
+                    if let Some(files) = files {
+                        let log = log_path(&ctx3.cfg.data_dir, &ctx3.cfg.queue_id, lease.id());
+                        ctx3.keeper.keep(lease.id(), files, log).await;
+                    }
+                };
+                ctx2.reports.spawn(report.in_current_span());
             }
             .instrument(span),
         );
@@ -813,15 +836,15 @@ impl Ctx {
     }
 }
 
-/// Runs one attempt and reports its end; returns the files it left in its
-/// output directory, if any.
+/// Runs one attempt and journals its end; returns the files it left in its
+/// output directory, if any, and the end to report.
 async fn run_job(
     ctx: &Ctx,
     lease: &Lease,
     gpus: &[u32],
     stop_all: CancellationToken,
     launched: &CancellationToken,
-) -> Option<crate::uploads::RunFiles> {
+) -> (Option<crate::uploads::RunFiles>, Ended) {
     let stopper = Stopper::new();
     let hb = tokio::spawn(heartbeat_loop(
         Arc::clone(&ctx.queue),
@@ -848,9 +871,25 @@ async fn run_job(
     }
     launched.cancel();
     shutdown_watch.abort();
-    deliver(ctx, lease, report).await;
-    hb.abort();
-    files
+    // Before the slot is free: a worker fault pauses the next reserve, and
+    // the end is on disk should this worker die before reporting it.
+    note_health(ctx, &report);
+    let entry = journal(ctx, lease, &report).await;
+    (files, Ended { report, entry, heartbeat: hb })
+}
+
+/// A run's end, journaled, to report; its lease is heartbeated until then.
+struct Ended {
+    report: Report,
+    entry: Option<PathBuf>,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Ended {
+    async fn deliver(self, ctx: &Ctx, lease: &Lease) {
+        deliver(ctx, lease, self.report, self.entry).await;
+        self.heartbeat.abort();
+    }
 }
 
 /// Removes outputs unchanged for `max_age`, now and then hourly.
@@ -1484,12 +1523,10 @@ async fn journal(ctx: &Ctx, lease: &Lease, report: &Report) -> Option<PathBuf> {
 /// journaled first, and the entry removed once the queue has answered for
 /// good; one still unanswered when this worker gives up is delivered by the
 /// next worker on the data directory.
-async fn deliver(ctx: &Ctx, lease: &Lease, report: Report) {
+async fn deliver(ctx: &Ctx, lease: &Lease, report: Report, entry: Option<PathBuf>) {
     if matches!(report, Report::Nothing) {
         return;
     }
-    note_health(ctx, &report);
-    let entry = journal(ctx, lease, &report).await;
     if let (Some(_), Ok(flag)) = (&entry, std::env::var("GPUPOOL_TEST_HOLD_REPORT")) {
         // Test hook: a worker killed after its run ended and before the
         // queue heard of it (the journal has the result).
