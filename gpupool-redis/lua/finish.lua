@@ -1,4 +1,7 @@
--- complete / cancelled. ARGV: prefix, id, token, state, output_tail, result, exit_code
+-- complete / cancelled. ARGV: prefix, id, token, state, output_tail, result, exit_code,
+-- and, for a completion that carries them (Queue::completes_with_run), the
+-- run's commit and GPUs ('' GPUs: none), its last output ('' : none) and
+-- the log's cap: recorded in the same step as the end.
 local id, token, state = ARGV[2], ARGV[3], ARGV[4]
 local h = jkey(id)
 local v = redis.call('HMGET', h, 'state', 'token', 'entry', 'queue', 'attempt')
@@ -16,6 +19,8 @@ if v[1] == 'queued' and v[3] and v[3] ~= '' and te == v[3] then
 elseif v[1] ~= 'running' or v[2] ~= token or token == '' then
   return -1
 end
+if ARGV[9] and ARGV[9] ~= '' then redis.call('HSET', h, 'commit', ARGV[8], 'gpu_ids', ARGV[9]) end
+if ARGV[10] and ARGV[10] ~= '' then append_log(id, ARGV[10], tonumber(ARGV[11])) end
 -- Acknowledged only: `trim.lua` deletes done entries in bulk, which costs
 -- the server less than an XDEL per job.
 if v[3] and v[3] ~= '' then redis.call('XACK', skey(v[4]), GROUP, v[3]) end

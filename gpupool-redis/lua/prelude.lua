@@ -5,7 +5,8 @@
 -- `jobs.lua`, `lease.lua`; the `script!` macro in queue.rs), then its own
 -- body. Every helper is a closure made again on each call (about 430
 -- instructions each, measured with callgrind), so push carries only this
--- file and complete this file and `states.lua`. (A first attempt's
+-- file and complete this file, `states.lua` and `logappend.lua` (one
+-- function). (A first attempt's
 -- reserve runs no script at all: `take` in queue.rs.)
 --
 -- Hot paths (push, reserve, finish) avoid Lua numbers where they can: a

@@ -62,7 +62,6 @@ struct Scripts {
     heartbeat: Script,
     started: Script,
     finish: Script,
-    complete: Script,
     fail: Script,
     release: Script,
     defer: Script,
@@ -90,8 +89,7 @@ impl Scripts {
             undeliver: script!("undeliver.lua", "states", "jobs"),
             heartbeat: script!("heartbeat.lua", "states", "jobs"),
             started: script!("started.lua", "states", "jobs"),
-            finish: script!("finish.lua", "states"),
-            complete: script!("complete.lua", "states", "jobs", "logappend"),
+            finish: script!("finish.lua", "states", "logappend"),
             fail: script!("fail.lua", "states", "jobs"),
             release: script!("release.lua", "states", "jobs"),
             defer: script!("defer.lua", "states", "jobs"),
@@ -834,10 +832,11 @@ impl Queue for RedisQueue {
         self.fenced(&self.scripts.started, lease, &[info.commit.clone().unwrap_or_default(), gpu_ids]).await.map(|_| ())
     }
 
-    /// With the run's facts or its last output, one script records them
-    /// and the end (`complete.lua`); without, the end alone (`finish.lua`).
+    /// The run's facts and its last output, when the completion carries
+    /// them, go in the same script as the end (`finish.lua`).
     async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
         let result = done.result.map(|v| v.to_string()).unwrap_or_default();
+        let mut args = vec!["succeeded".into(), done.output_tail, result, "0".into()];
         if done.run.is_some() || !done.log.is_empty() {
             let (commit, gpu_ids) = match done.run {
                 Some(run) => (
@@ -846,13 +845,9 @@ impl Queue for RedisQueue {
                 ),
                 None => (String::new(), String::new()),
             };
-            let cap = gpupool_core::LOG_CAP_BYTES.to_string();
-            let args = [done.output_tail, result, commit, gpu_ids, done.log, cap];
-            return self.fenced(&self.scripts.complete, lease, &args).await.map(|_| ());
+            args.extend([commit, gpu_ids, done.log, gpupool_core::LOG_CAP_BYTES.to_string()]);
         }
-        self.fenced(&self.scripts.finish, lease, &["succeeded".into(), done.output_tail, result, "0".into()])
-            .await
-            .map(|_| ())
+        self.fenced(&self.scripts.finish, lease, &args).await.map(|_| ())
     }
 
     fn completes_with_run(&self) -> bool {

@@ -337,7 +337,7 @@ impl Worker {
 
     /// Runs until `shutdown` fires (or, with `burst`, until idle), then
     /// drains: waits up to the drain timeout for running jobs, then stops
-    /// and releases what is left.
+    /// and releases what is left, and waits for every end to be reported.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerSummary> {
         self.run_until(shutdown, CancellationToken::new()).await
     }
@@ -400,7 +400,7 @@ impl Worker {
                 Ok(_) => {
                     backoff = Duration::ZERO;
                     if cfg.burst {
-                        if slots.idle(&ctx) {
+                        if slots.idle() {
                             info!("burst: nothing to run; exiting");
                             break;
                         }
@@ -421,12 +421,13 @@ impl Worker {
             warn!("could not withdraw this worker's open reserve ({e})");
         }
         slots.drain(cfg.drain_timeout, &stop_now).await;
-        // The ends still being reported, a second signal or not: the jobs it
-        // stopped are given back by these reports (each end is journaled: one
-        // this worker gives up on is reported by the next on this data
-        // directory).
+        // The ends still being reported, a second signal or not, as long as
+        // each keeps trying (its own limit: ten leases, at least 5 minutes):
+        // the jobs a stop gave back are given back by these reports. A
+        // completion or failure one gives up on stays journaled for the next
+        // worker on this data directory.
         ctx.reports.close();
-        let _ = tokio::time::timeout(cfg.drain_timeout, ctx.reports.wait()).await;
+        ctx.reports.wait().await;
         ctx.keeper.drain(cfg.drain_timeout, &stop_now).await;
         registry.abort();
         if let Some(pruner) = pruner {
@@ -493,6 +494,9 @@ struct Slots {
     gpus: Arc<StdMutex<Placement>>,
     running: Arc<StdMutex<Vec<RunningJob>>>,
     tasks: JoinSet<()>,
+    /// Ends being reported (`Ctx::reports`): no more than one a slot wait
+    /// beside the runs, so a backend slow to take ends holds reserves back.
+    reports: tokio_util::task::TaskTracker,
     stop_all: CancellationToken,
     total: usize,
     total_gpus: u32,
@@ -512,6 +516,7 @@ impl Slots {
             gpus: Arc::new(StdMutex::new(placement)),
             running: Arc::default(),
             tasks: JoinSet::new(),
+            reports: ctx.reports.clone(),
             stop_all: CancellationToken::new(),
             total,
         }
@@ -526,21 +531,22 @@ impl Slots {
         self.free() == 0
     }
 
-    /// How many slots are free.
+    /// How many slots are free (and ends waiting to be reported leave room).
     fn free(&self) -> usize {
-        self.total.saturating_sub(self.tasks.len())
+        let running = self.tasks.len();
+        self.total.saturating_sub(running).min((2 * self.total).saturating_sub(running + self.reports.len()))
     }
 
     /// Nothing runs and no end waits to be reported (a run that failed may
     /// be queued again).
-    fn idle(&self, ctx: &Ctx) -> bool {
-        self.tasks.is_empty() && ctx.reports.is_empty()
+    fn idle(&self) -> bool {
+        self.tasks.is_empty() && self.reports.is_empty()
     }
 
-    /// Waits until a run ends (or, with none running, a moment for the
-    /// reports) or the worker stops.
+    /// Waits until a run ends (or, with none running or full of ends to
+    /// report, a moment for the reports) or the worker stops.
     async fn wait_for_one(&mut self, shutdown: &CancellationToken) {
-        if self.tasks.is_empty() {
+        if self.tasks.is_empty() || self.tasks.len() < self.total {
             sleep_or(shutdown, Duration::from_millis(20)).await;
             return;
         }
@@ -1519,10 +1525,10 @@ async fn journal(ctx: &Ctx, lease: &Lease, report: &Report) -> Option<PathBuf> {
 }
 
 /// Reports a run's end, retrying while the backend is unavailable: the
-/// result is recorded once it is back, if the lease still holds. It is
-/// journaled first, and the entry removed once the queue has answered for
-/// good; one still unanswered when this worker gives up is delivered by the
-/// next worker on the data directory.
+/// result is recorded once it is back, if the lease still holds. The caller
+/// journaled it (`entry`), and the entry is removed once the queue has
+/// answered for good; one still unanswered when this worker gives up is
+/// delivered by the next worker on the data directory.
 async fn deliver(ctx: &Ctx, lease: &Lease, report: Report, entry: Option<PathBuf>) {
     if matches!(report, Report::Nothing) {
         return;

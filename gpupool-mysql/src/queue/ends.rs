@@ -16,7 +16,7 @@ use sqlx::mysql::MySqlPool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{LOCK_RETRIES, MAX_BATCH, Sql, q};
-use crate::error::{BACKEND, is_lock_conflict, map};
+use crate::error::{is_lock_conflict, map};
 
 /// A `complete` waiting for its transaction.
 pub(super) struct End {
@@ -25,35 +25,41 @@ pub(super) struct End {
     pub(super) reply: oneshot::Sender<Result<()>>,
 }
 
+/// At most this much output goes in one batch (a batch holds at least
+/// one end): well under MariaDB's default 16 MiB `max_allowed_packet`.
+const BATCH_BYTES: usize = 4 << 20;
+
 /// Starts the task that writes ends; it stops when the last sender goes.
 pub(super) fn start(pool: MySqlPool, sql: Arc<Sql>) -> mpsc::UnboundedSender<End> {
     let (tx, mut rx) = mpsc::unbounded_channel::<End>();
     tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
+        let mut next = None;
+        loop {
+            let first = match next.take() {
+                Some(end) => end,
+                None => match rx.recv().await {
+                    Some(end) => end,
+                    None => break,
+                },
+            };
+            let mut bytes = first.done.log.len();
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(end) => batch.push(end),
+                    Ok(end) if bytes + end.done.log.len() > BATCH_BYTES => {
+                        next = Some(end);
+                        break;
+                    }
+                    Ok(end) => {
+                        bytes += end.done.log.len();
+                        batch.push(end);
+                    }
                     Err(_) => break,
                 }
             }
-            match write(&pool, &sql, &batch).await {
-                Ok(each) => {
-                    for (end, outcome) in batch.into_iter().zip(each) {
-                        let _ = end.reply.send(outcome);
-                    }
-                }
-                Err(e) => {
-                    let (retryable, message) = (e.is_retryable(), e.to_string());
-                    for end in batch {
-                        let e = if retryable {
-                            Error::Unavailable { backend: BACKEND, source: message.clone().into() }
-                        } else {
-                            Error::backend(BACKEND, message.clone())
-                        };
-                        let _ = end.reply.send(Err(e));
-                    }
-                }
+            let each = write(&pool, &sql, &batch).await;
+            for (end, outcome) in batch.into_iter().zip(each) {
+                let _ = end.reply.send(outcome);
             }
         }
     });
@@ -61,13 +67,36 @@ pub(super) fn start(pool: MySqlPool, sql: Arc<Sql>) -> mpsc::UnboundedSender<End
 }
 
 /// Writes a batch of ends in one transaction (again on a lock conflict):
-/// each end's outcome, `LeaseLost` for a lease that no longer holds.
-async fn write(pool: &MySqlPool, sql: &Sql, batch: &[End]) -> Result<Vec<Result<()>>> {
+/// each end's outcome, `LeaseLost` for a lease that no longer holds. A
+/// batch that fails otherwise is written one end at a time, so each end
+/// gets its own outcome.
+async fn write(pool: &MySqlPool, sql: &Sql, batch: &[End]) -> Vec<Result<()>> {
+    if batch.len() > 1 {
+        match retried(|| write_many(pool, sql, batch)).await {
+            Ok(each) => return each,
+            Err(e) => tracing::debug!("writing {} ends together failed ({e}); writing them one by one", batch.len()),
+        }
+    }
+    let mut each = Vec::with_capacity(batch.len());
+    for end in batch {
+        let outcome = match retried(|| write_one(pool, sql, end)).await {
+            Ok(mut one) => one.pop().unwrap_or(Ok(())),
+            Err(e) => Err(e),
+        };
+        each.push(outcome);
+    }
+    each
+}
+
+/// `f`, again on a lock conflict (a few times).
+async fn retried<F, Fut>(f: F) -> Result<Vec<Result<()>>>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<Vec<Result<()>>, sqlx::Error>>,
+{
     let mut tries = 0;
     loop {
-        let written =
-            if batch.len() == 1 { write_one(pool, sql, &batch[0]).await } else { write_many(pool, sql, batch).await };
-        match written {
+        match f().await {
             Err(e) if is_lock_conflict(&e) && tries < LOCK_RETRIES => tries += 1,
             Err(e) => return Err(map(e)),
             Ok(each) => return Ok(each),
