@@ -1655,8 +1655,9 @@ mod tests {
         assert!(snap.upgraded().dropped);
     }
 
-    #[test]
-    fn a_holders_end_settles_its_log_and_a_stale_one_does_not() {
+    /// A fold with job 1 leased with token `t1`, whose holder shipped (a
+    /// mark at byte 0).
+    fn shipping_job() -> (State, String, Instant) {
         let now = Instant::now();
         let mut s = State::new("me");
         assert!(matches!(s.apply(0, env("a", pushed(JobSpec::new("main", "t.py"))), now, 1), Outcome::Pushed(_)));
@@ -1665,6 +1666,12 @@ mod tests {
         let ship =
             Event::Shipped { id: id.clone(), token: "t1".into(), mark: Some((0, 1_800_000_000_000)), result: None };
         assert_eq!(s.apply(2, env("c", ship), now, 1), Outcome::Ok);
+        (s, id, now)
+    }
+
+    #[test]
+    fn a_holders_end_settles_its_log_and_a_stale_one_does_not() {
+        let (mut s, id, now) = shipping_job();
         assert!(s.jobs[&id].log.open, "a holder shipped: the end may be past the mark");
         let stale = Event::Released { id: id.clone(), token: "t0".into(), dispatch: None, log_end: Some(99) };
         s.apply(3, env("d", stale), now, 1);
@@ -1690,14 +1697,7 @@ mod tests {
 
     #[test]
     fn a_reclaimed_holders_log_stays_open_but_a_read_of_it_is_bounded() {
-        let now = Instant::now();
-        let mut s = State::new("me");
-        assert!(matches!(s.apply(0, env("a", pushed(JobSpec::new("main", "t.py"))), now, 1), Outcome::Pushed(_)));
-        let id = "1".to_owned();
-        assert_eq!(s.apply(1, env("b", want("t1", "w", &["default"], 1, 0)), now, 1), Outcome::Leased(id.clone()));
-        let ship =
-            Event::Shipped { id: id.clone(), token: "t1".into(), mark: Some((0, 1_800_000_000_000)), result: None };
-        assert_eq!(s.apply(2, env("c", ship), now, 1), Outcome::Ok);
+        let (mut s, id, now) = shipping_job();
         let gone = 1_800_000_060_000;
         let reclaim = Event::Reclaim { id: id.clone(), token: "t1".into(), dispatch: None };
         assert_eq!(s.apply(3, at("d", gone, reclaim), now, 1), Outcome::Requeued);
