@@ -137,7 +137,7 @@ struct Sql {
     log_trim: Arc<str>,
     /// `held_many[k - 1]` locks k running jobs' rows and reads their
     /// tokens; `log_ends`, `log_insert_many` and `complete_many` likewise
-    /// for k logs or ends ([`ends`]).
+    /// for k logs or ends (`queue/ends.rs`).
     held_many: Vec<Arc<str>>,
     log_ends: Vec<Arc<str>>,
     log_insert_many: Vec<Arc<str>>,
@@ -340,7 +340,7 @@ pub struct MysqlQueue {
     sql: Arc<Sql>,
     idle_polls: Arc<AtomicU32>,
     sweep: Arc<gpupool_core::Sweep>,
-    /// Where ends that carry output wait for their transaction ([`ends`]):
+    /// Where ends that carry output wait for their transaction (`queue/ends.rs`):
     /// the task that writes them, started on the first (again if its
     /// runtime went).
     ends: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<ends::End>>>>,
@@ -945,7 +945,7 @@ impl Queue for MysqlQueue {
 
     /// The run's facts (`done.run`) go in the same statement; the output
     /// it carries (`done.log`) in the same transaction, which ends that
-    /// finish together share ([`ends`]): a short run's end is one commit.
+    /// finish together share (`queue/ends.rs`): a short run's end is one commit.
     async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
         if done.log.is_empty() {
             let gpu_ids = done.run.as_ref().map(|r| serde_json::to_string(&r.gpu_ids).unwrap_or_default());
