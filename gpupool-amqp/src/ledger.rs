@@ -1469,6 +1469,19 @@ mod tests {
         Event::Pushed { spec: Box::new(spec), dispatch: None }
     }
 
+    /// A plain `Completed` by the holder of `token`.
+    fn completed(id: String, token: &str) -> Event {
+        Event::Completed {
+            id,
+            token: token.into(),
+            output_tail: String::new(),
+            result: None,
+            log_end: None,
+            mark: None,
+            run: None,
+        }
+    }
+
     fn want(token: &str, owner: &str, queues: &[&str], gpu_limit: u32, wait_ms: u64) -> Event {
         let ask = Ask {
             worker: format!("w-{owner}"),
@@ -1495,15 +1508,7 @@ mod tests {
         let reclaim = |n: &str| at(n, 2000, Event::Reclaim { id: id.clone(), token: "t1".into(), dispatch: None });
         assert_eq!(s.apply(11, reclaim("d"), now, 1), Outcome::Requeued);
         assert_eq!(s.apply(12, reclaim("e"), now, 1), Outcome::Rejected, "only one reclaim takes effect");
-        let done = Event::Completed {
-            id: id.clone(),
-            token: "t1".into(),
-            output_tail: String::new(),
-            result: None,
-            log_end: None,
-            mark: None,
-            run: None,
-        };
+        let done = completed(id.clone(), "t1");
         assert_eq!(s.apply(13, env("f", done), now, 1), Outcome::Rejected, "the old holder is fenced");
         assert_eq!(s.apply(14, env("g", want("t3", "y", &["default"], 1, 0)), now, 1), Outcome::Leased(id.clone()));
         assert_eq!(s.jobs[&id].record.attempt, 2);
@@ -1772,19 +1777,7 @@ mod tests {
             at("n12", 1800, pushed(keyed)),
             at("n13", 1900, Event::Heartbeat { id: id(0), token: "t1".into(), lease_ms: 1000 }),
             at("n14", 2000, Event::Reclaim { id: id(0), token: "t1".into(), dispatch: None }),
-            at(
-                "n15",
-                2000,
-                Event::Completed {
-                    id: id(0),
-                    token: "t1".into(),
-                    output_tail: String::new(),
-                    result: None,
-                    log_end: None,
-                    mark: None,
-                    run: None,
-                },
-            ),
+            at("n15", 2000, completed(id(0), "t1")),
             at("n16", 3000, Event::Reclaim { id: id(0), token: "t1".into(), dispatch: None }),
             at("n17", 3100, Event::Retry { id: id(2), dispatch: None }),
             at("n18", 3200, want("t5", "y", &["default"], 8, 0)),
