@@ -1057,7 +1057,7 @@ impl Queue for AmqpQueue {
                 Some(end) => end,
                 None => {
                     let index = self.inner.state().jobs.get(id).map(|j| j.log.clone()).unwrap_or_default();
-                    if index.open { self.scan_end(id, &index).await? } else { index.end }
+                    self.end_of(id, &index).await?
                 }
             };
             (Some((start, now_ms())), Some(start + done.log.len() as u64))
@@ -1319,7 +1319,7 @@ impl gpupool_core::RunLogs for AmqpQueue {
         };
         let known = lock(&self.inner.cursors).contains_key(&lease.token);
         if !known {
-            let end = if index.open { self.scan_end(id, &index).await? } else { index.end };
+            let end = self.end_of(id, &index).await?;
             let cursor = Cursor { end, last_event: None, since_mark: 0, pending: None };
             let mut cursors = lock(&self.inner.cursors);
             // Cursors of leases this process no longer holds go.
@@ -1412,24 +1412,22 @@ impl gpupool_core::RunLogs for AmqpQueue {
             return Ok(nothing);
         }
         let want = from.max(end.saturating_sub(gpupool_core::LOG_CAP_BYTES));
-        let mut page = Page::new(from, end);
         let pieces = match index.last() {
             Some((last, _)) if index.open && want >= last => tail,
             _ => {
                 let stop = Stop { marker: marker.as_deref(), not_after: bound };
-                let mut pieces = Vec::new();
+                let (mut scan, mut pieces) = (Page::new(from, end), Vec::new());
                 self.scan_log(id, index.seek(want), &stop, |start, text| {
-                    if page.take(start, text.len() as u64).is_some() {
+                    if scan.take(start, text.len() as u64).is_some() {
                         pieces.push((start, text.to_vec()));
                     }
-                    !page.done()
+                    !scan.done()
                 })
                 .await?;
-                page = Page::new(from, end);
                 pieces
             }
         };
-        Ok(page.finish(pieces))
+        Ok(Page::new(from, end).finish(pieces))
     }
 }
 
@@ -1487,9 +1485,6 @@ impl Page {
                 let start = i64::try_from(start + skip).unwrap_or(i64::MAX);
                 rows.push((start, len, String::from_utf8_lossy(text).into_owned()));
             }
-        }
-        if rows.is_empty() {
-            return gpupool_core::LogPage { text: String::new(), next: self.from, dropped: 0 };
         }
         gpupool_core::rows::log_page(self.from, &rows)
     }
@@ -1581,9 +1576,13 @@ impl AmqpQueue {
         Ok(())
     }
 
-    /// Where job `id`'s open log ends: read from its last mark up to an end
+    /// Where job `id`'s log ends, where its next piece goes: the fold's end
+    /// of a settled log; an open one's read from its last mark up to an end
     /// marker this publishes.
-    async fn scan_end(&self, id: &str, index: &LogIndex) -> Result<u64> {
+    async fn end_of(&self, id: &str, index: &LogIndex) -> Result<u64> {
+        if !index.open {
+            return Ok(index.end);
+        }
         Ok(self.scan_tail(id, index, u64::MAX, read_bound(index)).await?.0)
     }
 

@@ -704,41 +704,43 @@ fn attempt_error(row: &MySqlRow) -> Result<AttemptError> {
     .into_error(BACKEND)
 }
 
-impl MysqlQueue {
-    /// Appends `log` to the lease's job's log in one statement (`ship_log`),
-    /// fenced by the lease: `None` when it no longer holds (nothing
-    /// written), else the trim the log now needs, if it passed the cap
-    /// (whole pieces that start before the last 16 MiB go, never the one
-    /// just shipped, so the offsets go on from it).
-    async fn append_log<'e>(
-        &self,
-        on: impl Executor<'e, Database = MySql>,
-        lease: &Lease,
-        log: &str,
-    ) -> Result<Option<Option<Query<'static, MySql, MySqlArguments>>>> {
-        let n = lease.id().as_i64()?;
-        let len = i64::try_from(log.len()).unwrap_or(i64::MAX);
-        let done = q(&self.sql.ship_log)
-            .bind(n)
-            .bind(n)
-            .bind(len)
-            .bind(log.to_owned())
-            .bind(n)
-            .bind(lease.token.clone())
-            .execute(on)
-            .await
-            .map_err(map)?;
-        if done.rows_affected() == 0 {
-            return Ok(None);
-        }
-        // The piece's start, from LAST_INSERT_ID(expr). (The session's
-        // LAST_INSERT_ID() holds it too: nothing on this pool reads that;
-        // `add` takes its id from the OK packet.)
-        let start = i64::try_from(done.last_insert_id()).unwrap_or(0);
-        let cap = i64::try_from(gpupool_core::LOG_CAP_BYTES).unwrap_or(i64::MAX);
-        // Under the cap nothing starts before the cut: no statement.
-        Ok(Some((start + len > cap).then(|| q(&self.sql.log_trim).bind(n).bind(start + len - cap).bind(start))))
+/// Appends `log` to job `id`'s log in one statement (`ship_log`), fenced
+/// by the lease `token`: `None` when it no longer holds (nothing written),
+/// else the trim the log now needs ([`trim_query`]). `ship` and the ends
+/// writer (`queue/ends.rs`) append through it.
+async fn append_log<'e>(
+    sql: &Sql,
+    on: impl Executor<'e, Database = MySql>,
+    id: i64,
+    token: &str,
+    log: &str,
+) -> std::result::Result<Option<Option<Query<'static, MySql, MySqlArguments>>>, sqlx::Error> {
+    let len = i64::try_from(log.len()).unwrap_or(i64::MAX);
+    let done = q(&sql.ship_log)
+        .bind(id)
+        .bind(id)
+        .bind(len)
+        .bind(log.to_owned())
+        .bind(id)
+        .bind(token.to_owned())
+        .execute(on)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Ok(None);
     }
+    // The piece's start, from LAST_INSERT_ID(expr). (The session's
+    // LAST_INSERT_ID() holds it too: nothing on this pool reads that;
+    // `add` takes its id from the OK packet.)
+    let start = i64::try_from(done.last_insert_id()).unwrap_or(0);
+    Ok(Some(trim_query(sql, id, start, len)))
+}
+
+/// The trim a log needs after a piece at `start`, `len` long: whole pieces
+/// that start before the last 16 MiB go, never that piece, so the offsets
+/// go on from it. Under the cap nothing starts before the cut: no statement.
+fn trim_query(sql: &Sql, id: i64, start: i64, len: i64) -> Option<Query<'static, MySql, MySqlArguments>> {
+    let cap = i64::try_from(gpupool_core::LOG_CAP_BYTES).unwrap_or(i64::MAX);
+    (start + len > cap).then(|| q(&sql.log_trim).bind(id).bind(start + len - cap).bind(start))
 }
 
 #[async_trait]
@@ -750,7 +752,8 @@ impl gpupool_core::RunLogs for MysqlQueue {
             // Past the cap, the trim follows; a trim that fails is not the
             // ship's failure (shipped again, the piece would be there
             // twice), and the next ship trims.
-            let Some(trim) = self.append_log(&self.pool, lease, &progress.log).await? else {
+            let appended = append_log(&self.sql, &self.pool, n, &lease.token, &progress.log).await.map_err(map)?;
+            let Some(trim) = appended else {
                 return Err(Error::lease_lost(lease.id()));
             };
             if let Some(trim) = trim
@@ -770,7 +773,8 @@ impl gpupool_core::RunLogs for MysqlQueue {
             q(&self.sql.ship_result).bind(result.to_string()).bind(n).execute(&mut *tx).await.map_err(map)?;
         }
         if !progress.log.is_empty()
-            && let Some(Some(trim)) = self.append_log(&mut *tx, lease, &progress.log).await?
+            && let Some(Some(trim)) =
+                append_log(&self.sql, &mut *tx, n, &lease.token, &progress.log).await.map_err(map)?
         {
             trim.execute(&mut *tx).await.map_err(map)?;
         }
@@ -948,12 +952,8 @@ impl Queue for MysqlQueue {
     /// finish together share (`queue/ends.rs`): a short run's end is one commit.
     async fn complete(&self, lease: &Lease, done: Completion) -> Result<()> {
         if done.log.is_empty() {
-            let gpu_ids = done.run.as_ref().map(|r| serde_json::to_string(&r.gpu_ids).unwrap_or_default());
-            let update = q(&self.sql.complete)
-                .bind(done.output_tail)
-                .bind(done.result.map(|v| v.to_string()))
-                .bind(done.run.and_then(|r| r.commit))
-                .bind(gpu_ids);
+            let (result, commit, gpu_ids) = ends::facts(&done);
+            let update = q(&self.sql.complete).bind(done.output_tail).bind(result).bind(commit).bind(gpu_ids);
             return self.fenced(update, lease).await;
         }
         let ends = {

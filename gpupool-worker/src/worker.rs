@@ -546,7 +546,7 @@ impl Slots {
     /// Waits until a run ends (or, with none running or full of ends to
     /// report, a moment for the reports) or the worker stops.
     async fn wait_for_one(&mut self, shutdown: &CancellationToken) {
-        if self.tasks.is_empty() || self.tasks.len() < self.total {
+        if self.tasks.len() < self.total {
             sleep_or(shutdown, Duration::from_millis(20)).await;
             return;
         }

@@ -15,7 +15,7 @@ use sqlx::Row;
 use sqlx::mysql::MySqlPool;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{LOCK_RETRIES, MAX_BATCH, Sql, q};
+use super::{LOCK_RETRIES, MAX_BATCH, Sql, append_log, q, trim_query};
 use crate::error::{is_lock_conflict, map};
 
 /// A `complete` waiting for its transaction.
@@ -105,7 +105,7 @@ where
 }
 
 /// What the completion carries for the record: its result, commit and GPUs.
-fn facts(done: &Completion) -> (Option<String>, Option<String>, Option<String>) {
+pub(super) fn facts(done: &Completion) -> (Option<String>, Option<String>, Option<String>) {
     let result = done.result.as_ref().map(ToString::to_string);
     let commit = done.run.as_ref().and_then(|r| r.commit.clone());
     let gpus = done.run.as_ref().map(|r| serde_json::to_string(&r.gpu_ids).unwrap_or_default());
@@ -118,23 +118,13 @@ async fn write_one(pool: &MySqlPool, sql: &Sql, end: &End) -> std::result::Resul
     let Ok(id) = end.lease.id().as_i64() else { return lost() };
     let (result, commit, gpus) = facts(&end.done);
     let mut tx = pool.begin().await?;
-    let log = &end.done.log;
-    let len = i64::try_from(log.len()).unwrap_or(i64::MAX);
-    let appended = q(&sql.ship_log)
-        .bind(id)
-        .bind(id)
-        .bind(len)
-        .bind(log.clone())
-        .bind(id)
-        .bind(end.lease.token.clone())
-        .execute(&mut *tx)
-        .await?;
-    if appended.rows_affected() == 0 {
+    let Some(trim) = append_log(sql, &mut *tx, id, &end.lease.token, &end.done.log).await? else {
         tx.rollback().await?;
         return lost();
+    };
+    if let Some(trim) = trim {
+        trim.execute(&mut *tx).await?;
     }
-    let start = i64::try_from(appended.last_insert_id()).unwrap_or(0);
-    trim(sql, &mut tx, id, start, len).await?;
     let ended = q(&sql.complete)
         .bind(end.done.output_tail.clone())
         .bind(result)
@@ -150,22 +140,6 @@ async fn write_one(pool: &MySqlPool, sql: &Sql, end: &End) -> std::result::Resul
     }
     tx.commit().await?;
     Ok(vec![Ok(())])
-}
-
-/// Drops whole pieces that start before the last 16 MiB of a log whose new
-/// piece at `start`, `len` long, took it past the cap (never that piece).
-async fn trim(
-    sql: &Sql,
-    tx: &mut sqlx::Transaction<'static, sqlx::MySql>,
-    id: i64,
-    start: i64,
-    len: i64,
-) -> std::result::Result<(), sqlx::Error> {
-    let cap = i64::try_from(gpupool_core::LOG_CAP_BYTES).unwrap_or(i64::MAX);
-    if start + len > cap {
-        q(&sql.log_trim).bind(id).bind(start + len - cap).bind(start).execute(&mut **tx).await?;
-    }
-    Ok(())
 }
 
 /// Several ends: the holders' rows locked (in id order), their logs' ends
@@ -216,8 +190,8 @@ async fn write_many(pool: &MySqlPool, sql: &Sql, batch: &[End]) -> std::result::
             pieces.push((ids[i], start, len));
         }
         insert.execute(&mut *tx).await?;
-        for (id, start, len) in pieces {
-            trim(sql, &mut tx, id, start, len).await?;
+        for trim in pieces.into_iter().filter_map(|(id, start, len)| trim_query(sql, id, start, len)) {
+            trim.execute(&mut *tx).await?;
         }
     }
     let mut update = q(&sql.complete_many[live.len() - 1]);
