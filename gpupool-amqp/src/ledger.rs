@@ -746,6 +746,19 @@ impl State {
             .cloned()
     }
 
+    /// How many of the queued jobs a want asking `ask` would be handed
+    /// next (in [`pick`](State::pick)'s order) `batch` admits after what it
+    /// holds: the size of a batch's further wants that this fold expects to
+    /// be filled. Another worker's wants may come first; a want that finds
+    /// nothing is refused.
+    pub(crate) fn batch_fits(&self, ask: &Ask, mut batch: gpupool_core::Batch) -> usize {
+        let next = ask.queues.iter().filter_map(|q| self.queued.get(q)).flat_map(|set| set.iter());
+        next.filter_map(|(_, _, id)| self.jobs.get(id.as_str()))
+            .filter(|j| j.fits(ask.gpu_limit, ask.gpu_host))
+            .take_while(|j| batch.admit(j.record.spec.gpus_needed(ask.gpu_host)))
+            .count()
+    }
+
     /// Leases a queued job.
     fn lease_to(&mut self, id: &str, token: String, worker: String, lease_ms: u64, when: When) {
         self.dequeue(id);
@@ -1575,6 +1588,35 @@ mod tests {
         assert_eq!(take("w3", &["a", "b"], 1), Some(low));
         assert_eq!(take("w4", &["a", "b"], 1), None, "the 4-GPU job does not fit 1");
         assert_eq!(take("w5", &["b"], 4), Some(big));
+    }
+
+    #[test]
+    fn a_batch_counts_the_jobs_next_in_line_that_fit_it_together() {
+        let now = Instant::now();
+        let mut s = State::new("me");
+        for (offset, queue, gpus) in [(0, "b", 1), (1, "a", 2), (2, "b", 5), (3, "a", 1), (4, "b", 1), (5, "b", 1)] {
+            let mut spec = JobSpec::new("main", "t.py");
+            spec.queue = queue.into();
+            spec.gpus = Some(gpus);
+            s.apply(offset, env(&format!("p{offset}"), pushed(spec)), now, 1);
+        }
+        let Event::Want { ask, .. } = want("t", "me", &["a", "b"], 4, 0) else { unreachable!() };
+        let offer = |free: u32, max: usize| {
+            let req = gpupool_core::ReserveRequest::new("a").gpus(free, true).max_gpus(4);
+            gpupool_core::Batch::new(&req, max)
+        };
+        // In line: a/2, a/1, b/1 (b/5 does not fit the ask: skipped), b/1, b/1.
+        assert_eq!(s.batch_fits(&ask, offer(8, 8)), 5);
+        assert_eq!(s.batch_fits(&ask, offer(8, 3)), 3, "no more than asked for");
+        assert_eq!(s.batch_fits(&ask, offer(4, 8)), 3, "2 + 1 + 1 GPUs fill 4: the batch closes");
+        let mut holding = offer(3, 8);
+        assert!(holding.admit(1));
+        assert_eq!(s.batch_fits(&ask, holding), 1, "1 GPU held and 2 next make 3; the 1 after would be a fourth");
+        let mut full = offer(2, 8);
+        assert!(full.admit(2));
+        assert_eq!(s.batch_fits(&ask, full), 0, "a batch that holds every GPU offered takes nothing more");
+        let Event::Want { ask: cpu, .. } = want("t", "me", &["c"], 4, 0) else { unreachable!() };
+        assert_eq!(s.batch_fits(&cpu, offer(8, 8)), 0, "no job in its queues");
     }
 
     #[test]

@@ -891,6 +891,68 @@ impl AmqpQueue {
         }
     }
 
+    /// What every reserve does first: reclaim the leases this process sees
+    /// expired, and join the snapshot writer's election.
+    async fn prelude(&self) -> Result<()> {
+        self.reap().await?;
+        if let Err(e) = self.elect().await {
+            warn!("RabbitMQ: cannot join the snapshot writer's election ({e}); trying again at the next reserve");
+        }
+        Ok(())
+    }
+
+    /// The jobs this handle's fold shows queued next that `batch` admits,
+    /// one want each that takes only a job queued now, published at once;
+    /// what they were handed, in the order the fold hands jobs out. A job
+    /// the batch refuses after all (another worker took the one expected)
+    /// goes back, uncharged.
+    async fn take_batch(&self, req: &ReserveRequest, ask: &Ask, batch: &mut gpupool_core::Batch) -> Vec<Lease> {
+        let n = self.inner.state().batch_fits(ask, *batch);
+        let now = ReserveRequest { wait: Duration::ZERO, ..req.clone() };
+        let mut taken = Vec::new();
+        for got in futures_util::future::join_all((0..n).map(|_| self.take_now(&now, ask))).await {
+            match got {
+                Ok(lease) => taken.extend(lease),
+                // What was taken is returned; the next reserve tries again.
+                Err(e) => warn!("RabbitMQ: a want of a batch failed ({e})"),
+            }
+        }
+        // In the order the fold hands jobs out (`State::pick`).
+        let queue_at = |l: &Lease| ask.queues.iter().position(|q| *q == l.job.spec.queue);
+        taken.sort_by_key(|l| {
+            (queue_at(l), std::cmp::Reverse(l.job.spec.priority), l.id().as_str().parse().unwrap_or(u64::MAX))
+        });
+        let mut leases = Vec::new();
+        for lease in taken {
+            if batch.admit(lease.job.spec.gpus_needed(req.gpu_host)) {
+                leases.push(lease);
+            } else if let Err(e) = self.release(&lease).await {
+                warn!(job_id = %lease.id(), "could not give back a job the batch had no room for ({e}); it returns when its lease ends");
+            }
+        }
+        leases
+    }
+
+    /// A job queued now, for a want that does not wait, checked.
+    async fn take_now(&self, req: &ReserveRequest, ask: &Ask) -> Result<Option<Lease>> {
+        match self.want(req, ask, false).await?.1 {
+            Some(lease) => self.checked(lease).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The lease, if its job passes the checks of push
+    /// ([`gpupool_core::rows::unfit`]); else the job ends `failed`, kind
+    /// `invalid`, and `None`.
+    async fn checked(&self, lease: Lease) -> Result<Option<Lease>> {
+        let Some(why) = gpupool_core::rows::unfit(&lease.job.spec) else { return Ok(Some(lease)) };
+        warn!(job_id = %lease.id(), "{why}; failing it as invalid");
+        match self.fail(&lease, Failure::new(gpupool_core::FailureKind::Invalid, why)).await {
+            Ok(_) | Err(Error::LeaseLost { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     fn fenced(lease: &Lease, outcome: Outcome) -> Result<Outcome> {
         match outcome {
             Outcome::Rejected => Err(Error::lease_lost(lease.id())),
@@ -902,10 +964,7 @@ impl AmqpQueue {
 impl AmqpQueue {
     /// One reserve: the lease of the job the fold hands this handle, unchecked.
     async fn reserve_next(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
-        self.reap().await?;
-        if let Err(e) = self.elect().await {
-            warn!("RabbitMQ: cannot join the snapshot writer's election ({e}); trying again at the next reserve");
-        }
+        self.prelude().await?;
         let ask = ask_of(req);
         // A job handed to a want of this handle's while no call waited on it.
         if let Some(lease) = self.take_handed(None, req.lease) {
@@ -1017,13 +1076,33 @@ impl Queue for AmqpQueue {
     async fn reserve(&self, req: &ReserveRequest) -> Result<Option<Lease>> {
         loop {
             let Some(lease) = self.reserve_next(req).await? else { return Ok(None) };
-            let Some(why) = gpupool_core::rows::unfit(&lease.job.spec) else { return Ok(Some(lease)) };
-            warn!(job_id = %lease.id(), "{why}; failing it as invalid");
-            match self.fail(&lease, Failure::new(gpupool_core::FailureKind::Invalid, why)).await {
-                Ok(_) | Err(Error::LeaseLost { .. }) => {}
-                Err(e) => return Err(e),
+            if let Some(lease) = self.checked(lease).await? {
+                return Ok(Some(lease));
             }
         }
+    }
+
+    /// A batch in one trip through the ledger, not one a job: when this
+    /// handle has no want standing and its fold shows jobs queued that fit,
+    /// one want for each job the batch admits (by that fold), each taking
+    /// only a job queued now, all published at once. Otherwise, or when
+    /// other workers took those jobs first, the first lease is the one
+    /// [`reserve`](Queue::reserve) gives (waiting as it waits), and the
+    /// rest are taken the same way after it. A job handed that the batch
+    /// does not admit after all goes back, uncharged.
+    async fn reserve_many(&self, req: &ReserveRequest, max: usize) -> Result<Vec<Lease>> {
+        let ask = ask_of(req);
+        let mut batch = gpupool_core::Batch::new(req, max);
+        self.prelude().await?;
+        let mut leases =
+            if self.inner.standing().is_empty() { self.take_batch(req, &ask, &mut batch).await } else { Vec::new() };
+        if leases.is_empty() {
+            let Some(first) = self.reserve(req).await? else { return Ok(Vec::new()) };
+            batch.admit(first.job.spec.gpus_needed(req.gpu_host));
+            leases.push(first);
+            leases.extend(self.take_batch(req, &ask, &mut batch).await);
+        }
+        Ok(leases)
     }
 
     async fn heartbeat(&self, lease: &Lease, extend: Duration) -> Result<Heartbeat> {
