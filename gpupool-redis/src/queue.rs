@@ -387,12 +387,19 @@ impl RedisQueue {
     /// `XREADGROUP`, the same read the floor makes. `None` when there is
     /// none (or the group was deleted under us).
     async fn read_now(&self, queue: &str, req: &ReserveRequest) -> Result<Option<Delivery>> {
+        Ok(self.read_new(queue, req, 1).await?.pop())
+    }
+
+    /// Up to `count` new entries of one queue's stream, in order, without
+    /// waiting (empty when there are none, or the group was deleted under
+    /// us).
+    async fn read_new(&self, queue: &str, req: &ReserveRequest, count: usize) -> Result<Vec<Delivery>> {
         let reply: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(GROUP)
             .arg(self.consumer(req))
             .arg("COUNT")
-            .arg(1)
+            .arg(count.max(1))
             .arg("STREAMS")
             .arg(self.stream(queue))
             .arg(">")
@@ -401,10 +408,51 @@ impl RedisQueue {
         match reply {
             Err(e) if is_no_group(&e) => {
                 self.forget_groups();
-                Ok(None)
+                Ok(Vec::new())
             }
-            other => Ok(self.deliveries(other.map_err(map)?, std::slice::from_ref(&queue.to_owned()))?.pop()),
+            other => self.deliveries(other.map_err(map)?, std::slice::from_ref(&queue.to_owned())),
         }
+    }
+
+    /// The leases a batch on a host without GPUs takes after its first: the
+    /// next new entries of each queue in order, read `room` at a time, each
+    /// leased as a reserve leases it. A job that needs GPUs, which such a
+    /// host cannot run, goes back to the end of its queue, for a host with
+    /// GPUs; the jobs read after it keep their order, and that queue is read
+    /// no further in this batch. A fault ends the batch,
+    /// not the reserve: the leases taken are returned.
+    async fn take_more(&self, req: &ReserveRequest, batch: &mut gpupool_core::Batch) -> Vec<Lease> {
+        let mut leases = Vec::new();
+        for queue in &req.queues {
+            // Not past a job it gave back: that job is the next read's.
+            let mut gave_back = false;
+            while !batch.full() && !gave_back {
+                let found = match self.read_new(queue, req, batch.room()).await {
+                    Ok(found) if !found.is_empty() => found,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!("Redis: reading more jobs for a batch failed ({e})");
+                        return leases;
+                    }
+                };
+                for delivery in found {
+                    match self.take(delivery, req).await {
+                        Ok(Some(lease)) if lease.job.spec.gpus_needed(false) == 0 && batch.admit(0) => {
+                            leases.push(lease);
+                        }
+                        Ok(Some(lease)) => {
+                            gave_back = true;
+                            if let Err(e) = self.release(&lease).await {
+                                tracing::warn!(job_id = %lease.id(), "could not give back a job that needs GPUs ({e}); it returns when its lease ends");
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!("Redis: leasing a job for a batch failed ({e})"),
+                    }
+                }
+            }
+        }
+        leases
     }
 
     /// The entries of an `XREADGROUP` reply, in the order of `queues`.
@@ -820,6 +868,24 @@ impl Queue for RedisQueue {
                 return Ok(leased);
             }
         }
+    }
+
+    /// The first lease as [`reserve`](Queue::reserve) gives it; then, on a
+    /// host without GPUs, the next new entries in one `XREADGROUP … COUNT`
+    /// for the slots left (each leased as a reserve leases it), so that a
+    /// worker's free slots start together, not one reserve after another.
+    /// A host with GPUs gets one job a call: an entry read is delivered,
+    /// and one that does not fit the GPUs left could only go back to the
+    /// end of its queue, behind jobs pushed after it.
+    async fn reserve_many(&self, req: &ReserveRequest, max: usize) -> Result<Vec<Lease>> {
+        let Some(first) = self.reserve(req).await? else { return Ok(Vec::new()) };
+        let mut batch = gpupool_core::Batch::new(req, max);
+        batch.admit(first.job.spec.gpus_needed(req.gpu_host));
+        let mut leases = vec![first];
+        if !req.gpu_host && !batch.full() {
+            leases.extend(self.take_more(req, &mut batch).await);
+        }
+        Ok(leases)
     }
 
     async fn heartbeat(&self, lease: &Lease, extend: Duration) -> Result<Heartbeat> {
