@@ -101,10 +101,11 @@ struct Sql {
     expired: Arc<str>,
     expire_error: Arc<str>,
     expire_update: Arc<str>,
+    /// The next queued jobs that fit, locked and read whole, with the
+    /// server's clock (µs since the epoch) that their leases start at.
     candidates: Arc<str>,
-    /// `lease_many[k - 1]` leases k jobs; `select_many[k - 1]` reads them.
+    /// `lease_many[k - 1]` leases k jobs.
     lease_many: Vec<Arc<str>>,
-    select_many: Vec<Arc<str>>,
     select_job: Arc<str>,
     select_errors: Arc<str>,
     insert: Arc<str>,
@@ -173,29 +174,22 @@ impl Sql {
                               finished_at = CASE WHEN cancel_requested OR attempt >= attempt_limit \
                                             THEN UTC_TIMESTAMP(6) END, \
                               lease_token = NULL, lease_expires_at = NULL WHERE id = ?"),
-            candidates: s(
-                "SELECT id, CAST(COALESCE(gpus, ?) AS SIGNED) FROM {p}jobs WHERE queue = ? AND state = 'queued' \
-                           AND COALESCE(gpus, ?) <= ? AND (not_before IS NULL OR not_before <= UTC_TIMESTAMP(6)) \
-                           ORDER BY priority DESC, id LIMIT ? FOR UPDATE SKIP LOCKED",
-            ),
+            candidates: s(&format!(
+                "SELECT {}, CAST(COALESCE(gpus, ?) AS SIGNED) AS need, \
+                 CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS SIGNED) AS now_us \
+                 FROM {{p}}jobs WHERE queue = ? AND state = 'queued' \
+                 AND COALESCE(gpus, ?) <= ? AND (not_before IS NULL OR not_before <= UTC_TIMESTAMP(6)) \
+                 ORDER BY priority DESC, id LIMIT ? FOR UPDATE SKIP LOCKED",
+                job_columns!()
+            )),
             lease_many: (1..=MAX_BATCH)
                 .map(|k| {
                     s(&format!(
                         "UPDATE {{p}}jobs SET state = 'running', attempt = attempt + 1, lease_token = CASE id {} END, \
-                         lease_expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, worker = ?, \
-                         started_at = UTC_TIMESTAMP(6), finished_at = NULL, exit_code = NULL, term_signal = NULL, \
+                         lease_expires_at = '1970-01-01 00:00:00' + INTERVAL ? MICROSECOND, worker = ?, \
+                         started_at = '1970-01-01 00:00:00' + INTERVAL ? MICROSECOND, finished_at = NULL, exit_code = NULL, term_signal = NULL, \
                          gpu_ids = NULL WHERE id IN ({})",
                         vec!["WHEN ? THEN ?"; k].join(" "),
-                        vec!["?"; k].join(", ")
-                    ))
-                })
-                .collect(),
-            select_many: (1..=MAX_BATCH)
-                .map(|k| {
-                    s(&format!(
-                        "SELECT {}, {} AS expires_ms FROM {{p}}jobs WHERE id IN ({}) ORDER BY priority DESC, id",
-                        job_columns!(),
-                        ms!("lease_expires_at"),
                         vec!["?"; k].join(", ")
                     ))
                 })
@@ -459,8 +453,9 @@ impl MysqlQueue {
     }
 
     /// One reserve transaction, leasing up to `max` jobs as one [`Batch`]:
-    /// the candidates are locked and read in one statement, leased in one
-    /// and read back in one, so a batch costs the round trips of one job.
+    /// the candidates are locked and read whole in one statement and leased
+    /// in one (the lease is what that statement writes, so nothing is read
+    /// back), so a batch costs the round trips of one job.
     /// Inner `Result` is ours, outer is the driver's.
     async fn reserve_tx(
         &self,
@@ -492,42 +487,47 @@ impl MysqlQueue {
                     .bind(i64::try_from(room).unwrap_or(1))
                     .fetch_all(&mut *tx)
                     .await?;
-                let (mut ids, mut needs) = (Vec::new(), Vec::new());
+                let mut admitted = Vec::new();
                 for row in &rows {
-                    let need = u32::try_from(row.try_get::<i64, _>(1)?).unwrap_or(u32::MAX);
+                    let need = u32::try_from(row.try_get::<i64, _>("need")?).unwrap_or(u32::MAX);
                     if !batch.admit(need) {
                         break;
                     }
-                    ids.push(row.try_get::<i64, _>(0)?);
-                    needs.push(need);
+                    admitted.push((row, need));
                 }
                 // A candidate refused here ends the queue's turn only if the
                 // batch stays closed (an unreadable row below can reopen it:
                 // then this queue is looked at again, never skipped).
-                let refused = ids.len() < rows.len();
-                if ids.is_empty() {
+                let refused = admitted.len() < rows.len();
+                if admitted.is_empty() {
                     break;
                 }
-                let (tokens, leased) = self.lease_ids(&mut tx, req, &ids).await?;
-                for row in leased {
-                    let id: i64 = row.try_get("id")?;
-                    let Some(at) = ids.iter().position(|i| *i == id) else { continue };
-                    let token = tokens[at].clone();
+                let now_us: i64 = rows[0].try_get("now_us")?;
+                let ids = admitted.iter().map(|(row, _)| row.try_get::<i64, _>("id")).collect::<Result<Vec<_>, _>>()?;
+                let tokens = self.lease_ids(&mut tx, req, &ids, now_us).await?;
+                let expires_at = Timestamp(now_us.saturating_add(micros(req.lease)) / 1000);
+                for (((row, need), id), token) in admitted.into_iter().zip(ids).zip(tokens) {
+                    let attempt = row.try_get::<i32, _>("attempt")?.saturating_add(1);
                     // A row that does not read (written by hand, or by a
                     // newer gpupool), or fails the checks of push, ends
                     // `failed`, kind `invalid`, and the reserve moves on:
                     // one bad row never stalls the queue, and none gets past
                     // the checks.
-                    let mut job = match rows::runnable(record(&row)) {
+                    let mut job = match rows::runnable(record(row)) {
                         Ok(j) => j,
                         Err(message) => {
-                            fail_invalid(&self.sql, &mut tx, id, row.try_get("attempt")?, &message).await?;
-                            batch.unadmit(needs[at]);
+                            fail_invalid(&self.sql, &mut tx, id, attempt, &message).await?;
+                            batch.unadmit(need);
                             unreadable += 1;
                             continue;
                         }
                     };
-                    let expires_at = Timestamp(row.try_get::<Option<i64>, _>("expires_ms")?.unwrap_or(0));
+                    // The row as the lease wrote it (`lease_many`).
+                    job.state = JobState::Running;
+                    job.attempt = u32::try_from(attempt).unwrap_or(0);
+                    job.worker = Some(req.worker.clone());
+                    job.started_at = Some(Timestamp(now_us / 1000));
+                    (job.finished_at, job.exit_code, job.signal, job.gpu_ids) = (None, None, None, None);
                     if job.attempt > 1 {
                         let rows = q(&self.sql.select_errors).bind(id).fetch_all(&mut *tx).await?;
                         job.errors = match rows.iter().map(attempt_error).collect::<Result<Vec<_>>>() {
@@ -547,29 +547,26 @@ impl MysqlQueue {
     }
 
     /// Leases the locked rows `ids` (at most [`MAX_BATCH`]) in one
-    /// statement, each with a token of its own, and reads them back in one:
-    /// the tokens, in the order of `ids`, and the rows, in queue order.
+    /// statement, each with a token of its own (returned in the order of
+    /// `ids`), from `now_us`, the server's clock the candidates were read at.
     async fn lease_ids(
         &self,
         tx: &mut Transaction<'static, MySql>,
         req: &ReserveRequest,
         ids: &[i64],
-    ) -> std::result::Result<(Vec<String>, Vec<MySqlRow>), sqlx::Error> {
+        now_us: i64,
+    ) -> std::result::Result<Vec<String>, sqlx::Error> {
         let tokens: Vec<String> = ids.iter().map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
         let mut lease = q(&self.sql.lease_many[ids.len() - 1]);
         for (id, token) in ids.iter().zip(&tokens) {
             lease = lease.bind(*id).bind(token.clone());
         }
-        lease = lease.bind(micros(req.lease)).bind(req.worker.clone());
+        lease = lease.bind(now_us.saturating_add(micros(req.lease))).bind(req.worker.clone()).bind(now_us);
         for id in ids {
             lease = lease.bind(*id);
         }
         lease.execute(&mut **tx).await?;
-        let mut select = q(&self.sql.select_many[ids.len() - 1]);
-        for id in ids {
-            select = select.bind(*id);
-        }
-        Ok((tokens, select.fetch_all(&mut **tx).await?))
+        Ok(tokens)
     }
 
     /// Runs one of the statements fenced by `lease` (`… WHERE id = ? AND
