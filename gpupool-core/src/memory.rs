@@ -69,43 +69,8 @@ impl MemoryQueue {
         let now = Timestamp::now();
         let mut st = self.lock();
         st.expire_leases(now);
-        let mut chosen: Option<i64> = None;
-        for queue in &req.queues {
-            chosen = st
-                .jobs
-                .iter()
-                .filter(|(_, e)| {
-                    e.record.state == JobState::Queued
-                        && &e.record.spec.queue == queue
-                        && req.fits(&e.record.spec)
-                        && e.record.not_before.is_none_or(|t| t <= now)
-                })
-                // Highest priority, then the oldest (smallest id).
-                .min_by_key(|(id, e)| (std::cmp::Reverse(e.record.spec.priority), **id))
-                .map(|(id, _)| *id);
-            if chosen.is_some() {
-                break;
-            }
-        }
-        let id = chosen?;
-        let errors = st.errors_of(id);
-        let entry = st.jobs.get_mut(&id)?;
-        let token = uuid::Uuid::new_v4().simple().to_string();
-        let expires_at = now.plus(req.lease);
-        let r = &mut entry.record;
-        r.state = JobState::Running;
-        r.attempt += 1;
-        r.worker = Some(req.worker.clone());
-        r.started_at = Some(now);
-        r.finished_at = None;
-        r.exit_code = None;
-        r.signal = None;
-        r.gpu_ids = None;
-        entry.token = Some(token.clone());
-        entry.expires_at = Some(expires_at);
-        let mut job = entry.record.clone();
-        job.errors = errors;
-        Some(Lease { job, token, expires_at })
+        let id = st.next_for(req, now)?;
+        st.lease(id, req, now)
     }
 
     /// Runs `f` on the entry the lease holds (and the error list), or
@@ -184,6 +149,46 @@ impl Entry {
 }
 
 impl State {
+    /// The job a reserve takes next: the first of the request's queues
+    /// that has one that fits, then the highest priority, then the oldest.
+    fn next_for(&self, req: &ReserveRequest, now: Timestamp) -> Option<i64> {
+        req.queues.iter().find_map(|queue| {
+            self.jobs
+                .iter()
+                .filter(|(_, e)| {
+                    e.record.state == JobState::Queued
+                        && &e.record.spec.queue == queue
+                        && req.fits(&e.record.spec)
+                        && e.record.not_before.is_none_or(|t| t <= now)
+                })
+                // Highest priority, then the oldest (smallest id).
+                .min_by_key(|(id, e)| (std::cmp::Reverse(e.record.spec.priority), **id))
+                .map(|(id, _)| *id)
+        })
+    }
+
+    /// Leases the queued job `id` to the request.
+    fn lease(&mut self, id: i64, req: &ReserveRequest, now: Timestamp) -> Option<Lease> {
+        let errors = self.errors_of(id);
+        let entry = self.jobs.get_mut(&id)?;
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let expires_at = now.plus(req.lease);
+        let r = &mut entry.record;
+        r.state = JobState::Running;
+        r.attempt += 1;
+        r.worker = Some(req.worker.clone());
+        r.started_at = Some(now);
+        r.finished_at = None;
+        r.exit_code = None;
+        r.signal = None;
+        r.gpu_ids = None;
+        entry.token = Some(token.clone());
+        entry.expires_at = Some(expires_at);
+        let mut job = entry.record.clone();
+        job.errors = errors;
+        Some(Lease { job, token, expires_at })
+    }
+
     fn errors_of(&self, id: i64) -> Vec<AttemptError> {
         let id = JobId::from(id);
         self.errors.iter().filter(|e| e.job_id == id).cloned().collect()
@@ -267,6 +272,26 @@ impl Queue for MemoryQueue {
             let nap = (deadline - now).min(EXPIRY_POLL);
             let _ = tokio::time::timeout(nap, notified).await;
         }
+    }
+
+    /// The first as `reserve` gives it, then the next ones while the batch
+    /// admits them, all under one lock.
+    async fn reserve_many(&self, req: &ReserveRequest, max: usize) -> Result<Vec<Lease>> {
+        let Some(first) = self.reserve(req).await? else { return Ok(Vec::new()) };
+        let mut batch = crate::Batch::new(req, max);
+        batch.admit(first.job.spec.gpus_needed(req.gpu_host));
+        let mut leases = vec![first];
+        let now = Timestamp::now();
+        let mut st = self.lock();
+        while let Some(id) = st.next_for(req, now) {
+            let need = st.jobs.get(&id).map_or(0, |e| e.record.spec.gpus_needed(req.gpu_host));
+            if !batch.admit(need) {
+                break;
+            }
+            let Some(lease) = st.lease(id, req, now) else { break };
+            leases.push(lease);
+        }
+        Ok(leases)
     }
 
     async fn heartbeat(&self, lease: &Lease, extend: Duration) -> Result<Heartbeat> {
