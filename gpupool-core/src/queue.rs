@@ -661,9 +661,10 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// start them all at once. Empty if nothing fits within `wait`.
     ///
     /// The default is one [`reserve`](Queue::reserve). A backend whose
-    /// reserve costs round trips overrides it to lease several jobs in one
-    /// (MySQL: one transaction), so a worker with many slots drains
-    /// short jobs faster than one reserve per job allows.
+    /// reserve costs a round trip overrides it to lease several jobs in one
+    /// (MySQL: one transaction; Redis: one read; RabbitMQ: one trip through
+    /// the ledger), so a worker with many slots starts a batch's short jobs
+    /// together, not one reserve after another.
     async fn reserve_many(&self, req: &ReserveRequest, max: usize) -> Result<Vec<Lease>> {
         let _ = max;
         Ok(self.reserve(req).await?.into_iter().collect())
