@@ -879,12 +879,22 @@ impl AmqpQueue {
             }
             Ok(_) => Ok((token, None)),
             Err(e) => {
-                // It may have reached the ledger: keep it, free and due for
-                // renewal, so that the next reserve withdraws it (getting a
-                // job handed to it meanwhile) and publishes a new one.
-                if let Some(s) = self.inner.standing().iter_mut().find(|s| s.token == token) {
-                    s.busy = false;
-                    s.renew_at = Instant::now();
+                // It may have reached the ledger, and a job may be leased to
+                // it: keep it, free and due for renewal, so that the next
+                // reserve withdraws it (getting that job) and publishes a
+                // new one. A want that did not wait is kept the same way.
+                let mut standing = self.inner.standing();
+                match standing.iter_mut().find(|s| s.token == token) {
+                    Some(s) => {
+                        s.busy = false;
+                        s.renew_at = Instant::now();
+                    }
+                    None => standing.push(Standing {
+                        token: token.clone(),
+                        ask: ask.clone(),
+                        renew_at: Instant::now(),
+                        busy: false,
+                    }),
                 }
                 Err(e)
             }

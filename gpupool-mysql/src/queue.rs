@@ -88,6 +88,23 @@ macro_rules! job_columns {
     };
 }
 
+/// `job_columns!` for a queued row about to be leased: the columns the
+/// lease writes (`lease_many`) read as NULL, so that what an earlier
+/// attempt left there (a row written by hand, say) is not read, as it was
+/// not when the lease was read back after it was written.
+macro_rules! candidate_columns {
+    () => {
+        concat!(
+            "id, state, attempt, attempt_limit, spec, commit_sha, NULL AS worker, NULL AS gpu_ids, ",
+            "NULL AS exit_code, NULL AS term_signal, output_tail, result, artifacts, cancel_requested, ",
+            ms!("created_at"),
+            " AS created_ms, NULL AS started_ms, NULL AS finished_ms, ",
+            ms!("not_before"),
+            " AS not_before_ms"
+        )
+    };
+}
+
 macro_rules! error_columns {
     () => {
         concat!("job_id, attempt, kind, exit_code, term_signal, message, output_tail, ", ms!("at"), " AS at_ms")
@@ -180,7 +197,7 @@ impl Sql {
                  FROM {{p}}jobs WHERE queue = ? AND state = 'queued' \
                  AND COALESCE(gpus, ?) <= ? AND (not_before IS NULL OR not_before <= UTC_TIMESTAMP(6)) \
                  ORDER BY priority DESC, id LIMIT ? FOR UPDATE SKIP LOCKED",
-                job_columns!()
+                candidate_columns!()
             )),
             lease_many: (1..=MAX_BATCH)
                 .map(|k| {

@@ -417,16 +417,14 @@ impl RedisQueue {
     /// The leases a batch on a host without GPUs takes after its first: the
     /// next new entries of each queue in order, read `room` at a time, each
     /// leased as a reserve leases it. A job that needs GPUs, which such a
-    /// host cannot run, goes back to the end of its queue, for a host with
-    /// GPUs; the jobs read after it keep their order, and that queue is read
-    /// no further in this batch. A fault ends the batch,
+    /// host cannot run, is parked for a host with enough, as the worker
+    /// parks a job too big for it ([`Queue::park`]); the jobs after it keep
+    /// their order. A fault ends the batch,
     /// not the reserve: the leases taken are returned.
     async fn take_more(&self, req: &ReserveRequest, batch: &mut gpupool_core::Batch) -> Vec<Lease> {
         let mut leases = Vec::new();
         for queue in &req.queues {
-            // Not past a job it gave back: that job is the next read's.
-            let mut gave_back = false;
-            while !batch.full() && !gave_back {
+            while !batch.full() {
                 let found = match self.read_new(queue, req, batch.room()).await {
                     Ok(found) if !found.is_empty() => found,
                     Ok(_) => break,
@@ -441,9 +439,10 @@ impl RedisQueue {
                             leases.push(lease);
                         }
                         Ok(Some(lease)) => {
-                            gave_back = true;
-                            if let Err(e) = self.release(&lease).await {
-                                tracing::warn!(job_id = %lease.id(), "could not give back a job that needs GPUs ({e}); it returns when its lease ends");
+                            let need = lease.job.spec.gpus_needed(true);
+                            tracing::warn!(job_id = %lease.id(), need, "job needs GPUs, which this host has none of; parking it for a host with enough");
+                            if let Err(e) = self.park(&lease, need).await {
+                                tracing::warn!(job_id = %lease.id(), "could not park a job that needs GPUs ({e}); it returns when its lease ends");
                             }
                         }
                         Ok(None) => {}
@@ -874,6 +873,7 @@ impl Queue for RedisQueue {
     /// host without GPUs, the next new entries in one `XREADGROUP … COUNT`
     /// for the slots left (each leased as a reserve leases it), so that a
     /// worker's free slots start together, not one reserve after another.
+    /// A job read there that needs GPUs is parked (see `take_more`).
     /// A host with GPUs gets one job a call: an entry read is delivered,
     /// and one that does not fit the GPUs left could only go back to the
     /// end of its queue, behind jobs pushed after it.
@@ -881,8 +881,11 @@ impl Queue for RedisQueue {
         let Some(first) = self.reserve(req).await? else { return Ok(Vec::new()) };
         let mut batch = gpupool_core::Batch::new(req, max);
         batch.admit(first.job.spec.gpus_needed(req.gpu_host));
+        // A first job that needs GPUs on a host without any: the worker
+        // parks it, and no batch is read behind it.
+        let runs_here = first.job.spec.gpus_needed(false) == 0;
         let mut leases = vec![first];
-        if !req.gpu_host && !batch.full() {
+        if !req.gpu_host && runs_here && !batch.full() {
             leases.extend(self.take_more(req, &mut batch).await);
         }
         Ok(leases)
