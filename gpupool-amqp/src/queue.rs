@@ -23,7 +23,10 @@
 //! learns of its lease when its own consumer applies `Pushed`. No two
 //! workers ever contend for a job, and no delivery is held, so RabbitMQ's
 //! `consumer_timeout` (30 min by default, not settable per queue on 3.10)
-//! never fires on a training run.
+//! never fires on a training run. A worker with several free slots
+//! (`reserve_many`) publishes, when its fold shows that many jobs queued,
+//! one want per slot at once (wants that take only a job queued now), so
+//! the batch costs one trip through the ledger.
 //!
 //! There is no work queue: a lease is one confirmed event, no job can be
 //! left queued without a message, and the fold alone decides who holds a

@@ -53,7 +53,10 @@
 //! in order, a bare `XREADGROUP … COUNT 1` reads the next entry. With
 //! nothing there it blocks on all the queues (`BLOCK`, on a connection of
 //! its own), so a pushed job is picked up at once and an idle worker sends
-//! nothing but that one read per second.
+//! nothing but that one read per second. A worker with several free slots
+//! on a host without GPUs (`reserve_many`) reads the entries for the slots
+//! left after its first lease in one `XREADGROUP … COUNT`; a job among them
+//! that needs GPUs is parked for a host with enough.
 //!
 //! An entry `push` wrote carries the spec and is a first attempt, and that
 //! read is its whole reserve: one command, no script. The lease is the
