@@ -491,11 +491,16 @@ struct Waiting {
 }
 
 /// Where a queued job stands in its queue: highest priority, then oldest.
-type Rank = (Reverse<i32>, u64, String);
+pub(crate) type Rank = (Reverse<i32>, u64, String);
 
 fn rank(job: &Job) -> Rank {
-    let id = job.record.id.as_str();
-    (Reverse(job.record.spec.priority), id.parse().unwrap_or(u64::MAX), id.to_owned())
+    rank_of(job.record.spec.priority, job.record.id.as_str())
+}
+
+/// A job's place in its queue, best first: priority, then push order (the
+/// id is the push's offset).
+pub(crate) fn rank_of(priority: i32, id: &str) -> Rank {
+    (Reverse(priority), id.parse().unwrap_or(u64::MAX), id.to_owned())
 }
 
 /// Finished jobs the fold keeps, at most: the newest this many, and of

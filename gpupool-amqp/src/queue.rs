@@ -932,9 +932,7 @@ impl AmqpQueue {
         }
         // In the order the fold hands jobs out (`State::pick`).
         let queue_at = |l: &Lease| ask.queues.iter().position(|q| *q == l.job.spec.queue);
-        taken.sort_by_key(|l| {
-            (queue_at(l), std::cmp::Reverse(l.job.spec.priority), l.id().as_str().parse().unwrap_or(u64::MAX))
-        });
+        taken.sort_by_key(|l| (queue_at(l), crate::ledger::rank_of(l.job.spec.priority, l.id().as_str())));
         let mut leases = Vec::new();
         for lease in taken {
             if batch.admit(lease.job.spec.gpus_needed(req.gpu_host)) {

@@ -504,14 +504,7 @@ impl MysqlQueue {
                     .bind(i64::try_from(room).unwrap_or(1))
                     .fetch_all(&mut *tx)
                     .await?;
-                let mut admitted = Vec::new();
-                for row in &rows {
-                    let need = u32::try_from(row.try_get::<i64, _>("need")?).unwrap_or(u32::MAX);
-                    if !batch.admit(need) {
-                        break;
-                    }
-                    admitted.push((row, need));
-                }
+                let admitted = admit(&rows, &mut batch)?;
                 // A candidate refused here ends the queue's turn only if the
                 // batch stays closed (an unreadable row below can reopen it:
                 // then this queue is looked at again, never skipped).
@@ -539,12 +532,7 @@ impl MysqlQueue {
                             continue;
                         }
                     };
-                    // The row as the lease wrote it (`lease_many`).
-                    job.state = JobState::Running;
-                    job.attempt = u32::try_from(attempt).unwrap_or(0);
-                    job.worker = Some(req.worker.clone());
-                    job.started_at = Some(Timestamp(now_us / 1000));
-                    (job.finished_at, job.exit_code, job.signal, job.gpu_ids) = (None, None, None, None);
+                    as_leased(&mut job, req, attempt, now_us);
                     if job.attempt > 1 {
                         let rows = q(&self.sql.select_errors).bind(id).fetch_all(&mut *tx).await?;
                         job.errors = match rows.iter().map(attempt_error).collect::<Result<Vec<_>>>() {
@@ -667,6 +655,30 @@ fn record(row: &MySqlRow) -> Result<JobRecord> {
         not_before: get(row, "not_before_ms")?,
     }
     .into_record(BACKEND)
+}
+
+/// The candidates, in order, that `batch` admits, each with the GPUs it
+/// needs; the first it refuses closes it.
+fn admit<'r>(rows: &'r [MySqlRow], batch: &mut Batch) -> std::result::Result<Vec<(&'r MySqlRow, u32)>, sqlx::Error> {
+    let mut admitted = Vec::new();
+    for row in rows {
+        let need = u32::try_from(row.try_get::<i64, _>("need")?).unwrap_or(u32::MAX);
+        if !batch.admit(need) {
+            break;
+        }
+        admitted.push((row, need));
+    }
+    Ok(admitted)
+}
+
+/// A candidate's record as `lease_many` writes its row, leased to `req` at
+/// `now_us` (attempt `attempt`, one past the row's). The columns the lease
+/// clears already read as NULL (`candidate_columns!`).
+fn as_leased(job: &mut JobRecord, req: &ReserveRequest, attempt: i32, now_us: i64) {
+    job.state = JobState::Running;
+    job.attempt = u32::try_from(attempt).unwrap_or(0);
+    job.worker = Some(req.worker.clone());
+    job.started_at = Some(Timestamp(now_us / 1000));
 }
 
 /// Ends a job whose row does not read or fails the checks of push

@@ -419,8 +419,8 @@ impl RedisQueue {
     /// leased as a reserve leases it. A job that needs GPUs, which such a
     /// host cannot run, is parked for a host with enough, as the worker
     /// parks a job too big for it ([`Queue::park`]); the jobs after it keep
-    /// their order. A fault ends the batch,
-    /// not the reserve: the leases taken are returned.
+    /// their order. A fault ends the batch, not the reserve: the leases
+    /// taken are returned.
     async fn take_more(&self, req: &ReserveRequest, batch: &mut gpupool_core::Batch) -> Vec<Lease> {
         let mut leases = Vec::new();
         for queue in &req.queues {
