@@ -345,7 +345,32 @@ impl Worker {
     /// [`run`](Worker::run), and when `stop_now` fires (a second Ctrl-C),
     /// the drain ends at once: running jobs are stopped and released with
     /// no attempt charged. `stop_now` implies `shutdown`.
+    ///
+    /// The worker runs as a task of the caller's runtime, not in the
+    /// returned future: a program that blocks on it from its main thread
+    /// (as `gpupool worker` does) would otherwise wake that thread, outside
+    /// the runtime's own, for every reserve's answer and every run's end
+    /// (BENCHMARKS.md: 15 % of a one-worker drain on RabbitMQ). Dropping
+    /// the future stops the worker, as it did.
     pub async fn run_until(self, shutdown: CancellationToken, stop_now: CancellationToken) -> Result<WorkerSummary> {
+        /// Aborts the worker's task when the future waiting on it is dropped.
+        struct Abort(tokio::task::JoinHandle<Result<WorkerSummary>>);
+        impl Drop for Abort {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let mut task = Abort(tokio::spawn(self.serve(shutdown, stop_now).in_current_span()));
+        match (&mut task.0).await {
+            Ok(summary) => summary,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: the runtime is shutting down.
+            Err(e) => Err(Error::Backend { backend: "worker", source: e.to_string().into() }),
+        }
+    }
+
+    /// [`run_until`](Worker::run_until)'s task.
+    async fn serve(self, shutdown: CancellationToken, stop_now: CancellationToken) -> Result<WorkerSummary> {
         let ctx = self.ctx;
         let shutdown = {
             // Either token starts the shutdown.
