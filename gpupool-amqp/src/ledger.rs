@@ -205,6 +205,14 @@ pub(crate) enum Event {
 pub(crate) type Mark = (u64, i64);
 
 impl Event {
+    /// Whether the event may share a ledger message with others published
+    /// at the same moment (`AmqpQueue`'s outbox). Every event of a message
+    /// is applied at its offset, and a `Pushed` event's offset is its job's
+    /// id, so a push is a message of its own; a snapshot's mark too.
+    pub(crate) fn batches(&self) -> bool {
+        !matches!(self, Event::Pushed { .. } | Event::Snapshot { .. } | Event::Unreadable { .. })
+    }
+
     /// A lease's end by its holder: (job, token, where its shipped log
     /// ends when it says, and a mark of its last piece when the end carries
     /// one).
@@ -271,6 +279,24 @@ impl Envelope {
                 _ => Err(e),
             }
         })
+    }
+
+    /// The events of one ledger message: one envelope, or several written
+    /// together as a JSON array (see [`Event::batches`]). An event of a
+    /// batch that does not read is left out (`skipped` counts it), as a
+    /// message that does not read is; `Err` when the message is neither.
+    pub(crate) fn read_all(data: &[u8]) -> std::result::Result<(Vec<Self>, usize), serde_json::Error> {
+        if data.first() != Some(&b'[') {
+            return Self::read(data).map(|env| (vec![env], 0));
+        }
+        if let Ok(all) = serde_json::from_slice::<Vec<Self>>(data) {
+            return Ok((all, 0));
+        }
+        let values: Vec<serde_json::Value> = serde_json::from_slice(data)?;
+        let total = values.len();
+        let all: Vec<Self> = values.into_iter().filter_map(|v| serde_json::from_value(v).ok()).collect();
+        let skipped = total - all.len();
+        Ok((all, skipped))
     }
 }
 
@@ -1647,6 +1673,26 @@ mod tests {
         );
         let back: Envelope = serde_json::from_str(&text).unwrap();
         assert_eq!(back.event, want("t", "o", &["a", "b"], 2, 30_000));
+    }
+
+    #[test]
+    fn a_message_of_several_events_reads_as_each_and_one_that_does_not_read_is_left_out() {
+        let one = serde_json::to_vec(&env("a", Event::Sync)).unwrap();
+        let done = serde_json::to_vec(&env("b", completed("8".into(), "t1"))).unwrap();
+        assert_eq!(Envelope::read_all(&one).unwrap(), (vec![env("a", Event::Sync)], 0));
+        let mut several = b"[".to_vec();
+        several.extend_from_slice(&one);
+        several.push(b',');
+        several.extend_from_slice(br#"{"nonce":"c","at":1,"type":"from_a_newer_gpupool"}"#);
+        several.push(b',');
+        several.extend_from_slice(&done);
+        several.push(b']');
+        let (events, skipped) = Envelope::read_all(&several).unwrap();
+        assert_eq!(events, vec![env("a", Event::Sync), env("b", completed("8".into(), "t1"))]);
+        assert_eq!(skipped, 1);
+        assert!(Envelope::read_all(b"[1,").is_err());
+        assert!(!pushed(JobSpec::new("main", "t.py")).batches(), "a push's offset is its id");
+        assert!(completed("8".into(), "t1").batches());
     }
 
     #[test]

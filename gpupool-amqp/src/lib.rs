@@ -52,6 +52,14 @@
 //!   past its length publishes `Reclaim`; the first one in the stream wins
 //!   and records `lease_lost`. So a worker killed mid-run has its job run
 //!   again within the lease plus about one second and a 250 ms grace.
+//! - **Grouped messages.** Events a process publishes while its last
+//!   message is on its way to the broker (the ends of runs that finish
+//!   together, a worker's wants, heartbeats) go out together in the next
+//!   one, a JSON array of their envelopes applied in order at its offset:
+//!   the broker's work is by message. A push is always a message of its
+//!   own, since its offset is its job's id. A gpupool older than this
+//!   skips a message of several events: upgrade every process of a pool
+//!   together.
 //! - **Cancel** of a queued job ends it at once; of a running job sets a flag
 //!   that its worker reads in its next heartbeat's verdict. **Retry** is an
 //!   event.

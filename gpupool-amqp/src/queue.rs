@@ -167,6 +167,66 @@ impl Link {
     }
 }
 
+/// Ledger events that wait, while the outbox's message before them is on
+/// its way, to go out together in the next (group commit): a worker whose
+/// runs end together writes their ends in one message, not one each, and
+/// an event published alone goes at once. The broker's work is by message,
+/// so this is most of what a short job costs it. Only events that
+/// [`Event::batches`]; a push is its own message.
+///
+/// A message of several events is a JSON array of their envelopes, which
+/// a gpupool before this one does not read: every process of a pool must
+/// be of this version or later (README, "Backends").
+#[derive(Default)]
+struct Outbox {
+    /// Each event's envelope, and where its message's confirm goes.
+    waiting: Vec<(Vec<u8>, oneshot::Sender<Result<()>>)>,
+    /// A sender is running; it takes what waits.
+    sending: bool,
+    /// Messages sent, and the events they carried (tests).
+    #[cfg(test)]
+    sent: (usize, usize),
+}
+
+impl Outbox {
+    /// At most this many events, and about this many bytes, a message.
+    const MAX_EVENTS: usize = 256;
+    const MAX_BYTES: usize = 1 << 20;
+
+    /// The events for the next message, oldest first.
+    fn take(&mut self) -> Vec<(Vec<u8>, oneshot::Sender<Result<()>>)> {
+        let mut bytes = 0;
+        let n = self
+            .waiting
+            .iter()
+            .take(Self::MAX_EVENTS)
+            .take_while(|(p, _)| {
+                bytes += p.len();
+                bytes <= Self::MAX_BYTES
+            })
+            .count()
+            .max(1);
+        self.waiting.drain(..n).collect()
+    }
+
+    /// One event's envelope as it is; several as a JSON array.
+    fn message(group: &[(Vec<u8>, oneshot::Sender<Result<()>>)]) -> Vec<u8> {
+        if let [(only, _)] = group {
+            return only.clone();
+        }
+        let mut body = Vec::with_capacity(group.iter().map(|(p, _)| p.len() + 1).sum::<usize>() + 1);
+        body.push(b'[');
+        for (i, (p, _)) in group.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(p);
+        }
+        body.push(b']');
+        body
+    }
+}
+
 /// What a reserve asks for.
 fn ask_of(req: &ReserveRequest) -> Ask {
     Ask {
@@ -211,6 +271,8 @@ struct Inner {
     generation: std::sync::atomic::AtomicU64,
     /// Where each lease this handle ships for puts its next piece.
     cursors: StdMutex<HashMap<String, Cursor>>,
+    /// Ledger events waiting to go out together.
+    outbox: StdMutex<Outbox>,
     /// This handle found no ledger when it opened: its first connection
     /// declares one, and writes the empty snapshot a new ledger starts from.
     fresh: AtomicBool,
@@ -312,6 +374,7 @@ impl AmqpQueue {
                 replaying: AtomicBool::new(false),
                 blob_streams: StdMutex::default(),
                 cursors: StdMutex::default(),
+                outbox: StdMutex::default(),
                 generation: std::sync::atomic::AtomicU64::new(0),
                 fresh: AtomicBool::new(false),
                 gap_reported: AtomicBool::new(false),
@@ -703,33 +766,23 @@ impl AmqpQueue {
     /// comes when this process's consumer applies it. A stream delivers only
     /// what it has stored, so the verdict needs no confirm first: whichever
     /// comes first of the verdict and the confirm is waited for, and a
-    /// refused publish fails at once.
-    async fn publish_event(&self, nonce: &str, payload: &[u8]) -> Result<Outcome> {
+    /// refused publish fails at once. An event that `batches` goes through
+    /// the outbox ([`Outbox`]).
+    async fn publish_event(&self, nonce: &str, payload: &[u8], batches: bool) -> Result<Outcome> {
         let link = self.link().await?;
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.waiters).insert(nonce.to_owned(), tx);
-        let props = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
-        let ledger = self.ledger_name();
-        let sent = link
-            .publish
-            .basic_publish("".into(), ledger.as_str().into(), BasicPublishOptions::default(), payload, props)
-            .await;
-        let confirm = match sent {
-            Ok(confirm) => confirm,
-            Err(e) => {
-                self.drop_link(&link);
-                return Err(unavailable(e));
-            }
+        let confirmed: std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>> = if batches {
+            let grouped = self.send_grouped(payload);
+            Box::pin(async move { grouped.await.unwrap_or_else(|_| Err(unavailable("the ledger's outbox stopped"))) })
+        } else {
+            Box::pin(self.send_message(&link, payload).await?)
         };
         let verdict = tokio::time::timeout(Duration::from_secs(10), rx);
         tokio::pin!(verdict);
         let refused = tokio::select! {
             v = &mut verdict => return self.verdict(&link, v),
-            c = confirm => match c {
-                Ok(c) if c.is_ack() => None,
-                Ok(_) => Some(unavailable("the broker refused a ledger event")),
-                Err(e) => Some(unavailable(e)),
-            },
+            c = confirmed => c.err(),
         };
         if let Some(e) = refused {
             self.drop_link(&link);
@@ -737,6 +790,82 @@ impl AmqpQueue {
         }
         let v = verdict.await;
         self.verdict(&link, v)
+    }
+
+    /// Publishes one ledger message. `Ok` once it is sent; the returned
+    /// future is its confirm.
+    async fn send_message(&self, link: &Link, body: &[u8]) -> Result<impl std::future::Future<Output = Result<()>>> {
+        let props = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+        let ledger = self.ledger_name();
+        let sent = link
+            .publish
+            .basic_publish("".into(), ledger.as_str().into(), BasicPublishOptions::default(), body, props)
+            .await;
+        let confirm = sent.map_err(|e| {
+            self.drop_link(link);
+            unavailable(e)
+        })?;
+        Ok(async move {
+            match confirm.await {
+                Ok(c) if c.is_ack() => Ok(()),
+                Ok(_) => Err(unavailable("the broker refused a ledger event")),
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+    }
+
+    /// Puts an event in the outbox; the receiver gets whether the message
+    /// that carried it was confirmed. Starts the outbox's sender when none
+    /// runs.
+    fn send_grouped(&self, payload: &[u8]) -> oneshot::Receiver<Result<()>> {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut outbox = lock(&self.inner.outbox);
+            outbox.waiting.push((payload.to_vec(), tx));
+            !std::mem::replace(&mut outbox.sending, true)
+        };
+        if start {
+            let queue = self.clone();
+            tokio::spawn(async move { queue.send_outbox().await });
+        }
+        rx
+    }
+
+    /// The outbox's sender: sends what waits as one message, waits for its
+    /// confirm, and again, until nothing waits.
+    async fn send_outbox(self) {
+        loop {
+            let group = {
+                let mut outbox = lock(&self.inner.outbox);
+                if outbox.waiting.is_empty() {
+                    outbox.sending = false;
+                    return;
+                }
+                let group = outbox.take();
+                #[cfg(test)]
+                {
+                    outbox.sent.0 += 1;
+                    outbox.sent.1 += group.len();
+                }
+                group
+            };
+            let body = Outbox::message(&group);
+            let sent = match self.link().await {
+                Ok(link) => match self.send_message(&link, &body).await {
+                    Ok(confirm) => confirm.await.inspect_err(|_| self.drop_link(&link)),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            // Each waiter gets the same error, as the broker said it.
+            let sent = sent.map_err(|e| match e {
+                Error::Unavailable { source, .. } => source.to_string(),
+                e => e.to_string(),
+            });
+            for (_, tx) in group {
+                let _ = tx.send(sent.clone().map_err(unavailable));
+            }
+        }
     }
 
     /// The verdict of a published event, or `Unavailable` (dropping the
@@ -761,12 +890,13 @@ impl AmqpQueue {
     /// Publishes an event and waits for its verdict, reconnecting and
     /// publishing again (same nonce) on trouble, for up to [`EMIT_WITHIN`].
     async fn emit(&self, event: Event) -> Result<Outcome> {
+        let batches = event.batches();
         let env = Envelope { nonce: nonce(), at: now_ms(), event };
         let payload = serde_json::to_vec(&env).map_err(|e| Error::backend(BACKEND, e))?;
         let deadline = Instant::now() + EMIT_WITHIN;
         let mut pause = Duration::from_millis(100);
         loop {
-            match self.publish_event(&env.nonce, &payload).await {
+            match self.publish_event(&env.nonce, &payload, batches).await {
                 Ok(outcome) => return Ok(outcome),
                 Err(e) if Instant::now() + pause >= deadline => return Err(e),
                 Err(e) => {
@@ -1800,13 +1930,14 @@ async fn follow_ledger(
     alive.store(false, Ordering::Relaxed);
 }
 
-/// Folds the event at `offset` under one lock of the fold, then wakes
-/// whoever waits on it. `gap`: it is the first this connection got, and
-/// the events from this offset up to it are gone. `false`: a newer
-/// connection folds the ledger now, and nothing was applied.
+/// Folds the event (or the events, of a message that holds several) at
+/// `offset` under one lock of the fold, then wakes whoever waits on them.
+/// `gap`: it is the first this connection got, and the events from this
+/// offset up to it are gone. `false`: a newer connection folds the ledger
+/// now, and nothing was applied.
 fn fold_event(inner: &Inner, generation: u64, offset: i64, gap: Option<i64>, data: &[u8]) -> bool {
-    let read = Envelope::read(data);
-    let (outcome, handed, nonce) = {
+    let read = Envelope::read_all(data);
+    let (outcomes, handed) = {
         let mut st = inner.state();
         if inner.generation.load(Ordering::SeqCst) != generation {
             return false;
@@ -1823,24 +1954,37 @@ fn fold_event(inner: &Inner, generation: u64, offset: i64, gap: Option<i64>, dat
             }
         }
         st.grew(data.len());
-        let env = match read {
-            Ok(env) => env,
+        let envs = match read {
+            Ok((envs, 0)) => envs,
+            Ok((envs, skipped)) => {
+                warn!("{skipped} ledger event(s) of the message at offset {offset} are not readable; skipped");
+                envs
+            }
             Err(e) => {
                 warn!("ledger event at offset {offset} is not readable ({e}); skipped");
                 return true;
             }
         };
-        let nonce = env.nonce.clone();
         let before = st.handed.len();
-        let outcome = st.apply(offset, env, Instant::now(), now_ms());
-        (outcome, st.handed.len() > before, nonce)
+        let now = Instant::now();
+        let wall = now_ms();
+        let outcomes: Vec<(String, Outcome)> = envs
+            .into_iter()
+            .map(|env| {
+                let nonce = env.nonce.clone();
+                (nonce, st.apply(offset, env, now, wall))
+            })
+            .collect();
+        (outcomes, st.handed.len() > before)
     };
     if handed {
         inner.handed.notify_waiters();
     }
-    let waiter = lock(&inner.waiters).remove(&nonce);
-    if let Some(tx) = waiter {
-        let _ = tx.send(outcome);
+    let mut waiters = lock(&inner.waiters);
+    for (nonce, outcome) in outcomes {
+        if let Some(tx) = waiters.remove(&nonce) {
+            let _ = tx.send(outcome);
+        }
     }
     true
 }
@@ -1976,6 +2120,57 @@ mod tests {
         assert_eq!((got.dropped, got.text.len() as u64, got.next), (20, end - 20, end));
         let got = Page::new(0, 30).finish(vec![piece(0, &"x".repeat(30))]);
         assert_eq!(got.text.len(), 30, "the newest piece is kept whole");
+    }
+
+    /// Ends published at the same moment go to the broker as one message
+    /// (a JSON array): another process's fold, and a fold that replays the
+    /// ledger, apply every one of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ends_published_together_share_a_message_and_every_fold_applies_each() {
+        let Some(base) = gpupool_core::conformance::service_url("GPUPOOL_TEST_AMQP_URL", "RabbitMQ test", || None)
+        else {
+            return;
+        };
+        let prefix = format!("gpt.group.{}.", gpupool_core::conformance::unique_suffix());
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}prefix={prefix}&ledger_max_age=1D");
+        let (pool, watcher) = (AmqpQueue::connect(&url).await.unwrap(), AmqpQueue::connect(&url).await.unwrap());
+        for n in 0..40 {
+            pool.push(JobSpec::new("main", "t.py").arg("n", n)).await.unwrap();
+        }
+        let mut now = ReserveRequest::new("default");
+        now.wait = Duration::ZERO;
+        let mut leases = Vec::new();
+        while leases.len() < 40 {
+            let batch = pool.reserve_many(&now, 40 - leases.len()).await.unwrap();
+            assert!(!batch.is_empty(), "40 jobs are queued");
+            leases.extend(batch);
+        }
+        let before = lock(&pool.inner.outbox).sent;
+        let ends = leases.iter().enumerate().map(|(n, lease)| {
+            let done = Completion { output_tail: format!("run {n}"), ..Completion::default() };
+            pool.complete(lease, done)
+        });
+        for ended in futures_util::future::join_all(ends).await {
+            ended.unwrap();
+        }
+        let after = lock(&pool.inner.outbox).sent;
+        let (messages, events) = (after.0 - before.0, after.1 - before.1);
+        assert_eq!(events, 40);
+        assert!(messages < events, "40 ends at once went in {messages} messages");
+
+        let fresh = AmqpQueue::connect(&url).await.unwrap();
+        let all = ListFilter { limit: 1000, ..ListFilter::default() };
+        for q in [&watcher, &fresh] {
+            let jobs = q.list(&all).await.unwrap();
+            assert_eq!(jobs.len(), 40);
+            for job in jobs {
+                assert_eq!(job.state, gpupool_core::JobState::Succeeded, "{job:?}");
+                let n = job.spec.args.get("n").and_then(serde_json::Value::as_i64).unwrap();
+                assert_eq!(job.output_tail.as_deref(), Some(format!("run {n}").as_str()));
+            }
+        }
+        pool.delete_queues().await.unwrap();
     }
 
     /// A reconnect while the old ledger consumer is far behind (its fold
