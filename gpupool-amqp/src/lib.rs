@@ -58,7 +58,8 @@
 //!   one, a JSON array of their envelopes applied in order at its offset:
 //!   the broker's work is by message. A push is always a message of its
 //!   own, since its offset is its job's id. A gpupool older than this
-//!   skips a message of several events: upgrade every process of a pool
+//!   skips a message of several events, so its fold goes wrong (and the
+//!   snapshots it writes, if elected): upgrade every process of a pool
 //!   together.
 //! - **Cancel** of a queued job ends it at once; of a running job sets a flag
 //!   that its worker reads in its next heartbeat's verdict. **Retry** is an

@@ -834,11 +834,26 @@ impl AmqpQueue {
     /// The outbox's sender: sends what waits as one message, waits for its
     /// confirm, and again, until nothing waits.
     async fn send_outbox(self) {
+        /// Lets the next event start a sender when this one is dropped
+        /// (its runtime shutting down) before it emptied the outbox.
+        struct Stopped<'a>(&'a Inner, bool);
+        impl Drop for Stopped<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    lock(&self.0.outbox).sending = false;
+                }
+            }
+        }
+        let mut stopped = Stopped(&self.inner, false);
         loop {
             let group = {
                 let mut outbox = lock(&self.inner.outbox);
+                // Events whose caller is gone (it gave up, or was dropped)
+                // are not sent: a want no call waits on would hold a job.
+                outbox.waiting.retain(|(_, tx)| !tx.is_closed());
                 if outbox.waiting.is_empty() {
                     outbox.sending = false;
+                    stopped.1 = true;
                     return;
                 }
                 let group = outbox.take();
@@ -850,11 +865,25 @@ impl AmqpQueue {
                 group
             };
             let body = Outbox::message(&group);
+            // A confirm that does not come (a half-open connection, a
+            // broker blocking publishers) would hold every event behind
+            // it: after the time a verdict is waited for, the link goes
+            // and the events are published again on a new one.
             let sent = match self.link().await {
-                Ok(link) => match self.send_message(&link, &body).await {
-                    Ok(confirm) => confirm.await.inspect_err(|_| self.drop_link(&link)),
-                    Err(e) => Err(e),
-                },
+                Ok(link) => {
+                    let confirmed = async { self.send_message(&link, &body).await?.await };
+                    match tokio::time::timeout(Duration::from_secs(10), confirmed).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => {
+                            self.drop_link(&link);
+                            Err(e)
+                        }
+                        Err(_) => {
+                            self.drop_link(&link);
+                            Err(unavailable("the broker did not confirm a ledger message within 10 s"))
+                        }
+                    }
+                }
                 Err(e) => Err(e),
             };
             // Each waiter gets the same error, as the broker said it.
