@@ -2151,18 +2151,21 @@ mod tests {
         assert_eq!(got.text.len(), 30, "the newest piece is kept whole");
     }
 
+    /// The test broker's URL with a prefix of its own (`gpt.TAG.…`), or
+    /// `None` when no broker is set for the tests.
+    fn test_url(tag: &str) -> Option<String> {
+        let base = gpupool_core::conformance::service_url("GPUPOOL_TEST_AMQP_URL", "RabbitMQ test", || None)?;
+        let prefix = format!("gpt.{tag}.{}.", gpupool_core::conformance::unique_suffix());
+        let sep = if base.contains('?') { '&' } else { '?' };
+        Some(format!("{base}{sep}prefix={prefix}&ledger_max_age=1D"))
+    }
+
     /// Ends published at the same moment go to the broker as one message
     /// (a JSON array): another process's fold, and a fold that replays the
     /// ledger, apply every one of them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ends_published_together_share_a_message_and_every_fold_applies_each() {
-        let Some(base) = gpupool_core::conformance::service_url("GPUPOOL_TEST_AMQP_URL", "RabbitMQ test", || None)
-        else {
-            return;
-        };
-        let prefix = format!("gpt.group.{}.", gpupool_core::conformance::unique_suffix());
-        let sep = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{sep}prefix={prefix}&ledger_max_age=1D");
+        let Some(url) = test_url("group") else { return };
         let (pool, watcher) = (AmqpQueue::connect(&url).await.unwrap(), AmqpQueue::connect(&url).await.unwrap());
         for n in 0..40 {
             pool.push(JobSpec::new("main", "t.py").arg("n", n)).await.unwrap();
@@ -2209,13 +2212,7 @@ mod tests {
     /// item 4).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reconnect_while_the_old_consumer_lags_folds_every_event_once() {
-        let Some(base) = gpupool_core::conformance::service_url("GPUPOOL_TEST_AMQP_URL", "RabbitMQ test", || None)
-        else {
-            return;
-        };
-        let prefix = format!("gpt.slow.{}.", gpupool_core::conformance::unique_suffix());
-        let sep = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{sep}prefix={prefix}&ledger_max_age=1D");
+        let Some(url) = test_url("slow") else { return };
         let watcher = AmqpQueue::connect(&url).await.unwrap();
         let pool = AmqpQueue::connect(&url).await.unwrap();
         watcher.sync().await.unwrap();
