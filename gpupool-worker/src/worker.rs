@@ -353,15 +353,10 @@ impl Worker {
     /// (BENCHMARKS.md: 15 % of a one-worker drain on RabbitMQ). Dropping
     /// the future stops the worker, as it did.
     pub async fn run_until(self, shutdown: CancellationToken, stop_now: CancellationToken) -> Result<WorkerSummary> {
-        /// Aborts the worker's task when the future waiting on it is dropped.
-        struct Abort(tokio::task::JoinHandle<Result<WorkerSummary>>);
-        impl Drop for Abort {
-            fn drop(&mut self) {
-                self.0.abort();
-            }
-        }
-        let mut task = Abort(tokio::spawn(self.serve(shutdown, stop_now).in_current_span()));
-        match (&mut task.0).await {
+        // Aborted when the future waiting on it is dropped.
+        let task =
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(self.serve(shutdown, stop_now).in_current_span()));
+        match task.await {
             Ok(summary) => summary,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // Cancelled: the runtime is shutting down.
